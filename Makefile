@@ -1,0 +1,48 @@
+# relevans — the two commands a fresh machine needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run demo test lint typecheck unit proto bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: start PostgreSQL, NATS, the three services and an SMTP sink on the embedded default
+run: $(STAMP)
+	$(BIN)/relevans up
+
+## demo: play the abandoned-cart story against a running `make run`
+demo: $(STAMP)
+	$(BIN)/relevans demo
+
+## test: lint, type-check and the whole test suite (starts its own PostgreSQL and NATS)
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy relevans services
+
+unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+## proto: regenerate relevans/<area>/v1 from protos/
+proto: $(STAMP)
+	$(BIN)/python -m relevans.kit.protogen
+
+## bench: ingest throughput against the raw limit measured in the same run
+bench: $(STAMP)
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(VENV) .relevans .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,215 @@
+"""NATS JetStream helpers: streams and durable pull consumers created idempotently,
+publishing with `Nats-Msg-Id`, and a consume loop that acks only after the handler's
+transaction has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import nats
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig
+
+from relevans.kit import metrics
+
+log = structlog.get_logger(__name__)
+
+DUPLICATE_WINDOW_S = 600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+    work_queue: bool = False
+
+
+STREAMS = (
+    StreamSpec("RV_EVENTS", ("rv.events.>",)),
+    StreamSpec("RV_PROFILE", ("rv.profile.>",)),
+    StreamSpec("RV_DELIVERY_REQUESTS", ("rv.delivery.requests",), work_queue=True),
+    StreamSpec("RV_DELIVERY_STATUS", ("rv.delivery.status.>",)),
+)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+def event_partition(tenant_id: str, profile_id: str, partitions: int) -> int:
+    """Stable partition of a profile, so one profile's events stay in order on one subject."""
+    digest = hashlib.blake2b(f"{tenant_id}/{profile_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+def event_subject(tenant_id: str, profile_id: str, partitions: int) -> str:
+    return f"rv.events.{event_partition(tenant_id, profile_id, partitions)}"
+
+
+BatchHandler = Callable[[Sequence[Msg]], Awaitable[None]]
+
+
+class Bus:
+    """One NATS connection per service process."""
+
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+
+    async def connect(self) -> None:
+        if self._nc is None:
+            self._nc = await nats.connect(
+                self.url, name=self.name, max_reconnect_attempts=-1, reconnect_time_wait=0.5
+            )
+            self._js = self._nc.jetstream(timeout=5.0, publish_async_max_pending=4000)
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("bus is not connected")
+        return self._js
+
+    async def close(self) -> None:
+        """Drain: finish in-flight deliveries and pending publishes. Safe to call twice."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            try:
+                await nc.drain()
+            except Exception:  # drain fails on an already broken connection
+                await nc.close()
+
+    async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
+        for spec in streams:
+            config = StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+                duplicate_window=DUPLICATE_WINDOW_S,
+            )
+            try:
+                await self.js.stream_info(spec.name)
+                await self.js.update_stream(config)
+            except nats.js.errors.NotFoundError:
+                try:
+                    await self.js.add_stream(config)
+                except nats.js.errors.BadRequestError:
+                    await self.js.update_stream(config)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
+        await self.js.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
+
+
+class Consumer:
+    """A durable pull consumer that hands batches to a handler and acks after it returns.
+
+    The handler commits its own transaction; an exception means nothing was
+    committed, so the batch is retried message by message and a message that
+    keeps failing is nak'ed with a delay, then terminated after `max_attempts`
+    with an error log (never dropped silently).
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        service: str,
+        stream: str,
+        durable: str,
+        filter_subject: str,
+        handler: BatchHandler,
+        batch: int = 200,
+        max_attempts: int = 20,
+        ack_wait_s: float = 30.0,
+    ) -> None:
+        self.bus = bus
+        self.service = service
+        self.stream = stream
+        self.durable = durable
+        self.filter_subject = filter_subject
+        self.handler = handler
+        self.batch = batch
+        self.max_attempts = max_attempts
+        self.ack_wait_s = ack_wait_s
+
+    async def run(self, stop: asyncio.Event) -> None:
+        config = ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_ack_pending=self.batch * 10,
+            filter_subject=self.filter_subject,
+        )
+        sub = await self.bus.js.pull_subscribe(
+            self.filter_subject, durable=self.durable, stream=self.stream, config=config
+        )
+        lag_every, since_lag = 50, 50
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch, timeout=0.5)
+            except (NatsTimeoutError, TimeoutError):
+                msgs = []
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("fetch failed", consumer=self.durable)
+                await asyncio.sleep(0.5)
+                continue
+            if msgs:
+                await self._handle(msgs)
+            since_lag += 1
+            if since_lag >= lag_every or not msgs:
+                since_lag = 0
+                await self._record_lag(sub)
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            log.debug("unsubscribe after stop failed", consumer=self.durable)
+
+    async def _record_lag(self, sub: JetStreamContext.PullSubscription) -> None:
+        try:
+            info = await sub.consumer_info()
+            metrics.CONSUMER_LAG.labels(self.service, self.durable).set(info.num_pending or 0)
+        except Exception:
+            log.debug("consumer info unavailable", consumer=self.durable)
+
+    async def _handle(self, msgs: list[Msg]) -> None:
+        counter = metrics.CONSUMER_HANDLED
+        try:
+            await self.handler(msgs)
+        except Exception:
+            log.warning("batch failed; retrying one by one", consumer=self.durable, size=len(msgs))
+        else:
+            await asyncio.gather(*(m.ack() for m in msgs))
+            counter.labels(self.service, self.durable, "ok").inc(len(msgs))
+            return
+        for msg in msgs:
+            try:
+                await self.handler([msg])
+            except Exception:
+                attempts = msg.metadata.num_delivered or 1
+                if attempts >= self.max_attempts:
+                    log.error(
+                        "message failed too often; terminated",
+                        consumer=self.durable,
+                        subject=msg.subject,
+                        attempts=attempts,
+                        exc_info=True,
+                    )
+                    await msg.term()
+                    counter.labels(self.service, self.durable, "terminated").inc()
+                else:
+                    log.warning("message failed; will retry", consumer=self.durable, attempts=attempts)
+                    await msg.nak(delay=min(30.0, 0.2 * 2**attempts))
+                    counter.labels(self.service, self.durable, "retried").inc()
+            else:
+                await msg.ack()
+                counter.labels(self.service, self.durable, "ok").inc()

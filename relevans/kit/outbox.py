@@ -1,0 +1,155 @@
+"""The transactional outbox (DESIGN §3).
+
+A service writes its bus messages into its own `outbox` table in the same
+transaction as the state change; the relay publishes them with
+`Nats-Msg-Id = <service>-<outbox id>`, so a relay that dies after publishing
+and before marking the rows re-publishes the same ids and JetStream drops the
+duplicates. Published rows are kept for `retention` so they can be replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from relevans.kit import metrics
+from relevans.kit.bus import MSG_ID_HEADER, Bus
+from relevans.kit.clock import Clock
+
+log = structlog.get_logger(__name__)
+
+
+def outbox_table(metadata: sa.MetaData) -> sa.Table:
+    """The outbox table, declared in each service's own metadata and migrations."""
+    return sa.Table(
+        "outbox",
+        metadata,
+        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("subject", sa.Text, nullable=False),
+        sa.Column("payload", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("published_at", sa.DateTime(timezone=True)),
+        sa.Index("outbox_unpublished", "id", postgresql_where=sa.text("published_at IS NULL")),
+    )
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    subject: str
+    payload: bytes
+
+
+async def enqueue(
+    conn: AsyncConnection, table: sa.Table, messages: Sequence[OutboxMessage], now: datetime
+) -> None:
+    """Add messages to the outbox inside the caller's transaction."""
+    if messages:
+        await conn.execute(
+            table.insert(),
+            [{"subject": m.subject, "payload": m.payload, "created_at": now} for m in messages],
+        )
+
+
+class OutboxRelay:
+    """Publishes outbox rows in id order; any number of relays may share a table."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        table: sa.Table,
+        bus: Bus,
+        *,
+        service: str,
+        clock: Clock,
+        batch: int = 1000,
+        poll_interval_s: float = 0.05,
+        retention: timedelta = timedelta(hours=24),
+    ) -> None:
+        self.engine = engine
+        self.table = table
+        self.bus = bus
+        self.service = service
+        self.clock = clock
+        self.batch = batch
+        self.poll_interval_s = poll_interval_s
+        self.retention = retention
+        self._wake = asyncio.Event()
+
+    def notify(self) -> None:
+        """Wake the relay now: a transaction that wrote to the outbox has committed."""
+        self._wake.set()
+
+    def msg_id(self, row_id: int) -> str:
+        return f"{self.service}-{row_id}"
+
+    async def relay_once(self) -> int:
+        """Publish one batch; return how many rows were published."""
+        t = self.table
+        async with self.engine.begin() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(t.c.id, t.c.subject, t.c.payload)
+                    .where(t.c.published_at.is_(None))
+                    .order_by(t.c.id)
+                    .limit(self.batch)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not rows:
+                return 0
+            js = self.bus.js
+            acks = [
+                await js.publish_async(r.subject, r.payload, headers={MSG_ID_HEADER: self.msg_id(r.id)})
+                for r in rows
+            ]
+            await asyncio.gather(*acks)
+            await self._mark_published(conn, [r.id for r in rows])
+        metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
+        return len(rows)
+
+    async def _mark_published(self, conn: AsyncConnection, ids: list[int]) -> None:
+        await conn.execute(
+            self.table.update().where(self.table.c.id.in_(ids)).values(published_at=self.clock.now())
+        )
+
+    async def backlog(self) -> int:
+        async with self.engine.connect() as conn:
+            count = await conn.scalar(
+                sa.select(sa.func.count()).select_from(self.table).where(self.table.c.published_at.is_(None))
+            )
+        return int(count or 0)
+
+    async def purge_published(self) -> int:
+        cutoff = self.clock.now() - self.retention
+        async with self.engine.begin() as conn:
+            result = await conn.execute(self.table.delete().where(self.table.c.published_at < cutoff))
+        return int(result.rowcount or 0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        idle_rounds = 0
+        while not stop.is_set():
+            try:
+                published = await self.relay_once()
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("outbox relay failed; retrying", service=self.service)
+                await asyncio.sleep(0.5)
+                continue
+            if published:
+                continue
+            idle_rounds += 1
+            if idle_rounds % 200 == 1:
+                metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+                await self.purge_published()
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+            except TimeoutError:
+                pass

@@ -1,0 +1,106 @@
+"""Settings from `RELEVANS_*` environment variables, with documented defaults.
+
+One dataclass for all three services, so an operator learns one set of names.
+The README's configuration table is generated from `SETTINGS_DOC` in spirit:
+every field below is documented there, and a test checks the names match.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SERVICES = ("profile", "trigger", "delivery")
+
+DEFAULT_PORTS = {"profile": 50151, "trigger": 50152, "delivery": 50153}
+DEFAULT_METRICS_PORTS = {"profile": 9151, "trigger": 9152, "delivery": 9153}
+
+
+class SettingsError(ValueError):
+    """A RELEVANS_* variable holds a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # PostgreSQL server (without database name); each service uses its own database on it.
+    postgres_url: str = "postgresql://postgres@127.0.0.1:54329"
+    # Overrides the database URL of one service (RELEVANS_PROFILE_DATABASE_URL, ...).
+    profile_database_url: str = ""
+    trigger_database_url: str = ""
+    delivery_database_url: str = ""
+    nats_url: str = "nats://127.0.0.1:42229"
+    # Shared HMAC secret that signs and verifies bearer tokens.
+    token_secret: str = "dev-secret-change-me"
+    # gRPC listen addresses.
+    profile_listen: str = f"127.0.0.1:{DEFAULT_PORTS['profile']}"
+    trigger_listen: str = f"127.0.0.1:{DEFAULT_PORTS['trigger']}"
+    delivery_listen: str = f"127.0.0.1:{DEFAULT_PORTS['delivery']}"
+    # Where delivery reaches profile for send-time consent.
+    profile_target: str = f"127.0.0.1:{DEFAULT_PORTS['profile']}"
+    # Prometheus /metrics address and ports; port 0 disables the endpoint.
+    metrics_host: str = "127.0.0.1"
+    profile_metrics_port: int = DEFAULT_METRICS_PORTS["profile"]
+    trigger_metrics_port: int = DEFAULT_METRICS_PORTS["trigger"]
+    delivery_metrics_port: int = DEFAULT_METRICS_PORTS["delivery"]
+    # Number of rv.events.<partition> subjects; one profile's events share one partition.
+    event_partitions: int = 8
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 2525
+    smtp_sender: str = "relevans <no-reply@relevans.local>"
+    # Seconds in-flight calls get to finish on shutdown.
+    shutdown_grace: float = 5.0
+    # Default deadline, in seconds, for calls one service makes to another.
+    call_deadline: float = 2.0
+    log_level: str = "info"
+    # json, console, or auto (console on a terminal, json otherwise).
+    log_format: str = "auto"
+    # Where `relevans up` keeps PostgreSQL, NATS and the SMTP sink's mail.
+    data_dir: str = ".relevans"
+    extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            key = env_name(f.name)
+            if key in env:
+                values[f.name] = _parse(key, env[key], type(getattr(cls, f.name, "")) or str)
+        values.update(overrides)
+        return cls(**values)
+
+    def database_url(self, service: str) -> str:
+        """The SQLAlchemy URL of one service's own database."""
+        explicit = str(getattr(self, f"{service}_database_url"))
+        url = explicit or f"{self.postgres_url.rstrip('/')}/relevans_{service}"
+        if url.startswith("postgresql://"):
+            url = "postgresql+asyncpg://" + url.removeprefix("postgresql://")
+        return url
+
+    def listen(self, service: str) -> str:
+        return str(getattr(self, f"{service}_listen"))
+
+    def metrics_port(self, service: str) -> int:
+        return int(getattr(self, f"{service}_metrics_port"))
+
+
+def env_name(field_name: str) -> str:
+    return "RELEVANS_" + field_name.upper()
+
+
+def env_names() -> list[str]:
+    return [env_name(f.name) for f in fields(Settings) if f.name != "extra"]
+
+
+def _parse(key: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{key}={raw!r} is not a {kind.__name__}") from exc
+    return raw
