@@ -1,0 +1,112 @@
+"""A local SMTP server that keeps every mail it receives as a `.eml` file.
+
+The delivery service sends real SMTP; in `relevans up` and in the tests this sink
+receives it, so a person (or `relevans demo`, from another process) can read the
+mails from a folder. It runs on the caller's event loop, not in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import weakref
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as default_policy
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP
+
+log = structlog.get_logger(__name__)
+
+
+def read_mail_dir(mail_dir: Path) -> list[EmailMessage]:
+    """Every mail stored in `mail_dir`, oldest first (file names sort by arrival)."""
+    if not mail_dir.is_dir():
+        return []
+    parser = BytesParser(policy=default_policy)
+    messages: list[EmailMessage] = []
+    for path in sorted(mail_dir.glob("*.eml")):
+        with path.open("rb") as f:
+            messages.append(parser.parse(f))
+    return messages
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(content)
+    os.replace(tmp, path)
+
+
+class _StoreHandler:
+    """aiosmtpd handler: one file per accepted DATA, written before the 250 reply."""
+
+    def __init__(self, mail_dir: Path) -> None:
+        self.mail_dir = mail_dir
+        self._counter = itertools.count(1)
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        content = envelope.content
+        if isinstance(content, str):
+            content = content.encode("utf-8", errors="surrogateescape")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        path = self.mail_dir / f"{stamp}-{next(self._counter):06d}.eml"
+        await asyncio.to_thread(_write_atomically, path, content or b"")
+        log.info("smtp sink stored mail", path=str(path), to=list(envelope.rcpt_tos))
+        return "250 OK"
+
+
+class SmtpSink:
+    """SMTP server on `host:port` (0 picks a free port, see `port` after start) storing mail in `mail_dir`."""
+
+    def __init__(self, mail_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.mail_dir = Path(mail_dir)
+        self.host = host
+        self.port = port
+        self._handler = _StoreHandler(self.mail_dir)
+        self._server: asyncio.Server | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()  # open connections
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        self.mail_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+
+        def protocol() -> SMTP:
+            smtp = SMTP(self._handler, hostname="relevans-smtp-sink", loop=loop)
+            self._sessions.add(smtp)
+            return smtp
+
+        self._server = await loop.create_server(protocol, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        log.info("smtp sink listening", port=self.port, mail_dir=str(self.mail_dir))
+
+    async def stop(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.close()
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        await server.wait_closed()
+
+    async def __aenter__(self) -> SmtpSink:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def messages(self) -> list[EmailMessage]:
+        return read_mail_dir(self.mail_dir)

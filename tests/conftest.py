@@ -1,0 +1,124 @@
+"""Real infrastructure for the tests: one PostgreSQL and one NATS JetStream per session.
+
+Both start from the pip-installed binaries on free ports in a temp folder, unless
+RELEVANS_TEST_POSTGRES_URL / RELEVANS_TEST_NATS_URL point at external servers.
+Every test gets fresh, migrated databases (cloned from a migrated template) and an
+empty bus, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator
+
+import asyncpg
+import nats
+import pytest
+import pytest_asyncio
+from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
+
+from relevans.kit.bus import STREAMS
+from relevans.kit.clock import ManualClock
+from relevans.kit.db import migrate
+from relevans.kit.logging import configure_logging
+from relevans.kit.settings import SERVICES, Settings
+
+TEST_SECRET = "test-secret"
+_db_counter = itertools.count(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    configure_logging(level=os.environ.get("RELEVANS_TEST_LOG_LEVEL", "warning"), fmt="console")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    external = os.environ.get("RELEVANS_TEST_POSTGRES_URL")
+    if external:
+        yield external.rstrip("/")
+        return
+    async with EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data") as pg:
+        yield pg.url.rsplit("/", 1)[0]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    external = os.environ.get("RELEVANS_TEST_NATS_URL")
+    if external:
+        yield external
+        return
+    async with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
+        yield server.url
+
+
+@pytest_asyncio.fixture(scope="session")
+async def template_databases(postgres_url: str) -> dict[str, str]:
+    """One migrated template database per service, cloned for each test."""
+    names = {service: f"relevans_tmpl_{os.getpid()}_{service}" for service in SERVICES}
+    admin = await asyncpg.connect(f"{postgres_url}/postgres")
+    try:
+        for name in names.values():
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+    for service, name in names.items():
+        await migrate(service, f"postgresql+asyncpg://{postgres_url.split('://', 1)[1]}/{name}")
+    return names
+
+
+async def _empty_bus(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for spec in STREAMS:
+            try:
+                await js.delete_stream(spec.name)
+            except nats.js.errors.NotFoundError:
+                pass
+    finally:
+        await nc.close()
+
+
+@pytest_asyncio.fixture
+async def settings(
+    postgres_url: str, nats_url: str, template_databases: dict[str, str]
+) -> AsyncIterator[Settings]:
+    """Settings for one test: fresh migrated databases, an empty bus, ports chosen by the OS."""
+    n = next(_db_counter)
+    databases = {s: f"relevans_t{os.getpid()}_{n}_{s}" for s in SERVICES}
+    admin = await asyncpg.connect(f"{postgres_url}/postgres")
+    try:
+        for service, name in databases.items():
+            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[service]}"')
+    finally:
+        await admin.close()
+    await _empty_bus(nats_url)
+    base = postgres_url.split("://", 1)[1]
+    yield Settings(
+        postgres_url=postgres_url,
+        nats_url=nats_url,
+        token_secret=TEST_SECRET,
+        profile_database_url=f"postgresql+asyncpg://{base}/{databases['profile']}",
+        trigger_database_url=f"postgresql+asyncpg://{base}/{databases['trigger']}",
+        delivery_database_url=f"postgresql+asyncpg://{base}/{databases['delivery']}",
+        profile_listen="127.0.0.1:0",
+        trigger_listen="127.0.0.1:0",
+        delivery_listen="127.0.0.1:0",
+        profile_metrics_port=0,
+        trigger_metrics_port=0,
+        delivery_metrics_port=0,
+        shutdown_grace=1.0,
+        log_format="console",
+    )
+    admin = await asyncpg.connect(f"{postgres_url}/postgres")
+    try:
+        for name in databases.values():
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()

@@ -1,0 +1,131 @@
+"""Unit tests of the kit's pure parts: tokens, clock, settings, error mapping, partitions."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from google.rpc import code_pb2, error_details_pb2
+
+from relevans.kit.auth import TokenError, mint_token, verify_token
+from relevans.kit.bus import event_partition
+from relevans.kit.clock import ManualClock
+from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
+from relevans.kit.server import to_rpc_status
+from relevans.kit.settings import Settings, SettingsError, env_names
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+def test_token_round_trip_names_tenant_and_scopes() -> None:
+    token = mint_token("s3cret", "acme", ["ingest", "read"])
+    who = verify_token("s3cret", token, NOW)
+    assert who.tenant_id == "acme"
+    assert who.allows("read") and who.allows("ingest") and not who.allows("admin")
+
+
+def test_admin_scope_allows_everything() -> None:
+    who = verify_token("k", mint_token("k", "acme", ["admin"]), NOW)
+    assert who.allows("ingest") and who.allows("read")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t + "x",
+        lambda t: t.replace("rv1.", "rv2."),
+        lambda t: "rv1.e30." + t.split(".")[2],
+        lambda t: "garbage",
+        lambda t: "",
+    ],
+)
+def test_tampered_tokens_are_rejected(mangle) -> None:  # type: ignore[no-untyped-def]
+    token = mint_token("k", "acme", ["read"])
+    with pytest.raises(TokenError):
+        verify_token("k", mangle(token), NOW)
+
+
+def test_token_signed_with_another_secret_is_rejected() -> None:
+    with pytest.raises(TokenError, match="signature"):
+        verify_token("other", mint_token("k", "acme", ["read"]), NOW)
+
+
+def test_expired_token_is_rejected() -> None:
+    token = mint_token("k", "acme", ["read"], expires_at=NOW + timedelta(minutes=5))
+    assert verify_token("k", token, NOW).tenant_id == "acme"
+    with pytest.raises(TokenError, match="expired"):
+        verify_token("k", token, NOW + timedelta(minutes=5))
+
+
+@pytest.mark.parametrize("tenant,scopes", [("Bad Tenant", ["read"]), ("acme", ["root"]), ("acme", [])])
+def test_mint_refuses_bad_tenant_or_scopes(tenant: str, scopes: list[str]) -> None:
+    with pytest.raises(ValueError):
+        mint_token("k", tenant, scopes)
+
+
+async def test_manual_clock_wakes_sleepers_only_when_moved() -> None:
+    clock = ManualClock(NOW)
+    sleeper = asyncio.create_task(clock.sleep(60))
+    await asyncio.sleep(0)
+    await clock.advance(timedelta(seconds=59))
+    await asyncio.sleep(0)
+    assert not sleeper.done()
+    await clock.advance(1)
+    await asyncio.wait_for(sleeper, 1)
+    assert clock.now() == NOW + timedelta(seconds=60)
+
+
+def test_settings_from_env_parse_types_and_database_urls() -> None:
+    s = Settings.from_env(
+        {
+            "RELEVANS_POSTGRES_URL": "postgresql://u@db:5433",
+            "RELEVANS_EVENT_PARTITIONS": "16",
+            "RELEVANS_SHUTDOWN_GRACE": "2.5",
+            "RELEVANS_TRIGGER_DATABASE_URL": "postgresql://u@other/trig",
+        }
+    )
+    assert s.event_partitions == 16 and s.shutdown_grace == 2.5
+    assert s.database_url("profile") == "postgresql+asyncpg://u@db:5433/relevans_profile"
+    assert s.database_url("trigger") == "postgresql+asyncpg://u@other/trig"
+
+
+def test_settings_reject_non_numbers_naming_the_variable() -> None:
+    with pytest.raises(SettingsError, match="RELEVANS_SMTP_PORT"):
+        Settings.from_env({"RELEVANS_SMTP_PORT": "twenty-five"})
+
+
+def test_settings_names_are_all_relevans_prefixed() -> None:
+    names = env_names()
+    assert "RELEVANS_NATS_URL" in names and "RELEVANS_TOKEN_SECRET" in names
+    assert all(n.startswith("RELEVANS_") and n.isupper() for n in names)
+
+
+def test_invalid_argument_maps_to_bad_request_details() -> None:
+    v = Violations()
+    v.add("event.type", "is required")
+    v.add("event.email", "is not an email address")
+    with pytest.raises(InvalidArgument) as caught:
+        v.raise_if_any()
+    status = to_rpc_status(caught.value)
+    assert status.code == code_pb2.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
+    assert [f.field for f in bad.field_violations] == ["event.type", "event.email"]
+
+
+def test_not_found_maps_without_field_details() -> None:
+    status = to_rpc_status(NotFound("profile p1 not found"))
+    assert status.code == code_pb2.NOT_FOUND and "p1" in status.message
+    assert not any(d.Is(error_details_pb2.BadRequest.DESCRIPTOR) for d in status.details)
+
+
+def test_single_violation_is_accepted() -> None:
+    err = InvalidArgument(FieldViolation("x", "bad"))
+    assert err.violations == [FieldViolation("x", "bad")] and "x" in err.message
+
+
+def test_event_partition_is_stable_and_in_range() -> None:
+    parts = {event_partition("acme", f"p{i}", 8) for i in range(200)}
+    assert parts == set(range(8))
+    assert event_partition("acme", "p1", 8) == event_partition("acme", "p1", 8)
