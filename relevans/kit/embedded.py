@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 
 PG_SYSTEM_USER = "embedded_postgres"
 _LOG_TAIL_CHARS = 4000
+_SOCKET_DIR_PREFIX = "rvpg-"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -57,13 +58,18 @@ def _tail(path: Path, offset: int = 0, limit: int = _LOG_TAIL_CHARS) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie waiting to be reaped counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 def _cmdline(pid: int) -> str | None:
@@ -238,7 +244,7 @@ class EmbeddedPostgres:
             )
         if self.port is None:
             self.port = free_port(self.host)
-        socket_dir = Path(tempfile.mkdtemp(prefix="rvpg-", dir="/tmp"))
+        socket_dir = Path(tempfile.mkdtemp(prefix=_SOCKET_DIR_PREFIX, dir="/tmp"))
         socket_dir.chmod(0o777)
         options = (
             f"-h {self.host} -p {self.port} -k {socket_dir}"
@@ -309,7 +315,11 @@ class EmbeddedPostgres:
             return  # cannot tell; let PostgreSQL's own lock check decide
         if str(self.data_dir) in cmdline:
             log.warning("postgres stopping leftover server", pid=pid, data_dir=str(self.data_dir))
+            lines = pid_file.read_text().splitlines()
             self._pg_ctl_stop()
+            old_socket_dir = Path(lines[4].strip()) if len(lines) > 4 else None
+            if old_socket_dir is not None and old_socket_dir.name.startswith(_SOCKET_DIR_PREFIX):
+                shutil.rmtree(old_socket_dir, ignore_errors=True)
         elif "postgres" not in cmdline:
             # The pid was reused by an unrelated process; PostgreSQL would refuse to start.
             log.warning("postgres removing stale pid file", pid=pid, pid_file=str(pid_file))
@@ -371,6 +381,10 @@ class EmbeddedNats:
                     f"--- {self.log_path} ---\n{_tail(self.log_path, log_offset)}"
                 )
             try:
+                # The ports file appears once *this* process listens: a TCP connect
+                # alone could reach another server already holding the port.
+                if not any(self.store_dir.glob(f"*_{process.pid}.ports")):
+                    raise ConnectionRefusedError
                 _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1.0)
             except (OSError, TimeoutError):
                 if loop.time() > deadline:
@@ -421,7 +435,9 @@ class EmbeddedNats:
             self.port = free_port(self.host)
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         args = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        args += ["-P", str(self._pid_file)]
+        args += ["-P", str(self._pid_file), "--ports_file_dir", str(self.store_dir)]
+        for leftover in self.store_dir.glob("*.ports"):
+            leftover.unlink(missing_ok=True)
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
                 args,
