@@ -1,0 +1,24 @@
+"""Assembles the trigger service: database, bus, outbox relay, gRPC servicer, event consumer, timers."""
+
+from __future__ import annotations
+
+from relevans.kit.clock import Clock
+from relevans.kit.runtime import open_runtime
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
+from services.trigger.consumers import event_consumer
+from services.trigger.servicer import TriggerServicer, binding
+from services.trigger.store import TriggerStore, outbox
+from services.trigger.timers import TimerWorker
+
+SERVICE = "trigger"
+
+
+async def build(settings: Settings, clock: Clock) -> ServiceHost:
+    """The trigger service, not yet started; the caller migrates its database first."""
+    rt = await open_runtime(SERVICE, settings, clock, outbox)
+    store = TriggerStore(rt.engine)
+    host = rt.host([binding(TriggerServicer(store, clock))])
+    host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
+    host.add_worker("timers", TimerWorker(store, clock, rt.relay.notify).run)
+    return host

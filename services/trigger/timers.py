@@ -1,0 +1,100 @@
+"""The timer worker: due timers become `DeliveryRequest`s on `rv.delivery.requests`, once each.
+
+Any number of workers (in one process or many) share the `timers` table: each
+round claims up to `batch` due rows with `FOR UPDATE SKIP LOCKED`, marks them
+fired and writes their requests to the outbox in the same transaction, then
+wakes the relay. "Due" is measured on the injected clock; waiting between empty
+rounds uses real time, because a ManualClock never moves by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import datetime
+
+import structlog
+from prometheus_client import Counter
+
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import bus_pb2
+from relevans.kit.clock import Clock
+from relevans.kit.outbox import OutboxMessage
+from relevans.kit.proto import to_struct, to_timestamp
+from services.trigger.domain import Firing
+from services.trigger.store import TriggerStore
+
+log = structlog.get_logger(__name__)
+
+TIMERS_FIRED = Counter("relevans_trigger_timers_fired_total", "Timers fired into delivery requests")
+
+DELIVERY_SUBJECT = "rv.delivery.requests"
+DEFAULT_BATCH = 200
+DEFAULT_POLL_INTERVAL_S = 0.2
+
+
+def delivery_request(f: Firing, now: datetime) -> bus_pb2.DeliveryRequest:
+    return bus_pb2.DeliveryRequest(
+        idempotency_key=f.idempotency_key,
+        tenant_id=f.tenant_id,
+        profile_id=f.profile_id,
+        trigger_id=f.trigger_id,
+        channel=common_pb2.Channel.Value("CHANNEL_" + f.channel.upper()),
+        purpose=common_pb2.Purpose.Value("PURPOSE_" + f.purpose.upper()),
+        template_id=f.template_id,
+        variables=to_struct(f.variables),
+        request_time=to_timestamp(now),
+    )
+
+
+def delivery_message(f: Firing, now: datetime) -> OutboxMessage:
+    return OutboxMessage(DELIVERY_SUBJECT, delivery_request(f, now).SerializeToString())
+
+
+class TimerWorker:
+    def __init__(
+        self,
+        store: TriggerStore,
+        clock: Clock,
+        notify: Callable[[], None],
+        *,
+        batch: int = DEFAULT_BATCH,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.notify = notify
+        self.batch = batch
+        self.poll_interval = poll_interval
+
+    async def _round(self) -> tuple[int, int]:
+        result = await self.store.fire_due(self.clock.now(), self.batch, delivery_message)
+        if result.fired:
+            self.notify()
+            TIMERS_FIRED.inc(result.fired)
+            log.info("timers fired", fired=result.fired)
+        return result.claimed, result.fired
+
+    async def fire_due(self) -> int:
+        """One round: fire up to `batch` due timers; return how many delivery requests were written."""
+        _, fired = await self._round()
+        return fired
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                claimed, _ = await self._round()
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("timer round failed; retrying")
+                await self._wait(stop, max(self.poll_interval, 1.0))
+                continue
+            if claimed < self.batch:
+                await self._wait(stop, self.poll_interval)
+
+    @staticmethod
+    async def _wait(stop: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=seconds)

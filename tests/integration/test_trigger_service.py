@@ -1,0 +1,507 @@
+"""The trigger service on real PostgreSQL, NATS JetStream and gRPC: definitions, timers, firing once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import nats
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from google.protobuf import duration_pb2
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
+from relevans.kit.auth import mint_token
+from relevans.kit.bus import event_subject
+from relevans.kit.clock import ManualClock
+from relevans.kit.db import create_engine
+from relevans.kit.grpc_client import bearer
+from relevans.kit.proto import from_struct
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
+from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
+from relevans.profile.v1 import profile_pb2
+from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
+from services.trigger.app import build
+from services.trigger.store import TriggerStore
+from services.trigger.timers import TimerWorker
+from tests.helpers import eventually, field_violations, stays
+
+if TYPE_CHECKING:
+    from relevans.trigger.v1.trigger_pb2_grpc import TriggerServiceAsyncStub
+
+SECRET = "test-secret"
+TENANT = "shop"
+DELAY = timedelta(hours=4)
+TRIGGER_ID = "abandoned-cart"
+
+
+def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
+    return bearer(mint_token(SECRET, tenant, list(scopes) or ["admin"]))
+
+
+def cart_trigger(trigger_id: str = TRIGGER_ID, delay: timedelta = DELAY) -> trigger_pb2.Trigger:
+    return trigger_pb2.Trigger(
+        trigger_id=trigger_id,
+        display_name="Abandoned cart",
+        absence=trigger_pb2.AbsenceCondition(
+            start_event_type="add_to_cart",
+            cancel_event_type="purchase",
+            delay=duration_pb2.Duration(seconds=int(delay.total_seconds())),
+        ),
+        channel=common_pb2.CHANNEL_EMAIL,
+        purpose=common_pb2.PURPOSE_MARKETING,
+        template_id="cart-reminder",
+    )
+
+
+class Harness:
+    """One or more running trigger services, a JetStream client and the trigger database."""
+
+    def __init__(self, settings: Settings, clock: ManualClock, nats_url: str) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.nats_url = nats_url
+        self.hosts: list[ServiceHost] = []
+        self.channel: grpc.aio.Channel | None = None
+        self.engine: AsyncEngine = create_engine(settings.database_url("trigger"), pool_size=2)
+        self.received: list[delivery_bus_pb2.DeliveryRequest] = []
+        self._nc: Any = None
+        self._js: JetStreamContext | None = None
+        self._requests: JetStreamContext.PullSubscription | None = None
+
+    async def start(self) -> ServiceHost:
+        """Build and start one more instance; gRPC calls go to the newest one."""
+        host = await build(self.settings, self.clock)
+        await host.start()
+        self.hosts.append(host)
+        if self.channel is not None:
+            await self.channel.close(None)
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+        if self._nc is None:  # the streams exist once a service has been built
+            self._nc = await nats.connect(self.nats_url)
+            self._js = self._nc.jetstream()
+            self._requests = await self._js.pull_subscribe(
+                "rv.delivery.requests", durable="test-delivery", stream="RV_DELIVERY_REQUESTS"
+            )
+        return host
+
+    async def stop(self, host: ServiceHost) -> None:
+        await host.stop()
+        self.hosts.remove(host)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(None)
+        for host in self.hosts:
+            await host.stop()
+        if self._nc is not None:
+            await self._nc.close()
+        await self.engine.dispose()
+
+    @property
+    def stub(self) -> TriggerServiceAsyncStub:
+        assert self.channel is not None
+        return trigger_pb2_grpc.TriggerServiceStub(self.channel)
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None
+        return self._js
+
+    async def create(
+        self, tenant: str = TENANT, trigger: trigger_pb2.Trigger | None = None
+    ) -> trigger_pb2.Trigger:
+        reply = await self.stub.CreateTrigger(
+            trigger_pb2.CreateTriggerRequest(trigger=trigger or cart_trigger()), metadata=token(tenant)
+        )
+        return reply.trigger
+
+    def enriched(
+        self,
+        event_type: str,
+        profile_id: str = "p1",
+        tenant: str = TENANT,
+        at_offset: timedelta = timedelta(0),
+        **props: Any,
+    ) -> profile_bus_pb2.EnrichedEvent:
+        msg = profile_bus_pb2.EnrichedEvent(
+            tenant_id=tenant,
+            event_id=str(uuid.uuid4()),
+            profile_id=profile_id,
+            event=profile_pb2.Event(type=event_type, message_id=uuid.uuid4().hex),
+            profile=profile_pb2.Profile(profile_id=profile_id, email=f"{profile_id}@example.com"),
+        )
+        msg.event.timestamp.FromDatetime(self.clock.now() + at_offset)
+        msg.receive_time.FromDatetime(self.clock.now())
+        msg.event.properties.update(props)
+        return msg
+
+    async def publish(self, event: profile_bus_pb2.EnrichedEvent) -> None:
+        subject = event_subject(event.tenant_id, event.profile_id, self.settings.event_partitions)
+        await self.js.publish(subject, event.SerializeToString())
+
+    async def consumed(self) -> bool:
+        """True when the trigger service has processed and acked every published event."""
+        info = await self.js.consumer_info("RV_EVENTS", "trigger-events")
+        return not info.num_pending and not info.num_ack_pending
+
+    async def requests(self) -> list[delivery_bus_pb2.DeliveryRequest]:
+        """Every delivery request received so far (reading and acking what has arrived)."""
+        assert self._requests is not None
+        try:
+            msgs = await self._requests.fetch(20, timeout=0.1)
+        except (nats.errors.TimeoutError, TimeoutError):
+            msgs = []
+        for m in msgs:
+            self.received.append(delivery_bus_pb2.DeliveryRequest.FromString(m.data))
+            await m.ack()
+        return list(self.received)
+
+    async def more_than_one_request(self) -> bool:
+        return len(await self.requests()) > 1
+
+    async def timers(self, status: str | None = None) -> list[sa.Row[Any]]:
+        query = (
+            "SELECT * FROM timers" + (" WHERE status = :status" if status else "") + " ORDER BY started_at"
+        )
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(sa.text(query), {"status": status})).all())
+
+    async def pending(self) -> list[sa.Row[Any]]:
+        return await self.timers("pending")
+
+    async def no_pending(self) -> bool:
+        return not await self.pending()
+
+
+@pytest_asyncio.fixture
+async def harness(settings: Settings, clock: ManualClock, nats_url: str) -> AsyncIterator[Harness]:
+    h = Harness(settings, clock, nats_url)
+    try:
+        await h.start()
+        yield h
+    finally:
+        await h.close()
+
+
+async def _code(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+# ---- the abandoned cart -----------------------------------------------------------------------
+
+
+async def test_abandoned_cart_fires_exactly_one_delivery_request_after_the_deadline(harness: Harness) -> None:
+    created = await harness.create()
+    assert created.trigger_id == TRIGGER_ID
+    assert created.create_time.ToDatetime().replace(tzinfo=harness.clock.now().tzinfo) == harness.clock.now()
+    cart = harness.enriched("add_to_cart", product_name="Blue running shoes", price=89.0)
+    await harness.publish(cart)
+    [timer] = await eventually(harness.pending)
+    assert timer.due_at == harness.clock.now() + DELAY
+    assert timer.occurrence == cart.event_id
+
+    await harness.clock.advance(DELAY / 2)
+    await stays(harness.requests, duration=0.4)
+
+    await harness.clock.advance(DELAY / 2)
+    [request] = await eventually(harness.requests)
+    assert request.idempotency_key == f"{TRIGGER_ID}:p1:{cart.event_id}"
+    assert (request.tenant_id, request.profile_id, request.trigger_id) == (TENANT, "p1", TRIGGER_ID)
+    assert request.channel == common_pb2.CHANNEL_EMAIL
+    assert request.purpose == common_pb2.PURPOSE_MARKETING
+    assert request.template_id == "cart-reminder"
+    assert request.request_time.ToDatetime().replace(tzinfo=harness.clock.now().tzinfo) == harness.clock.now()
+    variables = from_struct(request.variables)
+    assert variables["event"] == {"product_name": "Blue running shoes", "price": 89.0}
+    assert variables["event_type"] == "add_to_cart"
+    assert variables["event_id"] == cart.event_id
+    assert variables["event_time"] == (harness.clock.now() - DELAY).isoformat()
+
+    await harness.clock.advance(DELAY * 3)
+    await stays(harness.more_than_one_request, duration=0.5)
+    assert [t.status for t in await harness.timers()] == ["fired"]
+
+
+async def test_purchase_before_the_deadline_cancels_the_request(harness: Harness) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart", product_name="Shoes"))
+    await eventually(harness.pending)
+    await harness.clock.advance(DELAY / 4)
+    await harness.publish(harness.enriched("purchase", order_id="o-1"))
+    await eventually(harness.no_pending)
+    [timer] = await harness.timers()
+    assert timer.status == "cancelled" and "purchase" in timer.reason
+    await harness.clock.advance(DELAY * 2)
+    await stays(harness.requests, duration=0.5)
+
+
+async def test_a_purchase_delivered_before_an_earlier_add_to_cart_still_cancels_it(harness: Harness) -> None:
+    await harness.create()
+    await harness.clock.advance(timedelta(hours=1))
+    late_cart = harness.enriched("add_to_cart", at_offset=-timedelta(minutes=30))
+    await harness.publish(harness.enriched("purchase"))
+    await harness.publish(late_cart)
+    await eventually(harness.consumed)
+    assert await harness.timers() == []
+    # A new cart after the purchase is a new occasion.
+    await harness.clock.advance(timedelta(minutes=1))
+    await harness.publish(harness.enriched("add_to_cart"))
+    await eventually(harness.pending)
+
+
+async def test_the_same_event_delivered_twice_makes_one_timer_and_one_request(harness: Harness) -> None:
+    await harness.create()
+    cart = harness.enriched("add_to_cart", product_name="Shoes")
+    await harness.publish(cart)
+    await eventually(harness.pending)
+    await harness.publish(cart)  # no Nats-Msg-Id: JetStream keeps both copies
+    await eventually(harness.consumed)
+    assert len(await harness.timers()) == 1
+    await harness.clock.advance(DELAY * 2)
+    await eventually(harness.requests)
+    await harness.publish(cart)  # and once more after it fired
+    await eventually(harness.consumed)
+    await harness.clock.advance(DELAY * 2)
+    await stays(harness.more_than_one_request, duration=0.5)
+    assert [t.status for t in await harness.timers()] == ["fired"]
+
+
+async def test_a_newer_cart_supersedes_the_pending_reminder(harness: Harness) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart", product_name="Shoes"))
+    await eventually(harness.pending)
+    await harness.clock.advance(timedelta(hours=1))
+    newer = harness.enriched("add_to_cart", product_name="Socks")
+    await harness.publish(newer)
+    await eventually(lambda: _statuses(harness, ["superseded", "pending"]))
+    await harness.clock.advance(DELAY)
+    [request] = await eventually(harness.requests)
+    assert request.idempotency_key.endswith(newer.event_id)
+    assert from_struct(request.variables)["event"] == {"product_name": "Socks"}
+
+
+async def _statuses(harness: Harness, expected: list[str]) -> bool:
+    return [t.status for t in await harness.timers()] == expected
+
+
+async def test_a_restarted_service_fires_the_waiting_timer_exactly_once(harness: Harness) -> None:
+    await harness.create()
+    cart = harness.enriched("add_to_cart", product_name="Shoes")
+    await harness.publish(cart)
+    await eventually(harness.pending)
+
+    await harness.stop(harness.hosts[0])
+    await harness.clock.advance(DELAY / 2)
+    # Two instances now share the timers table; SKIP LOCKED and the firings key keep it to one.
+    await harness.start()
+    await harness.start()
+    await harness.clock.advance(DELAY / 2)
+
+    [request] = await eventually(harness.requests)
+    assert request.idempotency_key == f"{TRIGGER_ID}:p1:{cart.event_id}"
+    await harness.clock.advance(DELAY)
+    await stays(harness.more_than_one_request, duration=0.6)
+
+
+async def test_two_instances_fire_many_timers_once_each(harness: Harness) -> None:
+    await harness.create()
+    await harness.start()
+    for i in range(60):
+        await harness.publish(harness.enriched("add_to_cart", profile_id=f"p{i}"))
+    await eventually(lambda: _count_pending(harness, 60))
+    await harness.clock.advance(DELAY)
+    got = await eventually(lambda: _at_least(harness, 60))
+    await stays(lambda: _at_least(harness, 61), duration=0.5)
+    assert len({r.idempotency_key for r in got}) == 60
+    assert {r.profile_id for r in got} == {f"p{i}" for i in range(60)}
+
+
+async def _count_pending(harness: Harness, n: int) -> bool:
+    return len(await harness.pending()) == n
+
+
+async def _at_least(harness: Harness, n: int) -> list[delivery_bus_pb2.DeliveryRequest]:
+    got = await harness.requests()
+    return got if len(got) >= n else []
+
+
+async def test_fire_due_fires_one_round_and_the_relay_publishes_it_after_a_restart(harness: Harness) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart"))
+    await eventually(harness.pending)
+    await harness.stop(harness.hosts[0])
+
+    engine = create_engine(harness.settings.database_url("trigger"), pool_size=1)
+    try:
+        worker = TimerWorker(TriggerStore(engine), harness.clock, notify=lambda: None, poll_interval=0.01)
+        assert await worker.fire_due() == 0  # not due yet
+        await harness.clock.advance(DELAY)
+        assert await worker.fire_due() == 1
+        assert await worker.fire_due() == 0
+    finally:
+        await engine.dispose()
+    assert await harness.requests() == []  # in the outbox, not yet on the bus
+
+    await harness.start()
+    await eventually(harness.requests)
+    await stays(harness.more_than_one_request, duration=0.4)
+
+
+async def test_delete_cancels_pending_timers(harness: Harness) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart"))
+    await eventually(harness.pending)
+    await harness.stub.DeleteTrigger(
+        trigger_pb2.DeleteTriggerRequest(trigger_id=TRIGGER_ID), metadata=token()
+    )
+    [timer] = await harness.timers()
+    assert (timer.status, timer.reason) == ("cancelled", "trigger deleted")
+    err = await _code(
+        harness.stub.GetTrigger(trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token())
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    await harness.clock.advance(DELAY * 2)
+    await stays(harness.requests, duration=0.4)
+    err = await _code(
+        harness.stub.DeleteTrigger(trigger_pb2.DeleteTriggerRequest(trigger_id=TRIGGER_ID), metadata=token())
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_events_before_the_trigger_existed_are_ignored(harness: Harness) -> None:
+    await harness.clock.advance(timedelta(minutes=5))
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart", at_offset=-timedelta(minutes=1)))
+    await eventually(harness.consumed)
+    assert await harness.timers() == []
+
+
+# ---- definitions --------------------------------------------------------------------------------
+
+
+async def test_create_is_idempotent_and_a_different_definition_already_exists(harness: Harness) -> None:
+    first = await harness.create()
+    await harness.clock.advance(timedelta(minutes=1))
+    again = await harness.create()
+    assert again == first
+    err = await _code(harness.create(trigger=cart_trigger(delay=DELAY * 2)))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    got = await harness.stub.GetTrigger(
+        trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token(TENANT, "read")
+    )
+    assert got.trigger == first
+    assert got.trigger.absence.delay.seconds == int(DELAY.total_seconds())
+
+
+async def test_invalid_triggers_name_the_fields(harness: Harness) -> None:
+    bad = cart_trigger()
+    bad.absence.delay.seconds = 0
+    bad.channel = common_pb2.CHANNEL_SMS
+    bad.template_id = ""
+    err = await _code(harness.create(trigger=bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(err)) == {"trigger.absence.delay", "trigger.channel", "trigger.template_id"}
+
+    no_condition = trigger_pb2.Trigger(
+        trigger_id="x",
+        channel=common_pb2.CHANNEL_EMAIL,
+        purpose=common_pb2.PURPOSE_MARKETING,
+        template_id="t",
+    )
+    err = await _code(harness.create(trigger=no_condition))
+    assert set(field_violations(err)) == {"trigger.absence"}
+
+    same_types = cart_trigger()
+    same_types.absence.cancel_event_type = "add_to_cart"
+    same_types.trigger_id = "Not Valid"
+    same_types.absence.delay.seconds = 91 * 24 * 3600
+    err = await _code(harness.create(trigger=same_types))
+    assert set(field_violations(err)) == {
+        "trigger.trigger_id",
+        "trigger.absence.cancel_event_type",
+        "trigger.absence.delay",
+    }
+
+    err = await _code(harness.stub.CreateTrigger(trigger_pb2.CreateTriggerRequest(), metadata=token()))
+    assert set(field_violations(err)) == {"trigger"}
+
+    err = await _code(
+        harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(page_token="garbage"), metadata=token())
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(err)) == {"page_token"}
+    listed = await harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=token())
+    assert list(listed.triggers) == []  # nothing half-written
+
+
+async def test_list_pages_through_the_tenants_triggers(harness: Harness) -> None:
+    for i in range(5):
+        await harness.create(trigger=cart_trigger(f"cart-{i}"))
+    seen: list[str] = []
+    page_token = ""
+    pages = 0
+    while True:
+        reply = await harness.stub.ListTriggers(
+            trigger_pb2.ListTriggersRequest(page_size=2, page_token=page_token),
+            metadata=token(TENANT, "read"),
+        )
+        seen += [t.trigger_id for t in reply.triggers]
+        pages += 1
+        page_token = reply.next_page_token
+        if not page_token:
+            break
+    assert seen == [f"cart-{i}" for i in range(5)]
+    assert pages == 3
+
+
+async def test_scopes_are_enforced(harness: Harness) -> None:
+    err = await _code(
+        harness.stub.CreateTrigger(
+            trigger_pb2.CreateTriggerRequest(trigger=cart_trigger()), metadata=token(TENANT, "read")
+        )
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await _code(
+        harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=token(TENANT, "ingest"))
+    )
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    err = await _code(harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest()))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tenant_b_cannot_see_or_touch_tenant_a(harness: Harness) -> None:
+    await harness.create("tenant-a")
+    b = token("tenant-b")
+    err = await _code(
+        harness.stub.GetTrigger(trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=b)
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert (
+        list((await harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=b)).triggers) == []
+    )
+    err = await _code(
+        harness.stub.DeleteTrigger(trigger_pb2.DeleteTriggerRequest(trigger_id=TRIGGER_ID), metadata=b)
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    # Tenant B's events never start tenant A's trigger.
+    await harness.publish(harness.enriched("add_to_cart", tenant="tenant-b"))
+    await eventually(harness.consumed)
+    assert await harness.timers() == []
+    # Tenant B may use the same trigger id for its own trigger.
+    mine = await harness.create("tenant-b", cart_trigger(delay=DELAY * 2))
+    assert mine.absence.delay.seconds == int(DELAY.total_seconds()) * 2
+    got = await harness.stub.GetTrigger(
+        trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token("tenant-a")
+    )
+    assert got.trigger.absence.delay.seconds == int(DELAY.total_seconds())

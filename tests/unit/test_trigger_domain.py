@@ -1,0 +1,302 @@
+"""The trigger service's pure domain: validation, absence decisions (incl. out of order), firing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from relevans.kit.errors import AlreadyExists, InvalidArgument
+from services.trigger.domain import (
+    Absence,
+    CancelTimers,
+    DueTimer,
+    EventFacts,
+    Plan,
+    RawAbsence,
+    RawTrigger,
+    ScheduleTimer,
+    StateKey,
+    TriggerDef,
+    TriggerState,
+    check_trigger_id,
+    decode_page_token,
+    encode_page_token,
+    fire,
+    page_size,
+    plan_events,
+    resolve_create,
+    validate_trigger,
+)
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+DELAY = timedelta(hours=4)
+TENANT = "shop"
+
+
+def raw(**overrides: object) -> RawTrigger:
+    base = RawTrigger(
+        trigger_id="abandoned-cart",
+        display_name="Abandoned cart",
+        absence=RawAbsence("add_to_cart", "purchase", DELAY),
+        channel="email",
+        purpose="marketing",
+        template_id="cart-reminder",
+    )
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def violations(r: RawTrigger | None) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as caught:
+        validate_trigger(r)
+    return {v.field: v.description for v in caught.value.violations}
+
+
+CART = TriggerDef(
+    trigger_id="abandoned-cart",
+    display_name="Abandoned cart",
+    absence=Absence("add_to_cart", "purchase", DELAY),
+    channel="email",
+    purpose="marketing",
+    template_id="cart-reminder",
+    created_at=T0,
+)
+
+
+def ev(event_type: str, at: datetime, event_id: str, profile: str = "p1", **props: object) -> EventFacts:
+    return EventFacts(TENANT, event_id, profile, event_type, at, dict(props))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def test_a_valid_trigger_is_normalised() -> None:
+    d = validate_trigger(raw(display_name="  Abandoned cart  ", template_id=" cart-reminder "))
+    assert d == replace(CART, created_at=None)
+
+
+def test_missing_trigger_is_named() -> None:
+    assert set(violations(None)) == {"trigger"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"trigger_id": ""}, "trigger.trigger_id"),
+        ({"trigger_id": "Abandoned"}, "trigger.trigger_id"),
+        ({"trigger_id": "-cart"}, "trigger.trigger_id"),
+        ({"trigger_id": "a" * 64}, "trigger.trigger_id"),
+        ({"absence": None}, "trigger.absence"),
+        ({"absence": RawAbsence("", "purchase", DELAY)}, "trigger.absence.start_event_type"),
+        ({"absence": RawAbsence("add_to_cart", "", DELAY)}, "trigger.absence.cancel_event_type"),
+        ({"absence": RawAbsence("add_to_cart", "add_to_cart", DELAY)}, "trigger.absence.cancel_event_type"),
+        ({"absence": RawAbsence("Add To Cart", "purchase", DELAY)}, "trigger.absence.start_event_type"),
+        ({"absence": RawAbsence("add_to_cart", "purchase", None)}, "trigger.absence.delay"),
+        (
+            {"absence": RawAbsence("add_to_cart", "purchase", timedelta(milliseconds=999))},
+            "trigger.absence.delay",
+        ),
+        (
+            {"absence": RawAbsence("add_to_cart", "purchase", timedelta(days=90, seconds=1))},
+            "trigger.absence.delay",
+        ),
+        ({"absence": RawAbsence("add_to_cart", "purchase", -DELAY)}, "trigger.absence.delay"),
+        ({"absence": RawAbsence("add_to_cart", "purchase", None, bad_delay=True)}, "trigger.absence.delay"),
+        ({"channel": "unspecified"}, "trigger.channel"),
+        ({"channel": "sms"}, "trigger.channel"),
+        ({"channel": "42"}, "trigger.channel"),
+        ({"purpose": "unspecified"}, "trigger.purpose"),
+        ({"purpose": "profiling"}, "trigger.purpose"),
+        ({"template_id": "  "}, "trigger.template_id"),
+        ({"template_id": "t" * 129}, "trigger.template_id"),
+        ({"display_name": "x" * 201}, "trigger.display_name"),
+    ],
+)
+def test_each_invalid_field_is_named(overrides: dict[str, object], field: str) -> None:
+    assert set(violations(raw(**overrides))) == {field}
+
+
+def test_delay_bounds_are_inclusive() -> None:
+    for delay in (timedelta(seconds=1), timedelta(days=90)):
+        assert (
+            validate_trigger(raw(absence=RawAbsence("add_to_cart", "purchase", delay))).absence.delay == delay
+        )
+
+
+def test_all_violations_are_reported_together() -> None:
+    found = violations(RawTrigger(trigger_id="BAD", absence=RawAbsence("a", "a", timedelta(0))))
+    assert set(found) == {
+        "trigger.trigger_id",
+        "trigger.absence.cancel_event_type",
+        "trigger.absence.delay",
+        "trigger.channel",
+        "trigger.purpose",
+        "trigger.template_id",
+    }
+
+
+def test_check_trigger_id() -> None:
+    assert check_trigger_id("abandoned-cart") == "abandoned-cart"
+    for bad in ("", "UPPER", "a b"):
+        with pytest.raises(InvalidArgument) as caught:
+            check_trigger_id(bad)
+        assert caught.value.violations[0].field == "trigger_id"
+
+
+def test_create_is_idempotent_for_the_same_definition_only() -> None:
+    requested = replace(CART, created_at=None)
+    assert resolve_create(CART, requested) is CART
+    with pytest.raises(AlreadyExists):
+        resolve_create(CART, replace(requested, template_id="other"))
+    with pytest.raises(AlreadyExists):
+        resolve_create(CART, replace(requested, absence=replace(CART.absence, delay=DELAY * 2)))
+
+
+def test_page_size_and_tokens() -> None:
+    assert page_size(0) == 50
+    assert page_size(7) == 7
+    assert page_size(1000) == 100
+    with pytest.raises(InvalidArgument):
+        page_size(-1)
+    assert decode_page_token("") is None
+    assert decode_page_token(encode_page_token("abandoned-cart")) == "abandoned-cart"
+    for forged in ("nope", "!!!", encode_page_token("x").upper(), "eyJhZnRlciI6IDF9"):
+        with pytest.raises(InvalidArgument) as caught:
+            decode_page_token(forged)
+        assert caught.value.violations[0].field == "page_token"
+
+
+# ---- absence decisions --------------------------------------------------------------------------
+
+
+def plan(
+    events: list[EventFacts],
+    states: dict[StateKey, TriggerState] | None = None,
+    triggers: list[TriggerDef] | None = None,
+) -> Plan:
+    return plan_events({TENANT: triggers if triggers is not None else [CART]}, events, states or {})
+
+
+def test_start_event_schedules_a_timer_with_the_event_as_variables() -> None:
+    at = T0 + timedelta(minutes=5)
+    p = plan([ev("add_to_cart", at, "e1", product_name="Shoes", price=89.0)])
+    assert p.intents == [
+        ScheduleTimer(
+            tenant_id=TENANT,
+            trigger_id="abandoned-cart",
+            profile_id="p1",
+            occurrence="e1",
+            started_at=at,
+            due_at=at + DELAY,
+            variables={
+                "event": {"product_name": "Shoes", "price": 89.0},
+                "event_type": "add_to_cart",
+                "event_id": "e1",
+                "event_time": at.isoformat(),
+            },
+        )
+    ]
+    assert p.states == {(TENANT, "abandoned-cart", "p1"): TriggerState(at, "e1", None)}
+
+
+def test_unrelated_events_other_tenants_and_history_are_ignored() -> None:
+    assert plan([ev("page_view", T0, "e1")]).intents == []
+    other = EventFacts("other", "e2", "p1", "add_to_cart", T0, {})
+    assert plan([other]).intents == []
+    assert plan([ev("add_to_cart", T0 - timedelta(seconds=1), "e3")]).intents == []
+    assert plan([ev("purchase", T0 - timedelta(seconds=1), "e4")]).intents == []
+    assert plan([ev("add_to_cart", T0, "e5")]).schedules  # at the creation time counts
+
+
+def test_cancel_event_cancels_timers_started_at_or_before_it_and_is_remembered() -> None:
+    at = T0 + timedelta(hours=1)
+    p = plan([ev("purchase", at, "e9")])
+    assert p.intents == [CancelTimers(TENANT, "abandoned-cart", "p1", at, "cancelled by purchase e9")]
+    assert p.states[(TENANT, "abandoned-cart", "p1")].last_cancel_at == at
+
+
+def test_start_then_cancel_in_one_batch() -> None:
+    p = plan([ev("add_to_cart", T0, "e1"), ev("purchase", T0 + timedelta(hours=1), "e2")])
+    assert [type(i) for i in p.intents] == [ScheduleTimer, CancelTimers]
+    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(T0, "e1", T0 + timedelta(hours=1))
+
+
+def test_out_of_order_cancel_prevents_an_earlier_start_from_being_scheduled() -> None:
+    cancel_at = T0 + timedelta(hours=2)
+    # The purchase arrives first; the add_to_cart that happened before it arrives later.
+    p = plan([ev("purchase", cancel_at, "e2"), ev("add_to_cart", T0 + timedelta(hours=1), "e1")])
+    assert p.schedules == []
+    # Same across batches, through the stored state.
+    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(last_cancel_at=cancel_at)}
+    assert plan([ev("add_to_cart", T0 + timedelta(hours=1), "e1")], state).intents == []
+    assert plan([ev("add_to_cart", cancel_at, "e1")], state).intents == []  # same instant: cancelled
+    later = plan([ev("add_to_cart", cancel_at + timedelta(seconds=1), "e3")], state)
+    assert [i.occurrence for i in later.schedules] == ["e3"]
+
+
+def test_an_older_cancel_does_not_move_the_remembered_cancel_back() -> None:
+    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(last_cancel_at=T0 + timedelta(hours=3))}
+    p = plan([ev("purchase", T0 + timedelta(hours=1), "e2")], state)
+    assert p.cancels and p.states == {}
+
+
+def test_a_newer_start_supersedes_and_an_older_one_arriving_late_is_ignored() -> None:
+    first, second = T0 + timedelta(minutes=1), T0 + timedelta(minutes=10)
+    p = plan([ev("add_to_cart", first, "e1"), ev("add_to_cart", second, "e2")])
+    assert [i.occurrence for i in p.schedules] == ["e1", "e2"]
+    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(second, "e2", None)
+    late = plan(
+        [ev("add_to_cart", first, "e1")], {(TENANT, "abandoned-cart", "p1"): TriggerState(second, "e2")}
+    )
+    assert late.intents == []
+
+
+def test_a_redelivered_start_schedules_the_same_timer_again_without_changing_state() -> None:
+    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(T0, "e1")}
+    p = plan([ev("add_to_cart", T0, "e1")], state)
+    assert [i.occurrence for i in p.schedules] == ["e1"]  # the store's ON CONFLICT makes it a no-op
+    assert p.states == {}
+
+
+def test_profiles_and_triggers_are_independent() -> None:
+    signup = TriggerDef(
+        trigger_id="no-activation",
+        display_name="",
+        absence=Absence("signup", "purchase", timedelta(days=3)),
+        channel="email",
+        purpose="marketing",
+        template_id="welcome",
+        created_at=T0,
+    )
+    p = plan(
+        [
+            ev("add_to_cart", T0, "e1", profile="p1"),
+            ev("signup", T0, "e2", profile="p1"),
+            ev("purchase", T0 + timedelta(hours=1), "e3", profile="p2"),
+        ],
+        triggers=[CART, signup],
+    )
+    assert [(type(i).__name__, i.trigger_id, i.profile_id) for i in p.intents] == [
+        ("ScheduleTimer", "abandoned-cart", "p1"),
+        ("ScheduleTimer", "no-activation", "p1"),
+        ("CancelTimers", "abandoned-cart", "p2"),
+        ("CancelTimers", "no-activation", "p2"),
+    ]
+
+
+# ---- firing -------------------------------------------------------------------------------------
+
+
+def test_firing_is_keyed_by_trigger_profile_and_occurrence() -> None:
+    due = DueTimer(TENANT, "abandoned-cart", "p1", "e1", {"event": {"x": 1}}, "email", "marketing", "cart")
+    f = fire(due)
+    assert f is not None
+    assert f.idempotency_key == "abandoned-cart:p1:e1"
+    assert (f.channel, f.purpose, f.template_id, f.variables) == (
+        "email",
+        "marketing",
+        "cart",
+        {"event": {"x": 1}},
+    )
+    assert fire(replace(due, channel=None, purpose=None, template_id=None)) is None
