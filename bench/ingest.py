@@ -1,0 +1,199 @@
+"""Batched ingest through the profile service vs the raw limit, measured in the same run.
+
+Ours: BatchTrack over gRPC into a separate `relevans serve profile` process — event
+stored, profile resolved and updated, EnrichedEvent published to JetStream through the
+outbox — timed until every event is in the RV_EVENTS stream.
+Raw: asyncpg COPY of the same rows into a table of the same shape, plus JetStream
+publish (pipelined, acked, with Nats-Msg-Id) of the same EnrichedEvent payloads.
+
+    make bench            # or: .venv/bin/python bench/ingest.py --events 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+import nats
+import psutil
+from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+
+from relevans.kit.auth import mint_token
+from relevans.kit.bus import Bus
+from relevans.kit.db import migrate
+from relevans.kit.grpc_client import bearer
+from relevans.kit.settings import Settings, env_name
+from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
+
+SECRET = "bench-secret"
+TENANT = "bench"
+
+
+def make_events(n: int, customers: int) -> list[profile_pb2.Event]:
+    events = []
+    now = datetime.now(UTC)
+    for i in range(n):
+        e = profile_pb2.Event(
+            message_id=f"m-{i}",
+            type="add_to_cart" if i % 10 == 0 else "page_view",
+            customer_id=f"c-{i % customers}",
+        )
+        e.timestamp.FromDatetime(now)
+        e.properties.update({"product_id": f"sku-{i % 500}", "category": "toys", "price": 19.9})
+        events.append(e)
+    return events
+
+
+async def ours(
+    target: str, events: list[profile_pb2.Event], batch: int, concurrency: int, nats_url: str
+) -> float:
+    md = bearer(mint_token(SECRET, TENANT, ["ingest"]))
+    batches = [events[i : i + batch] for i in range(0, len(events), batch)]
+    queue: asyncio.Queue[list[profile_pb2.Event]] = asyncio.Queue()
+    for b in batches:
+        queue.put_nowait(b)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        # warm-up outside the timing: connections, caches, streams
+        warm = profile_pb2.Event(type="page_view", customer_id="warm-up", message_id="warm-up")
+        await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=[warm]), metadata=md, timeout=30)
+        base = (await js.stream_info("RV_EVENTS")).state.messages
+
+        async def worker() -> None:
+            while not queue.empty():
+                b = queue.get_nowait()
+                await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=b), metadata=md, timeout=60)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        while (await js.stream_info("RV_EVENTS")).state.messages < base + len(events):
+            if time.perf_counter() - started > 600:
+                raise RuntimeError("events were not all published within 10 minutes")
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+    await nc.close()
+    return elapsed
+
+
+async def raw(pg_url: str, nats_url: str, events: list[profile_pb2.Event]) -> float:
+    conn = await asyncpg.connect(pg_url)
+    await conn.execute("DROP TABLE IF EXISTS bench_raw_events")
+    await conn.execute(
+        """CREATE TABLE bench_raw_events (tenant_id text, event_id uuid PRIMARY KEY, message_id text,
+           profile_id uuid, type text, occurred_at timestamptz, received_at timestamptz, properties jsonb,
+           UNIQUE (tenant_id, message_id))"""
+    )
+    now = datetime.now(UTC)
+    rows = []
+    payloads = []
+    for e in events:
+        event_id, profile_id = uuid.uuid4(), uuid.uuid4()
+        props = {k: v for k, v in e.properties.items()}
+        rows.append((TENANT, event_id, e.message_id, profile_id, e.type, now, now, json.dumps(props)))
+        payloads.append(
+            bus_pb2.EnrichedEvent(
+                tenant_id=TENANT, event_id=str(event_id), profile_id=str(profile_id), event=e
+            ).SerializeToString()
+        )
+    bus = Bus(nats_url, "bench-raw")
+    await bus.connect()
+    await bus.js.add_stream(name="BENCH_RAW", subjects=["bench.raw.>"])
+    started = time.perf_counter()
+    await conn.copy_records_to_table(
+        "bench_raw_events",
+        records=rows,
+        columns=[
+            "tenant_id",
+            "event_id",
+            "message_id",
+            "profile_id",
+            "type",
+            "occurred_at",
+            "received_at",
+            "properties",
+        ],
+    )
+    acks = [
+        await bus.js.publish_async(f"bench.raw.{i % 8}", p, headers={"Nats-Msg-Id": f"raw-{i}"})
+        for i, p in enumerate(payloads)
+    ]
+    await asyncio.gather(*acks)
+    elapsed = time.perf_counter() - started
+    await bus.close()
+    await conn.close()
+    return elapsed
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--customers", type=int, default=5_000)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
+        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
+            server = pg.url.rsplit("/", 1)[0]
+            port = free_port()
+            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
+            await migrate("profile", settings.database_url("profile"))
+            env = dict(os.environ)
+            env.update(
+                {
+                    env_name("postgres_url"): server,
+                    env_name("nats_url"): ns.url,
+                    env_name("token_secret"): SECRET,
+                    env_name("profile_listen"): f"127.0.0.1:{port}",
+                    env_name("profile_metrics_port"): "0",
+                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
+                }
+            )
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
+            )
+            try:
+                await _wait_port(port)
+                events = make_events(args.events, args.customers)
+                ours_s = await ours(f"127.0.0.1:{port}", events, args.batch, args.concurrency, ns.url)
+                rss_mb = psutil.Process(proc.pid).memory_info().rss / 1e6
+            finally:
+                proc.terminate()
+                await proc.wait()
+            raw_s = await raw(f"{server}/relevans_profile", ns.url, events)
+
+    ours_rate, raw_rate = args.events / ours_s, args.events / raw_s
+    print(f"events {args.events}, batch {args.batch}, concurrency {args.concurrency}")
+    print(f"ours  stored + profile updated + published: {ours_rate:10,.0f} events/s ({ours_s:.2f} s)")
+    print(f"raw   asyncpg COPY + JetStream publish:     {raw_rate:10,.0f} events/s ({raw_s:.2f} s)")
+    print(f"ratio ours/raw: {ours_rate / raw_rate:.2f}   (target >= 0.50; >= 10,000 events/s)")
+    print(f"profile service RSS after the run: {rss_mb:.0f} MB (target <= 200 MB)")
+    return 0
+
+
+async def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("profile service did not start")
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,143 @@
+"""`relevans demo`: the abandoned-cart story against a running `relevans up`.
+
+A customer with a first name and email-marketing consent puts a product in the
+cart and leaves; the deadline passes (a few real seconds here); the reminder
+must arrive in the SMTP sink, greet them by name and name the product.
+Exits non-zero when it does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2
+
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from relevans.kit.grpc_client import open_channel
+from relevans.kit.settings import Settings
+from relevans.kit.smtp_sink import read_mail_dir
+from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
+from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
+
+TEMPLATE_ID = "abandoned-cart"
+SUBJECT = "{{ first_name | fallback('Hi there') }}, you left something in your cart"
+BODY = """Hi {{ first_name | fallback('there') }},
+
+you left {{ event.product_name }} in your cart. It is still waiting for you.
+
+— The demo shop
+"""
+PRODUCT = "Blue running shoes"
+
+
+def _load_state(settings: Settings, data_dir: str | None) -> dict[str, str]:
+    path = Path(data_dir or settings.data_dir) / "up.json"
+    if not path.exists():
+        raise SystemExit(f"relevans demo: {path} not found — is `relevans up` running?")
+    state: dict[str, str] = json.loads(path.read_text())
+    return state
+
+
+async def run_demo(settings: Settings, data_dir: str | None, delay: timedelta, timeout: float) -> int:
+    state = _load_state(settings, data_dir)
+    token = state["token"]
+
+    def tok() -> str:
+        return token
+
+    run = uuid.uuid4().hex[:8]
+    email = f"ada.{run}@example.com"
+    profile_ch = open_channel(state["profile"], deadline_s=5, token=tok)
+    trigger_ch = open_channel(state["trigger"], deadline_s=5, token=tok)
+    delivery_ch = open_channel(state["delivery"], deadline_s=5, token=tok)
+    try:
+        delivery = delivery_pb2_grpc.DeliveryServiceStub(delivery_ch)
+        triggers = trigger_pb2_grpc.TriggerServiceStub(trigger_ch)
+        profiles = profile_pb2_grpc.ProfileServiceStub(profile_ch)
+        await delivery.PutTemplate(
+            delivery_pb2.PutTemplateRequest(
+                template=delivery_pb2.Template(
+                    template_id=TEMPLATE_ID, channel=common_pb2.CHANNEL_EMAIL, subject=SUBJECT, body_text=BODY
+                )
+            )
+        )
+        seconds = int(delay.total_seconds())
+        trigger_id = f"demo-cart-{seconds}s"
+        await triggers.CreateTrigger(
+            trigger_pb2.CreateTriggerRequest(
+                trigger=trigger_pb2.Trigger(
+                    trigger_id=trigger_id,
+                    display_name=f"Abandoned cart after {seconds}s (demo)",
+                    absence=trigger_pb2.AbsenceCondition(
+                        start_event_type="add_to_cart",
+                        cancel_event_type="purchase",
+                        delay=duration_pb2.Duration(seconds=seconds),
+                    ),
+                    channel=common_pb2.CHANNEL_EMAIL,
+                    purpose=common_pb2.PURPOSE_MARKETING,
+                    template_id=TEMPLATE_ID,
+                )
+            )
+        )
+        print(f"trigger {trigger_id}: add_to_cart without purchase within {seconds}s sends {TEMPLATE_ID}")
+        await profiles.Identify(
+            profile_pb2.IdentifyRequest(
+                email=email,
+                first_name="Ada",
+                consents=[
+                    profile_pb2.ConsentInput(
+                        purpose=common_pb2.PURPOSE_MARKETING,
+                        channel=common_pb2.CHANNEL_EMAIL,
+                        status=common_pb2.CONSENT_STATUS_GRANTED,
+                        source="demo",
+                    )
+                ],
+            )
+        )
+        event = profile_pb2.Event(type="add_to_cart", email=email, message_id=f"demo-{run}")
+        event.properties.update({"product_id": "sku-42", "product_name": PRODUCT, "price": 89.0})
+        await profiles.Track(profile_pb2.TrackRequest(event=event))
+        print(f"{email} put {PRODUCT!r} in the cart and left; waiting for the reminder …", flush=True)
+    except grpc.aio.AioRpcError as err:
+        print(f"relevans demo: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    finally:
+        for ch in (profile_ch, trigger_ch, delivery_ch):
+            await ch.close(None)
+
+    mail_dir = Path(state["mail_dir"])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay.total_seconds() + timeout
+    while loop.time() < deadline:
+        mails = [m for m in read_mail_dir(mail_dir) if email in str(m["To"])]
+        if mails:
+            break
+        await asyncio.sleep(0.25)
+    else:
+        print(f"relevans demo: no email for {email} arrived in {mail_dir}", file=sys.stderr)
+        return 1
+    mail = mails[0]
+    body_part = mail.get_body(preferencelist=("plain",))
+    body = body_part.get_content() if body_part is not None else ""
+    print("\n--- the email that arrived ---")
+    print(f"To: {mail['To']}\nSubject: {mail['Subject']}\nList-Unsubscribe: {mail['List-Unsubscribe']}\n")
+    print(body)
+    problems = []
+    if len(mails) != 1:
+        problems.append(f"expected one email, got {len(mails)}")
+    if "Ada" not in body:
+        problems.append("the greeting does not use the first name")
+    if PRODUCT not in body:
+        problems.append("the product is missing")
+    if problems:
+        print("relevans demo: wrong email: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print("--- demo passed: one reminder, right name, right product ---")
+    return 0

@@ -1,0 +1,106 @@
+"""The `relevans` command: up, serve, migrate, demo, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+
+from relevans.kit.auth import SCOPES, mint_token
+from relevans.kit.clock import SystemClock
+from relevans.kit.db import migrate
+from relevans.kit.logging import configure_logging
+from relevans.kit.settings import SERVICES, Settings, SettingsError
+
+
+def _duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    except (KeyError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 15m, 12h or 30d") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="relevans", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run PostgreSQL, NATS, the three services and an SMTP sink locally")
+    up.add_argument("--data-dir", help="where data lives (default: RELEVANS_DATA_DIR or .relevans)")
+
+    serve = sub.add_parser("serve", help="run one service until SIGTERM/SIGINT")
+    serve.add_argument("service", choices=SERVICES)
+    serve.add_argument("--migrate", action="store_true", help="upgrade its database first")
+
+    mig = sub.add_parser("migrate", help="create and upgrade the services' databases")
+    mig.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (all)")
+
+    demo = sub.add_parser("demo", help="play the abandoned-cart story against `relevans up`")
+    demo.add_argument("--data-dir", help="the data folder of the running `relevans up`")
+    demo.add_argument("--delay", type=_duration, default=timedelta(seconds=3), help="cart deadline (3s)")
+    demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the email")
+
+    token = sub.add_parser("token", help="bearer tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="mint a token for a tenant")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scope", action="append", choices=SCOPES, required=True, dest="scopes")
+    create.add_argument("--ttl", type=_duration, help="lifetime, e.g. 30d (default: no expiry)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"relevans: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format, service=getattr(args, "service", None))
+    if args.command == "token":
+        expires = SystemClock().now() + args.ttl if args.ttl else None
+        try:
+            print(mint_token(settings.token_secret, args.tenant, args.scopes, expires_at=expires))
+        except ValueError as exc:
+            print(f"relevans: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    if args.command == "migrate":
+        unknown = sorted(set(args.services) - set(SERVICES))
+        if unknown:
+            print(f"relevans: unknown services {unknown}; choose from {', '.join(SERVICES)}", file=sys.stderr)
+            return 2
+        asyncio.run(_migrate(settings, args.services or SERVICES))
+        return 0
+    if args.command == "serve":
+        asyncio.run(_serve(settings, args.service, args.migrate))
+        return 0
+    if args.command == "up":
+        from relevans.cli.up import run_up
+
+        return asyncio.run(run_up(settings, args.data_dir))
+    if args.command == "demo":
+        from relevans.cli.demo import run_demo
+
+        return asyncio.run(run_demo(settings, args.data_dir, args.delay, args.timeout))
+    return 2
+
+
+async def _migrate(settings: Settings, services: Sequence[str]) -> None:
+    for service in services:
+        await migrate(service, settings.database_url(service))
+
+
+async def _serve(settings: Settings, service: str, run_migrations: bool) -> None:
+    from relevans.cli.services import builder
+
+    if run_migrations:
+        await migrate(service, settings.database_url(service))
+    host = await builder(service)(settings, SystemClock())
+    await host.run_until_signal()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The user's path: `relevans up`, `relevans demo`, Ctrl-C, and `up` again with the data kept."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from relevans.kit.embedded import free_port
+from relevans.kit.grpc_client import bearer
+from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
+from tests.helpers import eventually
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELEVANS_")}
+    ports = {
+        "RELEVANS_POSTGRES_URL": f"postgresql://postgres@127.0.0.1:{free_port()}",
+        "RELEVANS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
+        "RELEVANS_SMTP_PORT": str(free_port()),
+        "RELEVANS_PROFILE_LISTEN": f"127.0.0.1:{free_port()}",
+        "RELEVANS_TRIGGER_LISTEN": f"127.0.0.1:{free_port()}",
+        "RELEVANS_DELIVERY_LISTEN": f"127.0.0.1:{free_port()}",
+        "RELEVANS_PROFILE_METRICS_PORT": "0",
+        "RELEVANS_TRIGGER_METRICS_PORT": "0",
+        "RELEVANS_DELIVERY_METRICS_PORT": "0",
+        "RELEVANS_LOG_LEVEL": "warning",
+    }
+    env.update(ports)
+    return env
+
+
+async def _start_up(data_dir: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relevans.cli.main",
+        "up",
+        "--data-dir",
+        str(data_dir),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+    async def ready() -> bool:
+        if proc.returncode is not None:
+            out = await proc.stdout.read() if proc.stdout else b""
+            raise AssertionError(f"relevans up exited early:\n{out.decode()}")
+        return (data_dir / "up.json").exists()
+
+    await eventually(ready, timeout=90, interval=0.2)
+    return proc
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> str:
+    proc.send_signal(signal.SIGINT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def _trigger_ids(state: dict[str, str]) -> list[str]:
+    async with grpc.aio.insecure_channel(state["trigger"]) as channel:
+        reply = await trigger_pb2_grpc.TriggerServiceStub(channel).ListTriggers(
+            trigger_pb2.ListTriggersRequest(), metadata=bearer(state["token"]), timeout=5
+        )
+    return [t.trigger_id for t in reply.triggers]
+
+
+async def test_up_demo_stop_and_restart_keeps_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = _env()
+    up = await _start_up(data_dir, env)
+    try:
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relevans.cli.main",
+            "demo",
+            "--data-dir",
+            str(data_dir),
+            "--delay",
+            "1s",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(demo.communicate(), timeout=60)
+        text = out.decode()
+        assert demo.returncode == 0, text
+        assert "Hi Ada," in text and "Blue running shoes" in text
+        assert "demo passed" in text
+    finally:
+        printed = await _stop(up)
+    assert "relevans is up" in printed and "dev token" in printed
+    assert not (data_dir / "up.json").exists()
+    mails = list((data_dir / "mail").glob("*.eml"))
+    assert len(mails) == 1
+
+    up = await _start_up(data_dir, env)
+    try:
+        state = json.loads((data_dir / "up.json").read_text())
+        assert "demo-cart-1s" in await _trigger_ids(state)
+    finally:
+        await _stop(up)
