@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
+import structlog
+from prometheus_client import REGISTRY
+from structlog.testing import LogCapture
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.auth import mint_token
 from relevans.kit.clock import ManualClock
 from relevans.kit.errors import FieldViolation, InvalidArgument
 from relevans.kit.grpc_client import bearer, open_channel
+from relevans.kit.logging import configure_logging
 from relevans.kit.server import ServiceBinding, ServiceHost, principal
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from tests.helpers import eventually, field_violations
@@ -138,3 +143,45 @@ async def test_outgoing_calls_get_the_default_deadline(clock: ManualClock) -> No
 async def _ok(stub: profile_pb2_grpc.ProfileServiceStub) -> bool:
     reply = await stub.GetProfile(profile_pb2.GetProfileRequest())
     return reply.profile.profile_id == "acme"
+
+
+class LoggingProfiles(profile_pb2_grpc.ProfileServiceServicer):
+    async def GetProfile(self, request, context):  # type: ignore[no-untyped-def]
+        structlog.get_logger("test").info("inside the call")
+        return profile_pb2.GetProfileResponse()
+
+
+async def test_calls_are_logged_with_request_id_and_tenant_and_counted(clock: ManualClock) -> None:
+    capture = LogCapture()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    binding = ServiceBinding(
+        full_name=FULL_NAME,
+        register=profile_pb2_grpc.add_ProfileServiceServicer_to_server,
+        servicer=LoggingProfiles(),
+        scopes={"GetProfile": "read"},
+    )
+    before = REGISTRY.get_sample_value(
+        "relevans_rpc_requests_total", {"service": "log-test", "method": "GetProfile", "code": "OK"}
+    )
+    try:
+        host = ServiceHost("log-test", listen="127.0.0.1:0", secret=SECRET, clock=clock, bindings=[binding])
+        async with host:
+            token = mint_token(SECRET, "acme", ["read"])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
+                stub = profile_pb2_grpc.ProfileServiceStub(channel)
+                await stub.GetProfile(
+                    profile_pb2.GetProfileRequest(), metadata=(*bearer(token), ("x-request-id", "req-42"))
+                )
+    finally:
+        configure_logging(level="warning", fmt="console")
+    [line] = [e for e in capture.entries if e["event"] == "inside the call"]
+    assert line["request_id"] == "req-42"
+    assert line["tenant"] == "acme"
+    assert line["method"] == f"/{FULL_NAME}/GetProfile"
+    after = REGISTRY.get_sample_value(
+        "relevans_rpc_requests_total", {"service": "log-test", "method": "GetProfile", "code": "OK"}
+    )
+    assert (after or 0) - (before or 0) == 1
