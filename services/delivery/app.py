@@ -1,0 +1,43 @@
+"""Assembles the delivery service: database, bus, outbox relay, gRPC servicer, request consumer."""
+
+from __future__ import annotations
+
+import uuid
+
+from relevans.kit.clock import Clock
+from relevans.kit.runtime import open_runtime
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
+from services.delivery.consumers import DURABLE, DeliveryWorker, request_consumer
+from services.delivery.domain import Renderer
+from services.delivery.profiles import ProfileClient
+from services.delivery.sender import SmtpSender
+from services.delivery.servicer import DeliveryServicer, binding
+from services.delivery.store import DeliveryStore, outbox
+
+SERVICE = "delivery"
+
+
+def new_message_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def build(settings: Settings, clock: Clock) -> ServiceHost:
+    """The delivery service, not yet started; the caller migrates its database first."""
+    rt = await open_runtime(SERVICE, settings, clock, outbox)
+    store = DeliveryStore(rt.engine)
+    renderer = Renderer()
+    profiles = ProfileClient(
+        settings.profile_target,
+        deadline_s=settings.call_deadline,
+        secret=settings.token_secret,
+        clock=clock,
+    )
+    sender = SmtpSender(settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender)
+    worker = DeliveryWorker(
+        store, profiles, sender, renderer, clock, make_id=new_message_id, notify=rt.relay.notify
+    )
+    host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
+    host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
+    host.add_closer(profiles.close)
+    return host

@@ -1,0 +1,209 @@
+"""The send decision: may this person get this message now, and what does it say?
+
+Pure: the consumer fetches the profile (with its current consent) and the
+template, and this module decides SEND, SUPPRESSED or FAILED, with a stable
+reason code. It also owns the message state machine of at-most-once sending:
+
+    pending --claim--> sending --SMTP 250--> sent
+       ^                  |----5xx/unknown--> failed
+       |---transient------|   (after MAX_ATTEMPTS: failed "retries_exhausted")
+
+A row found in `sending` when a request is delivered again belongs to a worker
+that died mid-send: the mail may or may not have gone out, so it is marked
+failed ("outcome_unknown") and never sent a second time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from services.delivery.domain.names import clean_first_name
+from services.delivery.domain.rendering import Renderer, RenderError
+from services.delivery.domain.templates import Template, template_id_problem
+
+# Message states. `sending` is internal: the API shows it as pending.
+PENDING = "pending"
+SENDING = "sending"
+SENT = "sent"
+SUPPRESSED = "suppressed"
+FAILED = "failed"
+STATUSES = (PENDING, SENDING, SENT, SUPPRESSED, FAILED)
+FINAL_STATUSES = frozenset({SENT, SUPPRESSED, FAILED})
+
+MAX_ATTEMPTS = 8
+
+# Stable reason codes (a detail may follow after ": ").
+ACCEPTED = "accepted"
+PROFILE_NOT_FOUND = "profile_not_found"
+NO_ADDRESS = "no_address"
+INVALID_ADDRESS = "invalid_address"
+CONSENT_MISSING = "consent_missing"
+CONSENT_WITHDRAWN = "consent_withdrawn"
+TEMPLATE_NOT_FOUND = "template_not_found"
+TEMPLATE_CHANNEL_MISMATCH = "template_channel_mismatch"
+CHANNEL_UNSUPPORTED = "channel_unsupported"
+INVALID_REQUEST = "invalid_request"
+OUTCOME_UNKNOWN = "outcome_unknown"
+RETRIES_EXHAUSTED = "retries_exhausted"
+RETRYING = "retrying"
+SMTP_REJECTED = "smtp_rejected"
+
+TRANSACTIONAL = "transactional"
+GRANTED = "granted"
+WITHDRAWN_STATUSES = frozenset({"withdrawn", "denied"})
+SUPPORTED_CHANNELS = frozenset({"email"})
+# Variables the service sets itself; a request cannot override them.
+RESERVED_VARIABLES = ("first_name", "email")
+MAX_IDEMPOTENCY_KEY_CHARS = 512
+MAX_ID_CHARS = 256
+
+_ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[^@\s<>,;:\"()\[\]\\]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileView:
+    """What delivery needs of a profile at send time."""
+
+    profile_id: str
+    email: str = ""
+    first_name: str = ""
+    # (purpose, channel) -> status, lower-case enum names: ("marketing", "email") -> "granted".
+    consents: Mapping[tuple[str, str], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRequest:
+    """A decoded `relevans.delivery.v1.DeliveryRequest`; enums as lower-case names."""
+
+    idempotency_key: str
+    tenant_id: str
+    profile_id: str
+    trigger_id: str
+    channel: str
+    purpose: str
+    template_id: str
+    variables: Mapping[str, Any] = field(default_factory=dict)
+    # Which delivery of the bus message this is (1 = first).
+    attempt: int = 1
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant_id, self.idempotency_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    recipient: str
+    subject: str
+    body_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    status: str
+    reason: str
+
+
+Decision = Send | Final
+RedeliveryAction = Literal["process", "skip", "outcome_unknown"]
+
+
+def request_problem(r: DeliveryRequest) -> str | None:
+    """Why a request can never be sent (recorded as FAILED "invalid_request: ..."), or None."""
+    if not r.profile_id:
+        return f"{INVALID_REQUEST}: profile_id is required"
+    if len(r.profile_id) > MAX_ID_CHARS or len(r.trigger_id) > MAX_ID_CHARS:
+        return f"{INVALID_REQUEST}: ids may be at most {MAX_ID_CHARS} characters"
+    problem = template_id_problem(r.template_id)
+    if problem:
+        return f"{INVALID_REQUEST}: template_id {problem}"
+    if r.purpose in ("", "unspecified"):
+        return f"{INVALID_REQUEST}: purpose is required"
+    if r.channel not in SUPPORTED_CHANNELS:
+        return f"{CHANNEL_UNSUPPORTED}: {r.channel or 'unspecified'}"
+    return None
+
+
+def redelivery(status: str) -> RedeliveryAction:
+    """What to do with a request whose message row is already in `status`."""
+    if status in FINAL_STATUSES:
+        return "skip"
+    if status == SENDING:
+        return "outcome_unknown"
+    return "process"
+
+
+def after_transient(attempt: int, why: str) -> Final:
+    """The state after a failure worth retrying: pending again, or failed once attempts run out."""
+    if attempt >= MAX_ATTEMPTS:
+        return Final(FAILED, f"{RETRIES_EXHAUSTED}: {why}")
+    return Final(PENDING, f"{RETRYING}: {why}")
+
+
+def is_address(value: str) -> bool:
+    return bool(_ADDRESS.match(value)) and len(value) <= 320
+
+
+def recipient_check(purpose: str, channel: str, profile: ProfileView | None) -> Final | None:
+    """SUPPRESSED with its reason when this person must not get this message now, else None."""
+    if profile is None:
+        return Final(SUPPRESSED, PROFILE_NOT_FOUND)
+    if not profile.email.strip():
+        return Final(SUPPRESSED, NO_ADDRESS)
+    if not is_address(profile.email.strip()):
+        return Final(SUPPRESSED, INVALID_ADDRESS)
+    if purpose != TRANSACTIONAL:
+        status = profile.consents.get((purpose, channel), "")
+        if status in WITHDRAWN_STATUSES:
+            return Final(SUPPRESSED, CONSENT_WITHDRAWN)
+        if status != GRANTED:
+            return Final(SUPPRESSED, CONSENT_MISSING)
+    return None
+
+
+def template_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Variables as a preview gets them: first_name sanitized (dropped when unusable)."""
+    out = dict(variables)
+    name = clean_first_name(out.pop("first_name", None))
+    if name is not None:
+        out["first_name"] = name
+    return out
+
+
+def message_variables(variables: Mapping[str, Any], profile: ProfileView) -> dict[str, Any]:
+    """Request variables plus the person's sanitized first name and email address."""
+    out = {k: v for k, v in variables.items() if k not in RESERVED_VARIABLES}
+    name = clean_first_name(profile.first_name)
+    if name is not None:
+        out["first_name"] = name
+    out["email"] = profile.email.strip()
+    return out
+
+
+def decide(
+    request: DeliveryRequest,
+    profile: ProfileView | None,
+    template: Template | None,
+    renderer: Renderer,
+) -> Decision:
+    """SEND with the rendered message, or the final status and why not."""
+    problem = request_problem(request)
+    if problem:
+        return Final(FAILED, problem)
+    refused = recipient_check(request.purpose, request.channel, profile)
+    if refused is not None or profile is None:
+        return refused or Final(SUPPRESSED, PROFILE_NOT_FOUND)
+    if template is None:
+        return Final(FAILED, TEMPLATE_NOT_FOUND)
+    if template.channel != request.channel:
+        return Final(FAILED, f"{TEMPLATE_CHANNEL_MISMATCH}: template is for {template.channel}")
+    try:
+        rendered = renderer.render(
+            template.subject, template.body_text, message_variables(request.variables, profile)
+        )
+    except RenderError as exc:
+        return Final(SUPPRESSED, exc.reason)
+    return Send(recipient=profile.email.strip(), subject=rendered.subject, body_text=rendered.body_text)

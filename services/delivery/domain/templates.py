@@ -1,0 +1,91 @@
+"""Templates: what a message says, per channel and locale, validated when saved."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
+from services.delivery.domain.rendering import MAX_BODY_SOURCE_BYTES, MAX_SUBJECT_SOURCE_BYTES, Renderer
+
+TEMPLATE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+# BCP 47 in the shape people use: en, de-CH, zh-Hant-TW, es-419.
+LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
+DEFAULT_LOCALE = "en"
+SUPPORTED_CHANNELS = ("email",)
+
+
+@dataclass(frozen=True, slots=True)
+class RawTemplate:
+    """A template as a client sent it; channel is the lower-case enum name ("email", "unspecified")."""
+
+    template_id: str = ""
+    channel: str = ""
+    locale: str = ""
+    subject: str = ""
+    body_text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    template_id: str
+    channel: str
+    locale: str
+    subject: str
+    body_text: str
+    updated_at: datetime | None = None
+
+
+def template_id_problem(template_id: str) -> str | None:
+    if not template_id:
+        return "is required"
+    if not TEMPLATE_ID_RE.match(template_id):
+        return "must be 1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
+    return None
+
+
+def check_template_id(template_id: str, field: str = "template_id") -> str:
+    problem = template_id_problem(template_id)
+    if problem:
+        raise InvalidArgument(FieldViolation(field, problem))
+    return template_id
+
+
+def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
+    """The template to store, or InvalidArgument naming every bad field (`template.body_text`, ...)."""
+    if raw is None:
+        raise InvalidArgument(FieldViolation("template", "is required"))
+    v = Violations()
+    problem = template_id_problem(raw.template_id)
+    if problem:
+        v.add("template.template_id", problem)
+    if raw.channel in ("", "unspecified"):
+        v.add("template.channel", "is required")
+    elif raw.channel not in SUPPORTED_CHANNELS:
+        v.add("template.channel", "only CHANNEL_EMAIL templates are supported")
+    locale = raw.locale or DEFAULT_LOCALE
+    if not LOCALE_RE.match(locale):
+        v.add("template.locale", "must be a BCP 47 language tag such as en or de-CH")
+    for field, source, limit in (
+        ("subject", raw.subject, MAX_SUBJECT_SOURCE_BYTES),
+        ("body_text", raw.body_text, MAX_BODY_SOURCE_BYTES),
+    ):
+        name = f"template.{field}"
+        if not source.strip():
+            v.add(name, "is required")
+            continue
+        if len(source.encode()) > limit:
+            v.add(name, f"must be at most {limit} bytes")
+            continue
+        error = renderer.check(source)
+        if error:
+            v.add(name, f"does not compile: {error}")
+    v.raise_if_any()
+    return Template(
+        template_id=raw.template_id,
+        channel=raw.channel,
+        locale=locale,
+        subject=raw.subject,
+        body_text=raw.body_text,
+    )

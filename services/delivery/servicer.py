@@ -1,0 +1,186 @@
+"""The gRPC face of the delivery service: proto -> domain -> store -> proto, nothing more."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
+from relevans.kit.clock import Clock
+from relevans.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from relevans.kit.proto import to_timestamp
+from relevans.kit.server import ServiceBinding, principal
+from services.delivery.consumers import plain_struct
+from services.delivery.domain import (
+    FAILED,
+    PENDING,
+    SENDING,
+    SENT,
+    SUPPRESSED,
+    MessageRecord,
+    RawTemplate,
+    Renderer,
+    RenderError,
+    Template,
+    check_template_id,
+    decode_page_token,
+    encode_page_token,
+    page_size,
+    template_variables,
+    validate_template,
+)
+from services.delivery.store import DeliveryStore
+
+SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
+SCOPES = {
+    "PutTemplate": "admin",
+    "GetTemplate": "read",
+    "PreviewTemplate": "read",
+    "GetMessage": "read",
+    "ListMessages": "read",
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_STATUS = {
+    PENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
+    SENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
+    SENT: delivery_pb2.MESSAGE_STATUS_SENT,
+    SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
+    FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+}
+
+# ---- proto <-> domain -------------------------------------------------------------------------
+
+
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    """`CHANNEL_EMAIL` -> "email"; an unknown number stays a number ("7")."""
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
+def channel_enum(name: str) -> int:
+    try:
+        return int(common_pb2.Channel.Value("CHANNEL_" + name.upper()))
+    except ValueError:
+        return common_pb2.CHANNEL_UNSPECIFIED
+
+
+def raw_template(t: delivery_pb2.Template) -> RawTemplate:
+    return RawTemplate(
+        template_id=t.template_id,
+        channel=enum_name(common_pb2.Channel, t.channel, "CHANNEL_"),
+        locale=t.locale,
+        subject=t.subject,
+        body_text=t.body_text,
+    )
+
+
+def template_proto(t: Template) -> delivery_pb2.Template:
+    return delivery_pb2.Template(
+        template_id=t.template_id,
+        channel=channel_enum(t.channel),  # type: ignore[arg-type]
+        locale=t.locale,
+        subject=t.subject,
+        body_text=t.body_text,
+        update_time=to_timestamp(t.updated_at),
+    )
+
+
+def message_proto(m: MessageRecord) -> delivery_pb2.Message:
+    return delivery_pb2.Message(
+        message_id=m.message_id,
+        idempotency_key=m.idempotency_key,
+        profile_id=m.profile_id,
+        trigger_id=m.trigger_id,
+        channel=channel_enum(m.channel),  # type: ignore[arg-type]
+        template_id=m.template_id,
+        status=_STATUS.get(m.status, delivery_pb2.MESSAGE_STATUS_UNSPECIFIED),
+        reason=m.reason,
+        recipient=m.recipient,
+        subject=m.subject,
+        history=[
+            delivery_pb2.StatusChange(
+                status=_STATUS.get(c.status, delivery_pb2.MESSAGE_STATUS_UNSPECIFIED),
+                reason=c.reason,
+                time=to_timestamp(c.at),
+            )
+            for c in m.history
+        ],
+        create_time=to_timestamp(m.created_at),
+    )
+
+
+# ---- servicer -----------------------------------------------------------------------------------
+
+
+class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
+    def __init__(self, store: DeliveryStore, renderer: Renderer, clock: Clock) -> None:
+        self.store = store
+        self.renderer = renderer
+        self.clock = clock
+
+    async def PutTemplate(
+        self, request: delivery_pb2.PutTemplateRequest, context: Context
+    ) -> delivery_pb2.PutTemplateResponse:
+        tenant = principal().tenant_id
+        raw = raw_template(request.template) if request.HasField("template") else None
+        template = validate_template(raw, self.renderer)
+        stored = await self.store.put_template(tenant, template, self.clock.now())
+        return delivery_pb2.PutTemplateResponse(template=template_proto(stored))
+
+    async def GetTemplate(
+        self, request: delivery_pb2.GetTemplateRequest, context: Context
+    ) -> delivery_pb2.GetTemplateResponse:
+        tenant = principal().tenant_id
+        found = await self.store.get_template(tenant, check_template_id(request.template_id))
+        return delivery_pb2.GetTemplateResponse(template=template_proto(found))
+
+    async def PreviewTemplate(
+        self, request: delivery_pb2.PreviewTemplateRequest, context: Context
+    ) -> delivery_pb2.PreviewTemplateResponse:
+        tenant = principal().tenant_id
+        found = await self.store.get_template(tenant, check_template_id(request.template_id))
+        variables = template_variables(plain_struct(request.variables))
+        try:
+            rendered = self.renderer.render(found.subject, found.body_text, variables)
+        except RenderError as exc:
+            raise FailedPrecondition(exc.reason) from None
+        return delivery_pb2.PreviewTemplateResponse(subject=rendered.subject, body_text=rendered.body_text)
+
+    async def GetMessage(
+        self, request: delivery_pb2.GetMessageRequest, context: Context
+    ) -> delivery_pb2.GetMessageResponse:
+        tenant = principal().tenant_id
+        if not request.message_id:
+            raise InvalidArgument(FieldViolation("message_id", "is required"))
+        found = await self.store.get_message(tenant, request.message_id)
+        return delivery_pb2.GetMessageResponse(message=message_proto(found))
+
+    async def ListMessages(
+        self, request: delivery_pb2.ListMessagesRequest, context: Context
+    ) -> delivery_pb2.ListMessagesResponse:
+        tenant = principal().tenant_id
+        size = page_size(request.page_size)
+        before = decode_page_token(request.page_token, request.profile_id)
+        found = await self.store.list_messages(
+            tenant, profile_id=request.profile_id, before_seq=before, limit=size + 1
+        )
+        page, more = found[:size], len(found) > size
+        return delivery_pb2.ListMessagesResponse(
+            messages=[message_proto(m) for m in page],
+            next_page_token=encode_page_token(page[-1].seq, request.profile_id) if more else "",
+        )
+
+
+def binding(servicer: DeliveryServicer) -> ServiceBinding:
+    return ServiceBinding(
+        full_name=SERVICE_NAME,
+        register=delivery_pb2_grpc.add_DeliveryServiceServicer_to_server,
+        servicer=servicer,
+        scopes=SCOPES,
+    )

@@ -1,0 +1,437 @@
+"""Tables and queries of the delivery service (SQLAlchemy Core on asyncpg).
+
+Messages are keyed twice: by `message_id` for the API and by
+(tenant_id, idempotency_key) — unique — for the at-most-once guarantee. Every
+status change is appended to `message_status_history`; final statuses are
+published through the outbox in the same transaction.
+
+Workers serialise on one request with a session-level advisory lock per
+(tenant, idempotency key), held across the transactions of one attempt
+(claim -> SMTP -> record). A row in `sending` whose lock nobody holds belongs
+to a worker that died mid-send; a row whose lock is held belongs to a live
+worker and is left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from relevans.kit.errors import NotFound
+from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
+from services.delivery.domain import (
+    ACCEPTED,
+    PENDING,
+    SENDING,
+    STATUSES,
+    DeliveryRequest,
+    MessageRecord,
+    StatusChange,
+    Template,
+)
+
+log = structlog.get_logger(__name__)
+
+TZ = sa.DateTime(timezone=True)
+_STATUS_CHECK = "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")"
+
+metadata = sa.MetaData()
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("template_id", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("locale", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("body_text", sa.Text, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+)
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    # Creation order: ListMessages pages newest first by it.
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=False),
+    sa.Column("profile_id", sa.Text, nullable=False),
+    sa.Column("trigger_id", sa.Text, nullable=False),
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("purpose", sa.Text, nullable=False),
+    sa.Column("template_id", sa.Text, nullable=False),
+    sa.Column("variables", JSONB, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("recipient", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    # Deliveries of the request that ended in a failure worth retrying.
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+    sa.UniqueConstraint("tenant_id", "idempotency_key", name="messages_idempotency"),
+    sa.CheckConstraint(_STATUS_CHECK, name="messages_status"),
+    sa.Index("messages_tenant_seq", "tenant_id", "seq"),
+    sa.Index("messages_profile_seq", "tenant_id", "profile_id", "seq"),
+)
+
+history = sa.Table(
+    "message_status_history",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("at", TZ, nullable=False),
+)
+
+outbox = outbox_table(metadata)
+
+Key = tuple[str, str]  # (tenant_id, idempotency_key)
+TemplateKey = tuple[str, str]  # (tenant_id, template_id)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A message as the worker sees it."""
+
+    tenant_id: str
+    message_id: str
+    idempotency_key: str
+    profile_id: str
+    trigger_id: str
+    status: str
+    attempts: int
+
+    @property
+    def key(self) -> Key:
+        return (self.tenant_id, self.idempotency_key)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """Move one message to `status`; `recipient`/`subject` kept when None, attempts never decrease."""
+
+    tenant_id: str
+    message_id: str
+    status: str
+    reason: str
+    recipient: str | None = None
+    subject: str | None = None
+    attempts: int = 0
+
+
+def lock_id(tenant_id: str, idempotency_key: str) -> int:
+    """The 64-bit advisory lock id of one request."""
+    digest = hashlib.blake2b(f"{tenant_id}\x00{idempotency_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def _template(row: sa.Row[Any]) -> Template:
+    return Template(
+        template_id=row.template_id,
+        channel=row.channel,
+        locale=row.locale,
+        subject=row.subject,
+        body_text=row.body_text,
+        updated_at=row.updated_at,
+    )
+
+
+_TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
+_UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
+
+_UPDATE_STATUS = (
+    messages.update()
+    .where(
+        messages.c.tenant_id == sa.bindparam("b_tenant"),
+        messages.c.message_id == sa.bindparam("b_message"),
+    )
+    .values(
+        status=sa.bindparam("b_status"),
+        reason=sa.bindparam("b_reason"),
+        recipient=sa.func.coalesce(sa.bindparam("b_recipient", type_=sa.Text), messages.c.recipient),
+        subject=sa.func.coalesce(sa.bindparam("b_subject", type_=sa.Text), messages.c.subject),
+        attempts=sa.func.greatest(messages.c.attempts, sa.bindparam("b_attempts", type_=sa.Integer)),
+        updated_at=sa.bindparam("b_now", type_=TZ),
+    )
+)
+
+
+class DeliveryStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # ---- templates ----------------------------------------------------------------------------
+
+    async def put_template(self, tenant: str, t: Template, now: datetime) -> Template:
+        values = {
+            "tenant_id": tenant,
+            "template_id": t.template_id,
+            "channel": t.channel,
+            "locale": t.locale,
+            "subject": t.subject,
+            "body_text": t.body_text,
+            "created_at": now,
+            "updated_at": now,
+        }
+        insert = pg_insert(templates).values(values)
+        stmt = insert.on_conflict_do_update(
+            index_elements=[templates.c.tenant_id, templates.c.template_id],
+            set_={k: insert.excluded[k] for k in ("channel", "locale", "subject", "body_text", "updated_at")},
+        ).returning(*templates.c)
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(stmt)).one()
+        return _template(row)
+
+    async def get_template(self, tenant: str, template_id: str) -> Template:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(templates).where(
+                        templates.c.tenant_id == tenant, templates.c.template_id == template_id
+                    )
+                )
+            ).one_or_none()
+        if row is None:
+            raise NotFound(f"no template {template_id!r}")
+        return _template(row)
+
+    async def load_templates(
+        self, conn: AsyncConnection, keys: Iterable[TemplateKey]
+    ) -> dict[TemplateKey, Template]:
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        rows = await conn.execute(
+            sa.select(templates).where(sa.tuple_(templates.c.tenant_id, templates.c.template_id).in_(wanted))
+        )
+        return {(r.tenant_id, r.template_id): _template(r) for r in rows}
+
+    # ---- messages: the API's reads -------------------------------------------------------------
+
+    async def get_message(self, tenant: str, message_id: str) -> MessageRecord:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(messages).where(
+                        messages.c.tenant_id == tenant, messages.c.message_id == message_id
+                    )
+                )
+            ).one_or_none()
+            if row is None:
+                raise NotFound(f"no message {message_id!r}")
+            changes = await self._history(conn, tenant, [message_id])
+        return _record(row, changes.get(message_id, ()))
+
+    async def list_messages(
+        self, tenant: str, *, profile_id: str, before_seq: int | None, limit: int
+    ) -> list[MessageRecord]:
+        """Newest first; only `profile_id`'s when set; only those created before `before_seq`."""
+        query = sa.select(messages).where(messages.c.tenant_id == tenant)
+        if profile_id:
+            query = query.where(messages.c.profile_id == profile_id)
+        if before_seq is not None:
+            query = query.where(messages.c.seq < before_seq)
+        query = query.order_by(messages.c.seq.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            changes = await self._history(conn, tenant, [r.message_id for r in rows])
+        return [_record(r, changes.get(r.message_id, ())) for r in rows]
+
+    async def _history(
+        self, conn: AsyncConnection, tenant: str, message_ids: Sequence[str]
+    ) -> dict[str, tuple[StatusChange, ...]]:
+        if not message_ids:
+            return {}
+        rows = await conn.execute(
+            sa.select(history.c.message_id, history.c.status, history.c.reason, history.c.at)
+            .where(history.c.tenant_id == tenant, history.c.message_id.in_(message_ids))
+            .order_by(history.c.message_id, history.c.id)
+        )
+        out: dict[str, list[StatusChange]] = {}
+        for r in rows:
+            out.setdefault(r.message_id, []).append(StatusChange(r.status, r.reason, r.at))
+        return {k: tuple(v) for k, v in out.items()}
+
+    # ---- messages: the worker's writes ---------------------------------------------------------
+
+    @asynccontextmanager
+    async def worker_connection(self) -> AsyncIterator[AsyncConnection]:
+        """A connection whose advisory locks are released when the block ends, however it ends."""
+        async with self.engine.connect() as conn:
+            try:
+                yield conn
+            finally:
+                try:
+                    if conn.in_transaction():
+                        await conn.rollback()
+                    await conn.execute(_UNLOCK_ALL)
+                    await conn.commit()
+                except Exception:
+                    # A connection that cannot unlock is closed: its locks die with the session.
+                    log.warning("advisory unlock failed; dropping the connection", exc_info=True)
+                    await conn.invalidate()
+
+    async def try_lock(self, conn: AsyncConnection, keys: Sequence[Key]) -> set[Key]:
+        """Take the locks of the requests no other live worker holds; return their keys."""
+        if not keys:
+            return set()
+        ids = {lock_id(*k): k for k in keys}
+        async with conn.begin():
+            rows = (await conn.execute(_TRY_LOCK, {"keys": list(ids)})).all()
+        return {ids[r.k] for r in rows if r.ok}
+
+    async def insert_pending(
+        self,
+        conn: AsyncConnection,
+        requests: Sequence[tuple[DeliveryRequest, str]],
+        variables: Sequence[dict[str, Any]],
+        now: datetime,
+    ) -> None:
+        """Insert (request, new message id) pairs as pending, once per idempotency key."""
+        if not requests:
+            return
+        values = [
+            {
+                "tenant_id": r.tenant_id,
+                "message_id": message_id,
+                "idempotency_key": r.idempotency_key,
+                "profile_id": r.profile_id,
+                "trigger_id": r.trigger_id,
+                "channel": r.channel,
+                "purpose": r.purpose,
+                "template_id": r.template_id,
+                "variables": v,
+                "status": PENDING,
+                "reason": "",
+                "recipient": "",
+                "subject": "",
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for (r, message_id), v in zip(requests, variables, strict=True)
+        ]
+        inserted = (
+            await conn.execute(
+                pg_insert(messages)
+                .values(values)
+                .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+                .returning(messages.c.tenant_id, messages.c.message_id)
+            )
+        ).all()
+        if inserted:
+            await conn.execute(
+                history.insert(),
+                [
+                    {
+                        "tenant_id": r.tenant_id,
+                        "message_id": r.message_id,
+                        "status": PENDING,
+                        "reason": ACCEPTED,
+                        "at": now,
+                    }
+                    for r in inserted
+                ],
+            )
+
+    async def load_rows(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, MessageRow]:
+        if not keys:
+            return {}
+        rows = await conn.execute(
+            sa.select(
+                messages.c.tenant_id,
+                messages.c.message_id,
+                messages.c.idempotency_key,
+                messages.c.profile_id,
+                messages.c.trigger_id,
+                messages.c.status,
+                messages.c.attempts,
+            ).where(sa.tuple_(messages.c.tenant_id, messages.c.idempotency_key).in_(list(keys)))
+        )
+        return {
+            (r.tenant_id, r.idempotency_key): MessageRow(
+                tenant_id=r.tenant_id,
+                message_id=r.message_id,
+                idempotency_key=r.idempotency_key,
+                profile_id=r.profile_id,
+                trigger_id=r.trigger_id,
+                status=r.status,
+                attempts=r.attempts,
+            )
+            for r in rows
+        }
+
+    async def apply(
+        self,
+        conn: AsyncConnection,
+        updates: Sequence[StatusUpdate],
+        now: datetime,
+        published: Sequence[OutboxMessage] = (),
+    ) -> None:
+        """Write status changes, their history (`sending` is internal and not recorded) and the
+        outbox messages announcing them, inside the caller's transaction."""
+        if updates:
+            await conn.execute(
+                _UPDATE_STATUS,
+                [
+                    {
+                        "b_tenant": u.tenant_id,
+                        "b_message": u.message_id,
+                        "b_status": u.status,
+                        "b_reason": u.reason,
+                        "b_recipient": u.recipient,
+                        "b_subject": u.subject,
+                        "b_attempts": u.attempts,
+                        "b_now": now,
+                    }
+                    for u in updates
+                ],
+            )
+            changes = [
+                {
+                    "tenant_id": u.tenant_id,
+                    "message_id": u.message_id,
+                    "status": u.status,
+                    "reason": u.reason,
+                    "at": now,
+                }
+                for u in updates
+                if u.status != SENDING
+            ]
+            if changes:
+                await conn.execute(history.insert(), changes)
+        await enqueue(conn, outbox, published, now)
+
+
+def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecord:
+    return MessageRecord(
+        message_id=row.message_id,
+        idempotency_key=row.idempotency_key,
+        profile_id=row.profile_id,
+        trigger_id=row.trigger_id,
+        channel=row.channel,
+        template_id=row.template_id,
+        status=row.status,
+        reason=row.reason,
+        recipient=row.recipient,
+        subject=row.subject,
+        created_at=row.created_at,
+        seq=row.seq,
+        history=changes,
+    )

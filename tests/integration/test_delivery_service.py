@@ -1,0 +1,653 @@
+"""The delivery service on real PostgreSQL, NATS JetStream, gRPC, SMTP — and the real profile service."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from email.message import EmailMessage
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import nats
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from aiosmtpd.smtp import SMTP
+from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
+from relevans.kit.auth import mint_token
+from relevans.kit.clock import ManualClock
+from relevans.kit.db import create_engine
+from relevans.kit.grpc_client import bearer
+from relevans.kit.proto import to_struct
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
+from relevans.kit.smtp_sink import SmtpSink
+from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.delivery.app import build
+from services.delivery.store import lock_id, messages
+from services.profile.app import build as build_profile
+from tests.helpers import eventually, field_violations, stays
+
+if TYPE_CHECKING:
+    from relevans.delivery.v1.delivery_pb2_grpc import DeliveryServiceAsyncStub
+    from relevans.profile.v1.profile_pb2_grpc import ProfileServiceAsyncStub
+
+SECRET = "test-secret"
+TENANT = "shop"
+EMAIL = "ada@example.com"
+TEMPLATE_ID = "cart-reminder"
+SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
+BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
+
+
+def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
+    return bearer(mint_token(SECRET, tenant, list(scopes) or ["admin"]))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Harness:
+    """The profile service, an SMTP sink, the delivery service and a JetStream client."""
+
+    def __init__(self, settings: Settings, clock: ManualClock, nats_url: str, mail_dir: Path) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.nats_url = nats_url
+        self.mail_dir = mail_dir
+        self.hosts: list[ServiceHost] = []
+        self.channels: list[grpc.aio.Channel] = []
+        self.sink: SmtpSink | None = None
+        self.smtp_servers: list[asyncio.Server] = []
+        self.engine: AsyncEngine = create_engine(settings.database_url("delivery"), pool_size=2)
+        self._nc: Any = None
+        self._js: JetStreamContext | None = None
+        self.profiles: ProfileServiceAsyncStub
+        self.delivery: DeliveryServiceAsyncStub
+
+    async def start(self, *, smtp_port: int | None = None, sink: bool = True) -> None:
+        profile_host = await build_profile(self.settings, self.clock)
+        await profile_host.start()
+        self.hosts.append(profile_host)
+        if sink:
+            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0)
+            await self.sink.start()
+            smtp_port = self.sink.port
+        self.settings = replace(
+            self.settings,
+            profile_target=f"127.0.0.1:{profile_host.port}",
+            smtp_port=smtp_port or free_port(),
+        )
+        delivery_host = await build(self.settings, self.clock)
+        await delivery_host.start()
+        self.hosts.append(delivery_host)
+        profile_channel = grpc.aio.insecure_channel(f"127.0.0.1:{profile_host.port}")
+        delivery_channel = grpc.aio.insecure_channel(f"127.0.0.1:{delivery_host.port}")
+        self.channels += [profile_channel, delivery_channel]
+        self.profiles = profile_pb2_grpc.ProfileServiceStub(profile_channel)
+        self.delivery = delivery_pb2_grpc.DeliveryServiceStub(delivery_channel)
+        self._nc = await nats.connect(self.nats_url)
+        self._js = self._nc.jetstream()
+
+    async def start_sink(self, port: int) -> None:
+        self.sink = SmtpSink(self.mail_dir, port=port)
+        await self.sink.start()
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close(None)
+        for host in reversed(self.hosts):
+            await host.stop()
+        if self.sink is not None:
+            await self.sink.stop()
+        for server in self.smtp_servers:
+            server.close()
+            await server.wait_closed()
+        if self._nc is not None:
+            await self._nc.close()
+        await self.engine.dispose()
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None
+        return self._js
+
+    # -- profile and templates
+
+    async def customer(
+        self,
+        email: str = EMAIL,
+        first_name: str = "Ada",
+        consent: int = common_pb2.CONSENT_STATUS_GRANTED,
+        tenant: str = TENANT,
+    ) -> str:
+        consents = [
+            profile_pb2.ConsentInput(
+                purpose=common_pb2.PURPOSE_MARKETING,
+                channel=common_pb2.CHANNEL_EMAIL,
+                status=consent,  # type: ignore[arg-type]
+                source="signup_form",
+            )
+        ]
+        reply = await self.profiles.Identify(
+            profile_pb2.IdentifyRequest(
+                email=email, first_name=first_name, consents=consents if consent else []
+            ),
+            metadata=token(tenant, "ingest"),
+        )
+        return str(reply.profile.profile_id)
+
+    async def set_consent(self, profile_id: str, status: int) -> None:
+        await self.profiles.SetConsent(
+            profile_pb2.SetConsentRequest(
+                profile_id=profile_id,
+                consent=profile_pb2.ConsentInput(
+                    purpose=common_pb2.PURPOSE_MARKETING,
+                    channel=common_pb2.CHANNEL_EMAIL,
+                    status=status,  # type: ignore[arg-type]
+                    source="unsubscribe_link",
+                ),
+            ),
+            metadata=token(TENANT, "ingest"),
+        )
+
+    async def put_template(
+        self, template_id: str = TEMPLATE_ID, subject: str = SUBJECT, body: str = BODY, tenant: str = TENANT
+    ) -> delivery_pb2.Template:
+        reply = await self.delivery.PutTemplate(
+            delivery_pb2.PutTemplateRequest(
+                template=delivery_pb2.Template(
+                    template_id=template_id, channel=common_pb2.CHANNEL_EMAIL, subject=subject, body_text=body
+                )
+            ),
+            metadata=token(tenant, "admin"),
+        )
+        return reply.template
+
+    # -- requests, messages, mail
+
+    async def request(
+        self,
+        profile_id: str,
+        key: str | None = None,
+        *,
+        template_id: str = TEMPLATE_ID,
+        purpose: int = common_pb2.PURPOSE_MARKETING,
+        tenant: str = TENANT,
+        **variables: Any,
+    ) -> str:
+        key = key or f"abandoned-cart:{profile_id}:{uuid.uuid4().hex}"
+        msg = bus_pb2.DeliveryRequest(
+            idempotency_key=key,
+            tenant_id=tenant,
+            profile_id=profile_id,
+            trigger_id="abandoned-cart",
+            channel=common_pb2.CHANNEL_EMAIL,
+            purpose=purpose,  # type: ignore[arg-type]
+            template_id=template_id,
+            variables=to_struct(variables or {"event": {"product_name": "Blue running shoes"}}),
+        )
+        await self.js.publish("rv.delivery.requests", msg.SerializeToString())
+        return key
+
+    async def messages(self, tenant: str = TENANT, profile_id: str = "") -> list[delivery_pb2.Message]:
+        reply = await self.delivery.ListMessages(
+            delivery_pb2.ListMessagesRequest(profile_id=profile_id), metadata=token(tenant, "read")
+        )
+        return list(reply.messages)
+
+    async def message(self, key: str, *statuses: int) -> delivery_pb2.Message | None:
+        """The message of an idempotency key once it has one of `statuses` (any status if none)."""
+        for m in await self.messages():
+            if m.idempotency_key == key and (not statuses or m.status in statuses):
+                return m
+        return None
+
+    async def final(self, key: str) -> delivery_pb2.Message:
+        final = (
+            delivery_pb2.MESSAGE_STATUS_SENT,
+            delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
+            delivery_pb2.MESSAGE_STATUS_FAILED,
+        )
+        found = await eventually(lambda: self.message(key, *final))
+        assert found is not None
+        return found
+
+    def mails(self) -> list[EmailMessage]:
+        return self.sink.messages() if self.sink is not None else []
+
+    async def some_mail(self) -> list[EmailMessage]:
+        return self.mails()
+
+    async def more_than_one_mail(self) -> bool:
+        return len(self.mails()) > 1
+
+    async def requests_done(self) -> bool:
+        info = await self.js.consumer_info("RV_DELIVERY_REQUESTS", "delivery-requests")
+        return not info.num_pending and not info.num_ack_pending
+
+    async def status_events(self) -> list[tuple[str | None, bus_pb2.DeliveryStatusChanged]]:
+        info = await self.js.stream_info("RV_DELIVERY_STATUS")
+        out = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            if not info.state.messages:
+                break
+            raw = await self.js.get_msg("RV_DELIVERY_STATUS", seq)
+            out.append((raw.subject, bus_pb2.DeliveryStatusChanged.FromString(raw.data or b"")))
+        return out
+
+
+@pytest_asyncio.fixture
+async def harness(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    h = Harness(settings, clock, nats_url, tmp_path / "mail")
+    try:
+        await h.start()
+        yield h
+    finally:
+        await h.close()
+
+
+def body_of(mail: EmailMessage) -> str:
+    part = mail.get_body(preferencelist=("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+# ---- sending ------------------------------------------------------------------------------------
+
+
+async def test_a_request_sends_one_mail_with_subject_body_and_unsubscribe_headers(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    key = await harness.request(profile_id)
+
+    [mail] = await eventually(harness.some_mail)
+    assert mail["To"] == EMAIL
+    assert mail["From"] == harness.settings.smtp_sender
+    assert mail["Subject"] == "Ada, your cart is waiting"
+    assert body_of(mail) == "Hi Ada,\nyou left Blue running shoes in your cart.\n"
+
+    message = await harness.final(key)
+    assert message.status == delivery_pb2.MESSAGE_STATUS_SENT
+    assert (message.recipient, message.subject) == (EMAIL, "Ada, your cart is waiting")
+    assert (message.profile_id, message.trigger_id, message.template_id) == (
+        profile_id,
+        "abandoned-cart",
+        TEMPLATE_ID,
+    )
+    assert message.channel == common_pb2.CHANNEL_EMAIL
+    assert [c.status for c in message.history] == [
+        delivery_pb2.MESSAGE_STATUS_PENDING,
+        delivery_pb2.MESSAGE_STATUS_SENT,
+    ]
+    assert mail["Message-ID"] == f"<{message.message_id}@relevans.local>"
+    assert f"https://relevans.local/u/{message.message_id}" in mail["List-Unsubscribe"]
+    assert "<mailto:" in mail["List-Unsubscribe"]
+    assert mail["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+
+    got = await harness.delivery.GetMessage(
+        delivery_pb2.GetMessageRequest(message_id=message.message_id), metadata=token(TENANT, "read")
+    )
+    assert got.message == message
+
+    [(subject, event)] = await eventually(harness.status_events)
+    assert subject == "rv.delivery.status.sent"
+    assert (event.message_id, event.idempotency_key, event.profile_id) == (
+        message.message_id,
+        key,
+        profile_id,
+    )
+    assert event.status == delivery_pb2.MESSAGE_STATUS_SENT
+
+
+async def test_the_same_request_twice_sends_one_mail(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    key = await harness.request(profile_id, "abandoned-cart:p:e1")
+    await harness.request(profile_id, key)
+    await eventually(harness.some_mail)
+    await eventually(harness.requests_done)
+    await harness.request(profile_id, key)  # and once more, after the first was sent
+    await eventually(harness.requests_done)
+    await stays(harness.more_than_one_mail, duration=0.5)
+    assert len(await harness.messages()) == 1
+
+
+async def test_consent_withdrawn_before_the_request_suppresses_it(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    await harness.set_consent(profile_id, common_pb2.CONSENT_STATUS_WITHDRAWN)
+    key = await harness.request(profile_id)
+
+    message = await harness.final(key)
+    assert message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED
+    assert message.reason == "consent_withdrawn"
+    got = await harness.delivery.GetMessage(
+        delivery_pb2.GetMessageRequest(message_id=message.message_id), metadata=token(TENANT, "read")
+    )
+    assert got.message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED
+    assert got.message.history[-1].reason == "consent_withdrawn"
+    [(subject, _)] = await eventually(harness.status_events)
+    assert subject == "rv.delivery.status.suppressed"
+    assert harness.mails() == []
+
+
+async def test_transactional_messages_need_no_marketing_consent(harness: Harness) -> None:
+    profile_id = await harness.customer(consent=common_pb2.CONSENT_STATUS_DENIED)
+    await harness.put_template()
+    marketing = await harness.request(profile_id)
+    service = await harness.request(profile_id, purpose=common_pb2.PURPOSE_TRANSACTIONAL)
+    assert (await harness.final(marketing)).reason == "consent_withdrawn"
+    assert (await harness.final(service)).status == delivery_pb2.MESSAGE_STATUS_SENT
+    assert len(await eventually(harness.some_mail)) == 1
+
+
+async def test_no_first_name_says_hi_there(harness: Harness) -> None:
+    profile_id = await harness.customer(first_name="")
+    await harness.put_template()
+    await harness.request(profile_id)
+    [mail] = await eventually(harness.some_mail)
+    assert body_of(mail).startswith("Hi there,\n")
+    assert mail["Subject"] == "Hello, your cart is waiting"
+
+
+async def test_a_placeholder_first_name_is_not_printed(harness: Harness) -> None:
+    profile_id = await harness.customer(first_name="*|FNAME|*")
+    await harness.put_template()
+    await harness.request(profile_id)
+    [mail] = await eventually(harness.some_mail)
+    assert body_of(mail).startswith("Hi there,\n")
+
+
+async def test_a_template_using_an_undefined_variable_is_not_sent(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template(body="Hi {{ first_name | fallback('there') }}, use code {{ coupon_code }}.\n")
+    key = await harness.request(profile_id)
+    message = await harness.final(key)
+    assert message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED
+    assert message.reason.startswith("render_failed: ")
+    assert "coupon_code" in message.reason
+    await stays(harness.some_mail, duration=0.3)
+
+
+async def test_missing_profile_and_missing_template(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    nobody = await harness.request("no-such-profile")
+    no_template = await harness.request(profile_id, template_id="no-such-template")
+    assert (await harness.final(nobody)).reason == "profile_not_found"
+    missing = await harness.final(no_template)
+    assert (missing.status, missing.reason) == (delivery_pb2.MESSAGE_STATUS_FAILED, "template_not_found")
+    assert harness.mails() == []
+
+
+# ---- at most once under failures ---------------------------------------------------------------
+
+
+async def insert_message(harness: Harness, key: str, profile_id: str, status: str) -> None:
+    now = harness.clock.now()
+    async with harness.engine.begin() as conn:
+        await conn.execute(
+            messages.insert().values(
+                tenant_id=TENANT,
+                message_id=f"m-{key}",
+                idempotency_key=key,
+                profile_id=profile_id,
+                trigger_id="abandoned-cart",
+                channel="email",
+                purpose="marketing",
+                template_id=TEMPLATE_ID,
+                variables={},
+                status=status,
+                reason="",
+                recipient=EMAIL,
+                subject="s",
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+
+
+async def test_a_message_left_mid_send_by_a_crashed_worker_is_failed_not_resent(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    await insert_message(harness, "crashed", profile_id, "sending")
+    await harness.request(profile_id, "crashed")
+    message = await harness.final("crashed")
+    assert (message.status, message.reason) == (delivery_pb2.MESSAGE_STATUS_FAILED, "outcome_unknown")
+    await stays(harness.some_mail, duration=0.3)
+
+
+async def test_a_request_another_live_worker_holds_is_left_to_it(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    await insert_message(harness, "busy", profile_id, "sending")
+    async with harness.engine.connect() as other_worker:
+        await other_worker.execute(sa.select(sa.func.pg_advisory_lock(lock_id(TENANT, "busy"))))
+        await other_worker.commit()
+        await harness.request(profile_id, "busy")
+        await stays(lambda: harness.message("busy", delivery_pb2.MESSAGE_STATUS_FAILED), duration=0.6)
+        # The other worker finishes its send, records it and lets go.
+        await other_worker.execute(
+            messages.update().where(messages.c.idempotency_key == "busy").values(status="sent")
+        )
+        await other_worker.execute(sa.select(sa.func.pg_advisory_unlock_all()))
+        await other_worker.commit()
+    await eventually(harness.requests_done)
+    assert (await harness.final("busy")).status == delivery_pb2.MESSAGE_STATUS_SENT
+    assert harness.mails() == []
+
+
+async def test_smtp_down_is_retried_until_it_is_back(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    h = Harness(settings, clock, nats_url, tmp_path / "mail")
+    try:
+        await h.start(smtp_port=port, sink=False)
+        profile_id = await h.customer()
+        await h.put_template()
+        key = await h.request(profile_id)
+        retrying = await eventually(lambda: _reason(h, key, "retrying: smtp: "))
+        assert retrying is not None
+        assert retrying.status == delivery_pb2.MESSAGE_STATUS_PENDING
+        await h.start_sink(port)
+        [mail] = await eventually(h.some_mail)
+        assert mail["Subject"] == "Ada, your cart is waiting"
+        sent = await h.final(key)
+        assert sent.status == delivery_pb2.MESSAGE_STATUS_SENT
+        assert any(c.reason.startswith("retrying: smtp: ") for c in sent.history)
+        assert sent.history[-1].status == delivery_pb2.MESSAGE_STATUS_SENT
+    finally:
+        await h.close()
+
+
+async def test_profile_service_down_is_retried_until_it_is_back(harness: Harness) -> None:
+    profile_id = await harness.customer()
+    await harness.put_template()
+    profile_host = harness.hosts.pop(0)
+    await profile_host.stop()
+    key = await harness.request(profile_id)
+
+    waiting = await eventually(lambda: _reason(harness, key, "retrying: profile_unavailable"))
+    assert waiting is not None
+    assert waiting.status == delivery_pb2.MESSAGE_STATUS_PENDING
+    assert harness.mails() == []
+
+    again = await build_profile(
+        replace(harness.settings, profile_listen=f"127.0.0.1:{profile_host.port}"), harness.clock
+    )
+    await again.start()
+    harness.hosts.insert(0, again)
+    [mail] = await eventually(harness.some_mail, timeout=30)
+    assert mail["Subject"] == "Ada, your cart is waiting"
+    assert (await harness.final(key)).status == delivery_pb2.MESSAGE_STATUS_SENT
+
+
+async def _reason(h: Harness, key: str, prefix: str) -> delivery_pb2.Message | None:
+    m = await h.message(key)
+    return m if m is not None and m.reason.startswith(prefix) else None
+
+
+class _RejectingHandler:
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        return "550 5.1.1 no such mailbox"
+
+
+async def test_a_permanent_smtp_refusal_fails_the_message_with_the_reply(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(_RejectingHandler(), hostname="rejecting", loop=loop), "127.0.0.1", 0
+    )
+    h = Harness(settings, clock, nats_url, tmp_path / "mail")
+    h.smtp_servers.append(server)
+    try:
+        await h.start(smtp_port=server.sockets[0].getsockname()[1], sink=False)
+        profile_id = await h.customer()
+        await h.put_template()
+        key = await h.request(profile_id)
+        message = await h.final(key)
+        assert message.status == delivery_pb2.MESSAGE_STATUS_FAILED
+        assert message.reason == "smtp_rejected: 550 5.1.1 no such mailbox"
+        [(subject, _)] = await eventually(h.status_events)
+        assert subject == "rv.delivery.status.failed"
+    finally:
+        await h.close()
+
+
+# ---- the API ------------------------------------------------------------------------------------
+
+
+async def test_bad_put_template_names_the_field_and_line(harness: Harness) -> None:
+    err = await rpc_error(harness.put_template(body="Hi {{ first_name | fallback('there') }},\n{% if %}\n"))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(err)
+    assert list(violations) == ["template.body_text"]
+    assert "line 2" in violations["template.body_text"]
+
+    err = await rpc_error(harness.put_template(template_id="Not Valid!", subject=""))
+    assert set(field_violations(err)) == {"template.template_id", "template.subject"}
+
+    err = await rpc_error(
+        harness.delivery.PutTemplate(
+            delivery_pb2.PutTemplateRequest(
+                template=delivery_pb2.Template(
+                    template_id="sms", channel=common_pb2.CHANNEL_SMS, subject="s", body_text="b"
+                )
+            ),
+            metadata=token(TENANT, "admin"),
+        )
+    )
+    assert "template.channel" in field_violations(err)
+
+
+async def test_templates_are_stored_previewed_and_need_admin_to_change(harness: Harness) -> None:
+    stored = await harness.put_template()
+    assert (stored.template_id, stored.locale, stored.subject) == (TEMPLATE_ID, "en", SUBJECT)
+    got = await harness.delivery.GetTemplate(
+        delivery_pb2.GetTemplateRequest(template_id=TEMPLATE_ID), metadata=token(TENANT, "read")
+    )
+    assert got.template == stored
+
+    preview = await harness.delivery.PreviewTemplate(
+        delivery_pb2.PreviewTemplateRequest(
+            template_id=TEMPLATE_ID,
+            variables=to_struct({"first_name": "ADA", "event": {"product_name": "Shoes"}}),
+        ),
+        metadata=token(TENANT, "read"),
+    )
+    assert (preview.subject, preview.body_text) == (
+        "Ada, your cart is waiting",
+        "Hi Ada,\nyou left Shoes in your cart.\n",
+    )
+
+    err = await rpc_error(
+        harness.delivery.PreviewTemplate(
+            delivery_pb2.PreviewTemplateRequest(template_id=TEMPLATE_ID), metadata=token(TENANT, "read")
+        )
+    )
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "render_failed" in (err.details() or "") and "event" in (err.details() or "")
+
+    err = await rpc_error(_put_with_read_scope(harness))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    err = await rpc_error(
+        harness.delivery.GetTemplate(
+            delivery_pb2.GetTemplateRequest(template_id=TEMPLATE_ID), metadata=token("other", "read")
+        )
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def _put_with_read_scope(harness: Harness) -> None:
+    await harness.delivery.PutTemplate(
+        delivery_pb2.PutTemplateRequest(
+            template=delivery_pb2.Template(
+                template_id="x", channel=common_pb2.CHANNEL_EMAIL, subject="s", body_text="b"
+            )
+        ),
+        metadata=token(TENANT, "read"),
+    )
+
+
+async def test_messages_are_listed_newest_first_per_profile_and_tenant(harness: Harness) -> None:
+    ada = await harness.customer()
+    bob = await harness.customer(email="bob@example.com", first_name="Bob")
+    await harness.put_template()
+    keys = []
+    for who in (ada, bob, ada):
+        keys.append(await harness.request(who))
+        await harness.final(keys[-1])
+
+    listed = await harness.messages()
+    assert [m.idempotency_key for m in listed] == list(reversed(keys))
+    assert [m.idempotency_key for m in await harness.messages(profile_id=ada)] == [keys[2], keys[0]]
+
+    first = await harness.delivery.ListMessages(
+        delivery_pb2.ListMessagesRequest(page_size=2), metadata=token(TENANT, "read")
+    )
+    assert [m.idempotency_key for m in first.messages] == [keys[2], keys[1]]
+    second = await harness.delivery.ListMessages(
+        delivery_pb2.ListMessagesRequest(page_size=2, page_token=first.next_page_token),
+        metadata=token(TENANT, "read"),
+    )
+    assert [m.idempotency_key for m in second.messages] == [keys[0]]
+    assert second.next_page_token == ""
+
+    err = await rpc_error(
+        harness.delivery.ListMessages(
+            delivery_pb2.ListMessagesRequest(page_token="nonsense"), metadata=token(TENANT, "read")
+        )
+    )
+    assert "page_token" in field_violations(err)
+
+    assert await harness.messages(tenant="other") == []
+    err = await rpc_error(
+        harness.delivery.GetMessage(
+            delivery_pb2.GetMessageRequest(message_id=listed[0].message_id), metadata=token("other", "read")
+        )
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
