@@ -26,11 +26,11 @@ import asyncpg
 import grpc
 import nats
 import psutil
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
 from relevans.kit.db import migrate
+from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.grpc_client import bearer
 from relevans.kit.settings import Settings, env_name
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc

@@ -8,9 +8,9 @@ import logging
 import grpc
 import pytest
 import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from structlog.testing import LogCapture
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.auth import mint_token
 from relevans.kit.clock import ManualClock
