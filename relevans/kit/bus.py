@@ -208,7 +208,7 @@ class Consumer:
                     counter.labels(self.service, self.durable, "terminated").inc()
                 else:
                     log.warning("message failed; will retry", consumer=self.durable, attempts=attempts)
-                    await msg.nak(delay=min(30.0, 0.2 * 2**attempts))
+                    await msg.nak(delay=min(300.0, 0.5 * 2**attempts))
                     counter.labels(self.service, self.durable, "retried").inc()
             else:
                 await msg.ack()
