@@ -132,8 +132,22 @@ class OutboxRelay:
         return int(result.rowcount or 0)
 
     async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._wake_on(stop))
+        try:
+            await self._loop(stop)
+        finally:
+            watcher.cancel()
+        await self._flush()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         idle_rounds = 0
         while not stop.is_set():
+            # Cleared before reading, so a notify() or stop during this round is not lost.
+            self._wake.clear()
             try:
                 published = await self.relay_once()
             except Exception:
@@ -148,8 +162,19 @@ class OutboxRelay:
             if idle_rounds % 200 == 1:
                 metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
                 await self.purge_published()
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
             except TimeoutError:
                 pass
+
+    async def _flush(self, max_rounds: int = 20) -> None:
+        """On shutdown, publish what the last calls committed, so the next start has nothing to catch up."""
+        for _ in range(max_rounds):
+            try:
+                if await self.relay_once() == 0:
+                    return
+            except Exception:
+                log.warning(
+                    "final outbox flush failed; the next relay publishes the rest", service=self.service
+                )
+                return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -130,3 +131,17 @@ async def test_relay_waits_for_unpublished_rows_of_open_transactions(
         assert (await nc.jetstream().stream_info("RV_PROFILE")).state.messages == 1
     finally:
         await nc.close()
+
+
+async def test_relay_flushes_committed_rows_when_stopped(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, poll_interval_s=60)
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    await asyncio.sleep(0)  # the relay is now idle, waiting for a notify or its poll interval
+    async with engine.begin() as conn:
+        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"late")], clock.now())
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert await stream_messages(bus, "RV_PROFILE") == 1
