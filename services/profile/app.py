@@ -1,0 +1,22 @@
+"""Assembles the profile service: database, bus, outbox relay and the gRPC servicer."""
+
+from __future__ import annotations
+
+from relevans.kit.clock import Clock
+from relevans.kit.runtime import open_runtime
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
+from services.profile.servicer import ProfileServicer, binding, consent_changed
+from services.profile.store import ProfileStore, outbox
+
+SERVICE = "profile"
+
+
+async def build(settings: Settings, clock: Clock) -> ServiceHost:
+    """The profile service, not yet started; the caller migrates its database first."""
+    rt = await open_runtime(SERVICE, settings, clock, outbox)
+    store = ProfileStore(rt.engine, consent_message=consent_changed)
+    servicer = ProfileServicer(
+        store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
+    )
+    return rt.host([binding(servicer)])

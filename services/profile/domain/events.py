@@ -1,0 +1,239 @@
+"""Event validation and normalisation: pure functions over plain values.
+
+The servicer turns protobuf requests into `RawEvent`s; `validate_event` and
+`validate_batch` either return normalised `Event`s or raise `InvalidArgument`
+naming every offending field (`event.type`, `events[3].email`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from relevans.kit.errors import Violations
+from services.profile.domain.ids import uuid4_hex
+
+EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
+MAX_BATCH_EVENTS = 1000
+MAX_ID_CHARS = 256
+MAX_MESSAGE_ID_CHARS = 128
+MAX_PROPERTIES_BYTES = 32 * 1024
+MAX_PROPERTIES_DEPTH = 8
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+@dataclass(slots=True)
+class RawEvent:
+    """An event as the client sent it, before any check."""
+
+    type: str = ""
+    message_id: str = ""
+    timestamp: datetime | None = None
+    # True when the client sent a timestamp that cannot be represented as a datetime.
+    bad_timestamp: bool = False
+    anonymous_id: str = ""
+    customer_id: str = ""
+    email: str = ""
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Event:
+    """A valid, normalised event: email lower-case, timestamp and message_id always set."""
+
+    message_id: str
+    type: str
+    timestamp: datetime
+    anonymous_id: str | None
+    customer_id: str | None
+    email: str | None
+    properties: dict[str, Any]
+    # The properties as compact JSON, as they are stored.
+    properties_json: str
+
+
+def new_message_id() -> str:
+    return uuid4_hex()
+
+
+@lru_cache(maxsize=65536)
+def _check_email(value: str) -> tuple[str | None, str]:
+    try:
+        return validate_email(value, check_deliverability=False).normalized.lower(), ""
+    except EmailNotValidError as exc:
+        return None, str(exc)
+
+
+def normalize_email(value: str) -> str:
+    """The normalised lower-case form of a well-formed address; ValueError otherwise."""
+    normalized, why = _check_email(value)
+    if normalized is None:
+        raise ValueError(why)
+    return normalized
+
+
+def check_email(value: str, path: str, violations: Violations) -> str | None:
+    """Normalise `value`, or record why it is not an email address under `path`."""
+    normalized, why = _check_email(value)
+    if normalized is None:
+        violations.add(path, f"is not a valid email address: {why}")
+    return normalized
+
+
+NUL = "\x00"  # PostgreSQL text (and jsonb) cannot hold it
+
+
+def check_text(value: str, path: str, violations: Violations, limit: int) -> None:
+    """A string field: at most `limit` characters, no NUL character."""
+    if len(value) > limit:
+        violations.add(path, f"must be at most {limit} characters")
+    elif NUL in value:
+        violations.add(path, "must not contain NUL characters")
+
+
+def check_id(value: str, path: str, violations: Violations, limit: int = MAX_ID_CHARS) -> str | None:
+    """An optional identifier: empty means absent; too long or containing NUL is a violation."""
+    if not value:
+        return None
+    before = len(violations.items)
+    check_text(value, path, violations, limit)
+    return value if len(violations.items) == before else None
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether any string (or object key) in a JSON value contains a NUL character."""
+    if type(value) is str:
+        return NUL in value
+    if type(value) is dict:
+        return any(NUL in k or _has_nul(v) for k, v in value.items())
+    if type(value) is list:
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def json_depth(value: Any, depth: int = 1) -> int:
+    """Nesting depth of a JSON object or list: 1 for a flat one, +1 per nested object or list."""
+    deepest = depth
+    for item in value.values() if type(value) is dict else value:
+        kind = type(item)
+        if kind is dict or kind is list:
+            deepest = max(deepest, json_depth(item, depth + 1))
+            if deepest > MAX_PROPERTIES_DEPTH:
+                break
+    return deepest
+
+
+def check_properties(properties: dict[str, Any], path: str, violations: Violations) -> str | None:
+    """The properties as compact JSON, or None after recording why they are refused."""
+    if json_depth(properties) > MAX_PROPERTIES_DEPTH:
+        violations.add(path, f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels")
+        return None
+    try:
+        encoded = _JSON.encode(properties)
+    except ValueError:
+        violations.add(path, "must not contain NaN or infinite numbers")
+        return None
+    # JSON writes NUL as \u0000, which jsonb refuses; only then look for it in the values.
+    if "\\u0000" in encoded and _has_nul(properties):
+        violations.add(path, "must not contain NUL characters")
+        return None
+    # A character is at most 4 bytes in UTF-8: only long texts need encoding to be measured.
+    if len(encoded) > MAX_PROPERTIES_BYTES // 4 and len(encoded.encode()) > MAX_PROPERTIES_BYTES:
+        violations.add(path, f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
+        return None
+    return encoded
+
+
+def _check_event(
+    raw: RawEvent,
+    now: datetime,
+    prefix: str,
+    violations: Violations,
+    make_message_id: Callable[[], str],
+) -> Event | None:
+    """The normalised event, or None after adding its violations (paths built only on failure)."""
+    before = len(violations.items)
+    if not raw.type:
+        violations.add(f"{prefix}.type", "is required")
+    elif EVENT_TYPE_RE.match(raw.type) is None:
+        violations.add(f"{prefix}.type", f"must match {EVENT_TYPE_RE.pattern}")
+    if len(raw.message_id) > MAX_MESSAGE_ID_CHARS or NUL in raw.message_id:
+        check_text(raw.message_id, f"{prefix}.message_id", violations, MAX_MESSAGE_ID_CHARS)
+    if len(raw.anonymous_id) > MAX_ID_CHARS or NUL in raw.anonymous_id:
+        check_text(raw.anonymous_id, f"{prefix}.anonymous_id", violations, MAX_ID_CHARS)
+    if len(raw.customer_id) > MAX_ID_CHARS or NUL in raw.customer_id:
+        check_text(raw.customer_id, f"{prefix}.customer_id", violations, MAX_ID_CHARS)
+    email = None
+    if raw.email:
+        email, why = _check_email(raw.email)
+        if email is None:
+            violations.add(f"{prefix}.email", f"is not a valid email address: {why}")
+    elif not raw.anonymous_id and not raw.customer_id:
+        violations.add(f"{prefix}.anonymous_id", "one of anonymous_id, customer_id or email is required")
+    timestamp = raw.timestamp
+    if timestamp is None:
+        if raw.bad_timestamp:
+            violations.add(f"{prefix}.timestamp", "is not a valid timestamp")
+        timestamp = now
+    elif timestamp > now + MAX_CLOCK_SKEW:
+        violations.add(f"{prefix}.timestamp", "is in the future")
+    elif timestamp < EARLIEST_TIMESTAMP:
+        violations.add(f"{prefix}.timestamp", "is before 2000-01-01")
+    properties_json = (
+        check_properties(raw.properties, f"{prefix}.properties", violations) if raw.properties else "{}"
+    )
+    if properties_json is None or len(violations.items) > before:
+        return None
+    return Event(
+        message_id=raw.message_id or make_message_id(),
+        type=raw.type,
+        timestamp=timestamp,
+        anonymous_id=raw.anonymous_id or None,
+        customer_id=raw.customer_id or None,
+        email=email,
+        properties=raw.properties,
+        properties_json=properties_json,
+    )
+
+
+def validate_event(
+    raw: RawEvent, now: datetime, *, make_message_id: Callable[[], str] = new_message_id
+) -> Event:
+    """Validate one `Track` event; violations are named `event.<field>`."""
+    violations = Violations()
+    event = _check_event(raw, now, "event", violations, make_message_id)
+    violations.raise_if_any()
+    assert event is not None
+    return event
+
+
+def validate_batch(
+    raws: Sequence[RawEvent], now: datetime, *, make_message_id: Callable[[], str] = new_message_id
+) -> list[Event]:
+    """Validate a `BatchTrack` request: all events or an error naming `events[i].<field>` for each bad one."""
+    violations = Violations()
+    if len(raws) > MAX_BATCH_EVENTS:
+        violations.add("events", f"at most {MAX_BATCH_EVENTS} events per batch, got {len(raws)}")
+        violations.raise_if_any()
+    events = [
+        _check_event(raw, now, f"events[{i}]", violations, make_message_id) for i, raw in enumerate(raws)
+    ]
+    violations.raise_if_any()
+    return [e for e in events if e is not None]
+
+
+def first_occurrences(events: Sequence[Event]) -> list[int]:
+    """For each event, the index of the first event in the batch with the same message_id."""
+    seen: dict[str, int] = {}
+    return [seen.setdefault(e.message_id, i) for i, e in enumerate(events)]

@@ -1,0 +1,436 @@
+"""The gRPC face of the profile service: proto -> domain -> store -> proto, nothing more."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from relevans.common.v1 import common_pb2
+from relevans.kit.bus import event_subject
+from relevans.kit.clock import Clock
+from relevans.kit.outbox import OutboxMessage
+from relevans.kit.proto import to_timestamp
+from relevans.kit.server import ServiceBinding, principal
+from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
+from services.profile.domain import (
+    Consent,
+    ConsentInput,
+    Event,
+    Profile,
+    ProfileState,
+    RawEvent,
+    RawIdentify,
+    validate_batch,
+    validate_event,
+    validate_identify,
+    validate_lookup,
+    validate_profile_ids,
+    validate_set_consent,
+)
+from services.profile.domain.identity import new_profile_id
+from services.profile.domain.ids import time_ordered_ids
+from services.profile.store import EventMessage, ProfileStore, TrackResult
+
+SERVICE_NAME = "relevans.profile.v1.ProfileService"
+SCOPES = {
+    "Track": "ingest",
+    "BatchTrack": "ingest",
+    "Identify": "ingest",
+    "SetConsent": "ingest",
+    "GetProfile": "read",
+    "BatchGetProfiles": "read",
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+# ---- proto <-> domain -------------------------------------------------------------------------
+
+
+def _value(v: struct_pb2.Value) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return v.string_value
+    if kind == "number_value":
+        return v.number_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        fields = v.struct_value.fields
+        return {k: _value(fields[k]) for k in fields}
+    if kind == "list_value":
+        return [_value(x) for x in v.list_value.values]
+    return None
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as plain Python values (numbers stay floats, as JSON numbers in the Struct are)."""
+    fields = s.fields
+    return {k: _value(fields[k]) for k in fields}
+
+
+def raw_event(e: profile_pb2.Event) -> RawEvent:
+    timestamp: datetime | None = None
+    bad = False
+    if e.HasField("timestamp"):
+        try:
+            timestamp = e.timestamp.ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            bad = True
+    return RawEvent(
+        type=e.type,
+        message_id=e.message_id,
+        timestamp=timestamp,
+        bad_timestamp=bad,
+        anonymous_id=e.anonymous_id,
+        customer_id=e.customer_id,
+        email=e.email,
+        properties=struct_to_dict(e.properties) if e.HasField("properties") else {},
+    )
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    try:
+        return str(enum.Name(value)).removeprefix(prefix).lower()
+    except ValueError:
+        return str(value)
+
+
+def consent_input(c: profile_pb2.ConsentInput) -> ConsentInput:
+    return ConsentInput(
+        purpose=_enum_name(common_pb2.Purpose, c.purpose, "PURPOSE_"),
+        channel=_enum_name(common_pb2.Channel, c.channel, "CHANNEL_"),
+        status=_enum_name(common_pb2.ConsentStatus, c.status, "CONSENT_STATUS_"),
+        source=c.source,
+        evidence=c.evidence,
+    )
+
+
+def consent_proto(c: Consent) -> profile_pb2.Consent:
+    return profile_pb2.Consent(
+        purpose=common_pb2.Purpose.Value("PURPOSE_" + c.purpose.upper()),
+        channel=common_pb2.Channel.Value("CHANNEL_" + c.channel.upper()),
+        status=common_pb2.ConsentStatus.Value("CONSENT_STATUS_" + c.status.upper()),
+        source=c.source,
+        update_time=to_timestamp(c.recorded_at),
+    )
+
+
+def profile_proto(p: Profile) -> profile_pb2.Profile:
+    return profile_pb2.Profile(
+        profile_id=p.profile_id,
+        customer_id=p.customer_id or "",
+        email=p.email or "",
+        first_name=p.first_name or "",
+        anonymous_ids=p.anonymous_ids,
+        consents=[consent_proto(c) for c in p.consents],
+        create_time=to_timestamp(p.created_at),
+        update_time=to_timestamp(p.updated_at),
+        last_seen_time=to_timestamp(p.last_seen_at),
+    )
+
+
+def snapshot_proto(s: ProfileState) -> profile_pb2.Profile:
+    """The profile state an EnrichedEvent carries."""
+    return profile_pb2.Profile(
+        profile_id=s.profile_id,
+        customer_id=s.customer_id or "",
+        email=s.email or "",
+        first_name=s.first_name or "",
+        consents=[consent_proto(c) for c in sorted(s.consents, key=lambda c: c.key)],
+    )
+
+
+def consent_changed(tenant: str, profile_id: str, consent: Consent) -> bytes:
+    return bus_pb2.ConsentChanged(
+        tenant_id=tenant, profile_id=profile_id, consent=consent_proto(consent)
+    ).SerializeToString()
+
+
+_SMALL = [bytes((n,)) for n in range(0x80)]
+
+
+def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: its tag byte, the payload's length, the payload."""
+    return tag + _varint(len(payload)) + payload
+
+
+def _tag(message: Any, name: str) -> bytes:
+    """The tag byte of a length-delimited field (field number << 3 | wire type 2)."""
+    return bytes((message.DESCRIPTOR.fields_by_name[name].number << 3 | 2,))
+
+
+_EE = bus_pb2.EnrichedEvent
+_TENANT_ID, _EVENT_ID, _PROFILE_ID = _tag(_EE, "tenant_id"), _tag(_EE, "event_id"), _tag(_EE, "profile_id")
+_EVENT, _RECEIVE_TIME, _PROFILE = _tag(_EE, "event"), _tag(_EE, "receive_time"), _tag(_EE, "profile")
+_MESSAGE_ID, _TIMESTAMP = _tag(profile_pb2.Event, "message_id"), _tag(profile_pb2.Event, "timestamp")
+
+
+def _timestamp_bytes(value: datetime) -> bytes:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts.SerializeToString()
+
+
+def normalized_event(src: profile_pb2.Event, e: Event, now_field: bytes | None = None) -> bytes:
+    """The serialized event as stored: normalised email, generated message_id, defaulted timestamp.
+
+    Fields the client left unset are appended to the client's own encoding (protobuf reads
+    fields in any order); `now_field` is the encoded timestamp field for events without one.
+    """
+    if src.email == (e.email or ""):
+        body = src.SerializeToString()
+    else:
+        copy = profile_pb2.Event()
+        copy.CopyFrom(src)
+        copy.email = e.email or ""
+        body = copy.SerializeToString()
+    if not src.message_id:
+        body += _field(_MESSAGE_ID, e.message_id.encode())
+    if not src.HasField("timestamp"):
+        body += now_field or _field(_TIMESTAMP, _timestamp_bytes(e.timestamp))
+    return body
+
+
+def enriched_events(
+    tenant: str,
+    protos: Sequence[profile_pb2.Event],
+    events: Sequence[Event],
+    receive_time: datetime,
+    partitions: int,
+) -> EventMessage:
+    """Builds the EnrichedEvent outbox message of event i once the store knows its id and profile.
+
+    The hot path of ingest: the message is assembled from serialized parts (the encoding
+    protobuf defines for a message is the concatenation of its fields), so the tenant, the
+    receive time and each profile snapshot are encoded once per call, not once per event.
+    """
+    head = _field(_TENANT_ID, tenant.encode())
+    received = _field(_RECEIVE_TIME, _timestamp_bytes(receive_time))
+    now_field = _field(_TIMESTAMP, _timestamp_bytes(receive_time))
+    cache: dict[str, tuple[ProfileState, bytes, str]] = {}
+
+    def build(i: int, event_id: str, state: ProfileState) -> OutboxMessage:
+        hit = cache.get(state.profile_id)
+        if hit is None or hit[0] is not state:
+            profile = _field(_PROFILE_ID, state.profile_id.encode()) + received
+            profile += _field(_PROFILE, snapshot_proto(state).SerializeToString())
+            hit = (state, profile, event_subject(tenant, state.profile_id, partitions))
+            cache[state.profile_id] = hit
+        e = events[i]
+        body = normalized_event(protos[i], e, now_field if e.timestamp is receive_time else None)
+        payload = b"".join((head, _field(_EVENT_ID, event_id.encode()), _field(_EVENT, body), hit[1]))
+        return OutboxMessage(hit[2], payload)
+
+    return build
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Waiting:
+    proto: profile_pb2.Event
+    event: Event
+    result: asyncio.Future[TrackResult]
+
+
+class TrackCoalescer:
+    """Writes concurrent single-event `Track` calls of a tenant in shared transactions.
+
+    A call never waits for a timer: while fewer than `max_writes` writes run, its event is
+    written at once; otherwise it joins the events queued behind the running writes, and the
+    next free writer takes them all in one transaction (up to `max_batch`). Under load this
+    turns many small transactions (each a commit, each an outbox relay round) into a few larger
+    ones. Idempotency is unchanged: concurrent calls with one message_id store one event and
+    the others get `duplicate`. A write that fails fails every call in it, and stores none.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        clock: Clock,
+        *,
+        event_partitions: int,
+        notify: Callable[[], None],
+        max_writes: int = 2,
+        max_batch: int = 500,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.event_partitions = event_partitions
+        self.notify = notify
+        self.max_writes = max_writes
+        self.max_batch = max_batch
+        self._queues: dict[str, list[_Waiting]] = {}
+        self._writers = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def track(self, tenant: str, proto: profile_pb2.Event, event: Event) -> TrackResult:
+        result: asyncio.Future[TrackResult] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(tenant, []).append(_Waiting(proto, event, result))
+        if self._writers < self.max_writes:
+            self._writers += 1
+            # A fresh context: the writer serves many calls, not the one that happened to start it.
+            task = asyncio.create_task(self._write_all(), context=contextvars.Context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await result
+
+    async def _write_all(self) -> None:
+        try:
+            while self._queues:
+                tenant, waiting = next(iter(self._queues.items()))
+                if len(waiting) > self.max_batch:
+                    self._queues[tenant] = waiting[self.max_batch :]
+                    waiting = waiting[: self.max_batch]
+                else:
+                    del self._queues[tenant]
+                await self._write(tenant, waiting)
+        finally:
+            self._writers -= 1
+
+    async def _write(self, tenant: str, waiting: list[_Waiting]) -> None:
+        now = self.clock.now()
+        events = [w.event for w in waiting]
+        try:
+            results = await self.store.track(
+                tenant,
+                events,
+                now,
+                enriched_events(tenant, [w.proto for w in waiting], events, now, self.event_partitions),
+                make_id=time_ordered_ids(now),
+            )
+        except BaseException as exc:
+            failure = exc if isinstance(exc, Exception) else RuntimeError("the write was cancelled")
+            for w in waiting:
+                if not w.result.done():
+                    w.result.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for w, r in zip(waiting, results, strict=True):
+            if not w.result.done():  # the caller may have gone; its event is stored all the same
+                w.result.set_result(r)
+        if not all(r.duplicate for r in results):
+            self.notify()
+
+
+class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
+    def __init__(
+        self,
+        store: ProfileStore,
+        clock: Clock,
+        *,
+        event_partitions: int,
+        notify: Callable[[], None],
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.event_partitions = event_partitions
+        self.notify = notify
+        self.tracks = TrackCoalescer(store, clock, event_partitions=event_partitions, notify=notify)
+
+    async def Track(self, request: profile_pb2.TrackRequest, context: Context) -> profile_pb2.TrackResponse:
+        tenant = principal().tenant_id
+        event = validate_event(raw_event(request.event), self.clock.now())
+        result = await self.tracks.track(tenant, request.event, event)
+        return profile_pb2.TrackResponse(
+            event_id=result.event_id, profile_id=result.profile_id, duplicate=result.duplicate
+        )
+
+    async def BatchTrack(
+        self, request: profile_pb2.BatchTrackRequest, context: Context
+    ) -> profile_pb2.BatchTrackResponse:
+        tenant = principal().tenant_id
+        now = self.clock.now()
+        protos = list(request.events)
+        events = validate_batch([raw_event(e) for e in protos], now)
+        if not events:
+            return profile_pb2.BatchTrackResponse()
+        results = await self.store.track(
+            tenant,
+            events,
+            now,
+            enriched_events(tenant, protos, events, now, self.event_partitions),
+            make_id=time_ordered_ids(now),
+        )
+        if not all(r.duplicate for r in results):
+            self.notify()
+        return profile_pb2.BatchTrackResponse(
+            results=[
+                profile_pb2.TrackResponse(event_id=r.event_id, profile_id=r.profile_id, duplicate=r.duplicate)
+                for r in results
+            ]
+        )
+
+    async def Identify(
+        self, request: profile_pb2.IdentifyRequest, context: Context
+    ) -> profile_pb2.IdentifyResponse:
+        tenant = principal().tenant_id
+        now = self.clock.now()
+        command = validate_identify(
+            RawIdentify(
+                customer_id=request.customer_id,
+                email=request.email,
+                anonymous_id=request.anonymous_id,
+                first_name=request.first_name,
+                consents=tuple(consent_input(c) for c in request.consents),
+            ),
+            now,
+        )
+        profile, created = await self.store.identify(tenant, command, now, make_profile_id=new_profile_id)
+        self.notify()
+        return profile_pb2.IdentifyResponse(profile=profile_proto(profile), created=created)
+
+    async def SetConsent(
+        self, request: profile_pb2.SetConsentRequest, context: Context
+    ) -> profile_pb2.SetConsentResponse:
+        tenant = principal().tenant_id
+        now = self.clock.now()
+        consent = validate_set_consent(request.profile_id, consent_input(request.consent), now)
+        profile = await self.store.set_consent(tenant, request.profile_id, consent, now)
+        self.notify()
+        return profile_pb2.SetConsentResponse(profile=profile_proto(profile))
+
+    async def GetProfile(
+        self, request: profile_pb2.GetProfileRequest, context: Context
+    ) -> profile_pb2.GetProfileResponse:
+        tenant = principal().tenant_id
+        lookup = validate_lookup(request.profile_id, request.customer_id, request.email)
+        profile = await self.store.find_profile(tenant, lookup)
+        return profile_pb2.GetProfileResponse(profile=profile_proto(profile))
+
+    async def BatchGetProfiles(
+        self, request: profile_pb2.BatchGetProfilesRequest, context: Context
+    ) -> profile_pb2.BatchGetProfilesResponse:
+        tenant = principal().tenant_id
+        ids = validate_profile_ids(list(request.profile_ids))
+        found = await self.store.get_profiles(tenant, ids)
+        return profile_pb2.BatchGetProfilesResponse(profiles=[profile_proto(p) for p in found])
+
+
+def binding(servicer: ProfileServicer) -> ServiceBinding:
+    return ServiceBinding(
+        full_name=SERVICE_NAME,
+        register=profile_pb2_grpc.add_ProfileServiceServicer_to_server,
+        servicer=servicer,
+        scopes=SCOPES,
+    )
