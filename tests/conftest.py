@@ -16,11 +16,11 @@ import asyncpg
 import nats
 import pytest
 import pytest_asyncio
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
 
 from relevans.kit.bus import STREAMS
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import migrate
+from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
 
