@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,35 @@ def event_subject(tenant_id: str, profile_id: str, partitions: int) -> str:
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[None]]
 
 
+class PublishError(Exception):
+    """JetStream did not confirm a message: an error ack, no stream for its subject, or no ack in time.
+
+    Some messages of the batch may have been stored; publish them again with the same
+    `Nats-Msg-Id` and JetStream drops the duplicates.
+    """
+
+
+class _AckBatch:
+    """The acks one `publish_batch` call still waits for."""
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, remaining: int, done: asyncio.Future[None]) -> None:
+        self.remaining = remaining
+        self.done = done
+
+
+def _ack_error(msg: Msg) -> str:
+    if not msg.data:
+        status = (msg.headers or {}).get("Status", "")
+        return f"no stream stored the message (status {status or 'none'}: no responders)"
+    try:
+        error = json.loads(msg.data).get("error", {})
+        return f"JetStream error {error.get('code')}/{error.get('err_code')}: {error.get('description')}"
+    except (ValueError, AttributeError):
+        return f"unexpected publish reply {msg.data[:200]!r}"
+
+
 class Bus:
     """One NATS connection per service process."""
 
@@ -63,6 +93,11 @@ class Bus:
         self.name = name
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
+        # Acks of `publish_batch`: one long-lived subscription per connection, keyed by reply subject.
+        self._ack_nc: NatsClient | None = None
+        self._ack_prefix = ""
+        self._ack_seq = 0
+        self._awaiting: dict[str, _AckBatch] = {}
 
     async def connect(self) -> None:
         if self._nc is None:
@@ -76,6 +111,13 @@ class Bus:
         if self._js is None:
             raise RuntimeError("bus is not connected")
         return self._js
+
+    @property
+    def nc(self) -> NatsClient:
+        """The core NATS client."""
+        if self._nc is None:
+            raise RuntimeError("bus is not connected")
+        return self._nc
 
     async def close(self) -> None:
         """Drain: finish in-flight deliveries and pending publishes. Safe to call twice."""
@@ -105,6 +147,60 @@ class Bus:
 
     async def publish(self, subject: str, payload: bytes, msg_id: str) -> None:
         await self.js.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
+
+    async def publish_batch(self, messages: Sequence[tuple[str, bytes, str]], timeout: float = 5.0) -> None:
+        """Publish `(subject, payload, msg_id)` messages to JetStream and wait until all are stored.
+
+        Plain core-NATS publishes, each with `Nats-Msg-Id` and its own reply subject under
+        one long-lived inbox subscription that collects the PubAcks — far cheaper per
+        message than `js.publish_async`. Raises `PublishError` when an ack reports an
+        error, a subject has no stream, or not every ack arrived within `timeout` seconds
+        (acks lost in a reconnect end here too, never in a hang).
+        """
+        if not messages:
+            return
+        nc = self.nc
+        if self._ack_nc is not nc:
+            # nats-py re-subscribes on reconnect; a new connection (after close) needs a new subscription.
+            prefix = nc.new_inbox()
+            await nc.subscribe(f"{prefix}.*", cb=self._on_ack)
+            self._ack_nc, self._ack_prefix = nc, prefix
+        prefix = self._ack_prefix
+        batch = _AckBatch(len(messages), asyncio.get_running_loop().create_future())
+        first = self._ack_seq
+        self._ack_seq = first + len(messages)
+        replies = [f"{prefix}.{n}" for n in range(first, first + len(messages))]
+        awaiting = self._awaiting
+        for reply in replies:
+            awaiting[reply] = batch
+        try:
+            async with asyncio.timeout(timeout):
+                for (subject, payload, msg_id), reply in zip(messages, replies, strict=True):
+                    await nc.publish(subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
+                await batch.done
+        except TimeoutError:
+            raise PublishError(
+                f"{batch.remaining} of {len(messages)} messages not acknowledged within {timeout} s"
+            ) from None
+        finally:
+            for reply in replies:
+                awaiting.pop(reply, None)
+            if batch.done.done() and not batch.done.cancelled():
+                batch.done.exception()  # retrieved, so an unawaited failure is not logged again
+            else:
+                batch.done.cancel()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        batch = self._awaiting.pop(msg.subject, None)
+        if batch is None or batch.done.done():
+            return  # the batch already failed or timed out
+        data = msg.data
+        if not data or b'"error"' in data:
+            batch.done.set_exception(PublishError(_ack_error(msg)))
+            return
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            batch.done.set_result(None)
 
 
 class Consumer:

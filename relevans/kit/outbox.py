@@ -16,10 +16,11 @@ from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 import structlog
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit import metrics
-from relevans.kit.bus import MSG_ID_HEADER, Bus
+from relevans.kit.bus import Bus
 from relevans.kit.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -70,6 +71,7 @@ class OutboxRelay:
         batch: int = 1000,
         poll_interval_s: float = 0.05,
         retention: timedelta = timedelta(hours=24),
+        ack_timeout_s: float = 5.0,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -79,6 +81,7 @@ class OutboxRelay:
         self.batch = batch
         self.poll_interval_s = poll_interval_s
         self.retention = retention
+        self.ack_timeout_s = ack_timeout_s
         self._wake = asyncio.Event()
 
     def notify(self) -> None:
@@ -103,20 +106,21 @@ class OutboxRelay:
             ).all()
             if not rows:
                 return 0
-            js = self.bus.js
-            acks = [
-                await js.publish_async(r.subject, r.payload, headers={MSG_ID_HEADER: self.msg_id(r.id)})
-                for r in rows
-            ]
-            await asyncio.gather(*acks)
+            # Any failure (an error ack, no ack in time) raises: the transaction rolls back and
+            # the rows are published again later with the same ids, which JetStream dedupes.
+            await self.bus.publish_batch(
+                [(r.subject, r.payload, self.msg_id(r.id)) for r in rows], timeout=self.ack_timeout_s
+            )
             await self._mark_published(conn, [r.id for r in rows])
         metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
         return len(rows)
 
     async def _mark_published(self, conn: AsyncConnection, ids: list[int]) -> None:
-        await conn.execute(
-            self.table.update().where(self.table.c.id.in_(ids)).values(published_at=self.clock.now())
-        )
+        # One array parameter, not one bind parameter per id.
+        t = self.table
+        ids_param = sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger))
+        now = self.clock.now()
+        await conn.execute(t.update().where(t.c.id == sa.any_(ids_param)).values(published_at=now))
 
     async def backlog(self) -> int:
         async with self.engine.connect() as conn:

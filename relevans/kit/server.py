@@ -10,7 +10,9 @@ then runs the closers (drain NATS, dispose the database) — and is safe to call
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextvars
+import json
 import signal
 import time
 import uuid
@@ -78,8 +80,37 @@ def to_rpc_status(exc: errors.DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=exc.message, details=details)
 
 
+def _token_expiry(token: str) -> float | None:
+    """The `exp` claim of a token `verify_token` has just accepted (None: it never expires)."""
+    body = token.split(".")[1]
+    exp = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))).get("exp")
+    return None if exp is None else float(exp)
+
+
+def _refused(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: streaming responses are not served")
+
+    wrap = (
+        grpc.unary_unary_rpc_method_handler
+        if not handler.request_streaming
+        else grpc.stream_unary_rpc_method_handler
+    )
+    return wrap(
+        refuse,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class _CallGuard(grpc.aio.ServerInterceptor):
-    """Authenticates, binds log context, maps domain errors and records metrics for every call."""
+    """Authenticates, binds log context, maps domain errors and records metrics for every call.
+
+    The guarded handler of a method is built once, on its first call, and reused;
+    verified tokens are cached with their expiry (a failed verification never is).
+    """
+
+    TOKEN_CACHE_SIZE = 10_000
 
     def __init__(
         self, service: str, secret: str, clock: Clock, scopes: Mapping[str, str], guarded: set[str]
@@ -89,6 +120,8 @@ class _CallGuard(grpc.aio.ServerInterceptor):
         self.clock = clock
         self.scopes = scopes
         self.guarded = guarded
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._tokens: dict[str, tuple[Principal, float | None]] = {}
 
     def scope_of(self, method: str) -> str | None:
         """The scope a method needs; methods of our services missing from the map need admin."""
@@ -102,76 +135,117 @@ class _CallGuard(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method = details.method
-        scope = self.scope_of(method)
-        if handler is None or scope is None or handler.unary_unary is None:
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; nothing to cache
             return handler
-        inner = cast(Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]], handler.unary_unary)
-        guard = self
+        scope = self.scope_of(method)
+        if scope is not None:
+            handler = self._guard(method, scope, handler)
+        self._handlers[method] = handler
+        return handler
+
+    def _guard(self, method: str, scope: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The guarded handler of one method with a single response (unary or client-streaming).
+
+        Methods with streaming responses are refused until the guard covers them, so
+        no method of a bound service is ever served unauthenticated.
+        """
+        if handler.unary_unary is None and handler.stream_unary is None:
+            return _refused(method, handler)
+        inner = cast(
+            Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+            handler.unary_unary or handler.stream_unary,
+        )
+        name = method.rsplit("/", 1)[-1]
+        service = self.service
+        latency = metrics.RPC_LATENCY.labels(service, name)
+        counters: dict[grpc.StatusCode, Any] = {}
+        authenticate = self._authenticate
+        bind = structlog.contextvars.bind_contextvars
+        unbind = structlog.contextvars.unbind_contextvars
+        perf_counter = time.perf_counter
+        ok = grpc.StatusCode.OK
 
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await guard.call(method, scope, inner, request, context)
+            started = perf_counter()
+            code = ok
+            header: Any = ""
+            request_id: Any = None
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    header = value
+                elif key == "x-request-id":
+                    request_id = value
+            bind(request_id=str(request_id) if request_id else uuid.uuid4().hex, method=method)
+            try:
+                who = authenticate(str(header))
+                if who is None:
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, "missing or invalid bearer token")
+                assert who is not None
+                if not who.allows(scope):
+                    code = grpc.StatusCode.PERMISSION_DENIED
+                    await context.abort(code, f"token lacks the {scope!r} scope")
+                bind(tenant=who.tenant_id)
+                token = _principal.set(who)
+                try:
+                    return await inner(request, context)
+                finally:
+                    _principal.reset(token)
+            except errors.DomainError as exc:
+                code = _CODES.get(type(exc), (grpc.StatusCode.UNKNOWN, 0))[0]
+                await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))  # type: ignore[attr-defined]
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                if code is ok:
+                    code = context.code() or grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("rpc failed")
+                await context.abort(code, "internal error")
+            finally:
+                counter = counters.get(code)
+                if counter is None:
+                    counter = counters[code] = metrics.RPC_REQUESTS.labels(service, name, code.name)
+                counter.inc()
+                latency.observe(perf_counter() - started)
+                unbind("request_id", "method", "tenant")
 
-        return grpc.unary_unary_rpc_method_handler(
+        wrap = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return wrap(
             guarded,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    async def call(
-        self,
-        method: str,
-        scope: str,
-        inner: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-        request: Any,
-        context: grpc.aio.ServicerContext,
-    ) -> Any:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        metadata = dict(context.invocation_metadata() or ())
-        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)
-        structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
-        try:
-            who = self._authenticate(str(metadata.get("authorization", "")))
-            if who is None:
-                code = grpc.StatusCode.UNAUTHENTICATED
-                await context.abort(code, "missing or invalid bearer token")
-            assert who is not None
-            if not who.allows(scope):
-                code = grpc.StatusCode.PERMISSION_DENIED
-                await context.abort(code, f"token lacks the {scope!r} scope")
-            structlog.contextvars.bind_contextvars(tenant=who.tenant_id)
-            token = _principal.set(who)
-            try:
-                return await inner(request, context)
-            finally:
-                _principal.reset(token)
-        except errors.DomainError as exc:
-            code = _CODES.get(type(exc), (grpc.StatusCode.UNKNOWN, 0))[0]
-            await context.abort_with_status(rpc_status.to_status(to_rpc_status(exc)))  # type: ignore[attr-defined]
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            if code is grpc.StatusCode.OK:
-                code = context.code() or grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("rpc failed")
-            await context.abort(code, "internal error")
-        finally:
-            name = method.rsplit("/", 1)[-1]
-            metrics.RPC_REQUESTS.labels(self.service, name, code.name).inc()
-            metrics.RPC_LATENCY.labels(self.service, name).observe(time.perf_counter() - started)
-            structlog.contextvars.unbind_contextvars("request_id", "method", "tenant")
-
     def _authenticate(self, header: str) -> Principal | None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
+        token = token.strip()
+        now = self.clock.now()
+        cached = self._tokens.get(token)
+        if cached is not None:
+            who, expires = cached
+            if expires is None or now.timestamp() < expires:
+                return who
+            del self._tokens[token]  # expired: verify again, which rejects it
         try:
-            return verify_token(self.secret, token.strip(), self.clock.now())
+            who = verify_token(self.secret, token, now)
         except TokenError:
-            return None
+            return None  # never cached: a bad token is checked again on every call
+        if len(self._tokens) >= self.TOKEN_CACHE_SIZE:
+            del self._tokens[next(iter(self._tokens))]  # the oldest entry
+        self._tokens[token] = (who, _token_expiry(token))
+        return who
 
 
 Worker = Callable[[asyncio.Event], Awaitable[None]]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
@@ -12,11 +14,12 @@ import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.bus import Bus
+from relevans.kit.bus import Bus, PublishError
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.outbox import OutboxMessage, OutboxRelay, enqueue, outbox_table
 from relevans.kit.settings import Settings
+from tests.helpers import eventually
 
 metadata = sa.MetaData()
 outbox = outbox_table(metadata)
@@ -145,3 +148,142 @@ async def test_relay_flushes_committed_rows_when_stopped(
     stop.set()
     await asyncio.wait_for(running, 5)
     assert await stream_messages(bus, "RV_PROFILE") == 1
+
+
+async def test_batch_whose_ack_reports_an_error_is_not_marked_published(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    """JetStream refuses the second message (too large for its stream): the whole batch stays unpublished."""
+    await bus.js.add_stream(name="RELAY_SMALL", subjects=["relay.small"], max_msg_size=64)
+    try:
+        async with engine.begin() as conn:
+            messages = [OutboxMessage("relay.small", b"ok"), OutboxMessage("relay.small", b"x" * 500)]
+            await enqueue(conn, outbox, messages, clock.now())
+        relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
+        with pytest.raises(PublishError, match="JetStream error"):
+            await relay.relay_once()
+        assert await relay.backlog() == 2
+        # Published again on the next round; the first message is deduplicated by its Msg-Id.
+        with pytest.raises(PublishError):
+            await relay.relay_once()
+        assert await stream_messages(bus, "RELAY_SMALL") == 1
+        assert await relay.backlog() == 2
+    finally:
+        await bus.js.delete_stream("RELAY_SMALL")
+
+
+async def test_subject_without_a_stream_fails_the_batch_at_once(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    async with engine.begin() as conn:
+        await enqueue(conn, outbox, [OutboxMessage("relay.nowhere", b"x")], clock.now())
+    relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, ack_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(PublishError, match="no responders"):
+        await relay.relay_once()
+    assert time.monotonic() - started < 5
+    assert await relay.backlog() == 1
+
+
+async def test_missing_ack_fails_the_batch_after_the_timeout(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    """A subscriber that is not a stream never acks: the batch times out instead of hanging."""
+    nc = await nats.connect(bus.url)
+    try:
+        await nc.subscribe("relay.void")
+        await nc.flush()
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("relay.void", b"x")], clock.now())
+        relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, ack_timeout_s=0.3)
+        with pytest.raises(PublishError, match="not acknowledged"):
+            await asyncio.wait_for(relay.relay_once(), 5)
+        assert await relay.backlog() == 1
+    finally:
+        await nc.close()
+
+
+class FlakyProxy:
+    """A TCP proxy in front of NATS that can cut its connections or swallow what the server sends."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.swallow_replies = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> FlakyProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [client_w, server_w]
+        await asyncio.gather(
+            self._pump(client_r, server_w, from_server=False),
+            self._pump(server_r, client_w, from_server=True),
+            return_exceptions=True,
+        )
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_server: bool
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if not (from_server and self.swallow_replies):
+                    writer.write(data)
+                    await writer.drain()
+        writer.close()
+
+
+async def test_relay_survives_a_reconnect_and_a_lost_ack_times_out(
+    engine: AsyncEngine, clock: ManualClock, settings: Settings
+) -> None:
+    async def enqueue_one(payload: bytes) -> None:
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", payload)], clock.now())
+
+    async with FlakyProxy(int(settings.nats_url.rsplit(":", 1)[1])) as proxy:
+        bus = Bus(f"nats://127.0.0.1:{proxy.port}", "flaky")
+        await bus.connect()
+        try:
+            await bus.ensure_streams()
+            relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, ack_timeout_s=0.5)
+            await enqueue_one(b"before")
+            assert await relay.relay_once() == 1
+
+            async def reconnected(count: int) -> bool:
+                return bus.nc.is_connected and bus.nc.stats["reconnects"] >= count
+
+            # The connection drops: nats-py reconnects and re-subscribes the ack inbox.
+            proxy.cut()
+            await eventually(lambda: reconnected(1))
+            await enqueue_one(b"after reconnect")
+            assert await relay.relay_once() == 1
+
+            # The acks of a batch are lost: it fails within the timeout and stays unpublished.
+            proxy.swallow_replies = True
+            await enqueue_one(b"ack lost")
+            with pytest.raises(PublishError):
+                await asyncio.wait_for(relay.relay_once(), 5)
+            assert await relay.backlog() == 1
+            proxy.swallow_replies = False
+            proxy.cut()
+            await eventually(lambda: reconnected(2))
+            assert await relay.relay_once() == 1
+            assert await relay.backlog() == 0
+            assert await stream_messages(bus, "RV_PROFILE") == 3
+        finally:
+            await bus.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 import grpc
 import pytest
@@ -185,3 +186,42 @@ async def test_calls_are_logged_with_request_id_and_tenant_and_counted(clock: Ma
         "relevans_rpc_requests_total", {"service": "log-test", "method": "GetProfile", "code": "OK"}
     )
     assert (after or 0) - (before or 0) == 1
+
+
+async def test_a_cached_token_is_never_accepted_after_it_expires(clock: ManualClock) -> None:
+    servicer = SlowProfiles()
+    servicer.release.set()
+    host = make_host(servicer, clock)
+    async with host:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        token = mint_token(SECRET, "acme", ["read"], expires_at=clock.now() + timedelta(minutes=1))
+        for _ in range(2):  # the second call is answered from the token cache
+            reply = await stub.GetProfile(profile_pb2.GetProfileRequest(), metadata=bearer(token))
+            assert reply.profile.profile_id == "acme"
+        await clock.advance(timedelta(seconds=59))
+        await stub.GetProfile(profile_pb2.GetProfileRequest(), metadata=bearer(token))
+        await clock.advance(timedelta(seconds=1))
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await stub.GetProfile(profile_pb2.GetProfileRequest(), metadata=bearer(token))
+        assert expired.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # A forged token is rejected on every call and never cached.
+        forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.GetProfile(profile_pb2.GetProfileRequest(), metadata=bearer(forged))
+            assert bad.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await channel.close()
+
+
+def test_token_cache_is_bounded_and_evicts_the_oldest(clock: ManualClock) -> None:
+    guard = make_host(SlowProfiles(), clock)._guard
+    guard.TOKEN_CACHE_SIZE = 3
+    tokens = [mint_token(SECRET, f"t{i}", ["read"]) for i in range(5)]
+    for token in tokens:
+        who = guard._authenticate(f"Bearer {token}")
+        assert who is not None
+    assert list(guard._tokens) == tokens[2:]
+    assert guard._authenticate("Bearer rv1.forged.token") is None
+    assert guard._authenticate(f"Bearer {tokens[0][:-2]}xx") is None
+    assert list(guard._tokens) == tokens[2:]
