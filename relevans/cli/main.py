@@ -1,4 +1,4 @@
-"""The `relevans` command: up, serve, migrate, demo, token."""
+"""The `relevans` command: up, serve, migrate, demo, import, token."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--delay", type=_duration, default=timedelta(seconds=3), help="cart deadline (3s)")
     demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the email")
 
+    imp = sub.add_parser("import", help="import profiles from a CSV file (e.g. a nightly ticketing file)")
+    imp.add_argument("file", metavar="FILE.csv")
+    imp.add_argument("--tenant-token", help="bearer token with the ingest scope (default: RELEVANS_TOKEN)")
+    imp.add_argument("--target", help="profile's address (default: RELEVANS_PROFILE_TARGET)")
+    imp.add_argument("--source", default="csv-import", help="where the rows come from (csv-import)")
+    imp.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="COLUMN=FIELD",
+        dest="maps",
+        help="column to field: customer_id, email, first_name, last_name, phone, tag, "
+        "marketing_consent, trait:NAME or - (defaults: same names, show=tag, address=trait:address)",
+    )
+
     token = sub.add_parser("token", help="bearer tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     create = token_sub.add_parser("create", help="mint a token for a tenant")
@@ -81,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from relevans.cli.up import run_up
 
         return asyncio.run(run_up(settings, args.data_dir))
+    if args.command == "import":
+        from relevans.cli import import_csv
+
+        return import_csv.main(
+            args.file,
+            target=args.target or settings.profile_target,
+            token=args.tenant_token,
+            source=args.source,
+            maps=args.maps,
+        )
     if args.command == "demo":
         from relevans.cli.demo import run_demo
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +36,14 @@ from services.profile.domain import (
 )
 from services.profile.domain.identity import new_profile_id
 from services.profile.domain.ids import time_ordered_ids
-from services.profile.store import EventMessage, ProfileStore, TrackResult
+from services.profile.domain.imports import (
+    MAX_REPORTED_ERRORS,
+    RawImportRow,
+    validate_batch_size,
+    validate_rows,
+    validate_source,
+)
+from services.profile.store import EventMessage, ImportResult, ProfileStore, TrackResult
 
 SERVICE_NAME = "relevans.profile.v1.ProfileService"
 SCOPES = {
@@ -46,6 +53,7 @@ SCOPES = {
     "SetConsent": "ingest",
     "GetProfile": "read",
     "BatchGetProfiles": "read",
+    "ImportProfiles": "ingest",
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -242,6 +250,20 @@ def enriched_events(
     return build
 
 
+def raw_import_row(r: profile_pb2.ImportRow) -> RawImportRow:
+    return RawImportRow(
+        row_number=r.row_number,
+        customer_id=r.customer_id,
+        email=r.email,
+        first_name=r.first_name,
+        last_name=r.last_name,
+        phone=r.phone,
+        tags=tuple(r.tags),
+        traits=dict(r.traits),
+        consent=consent_input(r.marketing_email_consent) if r.HasField("marketing_email_consent") else None,
+    )
+
+
 # ---- the service ------------------------------------------------------------------------------
 
 
@@ -425,6 +447,52 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         ids = validate_profile_ids(list(request.profile_ids))
         found = await self.store.get_profiles(tenant, ids)
         return profile_pb2.BatchGetProfilesResponse(profiles=[profile_proto(p) for p in found])
+
+    async def ImportProfiles(
+        self, request_iterator: AsyncIterator[profile_pb2.ImportProfilesRequest], context: Context
+    ) -> profile_pb2.ImportProfilesResponse:
+        """Each message's valid rows are written in one transaction, in order; bad rows are
+        reported (the first MAX_REPORTED_ERRORS of them) and counted. While one message is
+        written the next is read and validated (one write at a time, so messages commit in order).
+        A message that fails ends the call; the messages before it stay imported."""
+        tenant = principal().tenant_id
+        response = profile_pb2.ImportProfilesResponse()
+        source: str | None = None
+        writing: asyncio.Task[ImportResult] | None = None
+
+        async def written() -> None:
+            if writing is not None:
+                result = await writing
+                response.rows_upserted += result.upserted
+                response.profiles_created += result.profiles_created
+                if result.consents_recorded:
+                    self.notify()
+
+        try:
+            async for request in request_iterator:
+                if source is None:
+                    source = validate_source(request.source)
+                validate_batch_size(len(request.rows))
+                now = self.clock.now()
+                rows, errors = validate_rows([raw_import_row(r) for r in request.rows], now, source)
+                response.rows_received += len(request.rows)
+                response.rows_failed += len(request.rows) - len(rows)
+                room = MAX_REPORTED_ERRORS - len(response.errors)
+                response.errors.extend(
+                    profile_pb2.ImportRowError(row_number=e.row_number, field=e.field, reason=e.reason)
+                    for e in errors[: max(room, 0)]
+                )
+                await written()
+                writing = asyncio.create_task(
+                    self.store.import_rows(tenant, rows, now, make_profile_id=new_profile_id)
+                )
+            await written()
+            writing = None
+        finally:
+            if writing is not None and not writing.done():
+                # the call failed or went away: a write that started finishes all the same
+                await asyncio.gather(writing, return_exceptions=True)
+        return response
 
 
 def binding(servicer: ProfileServicer) -> ServiceBinding:

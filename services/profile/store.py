@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -51,6 +50,7 @@ from services.profile.domain import (
     plan_identify,
     plan_track,
 )
+from services.profile.domain.imports import BACKEND, ImportPlan, ImportRow, consent_changes, plan_import
 
 T = TypeVar("T")
 TZ = sa.DateTime(timezone=True)
@@ -65,6 +65,9 @@ profiles = sa.Table(
     sa.Column("customer_id", sa.Text),
     sa.Column("email", sa.Text),
     sa.Column("first_name", sa.Text),
+    sa.Column("last_name", sa.Text),
+    # E.164.
+    sa.Column("phone", sa.Text),
     # Set when this (shadow) profile was merged into another one.
     sa.Column("merged_into", sa.Text),
     sa.Column("created_at", TZ, nullable=False),
@@ -141,6 +144,29 @@ consents = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("evidence", sa.Text, nullable=False),
     sa.Column("recorded_at", TZ, nullable=False),
+)
+
+profile_tags = sa.Table(
+    "profile_tags",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("tag", sa.Text, primary_key=True),
+    sa.Column("created_at", TZ, nullable=False),
+    sa.Index("profile_tags_tag", "tenant_id", "tag"),
+)
+
+profile_traits = sa.Table(
+    "profile_traits",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    # declared, backend or behavioural; the same trait may be held from several sources.
+    sa.Column("source", sa.Text, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+    sa.CheckConstraint("source IN ('declared', 'backend', 'behavioural')", name="profile_traits_source"),
 )
 
 outbox = outbox_table(metadata)
@@ -298,6 +324,91 @@ FROM profiles s
 WHERE t.tenant_id = :tenant AND t.profile_id = :to_id AND s.tenant_id = :tenant AND s.profile_id = :from_id
 """)
 
+# Import: upsert the batch's profiles; a field the batch leaves empty (None) stays as it is, and
+# a profile the batch changes nothing of is not touched (re-importing a file writes nothing).
+_IMPORT_PROFILES = sa.text("""
+INSERT INTO profiles AS p
+    (tenant_id, profile_id, customer_id, email, first_name, last_name, phone, created_at, updated_at)
+SELECT :tenant, u.profile_id, u.customer_id, u.email, u.first_name, u.last_name, u.phone, :now, :now
+FROM unnest(CAST(:ids AS text[]), CAST(:customer_ids AS text[]), CAST(:emails AS text[]),
+            CAST(:first_names AS text[]), CAST(:last_names AS text[]), CAST(:phones AS text[]))
+     AS u(profile_id, customer_id, email, first_name, last_name, phone)
+ORDER BY u.profile_id
+ON CONFLICT (tenant_id, profile_id) DO UPDATE
+SET customer_id = coalesce(p.customer_id, excluded.customer_id),
+    email = coalesce(p.email, excluded.email),
+    first_name = coalesce(excluded.first_name, p.first_name),
+    last_name = coalesce(excluded.last_name, p.last_name),
+    phone = coalesce(excluded.phone, p.phone),
+    updated_at = excluded.updated_at
+WHERE (p.customer_id IS NULL AND excluded.customer_id IS NOT NULL)
+   OR (p.email IS NULL AND excluded.email IS NOT NULL)
+   OR coalesce(excluded.first_name, p.first_name) IS DISTINCT FROM p.first_name
+   OR coalesce(excluded.last_name, p.last_name) IS DISTINCT FROM p.last_name
+   OR coalesce(excluded.phone, p.phone) IS DISTINCT FROM p.phone
+""")
+
+_IMPORT_TAGS = sa.text("""
+INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
+SELECT :tenant, t.profile_id, t.tag, :now
+FROM unnest(CAST(:ids AS text[]), CAST(:tags AS text[])) AS t(profile_id, tag)
+ORDER BY t.profile_id, t.tag
+ON CONFLICT DO NOTHING
+""")
+
+_IMPORT_TRAITS = sa.text("""
+INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
+SELECT :tenant, u.profile_id, u.name, :source, u.value, :now
+FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
+ORDER BY u.profile_id, u.name
+ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
+SET value = excluded.value, updated_at = excluded.updated_at
+WHERE t.value IS DISTINCT FROM excluded.value
+""")
+
+# The consent ledger and its current view, for any number of (profile, decision) pairs: one
+# statement each, whatever their number (see `_consent_columns`).
+_CONSENT_ROWS = """
+FROM unnest(CAST(:profile_ids AS text[]), CAST(:purposes AS text[]), CAST(:channels AS text[]),
+            CAST(:statuses AS text[]), CAST(:sources AS text[]), CAST(:evidences AS text[]),
+            CAST(:recorded AS timestamptz[]))
+     WITH ORDINALITY AS u(profile_id, purpose, channel, status, source, evidence, recorded_at, ord)
+"""
+_APPEND_LEDGER = sa.text(f"""
+INSERT INTO consent_ledger (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
+SELECT :tenant, u.profile_id, u.purpose, u.channel, u.status, u.source, u.evidence, u.recorded_at
+{_CONSENT_ROWS}
+ORDER BY u.ord
+""")
+_UPSERT_CONSENTS = sa.text(f"""
+INSERT INTO consents AS c (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
+SELECT :tenant, u.profile_id, u.purpose, u.channel, u.status, u.source, u.evidence, u.recorded_at
+{_CONSENT_ROWS}
+ORDER BY u.profile_id, u.purpose, u.channel
+ON CONFLICT (tenant_id, profile_id, purpose, channel) DO UPDATE
+SET status = excluded.status, source = excluded.source, evidence = excluded.evidence,
+    recorded_at = excluded.recorded_at
+""")
+
+_CURRENT_STATUSES = sa.text("""
+SELECT profile_id, purpose, channel, status FROM consents
+WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
+""")
+
+_TOUCH_PROFILES = sa.text("""
+UPDATE profiles SET updated_at = :now
+WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
+""")
+
+
+@dataclass(slots=True)
+class ImportResult:
+    # Rows written (including those that changed nothing).
+    upserted: int
+    profiles_created: int
+    # Consent decisions recorded (and ConsentChanged messages enqueued).
+    consents_recorded: int
+
 
 @dataclass(slots=True)
 class TrackResult:
@@ -322,6 +433,19 @@ def _sqlstate(exc: DBAPIError) -> str | None:
         if code:
             return str(code)
     return None
+
+
+def _consent_columns(decisions: Sequence[tuple[str, Consent]]) -> dict[str, list[Any]]:
+    """(profile id, decision) pairs as the array parameters of `_CONSENT_ROWS`."""
+    return {
+        "profile_ids": [pid for pid, _ in decisions],
+        "purposes": [c.purpose for _, c in decisions],
+        "channels": [c.channel for _, c in decisions],
+        "statuses": [c.status for _, c in decisions],
+        "sources": [c.source for _, c in decisions],
+        "evidences": [c.evidence for _, c in decisions],
+        "recorded": [c.recorded_at for _, c in decisions],
+    }
 
 
 def _parse_consents(raw: Any) -> tuple[Consent, ...]:
@@ -663,54 +787,112 @@ class ProfileStore:
         self, conn: AsyncConnection, tenant: str, profile_id: str, decisions: Sequence[Consent]
     ) -> list[OutboxMessage]:
         """Append to the ledger, update the current view; the ConsentChanged messages to enqueue."""
+        return await self._record_consent_decisions(conn, tenant, [(profile_id, c) for c in decisions])
+
+    async def _record_consent_decisions(
+        self, conn: AsyncConnection, tenant: str, decisions: Sequence[tuple[str, Consent]]
+    ) -> list[OutboxMessage]:
+        """`_record_consents` for (profile id, decision) pairs of any number of profiles."""
         if not decisions:
             return []
-        await conn.execute(
-            consent_ledger.insert(),
-            [
-                {
-                    "tenant_id": tenant,
-                    "profile_id": profile_id,
-                    "purpose": c.purpose,
-                    "channel": c.channel,
-                    "status": c.status,
-                    "source": c.source,
-                    "evidence": c.evidence,
-                    "recorded_at": c.recorded_at,
+        await conn.execute(_APPEND_LEDGER, {"tenant": tenant, **_consent_columns(decisions)})
+        by_profile: dict[str, list[Consent]] = {}
+        for profile_id, c in decisions:
+            by_profile.setdefault(profile_id, []).append(c)
+        latest = [(pid, c) for pid in sorted(by_profile) for c in current_view(by_profile[pid])]
+        await conn.execute(_UPSERT_CONSENTS, {"tenant": tenant, **_consent_columns(latest)})
+        return [
+            OutboxMessage(CONSENT_SUBJECT, self.consent_message(tenant, profile_id, c))
+            for profile_id, c in decisions
+        ]
+
+    # ---- import ---------------------------------------------------------------------------------
+
+    async def import_rows(
+        self, tenant: str, rows: Sequence[ImportRow], now: datetime, *, make_profile_id: Callable[[], str]
+    ) -> ImportResult:
+        """Upsert the valid rows of one batch in one transaction (see `plan_import`): profiles by
+        customer_id, else email; tags; backend traits; consent decisions that change the current
+        view go to the ledger with a ConsentChanged message, unchanged ones are skipped."""
+        if not rows:
+            return ImportResult(0, 0, 0)
+
+        async def work(conn: AsyncConnection) -> ImportResult:
+            keys = list(dict.fromkeys(k for row in rows for k in row.identifiers()))
+            if len(rows) >= CUSTOM_PLAN_MIN_EVENTS:
+                await conn.execute(_CUSTOM_PLANS)
+            bound = await self._resolve(conn, tenant, keys, lock=True)
+            plan = plan_import(rows, {k: s.profile_id for k, s in bound.items()}, make_profile_id)
+            await self._write_import(conn, tenant, plan, now)
+            changes: list[tuple[str, Consent]] = []
+            if plan.consents:
+                ids = sorted({pid for pid, _ in plan.consents})
+                current = {
+                    (r.profile_id, r.purpose, r.channel): r.status
+                    for r in await conn.execute(_CURRENT_STATUSES, {"tenant": tenant, "ids": ids})
                 }
-                for c in decisions
-            ],
-        )
-        latest = current_view(decisions)
-        upsert = pg_insert(consents).values(
-            [
+                changes = consent_changes(current, plan.consents)
+            if changes:
+                msgs = await self._record_consent_decisions(conn, tenant, changes)
+                touched = sorted({pid for pid, _ in changes})
+                await conn.execute(_TOUCH_PROFILES, {"tenant": tenant, "ids": touched, "now": now})
+                await enqueue(conn, outbox, msgs, now)
+            return ImportResult(len(rows), plan.created, len(changes))
+
+        return await self._transaction(work)
+
+    async def _write_import(
+        self, conn: AsyncConnection, tenant: str, plan: ImportPlan, now: datetime
+    ) -> None:
+        if plan.bind:
+            won = await conn.execute(
+                _BIND,
                 {
-                    "tenant_id": tenant,
-                    "profile_id": profile_id,
-                    "purpose": c.purpose,
-                    "channel": c.channel,
-                    "status": c.status,
-                    "source": c.source,
-                    "evidence": c.evidence,
-                    "recorded_at": c.recorded_at,
-                }
-                for c in latest
-            ]
-        )
-        await conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=["tenant_id", "profile_id", "purpose", "channel"],
-                set_={
-                    "status": upsert.excluded.status,
-                    "source": upsert.excluded.source,
-                    "evidence": upsert.excluded.evidence,
-                    "recorded_at": upsert.excluded.recorded_at,
+                    "tenant": tenant,
+                    "now": now,
+                    "kinds": [k for k, _, _ in plan.bind],
+                    "vals": [v for _, v, _ in plan.bind],
+                    "profile_ids": [p for _, _, p in plan.bind],
                 },
             )
+            if len(won.all()) < len(plan.bind):
+                raise _Conflict  # a concurrent call bound one first: plan again against it
+        ps = plan.profiles
+        await conn.execute(
+            _IMPORT_PROFILES,
+            {
+                "tenant": tenant,
+                "now": now,
+                "ids": [p.profile_id for p in ps],
+                "customer_ids": [p.customer_id for p in ps],
+                "emails": [p.email for p in ps],
+                "first_names": [p.first_name for p in ps],
+                "last_names": [p.last_name for p in ps],
+                "phones": [p.phone for p in ps],
+            },
         )
-        return [
-            OutboxMessage(CONSENT_SUBJECT, self.consent_message(tenant, profile_id, c)) for c in decisions
-        ]
+        if plan.tags:
+            await conn.execute(
+                _IMPORT_TAGS,
+                {
+                    "tenant": tenant,
+                    "now": now,
+                    "ids": [p for p, _ in plan.tags],
+                    "tags": [t for _, t in plan.tags],
+                },
+            )
+        if plan.traits:
+            await conn.execute(
+                _IMPORT_TRAITS,
+                {
+                    "tenant": tenant,
+                    "now": now,
+                    "source": BACKEND,
+                    "ids": [p for p, _ in plan.traits],
+                    "names": [n for _, n in plan.traits],
+                    "vals": list(plan.traits.values()),
+                },
+            )
 
     async def set_consent(self, tenant: str, profile_id: str, consent: Consent, now: datetime) -> Profile:
         """Record one consent decision for an existing profile (NotFound otherwise)."""

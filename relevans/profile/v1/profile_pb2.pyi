@@ -473,3 +473,172 @@ class BatchGetProfilesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchGetProfilesResponse: _TypeAlias = BatchGetProfilesResponse  # noqa: Y015
+
+@_typing.final
+class ImportRow(_message.Message):
+    """ImportRow is one profile of an import, e.g. one line of a CSV file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROW_NUMBER_FIELD_NUMBER: _builtins.int
+    CUSTOMER_ID_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    FIRST_NAME_FIELD_NUMBER: _builtins.int
+    LAST_NAME_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
+    MARKETING_EMAIL_CONSENT_FIELD_NUMBER: _builtins.int
+    row_number: _builtins.int
+    """Position of the row in the source (e.g. the CSV line number), echoed in errors."""
+    customer_id: _builtins.str
+    """The stable key: customer_id when set, else email. At least one is required."""
+    email: _builtins.str
+    first_name: _builtins.str
+    """Left unchanged when empty."""
+    last_name: _builtins.str
+    phone: _builtins.str
+    """Any format phonenumbers understands; stored as E.164. Left unchanged when empty."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Added to the profile's tags (case-folded), e.g. the show bought."""
+
+    @_builtins.property
+    def traits(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Backend traits (lower_snake_case names, values at most 1 KiB), e.g. vip_tier."""
+
+    @_builtins.property
+    def marketing_email_consent(self) -> Global___ConsentInput:
+        """Marketing consent for email, when the source knows it."""
+
+    def __init__(
+        self,
+        *,
+        row_number: _builtins.int = ...,
+        customer_id: _builtins.str = ...,
+        email: _builtins.str = ...,
+        first_name: _builtins.str = ...,
+        last_name: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        traits: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        marketing_email_consent: Global___ConsentInput | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_marketing_email_consent", b"_marketing_email_consent", "marketing_email_consent", b"marketing_email_consent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_marketing_email_consent", b"_marketing_email_consent", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "last_name", b"last_name", "marketing_email_consent", b"marketing_email_consent", "phone", b"phone", "row_number", b"row_number", "tags", b"tags", "traits", b"traits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__marketing_email_consent: _TypeAlias = _typing.Literal["marketing_email_consent"]  # noqa: Y015
+    _WhichOneofArgType__marketing_email_consent: _TypeAlias = _typing.Literal["_marketing_email_consent", b"_marketing_email_consent"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__marketing_email_consent) -> _WhichOneofReturnType__marketing_email_consent | None: ...
+
+Global___ImportRow: _TypeAlias = ImportRow  # noqa: Y015
+
+@_typing.final
+class ImportProfilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where the rows come from, e.g. ticketing-nightly; read from the first message only."""
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportRow]:
+        """At most 1,000 rows per message."""
+
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        rows: _abc.Iterable[Global___ImportRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProfilesRequest: _TypeAlias = ImportProfilesRequest  # noqa: Y015
+
+@_typing.final
+class ImportRowError(_message.Message):
+    """ImportRowError says why one row was not imported."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_NUMBER_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    row_number: _builtins.int
+    field: _builtins.str
+    """The offending field of the row, e.g. email, phone, tags[0], traits.vip_tier."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        row_number: _builtins.int = ...,
+        field: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "reason", b"reason", "row_number", b"row_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportRowError: _TypeAlias = ImportRowError  # noqa: Y015
+
+@_typing.final
+class ImportProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_RECEIVED_FIELD_NUMBER: _builtins.int
+    ROWS_UPSERTED_FIELD_NUMBER: _builtins.int
+    ROWS_FAILED_FIELD_NUMBER: _builtins.int
+    PROFILES_CREATED_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    rows_received: _builtins.int
+    rows_upserted: _builtins.int
+    """Rows written (including rows that changed nothing)."""
+    rows_failed: _builtins.int
+    profiles_created: _builtins.int
+    @_builtins.property
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportRowError]:
+        """Why rows failed, in order; at most the first 1,000 (rows_failed counts them all)."""
+
+    def __init__(
+        self,
+        *,
+        rows_received: _builtins.int = ...,
+        rows_upserted: _builtins.int = ...,
+        rows_failed: _builtins.int = ...,
+        profiles_created: _builtins.int = ...,
+        errors: _abc.Iterable[Global___ImportRowError] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["errors", b"errors", "profiles_created", b"profiles_created", "rows_failed", b"rows_failed", "rows_received", b"rows_received", "rows_upserted", b"rows_upserted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportProfilesResponse: _TypeAlias = ImportProfilesResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class ProfileServiceStub:
                 request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.SerializeToString,
                 response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.FromString,
                 _registered_method=True)
+        self.ImportProfiles = channel.stream_unary(
+                '/relevans.profile.v1.ProfileService/ImportProfiles',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -113,6 +118,16 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportProfiles(self, request_iterator, context):
+        """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
+        Each message's valid rows are written in one transaction, in order; an invalid row is
+        reported in `errors` and skipped without stopping the import. Re-running the same rows
+        changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +160,11 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.BatchGetProfiles,
                     request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.FromString,
                     response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.SerializeToString,
+            ),
+            'ImportProfiles': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportProfiles,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +330,33 @@ class ProfileService:
             '/relevans.profile.v1.ProfileService/BatchGetProfiles',
             relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesRequest.SerializeToString,
             relevans_dot_profile_dot_v1_dot_profile__pb2.BatchGetProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportProfiles(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/relevans.profile.v1.ProfileService/ImportProfiles',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

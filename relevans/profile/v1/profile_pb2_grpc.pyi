@@ -45,6 +45,12 @@ class ProfileServiceStub:
     """GetProfile returns one profile by id or identifier."""
     BatchGetProfiles: _grpc.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]
     """BatchGetProfiles returns the current state of many profiles (used at send time)."""
+    ImportProfiles: _grpc.StreamUnaryMultiCallable[_profile_pb2.ImportProfilesRequest, _profile_pb2.ImportProfilesResponse]
+    """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
+    Each message's valid rows are written in one transaction, in order; an invalid row is
+    reported in `errors` and skipped without stopping the import. Re-running the same rows
+    changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+    """
 
 @_typing.type_check_only
 class ProfileServiceAsyncStub(ProfileServiceStub):
@@ -63,6 +69,12 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """GetProfile returns one profile by id or identifier."""
     BatchGetProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.BatchGetProfilesRequest, _profile_pb2.BatchGetProfilesResponse]  # type: ignore[assignment]
     """BatchGetProfiles returns the current state of many profiles (used at send time)."""
+    ImportProfiles: _aio.StreamUnaryMultiCallable[_profile_pb2.ImportProfilesRequest, _profile_pb2.ImportProfilesResponse]  # type: ignore[assignment]
+    """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
+    Each message's valid rows are written in one transaction, in order; an invalid row is
+    reported in `errors` and skipped without stopping the import. Re-running the same rows
+    changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+    """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProfileService owns people: their events, identities, traits and consent."""
@@ -114,5 +126,17 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.BatchGetProfilesResponse, _abc.Awaitable[_profile_pb2.BatchGetProfilesResponse]]:
         """BatchGetProfiles returns the current state of many profiles (used at send time)."""
+
+    @_abc_1.abstractmethod
+    def ImportProfiles(
+        self,
+        request_iterator: _MaybeAsyncIterator[_profile_pb2.ImportProfilesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ImportProfilesResponse, _abc.Awaitable[_profile_pb2.ImportProfilesResponse]]:
+        """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
+        Each message's valid rows are written in one transaction, in order; an invalid row is
+        reported in `errors` and skipped without stopping the import. Re-running the same rows
+        changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+        """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,309 @@
+"""Bulk import of profiles (the nightly ticketing file): row validation and the upsert plan.
+
+An import is a stream of batches of rows. Each row is checked on its own: a bad row is
+reported as `RowError`s (row number, field, reason) and skipped, and the rest of the
+import goes on. A valid row is keyed by its customer_id, else its email; `plan_import`
+says, for the rows of one batch and the identifiers already bound, which profile each
+row lands on, which profiles and identifiers are new, and what to write. Pure: the store
+reads, asks for a plan, then writes it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import phonenumbers
+
+from relevans.kit.errors import Violations
+from services.profile.domain.consent import Consent, ConsentInput, check_consent
+from services.profile.domain.events import MAX_ID_CHARS, check_email, check_id, check_text
+from services.profile.domain.identity import CUSTOMER_ID, EMAIL, MAX_FIRST_NAME_CHARS, Key
+
+MAX_IMPORT_ROWS = 1000
+# Errors a response lists; every failed row is counted all the same.
+MAX_REPORTED_ERRORS = 1000
+MAX_SOURCE_CHARS = 64
+MAX_NAME_CHARS = MAX_FIRST_NAME_CHARS
+MAX_PHONE_CHARS = 64
+MAX_TAGS_PER_ROW = 100
+MAX_TRAITS_PER_ROW = 100
+MAX_TRAIT_VALUE_BYTES = 1024
+TAG_RE = re.compile(r"^[a-z0-9][a-z0-9 _.:-]{0,99}$")
+TRAIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+DEFAULT_SOURCE = "import"
+BACKEND = "backend"
+
+
+@dataclass(frozen=True, slots=True)
+class RawImportRow:
+    """One row as the client sent it, before any check."""
+
+    row_number: int
+    customer_id: str = ""
+    email: str = ""
+    first_name: str = ""
+    last_name: str = ""
+    phone: str = ""
+    tags: tuple[str, ...] = ()
+    traits: Mapping[str, str] = field(default_factory=dict)
+    # Marketing email consent; purpose and channel may be left unspecified.
+    consent: ConsentInput | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRow:
+    """A valid row: email normalised, phone in E.164, tags case-folded; None means unchanged."""
+
+    row_number: int
+    customer_id: str | None
+    email: str | None
+    first_name: str | None
+    last_name: str | None
+    phone: str | None
+    tags: tuple[str, ...]
+    traits: Mapping[str, str]
+    consent: Consent | None
+
+    def identifiers(self) -> list[Key]:
+        """Its identifiers, the stable key first: customer_id, then email."""
+        keys: list[Key] = []
+        if self.customer_id:
+            keys.append((CUSTOMER_ID, self.customer_id))
+        if self.email:
+            keys.append((EMAIL, self.email))
+        return keys
+
+
+@dataclass(frozen=True, slots=True)
+class RowError:
+    row_number: int
+    field: str
+    reason: str
+
+
+def validate_source(source: str) -> str:
+    """The import's source, e.g. ticketing-nightly (DEFAULT_SOURCE when empty)."""
+    v = Violations()
+    check_text(source, "source", v, MAX_SOURCE_CHARS)
+    v.raise_if_any()
+    return source or DEFAULT_SOURCE
+
+
+def validate_batch_size(n: int) -> None:
+    if n > MAX_IMPORT_ROWS:
+        v = Violations()
+        v.add("rows", f"at most {MAX_IMPORT_ROWS} rows per message, got {n}")
+        v.raise_if_any()
+
+
+def normalize_tag(value: str) -> str | None:
+    """The case-folded, trimmed tag, or None when it is not a valid tag."""
+    tag = " ".join(value.split()).casefold()
+    return tag if TAG_RE.match(tag) else None
+
+
+def normalize_phone(value: str) -> tuple[str | None, str]:
+    """The number in E.164 (+46701234567), or None and why not. International format only."""
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        return (
+            None,
+            f"is not a valid phone number: {exc._msg}; use the international format, e.g. +46701234567",
+        )
+    if not phonenumbers.is_valid_number(number):
+        return None, "is not a valid phone number"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
+
+
+def _consent(raw: ConsentInput, now: datetime, source: str, row_number: int, v: Violations) -> Consent | None:
+    prefix = "marketing_email_consent"
+    before = len(v.items)
+    purpose = "marketing" if raw.purpose in ("", "unspecified") else raw.purpose
+    channel = "email" if raw.channel in ("", "unspecified") else raw.channel
+    if purpose != "marketing":
+        v.add(f"{prefix}.purpose", "must be marketing (or left unspecified)")
+    if channel != "email":
+        v.add(f"{prefix}.channel", "must be email (or left unspecified)")
+    evidence = raw.evidence or f"{source} row {row_number}"
+    checked = ConsentInput(purpose, channel, raw.status, raw.source, evidence)
+    consent = check_consent(checked, prefix, now, v, default_source=source)
+    return consent if len(v.items) == before else None
+
+
+def validate_row(raw: RawImportRow, now: datetime, source: str) -> tuple[ImportRow | None, list[RowError]]:
+    """The valid row, or None and every reason it is not (a row is all or nothing)."""
+    v = Violations()
+    customer_id = check_id(raw.customer_id.strip(), "customer_id", v, MAX_ID_CHARS)
+    email = check_email(raw.email.strip(), "email", v) if raw.email.strip() else None
+    if not raw.customer_id.strip() and not raw.email.strip():
+        v.add("customer_id", "customer_id or email is required")
+    names: list[str | None] = []
+    for name, value in (("first_name", raw.first_name), ("last_name", raw.last_name)):
+        value = value.strip()
+        check_text(value, name, v, MAX_NAME_CHARS)
+        names.append(value or None)
+    phone: str | None = None
+    if raw.phone.strip():
+        if len(raw.phone) > MAX_PHONE_CHARS:
+            v.add("phone", f"must be at most {MAX_PHONE_CHARS} characters")
+        else:
+            phone, why = normalize_phone(raw.phone.strip())
+            if phone is None:
+                v.add("phone", why)
+    tags: dict[str, None] = {}
+    if len(raw.tags) > MAX_TAGS_PER_ROW:
+        v.add("tags", f"at most {MAX_TAGS_PER_ROW} tags per row, got {len(raw.tags)}")
+    else:
+        for i, value in enumerate(raw.tags):
+            tag = normalize_tag(value)
+            if tag is None:
+                v.add(
+                    f"tags[{i}]",
+                    "must be 1-100 of a-z, 0-9, space, _ . : - (starting with a letter or digit)",
+                )
+            else:
+                tags[tag] = None
+    traits: dict[str, str] = {}
+    if len(raw.traits) > MAX_TRAITS_PER_ROW:
+        v.add("traits", f"at most {MAX_TRAITS_PER_ROW} traits per row, got {len(raw.traits)}")
+    else:
+        for name, value in sorted(raw.traits.items()):
+            if not TRAIT_NAME_RE.match(name):
+                v.add(f"traits.{name[:64]}", "name must be lower_snake_case: a-z, 0-9, _ (at most 64)")
+            elif len(value.encode()) > MAX_TRAIT_VALUE_BYTES:
+                v.add(f"traits.{name}", f"value must be at most {MAX_TRAIT_VALUE_BYTES} bytes")
+            elif "\x00" in value:
+                v.add(f"traits.{name}", "must not contain NUL characters")
+            else:
+                traits[name] = value
+    consent = _consent(raw.consent, now, source, raw.row_number, v) if raw.consent is not None else None
+    if v:
+        return None, [RowError(raw.row_number, x.field, x.description) for x in v.items]
+    return (
+        ImportRow(
+            row_number=raw.row_number,
+            customer_id=customer_id,
+            email=email,
+            first_name=names[0],
+            last_name=names[1],
+            phone=phone,
+            tags=tuple(tags),
+            traits=traits,
+            consent=consent,
+        ),
+        [],
+    )
+
+
+def validate_rows(
+    raws: Sequence[RawImportRow], now: datetime, source: str
+) -> tuple[list[ImportRow], list[RowError]]:
+    """The valid rows of a batch, in order, and the errors of the others."""
+    rows: list[ImportRow] = []
+    errors: list[RowError] = []
+    for raw in raws:
+        row, row_errors = validate_row(raw, now, source)
+        if row is not None:
+            rows.append(row)
+        errors += row_errors
+    return rows, errors
+
+
+@dataclass(slots=True)
+class ProfileUpsert:
+    """What a batch writes to one profile; None leaves a field as it is."""
+
+    profile_id: str
+    new: bool
+    customer_id: str | None = None
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    phone: str | None = None
+
+
+@dataclass
+class ImportPlan:
+    # In profile id order.
+    profiles: list[ProfileUpsert]
+    # Identifiers to bind: (kind, value, profile id).
+    bind: list[tuple[str, str, str]]
+    tags: list[tuple[str, str]]
+    # (profile id, trait name) -> value; the last row wins.
+    traits: dict[tuple[str, str], str]
+    # Consent decisions per profile, in row order.
+    consents: list[tuple[str, Consent]]
+
+    @property
+    def created(self) -> int:
+        return sum(1 for p in self.profiles if p.new)
+
+
+def plan_import(
+    rows: Sequence[ImportRow], bound: Mapping[Key, str], make_profile_id: Callable[[], str]
+) -> ImportPlan:
+    """Which profile each row lands on and what the batch writes.
+
+    A row lands on the profile of its customer_id, else of its email, else on a new profile;
+    its identifiers not bound yet are bound to that profile (an identifier bound to another
+    profile stays where it is). Within a batch a later row's fields win over an earlier's.
+    """
+    owner = dict(bound)
+    upserts: dict[str, ProfileUpsert] = {}
+    bind: list[tuple[str, str, str]] = []
+    tags: dict[tuple[str, str], None] = {}
+    traits: dict[tuple[str, str], str] = {}
+    consents: list[tuple[str, Consent]] = []
+    for row in rows:
+        keys = row.identifiers()
+        pid = next((owner[k] for k in keys if k in owner), None)
+        if pid is None:
+            pid = make_profile_id()
+            upserts[pid] = ProfileUpsert(pid, new=True)
+        up = upserts.get(pid)
+        if up is None:
+            up = upserts[pid] = ProfileUpsert(pid, new=False)
+        for kind, value in keys:
+            if (kind, value) not in owner:
+                owner[(kind, value)] = pid
+                bind.append((kind, value, pid))
+                if kind == CUSTOMER_ID:
+                    up.customer_id = up.customer_id or value
+                else:
+                    up.email = up.email or value
+        up.first_name = row.first_name or up.first_name
+        up.last_name = row.last_name or up.last_name
+        up.phone = row.phone or up.phone
+        for tag in row.tags:
+            tags[(pid, tag)] = None
+        for name, value in row.traits.items():
+            traits[(pid, name)] = value
+        if row.consent is not None:
+            consents.append((pid, row.consent))
+    return ImportPlan(
+        profiles=[upserts[p] for p in sorted(upserts)],
+        bind=sorted(bind),
+        tags=sorted(tags),
+        traits=traits,
+        consents=consents,
+    )
+
+
+def consent_changes(
+    current: Mapping[tuple[str, str, str], str], decisions: Sequence[tuple[str, Consent]]
+) -> list[tuple[str, Consent]]:
+    """The decisions that change something: `current` maps (profile id, purpose, channel) to the
+    current status; a decision with the status already current is dropped, so re-importing the
+    same file adds nothing to the consent ledger."""
+    status = dict(current)
+    changes = []
+    for pid, c in decisions:
+        key = (pid, c.purpose, c.channel)
+        if status.get(key) != c.status:
+            status[key] = c.status
+            changes.append((pid, c))
+    return changes
