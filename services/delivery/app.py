@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from relevans.kit.clock import Clock
+from relevans.kit.erasure import erasure_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -16,6 +17,7 @@ from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore, outbox
 
 SERVICE = "delivery"
+ERASURE_DURABLE = "delivery-erasure"
 
 
 def new_message_id() -> str:
@@ -39,5 +41,18 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     )
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
+    host.add_worker(
+        ERASURE_DURABLE,
+        erasure_consumer(
+            rt.bus,
+            service=SERVICE,
+            durable=ERASURE_DURABLE,
+            engine=rt.engine,
+            outbox=outbox,
+            purge=store.purge_people,
+            clock=clock,
+            notify=rt.relay.notify,
+        ).run,
+    )
     host.add_closer(profiles.close)
     return host

@@ -63,7 +63,7 @@ from services.delivery.domain import (
     redelivery,
     request_problem,
 )
-from services.delivery.domain.decision import MAX_IDEMPOTENCY_KEY_CHARS
+from services.delivery.domain.decision import ERASED, MAX_IDEMPOTENCY_KEY_CHARS, SUPPRESSED, Decision
 from services.delivery.profiles import ProfileClient, ProfileLookupError
 from services.delivery.sender import OutgoingMail, SendOutcome, SmtpSender
 from services.delivery.store import DeliveryStore, Key, MessageRow, StatusUpdate
@@ -257,6 +257,11 @@ class DeliveryWorker:
             # 1. what is left to do: final rows are done, a row left `sending` is failed
             async with conn.begin():
                 existing = await self.store.load_rows(conn, [r.key for r in mine])
+                gone = await self.store.erased(conn, [(r.tenant_id, r.profile_id) for r in mine])
+            if gone:
+                kept = [r for r in mine if (r.tenant_id, r.profile_id) not in gone]
+                log.info("requests for erased people dropped", count=len(mine) - len(kept))
+                mine = kept
             done: list[_Outcome] = []
             todo: list[DeliveryRequest] = []
             for r in mine:
@@ -286,17 +291,27 @@ class DeliveryWorker:
                     conn, [(r, self.make_id()) for r in new], [dict(r.variables) for r in new], now
                 )
                 rows = await self.store.load_rows(conn, [r.key for r in todo])
+                decisions: dict[Key, Decision] = {}
                 for r in todo:
-                    row = rows[r.key]
                     if r.tenant_id in unavailable and request_problem(r) is None:
-                        decided.append(self._transient(r, row, unavailable[r.tenant_id]))
                         continue
-                    decision = decide(
+                    decisions[r.key] = decide(
                         r,
                         views.get((r.tenant_id, r.profile_id)),
                         templates.get((r.tenant_id, r.template_id)),
                         self.renderer,
                     )
+                erased = await self.store.suppressed(
+                    conn, {(k[0], d.recipient) for k, d in decisions.items() if isinstance(d, Send)}
+                )
+                for r in todo:
+                    row = rows[r.key]
+                    if r.key not in decisions:
+                        decided.append(self._transient(r, row, unavailable[r.tenant_id]))
+                        continue
+                    decision = decisions[r.key]
+                    if isinstance(decision, Send) and (r.tenant_id, decision.recipient) in erased:
+                        decision = Final(SUPPRESSED, ERASED)
                     if isinstance(decision, Send):
                         mail = self._compose(row, decision, now)
                         if isinstance(mail, OutgoingMail):

@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.delivery.domain import (
@@ -39,6 +40,7 @@ from services.delivery.domain import (
     StatusChange,
     Template,
 )
+from services.delivery.domain.decision import ERASED
 
 log = structlog.get_logger(__name__)
 
@@ -99,7 +101,33 @@ history = sa.Table(
     sa.Column("at", TZ, nullable=False),
 )
 
+# GDPR: the sha256 hex of each identifier of an erased person; a message to one is suppressed.
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("value_hash", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+)
+
+# GDPR: erased people (a random profile id, nothing personal); a request for one that arrives
+# after the erasure is dropped without a trace.
+erased_profiles = sa.Table(
+    "erased_profiles",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("erased_at", TZ, nullable=False),
+)
+
 outbox = outbox_table(metadata)
+
+
+def address_hash(address: str) -> str:
+    """The sha256 hex of an address as profile normalises it (lower-cased), as in ProfileErased."""
+    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
+
 
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
 TemplateKey = tuple[str, str]  # (tenant_id, template_id)
@@ -175,6 +203,69 @@ _UPDATE_STATUS = (
 class DeliveryStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+
+    # ---- GDPR ---------------------------------------------------------------------------------
+
+    async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
+        """Delete the messages (and their status history) of erased people and suppress their
+        identifiers, in the caller's transaction."""
+        people = sorted({(e.tenant_id, e.profile_id) for e in erased})
+        await conn.execute(
+            pg_insert(erased_profiles)
+            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in people])
+            .on_conflict_do_nothing()
+        )
+        for e in sorted(erased, key=lambda e: (e.tenant_id, e.profile_id)):
+            ids = (
+                sa.select(messages.c.message_id)
+                .where(messages.c.tenant_id == e.tenant_id, messages.c.profile_id == e.profile_id)
+                .scalar_subquery()
+            )
+            await conn.execute(
+                history.delete().where(history.c.tenant_id == e.tenant_id, history.c.message_id.in_(ids))
+            )
+            await conn.execute(
+                messages.delete().where(
+                    messages.c.tenant_id == e.tenant_id, messages.c.profile_id == e.profile_id
+                )
+            )
+            if e.identifier_hashes:
+                await conn.execute(
+                    pg_insert(suppressions)
+                    .values(
+                        [
+                            {"tenant_id": e.tenant_id, "value_hash": h, "reason": ERASED, "created_at": now}
+                            for h in sorted(set(e.identifier_hashes))
+                        ]
+                    )
+                    .on_conflict_do_nothing()
+                )
+
+    async def erased(self, conn: AsyncConnection, people: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (tenant, profile id) pairs of erased people."""
+        wanted = sorted(set(people))
+        if not wanted:
+            return set()
+        rows = await conn.execute(
+            sa.select(erased_profiles.c.tenant_id, erased_profiles.c.profile_id).where(
+                sa.tuple_(erased_profiles.c.tenant_id, erased_profiles.c.profile_id).in_(wanted)
+            )
+        )
+        return {(r.tenant_id, r.profile_id) for r in rows}
+
+    async def suppressed(
+        self, conn: AsyncConnection, addresses: Iterable[tuple[str, str]]
+    ) -> set[tuple[str, str]]:
+        """The (tenant, address) pairs whose address belongs to an erased person."""
+        wanted = {(t, address_hash(a)): (t, a) for t, a in addresses}
+        if not wanted:
+            return set()
+        rows = await conn.execute(
+            sa.select(suppressions.c.tenant_id, suppressions.c.value_hash).where(
+                sa.tuple_(suppressions.c.tenant_id, suppressions.c.value_hash).in_(sorted(wanted))
+            )
+        )
+        return {wanted[(r.tenant_id, r.value_hash)] for r in rows}
 
     # ---- templates ----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
+from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
 from services.profile.servicer import ProfileServicer, binding, consent_changed
 from services.profile.store import ProfileStore, outbox
 
@@ -19,4 +20,6 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     servicer = ProfileServicer(
         store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
     )
-    return rt.host([binding(servicer)])
+    host = rt.host([binding(servicer)])
+    host.add_worker(ACKS_DURABLE, erasure_ack_consumer(rt.bus, servicer.gdpr, clock).run)
+    return host

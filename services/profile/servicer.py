@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from relevans.common.v1 import common_pb2
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import Clock
+from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
@@ -35,7 +36,7 @@ from services.profile.domain import (
     validate_set_consent,
 )
 from services.profile.domain.identity import new_profile_id
-from services.profile.domain.ids import time_ordered_ids
+from services.profile.domain.ids import random_uuid, time_ordered_ids
 from services.profile.domain.imports import (
     MAX_REPORTED_ERRORS,
     RawImportRow,
@@ -43,6 +44,7 @@ from services.profile.domain.imports import (
     validate_rows,
     validate_source,
 )
+from services.profile.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
 from services.profile.store import EventMessage, ImportResult, ProfileStore, TrackResult
 
 SERVICE_NAME = "relevans.profile.v1.ProfileService"
@@ -54,6 +56,10 @@ SCOPES = {
     "GetProfile": "read",
     "BatchGetProfiles": "read",
     "ImportProfiles": "ingest",
+    # personal data of one person, and its erasure
+    "ExportProfile": "admin",
+    "EraseProfile": "admin",
+    "GetErasure": "admin",
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -369,6 +375,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self.event_partitions = event_partitions
         self.notify = notify
         self.tracks = TrackCoalescer(store, clock, event_partitions=event_partitions, notify=notify)
+        self.gdpr = GdprStore(store.engine)
 
     async def Track(self, request: profile_pb2.TrackRequest, context: Context) -> profile_pb2.TrackResponse:
         tenant = principal().tenant_id
@@ -465,6 +472,13 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 result = await writing
                 response.rows_upserted += result.upserted
                 response.profiles_created += result.profiles_created
+                room = MAX_REPORTED_ERRORS - len(response.errors)
+                response.errors.extend(
+                    profile_pb2.ImportRowError(
+                        row_number=n, field="marketing_consent", reason=CONSENT_NOT_RESTORED
+                    )
+                    for n in result.consent_not_restored[: max(room, 0)]
+                )
                 if result.consents_recorded:
                     self.notify()
 
@@ -493,6 +507,108 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 # the call failed or went away: a write that started finishes all the same
                 await asyncio.gather(writing, return_exceptions=True)
         return response
+
+    async def ExportProfile(
+        self, request: profile_pb2.ExportProfileRequest, context: Context
+    ) -> profile_pb2.ExportProfileResponse:
+        tenant = principal().tenant_id
+        validate_erase(request.profile_id, "")
+        export = await self.gdpr.export(tenant, request.profile_id)
+        found = await self.store.get_profiles(tenant, [export.profile.profile_id])
+        if not found:  # erased meanwhile
+            raise NotFound(f"profile {request.profile_id!r} not found")
+        return export_proto(found[0], export)
+
+    async def EraseProfile(
+        self, request: profile_pb2.EraseProfileRequest, context: Context
+    ) -> profile_pb2.EraseProfileResponse:
+        tenant = principal().tenant_id
+        validate_erase(request.profile_id, request.request_id)
+        erasure = await self.gdpr.erase(
+            tenant, request.profile_id, request.request_id, self.clock.now(), make_id=random_uuid
+        )
+        self.notify()
+        return profile_pb2.EraseProfileResponse(erasure_id=erasure.erasure_id, state=erasure_state(erasure))
+
+    async def GetErasure(
+        self, request: profile_pb2.GetErasureRequest, context: Context
+    ) -> profile_pb2.GetErasureResponse:
+        tenant = principal().tenant_id
+        e = await self.gdpr.get_erasure(tenant, request.erasure_id)
+        response = profile_pb2.GetErasureResponse(
+            erasure_id=e.erasure_id,
+            state=erasure_state(e),
+            profile_id=e.profile_id,
+            services_done=e.services_done,
+            request_time=to_timestamp(e.requested_at),
+            complete_time=to_timestamp(e.completed_at),
+        )
+        return response
+
+
+def erasure_state(e: Erasure) -> profile_pb2.ErasureState.ValueType:
+    return profile_pb2.ERASURE_STATE_DONE if e.state == "done" else profile_pb2.ERASURE_STATE_PENDING
+
+
+def _ledger_proto(r: Any) -> profile_pb2.ConsentLedgerEntry:
+    return profile_pb2.ConsentLedgerEntry(
+        purpose=common_pb2.Purpose.Value("PURPOSE_" + r.purpose.upper()),
+        channel=common_pb2.Channel.Value("CHANNEL_" + r.channel.upper()),
+        status=common_pb2.ConsentStatus.Value("CONSENT_STATUS_" + r.status.upper()),
+        source=r.source,
+        evidence=r.evidence,
+        record_time=to_timestamp(r.recorded_at),
+    )
+
+
+def _event_proto(r: Any) -> profile_pb2.StoredEvent:
+    properties = struct_pb2.Struct()
+    properties.update(r.properties)
+    return profile_pb2.StoredEvent(
+        event_id=r.event_id,
+        event=profile_pb2.Event(
+            message_id=r.message_id,
+            type=r.type,
+            timestamp=to_timestamp(r.occurred_at),
+            anonymous_id=r.anonymous_id or "",
+            customer_id=r.customer_id or "",
+            email=r.email or "",
+            properties=properties,
+        ),
+        receive_time=to_timestamp(r.received_at),
+    )
+
+
+def export_proto(profile: Profile, e: Export) -> profile_pb2.ExportProfileResponse:
+    return profile_pb2.ExportProfileResponse(
+        profile=profile_proto(profile),
+        last_name=e.profile.last_name or "",
+        phone=e.profile.phone or "",
+        identities=[
+            profile_pb2.Identity(kind=i.kind, value=i.value, create_time=to_timestamp(i.created_at))
+            for i in e.identities
+        ],
+        events=[_event_proto(r) for r in e.events],
+        events_truncated=e.events_truncated,
+        consent_history=[_ledger_proto(r) for r in e.consent_history],
+        tags=e.tags,
+        traits=[
+            profile_pb2.Trait(
+                name=t.name, source=t.source, value=t.value, update_time=to_timestamp(t.updated_at)
+            )
+            for t in e.traits
+        ],
+        merges=[
+            profile_pb2.MergeRecord(
+                from_profile_id=m.from_profile_id,
+                to_profile_id=m.to_profile_id,
+                anonymous_id=m.anonymous_id or "",
+                source=m.source,
+                merge_time=to_timestamp(m.merged_at),
+            )
+            for m in e.merges
+        ],
+    )
 
 
 def binding(servicer: ProfileServicer) -> ServiceBinding:

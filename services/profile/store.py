@@ -17,6 +17,8 @@ repair (a profile merged away meanwhile, a deadlock) is retried whole.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -25,7 +27,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -169,7 +171,52 @@ profile_traits = sa.Table(
     sa.CheckConstraint("source IN ('declared', 'backend', 'behavioural')", name="profile_traits_source"),
 )
 
+# GDPR: the sha256 hex of each identifier of an erased person (kind: email, customer_id, phone,
+# anonymous); consent given for one of them is not recorded again.
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("value_hash", sa.Text, primary_key=True),
+    sa.Column("created_at", TZ, nullable=False),
+)
+
+erasures = sa.Table(
+    "erasures",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("erasure_id", sa.Text, primary_key=True),
+    sa.Column("request_id", sa.Text, nullable=False),
+    sa.Column("profile_id", sa.Text, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("services_done", ARRAY(sa.Text), nullable=False),
+    sa.Column("requested_at", TZ, nullable=False),
+    sa.Column("completed_at", TZ),
+    sa.UniqueConstraint("tenant_id", "request_id", name="erasures_request_id"),
+    sa.CheckConstraint("state IN ('pending', 'done')", name="erasures_state"),
+)
+
 outbox = outbox_table(metadata)
+
+
+def identifier_hash(value: str) -> str:
+    """The sha256 hex of a normalised identifier (emails are stored lower-cased)."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable[str]) -> set[str]:
+    """The hashes of `values` that belong to erased people."""
+    hashes = {identifier_hash(v) for v in values if v}
+    if not hashes:
+        return set()
+    rows = await conn.execute(
+        sa.select(suppressions.c.value_hash).where(
+            suppressions.c.tenant_id == tenant, suppressions.c.value_hash.in_(sorted(hashes))
+        )
+    )
+    return set(rows.scalars())
+
 
 CONSENT_SUBJECT = "rv.profile.consent"
 MAX_ATTEMPTS = 8
@@ -408,6 +455,8 @@ class ImportResult:
     profiles_created: int
     # Consent decisions recorded (and ConsentChanged messages enqueued).
     consents_recorded: int
+    # Rows whose consent was ignored because one of their identifiers was erased (GDPR).
+    consent_not_restored: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -707,7 +756,12 @@ class ProfileStore:
                         updated_at=now,
                     )
                 )
-            outbox_msgs += await self._record_consents(conn, tenant, pid, command.consents)
+            given = command.consents
+            if given and await suppressed_hashes(
+                conn, tenant, [command.customer_id or "", command.email or ""]
+            ):
+                given = ()  # an erased person's identifier: consent is not restored (README, GDPR)
+            outbox_msgs += await self._record_consents(conn, tenant, pid, given)
             await enqueue(conn, outbox, outbox_msgs, now)
             [profile] = await self._load(conn, tenant, [pid])
             return profile, plan.created
@@ -822,7 +876,18 @@ class ProfileStore:
             if len(rows) >= CUSTOM_PLAN_MIN_EVENTS:
                 await conn.execute(_CUSTOM_PLANS)
             bound = await self._resolve(conn, tenant, keys, lock=True)
-            plan = plan_import(rows, {k: s.profile_id for k, s in bound.items()}, make_profile_id)
+            erased = await suppressed_hashes(
+                conn, tenant, (v or "" for r in rows if r.consent for v in (r.customer_id, r.email, r.phone))
+            )
+            kept = list(rows)
+            not_restored: list[int] = []
+            if erased:
+                for i, r in enumerate(rows):
+                    values = (r.customer_id, r.email, r.phone)
+                    if r.consent is not None and any(v and identifier_hash(v) in erased for v in values):
+                        kept[i] = dataclasses.replace(r, consent=None)
+                        not_restored.append(r.row_number)
+            plan = plan_import(kept, {k: s.profile_id for k, s in bound.items()}, make_profile_id)
             await self._write_import(conn, tenant, plan, now)
             changes: list[tuple[str, Consent]] = []
             if plan.consents:
@@ -837,7 +902,7 @@ class ProfileStore:
                 touched = sorted({pid for pid, _ in changes})
                 await conn.execute(_TOUCH_PROFILES, {"tenant": tenant, "ids": touched, "now": now})
                 await enqueue(conn, outbox, msgs, now)
-            return ImportResult(len(rows), plan.created, len(changes))
+            return ImportResult(len(rows), plan.created, len(changes), not_restored)
 
         return await self._transaction(work)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from relevans.kit.clock import Clock
+from relevans.kit.erasure import erasure_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -12,6 +13,7 @@ from services.trigger.store import TriggerStore, outbox
 from services.trigger.timers import TimerWorker
 
 SERVICE = "trigger"
+ERASURE_DURABLE = "trigger-erasure"
 
 
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
@@ -20,5 +22,18 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
+    host.add_worker(
+        ERASURE_DURABLE,
+        erasure_consumer(
+            rt.bus,
+            service=SERVICE,
+            durable=ERASURE_DURABLE,
+            engine=rt.engine,
+            outbox=outbox,
+            purge=store.purge_people,
+            clock=clock,
+            notify=rt.relay.notify,
+        ).run,
+    )
     host.add_worker("timers", TimerWorker(store, clock, rt.relay.notify).run)
     return host

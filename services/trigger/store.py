@@ -28,6 +28,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.trigger.domain import (
@@ -118,6 +119,16 @@ firings = sa.Table(
     sa.Column("fired_at", TZ, nullable=False),
 )
 
+# GDPR: erased people (a random profile id, nothing personal); an event of theirs that arrives
+# after the erasure (the event stream and the erasure stream are consumed independently) is ignored.
+erased_profiles = sa.Table(
+    "erased_profiles",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("erased_at", TZ, nullable=False),
+)
+
 outbox = outbox_table(metadata)
 
 # The key of timers and firings: one per (tenant, trigger, profile, occurrence).
@@ -153,6 +164,24 @@ def profile_lock_key(tenant_id: str, profile_id: str) -> int:
 class TriggerStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+
+    # ---- GDPR ---------------------------------------------------------------------------------
+
+    async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
+        """Delete the timers, trigger states and firings of erased people (in the caller's
+        transaction), under their advisory locks so no event of theirs is applied meanwhile."""
+        people = sorted({(e.tenant_id, e.profile_id) for e in erased})
+        await self._lock_people(conn, people)
+        await conn.execute(
+            pg_insert(erased_profiles)
+            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in people])
+            .on_conflict_do_nothing()
+        )
+        for tenant_id, profile_id in people:
+            for table in (timers, trigger_states, firings):
+                await conn.execute(
+                    table.delete().where(table.c.tenant_id == tenant_id, table.c.profile_id == profile_id)
+                )
 
     # ---- definitions ---------------------------------------------------------------------------
 
@@ -258,10 +287,24 @@ class TriggerStore:
             return Plan([], {})
         people = sorted({(e.tenant_id, e.profile_id) for e in relevant})
         await self._lock_people(conn, people)
+        erased = await self._erased(conn, people)
+        if erased:
+            relevant = [e for e in relevant if (e.tenant_id, e.profile_id) not in erased]
+            people = [p for p in people if p not in erased]
+            if not relevant:
+                return Plan([], {})
         states = await self._states(conn, people)
         plan = plan_events(by_tenant, relevant, states)
         await self._apply(conn, plan, now)
         return plan
+
+    async def _erased(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        rows = await conn.execute(
+            sa.select(erased_profiles.c.tenant_id, erased_profiles.c.profile_id).where(
+                sa.tuple_(erased_profiles.c.tenant_id, erased_profiles.c.profile_id).in_(list(people))
+            )
+        )
+        return {(r.tenant_id, r.profile_id) for r in rows}
 
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]

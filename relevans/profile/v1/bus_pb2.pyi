@@ -3,9 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from relevans.profile.v1 import profile_pb2 as _profile_pb2
 import builtins as _builtins
 import sys
@@ -88,3 +90,64 @@ class ConsentChanged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ConsentChanged: _TypeAlias = ConsentChanged  # noqa: Y015
+
+@_typing.final
+class ProfileErased(_message.Message):
+    """ProfileErased is published on rv.profile.erased: every service purges the person."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    IDENTIFIER_HASHES_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    profile_id: _builtins.str
+    erasure_id: _builtins.str
+    @_builtins.property
+    def identifier_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """sha256 hex of each normalised identifier of the person (email, customer id, phone, anonymous ids)."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        erasure_id: _builtins.str = ...,
+        identifier_hashes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_id", b"erasure_id", "identifier_hashes", b"identifier_hashes", "profile_id", b"profile_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileErased: _TypeAlias = ProfileErased  # noqa: Y015
+
+@_typing.final
+class ErasureAcknowledged(_message.Message):
+    """ErasureAcknowledged is published on rv.profile.erasure_acks by a service that has purged a person."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    erasure_id: _builtins.str
+    service: _builtins.str
+    """trigger or delivery."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        erasure_id: _builtins.str = ...,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_id", b"erasure_id", "service", b"service", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErasureAcknowledged: _TypeAlias = ErasureAcknowledged  # noqa: Y015

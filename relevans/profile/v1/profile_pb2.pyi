@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from relevans.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,27 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ErasureState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErasureStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErasureState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERASURE_STATE_UNSPECIFIED: _ErasureState.ValueType  # 0
+    ERASURE_STATE_PENDING: _ErasureState.ValueType  # 1
+    """Profile has erased its data; other services have not all confirmed yet."""
+    ERASURE_STATE_DONE: _ErasureState.ValueType  # 2
+    """Every service has erased the person."""
+
+class ErasureState(_ErasureState, metaclass=_ErasureStateEnumTypeWrapper): ...
+
+ERASURE_STATE_UNSPECIFIED: ErasureState.ValueType  # 0
+ERASURE_STATE_PENDING: ErasureState.ValueType  # 1
+"""Profile has erased its data; other services have not all confirmed yet."""
+ERASURE_STATE_DONE: ErasureState.ValueType  # 2
+"""Every service has erased the person."""
+Global___ErasureState: _TypeAlias = ErasureState  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
@@ -642,3 +664,340 @@ class ImportProfilesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ImportProfilesResponse: _TypeAlias = ImportProfilesResponse  # noqa: Y015
+
+@_typing.final
+class ExportProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportProfileRequest: _TypeAlias = ExportProfileRequest  # noqa: Y015
+
+@_typing.final
+class Identity(_message.Message):
+    """Identity is one identifier bound to a profile."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """anonymous, customer_id or email."""
+    value: _builtins.str
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        value: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
+
+@_typing.final
+class StoredEvent(_message.Message):
+    """StoredEvent is an event as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    @_builtins.property
+    def event(self) -> Global___Event: ...
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        event: Global___Event | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "receive_time", b"receive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "event_id", b"event_id", "receive_time", b"receive_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoredEvent: _TypeAlias = StoredEvent  # noqa: Y015
+
+@_typing.final
+class ConsentLedgerEntry(_message.Message):
+    """ConsentLedgerEntry is one recorded consent decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_FIELD_NUMBER: _builtins.int
+    RECORD_TIME_FIELD_NUMBER: _builtins.int
+    purpose: _common_pb2.Purpose.ValueType
+    channel: _common_pb2.Channel.ValueType
+    status: _common_pb2.ConsentStatus.ValueType
+    source: _builtins.str
+    evidence: _builtins.str
+    @_builtins.property
+    def record_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        purpose: _common_pb2.Purpose.ValueType = ...,
+        channel: _common_pb2.Channel.ValueType = ...,
+        status: _common_pb2.ConsentStatus.ValueType = ...,
+        source: _builtins.str = ...,
+        evidence: _builtins.str = ...,
+        record_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["record_time", b"record_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "evidence", b"evidence", "purpose", b"purpose", "record_time", b"record_time", "source", b"source", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConsentLedgerEntry: _TypeAlias = ConsentLedgerEntry  # noqa: Y015
+
+@_typing.final
+class Trait(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    source: _builtins.str
+    """declared, backend or behavioural."""
+    value: _builtins.str
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        source: _builtins.str = ...,
+        value: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "source", b"source", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trait: _TypeAlias = Trait  # noqa: Y015
+
+@_typing.final
+class MergeRecord(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    TO_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    from_profile_id: _builtins.str
+    to_profile_id: _builtins.str
+    anonymous_id: _builtins.str
+    source: _builtins.str
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        from_profile_id: _builtins.str = ...,
+        to_profile_id: _builtins.str = ...,
+        anonymous_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["merge_time", b"merge_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "from_profile_id", b"from_profile_id", "merge_time", b"merge_time", "source", b"source", "to_profile_id", b"to_profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeRecord: _TypeAlias = MergeRecord  # noqa: Y015
+
+@_typing.final
+class ExportProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    LAST_NAME_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    IDENTITIES_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    EVENTS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    CONSENT_HISTORY_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
+    MERGES_FIELD_NUMBER: _builtins.int
+    last_name: _builtins.str
+    phone: _builtins.str
+    events_truncated: _builtins.bool
+    """True when the person has more events than `events` holds."""
+    @_builtins.property
+    def profile(self) -> Global___Profile: ...
+    @_builtins.property
+    def identities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Identity]: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___StoredEvent]:
+        """Newest first; at most 10,000."""
+
+    @_builtins.property
+    def consent_history(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentLedgerEntry]:
+        """Oldest first."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def traits(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trait]: ...
+    @_builtins.property
+    def merges(self) -> _containers.RepeatedCompositeFieldContainer[Global___MergeRecord]: ...
+    def __init__(
+        self,
+        *,
+        profile: Global___Profile | None = ...,
+        last_name: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        identities: _abc.Iterable[Global___Identity] | None = ...,
+        events: _abc.Iterable[Global___StoredEvent] | None = ...,
+        events_truncated: _builtins.bool = ...,
+        consent_history: _abc.Iterable[Global___ConsentLedgerEntry] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        traits: _abc.Iterable[Global___Trait] | None = ...,
+        merges: _abc.Iterable[Global___MergeRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consent_history", b"consent_history", "events", b"events", "events_truncated", b"events_truncated", "identities", b"identities", "last_name", b"last_name", "merges", b"merges", "phone", b"phone", "profile", b"profile", "tags", b"tags", "traits", b"traits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportProfileResponse: _TypeAlias = ExportProfileResponse  # noqa: Y015
+
+@_typing.final
+class EraseProfileRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id; erasing again with the same request_id returns the same erasure."""
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_id", b"profile_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseProfileRequest: _TypeAlias = EraseProfileRequest  # noqa: Y015
+
+@_typing.final
+class EraseProfileResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    erasure_id: _builtins.str
+    state: Global___ErasureState.ValueType
+    def __init__(
+        self,
+        *,
+        erasure_id: _builtins.str = ...,
+        state: Global___ErasureState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_id", b"erasure_id", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseProfileResponse: _TypeAlias = EraseProfileResponse  # noqa: Y015
+
+@_typing.final
+class GetErasureRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    erasure_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        erasure_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_id", b"erasure_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetErasureRequest: _TypeAlias = GetErasureRequest  # noqa: Y015
+
+@_typing.final
+class GetErasureResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ERASURE_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    SERVICES_DONE_FIELD_NUMBER: _builtins.int
+    REQUEST_TIME_FIELD_NUMBER: _builtins.int
+    COMPLETE_TIME_FIELD_NUMBER: _builtins.int
+    erasure_id: _builtins.str
+    state: Global___ErasureState.ValueType
+    profile_id: _builtins.str
+    @_builtins.property
+    def services_done(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services that have erased the person, e.g. profile, trigger, delivery."""
+
+    @_builtins.property
+    def request_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def complete_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        erasure_id: _builtins.str = ...,
+        state: Global___ErasureState.ValueType = ...,
+        profile_id: _builtins.str = ...,
+        services_done: _abc.Iterable[_builtins.str] | None = ...,
+        request_time: _timestamp_pb2.Timestamp | None = ...,
+        complete_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "request_time", b"request_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time", "erasure_id", b"erasure_id", "profile_id", b"profile_id", "request_time", b"request_time", "services_done", b"services_done", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetErasureResponse: _TypeAlias = GetErasureResponse  # noqa: Y015

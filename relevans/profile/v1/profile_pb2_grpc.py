@@ -70,6 +70,21 @@ class ProfileServiceStub:
                 request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.SerializeToString,
                 response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.FromString,
                 _registered_method=True)
+        self.ExportProfile = channel.unary_unary(
+                '/relevans.profile.v1.ProfileService/ExportProfile',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+                _registered_method=True)
+        self.EraseProfile = channel.unary_unary(
+                '/relevans.profile.v1.ProfileService/EraseProfile',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileResponse.FromString,
+                _registered_method=True)
+        self.GetErasure = channel.unary_unary(
+                '/relevans.profile.v1.ProfileService/GetErasure',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -122,7 +137,33 @@ class ProfileServiceServicer:
         """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
         Each message's valid rows are written in one transaction, in order; an invalid row is
         reported in `errors` and skipped without stopping the import. Re-running the same rows
-        changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+        changes nothing (a consent equal to the current one is not recorded again). Consent for an
+        erased person's identifier is not recorded: the row is imported and an error on field
+        "marketing_consent" says so (not counted in rows_failed). Scope: ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportProfile(self, request, context):
+        """ExportProfile returns everything the profile service holds about one person (GDPR
+        access). Scope: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseProfile(self, request, context):
+        """EraseProfile erases one person everywhere (GDPR erasure): profile deletes its data at once
+        and leaves hashed suppression entries; trigger and delivery purge theirs and acknowledge.
+        Idempotent by request_id. Scope: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetErasure(self, request, context):
+        """GetErasure reports the progress of an erasure. Scope: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +206,21 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.ImportProfiles,
                     request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.FromString,
                     response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.SerializeToString,
+            ),
+            'ExportProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportProfile,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.SerializeToString,
+            ),
+            'EraseProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseProfile,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileResponse.SerializeToString,
+            ),
+            'GetErasure': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetErasure,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +413,87 @@ class ProfileService:
             '/relevans.profile.v1.ProfileService/ImportProfiles',
             relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesRequest.SerializeToString,
             relevans_dot_profile_dot_v1_dot_profile__pb2.ImportProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.profile.v1.ProfileService/ExportProfile',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.ExportProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.profile.v1.ProfileService/EraseProfile',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.EraseProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetErasure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.profile.v1.ProfileService/GetErasure',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,8 +49,21 @@ class ProfileServiceStub:
     """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
     Each message's valid rows are written in one transaction, in order; an invalid row is
     reported in `errors` and skipped without stopping the import. Re-running the same rows
-    changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+    changes nothing (a consent equal to the current one is not recorded again). Consent for an
+    erased person's identifier is not recorded: the row is imported and an error on field
+    "marketing_consent" says so (not counted in rows_failed). Scope: ingest.
     """
+    ExportProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.ExportProfileRequest, _profile_pb2.ExportProfileResponse]
+    """ExportProfile returns everything the profile service holds about one person (GDPR
+    access). Scope: admin.
+    """
+    EraseProfile: _grpc.UnaryUnaryMultiCallable[_profile_pb2.EraseProfileRequest, _profile_pb2.EraseProfileResponse]
+    """EraseProfile erases one person everywhere (GDPR erasure): profile deletes its data at once
+    and leaves hashed suppression entries; trigger and delivery purge theirs and acknowledge.
+    Idempotent by request_id. Scope: admin.
+    """
+    GetErasure: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetErasureRequest, _profile_pb2.GetErasureResponse]
+    """GetErasure reports the progress of an erasure. Scope: admin."""
 
 @_typing.type_check_only
 class ProfileServiceAsyncStub(ProfileServiceStub):
@@ -73,8 +86,21 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
     Each message's valid rows are written in one transaction, in order; an invalid row is
     reported in `errors` and skipped without stopping the import. Re-running the same rows
-    changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+    changes nothing (a consent equal to the current one is not recorded again). Consent for an
+    erased person's identifier is not recorded: the row is imported and an error on field
+    "marketing_consent" says so (not counted in rows_failed). Scope: ingest.
     """
+    ExportProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.ExportProfileRequest, _profile_pb2.ExportProfileResponse]  # type: ignore[assignment]
+    """ExportProfile returns everything the profile service holds about one person (GDPR
+    access). Scope: admin.
+    """
+    EraseProfile: _aio.UnaryUnaryMultiCallable[_profile_pb2.EraseProfileRequest, _profile_pb2.EraseProfileResponse]  # type: ignore[assignment]
+    """EraseProfile erases one person everywhere (GDPR erasure): profile deletes its data at once
+    and leaves hashed suppression entries; trigger and delivery purge theirs and acknowledge.
+    Idempotent by request_id. Scope: admin.
+    """
+    GetErasure: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetErasureRequest, _profile_pb2.GetErasureResponse]  # type: ignore[assignment]
+    """GetErasure reports the progress of an erasure. Scope: admin."""
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProfileService owns people: their events, identities, traits and consent."""
@@ -136,7 +162,38 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         """ImportProfiles upserts profiles in bulk (e.g. a nightly file) by customer_id, else email.
         Each message's valid rows are written in one transaction, in order; an invalid row is
         reported in `errors` and skipped without stopping the import. Re-running the same rows
-        changes nothing (a consent equal to the current one is not recorded again). Scope: ingest.
+        changes nothing (a consent equal to the current one is not recorded again). Consent for an
+        erased person's identifier is not recorded: the row is imported and an error on field
+        "marketing_consent" says so (not counted in rows_failed). Scope: ingest.
         """
+
+    @_abc_1.abstractmethod
+    def ExportProfile(
+        self,
+        request: _profile_pb2.ExportProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.ExportProfileResponse, _abc.Awaitable[_profile_pb2.ExportProfileResponse]]:
+        """ExportProfile returns everything the profile service holds about one person (GDPR
+        access). Scope: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseProfile(
+        self,
+        request: _profile_pb2.EraseProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.EraseProfileResponse, _abc.Awaitable[_profile_pb2.EraseProfileResponse]]:
+        """EraseProfile erases one person everywhere (GDPR erasure): profile deletes its data at once
+        and leaves hashed suppression entries; trigger and delivery purge theirs and acknowledge.
+        Idempotent by request_id. Scope: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def GetErasure(
+        self,
+        request: _profile_pb2.GetErasureRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.GetErasureResponse, _abc.Awaitable[_profile_pb2.GetErasureResponse]]:
+        """GetErasure reports the progress of an erasure. Scope: admin."""
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -50,6 +50,8 @@ OUTCOME_UNKNOWN = "outcome_unknown"
 RETRIES_EXHAUSTED = "retries_exhausted"
 RETRYING = "retrying"
 SMTP_REJECTED = "smtp_rejected"
+# The address belongs to a person erased under GDPR.
+ERASED = "erased"
 
 TRANSACTIONAL = "transactional"
 GRANTED = "granted"
