@@ -7,7 +7,7 @@ from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
-from services.profile.servicer import ProfileServicer, binding, consent_changed
+from services.profile.servicer import ProfileServicer, binding, consent_changed, profile_merged
 from services.profile.store import ProfileStore, outbox
 
 SERVICE = "profile"
@@ -16,7 +16,7 @@ SERVICE = "profile"
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
     """The profile service, not yet started; the caller migrates its database first."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    store = ProfileStore(rt.engine, consent_message=consent_changed)
+    store = ProfileStore(rt.engine, consent_message=consent_changed, merged_message=profile_merged)
     servicer = ProfileServicer(
         store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
     )

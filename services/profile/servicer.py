@@ -167,6 +167,14 @@ def consent_changed(tenant: str, profile_id: str, consent: Consent) -> bytes:
     ).SerializeToString()
 
 
+def profile_merged(tenant: str, surviving_id: str, merged_id: str, at: datetime, reason: str) -> bytes:
+    msg = bus_pb2.ProfileMerged(
+        tenant_id=tenant, surviving_profile_id=surviving_id, merged_profile_id=merged_id, reason=reason
+    )
+    msg.merge_time.FromDatetime(at)
+    return msg.SerializeToString()
+
+
 _SMALL = [bytes((n,)) for n in range(0x80)]
 
 

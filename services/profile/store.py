@@ -45,7 +45,6 @@ from services.profile.domain import (
     ProfileState,
     TrackPlan,
     apply_bindings,
-    consents_to_adopt,
     current_view,
     event_keys,
     first_occurrences,
@@ -53,6 +52,7 @@ from services.profile.domain import (
     plan_track,
 )
 from services.profile.domain.imports import BACKEND, ImportPlan, ImportRow, consent_changes, plan_import
+from services.profile.domain.merge import REASON_ANONYMOUS, REASON_KNOWN, consents_taken_over
 
 T = TypeVar("T")
 TZ = sa.DateTime(timezone=True)
@@ -219,6 +219,7 @@ async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable
 
 
 CONSENT_SUBJECT = "rv.profile.consent"
+MERGED_SUBJECT = "rv.profile.merged"
 MAX_ATTEMPTS = 8
 MAX_REPLANS = 10
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
@@ -230,7 +231,7 @@ _CONSENTS_JSON = """(SELECT json_agg(json_build_array(c.purpose, c.channel, c.st
 # (The lateral subquery with LIMIT 1 stays a nested loop of primary key lookups whatever the
 # planner estimates, however many identities and profiles the tenant has.)
 _RESOLVE_SQL = """
-SELECT k.kind, k.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into
+SELECT k.kind, k.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, p.created_at
 FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS k(kind, value)
 CROSS JOIN LATERAL (
     SELECT p.* FROM identities i
@@ -253,7 +254,7 @@ WITH r AS MATERIALIZED (
         LIMIT 1
     ) AS i
 )
-SELECT r.kind, r.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into
+SELECT r.kind, r.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, p.created_at
 FROM r JOIN profiles p ON p.tenant_id = :tenant AND p.profile_id = r.profile_id
 ORDER BY p.profile_id
 FOR NO KEY UPDATE OF p
@@ -354,6 +355,26 @@ SELECT q.profile_id AS requested, p.profile_id, p.customer_id, p.email, p.first_
 FROM profiles q
 JOIN profiles p ON p.tenant_id = q.tenant_id AND p.profile_id = coalesce(q.merged_into, q.profile_id)
 WHERE q.tenant_id = :tenant AND q.profile_id = ANY(CAST(:ids AS text[])) AND p.merged_into IS NULL
+""")
+
+# A merge moves the merged-away profile's tags and traits; the survivor keeps its own trait values.
+_MERGE_TAGS = sa.text("""
+WITH moved AS (
+    DELETE FROM profile_tags WHERE tenant_id = :tenant AND profile_id = :from_id
+    RETURNING tag, created_at
+)
+INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
+SELECT :tenant, :to_id, tag, created_at FROM moved ORDER BY tag
+ON CONFLICT DO NOTHING
+""")
+_MERGE_TRAITS = sa.text("""
+WITH moved AS (
+    DELETE FROM profile_traits WHERE tenant_id = :tenant AND profile_id = :from_id
+    RETURNING name, source, value, updated_at
+)
+INSERT INTO profile_traits (tenant_id, profile_id, name, source, value, updated_at)
+SELECT :tenant, :to_id, name, source, value, updated_at FROM moved ORDER BY name, source
+ON CONFLICT DO NOTHING
 """)
 
 _LOCK_PROFILE = sa.text("""
@@ -470,6 +491,8 @@ class TrackResult:
 EventMessage = Callable[[int, str, ProfileState], OutboxMessage]
 # (tenant, profile id, consent) -> ConsentChanged payload
 ConsentMessage = Callable[[str, str, Consent], bytes]
+# (tenant, surviving profile id, merged profile id, merge time, reason) -> ProfileMerged payload
+MergedMessage = Callable[[str, str, str, datetime, str], bytes]
 
 
 class _Conflict(Exception):
@@ -508,9 +531,12 @@ def _parse_consents(raw: Any) -> tuple[Consent, ...]:
 
 
 class ProfileStore:
-    def __init__(self, engine: AsyncEngine, consent_message: ConsentMessage) -> None:
+    def __init__(
+        self, engine: AsyncEngine, consent_message: ConsentMessage, merged_message: MergedMessage
+    ) -> None:
         self.engine = engine
         self.consent_message = consent_message
+        self.merged_message = merged_message
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run `work` in one transaction, again from the start if it lost a race."""
@@ -665,12 +691,14 @@ class ProfileStore:
         )
         states: dict[str, ProfileState] = {}
         bound: dict[Key, ProfileState] = {}
-        for kind, value, profile_id, customer_id, email, first_name, merged_into in rows:
+        for kind, value, profile_id, customer_id, email, first_name, merged_into, created_at in rows:
             if merged_into is not None:
                 raise _Conflict
             state = states.get(profile_id)
             if state is None:
-                state = states[profile_id] = ProfileState(profile_id, customer_id, email, first_name)
+                state = states[profile_id] = ProfileState(
+                    profile_id, customer_id, email, first_name, created_at=created_at
+                )
             bound[(kind, value)] = state
         return bound
 
@@ -698,7 +726,8 @@ class ProfileStore:
     async def identify(
         self, tenant: str, command: IdentifyCommand, now: datetime, *, make_profile_id: Callable[[], str]
     ) -> tuple[Profile, bool]:
-        """Find or create the known profile, merge the anonymous id's shadow profile into it,
+        """Find or create the known profile, merge the anonymous id's shadow profile into it (and
+        the other known profile when customer_id and email were bound to two: see domain/merge.py),
         set the first name and record consents. Returns the profile and whether it was created."""
 
         async def work(conn: AsyncConnection) -> tuple[Profile, bool]:
@@ -743,7 +772,11 @@ class ProfileStore:
                 )
             if plan.merge_from is not None:
                 outbox_msgs += await self._merge(
-                    conn, tenant, plan.merge_from, pid, command.anonymous_id, now
+                    conn, tenant, plan.merge_from, pid, command.anonymous_id, now, REASON_ANONYMOUS
+                )
+            if plan.merge_known_from is not None:
+                outbox_msgs += await self._merge(
+                    conn, tenant, plan.merge_known_from, pid, None, now, REASON_KNOWN
                 )
             if not plan.created:
                 await conn.execute(
@@ -776,40 +809,37 @@ class ProfileStore:
         to_id: str,
         anonymous_id: str | None,
         now: datetime,
+        reason: str,
     ) -> list[OutboxMessage]:
-        """Move a shadow profile's identities, events and consents to `to_id` and record the merge.
-        Both profiles are already locked by `_resolve`."""
+        """Merge profile `from_id` into `to_id` (both already locked by `_resolve`): move its
+        identities, events, consent ledger, tags and traits, take over its consent decisions that
+        are more recent than the survivor's, take its first name if the survivor has none, mark it
+        merged (with the profiles merged into it before), record the merge and enqueue
+        ProfileMerged (and ConsentChanged for each decision taken over)."""
         ids = {"tenant": tenant, "from_id": from_id, "to_id": to_id}
-        await conn.execute(
-            identities.update()
-            .where(identities.c.tenant_id == tenant, identities.c.profile_id == from_id)
-            .values(profile_id=to_id)
-        )
-        await conn.execute(
-            events.update()
-            .where(events.c.tenant_id == tenant, events.c.profile_id == from_id)
-            .values(profile_id=to_id)
-        )
-        held = await self._consents_of(conn, tenant, [from_id, to_id])
-        adopted = [
-            Consent(
-                c.purpose,
-                c.channel,
-                c.status,
-                c.source,
-                f"merged from profile {from_id}" + (f": {c.evidence}" if c.evidence else ""),
-                c.recorded_at,
+        for table in (identities, events, consent_ledger):
+            await conn.execute(
+                table.update()
+                .where(table.c.tenant_id == tenant, table.c.profile_id == from_id)
+                .values(profile_id=to_id)
             )
-            for c in consents_to_adopt(held.get(to_id, []), held.get(from_id, []))
-        ]
-        msgs = await self._record_consents(conn, tenant, to_id, adopted)
+        held = await self._consents_of(conn, tenant, [from_id, to_id])
+        taken = consents_taken_over(held.get(to_id, []), held.get(from_id, []))
+        if taken:
+            latest = [(to_id, c) for c in taken]
+            await conn.execute(_UPSERT_CONSENTS, {"tenant": tenant, **_consent_columns(latest)})
         await conn.execute(
             consents.delete().where(consents.c.tenant_id == tenant, consents.c.profile_id == from_id)
         )
+        await conn.execute(_MERGE_TAGS, ids)
+        await conn.execute(_MERGE_TRAITS, ids)
         await conn.execute(_MERGE_PROFILES, {**ids, "now": now})
         await conn.execute(
             profiles.update()
-            .where(profiles.c.tenant_id == tenant, profiles.c.profile_id == from_id)
+            .where(
+                profiles.c.tenant_id == tenant,
+                sa.or_(profiles.c.profile_id == from_id, profiles.c.merged_into == from_id),
+            )
             .values(merged_into=to_id, updated_at=now)
         )
         await conn.execute(
@@ -822,7 +852,10 @@ class ProfileStore:
                 merged_at=now,
             )
         )
-        return msgs
+        return [
+            *(OutboxMessage(CONSENT_SUBJECT, self.consent_message(tenant, to_id, c)) for c in taken),
+            OutboxMessage(MERGED_SUBJECT, self.merged_message(tenant, to_id, from_id, now, reason)),
+        ]
 
     async def _consents_of(
         self, conn: AsyncConnection, tenant: str, profile_ids: list[str]

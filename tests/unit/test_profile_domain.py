@@ -10,7 +10,7 @@ from itertools import count
 
 import pytest
 
-from relevans.kit.errors import FailedPrecondition, InvalidArgument
+from relevans.kit.errors import InvalidArgument
 from services.profile.domain import (
     ANONYMOUS,
     CUSTOMER_ID,
@@ -23,7 +23,6 @@ from services.profile.domain import (
     RawEvent,
     RawIdentify,
     apply_bindings,
-    consents_to_adopt,
     current_view,
     first_occurrences,
     normalize_email,
@@ -335,13 +334,32 @@ def test_identify_takes_a_known_persons_device_without_merging_them() -> None:
     assert plan.created and plan.take_anonymous_from == "other" and plan.merge_from is None
 
 
-def test_identify_refuses_identifiers_of_two_known_profiles() -> None:
+def test_identify_merges_two_known_profiles_into_the_one_with_the_customer_id() -> None:
     bound = {
-        (CUSTOMER_ID, "c-1"): ProfileState("a", customer_id="c-1"),
-        (EMAIL, "b@example.com"): ProfileState("b"),
+        (CUSTOMER_ID, "c-1"): ProfileState(
+            "b", customer_id="c-1", created_at=datetime(2024, 2, 1, tzinfo=UTC)
+        ),
+        (EMAIL, "a@example.com"): ProfileState(
+            "a", email="a@example.com", first_name="Ada", created_at=datetime(2024, 1, 1, tzinfo=UTC)
+        ),
     }
-    with pytest.raises(FailedPrecondition):
-        plan_identify(command(customer_id="c-1", email="b@example.com"), bound)
+    plan = plan_identify(command(customer_id="c-1", email="a@example.com"), bound)
+    assert (plan.profile_id, plan.merge_known_from, plan.created) == ("b", "a", False)
+    assert (plan.customer_id, plan.email, plan.first_name) == ("c-1", "a@example.com", "Ada")
+    assert plan.attach == [] and plan.merge_from is None and plan.take_anonymous_from is None
+
+
+def test_identify_merges_two_customers_into_the_older_one() -> None:
+    bound = {
+        (CUSTOMER_ID, "c-1"): ProfileState(
+            "a", customer_id="c-1", created_at=datetime(2024, 2, 1, tzinfo=UTC)
+        ),
+        (EMAIL, "b@example.com"): ProfileState(
+            "b", customer_id="c-2", email="b@example.com", created_at=datetime(2024, 1, 1, tzinfo=UTC)
+        ),
+    }
+    plan = plan_identify(command(customer_id="c-1", email="b@example.com"), bound)
+    assert (plan.profile_id, plan.merge_known_from, plan.customer_id) == ("b", "a", "c-2")
 
 
 def test_identify_declares_a_new_email_for_a_known_customer() -> None:
@@ -400,20 +418,6 @@ def test_set_consent_needs_a_profile_id_and_defaults_the_source() -> None:
 
 def consent(purpose: str, channel: str, status: str, minutes: int) -> Consent:
     return Consent(purpose, channel, status, "src", "", NOW + timedelta(minutes=minutes))
-
-
-def test_a_merged_profile_hands_over_only_missing_or_newer_decisions() -> None:
-    target = [consent("marketing", "email", "granted", 10), consent("marketing", "sms", "denied", 0)]
-    merged = [
-        consent("marketing", "email", "withdrawn", 5),  # older than the target's: dropped
-        consent("marketing", "sms", "granted", 20),  # newer: adopted
-        consent("profiling", "web", "granted", 1),  # missing: adopted
-    ]
-    adopted = consents_to_adopt(target, merged)
-    assert [(c.purpose, c.channel, c.status) for c in adopted] == [
-        ("marketing", "sms", "granted"),
-        ("profiling", "web", "granted"),
-    ]
 
 
 def test_current_view_keeps_the_latest_decision_per_purpose_and_channel() -> None:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from relevans.profile.v1 import profile_pb2 as relevans_dot_profile_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drelevans/profile/v1/bus.proto\x12\x13relevans.profile.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!relevans/profile/v1/profile.proto\"\xd4\x01\n\rEnrichedEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12)\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.relevans.profile.v1.Event\x12\x30\n\x0creceive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07profile\x18\x06 \x01(\x0b\x32\x1c.relevans.profile.v1.Profile\"f\n\x0e\x43onsentChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12-\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x1c.relevans.profile.v1.Consent\"e\n\rProfileErased\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x12\n\nerasure_id\x18\x03 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x04 \x03(\t\"M\n\x13\x45rasureAcknowledged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drelevans/profile/v1/bus.proto\x12\x13relevans.profile.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!relevans/profile/v1/profile.proto\"\xd4\x01\n\rEnrichedEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12)\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.relevans.profile.v1.Event\x12\x30\n\x0creceive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07profile\x18\x06 \x01(\x0b\x32\x1c.relevans.profile.v1.Profile\"f\n\x0e\x43onsentChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12-\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x1c.relevans.profile.v1.Consent\"e\n\rProfileErased\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x12\n\nerasure_id\x18\x03 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x04 \x03(\t\"M\n\x13\x45rasureAcknowledged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\"\x9b\x01\n\rProfileMerged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14surviving_profile_id\x18\x02 \x01(\t\x12\x19\n\x11merged_profile_id\x18\x03 \x01(\t\x12.\n\nmerge_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,4 +41,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILEERASED']._serialized_end=542
   _globals['_ERASUREACKNOWLEDGED']._serialized_start=544
   _globals['_ERASUREACKNOWLEDGED']._serialized_end=621
+  _globals['_PROFILEMERGED']._serialized_start=624
+  _globals['_PROFILEMERGED']._serialized_end=779
 # @@protoc_insertion_point(module_scope)

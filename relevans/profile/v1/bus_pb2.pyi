@@ -151,3 +151,41 @@ class ErasureAcknowledged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ErasureAcknowledged: _TypeAlias = ErasureAcknowledged  # noqa: Y015
+
+@_typing.final
+class ProfileMerged(_message.Message):
+    """ProfileMerged is published on rv.profile.merged when one profile is merged into another:
+    the merged-away profile's identities, events, consents, tags and traits now belong to the
+    surviving profile, and its id stands for the surviving one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SURVIVING_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    MERGED_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    MERGE_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    surviving_profile_id: _builtins.str
+    merged_profile_id: _builtins.str
+    reason: _builtins.str
+    """anonymous_id (a shadow profile identified) or customer_id_and_email (two known profiles)."""
+    @_builtins.property
+    def merge_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        surviving_profile_id: _builtins.str = ...,
+        merged_profile_id: _builtins.str = ...,
+        merge_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["merge_time", b"merge_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merge_time", b"merge_time", "merged_profile_id", b"merged_profile_id", "reason", b"reason", "surviving_profile_id", b"surviving_profile_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileMerged: _TypeAlias = ProfileMerged  # noqa: Y015

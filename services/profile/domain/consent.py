@@ -100,18 +100,6 @@ def validate_set_consent(profile_id: str, raw: ConsentInput, now: datetime) -> C
     return consent
 
 
-def consents_to_adopt(target: Iterable[Consent], merged: Iterable[Consent]) -> list[Consent]:
-    """The consents of a merged-away profile that the surviving profile takes over:
-    those for a (purpose, channel) it has no decision for, or a newer decision than its own."""
-    own = {c.key: c for c in target}
-    adopt = []
-    for c in merged:
-        current = own.get(c.key)
-        if current is None or c.recorded_at > current.recorded_at:
-            adopt.append(c)
-    return sorted(adopt, key=lambda c: c.key)
-
-
 def current_view(consents: Iterable[Consent]) -> list[Consent]:
     """The latest decision per (purpose, channel), ordered by purpose and channel."""
     latest: dict[tuple[str, str], Consent] = {}

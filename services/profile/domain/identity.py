@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from relevans.kit.errors import FailedPrecondition, Violations
+from relevans.kit.errors import Violations
 from services.profile.domain.consent import Consent, ConsentInput, check_consent
 from services.profile.domain.events import Event, check_email, check_id, check_text
 from services.profile.domain.ids import random_uuid
+from services.profile.domain.merge import choose_survivor
 
 ANONYMOUS = "anonymous"
 CUSTOMER_ID = "customer_id"
@@ -59,6 +60,8 @@ class ProfileState:
     new: bool = False
     # customer_id or email filled in by this plan.
     filled: bool = False
+    # When the profile was created (None for one created by this plan); decides merges.
+    created_at: datetime | None = None
 
     def copy(self) -> ProfileState:
         return ProfileState(
@@ -69,6 +72,7 @@ class ProfileState:
             self.consents,
             self.new,
             self.filled,
+            self.created_at,
         )
 
     @property
@@ -225,6 +229,9 @@ class IdentifyPlan:
     attach: list[Key]
     # A shadow profile merged into profile_id (its identities, events and consents move over).
     merge_from: str | None = None
+    # A known profile merged into profile_id: customer_id and email were bound to two profiles
+    # (see domain/merge.py for which one survives).
+    merge_known_from: str | None = None
     # A known profile the anonymous id is taken from (the device changed hands; no merge).
     take_anonymous_from: str | None = None
     # The profile's columns after the call.
@@ -238,19 +245,27 @@ def plan_identify(
     bound: Mapping[Key, ProfileState],
     make_profile_id: Callable[[], str] = new_profile_id,
 ) -> IdentifyPlan:
-    """Find or create the known profile, and decide what happens to the anonymous id's profile."""
+    """Find or create the known profile, and decide what happens to the anonymous id's profile.
+
+    When customer_id and email are bound to two different profiles, they are merged: the
+    survivor is chosen by `domain.merge.choose_survivor` (customer_id first, then the older).
+    """
     by_customer = bound.get((CUSTOMER_ID, command.customer_id)) if command.customer_id else None
     by_email = bound.get((EMAIL, command.email)) if command.email else None
     by_anonymous = bound.get((ANONYMOUS, command.anonymous_id)) if command.anonymous_id else None
+    known: ProfileState | None
+    merged_known: ProfileState | None = None
     if by_customer and by_email and by_customer.profile_id != by_email.profile_id:
-        raise FailedPrecondition("customer_id and email are already identified with two different profiles")
-    known = by_customer or by_email
+        known, merged_known = choose_survivor(by_customer, by_email)
+    else:
+        known = by_customer or by_email
     created = False
     merge_from: str | None = None
     take_from: str | None = None
     if known is not None:
         target = known
-        if by_anonymous is not None and by_anonymous.profile_id != target.profile_id:
+        merged_ids = {target.profile_id, merged_known.profile_id if merged_known else None}
+        if by_anonymous is not None and by_anonymous.profile_id not in merged_ids:
             if by_anonymous.shadow:
                 merge_from = by_anonymous.profile_id
             else:
@@ -263,13 +278,16 @@ def plan_identify(
         if by_anonymous is not None:
             take_from = by_anonymous.profile_id
     attach = sorted(k for k in command.identifiers() if k not in bound)
+    # What the merged-away profile brings (its first name only when the survivor has none).
+    merged = merged_known or (by_anonymous if merge_from and by_anonymous else None) or ProfileState("")
     return IdentifyPlan(
         profile_id=target.profile_id,
         created=created,
         attach=attach,
         merge_from=merge_from,
+        merge_known_from=merged_known.profile_id if merged_known else None,
         take_anonymous_from=take_from,
-        customer_id=target.customer_id or command.customer_id,
+        customer_id=target.customer_id or merged.customer_id or command.customer_id,
         email=command.email or target.email,
-        first_name=command.first_name or target.first_name,
+        first_name=command.first_name or target.first_name or merged.first_name,
     )
