@@ -28,6 +28,8 @@ class Principal:
     tenant_id: str
     scopes: frozenset[str]
     subject: str = ""
+    # Unix time the token stops being valid; None when it never expires.
+    expires_at: float | None = None
 
     def allows(self, scope: str) -> bool:
         return scope in self.scopes or "admin" in self.scopes
@@ -78,6 +80,9 @@ def verify_token(secret: str, token: str, now: datetime) -> Principal:
         scopes = frozenset(str(s) for s in claims["scp"])
     except (ValueError, KeyError, TypeError) as exc:
         raise TokenError("malformed token claims") from exc
-    if "exp" in claims and now.timestamp() >= float(claims["exp"]):
+    expires_at = float(claims["exp"]) if "exp" in claims else None
+    if expires_at is not None and now.timestamp() >= expires_at:
         raise TokenError("token expired")
-    return Principal(tenant_id=tenant, scopes=scopes, subject=str(claims.get("sub", "")))
+    return Principal(
+        tenant_id=tenant, scopes=scopes, subject=str(claims.get("sub", "")), expires_at=expires_at
+    )

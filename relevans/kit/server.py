@@ -10,9 +10,7 @@ then runs the closers (drain NATS, dispose the database) — and is safe to call
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
-import json
 import signal
 import time
 import uuid
@@ -80,13 +78,6 @@ def to_rpc_status(exc: errors.DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code, message=exc.message, details=details)
 
 
-def _token_expiry(token: str) -> float | None:
-    """The `exp` claim of a token `verify_token` has just accepted (None: it never expires)."""
-    body = token.split(".")[1]
-    exp = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))).get("exp")
-    return None if exp is None else float(exp)
-
-
 def _refused(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method}: streaming responses are not served")
@@ -121,7 +112,7 @@ class _CallGuard(grpc.aio.ServerInterceptor):
         self.scopes = scopes
         self.guarded = guarded
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-        self._tokens: dict[str, tuple[Principal, float | None]] = {}
+        self._tokens: dict[str, Principal] = {}
 
     def scope_of(self, method: str) -> str | None:
         """The scope a method needs; methods of our services missing from the map need admin."""
@@ -234,9 +225,8 @@ class _CallGuard(grpc.aio.ServerInterceptor):
         now = self.clock.now()
         cached = self._tokens.get(token)
         if cached is not None:
-            who, expires = cached
-            if expires is None or now.timestamp() < expires:
-                return who
+            if cached.expires_at is None or now.timestamp() < cached.expires_at:
+                return cached
             del self._tokens[token]  # expired: verify again, which rejects it
         try:
             who = verify_token(self.secret, token, now)
@@ -244,7 +234,7 @@ class _CallGuard(grpc.aio.ServerInterceptor):
             return None  # never cached: a bad token is checked again on every call
         if len(self._tokens) >= self.TOKEN_CACHE_SIZE:
             del self._tokens[next(iter(self._tokens))]  # the oldest entry
-        self._tokens[token] = (who, _token_expiry(token))
+        self._tokens[token] = who
         return who
 
 
