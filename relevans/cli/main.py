@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 from relevans.kit.auth import SCOPES, mint_token
 from relevans.kit.clock import SystemClock
@@ -33,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service until SIGTERM/SIGINT")
     serve.add_argument("service", choices=SERVICES)
     serve.add_argument("--migrate", action="store_true", help="upgrade its database first")
+    # Set by the first process for the others it starts (RELEVANS_PROFILE_PROCESSES): their number
+    # and its own pid, so a worker stops when the first process is gone.
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    serve.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
 
     mig = sub.add_parser("migrate", help="create and upgrade the services' databases")
     mig.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (all)")
@@ -90,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_migrate(settings, args.services or SERVICES))
         return 0
     if args.command == "serve":
-        asyncio.run(_serve(settings, args.service, args.migrate))
-        return 0
+        serving = _serve(settings, args.service, args.migrate, args.worker_index, args.parent_pid)
+        return _run(serving, settings.event_loop)
     if args.command == "up":
         from relevans.cli.up import run_up
 
@@ -118,13 +126,62 @@ async def _migrate(settings: Settings, services: Sequence[str]) -> None:
         await migrate(service, settings.database_url(service))
 
 
-async def _serve(settings: Settings, service: str, run_migrations: bool) -> None:
+async def _orphaned(parent: int) -> None:
+    """Returns once the first process is gone (killed without stopping its workers)."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+
+
+def _run(main: Coroutine[Any, Any, int], event_loop: str) -> int:
+    if event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
+
+
+async def _serve(
+    settings: Settings, service: str, run_migrations: bool, worker_index: int = 0, parent_pid: int = 0
+) -> int:
+    """Serve one service; with RELEVANS_<SERVICE>_PROCESSES > 1 this first process also starts the
+    others (`--worker-index` 1..n-1), which share its port, and stops them when it stops; any of them
+    exiting stops the rest, so a supervisor sees the failure. Each runs an outbox relay (they take
+    turns), so what a process commits is published at once."""
     from relevans.cli.services import builder
 
-    if run_migrations:
+    processes = settings.processes(service)
+    if processes > 1 and settings.listen(service).rsplit(":", 1)[-1] == "0":
+        print(f"relevans: {service} with {processes} processes needs a fixed port, not 0", file=sys.stderr)
+        return 2
+    if worker_index:
+        port = settings.metrics_port(service)
+        metrics: dict[str, Any] = {f"{service}_metrics_port": port + worker_index if port else 0}
+        settings = replace(settings, **metrics)
+    elif run_migrations:
         await migrate(service, settings.database_url(service))
-    host = await builder(service)(settings, SystemClock())
-    await host.run_until_signal()
+    workers = [
+        await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "relevans.cli.main", "serve", service),
+            *("--worker-index", str(i), "--parent-pid", str(os.getpid())),
+        )
+        for i in range(1, processes if not worker_index else 1)
+    ]
+    try:
+        host = await builder(service)(settings, SystemClock())
+        stops = [w.wait() for w in workers] if not worker_index else [_orphaned(parent_pid)]
+        await host.run_until_signal(until=stops)
+    finally:
+        for w in workers:
+            if w.returncode is None:
+                w.terminate()
+        for w in workers:
+            try:
+                await asyncio.wait_for(w.wait(), timeout=settings.shutdown_grace + 5)
+            except TimeoutError:
+                w.kill()
+                await w.wait()
+    failed = [w.returncode for w in workers if w.returncode not in (0, -signal.SIGTERM)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

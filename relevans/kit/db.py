@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import asyncpg
+import orjson
 import structlog
 from alembic import command
 from alembic.config import Config
@@ -18,7 +19,20 @@ SERVICES_ROOT = Path(__file__).resolve().parents[2] / "services"
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=False)
+    """An asyncpg engine; JSON columns are (de)serialized with orjson, several times faster on the
+    ingest path than the standard library."""
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=False,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+    )
+
+
+def _json_dumps(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 async def ensure_database(url: str) -> None:

@@ -57,8 +57,13 @@ async def enqueue(
         )
 
 
+_TAKE_TURN = sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
 class OutboxRelay:
-    """Publishes outbox rows in id order; any number of relays may share a table."""
+    """Publishes outbox rows in id order. Any number of relays may share a table: they take turns
+    (a transaction-scoped advisory lock per table), because two relays publishing different batches
+    at once could publish one profile's messages out of order."""
 
     def __init__(
         self,
@@ -95,6 +100,8 @@ class OutboxRelay:
         """Publish one batch; return how many rows were published."""
         t = self.table
         async with self.engine.begin() as conn:
+            if not await conn.scalar(_TAKE_TURN, {"key": f"outbox:{t.name}"}):
+                return 0  # another relay is publishing; this one polls again
             rows = (
                 await conn.execute(
                     sa.select(t.c.id, t.c.subject, t.c.payload)

@@ -29,7 +29,8 @@ class Runtime:
     relay: OutboxRelay
 
     def host(self, bindings: list[ServiceBinding]) -> ServiceHost:
-        """A ServiceHost that runs the relay and closes the bus and database on stop."""
+        """A ServiceHost that runs the relay (unless settings turn it off) and closes the bus and
+        database on stop."""
         s = self.settings
         host = ServiceHost(
             self.service,
@@ -40,8 +41,10 @@ class Runtime:
             grace_s=s.shutdown_grace,
             metrics_port=s.metrics_port(self.service),
             metrics_host=s.metrics_host,
+            reuse_port=s.processes(self.service) > 1,
         )
-        host.add_worker("outbox-relay", self.relay.run)
+        if s.outbox_relay:
+            host.add_worker("outbox-relay", self.relay.run)
         host.add_closer(self.engine.dispose)
         host.add_closer(self.bus.close)
         return host

@@ -15,6 +15,7 @@ SERVICES = ("profile", "trigger", "delivery")
 
 DEFAULT_PORTS = {"profile": 50151, "trigger": 50152, "delivery": 50153}
 DEFAULT_METRICS_PORTS = {"profile": 9151, "trigger": 9152, "delivery": 9153}
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 class SettingsError(ValueError):
@@ -45,6 +46,12 @@ class Settings:
     delivery_metrics_port: int = DEFAULT_METRICS_PORTS["delivery"]
     # Number of rv.events.<partition> subjects; one profile's events share one partition.
     event_partitions: int = 8
+    # Processes `relevans serve profile` runs, sharing its gRPC port (SO_REUSEPORT, Linux).
+    profile_processes: int = 1
+    # Whether this process runs its outbox relay (relays of one service take turns; one is enough).
+    outbox_relay: bool = True
+    # asyncio event loop of the services: uvloop or asyncio.
+    event_loop: str = "uvloop"
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_sender: str = "relevans <no-reply@relevans.local>"
@@ -58,6 +65,14 @@ class Settings:
     # Where `relevans up` keeps PostgreSQL, NATS and the SMTP sink's mail.
     data_dir: str = ".relevans"
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.profile_processes < 1:
+            raise SettingsError(f"RELEVANS_PROFILE_PROCESSES={self.profile_processes} must be at least 1")
+        if self.event_loop not in EVENT_LOOPS:
+            raise SettingsError(
+                f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"
+            )
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -86,6 +101,10 @@ class Settings:
     def metrics_port(self, service: str) -> int:
         return int(getattr(self, f"{service}_metrics_port"))
 
+    def processes(self, service: str) -> int:
+        """How many processes serve `service` on its port (only profile runs several)."""
+        return int(getattr(self, f"{service}_processes", 1))
+
 
 def env_name(field_name: str) -> str:
     return "RELEVANS_" + field_name.upper()
@@ -95,7 +114,23 @@ def env_names() -> list[str]:
     return [env_name(f.name) for f in fields(Settings) if f.name != "extra"]
 
 
+_BOOLS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
 def _parse(key: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        if raw.strip().lower() not in _BOOLS:
+            raise SettingsError(f"{key}={raw!r} is not a boolean (true/false, 1/0, yes/no, on/off)")
+        return _BOOLS[raw.strip().lower()]
     try:
         if kind is int:
             return int(raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 
 import nats
@@ -76,6 +76,38 @@ async def test_relay_publishes_committed_rows_once_in_order(
     msgs = await sub.fetch(10, timeout=2)
     assert [m.data for m in msgs] == [f"m{i}".encode() for i in range(5)]
     assert all(m.headers and m.headers["Nats-Msg-Id"].startswith("t-") for m in msgs)
+
+
+class SlowBus(Bus):
+    """A bus whose batches leave a while after the relay read them (a slow network, a GC pause)."""
+
+    async def publish_batch(self, messages: Sequence[tuple[str, bytes, str]], timeout: float = 5.0) -> None:
+        await asyncio.sleep(0.3)
+        await super().publish_batch(messages, timeout)
+
+
+async def test_relays_sharing_a_table_take_turns_and_keep_the_order(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock, settings: Settings
+) -> None:
+    async with engine.begin() as conn:
+        await enqueue(
+            conn, outbox, [OutboxMessage("rv.profile.test", f"m{i}".encode()) for i in range(10)], clock.now()
+        )
+    slow_bus = SlowBus(settings.nats_url, "outbox-test-slow")
+    await slow_bus.connect()
+    try:
+        slow = OutboxRelay(engine, outbox, slow_bus, service="t", clock=clock, batch=5)
+        fast = OutboxRelay(engine, outbox, bus, service="t", clock=clock, batch=5)
+        slow_round = asyncio.create_task(slow.relay_once())
+        await asyncio.sleep(0.1)  # the slow relay holds the first five rows
+        assert await fast.relay_once() == 0  # not its turn: publishing 5-9 now would overtake 0-4
+        assert await slow_round == 5
+        assert await fast.relay_once() == 5
+    finally:
+        await slow_bus.close()
+    sub = await bus.js.pull_subscribe("rv.profile.test", durable="reader", stream="RV_PROFILE")
+    msgs = await sub.fetch(20, timeout=2)
+    assert [m.data for m in msgs] == [f"m{i}".encode() for i in range(10)]
 
 
 async def test_rolled_back_transaction_publishes_nothing(

@@ -6,12 +6,16 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from google.protobuf import timestamp_pb2
 from google.rpc import code_pb2, error_details_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relevans.kit.auth import TokenError, mint_token, verify_token
 from relevans.kit.bus import event_partition
 from relevans.kit.clock import ManualClock
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
+from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.kit.server import to_rpc_status
 from relevans.kit.settings import Settings, SettingsError, env_names
 
@@ -129,3 +133,11 @@ def test_event_partition_is_stable_and_in_range() -> None:
     parts = {event_partition("acme", f"p{i}", 8) for i in range(200)}
     assert parts == set(range(8))
     assert event_partition("acme", "p1", 8) == event_partition("acme", "p1", 8)
+
+
+@given(st.datetimes(timezones=st.timezones()))
+def test_to_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
+    expected = timestamp_pb2.Timestamp()
+    expected.FromDatetime(value.astimezone(UTC))
+    assert to_timestamp(value) == expected
+    assert from_timestamp(expected) == value.astimezone(UTC)

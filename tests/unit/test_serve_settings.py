@@ -1,0 +1,35 @@
+"""Settings and CLI checks of the scaling knobs: processes per service, relay, event loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from relevans.cli.main import _serve
+from relevans.kit.settings import Settings, SettingsError
+
+
+def test_scaling_settings_parse_from_the_environment() -> None:
+    s = Settings.from_env(
+        {"RELEVANS_PROFILE_PROCESSES": "3", "RELEVANS_OUTBOX_RELAY": "off", "RELEVANS_EVENT_LOOP": "asyncio"}
+    )
+    assert (s.processes("profile"), s.outbox_relay, s.event_loop) == (3, False, "asyncio")
+    assert s.processes("trigger") == 1 and Settings().outbox_relay is True
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RELEVANS_OUTBOX_RELAY": "maybe"}, "RELEVANS_OUTBOX_RELAY"),
+        ({"RELEVANS_PROFILE_PROCESSES": "0"}, "RELEVANS_PROFILE_PROCESSES"),
+        ({"RELEVANS_EVENT_LOOP": "trio"}, "RELEVANS_EVENT_LOOP"),
+    ],
+)
+def test_bad_scaling_settings_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+async def test_several_processes_need_a_fixed_port(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(profile_processes=2, profile_listen="127.0.0.1:0")
+    assert await _serve(settings, "profile", run_migrations=False) == 2
+    assert "needs a fixed port" in capsys.readouterr().err
