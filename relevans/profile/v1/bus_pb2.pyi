@@ -170,7 +170,9 @@ class ProfileMerged(_message.Message):
     surviving_profile_id: _builtins.str
     merged_profile_id: _builtins.str
     reason: _builtins.str
-    """anonymous_id (a shadow profile identified) or customer_id_and_email (two known profiles)."""
+    """anonymous_id (a shadow profile identified), customer_id_and_email (two known profiles)
+    or merge_request (MergeProfiles).
+    """
     @_builtins.property
     def merge_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -189,3 +191,98 @@ class ProfileMerged(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProfileMerged: _TypeAlias = ProfileMerged  # noqa: Y015
+
+@_typing.final
+class SegmentMembershipChanged(_message.Message):
+    """SegmentMembershipChanged is published on rv.profile.segments when an event makes a profile
+    enter or leave a saved segment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    SEGMENT_NAME_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    ENTERED_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    segment_id: _builtins.str
+    segment_name: _builtins.str
+    profile_id: _builtins.str
+    entered: _builtins.bool
+    """True: entered; false: left."""
+    event_id: _builtins.str
+    """The event that caused the change."""
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        segment_id: _builtins.str = ...,
+        segment_name: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        entered: _builtins.bool = ...,
+        event_id: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time", "entered", b"entered", "event_id", b"event_id", "profile_id", b"profile_id", "segment_id", b"segment_id", "segment_name", b"segment_name", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentMembershipChanged: _TypeAlias = SegmentMembershipChanged  # noqa: Y015
+
+@_typing.final
+class ThresholdCrossed(_message.Message):
+    """ThresholdCrossed is published on rv.profile.thresholds when a counter (in its shortest
+    window) or the lead score reaches a threshold from below.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CROSS_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    profile_id: _builtins.str
+    kind: _builtins.str
+    """counter or score."""
+    name: _builtins.str
+    """The counter's name; "score" for the score."""
+    window_days: _builtins.int
+    """The counter's shortest window; 0 for the score."""
+    threshold: _builtins.float
+    value: _builtins.float
+    event_id: _builtins.str
+    @_builtins.property
+    def cross_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        window_days: _builtins.int = ...,
+        threshold: _builtins.float = ...,
+        value: _builtins.float = ...,
+        event_id: _builtins.str = ...,
+        cross_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cross_time", b"cross_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cross_time", b"cross_time", "event_id", b"event_id", "kind", b"kind", "name", b"name", "profile_id", b"profile_id", "tenant_id", b"tenant_id", "threshold", b"threshold", "value", b"value", "window_days", b"window_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ThresholdCrossed: _TypeAlias = ThresholdCrossed  # noqa: Y015

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -224,6 +225,48 @@ class Profile(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class LastSeenEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _timestamp_pb2.Timestamp: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _timestamp_pb2.Timestamp | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
@@ -233,10 +276,18 @@ class Profile(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
+    TRAIT_SOURCES_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     customer_id: _builtins.str
     email: _builtins.str
     first_name: _builtins.str
+    score: _builtins.float
+    """Lead score now: decayed event points plus trait points."""
     @_builtins.property
     def anonymous_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -247,6 +298,26 @@ class Profile(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def traits(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """Effective trait values by source precedence: declared > backend > behavioural."""
+
+    @_builtins.property
+    def trait_sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___Trait]:
+        """Every source's value of every trait. Only when a read mask names it."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sorted."""
+
+    @_builtins.property
+    def counters(self) -> _containers.RepeatedCompositeFieldContainer[Global___CounterValue]:
+        """The count of every counter definition in each of its windows."""
+
+    @_builtins.property
+    def last_seen(self) -> _containers.MessageMap[_builtins.str, _timestamp_pb2.Timestamp]:
+        """Time of the latest event of each type."""
+
     def __init__(
         self,
         *,
@@ -259,14 +330,47 @@ class Profile(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        traits: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        trait_sources: _abc.Iterable[Global___Trait] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        counters: _abc.Iterable[Global___CounterValue] | None = ...,
+        score: _builtins.float = ...,
+        last_seen: _abc.Mapping[_builtins.str, _timestamp_pb2.Timestamp] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_ids", b"anonymous_ids", "consents", b"consents", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "last_seen_time", b"last_seen_time", "profile_id", b"profile_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_ids", b"anonymous_ids", "consents", b"consents", "counters", b"counters", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "last_seen", b"last_seen", "last_seen_time", b"last_seen_time", "profile_id", b"profile_id", "score", b"score", "tags", b"tags", "trait_sources", b"trait_sources", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Profile: _TypeAlias = Profile  # noqa: Y015
+
+@_typing.final
+class CounterValue(_message.Message):
+    """CounterValue is a counter's count in one window, e.g. toy_views in the last 7 days."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    window_days: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        window_days: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "name", b"name", "window_days", b"window_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CounterValue: _TypeAlias = CounterValue  # noqa: Y015
 
 @_typing.final
 class IdentifyRequest(_message.Message):
@@ -277,6 +381,7 @@ class IdentifyRequest(_message.Message):
     ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
     FIRST_NAME_FIELD_NUMBER: _builtins.int
     CONSENTS_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
     customer_id: _builtins.str
     """At least one of customer_id and email is required."""
     email: _builtins.str
@@ -288,6 +393,10 @@ class IdentifyRequest(_message.Message):
     def consents(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConsentInput]:
         """Consent given at identify time, if any."""
 
+    @_builtins.property
+    def traits(self) -> _struct_pb2.Struct:
+        """Declared traits (what the person told us), e.g. {"city": "Oslo"}; scalars only."""
+
     def __init__(
         self,
         *,
@@ -296,10 +405,11 @@ class IdentifyRequest(_message.Message):
         anonymous_id: _builtins.str = ...,
         first_name: _builtins.str = ...,
         consents: _abc.Iterable[Global___ConsentInput] | None = ...,
+        traits: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["traits", b"traits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "consents", b"consents", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "consents", b"consents", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "traits", b"traits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -413,20 +523,28 @@ class GetProfileRequest(_message.Message):
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     CUSTOMER_ID_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    READ_MASK_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """Exactly one of these identifies the profile."""
     customer_id: _builtins.str
     email: _builtins.str
+    @_builtins.property
+    def read_mask(self) -> _field_mask_pb2.FieldMask:
+        """Profile fields to return (profile_id always is): e.g. "traits", "trait_sources",
+        "counters", "consents". Empty: every field except trait_sources.
+        """
+
     def __init__(
         self,
         *,
         profile_id: _builtins.str = ...,
         customer_id: _builtins.str = ...,
         email: _builtins.str = ...,
+        read_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_mask", b"read_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "email", b"email", "profile_id", b"profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_id", b"customer_id", "email", b"email", "profile_id", b"profile_id", "read_mask", b"read_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,27 +899,32 @@ Global___ConsentLedgerEntry: _TypeAlias = ConsentLedgerEntry  # noqa: Y015
 
 @_typing.final
 class Trait(_message.Message):
+    """Trait is one source's value of one trait."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """declared, backend or behavioural."""
-    value: _builtins.str
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """A string, number or bool."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         source: _builtins.str = ...,
-        value: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        value: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "source", b"source", "update_time", b"update_time", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
@@ -1001,3 +1124,100 @@ class GetErasureResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetErasureResponse: _TypeAlias = GetErasureResponse  # noqa: Y015
+
+@_typing.final
+class SetTraitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    source: _builtins.str
+    """declared (the person told us) or backend (a system of record told us)."""
+    @_builtins.property
+    def traits(self) -> _struct_pb2.Struct:
+        """Trait name (lower_snake_case) to a string (at most 1 KiB), number or bool; null removes it."""
+
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        source: _builtins.str = ...,
+        traits: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["traits", b"traits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_id", b"profile_id", "source", b"source", "traits", b"traits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTraitsRequest: _TypeAlias = SetTraitsRequest  # noqa: Y015
+
+@_typing.final
+class SetTraitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile(self) -> Global___Profile: ...
+    def __init__(
+        self,
+        *,
+        profile: Global___Profile | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetTraitsResponse: _TypeAlias = SetTraitsResponse  # noqa: Y015
+
+@_typing.final
+class MergeProfilesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    OTHER_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    other_profile_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        other_profile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["other_profile_id", b"other_profile_id", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeProfilesRequest: _TypeAlias = MergeProfilesRequest  # noqa: Y015
+
+@_typing.final
+class MergeProfilesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    MERGED_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    merged_profile_id: _builtins.str
+    """The profile merged into it; empty when the two were one already."""
+    @_builtins.property
+    def profile(self) -> Global___Profile:
+        """The surviving profile."""
+
+    def __init__(
+        self,
+        *,
+        profile: Global___Profile | None = ...,
+        merged_profile_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["profile", b"profile"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged_profile_id", b"merged_profile_id", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeProfilesResponse: _TypeAlias = MergeProfilesResponse  # noqa: Y015

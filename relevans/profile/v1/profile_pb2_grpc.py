@@ -85,6 +85,16 @@ class ProfileServiceStub:
                 request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.SerializeToString,
                 response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.FromString,
                 _registered_method=True)
+        self.SetTraits = channel.unary_unary(
+                '/relevans.profile.v1.ProfileService/SetTraits',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsResponse.FromString,
+                _registered_method=True)
+        self.MergeProfiles = channel.unary_unary(
+                '/relevans.profile.v1.ProfileService/MergeProfiles',
+                request_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesRequest.SerializeToString,
+                response_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesResponse.FromString,
+                _registered_method=True)
 
 
 class ProfileServiceServicer:
@@ -169,6 +179,24 @@ class ProfileServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTraits(self, request, context):
+        """SetTraits sets declared or backend traits of one profile; a null value removes that
+        source's value of the trait. Scope: ingest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeProfiles(self, request, context):
+        """MergeProfiles merges two profiles found to be one person (e.g. by a support agent) by the
+        rule Identify follows: the one with a customer id survives, else the older. Profiles that
+        are one already are returned as they are. Two profiles with different customer ids are
+        refused (FAILED_PRECONDITION): a person has one business key. Scope: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfileServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -221,6 +249,16 @@ def add_ProfileServiceServicer_to_server(servicer, server):
                     servicer.GetErasure,
                     request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.FromString,
                     response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.SerializeToString,
+            ),
+            'SetTraits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTraits,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsResponse.SerializeToString,
+            ),
+            'MergeProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeProfiles,
+                    request_deserializer=relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesRequest.FromString,
+                    response_serializer=relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -494,6 +532,60 @@ class ProfileService:
             '/relevans.profile.v1.ProfileService/GetErasure',
             relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureRequest.SerializeToString,
             relevans_dot_profile_dot_v1_dot_profile__pb2.GetErasureResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTraits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.profile.v1.ProfileService/SetTraits',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.SetTraitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.profile.v1.ProfileService/MergeProfiles',
+            relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesRequest.SerializeToString,
+            relevans_dot_profile_dot_v1_dot_profile__pb2.MergeProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

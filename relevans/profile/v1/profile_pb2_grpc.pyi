@@ -64,6 +64,16 @@ class ProfileServiceStub:
     """
     GetErasure: _grpc.UnaryUnaryMultiCallable[_profile_pb2.GetErasureRequest, _profile_pb2.GetErasureResponse]
     """GetErasure reports the progress of an erasure. Scope: admin."""
+    SetTraits: _grpc.UnaryUnaryMultiCallable[_profile_pb2.SetTraitsRequest, _profile_pb2.SetTraitsResponse]
+    """SetTraits sets declared or backend traits of one profile; a null value removes that
+    source's value of the trait. Scope: ingest.
+    """
+    MergeProfiles: _grpc.UnaryUnaryMultiCallable[_profile_pb2.MergeProfilesRequest, _profile_pb2.MergeProfilesResponse]
+    """MergeProfiles merges two profiles found to be one person (e.g. by a support agent) by the
+    rule Identify follows: the one with a customer id survives, else the older. Profiles that
+    are one already are returned as they are. Two profiles with different customer ids are
+    refused (FAILED_PRECONDITION): a person has one business key. Scope: admin.
+    """
 
 @_typing.type_check_only
 class ProfileServiceAsyncStub(ProfileServiceStub):
@@ -101,6 +111,16 @@ class ProfileServiceAsyncStub(ProfileServiceStub):
     """
     GetErasure: _aio.UnaryUnaryMultiCallable[_profile_pb2.GetErasureRequest, _profile_pb2.GetErasureResponse]  # type: ignore[assignment]
     """GetErasure reports the progress of an erasure. Scope: admin."""
+    SetTraits: _aio.UnaryUnaryMultiCallable[_profile_pb2.SetTraitsRequest, _profile_pb2.SetTraitsResponse]  # type: ignore[assignment]
+    """SetTraits sets declared or backend traits of one profile; a null value removes that
+    source's value of the trait. Scope: ingest.
+    """
+    MergeProfiles: _aio.UnaryUnaryMultiCallable[_profile_pb2.MergeProfilesRequest, _profile_pb2.MergeProfilesResponse]  # type: ignore[assignment]
+    """MergeProfiles merges two profiles found to be one person (e.g. by a support agent) by the
+    rule Identify follows: the one with a customer id survives, else the older. Profiles that
+    are one already are returned as they are. Two profiles with different customer ids are
+    refused (FAILED_PRECONDITION): a person has one business key. Scope: admin.
+    """
 
 class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
     """ProfileService owns people: their events, identities, traits and consent."""
@@ -195,5 +215,27 @@ class ProfileServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_profile_pb2.GetErasureResponse, _abc.Awaitable[_profile_pb2.GetErasureResponse]]:
         """GetErasure reports the progress of an erasure. Scope: admin."""
+
+    @_abc_1.abstractmethod
+    def SetTraits(
+        self,
+        request: _profile_pb2.SetTraitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.SetTraitsResponse, _abc.Awaitable[_profile_pb2.SetTraitsResponse]]:
+        """SetTraits sets declared or backend traits of one profile; a null value removes that
+        source's value of the trait. Scope: ingest.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeProfiles(
+        self,
+        request: _profile_pb2.MergeProfilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_profile_pb2.MergeProfilesResponse, _abc.Awaitable[_profile_pb2.MergeProfilesResponse]]:
+        """MergeProfiles merges two profiles found to be one person (e.g. by a support agent) by the
+        rule Identify follows: the one with a customer id survives, else the older. Profiles that
+        are one already are returned as they are. Two profiles with different customer ids are
+        refused (FAILED_PRECONDITION): a person has one business key. Scope: admin.
+        """
 
 def add_ProfileServiceServicer_to_server(servicer: ProfileServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
