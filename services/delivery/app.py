@@ -1,4 +1,4 @@
-"""Assembles the delivery service: database, bus, outbox relay, gRPC servicer, request consumer."""
+"""Assembles the delivery service: database, bus, outbox relay, gRPC servicer, consumers."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import uuid
 
 from relevans.kit.clock import Clock
 from relevans.kit.erasure import erasure_consumer
+from relevans.kit.merges import merge_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.delivery.consumers import DURABLE, DeliveryWorker, request_consumer
+from services.delivery.consumers import (
+    DURABLE,
+    DeliveryWorker,
+    request_consumer,
+)
 from services.delivery.domain import Renderer
 from services.delivery.profiles import ProfileClient
 from services.delivery.sender import SmtpSender
@@ -17,6 +22,7 @@ from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore, outbox
 
 SERVICE = "delivery"
+MERGES_DURABLE = "delivery-merges"
 ERASURE_DURABLE = "delivery-erasure"
 
 
@@ -41,6 +47,17 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     )
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
+    host.add_worker(
+        MERGES_DURABLE,
+        merge_consumer(
+            rt.bus,
+            service=SERVICE,
+            durable=MERGES_DURABLE,
+            engine=rt.engine,
+            merge_people=store.merge_people,
+            clock=clock,
+        ).run,
+    )
     host.add_worker(
         ERASURE_DURABLE,
         erasure_consumer(

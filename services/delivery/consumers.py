@@ -7,6 +7,7 @@ from the RV_DELIVERY_REQUESTS work queue and, per idempotency key:
    live worker holds is retried later) and reads its message row, if any: already
    final -> nothing to do; left in `sending` by a worker that died mid-send ->
    failed "outcome_unknown", never sent a second time;
+   A request for a profile that was merged away is handled as the survivor's;
 2. asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
    is now) and loads the templates;
 3. in ONE transaction inserts the new messages (pending, unique per idempotency
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -257,6 +258,12 @@ class DeliveryWorker:
             # 1. what is left to do: final rows are done, a row left `sending` is failed
             async with conn.begin():
                 existing = await self.store.load_rows(conn, [r.key for r in mine])
+                # A request for a merged-away profile is the survivor's (trigger may not know yet).
+                survivors = await self.store.survivors(conn, [(r.tenant_id, r.profile_id) for r in mine])
+                mine = [
+                    replace(r, profile_id=survivors.get((r.tenant_id, r.profile_id), r.profile_id))
+                    for r in mine
+                ]
                 gone = await self.store.erased(conn, [(r.tenant_id, r.profile_id) for r in mine])
             if gone:
                 kept = [r for r in mine if (r.tenant_id, r.profile_id) not in gone]
@@ -419,3 +426,6 @@ def request_consumer(bus: Bus, worker: DeliveryWorker, *, batch: int = 200) -> C
         handler=worker.handle,
         batch=batch,
     )
+
+
+# ---- profile merges -----------------------------------------------------------------------------

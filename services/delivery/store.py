@@ -10,6 +10,13 @@ Workers serialise on one request with a session-level advisory lock per
 (claim -> SMTP -> record). A row in `sending` whose lock nobody holds belongs
 to a worker that died mid-send; a row whose lock is held belongs to a live
 worker and is left alone.
+
+Per person, delivery keeps only the messages (idempotency keys are unique per tenant,
+not per profile, so at most one send per key holds across a profile merge; there are
+no per-person caps here yet). A merge re-points the merged-away profile's messages to
+the survivor and remembers the alias; reads by profile and GDPR purges take the
+survivor's aliases along, so a message recorded under the old id while the merge was
+being applied is still the person's.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
+from relevans.kit.merges import ProfileMerge
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.delivery.domain import (
     ACCEPTED,
@@ -121,7 +129,21 @@ erased_profiles = sa.Table(
     sa.Column("erased_at", TZ, nullable=False),
 )
 
+# Profile merges: a merged-away id and the profile it stands for now. Chains are flattened (an id
+# merged into one that is merged later points to the last survivor), so one lookup resolves any id.
+merged_profiles = sa.Table(
+    "merged_profiles",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("surviving_profile_id", sa.Text, nullable=False),
+    sa.Column("merged_at", TZ, nullable=False),
+    sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
+)
+
 outbox = outbox_table(metadata)
+# First key of the transaction-level advisory lock that serialises one tenant's merges.
+MERGE_LOCK_NAMESPACE = 0x5256444D  # "RVDM"
 
 
 def address_hash(address: str) -> str:
@@ -130,6 +152,7 @@ def address_hash(address: str) -> str:
 
 
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
+Person = tuple[str, str]  # (tenant_id, profile_id)
 TemplateKey = tuple[str, str]  # (tenant_id, template_id)
 
 
@@ -166,6 +189,12 @@ class StatusUpdate:
 def lock_id(tenant_id: str, idempotency_key: str) -> int:
     """The 64-bit advisory lock id of one request."""
     digest = hashlib.blake2b(f"{tenant_id}\x00{idempotency_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def tenant_lock_key(tenant_id: str) -> int:
+    """A stable signed 32-bit key for the advisory lock of one tenant's merges."""
+    digest = hashlib.blake2b(tenant_id.encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
@@ -207,28 +236,28 @@ class DeliveryStore:
     # ---- GDPR ---------------------------------------------------------------------------------
 
     async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
-        """Delete the messages (and their status history) of erased people and suppress their
-        identifiers, in the caller's transaction."""
+        """Delete the messages (and their status history) of erased people — under any id merged
+        into them — and suppress their identifiers, in the caller's transaction. The merged-away
+        ids are erased with them and the links between ids go."""
         people = sorted({(e.tenant_id, e.profile_id) for e in erased})
+        merged_ids = (
+            await conn.execute(
+                merged_profiles.delete()
+                .where(
+                    sa.tuple_(merged_profiles.c.tenant_id, merged_profiles.c.surviving_profile_id).in_(people)
+                )
+                .returning(merged_profiles.c.tenant_id, merged_profiles.c.profile_id)
+            )
+        ).all()
+        everyone = sorted({*people, *((r.tenant_id, r.profile_id) for r in merged_ids)})
         await conn.execute(
             pg_insert(erased_profiles)
-            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in people])
+            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in everyone])
             .on_conflict_do_nothing()
         )
+        for tenant_id, profile_id in everyone:
+            await self._delete_messages(conn, tenant_id, profile_id)
         for e in sorted(erased, key=lambda e: (e.tenant_id, e.profile_id)):
-            ids = (
-                sa.select(messages.c.message_id)
-                .where(messages.c.tenant_id == e.tenant_id, messages.c.profile_id == e.profile_id)
-                .scalar_subquery()
-            )
-            await conn.execute(
-                history.delete().where(history.c.tenant_id == e.tenant_id, history.c.message_id.in_(ids))
-            )
-            await conn.execute(
-                messages.delete().where(
-                    messages.c.tenant_id == e.tenant_id, messages.c.profile_id == e.profile_id
-                )
-            )
             if e.identifier_hashes:
                 await conn.execute(
                     pg_insert(suppressions)
@@ -240,6 +269,83 @@ class DeliveryStore:
                     )
                     .on_conflict_do_nothing()
                 )
+
+    @staticmethod
+    async def _delete_messages(conn: AsyncConnection, tenant_id: str, profile_id: str) -> None:
+        ids = (
+            sa.select(messages.c.message_id)
+            .where(messages.c.tenant_id == tenant_id, messages.c.profile_id == profile_id)
+            .scalar_subquery()
+        )
+        await conn.execute(
+            history.delete().where(history.c.tenant_id == tenant_id, history.c.message_id.in_(ids))
+        )
+        await conn.execute(
+            messages.delete().where(messages.c.tenant_id == tenant_id, messages.c.profile_id == profile_id)
+        )
+
+    # ---- profile merges ------------------------------------------------------------------------
+
+    async def merge_people(
+        self, conn: AsyncConnection, merges: Sequence[ProfileMerge], now: datetime
+    ) -> None:
+        """Apply profile merges in order, in the caller's transaction (one tenant's merges at a
+        time): the merged-away id becomes an alias of the survivor (resolved through earlier
+        merges) and every message under an alias of the survivor moves to it. Redelivery moves
+        nothing more. When the survivor is already erased, the merged-away id is erased too."""
+        tenants = sorted({m.tenant_id for m in merges})
+        await conn.execute(
+            sa.text(
+                "SELECT pg_advisory_xact_lock(:ns, k) "
+                "FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS u(k, i) ORDER BY i"
+            ),
+            {"ns": MERGE_LOCK_NAMESPACE, "keys": sorted({tenant_lock_key(t) for t in tenants})},
+        )
+        m_ = merged_profiles
+        for m in merges:
+            tenant, gone = m.tenant_id, m.merged_profile_id
+            found = await self.survivors(conn, [(tenant, m.surviving_profile_id)])
+            survivor = found.get((tenant, m.surviving_profile_id), m.surviving_profile_id)
+            if survivor == gone:
+                continue  # would make the id stand for itself (profile never merges back)
+            alias = pg_insert(m_).values(
+                tenant_id=tenant, profile_id=gone, surviving_profile_id=survivor, merged_at=m.merged_at
+            )
+            await conn.execute(
+                alias.on_conflict_do_update(
+                    index_elements=["tenant_id", "profile_id"],
+                    set_={"surviving_profile_id": alias.excluded.surviving_profile_id},
+                )
+            )
+            await conn.execute(
+                m_.update()
+                .where(m_.c.tenant_id == tenant, m_.c.surviving_profile_id == gone)
+                .values(surviving_profile_id=survivor)
+            )
+            if await self.erased(conn, [(tenant, survivor)]):
+                await self.purge_people(conn, [Erased(tenant, survivor, "", ())], now)
+                continue
+            aliases = sa.select(m_.c.profile_id).where(
+                m_.c.tenant_id == tenant, m_.c.surviving_profile_id == survivor
+            )
+            await conn.execute(
+                messages.update()
+                .where(messages.c.tenant_id == tenant, messages.c.profile_id.in_(aliases))
+                .values(profile_id=survivor)
+            )
+
+    async def survivors(self, conn: AsyncConnection, people: Iterable[Person]) -> dict[Person, str]:
+        """The surviving profile id of each merged-away person among `people`."""
+        wanted = sorted(set(people))
+        if not wanted:
+            return {}
+        m = merged_profiles
+        rows = await conn.execute(
+            sa.select(m.c.tenant_id, m.c.profile_id, m.c.surviving_profile_id).where(
+                sa.tuple_(m.c.tenant_id, m.c.profile_id).in_(wanted)
+            )
+        )
+        return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
 
     async def erased(self, conn: AsyncConnection, people: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (tenant, profile id) pairs of erased people."""
@@ -332,14 +438,23 @@ class DeliveryStore:
     async def list_messages(
         self, tenant: str, *, profile_id: str, before_seq: int | None, limit: int
     ) -> list[MessageRecord]:
-        """Newest first; only `profile_id`'s when set; only those created before `before_seq`."""
+        """Newest first; only the person's when `profile_id` is set (it or the profile it was merged
+        into, under any id merged into that one); only those created before `before_seq`."""
         query = sa.select(messages).where(messages.c.tenant_id == tenant)
-        if profile_id:
-            query = query.where(messages.c.profile_id == profile_id)
         if before_seq is not None:
             query = query.where(messages.c.seq < before_seq)
         query = query.order_by(messages.c.seq.desc()).limit(limit)
         async with self.engine.connect() as conn:
+            if profile_id:
+                found = await self.survivors(conn, [(tenant, profile_id)])
+                person = found.get((tenant, profile_id), profile_id)
+                m = merged_profiles
+                aliases = sa.select(m.c.profile_id).where(
+                    m.c.tenant_id == tenant, m.c.surviving_profile_id == person
+                )
+                query = query.where(
+                    sa.or_(messages.c.profile_id == person, messages.c.profile_id.in_(aliases))
+                )
             rows = (await conn.execute(query)).all()
             changes = await self._history(conn, tenant, [r.message_id for r in rows])
         return [_record(r, changes.get(r.message_id, ())) for r in rows]

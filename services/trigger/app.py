@@ -1,9 +1,10 @@
-"""Assembles the trigger service: database, bus, outbox relay, gRPC servicer, event consumer, timers."""
+"""Assembles the trigger service: database, bus, outbox relay, gRPC servicer, consumers, timers."""
 
 from __future__ import annotations
 
 from relevans.kit.clock import Clock
 from relevans.kit.erasure import erasure_consumer
+from relevans.kit.merges import merge_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -14,6 +15,7 @@ from services.trigger.timers import TimerWorker
 
 SERVICE = "trigger"
 ERASURE_DURABLE = "trigger-erasure"
+MERGES_DURABLE = "trigger-merges"
 
 
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
@@ -22,6 +24,17 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
+    host.add_worker(
+        MERGES_DURABLE,
+        merge_consumer(
+            rt.bus,
+            service=SERVICE,
+            durable=MERGES_DURABLE,
+            engine=rt.engine,
+            merge_people=store.merge_people,
+            clock=clock,
+        ).run,
+    )
     host.add_worker(
         ERASURE_DURABLE,
         erasure_consumer(

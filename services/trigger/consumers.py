@@ -1,9 +1,14 @@
-"""Bus messages -> domain: enriched events start and cancel absence timers.
+"""Bus messages -> domain: enriched events start and cancel absence timers; merges re-point them.
 
 `EventConsumer.handle` decodes a batch of `relevans.profile.v1.EnrichedEvent`s and
 lets the store decide and apply what they mean in ONE transaction; the kit's
 `Consumer` acks the batch only after that commit. Redelivered events change
 nothing: timers are keyed by their start event and cancels are idempotent.
+
+`MergeConsumer.handle` applies `relevans.profile.v1.ProfileMerged` messages
+(`rv.profile.merged`) the same way: the merged-away profile's timers, state and
+firings follow the surviving profile, and its id resolves to the survivor from
+then on, so triggers see one person. Redelivered merges find nothing left to move.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ The store applies what the domain decides: `apply_events` loads the definitions
 and per-profile state a batch of events needs, asks `plan_events` what the
 events mean, and writes timers, cancellations and state in the caller's single
 transaction; `fire_due` claims due timers with `FOR UPDATE SKIP LOCKED` and
-writes their delivery requests to the outbox in the same transaction.
+writes their delivery requests to the outbox in the same transaction;
+`merge_people` re-points a merged-away profile's timers, state and firings to the
+surviving profile and remembers the alias, so the person's later events — under
+either id — find one state.
 
 Concurrency: a batch takes a transaction-scoped advisory lock per (tenant,
 profile) it touches, in a fixed order, before reading state, so two service
@@ -12,14 +15,16 @@ instances never interleave one person's start and cancel events. A timer is
 claimed by one worker at a time; a cancel that races a firing waits for the
 row lock and then finds the timer no longer pending. The `firings` table keys
 each firing by (tenant, trigger, profile, occurrence): whatever happens, a
-firing writes its delivery request once.
+firing writes its delivery request once. A merge takes the locks of both
+profiles; a batch of events resolves merged-away ids to their survivors before
+locking and re-checks after, so no event lands on an id a merge just retired.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -30,18 +35,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
+from relevans.kit.merges import ProfileMerge
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.trigger.domain import (
     Absence,
     DueTimer,
     EventFacts,
     Firing,
+    PendingTimer,
     Plan,
     StateKey,
     TriggerDef,
     TriggerState,
     fire,
     plan_events,
+    plan_merge,
     relevant_events,
     resolve_create,
 )
@@ -129,12 +137,29 @@ erased_profiles = sa.Table(
     sa.Column("erased_at", TZ, nullable=False),
 )
 
+# Profile merges: a merged-away id and the profile it stands for now. Chains are flattened (an id
+# merged into one that is merged later points to the last survivor), so one lookup resolves any id.
+merged_profiles = sa.Table(
+    "merged_profiles",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("surviving_profile_id", sa.Text, nullable=False),
+    sa.Column("merged_at", TZ, nullable=False),
+    sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
+)
+
 outbox = outbox_table(metadata)
 
 # The key of timers and firings: one per (tenant, trigger, profile, occurrence).
 TIMER_KEY = ["tenant_id", "trigger_id", "profile_id", "occurrence"]
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
+Person = tuple[str, str]  # (tenant_id, profile_id)
+
+
+class MergedMeanwhile(Exception):
+    """A profile was merged away while this transaction waited for its lock; the bus retries it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,8 +193,9 @@ class TriggerStore:
     # ---- GDPR ---------------------------------------------------------------------------------
 
     async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
-        """Delete the timers, trigger states and firings of erased people (in the caller's
-        transaction), under their advisory locks so no event of theirs is applied meanwhile."""
+        """Delete the timers, trigger states and firings of erased people and of the ids merged into
+        them (in the caller's transaction), under their advisory locks so no event of theirs is
+        applied meanwhile."""
         people = sorted({(e.tenant_id, e.profile_id) for e in erased})
         await self._lock_people(conn, people)
         await conn.execute(
@@ -177,11 +203,163 @@ class TriggerStore:
             .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in people])
             .on_conflict_do_nothing()
         )
-        for tenant_id, profile_id in people:
+        # The ids merged into an erased person are erased with them, and the links between ids go.
+        merged_ids = (
+            await conn.execute(
+                merged_profiles.delete()
+                .where(
+                    sa.tuple_(merged_profiles.c.tenant_id, merged_profiles.c.surviving_profile_id).in_(people)
+                )
+                .returning(merged_profiles.c.tenant_id, merged_profiles.c.profile_id)
+            )
+        ).all()
+        if merged_ids:
+            await conn.execute(
+                pg_insert(erased_profiles)
+                .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in merged_ids])
+                .on_conflict_do_nothing()
+            )
+        for tenant_id, profile_id in sorted({*people, *((r.tenant_id, r.profile_id) for r in merged_ids)}):
             for table in (timers, trigger_states, firings):
                 await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant_id, table.c.profile_id == profile_id)
                 )
+
+    # ---- profile merges ------------------------------------------------------------------------
+
+    async def merge_people(
+        self, conn: AsyncConnection, merges: Sequence[ProfileMerge], now: datetime
+    ) -> None:
+        """Apply profile merges in order, in the caller's transaction, under both profiles' locks.
+
+        The merged-away id becomes an alias of the survivor (the survivor resolved through earlier
+        merges); its timers and firings move to the survivor, so a firing already recorded under
+        either id keeps deduplicating; the two states are combined and the pending timers settled
+        by `plan_merge` (one pending reminder per trigger: the newest cart's). Redelivery finds
+        nothing left under the merged-away id and changes nothing. When the survivor is already
+        erased (the erasure overtook the merge), the merged-away profile is erased with it.
+        """
+        wanted = [m for m in merges if m.merged_profile_id != m.surviving_profile_id]
+        involved = {(m.tenant_id, p) for m in wanted for p in (m.merged_profile_id, m.surviving_profile_id)}
+        if not involved:
+            return
+        survivors = await self._survivors(conn, involved)
+        locked = involved | {(tenant, s) for (tenant, _), s in survivors.items()}
+        await self._lock_people(conn, sorted(locked))
+        for m in wanted:
+            await self._merge(conn, m, locked, now)
+
+    async def _merge(
+        self, conn: AsyncConnection, m: ProfileMerge, locked: set[Person], now: datetime
+    ) -> None:
+        tenant, gone = m.tenant_id, m.merged_profile_id
+        found = await self._survivors(conn, [(tenant, m.surviving_profile_id)])
+        survivor = found.get((tenant, m.surviving_profile_id), m.surviving_profile_id)
+        if survivor == gone:
+            return  # would make the id stand for itself (profile never merges back): nothing to move
+        if (tenant, survivor) not in locked:
+            raise MergedMeanwhile(f"profile {m.surviving_profile_id!r} was merged meanwhile")
+        alias = pg_insert(merged_profiles).values(
+            tenant_id=tenant, profile_id=gone, surviving_profile_id=survivor, merged_at=m.merged_at
+        )
+        await conn.execute(
+            alias.on_conflict_do_update(
+                index_elements=["tenant_id", "profile_id"],
+                set_={"surviving_profile_id": alias.excluded.surviving_profile_id},
+            )
+        )
+        await conn.execute(
+            merged_profiles.update()
+            .where(merged_profiles.c.tenant_id == tenant, merged_profiles.c.surviving_profile_id == gone)
+            .values(surviving_profile_id=survivor)
+        )
+        if await self._erased(conn, [(tenant, survivor)]):
+            await self.purge_people(conn, [Erased(tenant, survivor, "", ())], now)
+            return
+        for table in (timers, firings):
+            await self._move(conn, table, tenant, gone, survivor)
+        states = await self._states(conn, [(tenant, survivor), (tenant, gone)])
+        t = timers
+        pending = (
+            await conn.execute(
+                sa.select(t.c.trigger_id, t.c.occurrence, t.c.started_at).where(
+                    t.c.tenant_id == tenant, t.c.profile_id == survivor, t.c.status == "pending"
+                )
+            )
+        ).all()
+        plan = plan_merge(
+            {trigger: st for (_, trigger, p), st in states.items() if p == survivor},
+            {trigger: st for (_, trigger, p), st in states.items() if p == gone},
+            [PendingTimer(r.trigger_id, r.occurrence, r.started_at) for r in pending],
+            merged_profile_id=gone,
+        )
+        await conn.execute(
+            trigger_states.delete().where(
+                trigger_states.c.tenant_id == tenant, trigger_states.c.profile_id == gone
+            )
+        )
+        await self._write_states(
+            conn, {(tenant, trigger, survivor): st for trigger, st in plan.states.items()}, now
+        )
+        if plan.retire:
+            await conn.execute(
+                t.update()
+                .where(
+                    t.c.tenant_id == tenant,
+                    t.c.profile_id == survivor,
+                    t.c.trigger_id == sa.bindparam("b_trigger"),
+                    t.c.occurrence == sa.bindparam("b_occurrence"),
+                    t.c.status == "pending",
+                )
+                .values(
+                    status=sa.bindparam("b_status"),
+                    cancelled_at=now,
+                    reason=sa.bindparam("b_reason"),
+                ),
+                [
+                    {
+                        "b_trigger": r.trigger_id,
+                        "b_occurrence": r.occurrence,
+                        "b_status": r.status,
+                        "b_reason": r.reason,
+                    }
+                    for r in plan.retire
+                ],
+            )
+
+    @staticmethod
+    async def _move(conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, survivor: str) -> None:
+        """Re-point a timers-keyed table's rows (an UPDATE, so a row a timer worker holds is waited
+        for and moved as it committed); a row whose key the survivor already has is dropped."""
+        theirs = table.alias("theirs")
+        await conn.execute(
+            table.update()
+            .where(
+                table.c.tenant_id == tenant,
+                table.c.profile_id == gone,
+                ~sa.exists().where(
+                    theirs.c.tenant_id == tenant,
+                    theirs.c.profile_id == survivor,
+                    theirs.c.trigger_id == table.c.trigger_id,
+                    theirs.c.occurrence == table.c.occurrence,
+                ),
+            )
+            .values(profile_id=survivor)
+        )
+        await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
+
+    async def _survivors(self, conn: AsyncConnection, people: Iterable[Person]) -> dict[Person, str]:
+        """The surviving profile id of each merged-away person among `people`."""
+        wanted = sorted(set(people))
+        if not wanted:
+            return {}
+        m = merged_profiles
+        rows = await conn.execute(
+            sa.select(m.c.tenant_id, m.c.profile_id, m.c.surviving_profile_id).where(
+                sa.tuple_(m.c.tenant_id, m.c.profile_id).in_(wanted)
+            )
+        )
+        return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
 
     # ---- definitions ---------------------------------------------------------------------------
 
@@ -285,8 +463,16 @@ class TriggerStore:
         relevant = relevant_events(by_tenant, events)
         if not relevant:
             return Plan([], {})
+        survivors = await self._survivors(conn, {(e.tenant_id, e.profile_id) for e in relevant})
+        if survivors:
+            relevant = [
+                replace(e, profile_id=survivors.get((e.tenant_id, e.profile_id), e.profile_id))
+                for e in relevant
+            ]
         people = sorted({(e.tenant_id, e.profile_id) for e in relevant})
         await self._lock_people(conn, people)
+        if await self._survivors(conn, people):
+            raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
         erased = await self._erased(conn, people)
         if erased:
             relevant = [e for e in relevant if (e.tenant_id, e.profile_id) not in erased]
@@ -430,32 +616,39 @@ class TriggerStore:
                     for i in schedules
                 ],
             )
-        if plan.states:
-            insert = pg_insert(trigger_states).values(
-                [
-                    {
-                        "tenant_id": tenant,
-                        "trigger_id": trigger,
-                        "profile_id": profile,
-                        "last_start_at": st.last_start_at,
-                        "last_start_occurrence": st.last_start_occurrence,
-                        "last_cancel_at": st.last_cancel_at,
-                        "updated_at": now,
-                    }
-                    for (tenant, trigger, profile), st in plan.states.items()
-                ]
+        await self._write_states(conn, plan.states, now)
+
+    @staticmethod
+    async def _write_states(
+        conn: AsyncConnection, states: dict[StateKey, TriggerState], now: datetime
+    ) -> None:
+        if not states:
+            return
+        insert = pg_insert(trigger_states).values(
+            [
+                {
+                    "tenant_id": tenant,
+                    "trigger_id": trigger,
+                    "profile_id": profile,
+                    "last_start_at": st.last_start_at,
+                    "last_start_occurrence": st.last_start_occurrence,
+                    "last_cancel_at": st.last_cancel_at,
+                    "updated_at": now,
+                }
+                for (tenant, trigger, profile), st in states.items()
+            ]
+        )
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["tenant_id", "trigger_id", "profile_id"],
+                set_={
+                    "last_start_at": insert.excluded.last_start_at,
+                    "last_start_occurrence": insert.excluded.last_start_occurrence,
+                    "last_cancel_at": insert.excluded.last_cancel_at,
+                    "updated_at": insert.excluded.updated_at,
+                },
             )
-            await conn.execute(
-                insert.on_conflict_do_update(
-                    index_elements=["tenant_id", "trigger_id", "profile_id"],
-                    set_={
-                        "last_start_at": insert.excluded.last_start_at,
-                        "last_start_occurrence": insert.excluded.last_start_occurrence,
-                        "last_cancel_at": insert.excluded.last_cancel_at,
-                        "updated_at": insert.excluded.updated_at,
-                    },
-                )
-            )
+        )
 
     # ---- timers --------------------------------------------------------------------------------
 

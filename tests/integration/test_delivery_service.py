@@ -30,9 +30,11 @@ from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.kit.smtp_sink import SmtpSink
+from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build
-from services.delivery.store import lock_id, messages
+from services.delivery.profiles import ProfileClient
+from services.delivery.store import lock_id, merged_profiles, messages
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, field_violations, stays
 
@@ -651,3 +653,121 @@ async def test_messages_are_listed_newest_first_per_profile_and_tenant(harness: 
         )
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+# ---- profile merges -----------------------------------------------------------------------------
+
+
+async def shadow(harness: Harness, anonymous_id: str) -> str:
+    """A profile known only by an anonymous id."""
+    event = profile_pb2.Event(type="page_view", anonymous_id=anonymous_id)
+    reply = await harness.profiles.Track(
+        profile_pb2.TrackRequest(event=event), metadata=token(TENANT, "ingest")
+    )
+    return str(reply.profile_id)
+
+
+async def identify(harness: Harness, anonymous_id: str) -> None:
+    await harness.profiles.Identify(
+        profile_pb2.IdentifyRequest(email=EMAIL, anonymous_id=anonymous_id), metadata=token(TENANT, "ingest")
+    )
+
+
+async def merges_consumed(harness: Harness) -> bool:
+    info = await harness.js.consumer_info("RV_PROFILE", "delivery-merges")
+    return not info.num_pending and not info.num_ack_pending
+
+
+async def survivor_of(harness: Harness, profile_id: str) -> str | None:
+    async with harness.engine.connect() as conn:
+        m = merged_profiles
+        return await conn.scalar(sa.select(m.c.surviving_profile_id).where(m.c.profile_id == profile_id))
+
+
+async def message_rows(harness: Harness) -> list[tuple[str, str]]:
+    async with harness.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(messages.c.idempotency_key, messages.c.profile_id).order_by(messages.c.idempotency_key)
+        )
+        return [(r.idempotency_key, r.profile_id) for r in rows]
+
+
+async def test_a_merge_gives_the_shadows_messages_and_later_requests_to_the_known_person(
+    harness: Harness,
+) -> None:
+    known = await harness.customer()
+    await harness.put_template()
+    anon = await shadow(harness, "cookie-1")
+    before = await harness.request(anon, "abandoned-cart:anon:e1")
+    assert (await harness.final(before)).status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED  # no address yet
+
+    await identify(harness, "cookie-1")  # profile merges the shadow into Ada and publishes ProfileMerged
+    await eventually(lambda: _rows_are(harness, [(before, known)]))
+    [listed] = await harness.messages(profile_id=known)
+    assert (listed.idempotency_key, listed.profile_id) == (before, known)
+    assert await harness.messages(profile_id=anon) == [listed]  # the old id stands for the survivor
+
+    # A request the trigger service still addresses to the merged-away id goes to Ada, once.
+    after = await harness.request(anon, "abandoned-cart:anon:e2")
+    [mail] = await eventually(harness.some_mail)
+    assert mail["To"] == EMAIL
+    sent = await harness.final(after)
+    assert (sent.status, sent.profile_id) == (delivery_pb2.MESSAGE_STATUS_SENT, known)
+    await harness.request(anon, after)
+    await eventually(harness.requests_done)
+    await stays(harness.more_than_one_mail, duration=0.4)
+
+    # The merge delivered again moves nothing and changes nothing.
+    rows = await message_rows(harness)
+    again = profile_bus_pb2.ProfileMerged(
+        tenant_id=TENANT, surviving_profile_id=known, merged_profile_id=anon, reason="anonymous_id"
+    )
+    await harness.js.publish("rv.profile.merged", again.SerializeToString())
+    await eventually(lambda: merges_consumed(harness))
+    assert await message_rows(harness) == rows == [(before, known), (after, known)]
+
+
+async def _rows_are(harness: Harness, expected: list[tuple[str, str]]) -> bool:
+    return await message_rows(harness) == expected
+
+
+async def test_the_profile_client_answers_a_merged_away_id_with_the_survivor(harness: Harness) -> None:
+    known = await harness.customer()
+    anon = await shadow(harness, "cookie-2")
+    await identify(harness, "cookie-2")
+    client = ProfileClient(
+        harness.settings.profile_target,
+        deadline_s=2.0,
+        secret=harness.settings.token_secret,
+        clock=harness.clock,
+    )
+    try:
+        views = await client.batch_get(TENANT, [anon, known, "no-such-profile"])
+    finally:
+        await client.close()
+    assert set(views) == {anon, known}
+    assert (views[anon].profile_id, views[anon].email, views[anon].first_name) == (known, EMAIL, "Ada")
+
+
+async def test_erasing_the_survivor_deletes_messages_recorded_under_the_merged_away_id(
+    harness: Harness,
+) -> None:
+    known = await harness.customer()
+    await harness.put_template()
+    anon = await shadow(harness, "cookie-3")
+    await identify(harness, "cookie-3")
+    assert await eventually(lambda: survivor_of(harness, anon)) == known
+    # A message recorded under the old id while the merge was being applied is still the person's.
+    await insert_message(harness, "abandoned-cart:anon:late", anon, "sent")
+    [late] = await harness.messages(profile_id=known)
+    assert late.idempotency_key == "abandoned-cart:anon:late"
+
+    await harness.profiles.EraseProfile(
+        profile_pb2.EraseProfileRequest(profile_id=known, request_id="erase-1"),
+        metadata=token(TENANT, "admin"),
+    )
+    await eventually(lambda: _rows_are(harness, []))
+    # A late request for the merged-away id is dropped like one for the person.
+    await harness.request(anon, "abandoned-cart:anon:after-erasure")
+    await eventually(harness.requests_done)
+    assert await message_rows(harness) == []

@@ -505,3 +505,132 @@ async def test_tenant_b_cannot_see_or_touch_tenant_a(harness: Harness) -> None:
         trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token("tenant-a")
     )
     assert got.trigger.absence.delay.seconds == int(DELAY.total_seconds())
+
+
+# ---- profile merges -----------------------------------------------------------------------------
+
+
+def merged(survivor: str, gone: str, tenant: str = TENANT) -> profile_bus_pb2.ProfileMerged:
+    msg = profile_bus_pb2.ProfileMerged(
+        tenant_id=tenant, surviving_profile_id=survivor, merged_profile_id=gone, reason="anonymous_id"
+    )
+    msg.merge_time.GetCurrentTime()
+    return msg
+
+
+async def publish_merge(harness: Harness, msg: profile_bus_pb2.ProfileMerged) -> None:
+    await harness.js.publish("rv.profile.merged", msg.SerializeToString())  # no Nats-Msg-Id: kept twice
+
+
+async def merges_consumed(harness: Harness) -> bool:
+    info = await harness.js.consumer_info("RV_PROFILE", "trigger-merges")
+    return not info.num_pending and not info.num_ack_pending
+
+
+async def rows(harness: Harness, table: str) -> list[tuple[Any, ...]]:
+    async with harness.engine.connect() as conn:
+        result = await conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4"))
+        return [tuple(r) for r in result]
+
+
+async def test_a_merge_moves_timers_state_and_firings_to_the_survivor(harness: Harness) -> None:
+    await harness.create()
+    # The known customer's cart was reminded already; the anonymous visitor's cart is pending.
+    old_cart = harness.enriched("add_to_cart", profile_id="known", product_name="Socks")
+    await harness.publish(old_cart)
+    await eventually(harness.pending)
+    await harness.clock.advance(DELAY)
+    [first] = await eventually(harness.requests)
+    assert first.idempotency_key == f"{TRIGGER_ID}:known:{old_cart.event_id}"
+    cart = harness.enriched("add_to_cart", profile_id="anon", product_name="Shoes")
+    await harness.publish(cart)
+    await eventually(lambda: _pending_of(harness, "anon"))
+
+    await publish_merge(harness, merged("known", "anon"))
+    [timer] = await eventually(lambda: _pending_of(harness, "known"))
+    assert timer.occurrence == cart.event_id
+    assert {t.profile_id for t in await harness.timers()} == {"known"}
+    [state] = await rows(harness, "trigger_states")
+    assert state[2:4] == ("known", cart.event.timestamp.ToDatetime(tzinfo=harness.clock.now().tzinfo))
+    assert {(f[2], f[3]) for f in await rows(harness, "firings")} == {("known", old_cart.event_id)}
+    assert [(a[1], a[2]) for a in await rows(harness, "merged_profiles")] == [("anon", "known")]
+
+    # Late copies of both carts, under either id, schedule nothing new and send nothing again.
+    for late in (old_cart, cart):
+        await harness.publish(late)
+    await eventually(harness.consumed)
+    assert len(await harness.timers()) == 2
+    await harness.clock.advance(DELAY)
+    got = await eventually(lambda: _at_least(harness, 2))
+    assert got[1].idempotency_key == f"{TRIGGER_ID}:known:{cart.event_id}"
+    assert got[1].profile_id == "known"
+    assert from_struct(got[1].variables)["event"] == {"product_name": "Shoes"}
+    await harness.clock.advance(DELAY * 2)
+    await stays(lambda: _at_least(harness, 3), duration=0.5)
+
+
+async def test_two_pending_timers_keep_the_newest_cart_and_a_redelivered_merge_changes_nothing(
+    harness: Harness,
+) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart", profile_id="known", product_name="Socks"))
+    await eventually(lambda: _pending_of(harness, "known"))
+    await harness.clock.advance(timedelta(hours=1))
+    newer = harness.enriched("add_to_cart", profile_id="anon", product_name="Shoes")
+    await harness.publish(newer)
+    await eventually(lambda: _pending_of(harness, "anon"))
+
+    merge = merged("known", "anon")
+    await publish_merge(harness, merge)
+    await eventually(lambda: _statuses(harness, ["superseded", "pending"]))
+    [pending] = await harness.pending()
+    assert (pending.profile_id, pending.occurrence) == ("known", newer.event_id)
+    [superseded] = await harness.timers("superseded")
+    assert superseded.reason == f"superseded by {newer.event_id} on merge of anon"
+    before = {t: await rows(harness, t) for t in ("timers", "trigger_states", "firings", "merged_profiles")}
+
+    await publish_merge(harness, merge)
+    await eventually(lambda: merges_consumed(harness))
+    assert {t: await rows(harness, t) for t in before} == before
+
+    # A later cart under the merged-away id is the survivor's and supersedes its reminder.
+    await harness.clock.advance(timedelta(minutes=5))
+    latest = harness.enriched("add_to_cart", profile_id="anon", product_name="Hat")
+    await harness.publish(latest)
+    await eventually(lambda: _statuses(harness, ["superseded", "superseded", "pending"]))
+    assert {t.profile_id for t in await harness.timers()} == {"known"}
+    await harness.clock.advance(DELAY)
+    [request] = await eventually(harness.requests)
+    assert request.idempotency_key == f"{TRIGGER_ID}:known:{latest.event_id}"
+    await harness.clock.advance(DELAY)
+    await stays(harness.more_than_one_request, duration=0.5)
+
+
+async def test_a_purchase_of_the_survivor_after_the_merged_cart_cancels_it(harness: Harness) -> None:
+    await harness.create()
+    await harness.publish(harness.enriched("add_to_cart", profile_id="anon"))
+    await eventually(harness.pending)
+    await harness.clock.advance(timedelta(minutes=10))
+    await harness.publish(harness.enriched("purchase", profile_id="known"))
+    await eventually(harness.consumed)
+    # Merges chain: the survivor is merged once more; the first merge arrives after the second.
+    await publish_merge(harness, merged("customer", "known"))
+    await eventually(lambda: merges_consumed(harness))
+    await publish_merge(harness, merged("known", "anon"))
+    await eventually(harness.no_pending)
+    [timer] = await harness.timers()
+    assert (timer.profile_id, timer.status, timer.reason) == (
+        "customer",
+        "cancelled",
+        "cancelled on merge of anon",
+    )
+    assert sorted((a[1], a[2]) for a in await rows(harness, "merged_profiles")) == [
+        ("anon", "customer"),
+        ("known", "customer"),
+    ]
+    await harness.clock.advance(DELAY * 2)
+    await stays(harness.requests, duration=0.4)
+
+
+async def _pending_of(harness: Harness, profile_id: str) -> list[sa.Row[Any]]:
+    return [t for t in await harness.pending() if t.profile_id == profile_id]

@@ -191,3 +191,93 @@ def decide(
     if state.cancelled_at_or_after(event.occurred_at):
         return cancel, None
     return cancel, replace(state, last_cancel_at=event.occurred_at)
+
+
+# ---- profile merges ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTimer:
+    """A pending timer of the surviving profile after a merge moved the other profile's timers to it."""
+
+    trigger_id: str
+    occurrence: str
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RetireTimer:
+    """Take a pending timer out of the race: `cancelled` or `superseded`, with the reason."""
+
+    trigger_id: str
+    occurrence: str
+    status: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    # The survivor's state per trigger, for every trigger either profile had state for.
+    states: dict[str, TriggerState]
+    retire: list[RetireTimer]
+
+
+def merge_states(a: TriggerState, b: TriggerState) -> TriggerState:
+    """One person's state from two profiles' states: the latest start and the latest cancel of either."""
+    start = a
+    b_start, b_occurrence = b.last_start_at, b.last_start_occurrence
+    if b_start is not None and b_occurrence is not None and a.start_is_newer(b_start, b_occurrence):
+        start = b
+    cancels = [s.last_cancel_at for s in (a, b) if s.last_cancel_at is not None]
+    return TriggerState(
+        last_start_at=start.last_start_at,
+        last_start_occurrence=start.last_start_occurrence,
+        last_cancel_at=max(cancels) if cancels else None,
+    )
+
+
+def plan_merge(
+    survivor: Mapping[str, TriggerState],
+    merged: Mapping[str, TriggerState],
+    pending: Sequence[PendingTimer],
+    *,
+    merged_profile_id: str,
+) -> MergePlan:
+    """What merging a profile into another means for their triggers (both keyed by trigger id).
+
+    The merged state is what one profile would hold had it seen both profiles' events, and the
+    pending timers (the survivor's and the moved ones) are settled by the rules events follow:
+    a timer that started at or before the latest cancel of either profile is cancelled, and of
+    the rest only the newest start (by start time, then occurrence) stays pending, the others are
+    superseded — at most one reminder per trigger and person, for the newest cart.
+    """
+    why = f"merge of {merged_profile_id}"
+    states = {
+        t: merge_states(survivor.get(t, TriggerState()), merged.get(t, TriggerState()))
+        for t in sorted({*survivor, *merged})
+    }
+    retire: list[RetireTimer] = []
+    by_trigger: dict[str, list[PendingTimer]] = {}
+    for p in pending:
+        by_trigger.setdefault(p.trigger_id, []).append(p)
+    for trigger_id, timers in by_trigger.items():
+        state = states.get(trigger_id, TriggerState())
+        live: list[PendingTimer] = []
+        for t in timers:
+            if state.cancelled_at_or_after(t.started_at):
+                retire.append(RetireTimer(trigger_id, t.occurrence, "cancelled", f"cancelled on {why}"))
+            else:
+                live.append(t)
+        if not live:
+            continue
+        newest = max(live, key=lambda t: (t.started_at, t.occurrence))
+        if state.start_is_newer(newest.started_at, newest.occurrence):
+            state = replace(state, last_start_at=newest.started_at, last_start_occurrence=newest.occurrence)
+            states[trigger_id] = state
+        winner = state.last_start_occurrence
+        retire += [
+            RetireTimer(trigger_id, t.occurrence, "superseded", f"superseded by {winner} on {why}")
+            for t in live
+            if t.occurrence != winner
+        ]
+    return MergePlan(states, retire)

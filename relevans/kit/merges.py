@@ -1,0 +1,95 @@
+"""Profile merges as the services that follow people see them (`rv.profile.merged`).
+
+The profile service publishes `relevans.profile.v1.ProfileMerged` when one profile is merged into
+another; trigger and delivery move what they keep under the merged-away id to the survivor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from relevans.kit.bus import Bus, Consumer
+from relevans.kit.clock import Clock
+from relevans.profile.v1 import bus_pb2
+
+STREAM = "RV_PROFILE"
+MERGED_SUBJECT = "rv.profile.merged"
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileMerge:
+    """Profile `merged_profile_id` was merged into `surviving_profile_id` and now stands for it."""
+
+    tenant_id: str
+    surviving_profile_id: str
+    merged_profile_id: str
+    merged_at: datetime
+
+
+def decode_merges(msgs: Sequence[Msg], now: datetime) -> list[ProfileMerge]:
+    """The usable merges of a batch, in order; unusable messages are logged and skipped (a missing
+    or invalid merge time is taken as `now`)."""
+    out: list[ProfileMerge] = []
+    for m in msgs:
+        try:
+            merged = bus_pb2.ProfileMerged.FromString(m.data)
+        except DecodeError:
+            log.error("undecodable merge skipped", subject=m.subject, size=len(m.data))
+            continue
+        if not (merged.tenant_id and merged.surviving_profile_id and merged.merged_profile_id):
+            log.error("incomplete merge skipped", subject=m.subject)
+            continue
+        at = now
+        if merged.HasField("merge_time"):
+            try:
+                at = merged.merge_time.ToDatetime(tzinfo=UTC)
+            except (ValueError, OverflowError):
+                log.warning("merge with an invalid merge_time", subject=m.subject)
+        out.append(ProfileMerge(merged.tenant_id, merged.surviving_profile_id, merged.merged_profile_id, at))
+    return out
+
+
+# Moves what a service keeps under merged-away ids to the survivors, inside the caller's transaction.
+MergePeople = Callable[[AsyncConnection, Sequence[ProfileMerge], datetime], Awaitable[None]]
+
+
+class MergeHandler:
+    """Applies a batch of merges in one transaction; the kit's Consumer acks after the commit, so a
+    redelivered batch finds nothing left under the old ids."""
+
+    def __init__(self, service: str, engine: AsyncEngine, merge_people: MergePeople, clock: Clock) -> None:
+        self.service = service
+        self.engine = engine
+        self.merge_people = merge_people
+        self.clock = clock
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        now = self.clock.now()
+        merges = decode_merges(msgs, now)
+        if not merges:
+            return
+        async with self.engine.begin() as conn:
+            await self.merge_people(conn, merges, now)
+        log.info("profile merges applied", service=self.service, count=len(merges))
+
+
+def merge_consumer(
+    bus: Bus, *, service: str, durable: str, engine: AsyncEngine, merge_people: MergePeople, clock: Clock
+) -> Consumer:
+    return Consumer(
+        bus,
+        service=service,
+        stream=STREAM,
+        durable=durable,
+        filter_subject=MERGED_SUBJECT,
+        handler=MergeHandler(service, engine, merge_people, clock).handle,
+    )
