@@ -6,6 +6,8 @@ from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
+from services.profile import enrichment_servicer, segment_servicer
+from services.profile.enrichment import EnrichmentCache, EnrichmentStore
 from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
 from services.profile.servicer import ProfileServicer, binding, consent_changed, profile_merged
 from services.profile.store import ProfileStore, outbox
@@ -16,10 +18,23 @@ SERVICE = "profile"
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
     """The profile service, not yet started; the caller migrates its database first."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    store = ProfileStore(rt.engine, consent_message=consent_changed, merged_message=profile_merged)
+    enrichment = EnrichmentCache(clock)
+    store = ProfileStore(
+        rt.engine,
+        consent_message=consent_changed,
+        merged_message=profile_merged,
+        definitions=enrichment.get,
+    )
     servicer = ProfileServicer(
         store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
     )
-    host = rt.host([binding(servicer)])
+    definitions = enrichment_servicer.EnrichmentServicer(EnrichmentStore(rt.engine), clock, enrichment)
+    host = rt.host(
+        [
+            binding(servicer),
+            enrichment_servicer.binding(definitions),
+            segment_servicer.binding(rt.engine, clock),
+        ]
+    )
     host.add_worker(ACKS_DURABLE, erasure_ack_consumer(rt.bus, servicer.gdpr, clock).run)
     return host

@@ -37,6 +37,7 @@ from services.profile.store import (
     profile_tags,
     profile_traits,
     profiles,
+    segment_members,
 )
 
 log = structlog.get_logger(__name__)
@@ -223,7 +224,15 @@ class GdprStore:
             ).scalars()
             keys = {(i.kind, identifier_hash(i.value)) for i in idents}
             keys |= {("phone", identifier_hash(ph)) for ph in phones}
-            for table in (events, identities, consents, consent_ledger, profile_tags, profile_traits):
+            for table in (
+                events,
+                identities,
+                consents,
+                consent_ledger,
+                profile_tags,
+                profile_traits,
+                segment_members,
+            ):
                 await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant, table.c.profile_id.in_(ids))
                 )

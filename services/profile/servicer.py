@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ from relevans.kit.bus import event_subject
 from relevans.kit.clock import Clock
 from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage
-from relevans.kit.proto import to_timestamp
+from relevans.kit.proto import from_value, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
 from services.profile.domain import (
@@ -35,17 +37,21 @@ from services.profile.domain import (
     validate_profile_ids,
     validate_set_consent,
 )
-from services.profile.domain.identity import new_profile_id
+from services.profile.domain.identity import Enriched, new_profile_id
 from services.profile.domain.ids import random_uuid, time_ordered_ids
 from services.profile.domain.imports import (
     MAX_REPORTED_ERRORS,
+    ImportRow,
     RawImportRow,
     validate_batch_size,
     validate_rows,
     validate_source,
 )
+from services.profile.domain.merge import validate_merge_request
+from services.profile.domain.profiles import DEFAULT_FIELDS, PROFILE_FIELDS, TraitValue, validate_read_mask
+from services.profile.domain.traits import validate_set_traits
 from services.profile.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
-from services.profile.store import EventMessage, ImportResult, ProfileStore, TrackResult
+from services.profile.store import EventMessage, ImportInFlight, ImportResult, ProfileStore, TrackResult
 
 SERVICE_NAME = "relevans.profile.v1.ProfileService"
 SCOPES = {
@@ -56,6 +62,8 @@ SCOPES = {
     "GetProfile": "read",
     "BatchGetProfiles": "read",
     "ImportProfiles": "ingest",
+    "SetTraits": "ingest",
+    "MergeProfiles": "admin",
     # personal data of one person, and its erasure
     "ExportProfile": "admin",
     "EraseProfile": "admin",
@@ -67,26 +75,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # ---- proto <-> domain -------------------------------------------------------------------------
 
 
-def _value(v: struct_pb2.Value) -> Any:
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "number_value":
-        return v.number_value
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "struct_value":
-        fields = v.struct_value.fields
-        return {k: _value(fields[k]) for k in fields}
-    if kind == "list_value":
-        return [_value(x) for x in v.list_value.values]
-    return None
-
-
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain Python values (numbers stay floats, as JSON numbers in the Struct are)."""
     fields = s.fields
-    return {k: _value(fields[k]) for k in fields}
+    return {k: from_value(fields[k]) for k in fields}
 
 
 def raw_event(e: profile_pb2.Event) -> RawEvent:
@@ -136,8 +128,23 @@ def consent_proto(c: Consent) -> profile_pb2.Consent:
     )
 
 
-def profile_proto(p: Profile) -> profile_pb2.Profile:
-    return profile_pb2.Profile(
+ALL_FIELDS = frozenset(PROFILE_FIELDS)
+
+
+def enriched_fields(e: Enriched) -> dict[str, Any]:
+    """The Profile message fields of a profile's enriched part."""
+    return {
+        "traits": {k: to_value(v) for k, v in e.traits.items()},
+        "tags": e.tags,
+        "counters": [profile_pb2.CounterValue(name=n, window_days=w, count=c) for n, w, c in e.counters],
+        "score": e.score,
+        "last_seen": {t: to_timestamp(at) for t, at in e.last_seen.items()},
+    }
+
+
+def profile_proto(p: Profile, fields: frozenset[str] = DEFAULT_FIELDS) -> profile_pb2.Profile:
+    """The Profile message with `fields` set (see domain.profiles.validate_read_mask)."""
+    message = profile_pb2.Profile(
         profile_id=p.profile_id,
         customer_id=p.customer_id or "",
         email=p.email or "",
@@ -147,6 +154,18 @@ def profile_proto(p: Profile) -> profile_pb2.Profile:
         create_time=to_timestamp(p.created_at),
         update_time=to_timestamp(p.updated_at),
         last_seen_time=to_timestamp(p.last_seen_at),
+        trait_sources=[trait_proto(t) for t in p.trait_sources],
+        **enriched_fields(p.enriched),
+    )
+    for name in PROFILE_FIELDS:
+        if name not in fields:
+            message.ClearField(name)  # type: ignore[arg-type]
+    return message
+
+
+def trait_proto(t: TraitValue) -> profile_pb2.Trait:
+    return profile_pb2.Trait(
+        name=t.name, source=t.source, value=to_value(t.value), update_time=to_timestamp(t.updated_at)
     )
 
 
@@ -158,6 +177,7 @@ def snapshot_proto(s: ProfileState) -> profile_pb2.Profile:
         email=s.email or "",
         first_name=s.first_name or "",
         consents=[consent_proto(c) for c in sorted(s.consents, key=lambda c: c.key)],
+        **(enriched_fields(s.enriched) if s.enriched is not None else {}),
     )
 
 
@@ -264,6 +284,20 @@ def enriched_events(
     return build
 
 
+# consent_input of the few consent answers an import's rows carry (ConsentInput is immutable)
+_IMPORT_CONSENTS: dict[tuple[int, int, int, str, str], ConsentInput] = {}
+
+
+def _import_consent(c: profile_pb2.ConsentInput) -> ConsentInput:
+    key = (c.purpose, c.channel, c.status, c.source, c.evidence)
+    known = _IMPORT_CONSENTS.get(key)
+    if known is None:
+        if len(_IMPORT_CONSENTS) >= 1024:
+            _IMPORT_CONSENTS.clear()
+        known = _IMPORT_CONSENTS[key] = consent_input(c)
+    return known
+
+
 def raw_import_row(r: profile_pb2.ImportRow) -> RawImportRow:
     return RawImportRow(
         row_number=r.row_number,
@@ -274,8 +308,19 @@ def raw_import_row(r: profile_pb2.ImportRow) -> RawImportRow:
         phone=r.phone,
         tags=tuple(r.tags),
         traits=dict(r.traits),
-        consent=consent_input(r.marketing_email_consent) if r.HasField("marketing_email_consent") else None,
+        consent=_import_consent(r.marketing_email_consent) if r.HasField("marketing_email_consent") else None,
     )
+
+
+# At most this many messages of one import are validated and being written at a time.
+MAX_IMPORT_WRITES = 3
+
+
+async def _succeeded(write: asyncio.Task[ImportResult]) -> None:
+    """Wait for an earlier message's write; fail (and so roll back) if it failed."""
+    await asyncio.wait((write,))
+    if write.cancelled() or write.exception() is not None:
+        raise RuntimeError("an earlier message of the import was not written")
 
 
 # ---- the service ------------------------------------------------------------------------------
@@ -295,7 +340,9 @@ class TrackCoalescer:
     written at once; otherwise it joins the events queued behind the running writes, and the
     next free writer takes them all in one transaction (up to `max_batch`). Under load this
     turns many small transactions (each a commit, each an outbox relay round) into a few larger
-    ones. Idempotency is unchanged: concurrent calls with one message_id store one event and
+    ones. One writer is the default: measured with bench/track.py it costs the service and
+    PostgreSQL ~25 % less CPU per event than two (batches are larger), with no worse latency.
+    Idempotency is unchanged: concurrent calls with one message_id store one event and
     the others get `duplicate`. A write that fails fails every call in it, and stores none.
     """
 
@@ -306,7 +353,7 @@ class TrackCoalescer:
         *,
         event_partitions: int,
         notify: Callable[[], None],
-        max_writes: int = 2,
+        max_writes: int = 1,
         max_batch: int = 500,
     ) -> None:
         self.store = store
@@ -430,6 +477,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 anonymous_id=request.anonymous_id,
                 first_name=request.first_name,
                 consents=tuple(consent_input(c) for c in request.consents),
+                traits=struct_to_dict(request.traits),
             ),
             now,
         )
@@ -452,43 +500,105 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.GetProfileResponse:
         tenant = principal().tenant_id
         lookup = validate_lookup(request.profile_id, request.customer_id, request.email)
-        profile = await self.store.find_profile(tenant, lookup)
-        return profile_pb2.GetProfileResponse(profile=profile_proto(profile))
+        fields = validate_read_mask(list(request.read_mask.paths))
+        profile = await self.store.find_profile(
+            tenant, lookup, self.clock.now(), trait_sources="trait_sources" in fields
+        )
+        return profile_pb2.GetProfileResponse(profile=profile_proto(profile, fields))
 
     async def BatchGetProfiles(
         self, request: profile_pb2.BatchGetProfilesRequest, context: Context
     ) -> profile_pb2.BatchGetProfilesResponse:
         tenant = principal().tenant_id
         ids = validate_profile_ids(list(request.profile_ids))
-        found = await self.store.get_profiles(tenant, ids)
+        found = await self.store.get_profiles(tenant, ids, self.clock.now())
         return profile_pb2.BatchGetProfilesResponse(profiles=[profile_proto(p) for p in found])
+
+    async def SetTraits(
+        self, request: profile_pb2.SetTraitsRequest, context: Context
+    ) -> profile_pb2.SetTraitsResponse:
+        tenant = principal().tenant_id
+        traits = validate_set_traits(request.profile_id, request.source, struct_to_dict(request.traits))
+        profile = await self.store.set_traits(
+            tenant, request.profile_id, request.source, traits, self.clock.now()
+        )
+        return profile_pb2.SetTraitsResponse(profile=profile_proto(profile, ALL_FIELDS))
+
+    async def MergeProfiles(
+        self, request: profile_pb2.MergeProfilesRequest, context: Context
+    ) -> profile_pb2.MergeProfilesResponse:
+        tenant = principal().tenant_id
+        validate_merge_request(request.profile_id, request.other_profile_id)
+        profile, merged = await self.store.merge_profiles(
+            tenant, request.profile_id, request.other_profile_id, self.clock.now()
+        )
+        if merged is not None:
+            self.notify()
+        return profile_pb2.MergeProfilesResponse(
+            profile=profile_proto(profile), merged_profile_id=merged or ""
+        )
 
     async def ImportProfiles(
         self, request_iterator: AsyncIterator[profile_pb2.ImportProfilesRequest], context: Context
     ) -> profile_pb2.ImportProfilesResponse:
-        """Each message's valid rows are written in one transaction, in order; bad rows are
-        reported (the first MAX_REPORTED_ERRORS of them) and counted. While one message is
-        written the next is read and validated (one write at a time, so messages commit in order).
-        A message that fails ends the call; the messages before it stay imported."""
+        """Each message's valid rows are written in one transaction; bad rows are reported (the
+        first MAX_REPORTED_ERRORS of them) and counted. Writes overlap: the next message is read
+        and validated while one is written, and its write starts as soon as the one before holds
+        its profiles (`ProfileStore.import_rows`), so a person in both lands as the later one
+        says; messages commit in order. A message that fails ends the call; the messages before
+        it stay imported, the ones after it do not."""
         tenant = principal().tenant_id
         response = profile_pb2.ImportProfilesResponse()
         source: str | None = None
-        writing: asyncio.Task[ImportResult] | None = None
+        # Writes started and not yet counted, oldest first, each with its "claimed" event.
+        writes: deque[tuple[asyncio.Task[ImportResult], asyncio.Event]] = deque()
+        # What this import's uncommitted writes hold (see `ProfileStore.import_rows`).
+        held = ImportInFlight()
 
-        async def written() -> None:
-            if writing is not None:
-                result = await writing
-                response.rows_upserted += result.upserted
-                response.profiles_created += result.profiles_created
-                room = MAX_REPORTED_ERRORS - len(response.errors)
-                response.errors.extend(
-                    profile_pb2.ImportRowError(
-                        row_number=n, field="marketing_consent", reason=CONSENT_NOT_RESTORED
-                    )
-                    for n in result.consent_not_restored[: max(room, 0)]
+        async def count_oldest() -> None:
+            result = await writes.popleft()[0]
+            response.rows_upserted += result.upserted
+            response.profiles_created += result.profiles_created
+            room = MAX_REPORTED_ERRORS - len(response.errors)
+            response.errors.extend(
+                profile_pb2.ImportRowError(
+                    row_number=n, field="marketing_consent", reason=CONSENT_NOT_RESTORED
                 )
-                if result.consents_recorded:
-                    self.notify()
+                for n in result.consent_not_restored[: max(room, 0)]
+            )
+            if result.consents_recorded:
+                self.notify()
+
+        async def write(
+            rows: list[ImportRow],
+            now: datetime,
+            previous: tuple[asyncio.Task[ImportResult], asyncio.Event] | None,
+            claimed: asyncio.Event,
+        ) -> ImportResult:
+            """Write one message once the one before holds its profiles (or is done)."""
+            before_commit = None
+            if previous is not None:
+                task, previous_claimed = previous
+                claim = asyncio.create_task(previous_claimed.wait())
+                try:
+                    await asyncio.wait((task, claim), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    claim.cancel()
+                if task.done():
+                    await _succeeded(task)
+                else:
+                    before_commit = functools.partial(_succeeded, task)
+            # time-ordered profile ids: a big import appends to the profile-keyed indexes
+            # instead of writing all over them
+            return await self.store.import_rows(
+                tenant,
+                rows,
+                now,
+                make_profile_id=time_ordered_ids(now),
+                claimed=claimed.set,
+                before_commit=before_commit,
+                held=held,
+            )
 
         try:
             async for request in request_iterator:
@@ -504,16 +614,17 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                     profile_pb2.ImportRowError(row_number=e.row_number, field=e.field, reason=e.reason)
                     for e in errors[: max(room, 0)]
                 )
-                await written()
-                writing = asyncio.create_task(
-                    self.store.import_rows(tenant, rows, now, make_profile_id=new_profile_id)
-                )
-            await written()
-            writing = None
+                if len(writes) == MAX_IMPORT_WRITES:
+                    await count_oldest()
+                claimed = asyncio.Event()
+                task = asyncio.create_task(write(rows, now, writes[-1] if writes else None, claimed))
+                writes.append((task, claimed))
+            while writes:
+                await count_oldest()
         finally:
-            if writing is not None and not writing.done():
-                # the call failed or went away: a write that started finishes all the same
-                await asyncio.gather(writing, return_exceptions=True)
+            if writes:
+                # the call failed or went away: writes that started finish all the same
+                await asyncio.gather(*(t for t, _ in writes), return_exceptions=True)
         return response
 
     async def ExportProfile(
@@ -522,7 +633,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         tenant = principal().tenant_id
         validate_erase(request.profile_id, "")
         export = await self.gdpr.export(tenant, request.profile_id)
-        found = await self.store.get_profiles(tenant, [export.profile.profile_id])
+        found = await self.store.get_profiles(tenant, [export.profile.profile_id], self.clock.now())
         if not found:  # erased meanwhile
             raise NotFound(f"profile {request.profile_id!r} not found")
         return export_proto(found[0], export)
@@ -602,7 +713,7 @@ def export_proto(profile: Profile, e: Export) -> profile_pb2.ExportProfileRespon
         tags=e.tags,
         traits=[
             profile_pb2.Trait(
-                name=t.name, source=t.source, value=t.value, update_time=to_timestamp(t.updated_at)
+                name=t.name, source=t.source, value=to_value(t.value), update_time=to_timestamp(t.updated_at)
             )
             for t in e.traits
         ],

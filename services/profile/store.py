@@ -21,17 +21,20 @@ import dataclasses
 import hashlib
 import json
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.errors import NotFound
+from relevans.kit.merges import MERGED_SUBJECT
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.profile.domain import (
     ANONYMOUS,
@@ -51,8 +54,43 @@ from services.profile.domain import (
     plan_identify,
     plan_track,
 )
-from services.profile.domain.imports import BACKEND, ImportPlan, ImportRow, consent_changes, plan_import
-from services.profile.domain.merge import REASON_ANONYMOUS, REASON_KNOWN, consents_taken_over
+from services.profile.domain.conditions import ProfileView
+from services.profile.domain.enrichment import (
+    EnrichedState,
+    Enrichment,
+    EventFacts,
+    counter_values,
+    counters_from_json,
+    counters_to_json,
+    enrich,
+    last_seen_from_json,
+    last_seen_to_json,
+    merge_states,
+    profile_view,
+    score_crossings,
+    score_now,
+)
+from services.profile.domain.identity import Enriched
+from services.profile.domain.imports import (
+    BACKEND,
+    ImportPlan,
+    ImportRow,
+    StoredProfile,
+    consent_changes,
+    drop_unchanged,
+    plan_import,
+)
+from services.profile.domain.merge import (
+    REASON_ANONYMOUS,
+    REASON_KNOWN,
+    REASON_REQUEST,
+    check_mergeable,
+    choose_survivor,
+    consents_taken_over,
+)
+from services.profile.domain.profiles import TraitValue
+from services.profile.domain.traits import DECLARED, PRECEDENCE, TraitScalar
+from services.profile.signals import SegmentRules, apply_membership, crossing_message, membership_message
 
 T = TypeVar("T")
 TZ = sa.DateTime(timezone=True)
@@ -75,6 +113,16 @@ profiles = sa.Table(
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.Column("last_seen_at", TZ),
+    # Effective traits by source precedence (declared > backend > behavioural), kept in step
+    # with profile_traits by `refresh_traits`.
+    sa.Column("traits", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    # {counter name: {"YYYY-MM-DD": count}}, UTC days, pruned to the counter's longest window.
+    sa.Column("counters", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    # {event type: ISO-8601 time of the latest such event}.
+    sa.Column("last_seen_types", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    # Event points as of score_at; they decay by the tenant's half-life (trait points are added on read).
+    sa.Column("score", sa.Float, nullable=False, server_default=sa.text("0")),
+    sa.Column("score_at", TZ),
 )
 
 identities = sa.Table(
@@ -166,7 +214,8 @@ profile_traits = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     # declared, backend or behavioural; the same trait may be held from several sources.
     sa.Column("source", sa.Text, primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
+    # A JSON string, number or bool.
+    sa.Column("value", JSONB, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.CheckConstraint("source IN ('declared', 'backend', 'behavioural')", name="profile_traits_source"),
 )
@@ -197,7 +246,90 @@ erasures = sa.Table(
     sa.CheckConstraint("state IN ('pending', 'done')", name="erasures_state"),
 )
 
+counter_definitions = sa.Table(
+    "counter_definitions",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("windows", ARRAY(sa.Integer), nullable=False),
+    sa.Column("property", sa.Text),
+    sa.Column("property_value", JSONB),
+    sa.Column("thresholds", ARRAY(sa.BigInteger), nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+)
+
+computed_traits = sa.Table(
+    "computed_traits",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("event_type", sa.Text, nullable=False),
+    sa.Column("property", sa.Text, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+)
+
+scoring_rules = sa.Table(
+    "scoring_rules",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("rules", JSONB, nullable=False),
+    sa.Column("half_life_days", sa.Integer, nullable=False),
+    sa.Column("thresholds", ARRAY(sa.Float), nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
+)
+
+segments = sa.Table(
+    "segments",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("segment_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("condition", JSONB, nullable=False),
+    sa.Column("created_at", TZ, nullable=False),
+    sa.UniqueConstraint("tenant_id", "name", name="segments_name"),
+)
+
+# Who matched each segment when an event last changed them (for entry and exit messages).
+segment_members = sa.Table(
+    "segment_members",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("segment_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("entered_at", TZ, nullable=False),
+    sa.Index("segment_members_profile", "tenant_id", "profile_id"),
+)
+
 outbox = outbox_table(metadata)
+
+
+_REFRESH_TRAITS = sa.text("""
+UPDATE profiles p
+SET traits = coalesce((
+    SELECT jsonb_object_agg(e.name, e.value)
+    FROM (SELECT DISTINCT ON (t.name) t.name, t.value
+          FROM profile_traits t
+          WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id
+          ORDER BY t.name, array_position(CAST(:precedence AS text[]), t.source)) e
+), '{}'::jsonb)
+WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
+RETURNING p.profile_id, p.traits
+""")
+
+
+async def refresh_traits(conn: AsyncConnection, tenant: str, profile_ids: Sequence[str]) -> dict[str, Any]:
+    """Recompute the effective traits (`profiles.traits`) of profiles whose profile_traits rows
+    changed; call it in the same transaction after every write to profile_traits. Returns the
+    new effective traits by profile id."""
+    if not profile_ids:
+        return {}
+    rows = await conn.execute(
+        _REFRESH_TRAITS,
+        {"tenant": tenant, "ids": sorted(set(profile_ids)), "precedence": list(PRECEDENCE)},
+    )
+    return {r.profile_id: r.traits for r in rows}
 
 
 def identifier_hash(value: str) -> str:
@@ -219,7 +351,6 @@ async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable
 
 
 CONSENT_SUBJECT = "rv.profile.consent"
-MERGED_SUBJECT = "rv.profile.merged"
 MAX_ATTEMPTS = 8
 MAX_REPLANS = 10
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
@@ -227,6 +358,15 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock det
 _CONSENTS_JSON = """(SELECT json_agg(json_build_array(c.purpose, c.channel, c.status, c.source, c.evidence,
                                       c.recorded_at) ORDER BY c.purpose, c.channel)
        FROM consents c WHERE c.tenant_id = p.tenant_id AND c.profile_id = p.profile_id)"""
+
+_TAGS_ARRAY = """ARRAY(SELECT t.tag FROM profile_tags t
+       WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id ORDER BY t.tag)"""
+
+_TRAIT_SOURCES = sa.text("""
+SELECT profile_id, name, source, value, updated_at FROM profile_traits
+WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
+ORDER BY profile_id, name, array_position(CAST(:precedence AS text[]), source)
+""")
 
 # (The lateral subquery with LIMIT 1 stays a nested loop of primary key lookups whatever the
 # planner estimates, however many identities and profiles the tenant has.)
@@ -262,7 +402,12 @@ FOR NO KEY UPDATE OF p
 
 # Lock the existing profiles a batch writes to, in profile id order, and read them afresh.
 _LOCK_PROFILES = sa.text(f"""
-SELECT p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, {_CONSENTS_JSON} AS consents
+SELECT p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, {_CONSENTS_JSON} AS consents,
+       p.traits, CASE WHEN :with_counters THEN p.counters END AS counters, p.last_seen_types,
+       p.score, p.score_at, {_TAGS_ARRAY} AS tags,
+       CASE WHEN :with_held THEN ARRAY(SELECT DISTINCT t.name FROM profile_traits t
+                                       WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id
+                                         AND t.source <> 'behavioural') END AS held_traits
 FROM profiles p
 WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
 ORDER BY p.profile_id
@@ -280,48 +425,60 @@ ON CONFLICT DO NOTHING
 RETURNING kind, value
 """)
 
-# One statement for the rest of a batch: upsert its profiles (insert the new ones; move
-# last_seen_at of existing ones and fill in customer_id/email they lack), store the events
+# One statement for the rest of a batch: insert its new profiles, update the existing ones (locked
+# by `_lock`: move last_seen_at, fill in customer_id/email they lack, write the enrichment state the
+# batch computed; a NULL leaves a column as it is, so unchanged JSON is not sent), store the events
 # (skipping known message ids) and enqueue one outbox message per stored event, in batch order.
 # Returns the message ids stored. (An event that turns out to be a duplicate moves last_seen_at
 # only to where its original already moved it.)
 _STORE = sa.text("""
 WITH v AS (
-    SELECT * FROM unnest(
-        CAST(:event_ids AS text[]), CAST(:message_ids AS text[]),
-        CAST(:profile_ids AS text[]), CAST(:types AS text[]), CAST(:occurred AS timestamptz[]),
-        CAST(:anonymous_ids AS text[]), CAST(:customer_ids AS text[]), CAST(:emails AS text[]),
-        CAST(:properties AS text[]), CAST(:subjects AS text[]), CAST(:payloads AS bytea[]))
-    WITH ORDINALITY AS v(event_id, message_id, profile_id, type, occurred_at, anonymous_id, customer_id,
-                         email, properties, subject, payload, ord)
-), touched AS (
-    INSERT INTO profiles AS p
-        (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at)
-    SELECT :tenant, u.profile_id, u.customer_id, u.email, :now, :now, u.last_seen_at
-    FROM unnest(CAST(:up_ids AS text[]), CAST(:up_customer_ids AS text[]), CAST(:up_emails AS text[]),
-                CAST(:up_last_seen AS timestamptz[])) AS u(profile_id, customer_id, email, last_seen_at)
-    ORDER BY u.profile_id
-    ON CONFLICT (tenant_id, profile_id) DO UPDATE
-    SET last_seen_at = greatest(p.last_seen_at, excluded.last_seen_at),
-        customer_id = coalesce(p.customer_id, excluded.customer_id),
-        email = coalesce(p.email, excluded.email),
-        updated_at = CASE WHEN (p.customer_id IS NULL AND excluded.customer_id IS NOT NULL)
-                            OR (p.email IS NULL AND excluded.email IS NOT NULL)
-                          THEN excluded.updated_at ELSE p.updated_at END
-    WHERE p.last_seen_at IS NULL OR p.last_seen_at < excluded.last_seen_at
-       OR (p.customer_id IS NULL AND excluded.customer_id IS NOT NULL)
-       OR (p.email IS NULL AND excluded.email IS NOT NULL)
+    SELECT * FROM json_to_recordset(CAST(:events AS json))
+        AS v(o int, event_id text, message_id text, profile_id text, type text, occurred_at timestamptz,
+             anonymous_id text, customer_id text, email text, properties jsonb)
+), created AS (
+    INSERT INTO profiles
+        (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at,
+         traits, counters, last_seen_types, score, score_at)
+    SELECT :tenant, n.profile_id, n.customer_id, n.email, :now, :now, n.last_seen_at,
+           n.traits, n.counters, n.last_seen_types, n.score, n.score_at
+    FROM json_to_recordset(CAST(:created AS json))
+        AS n(profile_id text, customer_id text, email text, last_seen_at timestamptz, traits jsonb,
+             counters jsonb, last_seen_types jsonb, score float8, score_at timestamptz)
+    ORDER BY n.profile_id
+), updated AS (
+    UPDATE profiles p
+    SET last_seen_at = greatest(p.last_seen_at, u.last_seen_at),
+        customer_id = coalesce(p.customer_id, u.customer_id),
+        email = coalesce(p.email, u.email),
+        updated_at = CASE WHEN (p.customer_id IS NULL AND u.customer_id IS NOT NULL)
+                            OR (p.email IS NULL AND u.email IS NOT NULL)
+                          THEN :now ELSE p.updated_at END,
+        last_seen_types = u.last_seen_types,
+        traits = coalesce(u.traits, p.traits),
+        counters = coalesce(u.counters, p.counters),
+        score = coalesce(u.score, p.score),
+        score_at = CASE WHEN u.score IS NULL THEN p.score_at ELSE u.score_at END
+    FROM json_to_recordset(CAST(:updated AS json))
+        AS u(profile_id text, customer_id text, email text, last_seen_at timestamptz, traits jsonb,
+             counters jsonb, last_seen_types jsonb, score float8, score_at timestamptz)
+    WHERE p.tenant_id = :tenant AND p.profile_id = u.profile_id
 ), stored AS (
     INSERT INTO events (tenant_id, event_id, message_id, profile_id, type, occurred_at, received_at,
                         anonymous_id, customer_id, email, properties)
     SELECT :tenant, v.event_id, v.message_id, v.profile_id, v.type, v.occurred_at, :now,
-           v.anonymous_id, v.customer_id, v.email, CAST(v.properties AS jsonb)
+           v.anonymous_id, v.customer_id, v.email, v.properties
     FROM v ORDER BY v.message_id
     ON CONFLICT (tenant_id, message_id) DO NOTHING
     RETURNING message_id
 ), published AS (
     INSERT INTO outbox (subject, payload, created_at)
-    SELECT v.subject, v.payload, :now FROM v JOIN stored USING (message_id) ORDER BY v.ord
+    SELECT m.subject, m.payload, :now
+    FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[]))
+         WITH ORDINALITY AS m(subject, payload, o)
+    JOIN v ON v.o = m.o
+    JOIN stored ON stored.message_id = v.message_id
+    ORDER BY m.o
 )
 SELECT message_id FROM stored
 """)
@@ -329,6 +486,22 @@ SELECT message_id FROM stored
 # Plan the statements of a large batch for its actual sizes: a generic plan of a prepared
 # statement assumes an array parameter holds a few elements.
 _CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode = force_custom_plan")
+
+_KNOWN_MESSAGE_IDS = sa.text("""
+SELECT message_id FROM events
+WHERE tenant_id = :tenant AND message_id = ANY(CAST(:message_ids AS text[]))
+""")
+
+# Behavioural traits a batch computed; returns the profiles whose values changed.
+_BEHAVIOURAL_TRAITS = sa.text("""
+INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
+SELECT :tenant, u.profile_id, u.name, 'behavioural', CAST(u.value AS jsonb), :now
+FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
+ORDER BY u.profile_id, u.name
+ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
+SET value = excluded.value, updated_at = excluded.updated_at
+WHERE t.value IS DISTINCT FROM excluded.value
+""")
 CUSTOM_PLAN_MIN_EVENTS = 16
 
 _STORED_EVENTS = sa.text("""
@@ -348,6 +521,7 @@ RETURNING kind, value
 _LOAD = sa.text(f"""
 SELECT q.profile_id AS requested, p.profile_id, p.customer_id, p.email, p.first_name,
        p.created_at, p.updated_at, p.last_seen_at,
+       p.traits, p.counters, p.last_seen_types, p.score, p.score_at, {_TAGS_ARRAY} AS tags,
        {_CONSENTS_JSON} AS consents,
        ARRAY(SELECT i.value FROM identities i
              WHERE i.tenant_id = p.tenant_id AND i.profile_id = p.profile_id AND i.kind = 'anonymous'
@@ -377,8 +551,25 @@ SELECT :tenant, :to_id, name, source, value, updated_at FROM moved ORDER BY name
 ON CONFLICT DO NOTHING
 """)
 
+_SET_TRAITS = sa.text("""
+INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
+SELECT :tenant, :profile_id, u.name, :source, CAST(u.value AS jsonb), :now
+FROM unnest(CAST(:names AS text[]), CAST(:vals AS text[])) AS u(name, value)
+ORDER BY u.name
+ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
+SET value = excluded.value, updated_at = excluded.updated_at
+WHERE t.value IS DISTINCT FROM excluded.value
+""")
+
+_ENRICHMENT_OF = sa.text("""
+SELECT p.profile_id, p.traits, p.counters, p.last_seen_types, p.score, p.score_at,
+       ARRAY[]::text[] AS tags, ARRAY[]::text[] AS held_traits
+FROM profiles p
+WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
+""")
+
 _LOCK_PROFILE = sa.text("""
-SELECT profile_id, merged_into FROM profiles
+SELECT profile_id, merged_into, customer_id, created_at FROM profiles
 WHERE tenant_id = :tenant AND profile_id = :profile_id
 FOR NO KEY UPDATE
 """)
@@ -392,46 +583,84 @@ FROM profiles s
 WHERE t.tenant_id = :tenant AND t.profile_id = :to_id AND s.tenant_id = :tenant AND s.profile_id = :from_id
 """)
 
-# Import: upsert the batch's profiles; a field the batch leaves empty (None) stays as it is, and
-# a profile the batch changes nothing of is not touched (re-importing a file writes nothing).
-_IMPORT_PROFILES = sa.text("""
-INSERT INTO profiles AS p
-    (tenant_id, profile_id, customer_id, email, first_name, last_name, phone, created_at, updated_at)
-SELECT :tenant, u.profile_id, u.customer_id, u.email, u.first_name, u.last_name, u.phone, :now, :now
-FROM unnest(CAST(:ids AS text[]), CAST(:customer_ids AS text[]), CAST(:emails AS text[]),
-            CAST(:first_names AS text[]), CAST(:last_names AS text[]), CAST(:phones AS text[]))
-     AS u(profile_id, customer_id, email, first_name, last_name, phone)
-ORDER BY u.profile_id
-ON CONFLICT (tenant_id, profile_id) DO UPDATE
-SET customer_id = coalesce(p.customer_id, excluded.customer_id),
-    email = coalesce(p.email, excluded.email),
-    first_name = coalesce(excluded.first_name, p.first_name),
-    last_name = coalesce(excluded.last_name, p.last_name),
-    phone = coalesce(excluded.phone, p.phone),
-    updated_at = excluded.updated_at
-WHERE (p.customer_id IS NULL AND excluded.customer_id IS NOT NULL)
-   OR (p.email IS NULL AND excluded.email IS NOT NULL)
-   OR coalesce(excluded.first_name, p.first_name) IS DISTINCT FROM p.first_name
-   OR coalesce(excluded.last_name, p.last_name) IS DISTINCT FROM p.last_name
-   OR coalesce(excluded.phone, p.phone) IS DISTINCT FROM p.phone
+# Import: one statement writes a batch's profiles, tags and backend traits, each set passed as one
+# JSON parameter (an array of arrays; asyncpg encodes one string much faster than many array
+# elements). A new profile is inserted with its tags, its backend traits and its effective
+# traits (a JSON object: the batch's backend traits are the only ones it has), by plain inserts
+# (nothing can conflict with a new profile id). An existing profile is updated where the batch
+# changes it: a field the batch leaves empty (null) stays as it is, and a profile the batch
+# changes nothing of is not touched; tags are added, and a trait is written when its value
+# changed. Returns the existing profiles whose traits changed (their effective traits are
+# refreshed after).
+_IMPORT_WRITE = sa.text("""
+WITH u AS (
+    SELECT e.x->>0 AS profile_id, e.x->>1 AS customer_id, e.x->>2 AS email, e.x->>3 AS first_name,
+           e.x->>4 AS last_name, e.x->>5 AS phone, CAST(e.x->6 AS jsonb) AS traits
+    FROM json_array_elements(CAST(:profiles AS json)) AS e(x)
+), created AS (
+    INSERT INTO profiles
+        (tenant_id, profile_id, customer_id, email, first_name, last_name, phone, traits, created_at,
+         updated_at)
+    SELECT :tenant, u.profile_id, u.customer_id, u.email, u.first_name, u.last_name, u.phone, u.traits,
+           :now, :now
+    FROM u WHERE jsonb_typeof(u.traits) = 'object'
+    ORDER BY u.profile_id
+), updated AS (
+    UPDATE profiles p
+    SET customer_id = coalesce(p.customer_id, u.customer_id),
+        email = coalesce(p.email, u.email),
+        first_name = coalesce(u.first_name, p.first_name),
+        last_name = coalesce(u.last_name, p.last_name),
+        phone = coalesce(u.phone, p.phone),
+        updated_at = :now
+    FROM u
+    WHERE jsonb_typeof(u.traits) = 'null' AND p.tenant_id = :tenant AND p.profile_id = u.profile_id
+      AND ((p.customer_id IS NULL AND u.customer_id IS NOT NULL)
+           OR (p.email IS NULL AND u.email IS NOT NULL)
+           OR coalesce(u.first_name, p.first_name) IS DISTINCT FROM p.first_name
+           OR coalesce(u.last_name, p.last_name) IS DISTINCT FROM p.last_name
+           OR coalesce(u.phone, p.phone) IS DISTINCT FROM p.phone)
+), new_tags AS (
+    INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
+    SELECT :tenant, e.x->>0, e.x->>1, :now
+    FROM json_array_elements(CAST(:new_tags AS json)) AS e(x)
+    ORDER BY 2, 3
+), tags AS (
+    INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
+    SELECT :tenant, e.x->>0, e.x->>1, :now
+    FROM json_array_elements(CAST(:tags AS json)) AS e(x)
+    ORDER BY 2, 3
+    ON CONFLICT DO NOTHING
+), new_traits AS (
+    INSERT INTO profile_traits (tenant_id, profile_id, name, source, value, updated_at)
+    SELECT :tenant, e.x->>0, e.x->>1, :source, to_jsonb(e.x->>2), :now
+    FROM json_array_elements(CAST(:new_traits AS json)) AS e(x)
+    ORDER BY 2, 3
+), traits AS (
+    INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
+    SELECT :tenant, e.x->>0, e.x->>1, :source, to_jsonb(e.x->>2), :now
+    FROM json_array_elements(CAST(:traits AS json)) AS e(x)
+    ORDER BY 2, 3
+    ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
+    SET value = excluded.value, updated_at = excluded.updated_at
+    WHERE t.value IS DISTINCT FROM excluded.value
+    RETURNING t.profile_id
+)
+SELECT DISTINCT profile_id FROM traits
 """)
 
-_IMPORT_TAGS = sa.text("""
-INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
-SELECT :tenant, t.profile_id, t.tag, :now
-FROM unnest(CAST(:ids AS text[]), CAST(:tags AS text[])) AS t(profile_id, tag)
-ORDER BY t.profile_id, t.tag
-ON CONFLICT DO NOTHING
-""")
-
-_IMPORT_TRAITS = sa.text("""
-INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
-SELECT :tenant, u.profile_id, u.name, :source, u.value, :now
-FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
-ORDER BY u.profile_id, u.name
-ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
-SET value = excluded.value, updated_at = excluded.updated_at
-WHERE t.value IS DISTINCT FROM excluded.value
+# Bind a batch's new identifiers ([kind, value, profile id] arrays); returns how many were
+# bound (fewer when another transaction bound one first).
+_IMPORT_BIND = sa.text("""
+WITH bound AS (
+    INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
+    SELECT :tenant, e.x->>0, e.x->>1, e.x->>2, :now
+    FROM json_array_elements(CAST(:bind AS json)) AS e(x)
+    ORDER BY 2, 3
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT count(*) FROM bound
 """)
 
 # The consent ledger and its current view, for any number of (profile, decision) pairs: one
@@ -458,15 +687,105 @@ SET status = excluded.status, source = excluded.source, evidence = excluded.evid
     recorded_at = excluded.recorded_at
 """)
 
+# The profiles some identifiers ([kind, value] arrays) are bound to, with what an import may
+# change of them: one statement, so one snapshot, whose plan stays index lookups whatever the
+# table statistics say. `keys` are the (1-based) positions of the identifiers bound to each.
+_IMPORT_READ = sa.text("""
+WITH b AS (
+    SELECT e.ord, i.profile_id
+    FROM json_array_elements(CAST(:keys AS json)) WITH ORDINALITY AS e(x, ord)
+    CROSS JOIN LATERAL (
+        SELECT i.profile_id FROM identities i
+        WHERE i.tenant_id = :tenant AND i.kind = e.x->>0 AND i.value = e.x->>1
+        LIMIT 1
+    ) AS i
+), owners AS (
+    SELECT b.profile_id, array_agg(b.ord) AS keys FROM b GROUP BY b.profile_id
+)
+SELECT o.profile_id, o.keys, p.profile_id AS found, p.merged_into, p.customer_id, p.email,
+       p.first_name, p.last_name, p.phone,
+       ARRAY(SELECT t.tag FROM profile_tags t
+             WHERE t.tenant_id = :tenant AND t.profile_id = o.profile_id) AS tags,
+       (SELECT json_object_agg(t.name, t.value) FROM profile_traits t
+        WHERE t.tenant_id = :tenant AND t.profile_id = o.profile_id AND t.source = :source) AS traits,
+       (SELECT json_agg(json_build_array(c.purpose, c.channel, c.status)) FROM consents c
+        WHERE c.tenant_id = :tenant AND c.profile_id = o.profile_id) AS consents
+FROM owners o
+LEFT JOIN profiles p ON p.tenant_id = :tenant AND p.profile_id = o.profile_id
+""")
+# Lock the existing profiles a batch changes, in id order.
+_IMPORT_LOCK = sa.text("""
+SELECT profile_id, merged_into FROM profiles
+WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
+ORDER BY profile_id
+FOR NO KEY UPDATE
+""")
+
+# Which of some identifier hashes belong to erased people (`suppressed_hashes` for a batch).
+_IMPORT_SUPPRESSED = sa.text("""
+SELECT value_hash FROM suppressions WHERE tenant_id = :tenant AND value_hash = ANY(CAST(:hashes AS text[]))
+""")
+
+# A batch's consent decisions that change something ([profile id, purpose, channel, status,
+# source, evidence, recorded at, subject, payload hex, latest, new profile] arrays, in row
+# order): appended to the ledger in order, the latest per (profile, purpose, channel) made
+# current (a plain insert for a profile created by the batch), the existing profiles'
+# updated_at moved, and a ConsentChanged message each enqueued in order.
+_IMPORT_CONSENTS = sa.text("""
+WITH d AS (
+    SELECT e.ord, e.x->>0 AS profile_id, e.x->>1 AS purpose, e.x->>2 AS channel, e.x->>3 AS status,
+           e.x->>4 AS source, e.x->>5 AS evidence, CAST(e.x->>6 AS timestamptz) AS recorded_at,
+           e.x->>7 AS subject, decode(e.x->>8, 'hex') AS payload, CAST(e.x->>9 AS boolean) AS latest,
+           CAST(e.x->>10 AS boolean) AS new
+    FROM json_array_elements(CAST(:decisions AS json)) WITH ORDINALITY AS e(x, ord)
+), ledger AS (
+    INSERT INTO consent_ledger
+        (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
+    SELECT :tenant, d.profile_id, d.purpose, d.channel, d.status, d.source, d.evidence, d.recorded_at
+    FROM d ORDER BY d.ord
+), first AS (
+    INSERT INTO consents (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
+    SELECT :tenant, d.profile_id, d.purpose, d.channel, d.status, d.source, d.evidence, d.recorded_at
+    FROM d WHERE d.latest AND d.new
+    ORDER BY d.profile_id, d.purpose, d.channel
+), current AS (
+    INSERT INTO consents AS c
+        (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
+    SELECT :tenant, d.profile_id, d.purpose, d.channel, d.status, d.source, d.evidence, d.recorded_at
+    FROM d WHERE d.latest AND NOT d.new
+    ORDER BY d.profile_id, d.purpose, d.channel
+    ON CONFLICT (tenant_id, profile_id, purpose, channel) DO UPDATE
+    SET status = excluded.status, source = excluded.source, evidence = excluded.evidence,
+        recorded_at = excluded.recorded_at
+), touched AS (
+    UPDATE profiles SET updated_at = :now
+    WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:touch AS text[]))
+)
+INSERT INTO outbox (subject, payload, created_at)
+SELECT d.subject, d.payload, :now FROM d ORDER BY d.ord
+""")
+
 _CURRENT_STATUSES = sa.text("""
 SELECT profile_id, purpose, channel, status FROM consents
 WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
 """)
 
-_TOUCH_PROFILES = sa.text("""
-UPDATE profiles SET updated_at = :now
-WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
-""")
+
+def _json(value: Any) -> Any:
+    """A json column's value (the driver may hand it over as text)."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+@dataclass(slots=True)
+class ImportInFlight:
+    """What the uncommitted batches of one import hold, shared by them (see `import_rows`)."""
+
+    # the existing profiles they locked (a profile -> how many of them did)
+    profiles: Counter[str] = dataclasses.field(default_factory=Counter)
+    # the identifiers they bound -> (the batch's number, done when it has ended)
+    keys: dict[Key, tuple[int, asyncio.Future[None]]] = dataclasses.field(default_factory=dict)
+    # batches started so far (numbers them in order)
+    started: int = 0
 
 
 @dataclass(slots=True)
@@ -530,13 +849,202 @@ def _parse_consents(raw: Any) -> tuple[Consent, ...]:
     )
 
 
+def enriched_of(row: Any, definitions: Enrichment, now: datetime) -> Enriched:
+    """The enriched part of a profile row (traits, counters, last_seen_types, score, score_at, tags)."""
+    buckets = counters_from_json(row.counters)
+    return Enriched(
+        traits=row.traits or {},
+        tags=tuple(row.tags or ()),
+        counters=tuple(counter_values(definitions.counters, buckets, now)),
+        score=score_now(row.score, row.score_at, row.traits or {}, definitions.scoring, now),
+        last_seen={t: datetime.fromisoformat(v) for t, v in (row.last_seen_types or {}).items()},
+    )
+
+
+@dataclass(slots=True)
+class _EnrichedRow:
+    """A locked profile's enrichment columns, and the trait names a declared or backend value holds
+    (a behavioural value of those does not become effective)."""
+
+    traits: dict[str, object]
+    enriched: EnrichedState
+    tags: tuple[str, ...]
+    held_traits: frozenset[str]
+
+    @classmethod
+    def of(cls, r: Any) -> _EnrichedRow:
+        return cls(
+            dict(r.traits or {}),
+            EnrichedState(
+                counters_from_json(r.counters),
+                last_seen_from_json(r.last_seen_types),
+                r.score,
+                r.score_at,
+            ),
+            tuple(r.tags or ()),
+            frozenset(r.held_traits or ()),
+        )
+
+    @classmethod
+    def empty(cls) -> _EnrichedRow:
+        return cls({}, EnrichedState(), (), frozenset())
+
+    def view(self, consents: Sequence[Consent], definitions: Enrichment, now: datetime) -> ProfileView:
+        return profile_view(
+            traits=self.traits,
+            tags=self.tags,
+            counters_json=counters_to_json(self.enriched.counters),
+            score=self.enriched.score,
+            score_at=self.enriched.score_at,
+            consents={(c.purpose, c.channel): c.status for c in consents},
+            last_seen_types=last_seen_to_json(self.enriched.last_seen),
+            enrichment=definitions,
+            now=now,
+        )
+
+
+@dataclass(slots=True)
+class _BatchEnrichment:
+    # Each touched profile's enrichment columns after the batch.
+    after: dict[str, _EnrichedRow] = dataclasses.field(default_factory=dict)
+    # Threshold crossings to publish.
+    signals: list[OutboxMessage] = dataclasses.field(default_factory=list)
+    # (profile id, name, value) of behavioural traits to store.
+    behavioural: list[tuple[str, str, object]] = dataclasses.field(default_factory=list)
+    # Profiles whose segments to evaluate: their view and the event that changed them.
+    views: dict[str, tuple[ProfileView, str]] = dataclasses.field(default_factory=dict)
+
+
+def _enrich_batch(
+    tenant: str,
+    touched: Sequence[ProfileState],
+    locked: Mapping[str, _EnrichedRow],
+    facts: Mapping[str, list[EventFacts]],
+    definitions: Enrichment,
+    segments: bool,
+    now: datetime,
+) -> _BatchEnrichment:
+    """Apply each touched profile's fresh events to its enrichment state, and set the state each
+    event's snapshot carries. A behavioural trait becomes effective only where no declared or
+    backend value of it is held."""
+    out = _BatchEnrichment()
+    scoring = definitions.scoring
+    for state in touched:
+        pid = state.profile_id
+        row = locked.get(pid) or _EnrichedRow.empty()
+        events_of = facts.get(pid, [])
+        result = enrich(row.enriched, events_of, definitions, now)
+        traits = dict(row.traits)
+        for name, value in result.traits.items():
+            out.behavioural.append((pid, name, value))
+            if name not in row.held_traits:
+                traits[name] = value
+        new = out.after[pid] = _EnrichedRow(traits, result.state, row.tags, row.held_traits)
+        score = score_now(result.state.score, result.state.score_at, traits, scoring, now)
+        crossings = list(result.crossings)
+        if scoring.thresholds and events_of:
+            before = score_now(row.enriched.score, row.enriched.score_at, row.traits, scoring, now)
+            crossings += score_crossings(before, score, scoring, events_of[-1].event_id)
+        out.signals += [crossing_message(tenant, pid, c, now) for c in crossings]
+        state.enriched = Enriched(
+            traits=traits,
+            tags=row.tags,
+            counters=tuple(counter_values(definitions.counters, result.state.counters, now)),
+            score=score,
+            last_seen=result.state.last_seen,
+        )
+        if segments and events_of:
+            out.views[pid] = (new.view(state.consents, definitions, now), events_of[-1].event_id)
+    return out
+
+
+def _event_rows(batch: Sequence[Event], event_ids: Sequence[str], profile_ids: Sequence[str]) -> str:
+    """The `events` JSON row set of `_STORE`; `o` is the event's position (outbox order)."""
+    return dumps(
+        [
+            {
+                "o": j + 1,
+                "event_id": event_ids[j],
+                "message_id": e.message_id,
+                "profile_id": profile_ids[j],
+                "type": e.type,
+                "occurred_at": e.timestamp,
+                "anonymous_id": e.anonymous_id,
+                "customer_id": e.customer_id,
+                "email": e.email,
+                "properties": orjson.Fragment(e.properties_json),
+            }
+            for j, e in enumerate(batch)
+        ]
+    )
+
+
+def _profile_rows(
+    touched: Sequence[ProfileState],
+    locked: Mapping[str, _EnrichedRow],
+    after: Mapping[str, _EnrichedRow],
+    last_seen: Mapping[str, datetime],
+) -> dict[str, str]:
+    """The `created` (profiles this batch creates) and `updated` (existing ones: what the batch fills
+    in; a value that did not change is left out, so the column keeps its value) row sets of `_STORE`."""
+    created: list[dict[str, Any]] = []
+    updated: list[dict[str, Any]] = []
+    for state in touched:
+        pid = state.profile_id
+        now_ = after[pid]
+        before = locked.get(pid)
+        e = now_.enriched
+        row: dict[str, Any] = {
+            "profile_id": pid,
+            "last_seen_at": last_seen[pid],
+            "last_seen_types": last_seen_to_json(e.last_seen),
+        }
+        if before is None:
+            row.update(
+                customer_id=state.customer_id,
+                email=state.email,
+                traits=now_.traits,
+                counters=counters_to_json(e.counters),
+                score=e.score,
+                score_at=e.score_at,
+            )
+            created.append(row)
+            continue
+        b = before.enriched
+        if state.filled:
+            row.update(customer_id=state.customer_id, email=state.email)
+        if now_.traits != before.traits:
+            row["traits"] = now_.traits
+        if e.counters != b.counters:
+            row["counters"] = counters_to_json(e.counters)
+        if (e.score, e.score_at) != (b.score, b.score_at):
+            row.update(score=e.score, score_at=e.score_at)
+        updated.append(row)
+    return {"created": dumps(created), "updated": dumps(updated)}
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for jsonb parameters."""
+    return orjson.dumps(value).decode()
+
+
+# (connection, tenant) -> the tenant's enrichment definitions (see services/profile/enrichment.py).
+Definitions = Callable[[AsyncConnection, str], Awaitable[Enrichment]]
+
+
 class ProfileStore:
     def __init__(
-        self, engine: AsyncEngine, consent_message: ConsentMessage, merged_message: MergedMessage
+        self,
+        engine: AsyncEngine,
+        consent_message: ConsentMessage,
+        merged_message: MergedMessage,
+        definitions: Definitions,
     ) -> None:
         self.engine = engine
         self.consent_message = consent_message
         self.merged_message = merged_message
+        self.definitions = definitions
+        self.segment_rules = SegmentRules()
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run `work` in one transaction, again from the start if it lost a race."""
@@ -599,38 +1107,55 @@ class ProfileStore:
                 keys[key] = None
         bound = await self._resolve(conn, tenant, list(keys))
         plan = await self._bind(conn, tenant, batch, bound, now)
-        await self._lock(conn, tenant, plan)
+        definitions = await self.definitions(conn, tenant)
+        locked = await self._lock(conn, tenant, plan, definitions)
+        rules = await self.segment_rules.load(conn, tenant)
         event_ids = [make_id() for _ in batch]
-        msgs = [message(j, event_ids[j], plan.profiles[pid]) for j, pid in enumerate(plan.profile_ids)]
+        fresh = await self._fresh(conn, tenant, batch, definitions)
         last_seen: dict[str, datetime] = {}
-        for event, pid in zip(batch, plan.profile_ids, strict=True):
+        facts: dict[str, list[EventFacts]] = {}
+        for j, (event, pid) in enumerate(zip(batch, plan.profile_ids, strict=True)):
             if pid not in last_seen or event.timestamp > last_seen[pid]:
                 last_seen[pid] = event.timestamp
+            if fresh[j]:
+                facts.setdefault(pid, []).append(
+                    EventFacts(event_ids[j], event.type, event.timestamp, event.properties)
+                )
         touched = [plan.profiles[pid] for pid in sorted(last_seen)]
+        batch_enrichment = _enrich_batch(tenant, touched, locked, facts, definitions, bool(rules), now)
+        after, signals, views = batch_enrichment.after, batch_enrichment.signals, batch_enrichment.views
+        behavioural = batch_enrichment.behavioural
+        changes = await apply_membership(conn, tenant, rules, views, now)
+        signals += [membership_message(tenant, c, now) for c in changes]
+        msgs = [message(j, event_ids[j], plan.profiles[pid]) for j, pid in enumerate(plan.profile_ids)]
         rows = await conn.execute(
             _STORE,
             {
                 "tenant": tenant,
                 "now": now,
-                "event_ids": event_ids,
-                "message_ids": [e.message_id for e in batch],
-                "profile_ids": plan.profile_ids,
-                "types": [e.type for e in batch],
-                "occurred": [e.timestamp for e in batch],
-                "anonymous_ids": [e.anonymous_id for e in batch],
-                "customer_ids": [e.customer_id for e in batch],
-                "emails": [e.email for e in batch],
-                "properties": [e.properties_json for e in batch],
+                "events": _event_rows(batch, event_ids, plan.profile_ids),
                 "subjects": [m.subject for m in msgs],
                 "payloads": [m.payload for m in msgs],
-                # New profiles with their identifiers; existing ones with what this batch fills in.
-                "up_ids": [p.profile_id for p in touched],
-                "up_customer_ids": [p.customer_id if p.new or p.filled else None for p in touched],
-                "up_emails": [p.email if p.new or p.filled else None for p in touched],
-                "up_last_seen": [last_seen[p.profile_id] for p in touched],
+                **_profile_rows(touched, locked, after, last_seen),
             },
         )
         stored = {r[0] for r in rows}
+        if not definitions.is_empty() and any(
+            fresh[j] and e.message_id not in stored for j, e in enumerate(batch)
+        ):
+            raise _Conflict  # a concurrent call stored one of these events first: count again
+        if behavioural:
+            await conn.execute(
+                _BEHAVIOURAL_TRAITS,
+                {
+                    "tenant": tenant,
+                    "now": now,
+                    "ids": [p for p, _, _ in behavioural],
+                    "names": [n for _, n, _ in behavioural],
+                    "vals": [json.dumps(v) for _, _, v in behavioural],
+                },
+            )
+        await enqueue(conn, outbox, signals, now)
         results = [TrackResult(event_ids[j], pid, False) for j, pid in enumerate(plan.profile_ids)]
         if len(stored) < len(batch):
             missing = [e.message_id for e in batch if e.message_id not in stored]
@@ -702,24 +1227,54 @@ class ProfileStore:
             bound[(kind, value)] = state
         return bound
 
-    async def _lock(self, conn: AsyncConnection, tenant: str, plan: TrackPlan) -> None:
+    async def _lock(
+        self, conn: AsyncConnection, tenant: str, plan: TrackPlan, definitions: Enrichment
+    ) -> dict[str, _EnrichedRow]:
         """Lock the existing profiles the batch writes to, in id order, and refresh their state
-        (customer_id, email, first_name, consents) for the events' snapshots. A profile merged
-        away since it was resolved means the batch starts again."""
+        (customer_id, email, first_name, consents) for the events' snapshots; return their
+        enrichment state. A profile merged away since it was resolved means the batch starts again."""
         states = {pid: plan.profiles[pid] for pid in plan.profile_ids if not plan.profiles[pid].new}
         if not states:
-            return
-        rows = (await conn.execute(_LOCK_PROFILES, {"tenant": tenant, "ids": sorted(states)})).all()
+            return {}
+        rows = (
+            await conn.execute(
+                _LOCK_PROFILES,
+                {
+                    "tenant": tenant,
+                    "ids": sorted(states),
+                    # counts and held trait names are read only when definitions use them
+                    "with_counters": bool(definitions.counters),
+                    "with_held": bool(definitions.computed_traits),
+                },
+            )
+        ).all()
         if len(rows) < len(states):
             raise _Conflict
-        for profile_id, customer_id, email, first_name, merged_into, consents_json in rows:
-            if merged_into is not None:
+        out = {}
+        for r in rows:
+            if r.merged_into is not None:
                 raise _Conflict
-            state = states[profile_id]
-            state.customer_id = customer_id or state.customer_id
-            state.email = email or state.email
-            state.first_name = first_name
-            state.consents = _parse_consents(consents_json)
+            state = states[r.profile_id]
+            state.customer_id = r.customer_id or state.customer_id
+            state.email = r.email or state.email
+            state.first_name = r.first_name
+            state.consents = _parse_consents(r.consents)
+            out[r.profile_id] = _EnrichedRow.of(r)
+        return out
+
+    async def _fresh(
+        self, conn: AsyncConnection, tenant: str, batch: Sequence[Event], definitions: Enrichment
+    ) -> list[bool]:
+        """Which events of the batch are not stored yet. Counters, scores and computed traits
+        must not count an event twice; without any of those the check is skipped (the rest of
+        enrichment is idempotent) and every event is taken as fresh."""
+        if definitions.is_empty():
+            return [True] * len(batch)
+        rows = await conn.execute(
+            _KNOWN_MESSAGE_IDS, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
+        )
+        known = {r.message_id for r in rows}
+        return [e.message_id not in known for e in batch]
 
     # ---- identify and consent -------------------------------------------------------------------
 
@@ -795,8 +1350,10 @@ class ProfileStore:
             ):
                 given = ()  # an erased person's identifier: consent is not restored (README, GDPR)
             outbox_msgs += await self._record_consents(conn, tenant, pid, given)
+            if command.traits:
+                await self._write_traits(conn, tenant, pid, DECLARED, command.traits, now)
             await enqueue(conn, outbox, outbox_msgs, now)
-            [profile] = await self._load(conn, tenant, [pid])
+            [profile] = await self._load(conn, tenant, [pid], now)
             return profile, plan.created
 
         return await self._transaction(work)
@@ -834,6 +1391,8 @@ class ProfileStore:
         await conn.execute(_MERGE_TAGS, ids)
         await conn.execute(_MERGE_TRAITS, ids)
         await conn.execute(_MERGE_PROFILES, {**ids, "now": now})
+        await refresh_traits(conn, tenant, [to_id])
+        await self._merge_enrichment(conn, tenant, from_id, to_id, now)
         await conn.execute(
             profiles.update()
             .where(
@@ -856,6 +1415,35 @@ class ProfileStore:
             *(OutboxMessage(CONSENT_SUBJECT, self.consent_message(tenant, to_id, c)) for c in taken),
             OutboxMessage(MERGED_SUBJECT, self.merged_message(tenant, to_id, from_id, now, reason)),
         ]
+
+    async def _merge_enrichment(
+        self, conn: AsyncConnection, tenant: str, from_id: str, to_id: str, now: datetime
+    ) -> None:
+        """Counters, last seen times and score of `from_id` added to `to_id`'s; `from_id` leaves
+        every segment (a merged-away profile is never a member)."""
+        rows = {
+            r.profile_id: _EnrichedRow.of(r)
+            for r in await conn.execute(_ENRICHMENT_OF, {"tenant": tenant, "ids": [from_id, to_id]})
+        }
+        definitions = await self.definitions(conn, tenant)
+        merged = merge_states(
+            rows[to_id].enriched, rows[from_id].enriched, definitions.scoring.half_life_days, now
+        )
+        await conn.execute(
+            profiles.update()
+            .where(profiles.c.tenant_id == tenant, profiles.c.profile_id == to_id)
+            .values(
+                counters=counters_to_json(merged.counters),
+                last_seen_types=last_seen_to_json(merged.last_seen),
+                score=merged.score,
+                score_at=merged.score_at,
+            )
+        )
+        await conn.execute(
+            segment_members.delete().where(
+                segment_members.c.tenant_id == tenant, segment_members.c.profile_id == from_id
+            )
+        )
 
     async def _consents_of(
         self, conn: AsyncConnection, tenant: str, profile_ids: list[str]
@@ -896,22 +1484,78 @@ class ProfileStore:
     # ---- import ---------------------------------------------------------------------------------
 
     async def import_rows(
-        self, tenant: str, rows: Sequence[ImportRow], now: datetime, *, make_profile_id: Callable[[], str]
+        self,
+        tenant: str,
+        rows: Sequence[ImportRow],
+        now: datetime,
+        *,
+        make_profile_id: Callable[[], str],
+        claimed: Callable[[], None] = lambda: None,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
+        held: ImportInFlight | None = None,
     ) -> ImportResult:
         """Upsert the valid rows of one batch in one transaction (see `plan_import`): profiles by
         customer_id, else email; tags; backend traits; consent decisions that change the current
-        view go to the ledger with a ConsentChanged message, unchanged ones are skipped."""
+        view go to the ledger with a ConsentChanged message, unchanged ones are skipped.
+
+        The batch's profiles are read first, in one statement; an existing profile the batch
+        changes nothing of is neither locked nor written (see `drop_unchanged`), so re-importing
+        a file writes nothing. `claimed` is called once the transaction holds the profiles it
+        changes: the existing ones locked, the identifiers of the new ones bound. A later batch
+        that starts after that waits for this one wherever they share a person, so it lands
+        after it. `held`, shared by the batches of one import, says what its uncommitted
+        batches hold: a later batch locks (and so waits for) the profiles they locked even when
+        it finds nothing to change in what it read, and waits for the batch that bound one of
+        its identifiers to end before it reads (rather than read the identifier as unbound, fail
+        to bind it and start over). `before_commit` is awaited last, before the commit (to
+        commit batches in order)."""
         if not rows:
+            claimed()
             return ImportResult(0, 0, 0)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        mine: list[str] = []
+        number = 0
+        if held is not None:
+            number = held.started = held.started + 1
 
         async def work(conn: AsyncConnection) -> ImportResult:
             keys = list(dict.fromkeys(k for row in rows for k in row.identifiers()))
-            if len(rows) >= CUSTOM_PLAN_MIN_EVENTS:
-                await conn.execute(_CUSTOM_PLANS)
-            bound = await self._resolve(conn, tenant, keys, lock=True)
-            erased = await suppressed_hashes(
-                conn, tenant, (v or "" for r in rows if r.consent for v in (r.customer_id, r.email, r.phone))
-            )
+            if held is not None:
+                # (an earlier batch's only: a later one waits for this one to commit)
+                waits = {f for n, f in filter(None, map(held.keys.get, keys)) if n < number}
+                if waits:
+                    await asyncio.wait(waits)
+            # What the earlier batches locked, taken before the read: one that commits after the
+            # read's snapshot is still among them then (they leave it once committed).
+            keep = frozenset(held.profiles) if held is not None else frozenset()
+            bound: dict[Key, str] = {}
+            stored: dict[str, StoredProfile] = {}
+            if keys:
+                found = await conn.execute(
+                    _IMPORT_READ, {"tenant": tenant, "source": BACKEND, "keys": orjson.dumps(keys).decode()}
+                )
+                for rec in found:
+                    if rec.found is None or rec.merged_into is not None:
+                        raise _Conflict  # merged or erased as it was read: read again
+                    for i in rec.keys:
+                        bound[keys[i - 1]] = rec.profile_id
+                    stored[rec.profile_id] = StoredProfile(
+                        rec.customer_id,
+                        rec.email,
+                        rec.first_name,
+                        rec.last_name,
+                        rec.phone,
+                        frozenset(rec.tags),
+                        _json(rec.traits) or {},
+                        {(purpose, channel): st for purpose, channel, st in _json(rec.consents) or ()},
+                    )
+            hashes = {
+                identifier_hash(v) for r in rows if r.consent for v in (r.customer_id, r.email, r.phone) if v
+            }
+            erased: set[str] = set()
+            if hashes:
+                found = await conn.execute(_IMPORT_SUPPRESSED, {"tenant": tenant, "hashes": list(hashes)})
+                erased = set(found.scalars())
             kept = list(rows)
             not_restored: list[int] = []
             if erased:
@@ -920,92 +1564,190 @@ class ProfileStore:
                     if r.consent is not None and any(v and identifier_hash(v) in erased for v in values):
                         kept[i] = dataclasses.replace(r, consent=None)
                         not_restored.append(r.row_number)
-            plan = plan_import(kept, {k: s.profile_id for k, s in bound.items()}, make_profile_id)
-            await self._write_import(conn, tenant, plan, now)
+            plan = plan_import(kept, bound, make_profile_id)
+            plan = drop_unchanged(plan, stored, keep)
+            new = {p.profile_id for p in plan.profiles if p.new}
+            ids = [p.profile_id for p in plan.profiles if not p.new]
+            if ids:
+                locked = (await conn.execute(_IMPORT_LOCK, {"tenant": tenant, "ids": ids})).all()
+                if len(locked) < len(ids) or any(r.merged_into is not None for r in locked):
+                    raise _Conflict  # merged or erased since it was read: read again
+
+            def claim() -> None:
+                if held is not None:
+                    held.profiles.update(ids)
+                    mine.extend(ids)
+                    held.keys.update(((kind, value), (number, done)) for kind, value, _ in plan.bind)
+                claimed()
+
+            await self._write_import(conn, tenant, plan, now, claim)
             changes: list[tuple[str, Consent]] = []
             if plan.consents:
-                ids = sorted({pid for pid, _ in plan.consents})
+                # a profile created by this batch has no consent yet; the others' statuses are
+                # read again now that they are locked
+                consenting = sorted({pid for pid, _ in plan.consents} - new)
                 current = {
                     (r.profile_id, r.purpose, r.channel): r.status
-                    for r in await conn.execute(_CURRENT_STATUSES, {"tenant": tenant, "ids": ids})
+                    for r in (
+                        await conn.execute(_CURRENT_STATUSES, {"tenant": tenant, "ids": consenting})
+                        if consenting
+                        else ()
+                    )
                 }
                 changes = consent_changes(current, plan.consents)
             if changes:
-                msgs = await self._record_consent_decisions(conn, tenant, changes)
-                touched = sorted({pid for pid, _ in changes})
-                await conn.execute(_TOUCH_PROFILES, {"tenant": tenant, "ids": touched, "now": now})
-                await enqueue(conn, outbox, msgs, now)
+                await self._write_import_consents(conn, tenant, changes, new, now)
+            if before_commit is not None:
+                await before_commit()
             return ImportResult(len(rows), plan.created, len(changes), not_restored)
 
-        return await self._transaction(work)
+        try:
+            return await self._transaction(work)
+        finally:
+            done.set_result(None)
+            if held is not None:
+                held.profiles.subtract(mine)
+                for pid in mine:
+                    if held.profiles[pid] <= 0:
+                        del held.profiles[pid]
+                for key in [k for k, (_, f) in held.keys.items() if f is done]:
+                    del held.keys[key]
+
+    async def _write_import_consents(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        changes: Sequence[tuple[str, Consent]],
+        new: Set[str],
+        now: datetime,
+    ) -> None:
+        """Record a batch's consent changes (see `_IMPORT_CONSENTS`)."""
+        latest: dict[tuple[str, str, str], int] = {}  # as `current_view` picks
+        for i, (pid, c) in enumerate(changes):
+            key = (pid, c.purpose, c.channel)
+            j = latest.get(key)
+            if j is None or c.recorded_at >= changes[j][1].recorded_at:
+                latest[key] = i
+        current = set(latest.values())
+        decisions = [
+            [
+                pid,
+                c.purpose,
+                c.channel,
+                c.status,
+                c.source,
+                c.evidence,
+                c.recorded_at.isoformat(),
+                CONSENT_SUBJECT,
+                self.consent_message(tenant, pid, c).hex(),
+                i in current,
+                pid in new,
+            ]
+            for i, (pid, c) in enumerate(changes)
+        ]
+        # (a profile created by this batch already has updated_at = now)
+        touch = sorted({pid for pid, _ in changes} - new)
+        await conn.execute(
+            _IMPORT_CONSENTS,
+            {"tenant": tenant, "now": now, "decisions": orjson.dumps(decisions).decode(), "touch": touch},
+        )
 
     async def _write_import(
-        self, conn: AsyncConnection, tenant: str, plan: ImportPlan, now: datetime
+        self, conn: AsyncConnection, tenant: str, plan: ImportPlan, now: datetime, claimed: Callable[[], None]
     ) -> None:
         if plan.bind:
-            won = await conn.execute(
-                _BIND,
-                {
-                    "tenant": tenant,
-                    "now": now,
-                    "kinds": [k for k, _, _ in plan.bind],
-                    "vals": [v for _, v, _ in plan.bind],
-                    "profile_ids": [p for _, _, p in plan.bind],
-                },
+            won = await conn.scalar(
+                _IMPORT_BIND, {"tenant": tenant, "now": now, "bind": orjson.dumps(plan.bind).decode()}
             )
-            if len(won.all()) < len(plan.bind):
+            if won < len(plan.bind):
                 raise _Conflict  # a concurrent call bound one first: plan again against it
+        claimed()
         ps = plan.profiles
-        await conn.execute(
-            _IMPORT_PROFILES,
+        if not ps:
+            return
+        new_traits: dict[str, dict[str, str]] = {p.profile_id: {} for p in ps if p.new}
+        traits: tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]] = ([], [])
+        for (pid, name), value in plan.traits.items():
+            if pid in new_traits:
+                new_traits[pid][name] = value
+            traits[pid in new_traits].append((pid, name, value))
+        tags: tuple[list[tuple[str, str]], list[tuple[str, str]]] = ([], [])
+        for t in plan.tags:
+            tags[t[0] in new_traits].append(t)
+        changed = await conn.execute(
+            _IMPORT_WRITE,
             {
                 "tenant": tenant,
                 "now": now,
-                "ids": [p.profile_id for p in ps],
-                "customer_ids": [p.customer_id for p in ps],
-                "emails": [p.email for p in ps],
-                "first_names": [p.first_name for p in ps],
-                "last_names": [p.last_name for p in ps],
-                "phones": [p.phone for p in ps],
+                "source": BACKEND,
+                # (traits: the new profile's effective traits; null for an existing one)
+                "profiles": orjson.dumps(
+                    [
+                        [
+                            p.profile_id,
+                            p.customer_id,
+                            p.email,
+                            p.first_name,
+                            p.last_name,
+                            p.phone,
+                            new_traits[p.profile_id] if p.new else None,
+                        ]
+                        for p in ps
+                    ]
+                ).decode(),
+                "new_tags": orjson.dumps(tags[True]).decode(),
+                "tags": orjson.dumps(tags[False]).decode(),
+                "new_traits": orjson.dumps(traits[True]).decode(),
+                "traits": orjson.dumps(traits[False]).decode(),
             },
         )
-        if plan.tags:
-            await conn.execute(
-                _IMPORT_TAGS,
-                {
-                    "tenant": tenant,
-                    "now": now,
-                    "ids": [p for p, _ in plan.tags],
-                    "tags": [t for _, t in plan.tags],
-                },
+        # (a new profile got its effective traits with its insert)
+        await refresh_traits(conn, tenant, [r.profile_id for r in changed])
+
+    async def _lock_existing(self, conn: AsyncConnection, tenant: str, profile_id: str) -> str:
+        """Lock a profile by id (a merged-away id stands for the profile it was merged into);
+        NotFound when the tenant has no such profile. Returns the locked profile's id."""
+        return (await self._lock_row(conn, tenant, profile_id)).profile_id
+
+    async def _lock_row(self, conn: AsyncConnection, tenant: str, profile_id: str) -> Any:
+        target = profile_id
+        for _ in range(2):
+            row = (await conn.execute(_LOCK_PROFILE, {"tenant": tenant, "profile_id": target})).first()
+            if row is None:
+                raise NotFound(f"profile {profile_id!r} not found")
+            if row.merged_into is None:
+                return row
+            target = row.merged_into
+        raise _Conflict
+
+    async def merge_profiles(
+        self, tenant: str, profile_id: str, other_profile_id: str, now: datetime
+    ) -> tuple[Profile, str | None]:
+        """Merge two profiles by the survivor rule; (survivor, merged-away id or None if they were
+        one already). Locks both in id order, as every writer does."""
+
+        async def work(conn: AsyncConnection) -> tuple[Profile, str | None]:
+            first, second = sorted((profile_id, other_profile_id))
+            rows = [await self._lock_row(conn, tenant, first), await self._lock_row(conn, tenant, second)]
+            if rows[0].profile_id == rows[1].profile_id:
+                [profile] = await self._load(conn, tenant, [rows[0].profile_id], now)
+                return profile, None
+            survivor, merged = choose_survivor(rows[0], rows[1])
+            check_mergeable(survivor, merged)
+            msgs = await self._merge(
+                conn, tenant, merged.profile_id, survivor.profile_id, None, now, REASON_REQUEST
             )
-        if plan.traits:
-            await conn.execute(
-                _IMPORT_TRAITS,
-                {
-                    "tenant": tenant,
-                    "now": now,
-                    "source": BACKEND,
-                    "ids": [p for p, _ in plan.traits],
-                    "names": [n for _, n in plan.traits],
-                    "vals": list(plan.traits.values()),
-                },
-            )
+            await enqueue(conn, outbox, msgs, now)
+            [profile] = await self._load(conn, tenant, [survivor.profile_id], now)
+            return profile, merged.profile_id
+
+        return await self._transaction(work)
 
     async def set_consent(self, tenant: str, profile_id: str, consent: Consent, now: datetime) -> Profile:
         """Record one consent decision for an existing profile (NotFound otherwise)."""
 
         async def work(conn: AsyncConnection) -> Profile:
-            target = profile_id
-            for _ in range(2):  # a merged-away id stands for the profile it was merged into
-                row = (await conn.execute(_LOCK_PROFILE, {"tenant": tenant, "profile_id": target})).first()
-                if row is None:
-                    raise NotFound(f"profile {profile_id!r} not found")
-                if row.merged_into is None:
-                    break
-                target = row.merged_into
-            else:
-                raise _Conflict
+            target = await self._lock_existing(conn, tenant, profile_id)
             msgs = await self._record_consents(conn, tenant, target, [consent])
             await conn.execute(
                 profiles.update()
@@ -1013,19 +1755,97 @@ class ProfileStore:
                 .values(updated_at=now)
             )
             await enqueue(conn, outbox, msgs, now)
-            [profile] = await self._load(conn, tenant, [target])
+            [profile] = await self._load(conn, tenant, [target], now)
+            return profile
+
+        return await self._transaction(work)
+
+    async def _write_traits(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        profile_id: str,
+        source: str,
+        traits: Mapping[str, TraitScalar | None],
+        now: datetime,
+    ) -> None:
+        """Set (or, for None, remove) one source's values of a profile's traits; refresh the
+        effective ones."""
+        setting = {k: v for k, v in traits.items() if v is not None}
+        removing = [k for k, v in traits.items() if v is None]
+        if setting:
+            await conn.execute(
+                _SET_TRAITS,
+                {
+                    "tenant": tenant,
+                    "profile_id": profile_id,
+                    "source": source,
+                    "now": now,
+                    "names": list(setting),
+                    "vals": [json.dumps(v) for v in setting.values()],
+                },
+            )
+        if removing:
+            await conn.execute(
+                profile_traits.delete().where(
+                    profile_traits.c.tenant_id == tenant,
+                    profile_traits.c.profile_id == profile_id,
+                    profile_traits.c.source == source,
+                    profile_traits.c.name.in_(removing),
+                )
+            )
+        await refresh_traits(conn, tenant, [profile_id])
+
+    async def set_traits(
+        self,
+        tenant: str,
+        profile_id: str,
+        source: str,
+        traits: Mapping[str, TraitScalar | None],
+        now: datetime,
+    ) -> Profile:
+        """Set declared or backend traits of an existing profile (NotFound otherwise)."""
+
+        async def work(conn: AsyncConnection) -> Profile:
+            target = await self._lock_existing(conn, tenant, profile_id)
+            await self._write_traits(conn, tenant, target, source, traits, now)
+            await conn.execute(
+                profiles.update()
+                .where(profiles.c.tenant_id == tenant, profiles.c.profile_id == target)
+                .values(updated_at=now)
+            )
+            [profile] = await self._load(conn, tenant, [target], now, trait_sources=True)
             return profile
 
         return await self._transaction(work)
 
     # ---- reads ----------------------------------------------------------------------------------
 
-    async def _load(self, conn: AsyncConnection, tenant: str, profile_ids: Iterable[str]) -> list[Profile]:
-        """Profiles by id, in the order asked, each once; a merged-away id yields the profile it went to."""
+    async def _load(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        profile_ids: Iterable[str],
+        now: datetime,
+        *,
+        trait_sources: bool = False,
+    ) -> list[Profile]:
+        """Profiles by id, in the order asked, each once; a merged-away id yields the profile it went
+        to. Counters and score are as of `now`; every trait source's value only when asked."""
         ids = list(profile_ids)
         if not ids:
             return []
         rows = (await conn.execute(_LOAD, {"tenant": tenant, "ids": ids})).all()
+        definitions = await self.definitions(conn, tenant)
+        sources: dict[str, list[TraitValue]] = {}
+        if trait_sources and rows:
+            for t in await conn.execute(
+                _TRAIT_SOURCES,
+                {"tenant": tenant, "ids": [r.profile_id for r in rows], "precedence": list(PRECEDENCE)},
+            ):
+                sources.setdefault(t.profile_id, []).append(
+                    TraitValue(t.name, t.source, t.value, t.updated_at)
+                )
         by_requested = {r.requested: r for r in rows}
         out: dict[str, Profile] = {}
         for pid in ids:
@@ -1042,14 +1862,20 @@ class ProfileStore:
                 created_at=r.created_at,
                 updated_at=r.updated_at,
                 last_seen_at=r.last_seen_at,
+                enriched=enriched_of(r, definitions, now),
+                trait_sources=tuple(sources.get(r.profile_id, ())),
             )
         return list(out.values())
 
-    async def get_profiles(self, tenant: str, profile_ids: Sequence[str]) -> list[Profile]:
+    async def get_profiles(
+        self, tenant: str, profile_ids: Sequence[str], now: datetime, *, trait_sources: bool = False
+    ) -> list[Profile]:
         async with self.engine.connect() as conn:
-            return await self._load(conn, tenant, profile_ids)
+            return await self._load(conn, tenant, profile_ids, now, trait_sources=trait_sources)
 
-    async def find_profile(self, tenant: str, lookup: Lookup) -> Profile:
+    async def find_profile(
+        self, tenant: str, lookup: Lookup, now: datetime, *, trait_sources: bool = False
+    ) -> Profile:
         """One profile by id, customer id or email; NotFound when the tenant has none."""
         async with self.engine.connect() as conn:
             if lookup.kind == PROFILE_ID:
@@ -1062,7 +1888,7 @@ class ProfileStore:
                         identities.c.value == lookup.value,
                     )
                 )
-            found = await self._load(conn, tenant, [pid]) if pid else []
+            found = await self._load(conn, tenant, [pid], now, trait_sources=trait_sources) if pid else []
         if not found:
             raise NotFound(f"no profile with {lookup.kind} {lookup.value!r}")
         return found[0]

@@ -12,6 +12,7 @@ import nats
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from google.protobuf import struct_pb2
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
@@ -98,10 +99,20 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
     pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
     await eventually(lambda: scalar(system, "trigger", pending, p=pid))
 
+    traits = struct_pb2.Struct()
+    traits.update({"tier": "gold"})
+    await system.profiles.SetTraits(
+        profile_pb2.SetTraitsRequest(profile_id=pid, source="backend", traits=traits),
+        metadata=system.token(A, "ingest"),
+    )
+
     export = await system.profiles.ExportProfile(
         profile_pb2.ExportProfileRequest(profile_id=pid), metadata=admin
     )
     assert export.profile.email == EMAIL and export.profile.first_name == "Ada"
+    assert [(t.name, t.source, t.value.string_value) for t in export.traits] == [("tier", "backend", "gold")]
+    assert export.profile.traits["tier"].string_value == "gold"
+    assert set(export.profile.last_seen) == {"page_view", "add_to_cart"}
     assert [e.event.message_id for e in export.events] == ["m2", "m1", "m0"]  # newest first
     assert export.events[2].event.anonymous_id == "anon-1"
     assert export.events[1].event.properties["product_name"] == "Shoes"
@@ -145,6 +156,7 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
     assert await messages_of(system, pid) == []
     assert await scalar(system, "delivery", "SELECT count(*) FROM message_status_history") == 0
     assert await scalar(system, "profile", "SELECT count(*) FROM events") == 0
+    assert await scalar(system, "profile", "SELECT count(*) FROM profile_traits") == 0
 
     # The person comes back: neither Identify nor an import restores their marketing consent.
     back = await system.profiles.Identify(

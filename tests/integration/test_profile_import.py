@@ -169,6 +169,10 @@ async def test_an_import_upserts_profiles_with_tags_traits_and_consent(
     assert await rows_of(db, "SELECT profile_id, name, source, value FROM profile_traits") == [
         (anna.profile_id, "address", "backend", "Storgatan 1, Stockholm")
     ]
+    # the effective traits of a new profile come with it
+    assert await rows_of(db, "SELECT traits FROM profiles WHERE profile_id = :p", p=anna.profile_id) == [
+        ({"address": "Storgatan 1, Stockholm"},)
+    ]
     erik = (
         await stub.GetProfile(profile_pb2.GetProfileRequest(customer_id="T-1002"), metadata=token())
     ).profile
@@ -219,12 +223,118 @@ async def test_re_running_an_import_changes_nothing(stub: Stub, db: AsyncEngine,
     changed = nightly()
     changed[0][0].marketing_email_consent.status = DENIED
     changed[0][0].last_name = "Berg-Lind"
+    changed[0][0].traits["address"] = "Vasagatan 3, Uppsala"
+    changed[0][1].traits["vip_tier"] = "gold"
     changed[1][1].ClearField("marketing_email_consent")
     await run_import(stub, *changed)
     assert await count(db, "SELECT count(*) FROM consent_ledger") == 3
     assert await rows_of(
         db, "SELECT last_name, updated_at FROM profiles WHERE email = 'anna.berg@example.com'"
     ) == [("Berg-Lind", clock.now())]
+    # an existing profile's effective traits follow its changed traits
+    assert await rows_of(db, "SELECT email, traits FROM profiles ORDER BY email") == [
+        ("anna.berg@example.com", {"address": "Vasagatan 3, Uppsala"}),
+        ("erik@example.com", {"vip_tier": "gold"}),
+        ("sara@example.com", {}),
+    ]
+
+
+async def test_re_running_an_import_neither_locks_nor_writes_its_profiles(
+    stub: Stub, db: AsyncEngine, clock: ManualClock
+) -> None:
+    await run_import(stub, *nightly())
+    await clock.advance(timedelta(days=1))
+    # another transaction holds every profile: a re-run that changes nothing does not wait for it
+    async with db.connect() as other:
+        await other.execute(sa.text("SELECT 1 FROM profiles FOR UPDATE"))
+        again = await asyncio.wait_for(run_import(stub, *nightly()), timeout=20)
+        assert (again.rows_upserted, again.rows_failed, again.profiles_created) == (4, 0, 0)
+        await other.rollback()
+    # a row that changes something still lands, with the rows that do not
+    changed = nightly()
+    changed[1][0].first_name = "Sarah"
+    changed[1][0].marketing_email_consent.CopyFrom(consent(DENIED))
+    await run_import(stub, *changed)
+    assert await rows_of(db, "SELECT first_name, updated_at FROM profiles ORDER BY email") == [
+        ("Anna", clock.now() - timedelta(days=1)),
+        ("Erik", clock.now() - timedelta(days=1)),
+        ("Sarah", clock.now()),
+    ]
+    assert await count(db, "SELECT count(*) FROM consent_ledger") == 3
+
+
+async def test_a_later_message_wins_over_an_earlier_one_written_at_the_same_time(
+    stub: Stub, db: AsyncEngine
+) -> None:
+    # Messages are written two at a time; one person in every message still ends up as the
+    # last message says, with one ledger entry per change, in order.
+    statuses = [GRANTED, DENIED] * 4
+    batches = [
+        [
+            *(
+                profile_pb2.ImportRow(row_number=10 * i + j, email=f"other-{i}-{j}@example.com")
+                for j in range(3)
+            ),
+            profile_pb2.ImportRow(
+                row_number=10 * i + 9,
+                email="kim@example.com",
+                first_name=f"Kim {i}",
+                tags=[f"show {i}"],
+                traits={"seat": f"row {i}"},
+                marketing_email_consent=consent(status),
+            ),
+        ]
+        for i, status in enumerate(statuses)
+    ]
+    reply = await run_import(stub, *batches)
+    assert (reply.rows_upserted, reply.profiles_created) == (32, 25)
+    assert await rows_of(db, "SELECT first_name, traits FROM profiles WHERE email = 'kim@example.com'") == [
+        ("Kim 7", {"seat": "row 7"})
+    ]
+    assert (
+        await rows_of(
+            db,
+            "SELECT l.status FROM consent_ledger l JOIN profiles p USING (tenant_id, profile_id) "
+            "WHERE p.email = 'kim@example.com' ORDER BY l.entry_id",
+        )
+        == [("granted",), ("denied",)] * 4
+    )
+    assert await count(db, "SELECT count(*) FROM profile_tags WHERE tag LIKE 'show %'") == 8
+
+
+async def test_a_later_message_changing_back_what_an_earlier_one_changed_still_wins(
+    stub: Stub, db: AsyncEngine
+) -> None:
+    # Kim has consented; message i withdraws (even i) or grants (odd i) it again. A message that,
+    # as stored before the earlier ones commit, changes nothing must still land after them.
+    def kim(i: int, status: common_pb2.ConsentStatus.ValueType) -> profile_pb2.ImportRow:
+        return profile_pb2.ImportRow(
+            row_number=i, email="kim@example.com", first_name="Kim", marketing_email_consent=consent(status)
+        )
+
+    await run_import(stub, [kim(1, GRANTED)])
+    batches = [
+        [
+            *(
+                profile_pb2.ImportRow(row_number=10 * i + j, email=f"o-{i}-{j}@example.com")
+                for j in range(20)
+            ),
+            kim(10 * i + 9, DENIED if i % 2 == 0 else GRANTED),
+        ]
+        for i in range(8)
+    ]
+    await run_import(stub, *batches)
+    statuses = await rows_of(
+        db,
+        "SELECT l.status FROM consent_ledger l JOIN profiles p USING (tenant_id, profile_id) "
+        "WHERE p.email = 'kim@example.com' ORDER BY l.entry_id",
+    )
+    assert statuses == [("granted",)] + [("denied",), ("granted",)] * 4
+    assert await rows_of(
+        db,
+        "SELECT c.status FROM consents c JOIN profiles p USING (tenant_id, profile_id) "
+        "WHERE p.email = 'kim@example.com'",
+    ) == [("granted",)]
 
 
 async def test_bad_rows_are_reported_by_row_and_field_while_good_rows_land(

@@ -5,13 +5,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import grpc
 import nats
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import ManualClock
 from relevans.profile.v1 import bus_pb2, profile_pb2
+from tests.helpers import field_violations
 from tests.integration import test_profile_service as svc
 from tests.integration.test_profile_service import (
     TENANT,
@@ -65,7 +68,9 @@ async def test_identify_merges_two_known_profiles_into_the_one_with_the_customer
             sa.text("INSERT INTO profile_tags VALUES (:t, :p, 'vip', now())"), {"t": TENANT, "p": a}
         )
         await conn.execute(
-            sa.text("INSERT INTO profile_traits VALUES (:t, :p, 'tier', 'backend', 'gold', now())"),
+            sa.text(
+                """INSERT INTO profile_traits VALUES (:t, :p, 'tier', 'backend', '"gold"'::jsonb, now())"""
+            ),
             {"t": TENANT, "p": a},
         )
 
@@ -214,3 +219,60 @@ async def test_a_profile_merged_earlier_follows_its_survivor_into_a_later_merge(
         read = await stub.GetProfile(profile_pb2.GetProfileRequest(profile_id=pid), metadata=token())
         assert read.profile.profile_id == customer.profile.profile_id
         assert sorted(read.profile.anonymous_ids) == ["cookie-7", "cookie-8"]
+
+
+def merge(profile_id: str, other: str) -> profile_pb2.MergeProfilesRequest:
+    return profile_pb2.MergeProfilesRequest(profile_id=profile_id, other_profile_id=other)
+
+
+async def test_merge_profiles_follows_the_survivor_rule_and_refuses_what_it_must(
+    stub: Stub, clock: ManualClock, js: nats.js.JetStreamContext
+) -> None:
+    admin = token(TENANT, "admin")
+    older = await stub.Identify(profile_pb2.IdentifyRequest(email="bo@example.com"), metadata=token())
+    await clock.advance(timedelta(hours=1))
+    newer = await stub.Identify(profile_pb2.IdentifyRequest(email="bo.work@example.com"), metadata=token())
+    a, b = older.profile.profile_id, newer.profile.profile_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.MergeProfiles(
+            profile_pb2.MergeProfilesRequest(profile_id=a, other_profile_id=a), metadata=admin
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(caught.value)) == {"other_profile_id"}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.MergeProfiles(
+            profile_pb2.MergeProfilesRequest(profile_id=a, other_profile_id=b), metadata=token()
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # neither has a customer id: the older survives, whichever is named first
+    merged = await stub.MergeProfiles(
+        profile_pb2.MergeProfilesRequest(profile_id=b, other_profile_id=a), metadata=admin
+    )
+    assert (merged.profile.profile_id, merged.merged_profile_id) == (a, b)
+    again = await stub.MergeProfiles(
+        profile_pb2.MergeProfilesRequest(profile_id=a, other_profile_id=b), metadata=admin
+    )
+    assert (again.profile.profile_id, again.merged_profile_id) == (a, "")
+    [msg] = await fetch_all(js, "rv.profile.merged", 1)
+    event = bus_pb2.ProfileMerged.FromString(msg.data)
+    assert (event.surviving_profile_id, event.merged_profile_id, event.reason) == (a, b, "merge_request")
+
+    # two different business keys stay apart
+    c1 = await stub.Identify(profile_pb2.IdentifyRequest(customer_id="c-1"), metadata=token())
+    c2 = await stub.Identify(profile_pb2.IdentifyRequest(customer_id="c-2"), metadata=token())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.MergeProfiles(
+            profile_pb2.MergeProfilesRequest(
+                profile_id=c1.profile.profile_id, other_profile_id=c2.profile.profile_id
+            ),
+            metadata=admin,
+        )
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.MergeProfiles(
+            merge(a, c1.profile.profile_id),
+            metadata=token("other-tenant", "admin"),
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -573,9 +573,10 @@ consent_compares = st.one_of(
     st.builds(Compare, consent_fields, st.just("in"), _in(st.sampled_from(c.STATUSES))),
     st.builds(Compare, consent_fields, st.just("exists")),
 )
+tags = short_text.map(str.casefold).filter(bool)  # parsing folds tags, as they are stored
 tag_compares = st.one_of(
-    st.builds(Compare, st.just("tag"), st.just("contains"), short_text),
-    st.builds(Compare, st.just("tag"), st.just("in"), _in(short_text)),
+    st.builds(Compare, st.just("tag"), st.just("contains"), tags),
+    st.builds(Compare, st.just("tag"), st.just("in"), _in(tags)),
 )
 last_seen_compares = st.one_of(
     st.builds(
@@ -680,3 +681,8 @@ def test_trees_past_the_depth_limit_are_rejected(cond: Condition) -> None:
         deep = Not(deep)
     with pytest.raises(InvalidArgument):
         parse_condition(to_dict(deep))
+
+
+def test_tag_values_are_case_folded_like_stored_tags() -> None:
+    parsed = c.parse_condition({"compare": {"field": "tag", "op": "in", "value": ["VIP", "Show:Hamlet"]}})
+    assert parsed == Compare("tag", "in", ("vip", "show:hamlet"))

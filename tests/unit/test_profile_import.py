@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from datetime import UTC, datetime
 from itertools import count
 
+import phonenumbers
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from relevans.cli.import_csv import DEFAULT_MAP, CsvRows, UsageError, parse_mapping
 from relevans.common.v1 import common_pb2
@@ -16,7 +21,12 @@ from services.profile.domain.imports import (
     MAX_IMPORT_ROWS,
     ImportRow,
     RawImportRow,
+    StoredProfile,
     consent_changes,
+    drop_unchanged,
+    normalize_phone,
+    plain_email,
+    plain_phone,
     plan_import,
     validate_batch_size,
     validate_row,
@@ -97,6 +107,182 @@ def test_each_bad_field_is_named(fields: dict[str, object], bad: str) -> None:
     assert set(errors) == {bad}, errors
 
 
+# Addresses near the edges of the fast path's shape: odd characters, dots and hyphens in odd
+# places, Punycode and R-LDH labels, special-use and numeric top-level domains, long labels.
+_LOCAL = st.one_of(
+    st.text(alphabet="aZ09._+-'", min_size=1, max_size=20),
+    st.text(alphabet="aZ09._+-!#'`{}~\"\\ ,:;<>@[]()é\u0301", max_size=70),
+    st.text(alphabet="a", min_size=60, max_size=250),
+)
+_PLAIN_LABEL = st.text(alphabet="aZ09-", min_size=1, max_size=8)
+_LABEL = st.one_of(
+    _PLAIN_LABEL,
+    _PLAIN_LABEL,
+    _PLAIN_LABEL,
+    st.text(alphabet="aZ09-_.é\uff0e", max_size=8),
+    st.text(alphabet="a", min_size=60, max_size=66),
+    st.sampled_from(
+        ["com", "SE", "test", "local", "arpa", "onion", "example", "xn--bcher-kva", "ab--cd", "123"]
+    ),
+)
+_TLD = st.one_of(st.text(alphabet="aZé", min_size=1, max_size=4), _LABEL)
+_ADDRESSES = st.one_of(
+    st.builds(
+        lambda local, labels: f"{local}@{'.'.join(labels)}", _LOCAL, st.lists(_LABEL, min_size=1, max_size=4)
+    ),
+    st.builds(
+        lambda local, labels, tld: f"{local}@{'.'.join([*labels, tld])}",
+        _LOCAL,
+        st.lists(_LABEL, min_size=1, max_size=3),
+        _TLD,
+    ),
+    st.text(max_size=40),
+)
+
+
+def _email_validator(value: str) -> str | None:
+    try:
+        return validate_email(value, check_deliverability=False).normalized.lower()
+    except EmailNotValidError:
+        return None
+
+
+@settings(max_examples=3000)
+@given(_ADDRESSES)
+@example("Anna.Berg@Example.COM")
+@example("a@b.test")
+@example("a@" + "x" * 64 + ".com")
+@example("x" * 240 + "@example.com")
+@example("o'neil+tickets@mail.example.se")
+def test_the_plain_email_fast_path_agrees_with_email_validator(value: str) -> None:
+    fast = plain_email(value)
+    if fast is not None:
+        assert fast == _email_validator(value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["anna.berg@example.com", "Erik.Lund+tickets@Mail.Example.SE", "o'neil@x-y.example.org", "a_b@c.co"],
+)
+def test_common_addresses_take_the_fast_path(address: str) -> None:
+    assert plain_email(address) == address.lower() == _email_validator(address)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "a@b.test",
+        "a@xn--bcher-kva.com",
+        "a@büc.com",
+        '"a b"@x.com',
+        "a@x.c0m",
+        "a..b@x.com",
+        "Anna <a@x.com>",
+    ],
+)
+def test_unusual_addresses_are_left_to_email_validator(address: str) -> None:
+    assert plain_email(address) is None
+    row, errors = check(email=address)
+    assert (row.email if row else None) == _email_validator(address)
+    assert set(errors) <= {"email"}
+
+
+def _phonenumbers(value: str) -> tuple[str | None, str]:
+    """What normalize_phone answered before its fast path: phonenumbers alone."""
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        return (
+            None,
+            f"is not a valid phone number: {exc._msg}; use the international format, e.g. +46701234567",
+        )
+    if not phonenumbers.is_valid_number(number):
+        return None, "is not a valid phone number"
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
+
+
+# Valid numbers of every region (phonenumbers' examples of each type), as written in
+# international format and in E.164, and near misses: digits changed, added or dropped,
+# national prefixes and leading zeros, odd separators.
+_EXAMPLES = sorted(
+    {
+        phonenumbers.format_number(n, f)
+        for region in phonenumbers.SUPPORTED_REGIONS
+        for t in (phonenumbers.PhoneNumberType.MOBILE, phonenumbers.PhoneNumberType.FIXED_LINE)
+        if (n := phonenumbers.example_number_for_type(region, t)) is not None
+        for f in (phonenumbers.PhoneNumberFormat.INTERNATIONAL, phonenumbers.PhoneNumberFormat.E164)
+    }
+)
+_CALLING_CODES = sorted(str(cc) for cc in phonenumbers.COUNTRY_CODE_TO_REGION_CODE)
+
+
+@st.composite
+def _phones(draw: st.DrawFn) -> str:
+    kind = draw(st.integers(0, 3))
+    if kind == 0:
+        value = draw(st.sampled_from(_EXAMPLES))
+    elif kind == 1:
+        cc = draw(st.sampled_from(_CALLING_CODES))
+        prefix = draw(st.sampled_from(["", "0", "00", "1", "8", "9", "06"]))
+        value = f"+{cc}{prefix}" + draw(st.text(alphabet="0123456789", min_size=1, max_size=16))
+    elif kind == 2:
+        value = "+" + draw(st.text(alphabet="0123456789", min_size=1, max_size=20))
+    else:
+        value = draw(st.text(alphabet="+0123456789 -().x#/*,;٣", max_size=25))
+    for _ in range(draw(st.integers(0, 3))):  # edit it a little
+        chars = list(value)
+        i = draw(st.integers(0, len(chars)))
+        op = draw(st.integers(0, 2))
+        if op == 0:
+            chars.insert(i, draw(st.sampled_from("0123456789  --.()+x")))
+        elif chars and i < len(chars):
+            if op == 1:
+                del chars[i]
+            else:
+                chars[i] = draw(st.sampled_from("0123456789"))
+        value = "".join(chars)
+    return value
+
+
+@settings(max_examples=5000)
+@given(_phones())
+@example("+46 70 123 45 67")
+@example("+46 070 123 45 67")
+@example("+39 06 1234 5678")
+@example("+1 650 253 0000")
+@example("+7 912 345 67 89")
+@example("+44 20 7946 0958")
+def test_the_plain_phone_fast_path_agrees_with_phonenumbers(value: str) -> None:
+    assert normalize_phone(value) == _phonenumbers(value)
+    fast = plain_phone(value)
+    if fast is not None:
+        assert (fast, "") == _phonenumbers(value)
+        assert phonenumbers.parse(value, None) == phonenumbers.parse(fast, None)
+
+
+@pytest.mark.parametrize(
+    "phone", ["+4791234567", "+46 70 123 45 67", "+46731234567", "+46 76-123 45 67", "+1 650 253 0000"]
+)
+def test_common_phone_numbers_take_the_fast_path(phone: str) -> None:
+    assert plain_phone(phone) is not None
+    assert (plain_phone(phone), "") == _phonenumbers(phone)
+
+
+@pytest.mark.parametrize(
+    "phone", ["+46 070 123 45 67", "+39 06 1234 5678", "+46 (0)70 123 45 67", "0046701234567", "+46 12"]
+)
+def test_unusual_phone_numbers_are_left_to_phonenumbers(phone: str) -> None:
+    assert plain_phone(phone) is None
+    assert normalize_phone(phone) == _phonenumbers(phone)
+
+
+def test_the_fast_paths_cover_most_examples() -> None:
+    # (a guard against a fast path that silently stopped matching anything)
+    taken = sum(plain_phone(p) is not None for p in _EXAMPLES)
+    assert taken > len(_EXAMPLES) // 2, taken
+    assert all(normalize_phone(p) == _phonenumbers(p) for p in _EXAMPLES)
+
+
 def test_a_trait_value_of_exactly_1_kib_is_fine() -> None:
     row, errors = check(email="a@example.com", traits={"note": "é" * 512})
     assert errors == {} and row is not None
@@ -157,6 +343,51 @@ def test_the_plan_keys_rows_by_customer_id_then_email() -> None:
     assert plan.bind == [("email", "fresh@example.com", "p-new-1"), ("email", "new@example.com", "p-9")]
     assert plan.tags == [("p-known", "a"), ("p-new-1", "b")]
     assert plan.traits == {("p-9", "tier"): "gold", ("p-new-1", "tier"): "silver"}
+
+
+def test_profiles_a_batch_changes_nothing_of_are_dropped_from_the_plan() -> None:
+    ids = count(1)
+    bound = {
+        ("email", "a@example.com"): "p-a",
+        ("email", "b@example.com"): "p-b",
+        ("customer_id", "C-1"): "p-a",
+    }
+    consent = ConsentInput("marketing", "email", "granted")
+    rows = [
+        _row(2, customer_id="C-1", email="a@example.com", first_name="Anna", tags=("x",), consent=consent),
+        _row(3, email="b@example.com", first_name="Bo", traits={"tier": "gold"}),
+        _row(4, email="new@example.com"),
+    ]
+    plan = plan_import(rows, bound, lambda: f"p-new-{next(ids)}")
+    same_a = StoredProfile("C-1", "a@example.com", "Anna", None, None, frozenset({"x", "y"}), {}, {})
+    same_a = dataclasses.replace(same_a, consents={("marketing", "email"): "granted"})
+    same_b = StoredProfile(
+        None, "b@example.com", "Bo", "B", "+46701234567", frozenset(), {"tier": "gold"}, {}
+    )
+    kept = drop_unchanged(plan, {"p-a": same_a, "p-b": same_b})
+    assert [p.profile_id for p in kept.profiles] == ["p-new-1"]
+    assert (kept.tags, kept.traits, kept.consents, kept.created) == ([], {}, [], 1)
+    assert kept.bind == [("email", "new@example.com", "p-new-1")]
+    # one difference keeps the profile, with all of its rows' writes
+    for a, b in [
+        (dataclasses.replace(same_a, first_name="Ann"), same_b),
+        (dataclasses.replace(same_a, tags=frozenset({"y"})), same_b),
+        (dataclasses.replace(same_a, consents={("marketing", "email"): "denied"}), same_b),
+        (dataclasses.replace(same_a, consents={}), same_b),
+        (same_a, dataclasses.replace(same_b, traits={"tier": "silver"})),
+        (same_a, dataclasses.replace(same_b, traits={})),
+    ]:
+        kept = drop_unchanged(plan, {"p-a": a, "p-b": b})
+        assert len(kept.profiles) == 2
+        changed = kept.profiles[0].profile_id
+        assert [p for p, _ in kept.tags] == [p for p, _ in plan.tags if p == changed]
+        assert [p for p, _ in kept.traits] == [p for p, _ in plan.traits if p == changed]
+    # a profile not read, or held by an earlier batch of the import, stays
+    assert [p.profile_id for p in drop_unchanged(plan, {"p-a": same_a}).profiles] == ["p-b", "p-new-1"]
+    assert len(drop_unchanged(plan, {"p-a": same_a, "p-b": same_b}, {"p-a"}).profiles) == 2
+    # a field the profile lacks is filled in
+    no_name = dataclasses.replace(same_b, first_name=None)
+    assert len(drop_unchanged(plan, {"p-a": same_a, "p-b": no_name}).profiles) == 2
 
 
 def test_an_unchanged_consent_is_not_recorded_again() -> None:

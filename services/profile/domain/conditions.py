@@ -345,6 +345,8 @@ class _Parser:
         elif kind == TAG:
             if not isinstance(value, str) or not value:
                 add(path, "must be a non-empty string")
+            else:
+                return value.casefold()  # tags are stored case-folded
         elif kind == LAST_SEEN:
             return self.when(value, path)
         return value

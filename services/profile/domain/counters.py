@@ -28,6 +28,7 @@ WINDOW_DAYS = (1, 7, 30, 90)
 MAX_WINDOW_DAYS = max(WINDOW_DAYS)
 MAX_PROPERTY_VALUE_CHARS = 256
 MAX_COUNTERS_PER_TENANT = 200
+MAX_THRESHOLDS = 20
 
 PropertyValue = str | int | float | bool
 
@@ -41,6 +42,8 @@ class CounterDefinition:
     windows: tuple[int, ...] = (7,)
     property: str | None = None
     property_value: PropertyValue | None = None
+    # Counts in the shortest window at which a crossing is published, ascending.
+    thresholds: tuple[int, ...] = ()
 
     def keep_days(self) -> int:
         """How many daily buckets a person needs for this counter's longest window."""
@@ -102,6 +105,12 @@ def check_counter(defn: CounterDefinition, prefix: str, violations: Violations) 
     if not isinstance(defn.windows, tuple | list) or not defn.windows:
         violations.add(f"{prefix}.windows", f"must list at least one of {allowed} days")
         return
+    if not isinstance(defn.thresholds, tuple | list) or len(defn.thresholds) > MAX_THRESHOLDS:
+        violations.add(f"{prefix}.thresholds", f"must list at most {MAX_THRESHOLDS} counts")
+    else:
+        for i, threshold in enumerate(defn.thresholds):
+            if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 1:
+                violations.add(f"{prefix}.thresholds[{i}]", "must be a whole number of at least 1")
     seen: set[object] = set()
     for i, days in enumerate(defn.windows):
         if isinstance(days, bool) or days not in WINDOW_DAYS:
@@ -117,7 +126,12 @@ def validate_counter(defn: CounterDefinition, prefix: str = "counter") -> Counte
     check_counter(defn, prefix, violations)
     violations.raise_if_any()
     return CounterDefinition(
-        defn.name, defn.event_type, tuple(sorted(defn.windows)), defn.property, defn.property_value
+        defn.name,
+        defn.event_type,
+        tuple(sorted(defn.windows)),
+        defn.property,
+        defn.property_value,
+        tuple(sorted(set(defn.thresholds))),
     )
 
 

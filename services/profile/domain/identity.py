@@ -20,6 +20,7 @@ from services.profile.domain.consent import Consent, ConsentInput, check_consent
 from services.profile.domain.events import Event, check_email, check_id, check_text
 from services.profile.domain.ids import random_uuid
 from services.profile.domain.merge import choose_survivor
+from services.profile.domain.traits import TraitScalar, check_traits
 
 ANONYMOUS = "anonymous"
 CUSTOMER_ID = "customer_id"
@@ -62,6 +63,8 @@ class ProfileState:
     filled: bool = False
     # When the profile was created (None for one created by this plan); decides merges.
     created_at: datetime | None = None
+    # Filled in by ingest for the event snapshot (see domain/enrichment.py).
+    enriched: Enriched | None = None
 
     def copy(self) -> ProfileState:
         return ProfileState(
@@ -73,12 +76,25 @@ class ProfileState:
             self.new,
             self.filled,
             self.created_at,
+            self.enriched,
         )
 
     @property
     def shadow(self) -> bool:
         """Known only by anonymous ids."""
         return self.customer_id is None and self.email is None
+
+
+@dataclass(frozen=True, slots=True)
+class Enriched:
+    """What readers and triggers see of a profile beyond its identity: effective traits, tags,
+    counter values (name, window days, count), the score now and the latest time per event type."""
+
+    traits: Mapping[str, object] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    counters: tuple[tuple[str, int, int], ...] = ()
+    score: float = 0.0
+    last_seen: Mapping[str, datetime] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +187,7 @@ class RawIdentify:
     anonymous_id: str = ""
     first_name: str = ""
     consents: tuple[ConsentInput, ...] = ()
+    traits: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +197,8 @@ class IdentifyCommand:
     anonymous_id: str | None
     first_name: str | None
     consents: tuple[Consent, ...]
+    # Declared traits.
+    traits: Mapping[str, TraitScalar] = field(default_factory=dict)
 
     def identifiers(self) -> list[Key]:
         keys: list[Key] = []
@@ -209,6 +228,7 @@ def validate_identify(raw: RawIdentify, now: datetime) -> IdentifyCommand:
         check_consent(c, f"consents[{i}]", now, v, default_source="identify")
         for i, c in enumerate(raw.consents)
     ]
+    traits = check_traits(raw.traits, "traits", v, allow_remove=False)
     v.raise_if_any()
     return IdentifyCommand(
         customer_id=customer_id,
@@ -216,6 +236,7 @@ def validate_identify(raw: RawIdentify, now: datetime) -> IdentifyCommand:
         anonymous_id=anonymous_id,
         first_name=first_name,
         consents=tuple(c for c in consents if c is not None),
+        traits={k: t for k, t in traits.items() if t is not None},
     )
 
 

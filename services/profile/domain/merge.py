@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+from relevans.kit.errors import FailedPrecondition, Violations
 from services.profile.domain.consent import Consent
 
 # ProfileMerged.reason
 REASON_ANONYMOUS = "anonymous_id"
 REASON_KNOWN = "customer_id_and_email"
+REASON_REQUEST = "merge_request"
 
 
 class Rankable(Protocol):
@@ -101,3 +103,22 @@ def merge_profiles(a: MergeProfile, b: MergeProfile) -> MergeProfile:
         identities=survivor.identities | merged.identities,
         members=survivor.members | merged.members | {survivor.profile_id, merged.profile_id},
     )
+
+
+def validate_merge_request(profile_id: str, other_profile_id: str) -> None:
+    v = Violations()
+    if not profile_id:
+        v.add("profile_id", "is required")
+    if not other_profile_id:
+        v.add("other_profile_id", "is required")
+    elif other_profile_id == profile_id:
+        v.add("other_profile_id", "cannot merge a profile into itself")
+    v.raise_if_any()
+
+
+def check_mergeable(survivor: Rankable, merged: Rankable) -> None:
+    """A person has one business key: two profiles with different customer ids stay apart."""
+    if survivor.customer_id and merged.customer_id and survivor.customer_id != merged.customer_id:
+        raise FailedPrecondition(
+            f"profiles {survivor.profile_id} and {merged.profile_id} have different customer ids"
+        )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from relevans.kit.errors import Violations
 from services.profile.domain.consent import Consent
 from services.profile.domain.events import check_email
-from services.profile.domain.identity import CUSTOMER_ID, EMAIL
+from services.profile.domain.identity import CUSTOMER_ID, EMAIL, Enriched
 
 MAX_BATCH_PROFILES = 1000
 PROFILE_ID = "profile_id"
@@ -26,6 +26,17 @@ class Profile:
     created_at: datetime
     updated_at: datetime
     last_seen_at: datetime | None
+    enriched: Enriched = field(default_factory=Enriched)
+    # Every source's value of every trait; loaded only when asked for.
+    trait_sources: tuple[TraitValue, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TraitValue:
+    name: str
+    source: str
+    value: object
+    updated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +78,37 @@ def validate_profile_ids(profile_ids: Sequence[str]) -> list[str]:
         v.add("profile_ids", f"at most {MAX_BATCH_PROFILES} ids per call, got {len(profile_ids)}")
         v.raise_if_any()
     return list(dict.fromkeys(p for p in profile_ids if p))
+
+
+# Fields of the Profile message a read mask may name.
+PROFILE_FIELDS = (
+    "profile_id",
+    "customer_id",
+    "email",
+    "first_name",
+    "anonymous_ids",
+    "consents",
+    "create_time",
+    "update_time",
+    "last_seen_time",
+    "traits",
+    "trait_sources",
+    "tags",
+    "counters",
+    "score",
+    "last_seen",
+)
+# What an empty read mask returns: every field but the per-source trait values.
+DEFAULT_FIELDS = frozenset(PROFILE_FIELDS) - {"trait_sources"}
+
+
+def validate_read_mask(paths: Sequence[str]) -> frozenset[str]:
+    """The profile fields to return; profile_id always is."""
+    if not paths:
+        return DEFAULT_FIELDS
+    v = Violations()
+    for i, path in enumerate(paths):
+        if path not in PROFILE_FIELDS:
+            v.add(f"read_mask.paths[{i}]", f"unknown field {path[:64]!r}; one of {', '.join(PROFILE_FIELDS)}")
+    v.raise_if_any()
+    return frozenset(paths) | {"profile_id"}

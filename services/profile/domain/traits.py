@@ -1,0 +1,82 @@
+"""Traits a client sets (declared or backend): names, values and their validation.
+
+A trait is held per source; the effective value is the one of the first source in
+`PRECEDENCE` that has it — what the person told us, then what a system of record says,
+then what their behaviour suggests (computed traits, see enrichment.py). Values are
+JSON scalars; None removes a source's value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from relevans.kit.errors import Violations
+
+DECLARED, BACKEND, BEHAVIOURAL = "declared", "backend", "behavioural"
+PRECEDENCE = (DECLARED, BACKEND, BEHAVIOURAL)
+# Sources a client may write; behavioural traits come from events only.
+WRITABLE_SOURCES = (DECLARED, BACKEND)
+# Same as import's (services.profile.domain.imports.TRAIT_NAME_RE).
+TRAIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_TRAITS_PER_CALL = 100
+MAX_TRAIT_VALUE_BYTES = 1024
+
+TraitScalar = str | int | float | bool
+
+
+def check_traits(
+    raw: Mapping[str, object], path: str, v: Violations, *, allow_remove: bool
+) -> dict[str, TraitScalar | None]:
+    """The valid traits of `raw`; a violation per bad one, named `<path>.<name>`."""
+    out: dict[str, TraitScalar | None] = {}
+    if len(raw) > MAX_TRAITS_PER_CALL:
+        v.add(path, f"at most {MAX_TRAITS_PER_CALL} traits per call, got {len(raw)}")
+        return out
+    for name, value in sorted(raw.items()):
+        field = f"{path}.{name[:64]}"
+        if not TRAIT_NAME_RE.match(name):
+            v.add(field, "name must be lower_snake_case: a-z, 0-9, _ (at most 64)")
+        elif value is None:
+            if allow_remove:
+                out[name] = None
+            else:
+                v.add(field, "must be a string, a number or a boolean")
+        elif isinstance(value, str):
+            if len(value.encode()) > MAX_TRAIT_VALUE_BYTES:
+                v.add(field, f"value must be at most {MAX_TRAIT_VALUE_BYTES} bytes")
+            elif "\x00" in value:
+                v.add(field, "must not contain NUL characters")
+            else:
+                out[name] = value
+        elif isinstance(value, bool):
+            out[name] = value
+        elif isinstance(value, int | float) and math.isfinite(value):
+            out[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+        else:
+            v.add(field, "must be a string, a finite number or a boolean")
+    return out
+
+
+def validate_set_traits(
+    profile_id: str, source: str, raw: Mapping[str, object]
+) -> dict[str, TraitScalar | None]:
+    v = Violations()
+    if not profile_id:
+        v.add("profile_id", "is required")
+    if source not in WRITABLE_SOURCES:
+        v.add("source", f"must be one of {', '.join(WRITABLE_SOURCES)} (behavioural traits come from events)")
+    if not raw:
+        v.add("traits", "at least one trait is required")
+    traits = check_traits(raw, "traits", v, allow_remove=True)
+    v.raise_if_any()
+    return traits
+
+
+def effective(by_source: Mapping[str, Mapping[str, object]]) -> dict[str, object]:
+    """The effective traits from each source's values, by PRECEDENCE."""
+    out: dict[str, object] = {}
+    for source in reversed(PRECEDENCE):
+        out.update(by_source.get(source, {}))
+    return out
