@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run demo test lint typecheck unit proto bench clean
+.PHONY: install run demo test lint typecheck unit proto bench bench-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ proto: $(STAMP)
 ## bench: ingest throughput against the raw limit measured in the same run
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+## bench-all: every benchmark (ingest, single Track, segment counts, 500k import); about 10 minutes
+bench-all: bench
+	$(BIN)/python bench/track.py
+	$(BIN)/python bench/segments.py --profiles 500000
+	$(BIN)/python bench/import_profiles.py --rows 500000
 
 clean:
 	rm -rf $(VENV) .relevans .pytest_cache .mypy_cache .ruff_cache

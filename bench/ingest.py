@@ -26,6 +26,7 @@ import asyncpg
 import grpc
 import nats
 import psutil
+import uvloop
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
@@ -64,25 +65,35 @@ async def ours(
         queue.put_nowait(b)
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+    # One connection per client, as separate clients would have: with several service processes
+    # on one port, the kernel spreads connections (not calls) over them.
+    channels = [grpc.aio.insecure_channel(target) for _ in range(concurrency)]
+    try:
+        stubs = [profile_pb2_grpc.ProfileServiceStub(c) for c in channels]
         # warm-up outside the timing: connections, caches, streams
-        warm = profile_pb2.Event(type="page_view", customer_id="warm-up", message_id="warm-up")
-        await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=[warm]), metadata=md, timeout=30)
+        for n, stub in enumerate(stubs):
+            warm = profile_pb2.Event(type="page_view", customer_id="warm-up", message_id=f"warm-up-{n}")
+            await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=[warm]), metadata=md, timeout=30)
         base = (await js.stream_info("RV_EVENTS")).state.messages
+        while base < len(stubs):  # the warm-up events are published too
+            await asyncio.sleep(0.01)
+            base = (await js.stream_info("RV_EVENTS")).state.messages
 
-        async def worker() -> None:
+        async def worker(stub: profile_pb2_grpc.ProfileServiceStub) -> None:
             while not queue.empty():
                 b = queue.get_nowait()
                 await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=b), metadata=md, timeout=60)
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(stub) for stub in stubs))
         while (await js.stream_info("RV_EVENTS")).state.messages < base + len(events):
             if time.perf_counter() - started > 600:
                 raise RuntimeError("events were not all published within 10 minutes")
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
+    finally:
+        for c in channels:
+            await c.close()
     await nc.close()
     return elapsed
 
@@ -168,7 +179,8 @@ async def main() -> int:
                 await _wait_port(port)
                 events = make_events(args.events, args.customers)
                 ours_s = await ours(f"127.0.0.1:{port}", events, args.batch, args.concurrency, ns.url)
-                rss_mb = psutil.Process(proc.pid).memory_info().rss / 1e6
+                service = psutil.Process(proc.pid)  # and its worker processes, if several
+                rss_mb = sum(p.memory_info().rss for p in [service, *service.children(recursive=True)]) / 1e6
             finally:
                 proc.terminate()
                 await proc.wait()
@@ -196,4 +208,4 @@ async def _wait_port(port: int, timeout: float = 30) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(uvloop.run(main()))  # as the services run: the load generator costs less CPU per call

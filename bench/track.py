@@ -1,0 +1,422 @@
+"""Single-event `Track` through the profile service vs the raw limits, measured in the same run.
+
+Ours: unary Track calls into separate `relevans serve profile` process(es) — event stored,
+profile resolved and updated, EnrichedEvent published to JetStream through the outbox — from
+several load-generator processes (grpc.aio, a few channels each, many calls in flight).
+Two raw limits at the same concurrency:
+  echo: a no-op unary call (grpc.health.v1 Check) to the same server — the gRPC ceiling;
+  db:   raw asyncpg one-event transactions (insert the event, upsert the profile, outbox-free)
+        plus a pipelined JetStream publish of the same payload — the storage ceiling.
+Runs twice: closed loop (as fast as it goes, `--concurrency` calls in flight) for the ceiling,
+then open loop at `--rate` events/s for the latency the target is about (p99 at 2,000/s).
+CPU seconds of every process (service, PostgreSQL, NATS, load generators) are printed per
+event, so the run says which one is the ceiling.
+
+    .venv/bin/python bench/track.py                      # closed loop + 2,000/s
+    RELEVANS_PROFILE_PROCESSES=2 .venv/bin/python bench/track.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import psutil
+import uvloop
+from grpc_health.v1 import health_pb2
+
+from relevans.kit.auth import mint_token
+from relevans.kit.bus import Bus
+from relevans.kit.db import migrate
+from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from relevans.kit.grpc_client import bearer
+from relevans.kit.settings import Settings, env_name
+from relevans.profile.v1 import bus_pb2, profile_pb2
+
+SECRET = "bench-secret"
+TENANT = "bench"
+TRACK = "/relevans.profile.v1.ProfileService/Track"
+CHECK = "/grpc.health.v1.Health/Check"
+
+
+def make_event(i: int, run: str, customers: int) -> profile_pb2.Event:
+    e = profile_pb2.Event(
+        message_id=f"{run}-{i}",
+        type="add_to_cart" if i % 10 == 0 else "page_view",
+        customer_id=f"c-{i % customers}",
+    )
+    e.properties.update({"product_id": f"sku-{i % 500}", "category": "toys", "price": 19.9})
+    return e
+
+
+# ---- load generator (a child process; prints one JSON line) ----------------------------------
+
+
+async def load(args: argparse.Namespace) -> dict[str, Any]:
+    """Closed loop (`rate` 0) or open loop at `rate` calls/s; one process of the generator."""
+    md = bearer(mint_token(SECRET, TENANT, ["ingest"]))
+    opts = [("grpc.use_local_subchannel_pool", 1)]  # one TCP connection per channel
+    channels = [grpc.aio.insecure_channel(args.target, options=opts) for _ in range(args.channels)]
+    # requests serialized before the clock starts and answers left unparsed: the generator
+    # spends its CPU on calls, not on building events
+    track = [c.unary_unary(TRACK) for c in channels]
+    check = [c.unary_unary(CHECK) for c in channels]
+    for c in channels:
+        await c.channel_ready()
+    if args.mode == "echo":
+        requests = [health_pb2.HealthCheckRequest().SerializeToString()] * args.events
+    else:
+        requests = [
+            profile_pb2.TrackRequest(event=make_event(i, args.run, args.customers)).SerializeToString()
+            for i in range(args.offset, args.offset + args.events)
+        ]
+    calls = track if args.mode == "track" else check
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(args.events))
+    perf = time.perf_counter
+
+    async def one(n: int, i: int) -> None:
+        nonlocal errors
+        started = perf()
+        try:
+            await calls[n % len(calls)](requests[i], metadata=md, timeout=10)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        latencies.append(perf() - started)
+
+    cpu0 = time.process_time()
+    started = perf()
+    if args.rate:
+        # open loop: call i starts at started + i / rate, whether or not earlier calls answered;
+        # the calls due start together, then the generator sleeps a tick (one timer per tick, not
+        # per call, keeps its own CPU small)
+        pending: set[asyncio.Task[None]] = set()
+        schedule = list(enumerate(counter))
+        sent = 0
+        while sent < len(schedule):
+            due = min(len(schedule), int((perf() - started) * args.rate) + 1)
+            for n, i in schedule[sent:due]:
+                task = asyncio.create_task(one(n, i))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            sent = due
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*pending)
+    else:
+
+        async def worker(n: int) -> None:
+            for i in counter:
+                await one(n, i)
+
+        await asyncio.gather(*(worker(n) for n in range(args.concurrency)))
+    elapsed = perf() - started
+    cpu = time.process_time() - cpu0
+    for c in channels:
+        await c.close()
+    return {"latencies": latencies, "errors": errors, "elapsed": elapsed, "cpu": cpu}
+
+
+# ---- raw storage limit ----------------------------------------------------------------------
+
+
+async def raw_db(pg_url: str, nats_url: str, events: int, concurrency: int, customers: int) -> float:
+    """One transaction per event (insert + profile upsert) and its JetStream publish, `concurrency`
+    at a time: what PostgreSQL and NATS on this box give one-event writes, without gRPC or Python
+    domain work."""
+    pool = await asyncpg.create_pool(pg_url, min_size=concurrency, max_size=concurrency)
+    async with pool.acquire() as conn:
+        await conn.execute("DROP TABLE IF EXISTS bench_raw_track, bench_raw_profiles")
+        await conn.execute(
+            """CREATE TABLE bench_raw_track (tenant_id text, event_id uuid PRIMARY KEY, message_id text,
+               profile_id text, type text, occurred_at timestamptz, received_at timestamptz,
+               properties jsonb, UNIQUE (tenant_id, message_id))"""
+        )
+        await conn.execute(
+            """CREATE TABLE bench_raw_profiles (tenant_id text, profile_id text, last_seen_at timestamptz,
+               PRIMARY KEY (tenant_id, profile_id))"""
+        )
+    bus = Bus(nats_url, "bench-raw")
+    await bus.connect()
+    await bus.js.add_stream(name="BENCH_RAW_TRACK", subjects=["bench.rawtrack.>"])
+    props = json.dumps({"product_id": "sku-1", "category": "toys", "price": 19.9})
+    counter = iter(range(events))
+
+    async def worker() -> None:
+        for i in counter:
+            now = datetime.now(UTC)
+            event_id, profile_id = uuid.uuid4(), f"c-{i % customers}"
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO bench_raw_track VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
+                    TENANT,
+                    event_id,
+                    f"raw-{i}",
+                    profile_id,
+                    "page_view",
+                    now,
+                    props,
+                )
+                await conn.execute(
+                    """INSERT INTO bench_raw_profiles VALUES ($1, $2, $3) ON CONFLICT (tenant_id, profile_id)
+                       DO UPDATE SET last_seen_at = excluded.last_seen_at""",
+                    TENANT,
+                    profile_id,
+                    now,
+                )
+            payload = bus_pb2.EnrichedEvent(
+                tenant_id=TENANT, event_id=str(event_id), profile_id=profile_id
+            ).SerializeToString()
+            await bus.js.publish(f"bench.rawtrack.{i % 8}", payload, headers={"Nats-Msg-Id": f"raw-{i}"})
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await bus.close()
+    await pool.close()
+    return events / elapsed
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    rate: float
+    p50: float
+    p95: float
+    p99: float
+    errors: int
+    load_cpu: float
+    cpu: dict[str, float]
+
+    def line(self, name: str) -> str:
+        latency = f"p50 {self.p50:6.1f}  p95 {self.p95:6.1f}  p99 {self.p99:6.1f} ms"
+        return f"{name:<28}{self.rate:9,.0f} /s   {latency}" + (
+            f"   errors {self.errors}" if self.errors else ""
+        )
+
+
+class CpuWatch:
+    """CPU seconds used by groups of processes (a group = a root process and its descendants)."""
+
+    def __init__(self, roots: dict[str, list[psutil.Process]]) -> None:
+        self.roots = roots
+        self.before = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        busy = psutil.cpu_times()
+        out: dict[str, float] = {"machine": busy.user + busy.system + busy.nice + busy.irq + busy.softirq}
+        for name, procs in self.roots.items():
+            total = 0.0
+            for root in procs:
+                try:
+                    for p in [root, *root.children(recursive=True)]:
+                        t = p.cpu_times()
+                        total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    continue
+            out[name] = total
+        return out
+
+    def used(self) -> dict[str, float]:
+        """CPU seconds per group since the start, and `machine`: all CPU the box used meanwhile."""
+        after = self._sample()
+        return {k: after[k] - self.before[k] for k in after}
+
+
+async def run_load(
+    args: argparse.Namespace, target: str, mode: str, events: int, rate: float, offset: int, watch_roots: Any
+) -> Result:
+    procs = args.load_processes
+    per = events // procs
+    children = []
+    for n in range(procs):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            "--target",
+            target,
+            "--mode",
+            mode,
+            "--run",
+            args.run,
+            "--events",
+            str(per),
+            "--offset",
+            str(offset + n * per),
+            "--concurrency",
+            str(max(1, args.concurrency // procs)),
+            "--channels",
+            str(args.channels),
+            "--customers",
+            str(args.customers),
+            "--rate",
+            str(rate / procs),
+        ]
+        children.append(await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE))
+    watch = CpuWatch(watch_roots)
+    outs = [json.loads((await c.communicate())[0]) for c in children]
+    cpu = watch.used()
+    latencies = sorted(x for o in outs for x in o["latencies"])
+    elapsed = max(o["elapsed"] for o in outs)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    return Result(
+        rate=len(latencies) / elapsed,
+        p50=q[49] * 1000,
+        p95=q[94] * 1000,
+        p99=q[98] * 1000,
+        errors=sum(o["errors"] for o in outs),
+        load_cpu=sum(o["cpu"] for o in outs),
+        cpu=cpu,
+    )
+
+
+def _roots(match: str) -> list[psutil.Process]:
+    """Root processes whose command line mentions `match` (the embedded servers' data folders)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = " ".join(p.info["cmdline"] or ())
+        if match in cmd:
+            found.append(p)
+    pids = {p.pid for p in found}
+    return [p for p in found if p.info["ppid"] not in pids]
+
+
+def _cpu_line(r: Result, events: int) -> str:
+    """CPU per call of each group; `other` is what the rest of the box (other work) used meanwhile."""
+    cpu = dict(r.cpu)
+    machine = cpu.pop("machine")
+    parts = [f"{k} {v / events * 1e6:4.0f}" for k, v in cpu.items()]
+    parts.append(f"load {r.load_cpu / events * 1e6:4.0f}")
+    other = machine - sum(cpu.values()) - r.load_cpu
+    return (
+        "    CPU µs per call: " + ", ".join(parts) + f"   (other work on the box: {other / events * 1e6:.0f})"
+    )
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=20_000, help="calls per closed-loop run (20,000)")
+    ap.add_argument("--concurrency", type=int, default=64, help="calls in flight, closed loop (64)")
+    ap.add_argument("--rate", type=float, default=2_000, help="open-loop rate, events/s (2,000; 0 skips)")
+    ap.add_argument("--seconds", type=float, default=10, help="length of the open-loop run (10)")
+    ap.add_argument("--load-processes", type=int, default=2, help="load-generator processes (2)")
+    ap.add_argument("--channels", type=int, default=4, help="gRPC channels per load process (4)")
+    ap.add_argument("--customers", type=int, default=5_000)
+    ap.add_argument("--skip-raw", action="store_true", help="skip the raw limits")
+    # the load-generator child
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--target", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="track", help=argparse.SUPPRESS)
+    ap.add_argument("--run", default=uuid.uuid4().hex[:8], help=argparse.SUPPRESS)
+    ap.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(await load(args)))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
+        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
+            server = pg.url.rsplit("/", 1)[0]
+            port = free_port()
+            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
+            await migrate("profile", settings.database_url("profile"))
+            env = dict(os.environ)
+            env.update(
+                {
+                    env_name("postgres_url"): server,
+                    env_name("nats_url"): ns.url,
+                    env_name("token_secret"): SECRET,
+                    env_name("profile_listen"): f"127.0.0.1:{port}",
+                    env_name("profile_metrics_port"): "0",
+                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
+                }
+            )
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
+            )
+            target = f"127.0.0.1:{port}"
+            results: dict[str, Result] = {}
+            try:
+                await _wait_port(port)
+                await asyncio.sleep(1.0)  # let every worker process of the service start
+                roots = {
+                    "service": [psutil.Process(proc.pid)],
+                    "postgres": _roots(str(Path(tmp) / "pg")),
+                    "nats": _roots(str(Path(tmp) / "nats")),
+                }
+                # warm-up: connections, prepared statements, the first profiles
+                await run_load(args, target, "track", 2_000, 0, 10_000_000, roots)
+                if not args.skip_raw:
+                    results["echo"] = await run_load(args, target, "echo", args.events, 0, 0, roots)
+                results["track"] = await run_load(args, target, "track", args.events, 0, 0, roots)
+                if args.rate:
+                    n = int(args.rate * args.seconds)
+                    results["paced"] = await run_load(args, target, "track", n, args.rate, args.events, roots)
+                service = psutil.Process(proc.pid)
+                rss_mb = sum(p.memory_info().rss for p in [service, *service.children(recursive=True)]) / 1e6
+                workers = 1 + len(service.children(recursive=True))
+            finally:
+                proc.terminate()
+                await proc.wait()
+            raw_rate = 0.0
+            if not args.skip_raw:
+                raw_rate = await raw_db(
+                    f"{server}/relevans_profile", ns.url, args.events, args.concurrency, args.customers
+                )
+
+    track = results["track"]
+    print(
+        f"single-event Track: {args.events} calls, {args.concurrency} in flight, "
+        f"{args.load_processes} load processes x {args.channels} channels, {workers} service process(es)"
+    )
+    if "echo" in results:
+        print(results["echo"].line("raw  no-op gRPC (health):"))
+        print(_cpu_line(results["echo"], args.events))
+    print(track.line("ours Track, closed loop:"))
+    print(_cpu_line(track, args.events))
+    if "paced" in results:
+        paced = results["paced"]
+        print(paced.line(f"ours Track at {args.rate:,.0f}/s:"))
+        print(_cpu_line(paced, int(args.rate * args.seconds)))
+    if raw_rate:
+        print(f"{'raw  asyncpg txn + JS publish:':<28}{raw_rate:9,.0f} /s")
+        print(
+            f"ratio ours/no-op gRPC: {track.rate / results['echo'].rate:.2f}   "
+            f"ours/raw db: {track.rate / raw_rate:.2f}"
+        )
+    print("target: >= 2,000 events/s at p99 <= 15 ms")
+    print(f"profile service RSS after the run: {rss_mb:.0f} MB (target <= 200 MB per process)")
+    return 0
+
+
+async def _wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("profile service did not start")
+
+
+if __name__ == "__main__":
+    sys.exit(uvloop.run(main()))  # uvloop: the load generator's own CPU per call is ~10 % lower
