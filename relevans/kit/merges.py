@@ -6,13 +6,15 @@ another; trigger and delivery move what they keep under the merged-away id to th
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.bus import Bus, Consumer
@@ -93,3 +95,69 @@ def merge_consumer(
         filter_subject=MERGED_SUBJECT,
         handler=MergeHandler(service, engine, merge_people, clock).handle,
     )
+
+
+# ---------------------------------------------------------------------------------------------- aliases
+
+Person = tuple[str, str]  # (tenant id, profile id)
+
+
+def merged_profiles_table(metadata: sa.MetaData) -> sa.Table:
+    """A merged-away id and the profile it stands for now. Chains are flattened (an id merged into
+    one that is merged later points to the last survivor), so one lookup resolves any id."""
+    return sa.Table(
+        "merged_profiles",
+        metadata,
+        sa.Column("tenant_id", sa.Text, primary_key=True),
+        sa.Column("profile_id", sa.Text, primary_key=True),
+        sa.Column("surviving_profile_id", sa.Text, nullable=False),
+        sa.Column("merged_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
+    )
+
+
+async def surviving_ids(
+    conn: AsyncConnection, table: sa.Table, people: Iterable[Person]
+) -> dict[Person, str]:
+    """The surviving profile id of each merged-away person among `people`."""
+    wanted = sorted(set(people))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        sa.select(table.c.tenant_id, table.c.profile_id, table.c.surviving_profile_id).where(
+            sa.tuple_(table.c.tenant_id, table.c.profile_id).in_(wanted)
+        )
+    )
+    return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
+
+
+async def record_alias(
+    conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, survivor: str, merged_at: datetime
+) -> None:
+    """`gone` now stands for `survivor`, and so does every id that stood for `gone`."""
+    alias = pg_insert(table).values(
+        tenant_id=tenant, profile_id=gone, surviving_profile_id=survivor, merged_at=merged_at
+    )
+    await conn.execute(
+        alias.on_conflict_do_update(
+            index_elements=["tenant_id", "profile_id"],
+            set_={"surviving_profile_id": alias.excluded.surviving_profile_id},
+        )
+    )
+    await conn.execute(
+        table.update()
+        .where(table.c.tenant_id == tenant, table.c.surviving_profile_id == gone)
+        .values(surviving_profile_id=survivor)
+    )
+
+
+async def forget_aliases(conn: AsyncConnection, table: sa.Table, people: Sequence[Person]) -> list[Person]:
+    """Drop the ids merged into `people` (erased people: their old ids go with them); returns them."""
+    if not people:
+        return []
+    rows = await conn.execute(
+        table.delete()
+        .where(sa.tuple_(table.c.tenant_id, table.c.surviving_profile_id).in_(people))
+        .returning(table.c.tenant_id, table.c.profile_id)
+    )
+    return [(r.tenant_id, r.profile_id) for r in rows]

@@ -36,7 +36,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
-from relevans.kit.merges import ProfileMerge
+from relevans.kit.merges import (
+    Person,
+    ProfileMerge,
+    forget_aliases,
+    merged_profiles_table,
+    record_alias,
+    surviving_ids,
+)
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.delivery.domain import (
     ACCEPTED,
@@ -129,17 +136,7 @@ erased_profiles = sa.Table(
     sa.Column("erased_at", TZ, nullable=False),
 )
 
-# Profile merges: a merged-away id and the profile it stands for now. Chains are flattened (an id
-# merged into one that is merged later points to the last survivor), so one lookup resolves any id.
-merged_profiles = sa.Table(
-    "merged_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("surviving_profile_id", sa.Text, nullable=False),
-    sa.Column("merged_at", TZ, nullable=False),
-    sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
-)
+merged_profiles = merged_profiles_table(metadata)
 
 outbox = outbox_table(metadata)
 # First key of the transaction-level advisory lock that serialises one tenant's merges.
@@ -152,7 +149,6 @@ def address_hash(address: str) -> str:
 
 
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
-Person = tuple[str, str]  # (tenant_id, profile_id)
 TemplateKey = tuple[str, str]  # (tenant_id, template_id)
 
 
@@ -240,16 +236,8 @@ class DeliveryStore:
         into them — and suppress their identifiers, in the caller's transaction. The merged-away
         ids are erased with them and the links between ids go."""
         people = sorted({(e.tenant_id, e.profile_id) for e in erased})
-        merged_ids = (
-            await conn.execute(
-                merged_profiles.delete()
-                .where(
-                    sa.tuple_(merged_profiles.c.tenant_id, merged_profiles.c.surviving_profile_id).in_(people)
-                )
-                .returning(merged_profiles.c.tenant_id, merged_profiles.c.profile_id)
-            )
-        ).all()
-        everyone = sorted({*people, *((r.tenant_id, r.profile_id) for r in merged_ids)})
+        merged_ids = await forget_aliases(conn, merged_profiles, people)
+        everyone = sorted({*people, *merged_ids})
         await conn.execute(
             pg_insert(erased_profiles)
             .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in everyone])
@@ -308,20 +296,7 @@ class DeliveryStore:
             survivor = found.get((tenant, m.surviving_profile_id), m.surviving_profile_id)
             if survivor == gone:
                 continue  # would make the id stand for itself (profile never merges back)
-            alias = pg_insert(m_).values(
-                tenant_id=tenant, profile_id=gone, surviving_profile_id=survivor, merged_at=m.merged_at
-            )
-            await conn.execute(
-                alias.on_conflict_do_update(
-                    index_elements=["tenant_id", "profile_id"],
-                    set_={"surviving_profile_id": alias.excluded.surviving_profile_id},
-                )
-            )
-            await conn.execute(
-                m_.update()
-                .where(m_.c.tenant_id == tenant, m_.c.surviving_profile_id == gone)
-                .values(surviving_profile_id=survivor)
-            )
+            await record_alias(conn, m_, tenant, gone, survivor, m.merged_at)
             if await self.erased(conn, [(tenant, survivor)]):
                 await self.purge_people(conn, [Erased(tenant, survivor, "", ())], now)
                 continue
@@ -336,16 +311,7 @@ class DeliveryStore:
 
     async def survivors(self, conn: AsyncConnection, people: Iterable[Person]) -> dict[Person, str]:
         """The surviving profile id of each merged-away person among `people`."""
-        wanted = sorted(set(people))
-        if not wanted:
-            return {}
-        m = merged_profiles
-        rows = await conn.execute(
-            sa.select(m.c.tenant_id, m.c.profile_id, m.c.surviving_profile_id).where(
-                sa.tuple_(m.c.tenant_id, m.c.profile_id).in_(wanted)
-            )
-        )
-        return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
+        return await surviving_ids(conn, merged_profiles, people)
 
     async def erased(self, conn: AsyncConnection, people: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """The (tenant, profile id) pairs of erased people."""

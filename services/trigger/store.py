@@ -23,7 +23,7 @@ locking and re-checks after, so no event lands on an id a merge just retired.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -35,7 +35,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
-from relevans.kit.merges import ProfileMerge
+from relevans.kit.merges import (
+    Person,
+    ProfileMerge,
+    forget_aliases,
+    merged_profiles_table,
+    record_alias,
+    surviving_ids,
+)
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
 from services.trigger.domain import (
     Absence,
@@ -137,17 +144,7 @@ erased_profiles = sa.Table(
     sa.Column("erased_at", TZ, nullable=False),
 )
 
-# Profile merges: a merged-away id and the profile it stands for now. Chains are flattened (an id
-# merged into one that is merged later points to the last survivor), so one lookup resolves any id.
-merged_profiles = sa.Table(
-    "merged_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("surviving_profile_id", sa.Text, nullable=False),
-    sa.Column("merged_at", TZ, nullable=False),
-    sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
-)
+merged_profiles = merged_profiles_table(metadata)
 
 outbox = outbox_table(metadata)
 
@@ -155,7 +152,6 @@ outbox = outbox_table(metadata)
 TIMER_KEY = ["tenant_id", "trigger_id", "profile_id", "occurrence"]
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
-Person = tuple[str, str]  # (tenant_id, profile_id)
 
 
 class MergedMeanwhile(Exception):
@@ -204,22 +200,14 @@ class TriggerStore:
             .on_conflict_do_nothing()
         )
         # The ids merged into an erased person are erased with them, and the links between ids go.
-        merged_ids = (
-            await conn.execute(
-                merged_profiles.delete()
-                .where(
-                    sa.tuple_(merged_profiles.c.tenant_id, merged_profiles.c.surviving_profile_id).in_(people)
-                )
-                .returning(merged_profiles.c.tenant_id, merged_profiles.c.profile_id)
-            )
-        ).all()
+        merged_ids = await forget_aliases(conn, merged_profiles, people)
         if merged_ids:
             await conn.execute(
                 pg_insert(erased_profiles)
                 .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in merged_ids])
                 .on_conflict_do_nothing()
             )
-        for tenant_id, profile_id in sorted({*people, *((r.tenant_id, r.profile_id) for r in merged_ids)}):
+        for tenant_id, profile_id in sorted({*people, *merged_ids}):
             for table in (timers, trigger_states, firings):
                 await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant_id, table.c.profile_id == profile_id)
@@ -243,7 +231,7 @@ class TriggerStore:
         involved = {(m.tenant_id, p) for m in wanted for p in (m.merged_profile_id, m.surviving_profile_id)}
         if not involved:
             return
-        survivors = await self._survivors(conn, involved)
+        survivors = await surviving_ids(conn, merged_profiles, involved)
         locked = involved | {(tenant, s) for (tenant, _), s in survivors.items()}
         await self._lock_people(conn, sorted(locked))
         for m in wanted:
@@ -253,26 +241,13 @@ class TriggerStore:
         self, conn: AsyncConnection, m: ProfileMerge, locked: set[Person], now: datetime
     ) -> None:
         tenant, gone = m.tenant_id, m.merged_profile_id
-        found = await self._survivors(conn, [(tenant, m.surviving_profile_id)])
+        found = await surviving_ids(conn, merged_profiles, [(tenant, m.surviving_profile_id)])
         survivor = found.get((tenant, m.surviving_profile_id), m.surviving_profile_id)
         if survivor == gone:
             return  # would make the id stand for itself (profile never merges back): nothing to move
         if (tenant, survivor) not in locked:
             raise MergedMeanwhile(f"profile {m.surviving_profile_id!r} was merged meanwhile")
-        alias = pg_insert(merged_profiles).values(
-            tenant_id=tenant, profile_id=gone, surviving_profile_id=survivor, merged_at=m.merged_at
-        )
-        await conn.execute(
-            alias.on_conflict_do_update(
-                index_elements=["tenant_id", "profile_id"],
-                set_={"surviving_profile_id": alias.excluded.surviving_profile_id},
-            )
-        )
-        await conn.execute(
-            merged_profiles.update()
-            .where(merged_profiles.c.tenant_id == tenant, merged_profiles.c.surviving_profile_id == gone)
-            .values(surviving_profile_id=survivor)
-        )
+        await record_alias(conn, merged_profiles, tenant, gone, survivor, m.merged_at)
         if await self._erased(conn, [(tenant, survivor)]):
             await self.purge_people(conn, [Erased(tenant, survivor, "", ())], now)
             return
@@ -347,19 +322,6 @@ class TriggerStore:
             .values(profile_id=survivor)
         )
         await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
-
-    async def _survivors(self, conn: AsyncConnection, people: Iterable[Person]) -> dict[Person, str]:
-        """The surviving profile id of each merged-away person among `people`."""
-        wanted = sorted(set(people))
-        if not wanted:
-            return {}
-        m = merged_profiles
-        rows = await conn.execute(
-            sa.select(m.c.tenant_id, m.c.profile_id, m.c.surviving_profile_id).where(
-                sa.tuple_(m.c.tenant_id, m.c.profile_id).in_(wanted)
-            )
-        )
-        return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
 
     # ---- definitions ---------------------------------------------------------------------------
 
@@ -463,7 +425,9 @@ class TriggerStore:
         relevant = relevant_events(by_tenant, events)
         if not relevant:
             return Plan([], {})
-        survivors = await self._survivors(conn, {(e.tenant_id, e.profile_id) for e in relevant})
+        survivors = await surviving_ids(
+            conn, merged_profiles, {(e.tenant_id, e.profile_id) for e in relevant}
+        )
         if survivors:
             relevant = [
                 replace(e, profile_id=survivors.get((e.tenant_id, e.profile_id), e.profile_id))
@@ -471,7 +435,7 @@ class TriggerStore:
             ]
         people = sorted({(e.tenant_id, e.profile_id) for e in relevant})
         await self._lock_people(conn, people)
-        if await self._survivors(conn, people):
+        if await surviving_ids(conn, merged_profiles, people):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
         erased = await self._erased(conn, people)
         if erased:
