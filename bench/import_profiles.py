@@ -28,11 +28,9 @@ from pathlib import Path
 
 import asyncpg
 import psutil
+from harness import embedded_stack, profile_service
 
 from relevans.kit.auth import mint_token
-from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from relevans.kit.settings import Settings, env_name
 
 SECRET = "bench-secret"
 TENANT = "bench"
@@ -182,40 +180,17 @@ async def main() -> None:
         people = make_csv(path, args.rows)
         if args.keep:
             Path(args.keep).write_bytes(path.read_bytes())
-        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
-            server = pg.url.rsplit("/", 1)[0]
-            db_url = f"{server}/relevans_profile"
-            port = free_port()
-            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
-            await migrate("profile", settings.database_url("profile"))
-            env = dict(os.environ)
-            env.update(
-                {
-                    env_name("postgres_url"): server,
-                    env_name("nats_url"): ns.url,
-                    env_name("token_secret"): SECRET,
-                    env_name("profile_listen"): f"127.0.0.1:{port}",
-                    env_name("profile_metrics_port"): "0",
-                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
-                }
-            )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
-            )
-            try:
-                await _wait_port(port)
-                target, token = f"127.0.0.1:{port}", mint_token(SECRET, TENANT, ["ingest"])
+        async with embedded_stack(Path(tmp)) as stack:
+            async with profile_service(stack, SECRET) as svc:
+                token = mint_token(SECRET, TENANT, ["ingest"])
                 pg_pid = int((Path(tmp) / "pg" / "postmaster.pid").read_text().split()[0])
-                first = await run_cli(target, token, path, proc.pid, pg_pid)
-                again = await run_cli(target, token, path, proc.pid, pg_pid)
-                rss_mb = peak_rss_mb(proc.pid)
-            finally:
-                proc.terminate()
-                await proc.wait()
-            conn = await asyncpg.connect(db_url)
+                first = await run_cli(svc.target, token, path, svc.process.pid, pg_pid)
+                again = await run_cli(svc.target, token, path, svc.process.pid, pg_pid)
+                rss_mb = peak_rss_mb(svc.process.pid)
+            conn = await asyncpg.connect(stack.profile_db)
             profiles = await conn.fetchval("SELECT count(*) FROM profiles WHERE tenant_id = $1", TENANT)
             await conn.close()
-            raw_s = await raw(db_url, path)
+            raw_s = await raw(stack.profile_db, path)
 
     n = args.rows
     print(f"rows {n:,} ({people:,} distinct people in the good rows; {profiles:,} profiles stored)")
@@ -240,18 +215,6 @@ async def main() -> None:
         ("one profile per distinct person", profiles == people),
     ):
         print(f"target {target}: {'met' if met else 'missed'}")
-
-
-async def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("profile service did not start")
 
 
 if __name__ == "__main__":

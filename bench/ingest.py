@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -27,13 +26,11 @@ import grpc
 import nats
 import psutil
 import uvloop
+from harness import embedded_stack, profile_service
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
-from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.grpc_client import bearer
-from relevans.kit.settings import Settings, env_name
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
 
 SECRET = "bench-secret"
@@ -156,35 +153,13 @@ async def main() -> int:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
-        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
-            server = pg.url.rsplit("/", 1)[0]
-            port = free_port()
-            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
-            await migrate("profile", settings.database_url("profile"))
-            env = dict(os.environ)
-            env.update(
-                {
-                    env_name("postgres_url"): server,
-                    env_name("nats_url"): ns.url,
-                    env_name("token_secret"): SECRET,
-                    env_name("profile_listen"): f"127.0.0.1:{port}",
-                    env_name("profile_metrics_port"): "0",
-                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
-                }
-            )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
-            )
-            try:
-                await _wait_port(port)
+        async with embedded_stack(Path(tmp)) as stack:
+            async with profile_service(stack, SECRET) as svc:
                 events = make_events(args.events, args.customers)
-                ours_s = await ours(f"127.0.0.1:{port}", events, args.batch, args.concurrency, ns.url)
-                service = psutil.Process(proc.pid)  # and its worker processes, if several
+                ours_s = await ours(svc.target, events, args.batch, args.concurrency, stack.nats_url)
+                service = psutil.Process(svc.process.pid)  # and its worker processes, if several
                 rss_mb = sum(p.memory_info().rss for p in [service, *service.children(recursive=True)]) / 1e6
-            finally:
-                proc.terminate()
-                await proc.wait()
-            raw_s = await raw(f"{server}/relevans_profile", ns.url, events)
+            raw_s = await raw(stack.profile_db, stack.nats_url, events)
 
     ours_rate, raw_rate = args.events / ours_s, args.events / raw_s
     print(f"events {args.events}, batch {args.batch}, concurrency {args.concurrency}")
@@ -193,18 +168,6 @@ async def main() -> int:
     print(f"ratio ours/raw: {ours_rate / raw_rate:.2f}   (target >= 0.50; >= 10,000 events/s)")
     print(f"profile service RSS after the run: {rss_mb:.0f} MB (target <= 200 MB)")
     return 0
-
-
-async def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("profile service did not start")
 
 
 if __name__ == "__main__":

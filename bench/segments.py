@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
@@ -29,12 +28,10 @@ import asyncpg
 import grpc
 import psutil
 from google.protobuf import struct_pb2
+from harness import embedded_stack, profile_service
 
 from relevans.kit.auth import mint_token
-from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.grpc_client import bearer
-from relevans.kit.settings import Settings, env_name
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 
 SECRET = "bench-secret"
@@ -226,35 +223,12 @@ async def main() -> int:
 
     now = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
-        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
-            server = pg.url.rsplit("/", 1)[0]
-            port = free_port()
-            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
-            await migrate("profile", settings.database_url("profile"))
-            pg_url = f"{server}/relevans_profile"
-            await load(pg_url, args.profiles, now)
-            env = dict(os.environ)
-            env.update(
-                {
-                    env_name("postgres_url"): server,
-                    env_name("nats_url"): ns.url,
-                    env_name("token_secret"): SECRET,
-                    env_name("profile_listen"): f"127.0.0.1:{port}",
-                    env_name("profile_metrics_port"): "0",
-                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
-                }
-            )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
-            )
-            try:
-                await _wait_port(port)
-                raw_s = await raw(pg_url, args.runs)
-                results = await ours(f"127.0.0.1:{port}", args.runs)
-                rss_mb = psutil.Process(proc.pid).memory_info().rss / 1e6
-            finally:
-                proc.terminate()
-                await proc.wait()
+        async with embedded_stack(Path(tmp)) as stack:
+            await load(stack.profile_db, args.profiles, now)
+            async with profile_service(stack, SECRET) as svc:
+                raw_s = await raw(stack.profile_db, args.runs)
+                results = await ours(svc.target, args.runs)
+                rss_mb = psutil.Process(svc.process.pid).memory_info().rss / 1e6
 
     print(f"profiles {args.profiles:,}, median of {args.runs} runs each")
     print(f"raw   SELECT count(*) of the tenant's profiles: {raw_s:.3f} s")
@@ -262,18 +236,6 @@ async def main() -> int:
         print(f"ours  {label:<24} {seconds:6.3f} s  ratio {seconds / raw_s:5.1f}x raw  ({count:,} profiles)")
     print(f"target: each count <= 1 s at 500,000 profiles; profile service RSS {rss_mb:.0f} MB")
     return 0
-
-
-async def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("profile service did not start")
 
 
 if __name__ == "__main__":

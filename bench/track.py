@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -37,13 +36,11 @@ import grpc
 import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
+from harness import embedded_stack, profile_service
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
-from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.grpc_client import bearer
-from relevans.kit.settings import Settings, env_name
 from relevans.profile.v1 import bus_pb2, profile_pb2
 
 SECRET = "bench-secret"
@@ -332,35 +329,16 @@ async def main() -> int:
         return 0
 
     with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
-        async with EmbeddedPostgres(Path(tmp) / "pg") as pg, EmbeddedNats(Path(tmp) / "nats") as ns:
-            server = pg.url.rsplit("/", 1)[0]
-            port = free_port()
-            settings = Settings(postgres_url=server, nats_url=ns.url, token_secret=SECRET)
-            await migrate("profile", settings.database_url("profile"))
-            env = dict(os.environ)
-            env.update(
-                {
-                    env_name("postgres_url"): server,
-                    env_name("nats_url"): ns.url,
-                    env_name("token_secret"): SECRET,
-                    env_name("profile_listen"): f"127.0.0.1:{port}",
-                    env_name("profile_metrics_port"): "0",
-                    env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
-                }
-            )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
-            )
-            target = f"127.0.0.1:{port}"
+        async with embedded_stack(Path(tmp)) as stack:
             results: dict[str, Result] = {}
-            try:
-                await _wait_port(port)
+            async with profile_service(stack, SECRET) as svc:
                 await asyncio.sleep(1.0)  # let every worker process of the service start
                 roots = {
-                    "service": [psutil.Process(proc.pid)],
+                    "service": [psutil.Process(svc.process.pid)],
                     "postgres": _roots(str(Path(tmp) / "pg")),
                     "nats": _roots(str(Path(tmp) / "nats")),
                 }
+                target = svc.target
                 # warm-up: connections, prepared statements, the first profiles
                 await run_load(args, target, "track", 2_000, 0, 10_000_000, roots)
                 if not args.skip_raw:
@@ -369,16 +347,13 @@ async def main() -> int:
                 if args.rate:
                     n = int(args.rate * args.seconds)
                     results["paced"] = await run_load(args, target, "track", n, args.rate, args.events, roots)
-                service = psutil.Process(proc.pid)
+                service = psutil.Process(svc.process.pid)
                 rss_mb = sum(p.memory_info().rss for p in [service, *service.children(recursive=True)]) / 1e6
                 workers = 1 + len(service.children(recursive=True))
-            finally:
-                proc.terminate()
-                await proc.wait()
             raw_rate = 0.0
             if not args.skip_raw:
                 raw_rate = await raw_db(
-                    f"{server}/relevans_profile", ns.url, args.events, args.concurrency, args.customers
+                    stack.profile_db, stack.nats_url, args.events, args.concurrency, args.customers
                 )
 
     track = results["track"]
@@ -404,18 +379,6 @@ async def main() -> int:
     print("target: >= 2,000 events/s at p99 <= 15 ms")
     print(f"profile service RSS after the run: {rss_mb:.0f} MB (target <= 200 MB per process)")
     return 0
-
-
-async def _wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("profile service did not start")
 
 
 if __name__ == "__main__":
