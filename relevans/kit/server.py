@@ -94,12 +94,11 @@ def _refused(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
     )
 
 
-class _CallGuard:
+class _CallGuard(grpc.aio.ServerInterceptor):
     """Authenticates, binds log context, maps domain errors and records metrics for every call.
 
-    The guarded handler of a method is built once, when the service registers it (see
-    `_GuardedRegistry`), so no interceptor runs per call; verified tokens are cached with their
-    expiry (a failed verification never is).
+    The guarded handler of a method is built once, on its first call, and reused;
+    verified tokens are cached with their expiry (a failed verification never is).
     """
 
     TOKEN_CACHE_SIZE = 10_000
@@ -122,14 +121,23 @@ class _CallGuard:
             return "admin"
         return scope
 
-    def guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """The handler to serve `method` with: guarded when the method needs a scope."""
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
         cached = self._handlers.get(method)
-        if cached is None:
-            scope = self.scope_of(method)
-            cached = handler if scope is None else self._guard(method, scope, handler)
-            self._handlers[method] = cached
-        return cached
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED; nothing to cache
+            return handler
+        scope = self.scope_of(method)
+        if scope is not None:
+            handler = self._guard(method, scope, handler)
+        self._handlers[method] = handler
+        return handler
 
     def _guard(self, method: str, scope: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The guarded handler of one method with a single response (unary or client-streaming).
@@ -230,36 +238,6 @@ class _CallGuard:
         return who
 
 
-class _GuardedGeneric(grpc.GenericRpcHandler):
-    """A generic handler whose answers are guarded (for methods not registered by name)."""
-
-    def __init__(self, inner: grpc.GenericRpcHandler, guard: _CallGuard) -> None:
-        self.inner = inner
-        self.guard = guard
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        handler = self.inner.service(details)
-        return None if handler is None else self.guard.guard(details.method, handler)
-
-
-class _GuardedRegistry:
-    """What a generated `add_<Service>Servicer_to_server` registers on instead of the server:
-    each handler goes to the server already guarded (cheaper per call than an interceptor)."""
-
-    def __init__(self, server: grpc.aio.Server, guard: _CallGuard) -> None:
-        self.server = server
-        self.guard = guard
-
-    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
-        self.server.add_generic_rpc_handlers([_GuardedGeneric(h, self.guard) for h in handlers])
-
-    def add_registered_method_handlers(
-        self, service: str, handlers: Mapping[str, grpc.RpcMethodHandler]
-    ) -> None:
-        guarded = {name: self.guard.guard(f"/{service}/{name}", h) for name, h in handlers.items()}
-        self.server.add_registered_method_handlers(service, guarded)  # type: ignore[attr-defined]
-
-
 Worker = Callable[[asyncio.Event], Awaitable[None]]
 Closer = Callable[[], Awaitable[None]]
 
@@ -312,14 +290,14 @@ class ServiceHost:
 
     async def start(self) -> None:
         server = grpc.aio.server(
+            interceptors=[self._guard],
             options=[
                 ("grpc.max_receive_message_length", 8 * 1024 * 1024),
                 ("grpc.so_reuseport", int(self.reuse_port)),
             ],
         )
-        registry = _GuardedRegistry(server, self._guard)
         for b in self.bindings:
-            b.register(b.servicer, cast(grpc.aio.Server, registry))
+            b.register(b.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [b.full_name for b in self.bindings]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)

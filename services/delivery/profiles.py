@@ -1,14 +1,13 @@
 """The profile service as delivery sees it: current email, first name and consent at send time.
 
-One `BatchGetProfiles` call per tenant per batch of requests (and a `GetProfile` per id it
-did not answer, which finds a merged-away id's survivor), with a short-lived
+One `BatchGetProfiles` call per tenant per batch of requests (a merged-away id is answered
+with its survivor's profile), with a short-lived
 read token minted for that tenant (the caller's tenant is what the token says,
 so a batch holding several tenants makes one call per tenant).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -72,26 +71,12 @@ class ProfileClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise ProfileLookupError(f"profile_unavailable: {exc.code().name} {exc.details()}") from exc
-            for p in reply.profiles:
-                found[p.profile_id] = profile_view(p)
-            # A merged-away id is answered with its survivor's profile, under the survivor's id (once,
-            # if both were asked for): ask for each unanswered id on its own to learn whose it is.
-            # Unanswered ids are rare (delivery drops erased people's requests before asking).
-            missing = [pid for pid in chunk if pid not in found]
-            views = await asyncio.gather(*(self._one(pid, metadata) for pid in missing))
-            found.update({pid: view for pid, view in zip(missing, views, strict=True) if view is not None})
+            views = {p.profile_id: profile_view(p) for p in reply.profiles}
+            found.update(views)
+            for requested, survivor in reply.merged_profile_ids.items():
+                if survivor in views:
+                    found[requested] = views[survivor]
         return found
-
-    async def _one(self, profile_id: str, metadata: tuple[tuple[str, str]]) -> ProfileView | None:
-        try:
-            reply = await self.stub.GetProfile(
-                profile_pb2.GetProfileRequest(profile_id=profile_id), metadata=metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise ProfileLookupError(f"profile_unavailable: {exc.code().name} {exc.details()}") from exc
-        return profile_view(reply.profile)
 
     async def close(self) -> None:
         await self.channel.close(None)

@@ -511,8 +511,11 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.BatchGetProfilesResponse:
         tenant = principal().tenant_id
         ids = validate_profile_ids(list(request.profile_ids))
-        found = await self.store.get_profiles(tenant, ids, self.clock.now())
-        return profile_pb2.BatchGetProfilesResponse(profiles=[profile_proto(p) for p in found])
+        merged: dict[str, str] = {}
+        found = await self.store.get_profiles(tenant, ids, self.clock.now(), merged=merged)
+        return profile_pb2.BatchGetProfilesResponse(
+            profiles=[profile_proto(p) for p in found], merged_profile_ids=merged
+        )
 
     async def SetTraits(
         self, request: profile_pb2.SetTraitsRequest, context: Context

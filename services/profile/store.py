@@ -66,9 +66,9 @@ from services.profile.domain.enrichment import (
     last_seen_from_json,
     last_seen_to_json,
     merge_states,
-    profile_view,
     score_crossings,
     score_now,
+    state_view,
 )
 from services.profile.domain.identity import Enriched
 from services.profile.domain.imports import (
@@ -89,7 +89,7 @@ from services.profile.domain.merge import (
     consents_taken_over,
 )
 from services.profile.domain.profiles import TraitValue
-from services.profile.domain.traits import DECLARED, PRECEDENCE, TraitScalar
+from services.profile.domain.traits import BEHAVIOURAL, DECLARED, PRECEDENCE, TraitScalar
 from services.profile.signals import SegmentRules, apply_membership, crossing_message, membership_message
 
 T = TypeVar("T")
@@ -487,21 +487,6 @@ SELECT message_id FROM stored
 # statement assumes an array parameter holds a few elements.
 _CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode = force_custom_plan")
 
-_KNOWN_MESSAGE_IDS = sa.text("""
-SELECT message_id FROM events
-WHERE tenant_id = :tenant AND message_id = ANY(CAST(:message_ids AS text[]))
-""")
-
-# Behavioural traits a batch computed; returns the profiles whose values changed.
-_BEHAVIOURAL_TRAITS = sa.text("""
-INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
-SELECT :tenant, u.profile_id, u.name, 'behavioural', CAST(u.value AS jsonb), :now
-FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
-ORDER BY u.profile_id, u.name
-ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
-SET value = excluded.value, updated_at = excluded.updated_at
-WHERE t.value IS DISTINCT FROM excluded.value
-""")
 CUSTOM_PLAN_MIN_EVENTS = 16
 
 _STORED_EVENTS = sa.text("""
@@ -551,11 +536,12 @@ SELECT :tenant, :to_id, name, source, value, updated_at FROM moved ORDER BY name
 ON CONFLICT DO NOTHING
 """)
 
+# One source's values of traits, for any number of (profile, name) pairs; returns nothing.
 _SET_TRAITS = sa.text("""
 INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
-SELECT :tenant, :profile_id, u.name, :source, CAST(u.value AS jsonb), :now
-FROM unnest(CAST(:names AS text[]), CAST(:vals AS text[])) AS u(name, value)
-ORDER BY u.name
+SELECT :tenant, u.profile_id, u.name, :source, CAST(u.value AS jsonb), :now
+FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
+ORDER BY u.profile_id, u.name
 ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
 SET value = excluded.value, updated_at = excluded.updated_at
 WHERE t.value IS DISTINCT FROM excluded.value
@@ -890,14 +876,11 @@ class _EnrichedRow:
         return cls({}, EnrichedState(), (), frozenset())
 
     def view(self, consents: Sequence[Consent], definitions: Enrichment, now: datetime) -> ProfileView:
-        return profile_view(
+        return state_view(
+            self.enriched,
             traits=self.traits,
             tags=self.tags,
-            counters_json=counters_to_json(self.enriched.counters),
-            score=self.enriched.score,
-            score_at=self.enriched.score_at,
             consents={(c.purpose, c.channel): c.status for c in consents},
-            last_seen_types=last_seen_to_json(self.enriched.last_seen),
             enrichment=definitions,
             now=now,
         )
@@ -1146,10 +1129,11 @@ class ProfileStore:
             raise _Conflict  # a concurrent call stored one of these events first: count again
         if behavioural:
             await conn.execute(
-                _BEHAVIOURAL_TRAITS,
+                _SET_TRAITS,
                 {
                     "tenant": tenant,
                     "now": now,
+                    "source": BEHAVIOURAL,
                     "ids": [p for p, _, _ in behavioural],
                     "names": [n for _, n, _ in behavioural],
                     "vals": [json.dumps(v) for _, _, v in behavioural],
@@ -1271,7 +1255,7 @@ class ProfileStore:
         if definitions.is_empty():
             return [True] * len(batch)
         rows = await conn.execute(
-            _KNOWN_MESSAGE_IDS, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
+            _STORED_EVENTS, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
         )
         known = {r.message_id for r in rows}
         return [e.message_id not in known for e in batch]
@@ -1778,9 +1762,9 @@ class ProfileStore:
                 _SET_TRAITS,
                 {
                     "tenant": tenant,
-                    "profile_id": profile_id,
                     "source": source,
                     "now": now,
+                    "ids": [profile_id] * len(setting),
                     "names": list(setting),
                     "vals": [json.dumps(v) for v in setting.values()],
                 },
@@ -1829,9 +1813,11 @@ class ProfileStore:
         now: datetime,
         *,
         trait_sources: bool = False,
+        merged: dict[str, str] | None = None,
     ) -> list[Profile]:
         """Profiles by id, in the order asked, each once; a merged-away id yields the profile it went
-        to. Counters and score are as of `now`; every trait source's value only when asked."""
+        to (recorded in `merged`, when given). Counters and score are as of `now`; every trait
+        source's value only when asked."""
         ids = list(profile_ids)
         if not ids:
             return []
@@ -1850,7 +1836,11 @@ class ProfileStore:
         out: dict[str, Profile] = {}
         for pid in ids:
             r = by_requested.get(pid)
-            if r is None or r.profile_id in out:
+            if r is None:
+                continue
+            if merged is not None and r.profile_id != pid:
+                merged[pid] = r.profile_id
+            if r.profile_id in out:
                 continue
             out[r.profile_id] = Profile(
                 profile_id=r.profile_id,
@@ -1868,10 +1858,15 @@ class ProfileStore:
         return list(out.values())
 
     async def get_profiles(
-        self, tenant: str, profile_ids: Sequence[str], now: datetime, *, trait_sources: bool = False
+        self,
+        tenant: str,
+        profile_ids: Sequence[str],
+        now: datetime,
+        *,
+        merged: dict[str, str] | None = None,
     ) -> list[Profile]:
         async with self.engine.connect() as conn:
-            return await self._load(conn, tenant, profile_ids, now, trait_sources=trait_sources)
+            return await self._load(conn, tenant, profile_ids, now, merged=merged)
 
     async def find_profile(
         self, tenant: str, lookup: Lookup, now: datetime, *, trait_sources: bool = False

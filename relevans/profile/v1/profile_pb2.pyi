@@ -596,19 +596,47 @@ Global___BatchGetProfilesRequest: _TypeAlias = BatchGetProfilesRequest  # noqa: 
 class BatchGetProfilesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MergedProfileIdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROFILES_FIELD_NUMBER: _builtins.int
+    MERGED_PROFILE_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Profile]:
-        """Profiles found; ids not found (or erased) are absent."""
+        """Profiles found, each once; ids not found (or erased) are absent."""
+
+    @_builtins.property
+    def merged_profile_ids(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Each requested id that was merged away, to the id of the profile (in `profiles`) it stands
+        for now.
+        """
 
     def __init__(
         self,
         *,
         profiles: _abc.Iterable[Global___Profile] | None = ...,
+        merged_profile_ids: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["profiles", b"profiles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["merged_profile_ids", b"merged_profile_ids", "profiles", b"profiles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

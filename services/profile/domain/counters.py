@@ -55,19 +55,16 @@ class CounterDefinition:
             return False
         if self.property is None:
             return True
-        value = properties.get(self.property, _MISSING)
-        return _kind(value) == _kind(self.property_value) and value == self.property_value
+        return same_value(properties.get(self.property), self.property_value)
 
 
-def _kind(value: object) -> str:
-    if isinstance(value, bool):
-        return "b"
-    if isinstance(value, int | float):
-        return "n"
-    return "s" if isinstance(value, str) else "?"
-
-
-_MISSING = object()
+def same_value(a: object, b: object) -> bool:
+    """JSON equality, like with like: True is not 1, "1" is not 1, 1 equals 1.0; None equals nothing."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return isinstance(a, str) and isinstance(b, str) and a == b
 
 
 def _is_property_value(value: object) -> bool:

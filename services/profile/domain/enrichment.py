@@ -20,11 +20,11 @@ from datetime import UTC, date, datetime, timedelta
 
 from services.profile.domain import counters as counting
 from services.profile.domain.conditions import ProfileView
-from services.profile.domain.counters import CounterDefinition
+from services.profile.domain.counters import CounterDefinition, same_value
+from services.profile.domain.traits import MAX_TRAIT_VALUE_BYTES
 
 # A profile remembers the latest time of at most this many event types (the most recent ones).
 MAX_LAST_SEEN_TYPES = 200
-MAX_TRAIT_VALUE_CHARS = 1024
 MAX_HALVINGS = 900
 
 JsonScalar = str | int | float | bool
@@ -90,15 +90,6 @@ class Enrichment:
 
     def is_empty(self) -> bool:
         return not (self.counters or self.computed_traits or self.scoring.rules)
-
-
-def same_value(a: object, b: object) -> bool:
-    """JSON equality, like with like: True is not 1, "1" is not 1, 1 equals 1.0."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
-        return a == b
-    return isinstance(a, str) and isinstance(b, str) and a == b
 
 
 # ---------------------------------------------------------------------------------------------- json
@@ -237,11 +228,26 @@ def profile_view(
     enrichment: Enrichment,
     now: datetime,
 ) -> ProfileView:
-    """What a condition sees of a stored profile at `now` (see the semantics in segments.py)."""
-    buckets = counters_from_json(counters_json)
-    by_name = {d.name: d for d in enrichment.counters}
+    """What a condition sees of a stored profile (its JSON columns) at `now` (see segments.py)."""
+    state = EnrichedState(
+        counters_from_json(counters_json), last_seen_from_json(last_seen_types), score, score_at
+    )
+    return state_view(state, traits=traits, tags=tags, consents=consents, enrichment=enrichment, now=now)
+
+
+def state_view(
+    state: EnrichedState,
+    *,
+    traits: Mapping[str, object],
+    tags: Iterable[str],
+    consents: Mapping[tuple[str, str], str],
+    enrichment: Enrichment,
+    now: datetime,
+) -> ProfileView:
+    """What a condition sees of a profile's enrichment state at `now`."""
+    buckets = state.counters
     values = {
-        name: float(shortest_window_count(d, buckets.get(name, {}), now)) for name, d in by_name.items()
+        d.name: float(shortest_window_count(d, buckets.get(d.name, {}), now)) for d in enrichment.counters
     }
 
     def window_counts(event_type: str, window: timedelta, prop: str | None, value: object | None) -> int:
@@ -252,9 +258,9 @@ def profile_view(
         traits=dict(traits),
         tags=frozenset(tags),
         counters=values,
-        score=score_now(score, score_at, traits, enrichment.scoring, now),
+        score=score_now(state.score, state.score_at, traits, enrichment.scoring, now),
         consents=dict(consents),
-        last_seen=last_seen_from_json(last_seen_types),
+        last_seen=dict(state.last_seen),
         window_counts=window_counts,
     )
 
@@ -305,7 +311,7 @@ class EnrichResult:
 
 def _trait_value(value: object) -> JsonScalar | None:
     if isinstance(value, bool | str):
-        return value if not isinstance(value, str) or len(value) <= MAX_TRAIT_VALUE_CHARS else None
+        return value if not isinstance(value, str) or len(value.encode()) <= MAX_TRAIT_VALUE_BYTES else None
     if isinstance(value, int | float) and math.isfinite(value):
         return value
     return None

@@ -25,6 +25,7 @@ from relevans.kit.errors import Violations
 from services.profile.domain.consent import Consent, ConsentInput, check_consent
 from services.profile.domain.events import MAX_ID_CHARS, check_email, check_id, check_text
 from services.profile.domain.identity import CUSTOMER_ID, EMAIL, MAX_FIRST_NAME_CHARS, Key
+from services.profile.domain.traits import check_traits
 
 MAX_IMPORT_ROWS = 1000
 # Errors a response lists; every failed row is counted all the same.
@@ -33,10 +34,7 @@ MAX_SOURCE_CHARS = 64
 MAX_NAME_CHARS = MAX_FIRST_NAME_CHARS
 MAX_PHONE_CHARS = 64
 MAX_TAGS_PER_ROW = 100
-MAX_TRAITS_PER_ROW = 100
-MAX_TRAIT_VALUE_BYTES = 1024
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9 _.:-]{0,99}$")
-TRAIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 DEFAULT_SOURCE = "import"
 BACKEND = "backend"
 # The common shape of an address: an ASCII dot-atom local part and a hostname of ASCII
@@ -311,19 +309,10 @@ def validate_row(raw: RawImportRow, now: datetime, source: str) -> tuple[ImportR
                 )
             else:
                 tags[tag] = None
-    traits: dict[str, str] = {}
-    if len(raw.traits) > MAX_TRAITS_PER_ROW:
-        v.add("traits", f"at most {MAX_TRAITS_PER_ROW} traits per row, got {len(raw.traits)}")
-    else:
-        for name, value in sorted(raw.traits.items()):
-            if not TRAIT_NAME_RE.match(name):
-                v.add(f"traits.{name[:64]}", "name must be lower_snake_case: a-z, 0-9, _ (at most 64)")
-            elif len(value.encode()) > MAX_TRAIT_VALUE_BYTES:
-                v.add(f"traits.{name}", f"value must be at most {MAX_TRAIT_VALUE_BYTES} bytes")
-            elif "\x00" in value:
-                v.add(f"traits.{name}", "must not contain NUL characters")
-            else:
-                traits[name] = value
+    # Backend traits from a file are strings, checked as every client's traits are.
+    traits = {
+        k: str(t) for k, t in check_traits(raw.traits, "traits", v, allow_remove=False, per="row").items()
+    }
     consent = _consent(raw.consent, now, source, raw.row_number, v) if raw.consent is not None else None
     if v:
         return None, [RowError(raw.row_number, x.field, x.description) for x in v.items]

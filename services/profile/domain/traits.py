@@ -18,7 +18,6 @@ DECLARED, BACKEND, BEHAVIOURAL = "declared", "backend", "behavioural"
 PRECEDENCE = (DECLARED, BACKEND, BEHAVIOURAL)
 # Sources a client may write; behavioural traits come from events only.
 WRITABLE_SOURCES = (DECLARED, BACKEND)
-# Same as import's (services.profile.domain.imports.TRAIT_NAME_RE).
 TRAIT_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 MAX_TRAITS_PER_CALL = 100
 MAX_TRAIT_VALUE_BYTES = 1024
@@ -27,12 +26,12 @@ TraitScalar = str | int | float | bool
 
 
 def check_traits(
-    raw: Mapping[str, object], path: str, v: Violations, *, allow_remove: bool
+    raw: Mapping[str, object], path: str, v: Violations, *, allow_remove: bool, per: str = "call"
 ) -> dict[str, TraitScalar | None]:
     """The valid traits of `raw`; a violation per bad one, named `<path>.<name>`."""
     out: dict[str, TraitScalar | None] = {}
     if len(raw) > MAX_TRAITS_PER_CALL:
-        v.add(path, f"at most {MAX_TRAITS_PER_CALL} traits per call, got {len(raw)}")
+        v.add(path, f"at most {MAX_TRAITS_PER_CALL} traits per {per}, got {len(raw)}")
         return out
     for name, value in sorted(raw.items()):
         field = f"{path}.{name[:64]}"
