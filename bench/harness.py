@@ -12,6 +12,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from relevans.kit.db import migrate
 from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.settings import Settings, env_name
@@ -82,3 +84,46 @@ async def wait_port(port: int, timeout: float = 30) -> None:
         except OSError:
             await asyncio.sleep(0.1)
     raise RuntimeError("profile service did not start")
+
+
+class CpuWatch:
+    """CPU seconds used by groups of processes (a group = a root process and its descendants)."""
+
+    def __init__(self, roots: dict[str, list[psutil.Process]]) -> None:
+        self.roots = roots
+        self.restart()
+
+    def restart(self) -> None:
+        """Count from now."""
+        self.before = self._sample()
+
+    def _sample(self) -> dict[str, float]:
+        busy = psutil.cpu_times()
+        out: dict[str, float] = {"machine": busy.user + busy.system + busy.nice + busy.irq + busy.softirq}
+        for name, procs in self.roots.items():
+            total = 0.0
+            for root in procs:
+                try:
+                    for p in [root, *root.children(recursive=True)]:
+                        t = p.cpu_times()
+                        total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    continue
+            out[name] = total
+        return out
+
+    def used(self) -> dict[str, float]:
+        """CPU seconds per group since the start, and `machine`: all CPU the box used meanwhile."""
+        after = self._sample()
+        return {k: after[k] - self.before[k] for k in after}
+
+
+def process_roots(match: str) -> list[psutil.Process]:
+    """Root processes whose command line mentions `match` (the embedded servers' data folders)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "ppid"]):
+        cmd = " ".join(p.info["cmdline"] or ())
+        if match in cmd:
+            found.append(p)
+    pids = {p.pid for p in found}
+    return [p for p in found if p.info["ppid"] not in pids]

@@ -36,7 +36,7 @@ import grpc
 import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
-from harness import embedded_stack, profile_service
+from harness import CpuWatch, embedded_stack, process_roots, profile_service
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
@@ -208,34 +208,6 @@ class Result:
         )
 
 
-class CpuWatch:
-    """CPU seconds used by groups of processes (a group = a root process and its descendants)."""
-
-    def __init__(self, roots: dict[str, list[psutil.Process]]) -> None:
-        self.roots = roots
-        self.before = self._sample()
-
-    def _sample(self) -> dict[str, float]:
-        busy = psutil.cpu_times()
-        out: dict[str, float] = {"machine": busy.user + busy.system + busy.nice + busy.irq + busy.softirq}
-        for name, procs in self.roots.items():
-            total = 0.0
-            for root in procs:
-                try:
-                    for p in [root, *root.children(recursive=True)]:
-                        t = p.cpu_times()
-                        total += t.user + t.system
-                except psutil.NoSuchProcess:
-                    continue
-            out[name] = total
-        return out
-
-    def used(self) -> dict[str, float]:
-        """CPU seconds per group since the start, and `machine`: all CPU the box used meanwhile."""
-        after = self._sample()
-        return {k: after[k] - self.before[k] for k in after}
-
-
 async def run_load(
     args: argparse.Namespace, target: str, mode: str, events: int, rate: float, offset: int, watch_roots: Any
 ) -> Result:
@@ -284,17 +256,6 @@ async def run_load(
     )
 
 
-def _roots(match: str) -> list[psutil.Process]:
-    """Root processes whose command line mentions `match` (the embedded servers' data folders)."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "ppid"]):
-        cmd = " ".join(p.info["cmdline"] or ())
-        if match in cmd:
-            found.append(p)
-    pids = {p.pid for p in found}
-    return [p for p in found if p.info["ppid"] not in pids]
-
-
 def _cpu_line(r: Result, events: int) -> str:
     """CPU per call of each group; `other` is what the rest of the box (other work) used meanwhile."""
     cpu = dict(r.cpu)
@@ -335,8 +296,8 @@ async def main() -> int:
                 await asyncio.sleep(1.0)  # let every worker process of the service start
                 roots = {
                     "service": [psutil.Process(svc.process.pid)],
-                    "postgres": _roots(str(Path(tmp) / "pg")),
-                    "nats": _roots(str(Path(tmp) / "nats")),
+                    "postgres": process_roots(str(Path(tmp) / "pg")),
+                    "nats": process_roots(str(Path(tmp) / "nats")),
                 }
                 target = svc.target
                 # warm-up: connections, prepared statements, the first profiles

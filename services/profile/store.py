@@ -123,6 +123,8 @@ profiles = sa.Table(
     # Event points as of score_at; they decay by the tenant's half-life (trait points are added on read).
     sa.Column("score", sa.Float, nullable=False, server_default=sa.text("0")),
     sa.Column("score_at", TZ),
+    # Room for HOT updates: each event rewrites its profile's row (migration 0005).
+    postgresql_with={"fillfactor": 70},
 )
 
 identities = sa.Table(
@@ -425,26 +427,44 @@ ON CONFLICT DO NOTHING
 RETURNING kind, value
 """)
 
+_PROFILE_COLUMNS = (
+    "profile_id, customer_id, email, last_seen_at, traits, counters, last_seen_types, score, score_at"
+)
+
+
+def _profile_columns(prefix: str) -> str:
+    """Typed arrays of profile columns, one parameter each (`_profile_rows` fills them)."""
+    jsonb = "AS text[]) AS jsonb[])"
+    return f"""unnest(
+        CAST(:{prefix}_ids AS text[]), CAST(:{prefix}_customer_ids AS text[]),
+        CAST(:{prefix}_emails AS text[]), CAST(:{prefix}_last_seen_at AS timestamptz[]),
+        CAST(CAST(:{prefix}_traits {jsonb},
+        CAST(CAST(:{prefix}_counters {jsonb}, CAST(CAST(:{prefix}_last_seen_types {jsonb},
+        CAST(:{prefix}_scores AS float8[]), CAST(:{prefix}_score_at AS timestamptz[]))"""
+
+
 # One statement for the rest of a batch: insert its new profiles, update the existing ones (locked
 # by `_lock`: move last_seen_at, fill in customer_id/email they lack, write the enrichment state the
 # batch computed; a NULL leaves a column as it is, so unchanged JSON is not sent), store the events
 # (skipping known message ids) and enqueue one outbox message per stored event, in batch order.
 # Returns the message ids stored. (An event that turns out to be a duplicate moves last_seen_at
 # only to where its original already moved it.)
-_STORE = sa.text("""
+_STORE = sa.text(f"""
 WITH v AS (
-    SELECT * FROM json_to_recordset(CAST(:events AS json))
-        AS v(o int, event_id text, message_id text, profile_id text, type text, occurred_at timestamptz,
-             anonymous_id text, customer_id text, email text, properties jsonb)
+    SELECT * FROM unnest(
+        CAST(:event_ids AS text[]), CAST(:message_ids AS text[]), CAST(:profile_ids AS text[]),
+        CAST(:types AS text[]), CAST(:occurred_at AS timestamptz[]), CAST(:anonymous_ids AS text[]),
+        CAST(:customer_ids AS text[]), CAST(:emails AS text[]), CAST(CAST(:properties AS text[]) AS jsonb[]))
+        WITH ORDINALITY AS v(event_id, message_id, profile_id, type, occurred_at, anonymous_id,
+                             customer_id, email, properties, o)
 ), created AS (
     INSERT INTO profiles
         (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at,
          traits, counters, last_seen_types, score, score_at)
     SELECT :tenant, n.profile_id, n.customer_id, n.email, :now, :now, n.last_seen_at,
            n.traits, n.counters, n.last_seen_types, n.score, n.score_at
-    FROM json_to_recordset(CAST(:created AS json))
-        AS n(profile_id text, customer_id text, email text, last_seen_at timestamptz, traits jsonb,
-             counters jsonb, last_seen_types jsonb, score float8, score_at timestamptz)
+    FROM {_profile_columns("created")}
+        AS n({_PROFILE_COLUMNS})
     ORDER BY n.profile_id
 ), updated AS (
     UPDATE profiles p
@@ -459,10 +479,12 @@ WITH v AS (
         counters = coalesce(u.counters, p.counters),
         score = coalesce(u.score, p.score),
         score_at = CASE WHEN u.score IS NULL THEN p.score_at ELSE u.score_at END
-    FROM json_to_recordset(CAST(:updated AS json))
-        AS u(profile_id text, customer_id text, email text, last_seen_at timestamptz, traits jsonb,
-             counters jsonb, last_seen_types jsonb, score float8, score_at timestamptz)
+    FROM {_profile_columns("updated")}
+        AS u({_PROFILE_COLUMNS})
     WHERE p.tenant_id = :tenant AND p.profile_id = u.profile_id
+      -- the ids again as an index condition: joined to the row set alone, the planner may hash
+      -- every profile of the tenant
+      AND p.profile_id = ANY(CAST(:updated_ids AS text[]))
 ), stored AS (
     INSERT INTO events (tenant_id, event_id, message_id, profile_id, type, occurred_at, received_at,
                         anonymous_id, customer_id, email, properties)
@@ -941,25 +963,33 @@ def _enrich_batch(
     return out
 
 
-def _event_rows(batch: Sequence[Event], event_ids: Sequence[str], profile_ids: Sequence[str]) -> str:
-    """The `events` JSON row set of `_STORE`; `o` is the event's position (outbox order)."""
-    return dumps(
-        [
-            {
-                "o": j + 1,
-                "event_id": event_ids[j],
-                "message_id": e.message_id,
-                "profile_id": profile_ids[j],
-                "type": e.type,
-                "occurred_at": e.timestamp,
-                "anonymous_id": e.anonymous_id,
-                "customer_id": e.customer_id,
-                "email": e.email,
-                "properties": orjson.Fragment(e.properties_json),
-            }
-            for j, e in enumerate(batch)
-        ]
-    )
+def _event_rows(batch: Sequence[Event], event_ids: list[str], profile_ids: list[str]) -> dict[str, list[Any]]:
+    """The events' columns for `_STORE` (typed arrays: no text to parse but the properties); an
+    event's position in them is its outbox order."""
+    return {
+        "event_ids": event_ids,
+        "message_ids": [e.message_id for e in batch],
+        "profile_ids": profile_ids,
+        "types": [e.type for e in batch],
+        "occurred_at": [e.timestamp for e in batch],
+        "anonymous_ids": [e.anonymous_id for e in batch],
+        "customer_ids": [e.customer_id for e in batch],
+        "emails": [e.email for e in batch],
+        "properties": [e.properties_json for e in batch],
+    }
+
+
+_PROFILE_PARAMS = (
+    "ids",
+    "customer_ids",
+    "emails",
+    "last_seen_at",
+    "traits",
+    "counters",
+    "last_seen_types",
+    "scores",
+    "score_at",
+)
 
 
 def _profile_rows(
@@ -967,43 +997,52 @@ def _profile_rows(
     locked: Mapping[str, _EnrichedRow],
     after: Mapping[str, _EnrichedRow],
     last_seen: Mapping[str, datetime],
-) -> dict[str, str]:
-    """The `created` (profiles this batch creates) and `updated` (existing ones: what the batch fills
-    in; a value that did not change is left out, so the column keeps its value) row sets of `_STORE`."""
-    created: list[dict[str, Any]] = []
-    updated: list[dict[str, Any]] = []
+) -> dict[str, list[Any]]:
+    """The columns of `created` (profiles this batch creates) and `updated` (existing ones: what the
+    batch fills in; a value that did not change is NULL, so the column keeps its value) of `_STORE`."""
+    created: list[tuple[Any, ...]] = []
+    updated: list[tuple[Any, ...]] = []
     for state in touched:
         pid = state.profile_id
         now_ = after[pid]
         before = locked.get(pid)
         e = now_.enriched
-        row: dict[str, Any] = {
-            "profile_id": pid,
-            "last_seen_at": last_seen[pid],
-            "last_seen_types": last_seen_to_json(e.last_seen),
-        }
+        last_seen_types = last_seen_to_json(e.last_seen)
         if before is None:
-            row.update(
-                customer_id=state.customer_id,
-                email=state.email,
-                traits=now_.traits,
-                counters=counters_to_json(e.counters),
-                score=e.score,
-                score_at=e.score_at,
+            created.append(
+                (
+                    pid,
+                    state.customer_id,
+                    state.email,
+                    last_seen[pid],
+                    dumps(now_.traits),
+                    dumps(counters_to_json(e.counters)),
+                    dumps(last_seen_types),
+                    e.score,
+                    e.score_at,
+                )
             )
-            created.append(row)
             continue
         b = before.enriched
-        if state.filled:
-            row.update(customer_id=state.customer_id, email=state.email)
-        if now_.traits != before.traits:
-            row["traits"] = now_.traits
-        if e.counters != b.counters:
-            row["counters"] = counters_to_json(e.counters)
-        if (e.score, e.score_at) != (b.score, b.score_at):
-            row.update(score=e.score, score_at=e.score_at)
-        updated.append(row)
-    return {"created": dumps(created), "updated": dumps(updated)}
+        score_changed = (e.score, e.score_at) != (b.score, b.score_at)
+        updated.append(
+            (
+                pid,
+                state.customer_id if state.filled else None,
+                state.email if state.filled else None,
+                last_seen[pid],
+                dumps(now_.traits) if now_.traits != before.traits else None,
+                dumps(counters_to_json(e.counters)) if e.counters != b.counters else None,
+                dumps(last_seen_types),
+                e.score if score_changed else None,
+                e.score_at if score_changed else None,
+            )
+        )
+    columns: dict[str, list[Any]] = {}
+    for prefix, rows in (("created", created), ("updated", updated)):
+        values = list(zip(*rows, strict=True)) if rows else [()] * len(_PROFILE_PARAMS)
+        columns.update({f"{prefix}_{p}": list(v) for p, v in zip(_PROFILE_PARAMS, values, strict=True)})
+    return columns
 
 
 def dumps(value: Any) -> str:
@@ -1116,7 +1155,7 @@ class ProfileStore:
             {
                 "tenant": tenant,
                 "now": now,
-                "events": _event_rows(batch, event_ids, plan.profile_ids),
+                **_event_rows(batch, event_ids, plan.profile_ids),
                 "subjects": [m.subject for m in msgs],
                 "payloads": [m.payload for m in msgs],
                 **_profile_rows(touched, locked, after, last_seen),
