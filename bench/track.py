@@ -82,17 +82,16 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
         ]
     calls = track if args.mode == "track" else check
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
     counter = iter(range(args.events))
     perf = time.perf_counter
 
     async def one(n: int, i: int) -> None:
-        nonlocal errors
         started = perf()
         try:
             await calls[n % len(calls)](requests[i], metadata=md, timeout=10)
-        except grpc.aio.AioRpcError:
-            errors += 1
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
             return
         latencies.append(perf() - started)
 
@@ -197,14 +196,14 @@ class Result:
     p50: float
     p95: float
     p99: float
-    errors: int
+    errors: dict[str, int]  # status code -> calls that failed with it
     load_cpu: float
     cpu: dict[str, float]
 
     def line(self, name: str) -> str:
         latency = f"p50 {self.p50:6.1f}  p95 {self.p95:6.1f}  p99 {self.p99:6.1f} ms"
         return f"{name:<28}{self.rate:9,.0f} /s   {latency}" + (
-            f"   errors {self.errors}" if self.errors else ""
+            "   errors " + ", ".join(f"{n} {code}" for code, n in self.errors.items()) if self.errors else ""
         )
 
 
@@ -250,7 +249,7 @@ async def run_load(
         p50=q[49] * 1000,
         p95=q[94] * 1000,
         p99=q[98] * 1000,
-        errors=sum(o["errors"] for o in outs),
+        errors={code: sum(o["errors"].get(code, 0) for o in outs) for o in outs for code in o["errors"]},
         load_cpu=sum(o["cpu"] for o in outs),
         cpu=cpu,
     )

@@ -93,9 +93,6 @@ class OutboxRelay:
         """Wake the relay now: a transaction that wrote to the outbox has committed."""
         self._wake.set()
 
-    def msg_id(self, row_id: int) -> str:
-        return f"{self.service}-{row_id}"
-
     async def relay_once(self) -> int:
         """Publish one batch; return how many rows were published."""
         t = self.table
@@ -115,10 +112,12 @@ class OutboxRelay:
                 return 0
             # Any failure (an error ack, no ack in time) raises: the transaction rolls back and
             # the rows are published again later with the same ids, which JetStream dedupes.
+            prefix = f"{self.service}-"  # Nats-Msg-Id = <service>-<outbox id>
             await self.bus.publish_batch(
-                [(r.subject, r.payload, self.msg_id(r.id)) for r in rows], timeout=self.ack_timeout_s
+                [(subject, payload, f"{prefix}{row_id}") for row_id, subject, payload in rows],
+                timeout=self.ack_timeout_s,
             )
-            await self._mark_published(conn, [r.id for r in rows])
+            await self._mark_published(conn, [row_id for row_id, _, _ in rows])
         metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
         return len(rows)
 

@@ -881,16 +881,31 @@ class _EnrichedRow:
 
     @classmethod
     def of(cls, r: Any) -> _EnrichedRow:
+        return cls.of_columns(
+            r.traits, r.counters, r.last_seen_types, r.score, r.score_at, r.tags, r.held_traits
+        )
+
+    @classmethod
+    def of_columns(
+        cls,
+        traits: dict[str, object] | None,
+        counters: dict[str, dict[str, int]] | None,
+        last_seen_types: dict[str, str] | None,
+        score: float,
+        score_at: datetime | None,
+        tags: Sequence[str] | None,
+        held_traits: Sequence[str] | None,
+    ) -> _EnrichedRow:
         return cls(
-            dict(r.traits or {}),
+            dict(traits) if traits else {},
             EnrichedState(
-                counters_from_json(r.counters),
-                last_seen_from_json(r.last_seen_types),
-                r.score,
-                r.score_at,
+                counters_from_json(counters) if counters else {},
+                last_seen_from_json(last_seen_types),
+                score,
+                score_at,
             ),
-            tuple(r.tags or ()),
-            frozenset(r.held_traits or ()),
+            tuple(tags) if tags else (),
+            frozenset(held_traits) if held_traits else frozenset(),
         )
 
     @classmethod
@@ -1274,15 +1289,32 @@ class ProfileStore:
         if len(rows) < len(states):
             raise _Conflict
         out = {}
-        for r in rows:
-            if r.merged_into is not None:
+        # unpacked, not read by name: this runs for every profile of every batch
+        for (
+            pid,
+            customer_id,
+            email,
+            first_name,
+            merged_into,
+            consents,
+            traits,
+            counters,
+            last_seen_types,
+            score,
+            score_at,
+            tags,
+            held_traits,
+        ) in rows:
+            if merged_into is not None:
                 raise _Conflict
-            state = states[r.profile_id]
-            state.customer_id = r.customer_id or state.customer_id
-            state.email = r.email or state.email
-            state.first_name = r.first_name
-            state.consents = _parse_consents(r.consents)
-            out[r.profile_id] = _EnrichedRow.of(r)
+            state = states[pid]
+            state.customer_id = customer_id or state.customer_id
+            state.email = email or state.email
+            state.first_name = first_name
+            state.consents = _parse_consents(consents)
+            out[pid] = _EnrichedRow.of_columns(
+                traits, counters, last_seen_types, score, score_at, tags, held_traits
+            )
         return out
 
     async def _fresh(

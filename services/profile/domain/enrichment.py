@@ -151,8 +151,10 @@ def last_seen_from_json(raw: Mapping[str, str] | None) -> dict[str, datetime]:
     return {t: datetime.fromisoformat(v) for t, v in (raw or {}).items()}
 
 
-def last_seen_to_json(values: Mapping[str, datetime]) -> dict[str, str]:
-    return {t: v.astimezone(UTC).isoformat() for t, v in values.items()}
+def last_seen_to_json(values: Mapping[str, datetime]) -> dict[str, datetime]:
+    """`profiles.last_seen_types` ready for the JSON encoder (orjson writes an aware datetime as
+    ISO-8601, as `isoformat` would, in a fifth of the time): the times in UTC."""
+    return {t: v if v.tzinfo is UTC else v.astimezone(UTC) for t, v in values.items()}
 
 
 # ---------------------------------------------------------------------------------------------- reading
