@@ -127,3 +127,13 @@ def process_roots(match: str) -> list[psutil.Process]:
             found.append(p)
     pids = {p.pid for p in found}
     return [p for p in found if p.info["ppid"] not in pids]
+
+
+def stack_processes(stack: Stack, service: Service) -> dict[str, list[psutil.Process]]:
+    """The process groups a benchmark's CPU is counted for: the service (with its worker
+    processes), PostgreSQL and NATS."""
+    return {
+        "service": [psutil.Process(service.process.pid)],
+        "postgres": process_roots(str(stack.folder / "pg")),
+        "nats": process_roots(str(stack.folder / "nats")),
+    }

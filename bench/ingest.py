@@ -26,12 +26,12 @@ import grpc
 import nats
 import psutil
 import uvloop
-from harness import CpuWatch, embedded_stack, process_roots, profile_service
+from harness import CpuWatch, embedded_stack, profile_service, stack_processes
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
 from relevans.kit.grpc_client import bearer
-from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
+from relevans.profile.v1 import bus_pb2, profile_pb2
 
 SECRET = "bench-secret"
 TENANT = "bench"
@@ -72,16 +72,17 @@ async def ours(
     # on one port, the kernel spreads connections (not calls) over them.
     channels = [grpc.aio.insecure_channel(target) for _ in range(concurrency)]
     try:
-        stubs = [profile_pb2_grpc.ProfileServiceStub(c) for c in channels]
+        calls = [c.unary_unary(BATCH_TRACK) for c in channels]
         # warm-up outside the timing: connections, caches, streams
-        for n, stub in enumerate(stubs):
+        for n, call in enumerate(calls):
             warm = profile_pb2.Event(type="page_view", customer_id="warm-up", message_id=f"warm-up-{n}")
-            await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=[warm]), metadata=md, timeout=30)
+            await call(
+                profile_pb2.BatchTrackRequest(events=[warm]).SerializeToString(), metadata=md, timeout=30
+            )
         base = (await js.stream_info("RV_EVENTS")).state.messages
-        while base < len(stubs):  # the warm-up events are published too
+        while base < len(calls):  # the warm-up events are published too
             await asyncio.sleep(0.01)
             base = (await js.stream_info("RV_EVENTS")).state.messages
-        calls = [c.unary_unary(BATCH_TRACK) for c in channels]
 
         async def worker(call: grpc.aio.UnaryUnaryMultiCallable) -> None:
             while not queue.empty():
@@ -175,13 +176,7 @@ async def main() -> int:
         async with embedded_stack(Path(tmp)) as stack:
             async with profile_service(stack, SECRET) as svc:
                 events = make_events(args.events, args.customers)
-                watch = CpuWatch(
-                    {
-                        "service": [psutil.Process(svc.process.pid)],
-                        "postgres": process_roots(str(Path(tmp) / "pg")),
-                        "nats": process_roots(str(Path(tmp) / "nats")),
-                    }
-                )
+                watch = CpuWatch(stack_processes(stack, svc))
                 ours_s, cpu = await ours(
                     svc.target, events, args.batch, args.concurrency, stack.nats_url, watch
                 )

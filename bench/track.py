@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ import grpc
 import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
-from harness import CpuWatch, embedded_stack, process_roots, profile_service
+from harness import CpuWatch, embedded_stack, profile_service, stack_processes
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
@@ -249,7 +250,7 @@ async def run_load(
         p50=q[49] * 1000,
         p95=q[94] * 1000,
         p99=q[98] * 1000,
-        errors={code: sum(o["errors"].get(code, 0) for o in outs) for o in outs for code in o["errors"]},
+        errors=dict(sum((Counter(o["errors"]) for o in outs), Counter())),
         load_cpu=sum(o["cpu"] for o in outs),
         cpu=cpu,
     )
@@ -293,11 +294,7 @@ async def main() -> int:
             results: dict[str, Result] = {}
             async with profile_service(stack, SECRET) as svc:
                 await asyncio.sleep(1.0)  # let every worker process of the service start
-                roots = {
-                    "service": [psutil.Process(svc.process.pid)],
-                    "postgres": process_roots(str(Path(tmp) / "pg")),
-                    "nats": process_roots(str(Path(tmp) / "nats")),
-                }
+                roots = stack_processes(stack, svc)
                 target = svc.target
                 # warm-up: connections, prepared statements, the first profiles
                 await run_load(args, target, "track", 2_000, 0, 10_000_000, roots)

@@ -427,20 +427,31 @@ ON CONFLICT DO NOTHING
 RETURNING kind, value
 """)
 
-_PROFILE_COLUMNS = (
-    "profile_id, customer_id, email, last_seen_at, traits, counters, last_seen_types, score, score_at"
+# The profile rows `_STORE` creates or updates: (parameter suffix, column, array type) each.
+_PROFILE_ROW = (
+    ("ids", "profile_id", "text[]"),
+    ("customer_ids", "customer_id", "text[]"),
+    ("emails", "email", "text[]"),
+    ("last_seen_at", "last_seen_at", "timestamptz[]"),
+    ("traits", "traits", "jsonb[]"),
+    ("counters", "counters", "jsonb[]"),
+    ("last_seen_types", "last_seen_types", "jsonb[]"),
+    ("scores", "score", "float8[]"),
+    ("score_at", "score_at", "timestamptz[]"),
 )
 
 
-def _profile_columns(prefix: str) -> str:
-    """Typed arrays of profile columns, one parameter each (`_profile_rows` fills them)."""
-    jsonb = "AS text[]) AS jsonb[])"
-    return f"""unnest(
-        CAST(:{prefix}_ids AS text[]), CAST(:{prefix}_customer_ids AS text[]),
-        CAST(:{prefix}_emails AS text[]), CAST(:{prefix}_last_seen_at AS timestamptz[]),
-        CAST(CAST(:{prefix}_traits {jsonb},
-        CAST(CAST(:{prefix}_counters {jsonb}, CAST(CAST(:{prefix}_last_seen_types {jsonb},
-        CAST(:{prefix}_scores AS float8[]), CAST(:{prefix}_score_at AS timestamptz[]))"""
+def _profile_row_set(prefix: str, alias: str) -> str:
+    """The profile rows as a row set of typed arrays, one parameter per column (`_profile_rows`
+    fills them; JSON goes as text and is cast here)."""
+    arrays = ", ".join(
+        f"CAST(CAST(:{prefix}_{param} AS text[]) AS jsonb[])"
+        if kind == "jsonb[]"
+        else f"CAST(:{prefix}_{param} AS {kind})"
+        for param, _, kind in _PROFILE_ROW
+    )
+    columns = ", ".join(column for _, column, _ in _PROFILE_ROW)
+    return f"unnest({arrays}) AS {alias}({columns})"
 
 
 # One statement for the rest of a batch: insert its new profiles, update the existing ones (locked
@@ -463,8 +474,7 @@ WITH v AS (
          traits, counters, last_seen_types, score, score_at)
     SELECT :tenant, n.profile_id, n.customer_id, n.email, :now, :now, n.last_seen_at,
            n.traits, n.counters, n.last_seen_types, n.score, n.score_at
-    FROM {_profile_columns("created")}
-        AS n({_PROFILE_COLUMNS})
+    FROM {_profile_row_set("created", "n")}
     ORDER BY n.profile_id
 ), updated AS (
     UPDATE profiles p
@@ -479,8 +489,7 @@ WITH v AS (
         counters = coalesce(u.counters, p.counters),
         score = coalesce(u.score, p.score),
         score_at = CASE WHEN u.score IS NULL THEN p.score_at ELSE u.score_at END
-    FROM {_profile_columns("updated")}
-        AS u({_PROFILE_COLUMNS})
+    FROM {_profile_row_set("updated", "u")}
     WHERE p.tenant_id = :tenant AND p.profile_id = u.profile_id
       -- the ids again as an index condition: joined to the row set alone, the planner may hash
       -- every profile of the tenant
@@ -994,27 +1003,15 @@ def _event_rows(batch: Sequence[Event], event_ids: list[str], profile_ids: list[
     }
 
 
-_PROFILE_PARAMS = (
-    "ids",
-    "customer_ids",
-    "emails",
-    "last_seen_at",
-    "traits",
-    "counters",
-    "last_seen_types",
-    "scores",
-    "score_at",
-)
-
-
 def _profile_rows(
     touched: Sequence[ProfileState],
     locked: Mapping[str, _EnrichedRow],
     after: Mapping[str, _EnrichedRow],
     last_seen: Mapping[str, datetime],
 ) -> dict[str, list[Any]]:
-    """The columns of `created` (profiles this batch creates) and `updated` (existing ones: what the
-    batch fills in; a value that did not change is NULL, so the column keeps its value) of `_STORE`."""
+    """The columns (in `_PROFILE_ROW` order) of `created` (profiles this batch creates) and `updated`
+    (existing ones: what the batch fills in; a value that did not change is NULL, so the column
+    keeps its value) of `_STORE`."""
     created: list[tuple[Any, ...]] = []
     updated: list[tuple[Any, ...]] = []
     for state in touched:
@@ -1055,8 +1052,8 @@ def _profile_rows(
         )
     columns: dict[str, list[Any]] = {}
     for prefix, rows in (("created", created), ("updated", updated)):
-        values = list(zip(*rows, strict=True)) if rows else [()] * len(_PROFILE_PARAMS)
-        columns.update({f"{prefix}_{p}": list(v) for p, v in zip(_PROFILE_PARAMS, values, strict=True)})
+        values = list(zip(*rows, strict=True)) if rows else [()] * len(_PROFILE_ROW)
+        columns.update({f"{prefix}_{p}": list(v) for (p, _, _), v in zip(_PROFILE_ROW, values, strict=True)})
     return columns
 
 
