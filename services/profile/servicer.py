@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -12,14 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import Clock
 from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage
-from relevans.kit.proto import from_value, to_timestamp, to_value
+from relevans.kit.proto import from_timestamp, from_value, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
 from services.profile.domain import (
@@ -77,7 +78,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain Python values (numbers stay floats, as JSON numbers in the Struct are)."""
-    fields = s.fields
+    fields = s.fields  # by key: iterating items() costs upb a third more
     return {k: from_value(fields[k]) for k in fields}
 
 
@@ -86,7 +87,7 @@ def raw_event(e: profile_pb2.Event) -> RawEvent:
     bad = False
     if e.HasField("timestamp"):
         try:
-            timestamp = e.timestamp.ToDatetime(tzinfo=UTC)
+            timestamp = from_timestamp(e.timestamp)
         except (ValueError, OverflowError):
             bad = True
     return RawEvent(
@@ -169,18 +170,6 @@ def trait_proto(t: TraitValue) -> profile_pb2.Trait:
     )
 
 
-def snapshot_proto(s: ProfileState) -> profile_pb2.Profile:
-    """The profile state an EnrichedEvent carries."""
-    return profile_pb2.Profile(
-        profile_id=s.profile_id,
-        customer_id=s.customer_id or "",
-        email=s.email or "",
-        first_name=s.first_name or "",
-        consents=[consent_proto(c) for c in sorted(s.consents, key=lambda c: c.key)],
-        **(enriched_fields(s.enriched) if s.enriched is not None else {}),
-    )
-
-
 def consent_changed(tenant: str, profile_id: str, consent: Consent) -> bytes:
     return bus_pb2.ConsentChanged(
         tenant_id=tenant, profile_id=profile_id, consent=consent_proto(consent)
@@ -195,12 +184,18 @@ def profile_merged(tenant: str, surviving_id: str, merged_id: str, at: datetime,
     return msg.SerializeToString()
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SMALL = [bytes((n,)) for n in range(0x80)]
 
 
 def _varint(n: int) -> bytes:
-    if n < 0x80:
+    if 0 <= n < 0x80:
         return _SMALL[n]
+    if 0x1000_0000 <= n < 0x8_0000_0000:  # five bytes: the seconds (and most nanos) of a Timestamp
+        return bytes(
+            (n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21 & 0x7F | 0x80, n >> 28)
+        )
+    n &= 0xFFFF_FFFF_FFFF_FFFF  # a negative int64 is written as its 64-bit two's complement
     out = bytearray()
     while n > 0x7F:
         out.append(n & 0x7F | 0x80)
@@ -214,21 +209,67 @@ def _field(tag: bytes, payload: bytes) -> bytes:
     return tag + _varint(len(payload)) + payload
 
 
-def _tag(message: Any, name: str) -> bytes:
-    """The tag byte of a length-delimited field (field number << 3 | wire type 2)."""
-    return bytes((message.DESCRIPTOR.fields_by_name[name].number << 3 | 2,))
+def _tag(message: Any, name: str, wire_type: int = 2) -> bytes:
+    """The tag byte of a field (field number << 3 | wire type; 2 is length-delimited)."""
+    number = message.DESCRIPTOR.fields_by_name[name].number
+    assert number < 16, "a one-byte tag"
+    return bytes((number << 3 | wire_type,))
 
 
 _EE = bus_pb2.EnrichedEvent
 _TENANT_ID, _EVENT_ID, _PROFILE_ID = _tag(_EE, "tenant_id"), _tag(_EE, "event_id"), _tag(_EE, "profile_id")
 _EVENT, _RECEIVE_TIME, _PROFILE = _tag(_EE, "event"), _tag(_EE, "receive_time"), _tag(_EE, "profile")
 _MESSAGE_ID, _TIMESTAMP = _tag(profile_pb2.Event, "message_id"), _tag(profile_pb2.Event, "timestamp")
+_P = profile_pb2.Profile
+_P_PROFILE_ID, _P_CUSTOMER_ID, _P_EMAIL = _tag(_P, "profile_id"), _tag(_P, "customer_id"), _tag(_P, "email")
+_P_FIRST_NAME, _P_CONSENTS, _P_TRAITS = _tag(_P, "first_name"), _tag(_P, "consents"), _tag(_P, "traits")
+_P_TAGS, _P_COUNTERS, _P_LAST_SEEN = _tag(_P, "tags"), _tag(_P, "counters"), _tag(_P, "last_seen")
+_P_SCORE = _tag(_P, "score", wire_type=1)
+_KEY, _VALUE = b"\x0a", b"\x12"  # a map entry's key (1) and value (2)
+_C = profile_pb2.CounterValue
+_C_NAME, _C_WINDOW, _C_COUNT = _tag(_C, "name"), _tag(_C, "window_days", 0), _tag(_C, "count", 0)
+_SECONDS, _NANOS = b"\x08", b"\x10"  # google.protobuf.Timestamp's two varint fields
+_DOUBLE = struct.Struct("<d")
 
 
 def _timestamp_bytes(value: datetime) -> bytes:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts.SerializeToString()
+    """The encoded google.protobuf.Timestamp of an aware datetime (see `to_timestamp`)."""
+    delta = value - _EPOCH
+    seconds, nanos = delta.days * 86400 + delta.seconds, delta.microseconds * 1000
+    return (_SECONDS + _varint(seconds) if seconds else b"") + (_NANOS + _varint(nanos) if nanos else b"")
+
+
+@functools.lru_cache(maxsize=4096)
+def _map_key(key: str) -> bytes:
+    """A map entry's encoded key (event types and trait names recur in every batch)."""
+    return _field(_KEY, key.encode())
+
+
+def snapshot_bytes(s: ProfileState) -> bytes:
+    """The encoded Profile an EnrichedEvent carries: identity, consents (by purpose and channel)
+    and, once ingest has set it, the enriched part. Encoded field by field, at a third of the
+    cost of building the message: this runs for every profile of every batch."""
+    parts = [_field(_P_PROFILE_ID, s.profile_id.encode())]
+    for tag, text in ((_P_CUSTOMER_ID, s.customer_id), (_P_EMAIL, s.email), (_P_FIRST_NAME, s.first_name)):
+        if text:
+            parts.append(_field(tag, text.encode()))
+    for c in sorted(s.consents, key=lambda c: c.key):
+        parts.append(_field(_P_CONSENTS, consent_proto(c).SerializeToString()))
+    e = s.enriched
+    if e is not None:
+        for name, value in e.traits.items():
+            entry = _map_key(name) + _field(_VALUE, to_value(value).SerializeToString())
+            parts.append(_field(_P_TRAITS, entry))
+        parts += [_field(_P_TAGS, tag.encode()) for tag in e.tags]
+        for name, window, count in e.counters:
+            counter = _field(_C_NAME, name.encode()) + _C_WINDOW + _varint(window) + _C_COUNT + _varint(count)
+            parts.append(_field(_P_COUNTERS, counter))
+        if e.score:
+            parts.append(_P_SCORE + _DOUBLE.pack(e.score))
+        for event_type, at in e.last_seen.items():
+            ts = _timestamp_bytes(at)  # at most 12 bytes: its length is one byte
+            parts.append(_field(_P_LAST_SEEN, _map_key(event_type) + _VALUE + _SMALL[len(ts)] + ts))
+    return b"".join(parts)
 
 
 def normalized_event(src: profile_pb2.Event, e: Event, now_field: bytes | None = None) -> bytes:
@@ -273,7 +314,7 @@ def enriched_events(
         hit = cache.get(state.profile_id)
         if hit is None or hit[0] is not state:
             profile = _field(_PROFILE_ID, state.profile_id.encode()) + received
-            profile += _field(_PROFILE, snapshot_proto(state).SerializeToString())
+            profile += _field(_PROFILE, snapshot_bytes(state))
             hit = (state, profile, event_subject(tenant, state.profile_id, partitions))
             cache[state.profile_id] = hit
         e = events[i]

@@ -14,7 +14,7 @@ then on, so triggers see one person. Redelivered merges find nothing left to mov
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 from google.protobuf.message import DecodeError
@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
-from relevans.kit.proto import from_struct
+from relevans.kit.proto import from_struct, from_timestamp
 from relevans.profile.v1 import bus_pb2
 from services.trigger.domain import EventFacts
 from services.trigger.store import TriggerStore
@@ -41,9 +41,9 @@ def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
     occurred = now
     try:
         if msg.event.HasField("timestamp"):
-            occurred = msg.event.timestamp.ToDatetime(tzinfo=UTC)
+            occurred = from_timestamp(msg.event.timestamp)
         elif msg.HasField("receive_time"):
-            occurred = msg.receive_time.ToDatetime(tzinfo=UTC)
+            occurred = from_timestamp(msg.receive_time)
     except (ValueError, OverflowError):
         return None
     return EventFacts(

@@ -141,3 +141,18 @@ def test_to_timestamp_matches_protobufs_own_conversion(value: datetime) -> None:
     expected.FromDatetime(value.astimezone(UTC))
     assert to_timestamp(value) == expected
     assert from_timestamp(expected) == value.astimezone(UTC)
+
+
+@given(st.integers(-62_135_596_800, 253_402_300_799), st.integers(0, 999_999_999))
+def test_from_timestamp_matches_protobufs_own_conversion(seconds: int, nanos: int) -> None:
+    ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+    assert from_timestamp(ts) == ts.ToDatetime(tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "error"),
+    [(0, -1, ValueError), (0, 1_000_000_000, ValueError), (253_402_300_800, 0, OverflowError)],
+)
+def test_from_timestamp_refuses_what_no_datetime_holds(seconds: int, nanos: int, error: type) -> None:
+    with pytest.raises(error):
+        from_timestamp(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))

@@ -3,6 +3,7 @@ identify planning, consent rules and lookups. No infrastructure."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -106,6 +107,8 @@ def test_client_message_id_and_timestamp_are_kept() -> None:
         ({"properties": {"x": float("nan")}}, "event.properties", "NaN"),
         ({"properties": {"x": [1.0, float("inf")]}}, "event.properties", "NaN"),
         ({"properties": {"x": "y" * MAX_PROPERTIES_BYTES}}, "event.properties", "at most 32768 bytes"),
+        ({"properties": {"x": "é" * (MAX_PROPERTIES_BYTES // 2)}}, "event.properties", "at most 32768 bytes"),
+        ({"properties": {"x": 2**64}}, "event.properties", "cannot be written as JSON"),
         ({"anonymous_id": "a\x00b"}, "event.anonymous_id", "NUL"),
         ({"message_id": "\x00"}, "event.message_id", "NUL"),
         ({"properties": {"x": ["ok", {"y": "\x00"}]}}, "event.properties", "NUL"),
@@ -466,3 +469,8 @@ def test_generated_ids() -> None:
     assert uuid.UUID(first).version == 7 and first != second
     later = time_ordered_ids(NOW + timedelta(milliseconds=1))()
     assert max(first, second) < later
+
+
+def test_properties_keep_nulls_and_unicode_as_json() -> None:
+    stored = event(properties={"gone": None, "name": "Åsa", "n": [1.5, None]})
+    assert json.loads(stored.properties_json) == {"gone": None, "name": "Åsa", "n": [1.5, None]}

@@ -7,7 +7,7 @@ naming every offending field (`event.type`, `events[3].email`, ...).
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from email_validator import EmailNotValidError, validate_email
 
 from relevans.kit.errors import Violations
@@ -119,7 +120,15 @@ def _has_nul(value: Any) -> bool:
     return False
 
 
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+def _has_non_finite(value: Any) -> bool:
+    """Whether a JSON value holds a NaN or an infinite number."""
+    if type(value) is float:
+        return not math.isfinite(value)
+    if type(value) is dict:
+        return any(_has_non_finite(v) for v in value.values())
+    if type(value) is list:
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def json_depth(value: Any, depth: int = 1) -> int:
@@ -140,19 +149,22 @@ def check_properties(properties: dict[str, Any], path: str, violations: Violatio
         violations.add(path, f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels")
         return None
     try:
-        encoded = _JSON.encode(properties)
-    except ValueError:
+        encoded = orjson.dumps(properties)
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
+        violations.add(path, f"cannot be written as JSON: {exc}")
+        return None
+    # orjson writes NaN and infinities as null, NUL as \u0000 (which jsonb refuses): only where
+    # those appear are the values searched.
+    if b"null" in encoded and _has_non_finite(properties):
         violations.add(path, "must not contain NaN or infinite numbers")
         return None
-    # JSON writes NUL as \u0000, which jsonb refuses; only then look for it in the values.
-    if "\\u0000" in encoded and _has_nul(properties):
+    if b"\\u0000" in encoded and _has_nul(properties):
         violations.add(path, "must not contain NUL characters")
         return None
-    # A character is at most 4 bytes in UTF-8: only long texts need encoding to be measured.
-    if len(encoded) > MAX_PROPERTIES_BYTES // 4 and len(encoded.encode()) > MAX_PROPERTIES_BYTES:
+    if len(encoded) > MAX_PROPERTIES_BYTES:
         violations.add(path, f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
         return None
-    return encoded
+    return encoded.decode()
 
 
 def _check_event(
