@@ -16,6 +16,7 @@ from relevans.kit.auth import SCOPES, mint_token
 from relevans.kit.clock import SystemClock
 from relevans.kit.db import migrate
 from relevans.kit.logging import configure_logging
+from relevans.kit.runtime import settle_heap
 from relevans.kit.settings import SERVICES, Settings, SettingsError
 
 
@@ -168,6 +169,7 @@ async def _serve(
     ]
     try:
         host = await builder(service)(settings, SystemClock())
+        settle_heap()
         stops = [w.wait() for w in workers] if not worker_index else [_orphaned(parent_pid)]
         await host.run_until_signal(until=stops)
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,6 +18,7 @@ from relevans.kit.bus import event_partition
 from relevans.kit.clock import ManualClock
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from relevans.kit.proto import from_timestamp, to_timestamp
+from relevans.kit.runtime import GC_THRESHOLDS, settle_heap
 from relevans.kit.server import to_rpc_status
 from relevans.kit.settings import Settings, SettingsError, env_names
 
@@ -156,3 +159,25 @@ def test_from_timestamp_matches_protobufs_own_conversion(seconds: int, nanos: in
 def test_from_timestamp_refuses_what_no_datetime_holds(seconds: int, nanos: int, error: type) -> None:
     with pytest.raises(error):
         from_timestamp(timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+
+
+def test_settle_heap_freezes_what_startup_left_and_still_collects_cycles() -> None:
+    before = gc.get_threshold()
+    try:
+        settle_heap()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+
+        class Node:
+            other: object = None
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        gone = weakref.ref(a)
+        del a, b
+        assert gone() is not None  # a cycle outlives its last reference until a collection
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
