@@ -370,32 +370,24 @@ WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
 ORDER BY profile_id, name, array_position(CAST(:precedence AS text[]), source)
 """)
 
-# (The lateral subquery with LIMIT 1 stays a nested loop of primary key lookups whatever the
-# planner estimates, however many identities and profiles the tenant has.)
-_RESOLVE_SQL = """
-SELECT k.kind, k.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, p.created_at
+# The profiles some identifiers are bound to, by id only: ingest reads (and locks) the profiles
+# afterwards (`_lock`), and what it read of them before the lock could be stale anyway. (The lateral
+# subquery with LIMIT 1 stays a nested loop of primary key lookups whatever the planner estimates,
+# however many identities the tenant has.)
+_BOUND_IDS = """
+SELECT k.kind, k.value, i.profile_id
 FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS k(kind, value)
 CROSS JOIN LATERAL (
-    SELECT p.* FROM identities i
-    JOIN profiles p ON p.tenant_id = i.tenant_id AND p.profile_id = i.profile_id
+    SELECT i.profile_id FROM identities i
     WHERE i.tenant_id = :tenant AND i.kind = k.kind AND i.value = k.value
     LIMIT 1
-) AS p
+) AS i
 """
-# The profiles bound to some identifiers.
-_RESOLVE = sa.text(_RESOLVE_SQL)
-# The same with each profile locked, in profile id order (the lock is taken on the outer scan of
-# profiles, after the sort, so concurrent callers lock in one order).
-_RESOLVE_LOCKED = sa.text("""
-WITH r AS MATERIALIZED (
-    SELECT k.kind, k.value, i.profile_id
-    FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[])) AS k(kind, value)
-    CROSS JOIN LATERAL (
-        SELECT i.profile_id FROM identities i
-        WHERE i.tenant_id = :tenant AND i.kind = k.kind AND i.value = k.value
-        LIMIT 1
-    ) AS i
-)
+_RESOLVE = sa.text(_BOUND_IDS)
+# The profiles bound to some identifiers, each locked, in profile id order (the lock is taken on
+# the outer scan of profiles, after the sort, so concurrent callers lock in one order).
+_RESOLVE_LOCKED = sa.text(f"""
+WITH r AS MATERIALIZED ({_BOUND_IDS})
 SELECT r.kind, r.value, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, p.created_at
 FROM r JOIN profiles p ON p.tenant_id = :tenant AND p.profile_id = r.profile_id
 ORDER BY p.profile_id
@@ -1239,15 +1231,32 @@ class ProfileStore:
             bound.update(await self._resolve(conn, tenant, lost))
         raise _Conflict
 
-    async def _resolve(
-        self, conn: AsyncConnection, tenant: str, keys: list[Key], *, lock: bool = False
-    ) -> dict[Key, ProfileState]:
-        """The profiles bound to `keys` (locked if asked); a merged-away one means start again."""
+    async def _resolve(self, conn: AsyncConnection, tenant: str, keys: list[Key]) -> dict[Key, ProfileState]:
+        """The profiles bound to `keys`, known by id only until `_lock` reads them: a plan may take
+        an identifier to fill in a customer_id or email such a profile already has, and the write
+        keeps the profile's own (`coalesce` in `_STORE`, and `_lock` refreshes the state)."""
         if not keys:
             return {}
         rows = await conn.execute(
-            _RESOLVE_LOCKED if lock else _RESOLVE,
-            {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]},
+            _RESOLVE, {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]}
+        )
+        states: dict[str, ProfileState] = {}
+        bound: dict[Key, ProfileState] = {}
+        for kind, value, profile_id in rows:
+            state = states.get(profile_id)
+            if state is None:
+                state = states[profile_id] = ProfileState(profile_id)
+            bound[(kind, value)] = state
+        return bound
+
+    async def _resolve_locked(
+        self, conn: AsyncConnection, tenant: str, keys: list[Key]
+    ) -> dict[Key, ProfileState]:
+        """The profiles bound to `keys`, locked; a merged-away one means start again."""
+        if not keys:
+            return {}
+        rows = await conn.execute(
+            _RESOLVE_LOCKED, {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]}
         )
         states: dict[str, ProfileState] = {}
         bound: dict[Key, ProfileState] = {}
@@ -1338,7 +1347,7 @@ class ProfileStore:
         set the first name and record consents. Returns the profile and whether it was created."""
 
         async def work(conn: AsyncConnection) -> tuple[Profile, bool]:
-            bound = await self._resolve(conn, tenant, command.identifiers(), lock=True)
+            bound = await self._resolve_locked(conn, tenant, command.identifiers())
             plan = plan_identify(command, bound, make_profile_id)
             pid = plan.profile_id
             if plan.created:

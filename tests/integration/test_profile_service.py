@@ -269,6 +269,36 @@ async def test_every_stored_event_is_published_enriched(
     )
 
 
+async def test_an_event_fills_in_a_missing_email_and_never_replaces_one(
+    stub: Stub, js: nats.js.JetStreamContext
+) -> None:
+    known = await stub.Identify(
+        profile_pb2.IdentifyRequest(customer_id="c-1", email="first@example.com"), metadata=token()
+    )
+    bare = await stub.Identify(profile_pb2.IdentifyRequest(customer_id="c-2"), metadata=token())
+    events = [
+        ev(customer_id="c-1", email="second@example.com"),
+        ev(customer_id="c-2", email="new@example.com"),
+    ]
+    reply = await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=events), metadata=token())
+    assert [r.profile_id for r in reply.results] == [known.profile.profile_id, bare.profile.profile_id]
+
+    async def email_of(**lookup: str) -> tuple[str, str]:
+        got = await stub.GetProfile(profile_pb2.GetProfileRequest(**lookup), metadata=token(TENANT, "read"))
+        return got.profile.profile_id, got.profile.email
+
+    # the second address now finds the known profile, which keeps its first one
+    assert await email_of(email="second@example.com") == (known.profile.profile_id, "first@example.com")
+    assert await email_of(customer_id="c-2") == (bare.profile.profile_id, "new@example.com")
+    snapshots = [
+        bus_pb2.EnrichedEvent.FromString(m.data).profile for m in await fetch_all(js, "rv.events.>", 2)
+    ]
+    assert sorted((p.customer_id, p.email) for p in snapshots) == [
+        ("c-1", "first@example.com"),
+        ("c-2", "new@example.com"),
+    ]
+
+
 async def test_one_profiles_events_keep_their_order_on_one_subject(
     stub: Stub, js: nats.js.JetStreamContext
 ) -> None:
