@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ STREAMS = (
 )
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+_MSG_ID_HEADER_BYTES = MSG_ID_HEADER.encode()
 
 
 def event_partition(tenant_id: str, profile_id: str, partitions: int) -> int:
@@ -72,6 +74,21 @@ class _AckBatch:
     def __init__(self, remaining: int, done: asyncio.Future[None]) -> None:
         self.remaining = remaining
         self.done = done
+
+
+def _hpub_frame(message: tuple[str, bytes, str], reply: str, max_payload: int) -> bytes:
+    """One message in NATS's wire protocol: `HPUB <subject> <reply> <header bytes> <total bytes>`,
+    the `Nats-Msg-Id` header, the payload. Built here rather than by `nc.publish`, which checks the
+    subject with a regex and encodes a header dict for every message: the relay's publishing took
+    a third less CPU per message this way."""
+    subject, payload, msg_id = message
+    if not subject or " " in subject or not subject.isprintable() or not msg_id.isprintable():
+        raise ValueError(f"cannot publish to {subject!r} with message id {msg_id!r}")
+    if len(payload) > max_payload:
+        raise PublishError(f"a {len(payload)}-byte message exceeds the server's limit of {max_payload} bytes")
+    header = b"NATS/1.0\r\n%s: %s\r\n\r\n" % (_MSG_ID_HEADER_BYTES, msg_id.encode())
+    sizes = (len(header), len(header) + len(payload))
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject.encode(), reply.encode(), *sizes, header, payload)
 
 
 def _ack_error(msg: Msg) -> str:
@@ -166,17 +183,23 @@ class Bus:
             await nc.subscribe(f"{prefix}.*", cb=self._on_ack)
             self._ack_nc, self._ack_prefix = nc, prefix
         prefix = self._ack_prefix
-        batch = _AckBatch(len(messages), asyncio.get_running_loop().create_future())
         first = self._ack_seq
-        self._ack_seq = first + len(messages)
         replies = [f"{prefix}.{n}" for n in range(first, first + len(messages))]
+        frames = b"".join(map(_hpub_frame, messages, replies, itertools.repeat(nc.max_payload)))
+        if nc.is_closed or nc.is_draining_pubs:
+            raise PublishError("the NATS connection is closed or draining")
+        self._ack_seq = first + len(messages)
+        batch = _AckBatch(len(messages), asyncio.get_running_loop().create_future())
         awaiting = self._awaiting
         for reply in replies:
             awaiting[reply] = batch
         try:
             async with asyncio.timeout(timeout):
-                for (subject, payload, msg_id), reply in zip(messages, replies, strict=True):
-                    await nc.publish(subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
+                # One write of the whole batch into the client's buffer, as `nc.publish` would
+                # queue each message (private methods of the pinned nats-py; see `_hpub_frame`).
+                await nc._send_command(frames)
+                if nc._flush_queue is not None and nc._flush_queue.empty():
+                    await nc._flush_pending()
                 await batch.done
         except TimeoutError:
             raise PublishError(

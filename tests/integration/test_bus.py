@@ -6,10 +6,11 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import nats
+import pytest
 import pytest_asyncio
 from nats.aio.msg import Msg
 
-from relevans.kit.bus import STREAMS, Bus, Consumer
+from relevans.kit.bus import STREAMS, Bus, Consumer, PublishError
 from relevans.kit.settings import Settings
 from tests.helpers import eventually
 
@@ -42,6 +43,32 @@ async def test_publish_with_the_same_msg_id_is_stored_once(bus: Bus) -> None:
 async def _run(consumer: Consumer) -> tuple[asyncio.Event, asyncio.Task[None]]:
     stop = asyncio.Event()
     return stop, asyncio.create_task(consumer.run(stop))
+
+
+async def test_publish_batch_stores_each_message_once_by_its_msg_id(bus: Bus) -> None:
+    batch = [(f"rv.profile.batch.{i % 3}", f"payload-{i}".encode(), f"batch-{i}") for i in range(50)]
+    await bus.publish_batch(batch)
+    await bus.publish_batch(batch[:10])  # published again: JetStream drops the duplicates
+    info = await bus.js.stream_info("RV_PROFILE")
+    assert info.state.messages == 50
+    msg = await bus.js.get_msg("RV_PROFILE", info.state.first_seq)
+    assert (msg.subject, msg.data, (msg.headers or {}).get("Nats-Msg-Id")) == (
+        "rv.profile.batch.0",
+        b"payload-0",
+        "batch-0",
+    )
+
+
+async def test_publish_batch_refuses_what_the_server_would_drop_the_connection_for(bus: Bus) -> None:
+    too_large = b"x" * (bus.nc.max_payload + 1)
+    with pytest.raises(PublishError, match="exceeds the server's limit"):
+        await bus.publish_batch([("rv.profile.ok", b"small", "a"), ("rv.profile.big", too_large, "b")])
+    for subject, msg_id in (("rv.profile two", "c"), ("", "d"), ("rv.profile.x", "e\r\nPUB x 1")):
+        with pytest.raises(ValueError, match="cannot publish"):
+            await bus.publish_batch([(subject, b"x", msg_id)])
+    # nothing of a refused batch went out, and the connection still works
+    await bus.publish_batch([("rv.profile.ok", b"after", "f")])
+    assert (await bus.js.stream_info("RV_PROFILE")).state.messages == 1
 
 
 async def test_consumer_acks_only_what_the_handler_committed(bus: Bus) -> None:
