@@ -605,7 +605,7 @@ _IMPORT_WRITE = sa.text("""
 WITH u AS (
     SELECT e.x->>0 AS profile_id, e.x->>1 AS customer_id, e.x->>2 AS email, e.x->>3 AS first_name,
            e.x->>4 AS last_name, e.x->>5 AS phone, CAST(e.x->6 AS jsonb) AS traits
-    FROM json_array_elements(CAST(:profiles AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:profiles AS jsonb)) AS e(x)
 ), created AS (
     INSERT INTO profiles
         (tenant_id, profile_id, customer_id, email, first_name, last_name, phone, traits, created_at,
@@ -632,23 +632,23 @@ WITH u AS (
 ), new_tags AS (
     INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
     SELECT :tenant, e.x->>0, e.x->>1, :now
-    FROM json_array_elements(CAST(:new_tags AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:new_tags AS jsonb)) AS e(x)
     ORDER BY 2, 3
 ), tags AS (
     INSERT INTO profile_tags (tenant_id, profile_id, tag, created_at)
     SELECT :tenant, e.x->>0, e.x->>1, :now
-    FROM json_array_elements(CAST(:tags AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:tags AS jsonb)) AS e(x)
     ORDER BY 2, 3
     ON CONFLICT DO NOTHING
 ), new_traits AS (
     INSERT INTO profile_traits (tenant_id, profile_id, name, source, value, updated_at)
     SELECT :tenant, e.x->>0, e.x->>1, :source, to_jsonb(e.x->>2), :now
-    FROM json_array_elements(CAST(:new_traits AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:new_traits AS jsonb)) AS e(x)
     ORDER BY 2, 3
 ), traits AS (
     INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
     SELECT :tenant, e.x->>0, e.x->>1, :source, to_jsonb(e.x->>2), :now
-    FROM json_array_elements(CAST(:traits AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:traits AS jsonb)) AS e(x)
     ORDER BY 2, 3
     ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
     SET value = excluded.value, updated_at = excluded.updated_at
@@ -664,7 +664,7 @@ _IMPORT_BIND = sa.text("""
 WITH bound AS (
     INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
     SELECT :tenant, e.x->>0, e.x->>1, e.x->>2, :now
-    FROM json_array_elements(CAST(:bind AS json)) AS e(x)
+    FROM jsonb_array_elements(CAST(:bind AS jsonb)) AS e(x)
     ORDER BY 2, 3
     ON CONFLICT DO NOTHING
     RETURNING 1
@@ -702,7 +702,7 @@ SET status = excluded.status, source = excluded.source, evidence = excluded.evid
 _IMPORT_READ = sa.text("""
 WITH b AS (
     SELECT e.ord, i.profile_id
-    FROM json_array_elements(CAST(:keys AS json)) WITH ORDINALITY AS e(x, ord)
+    FROM jsonb_array_elements(CAST(:keys AS jsonb)) WITH ORDINALITY AS e(x, ord)
     CROSS JOIN LATERAL (
         SELECT i.profile_id FROM identities i
         WHERE i.tenant_id = :tenant AND i.kind = e.x->>0 AND i.value = e.x->>1
@@ -746,7 +746,7 @@ WITH d AS (
            e.x->>4 AS source, e.x->>5 AS evidence, CAST(e.x->>6 AS timestamptz) AS recorded_at,
            e.x->>7 AS subject, decode(e.x->>8, 'hex') AS payload, CAST(e.x->>9 AS boolean) AS latest,
            CAST(e.x->>10 AS boolean) AS new
-    FROM json_array_elements(CAST(:decisions AS json)) WITH ORDINALITY AS e(x, ord)
+    FROM jsonb_array_elements(CAST(:decisions AS jsonb)) WITH ORDINALITY AS e(x, ord)
 ), ledger AS (
     INSERT INTO consent_ledger
         (tenant_id, profile_id, purpose, channel, status, source, evidence, recorded_at)
