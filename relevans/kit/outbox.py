@@ -57,6 +57,9 @@ async def enqueue(
         )
 
 
+# Rows a relay reads and publishes per round.
+RELAY_BATCH = 1000
+
 _TAKE_TURN = sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
@@ -73,7 +76,7 @@ class OutboxRelay:
         *,
         service: str,
         clock: Clock,
-        batch: int = 1000,
+        batch: int = RELAY_BATCH,
         poll_interval_s: float = 0.05,
         retention: timedelta = timedelta(hours=24),
         ack_timeout_s: float = 5.0,
