@@ -499,12 +499,11 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         )
         if not all(r.duplicate for r in results):
             self.notify()
-        return profile_pb2.BatchTrackResponse(
-            results=[
-                profile_pb2.TrackResponse(event_id=r.event_id, profile_id=r.profile_id, duplicate=r.duplicate)
-                for r in results
-            ]
-        )
+        response = profile_pb2.BatchTrackResponse()
+        add = response.results.add  # built in place: half the cost of building each, then copying
+        for r in results:
+            add(event_id=r.event_id, profile_id=r.profile_id, duplicate=r.duplicate)
+        return response
 
     async def Identify(
         self, request: profile_pb2.IdentifyRequest, context: Context
