@@ -149,25 +149,6 @@ async def test_published_rows_are_kept_for_replay_then_purged(
     assert await relay.purge_published() == 1
 
 
-async def test_relay_waits_for_unpublished_rows_of_open_transactions(
-    engine: AsyncEngine, bus: Bus, clock: ManualClock
-) -> None:
-    """Two relays never publish the same row concurrently: rows are claimed with SKIP LOCKED."""
-    async with engine.begin() as conn:
-        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"a")], clock.now())
-    first = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
-    second = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
-    async with engine.begin() as conn:
-        await conn.execute(sa.select(outbox.c.id).with_for_update())
-        assert await second.relay_once() == 0
-    assert await first.relay_once() == 1
-    nc = await nats.connect(bus.url)
-    try:
-        assert (await nc.jetstream().stream_info("RV_PROFILE")).state.messages == 1
-    finally:
-        await nc.close()
-
-
 async def test_relay_flushes_committed_rows_when_stopped(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
