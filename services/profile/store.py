@@ -1049,6 +1049,16 @@ def _profile_rows(
     return columns
 
 
+def _bound_state(profile_id: str, profile: Sequence[Any]) -> ProfileState:
+    """A resolved profile's state: its id alone, or what `_RESOLVE_LOCKED` read of it."""
+    if not profile:
+        return ProfileState(profile_id)
+    customer_id, email, first_name, merged_into, created_at = profile
+    if merged_into is not None:
+        raise _Conflict
+    return ProfileState(profile_id, customer_id, email, first_name, created_at=created_at)
+
+
 def dumps(value: Any) -> str:
     """Compact JSON for jsonb parameters."""
     return orjson.dumps(value).decode()
@@ -1231,43 +1241,25 @@ class ProfileStore:
             bound.update(await self._resolve(conn, tenant, lost))
         raise _Conflict
 
-    async def _resolve(self, conn: AsyncConnection, tenant: str, keys: list[Key]) -> dict[Key, ProfileState]:
-        """The profiles bound to `keys`, known by id only until `_lock` reads them: a plan may take
-        an identifier to fill in a customer_id or email such a profile already has, and the write
-        keeps the profile's own (`coalesce` in `_STORE`, and `_lock` refreshes the state)."""
-        if not keys:
-            return {}
-        rows = await conn.execute(
-            _RESOLVE, {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]}
-        )
-        states: dict[str, ProfileState] = {}
-        bound: dict[Key, ProfileState] = {}
-        for kind, value, profile_id in rows:
-            state = states.get(profile_id)
-            if state is None:
-                state = states[profile_id] = ProfileState(profile_id)
-            bound[(kind, value)] = state
-        return bound
-
-    async def _resolve_locked(
-        self, conn: AsyncConnection, tenant: str, keys: list[Key]
+    async def _resolve(
+        self, conn: AsyncConnection, tenant: str, keys: list[Key], *, lock: bool = False
     ) -> dict[Key, ProfileState]:
-        """The profiles bound to `keys`, locked; a merged-away one means start again."""
+        """The profiles bound to `keys`. Locked (identify), each is read whole, and a merged-away one
+        means start again. Unlocked (ingest), each is known by id only until `_lock` reads it: a plan
+        may take an identifier to fill in a customer_id or email the profile already has, and the
+        write keeps the profile's own (`coalesce` in `_STORE`; `_lock` refreshes the state)."""
         if not keys:
             return {}
         rows = await conn.execute(
-            _RESOLVE_LOCKED, {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]}
+            _RESOLVE_LOCKED if lock else _RESOLVE,
+            {"tenant": tenant, "kinds": [k for k, _ in keys], "vals": [v for _, v in keys]},
         )
         states: dict[str, ProfileState] = {}
         bound: dict[Key, ProfileState] = {}
-        for kind, value, profile_id, customer_id, email, first_name, merged_into, created_at in rows:
-            if merged_into is not None:
-                raise _Conflict
+        for kind, value, profile_id, *profile in rows:
             state = states.get(profile_id)
             if state is None:
-                state = states[profile_id] = ProfileState(
-                    profile_id, customer_id, email, first_name, created_at=created_at
-                )
+                state = states[profile_id] = _bound_state(profile_id, profile)
             bound[(kind, value)] = state
         return bound
 
@@ -1347,7 +1339,7 @@ class ProfileStore:
         set the first name and record consents. Returns the profile and whether it was created."""
 
         async def work(conn: AsyncConnection) -> tuple[Profile, bool]:
-            bound = await self._resolve_locked(conn, tenant, command.identifiers())
+            bound = await self._resolve(conn, tenant, command.identifiers(), lock=True)
             plan = plan_identify(command, bound, make_profile_id)
             pid = plan.profile_id
             if plan.created:
