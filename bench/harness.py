@@ -118,6 +118,13 @@ class CpuWatch:
         return {k: after[k] - self.before[k] for k in after}
 
 
+def largest_rss_mb(pid: int) -> float:
+    """The largest resident set among a service's processes (it and the workers it started), in MB:
+    the memory target is per process."""
+    root = psutil.Process(pid)
+    return max(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 1e6
+
+
 def process_roots(match: str) -> list[psutil.Process]:
     """Root processes whose command line mentions `match` (the embedded servers' data folders)."""
     found = []

@@ -37,7 +37,7 @@ import grpc
 import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
-from harness import CpuWatch, embedded_stack, profile_service, stack_processes
+from harness import CpuWatch, embedded_stack, largest_rss_mb, profile_service, stack_processes
 
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
@@ -305,7 +305,7 @@ async def main() -> int:
                     n = int(args.rate * args.seconds)
                     results["paced"] = await run_load(args, target, "track", n, args.rate, args.events, roots)
                 service = psutil.Process(svc.process.pid)
-                rss_mb = sum(p.memory_info().rss for p in [service, *service.children(recursive=True)]) / 1e6
+                rss_mb = largest_rss_mb(svc.process.pid)
                 workers = 1 + len(service.children(recursive=True))
             raw_rate = 0.0
             if not args.skip_raw:
