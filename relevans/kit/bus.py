@@ -6,6 +6,7 @@ transaction has committed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -142,8 +143,9 @@ class Bus:
         if nc is not None and not nc.is_closed:
             try:
                 await nc.drain()
-            except Exception:  # drain fails on an already broken connection
-                await nc.close()
+            except Exception:  # drain fails on a broken or reconnecting connection
+                with contextlib.suppress(OSError):  # and closing one may find its socket gone
+                    await nc.close()
 
     async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
         for spec in streams:
@@ -188,6 +190,9 @@ class Bus:
         frames = b"".join(map(_hpub_frame, messages, replies, itertools.repeat(nc.max_payload)))
         if nc.is_closed or nc.is_draining_pubs:
             raise PublishError("the NATS connection is closed or draining")
+        if not nc.is_connected and len(frames) + nc._pending_data_size > nc._max_pending_size:
+            # as `nc.publish`: while reconnecting, the client buffers at most its pending limit
+            raise PublishError("NATS is reconnecting and the client's outbound buffer is full")
         self._ack_seq = first + len(messages)
         batch = _AckBatch(len(messages), asyncio.get_running_loop().create_future())
         awaiting = self._awaiting

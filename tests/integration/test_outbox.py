@@ -236,6 +236,12 @@ class FlakyProxy:
         self._server.close()
         self.cut()
 
+    def refuse(self) -> None:
+        """Stop accepting connections and cut the open ones: the client stays reconnecting."""
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+
     def cut(self) -> None:
         for writer in self._writers:
             writer.close()
@@ -298,5 +304,29 @@ async def test_relay_survives_a_reconnect_and_a_lost_ack_times_out(
             assert await relay.relay_once() == 1
             assert await relay.backlog() == 0
             assert await stream_messages(bus, "RV_PROFILE") == 3
+        finally:
+            await bus.close()
+
+
+async def test_publishing_while_reconnecting_buffers_at_most_the_clients_limit(settings: Settings) -> None:
+    async with FlakyProxy(int(settings.nats_url.rsplit(":", 1)[1])) as proxy:
+        bus = Bus(f"nats://127.0.0.1:{proxy.port}", "flaky")
+        await bus.connect()
+        try:
+            await bus.ensure_streams()
+
+            async def disconnected() -> bool:
+                return not bus.nc.is_connected
+
+            proxy.refuse()
+            await eventually(disconnected)
+            batch = [("rv.profile.test", b"x" * 100_000, f"m{i}") for i in range(8)]  # 800 kB a try
+            failures = []
+            for _ in range(4):  # the client's limit is 2 MiB: the third try no longer fits
+                with pytest.raises(PublishError) as caught:
+                    await bus.publish_batch(batch, timeout=0.1)
+                failures.append(str(caught.value))
+            assert "not acknowledged" in failures[0]
+            assert "outbound buffer is full" in failures[-1]
         finally:
             await bus.close()
