@@ -25,7 +25,7 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
-    """The aware (UTC) datetime of a Timestamp, as `ToDatetime(tzinfo=UTC)` gives it in a quarter
+    """The aware (UTC) datetime of a Timestamp, as `ToDatetime(tzinfo=UTC)` gives it, in two thirds
     of the time; ValueError or OverflowError for one no datetime holds."""
     nanos = ts.nanos
     if not 0 <= nanos < 1_000_000_000:

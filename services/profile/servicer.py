@@ -247,8 +247,8 @@ def _map_key(key: str) -> bytes:
 
 def snapshot_bytes(s: ProfileState) -> bytes:
     """The encoded Profile an EnrichedEvent carries: identity, consents (by purpose and channel)
-    and, once ingest has set it, the enriched part. Encoded field by field, at a third of the
-    cost of building the message: this runs for every profile of every batch."""
+    and, once ingest has set it, the enriched part. Encoded field by field, a quarter cheaper
+    than building the message: this runs for every profile of every batch."""
     parts = [_field(_P_PROFILE_ID, s.profile_id.encode())]
     for tag, text in ((_P_CUSTOMER_ID, s.customer_id), (_P_EMAIL, s.email), (_P_FIRST_NAME, s.first_name)):
         if text:
@@ -267,7 +267,7 @@ def snapshot_bytes(s: ProfileState) -> bytes:
         if e.score:
             parts.append(_P_SCORE + _DOUBLE.pack(e.score))
         for event_type, at in e.last_seen.items():
-            ts = _timestamp_bytes(at)  # at most 12 bytes: its length is one byte
+            ts = _timestamp_bytes(at)  # under 128 bytes: its length is one byte
             parts.append(_field(_P_LAST_SEEN, _map_key(event_type) + _VALUE + _SMALL[len(ts)] + ts))
     return b"".join(parts)
 
