@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
@@ -133,10 +134,8 @@ async def raw(
         )
     bus = Bus(nats_url, "bench-raw")
     await bus.connect()
-    try:
+    with contextlib.suppress(nats.js.errors.NotFoundError):  # absent on the first raw run
         await bus.js.delete_stream("BENCH_RAW")
-    except nats.js.errors.NotFoundError:
-        pass  # the first raw run of this stack
     await bus.js.add_stream(name="BENCH_RAW", subjects=["bench.raw.>"])
     watch.restart()
     client_cpu = time.process_time()
