@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -46,6 +47,7 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 _MSG_ID_HEADER_BYTES = MSG_ID_HEADER.encode()
 
 
+@functools.lru_cache(maxsize=16_384)  # a profile's events keep coming: hash each one once
 def event_partition(tenant_id: str, profile_id: str, partitions: int) -> int:
     """Stable partition of a profile, so one profile's events stay in order on one subject."""
     digest = hashlib.blake2b(f"{tenant_id}/{profile_id}".encode(), digest_size=8).digest()

@@ -30,9 +30,14 @@ def time_ordered_ids(at: datetime) -> Callable[[], str]:
     Ids made in time order sort (and index) in time order, so inserting them touches the
     end of an index rather than random pages."""
     prefix = int(at.timestamp() * 1000).to_bytes(6, "big")
+    pool = memoryview(b"")
 
     def make() -> str:
-        b = bytearray(prefix + os.urandom(10))
+        nonlocal pool
+        if not pool:
+            pool = memoryview(os.urandom(10 * 64))  # one read of randomness for 64 ids
+        b = bytearray(prefix + pool[:10])
+        pool = pool[10:]
         b[6] = b[6] & 0x0F | 0x70
         b[8] = b[8] & 0x3F | 0x80
         h = b.hex()
