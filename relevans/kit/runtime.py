@@ -15,6 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from relevans.kit.bus import Bus
 from relevans.kit.clock import Clock
 from relevans.kit.db import create_engine
+from relevans.kit.erasure import Purge, erasure_consumer
+from relevans.kit.merges import MergePeople, merge_consumer
 from relevans.kit.outbox import OutboxRelay
 from relevans.kit.server import ServiceBinding, ServiceHost
 from relevans.kit.settings import Settings
@@ -49,6 +51,36 @@ class Runtime:
         host.add_closer(self.engine.dispose)
         host.add_closer(self.bus.close)
         return host
+
+    def follow_people(self, host: ServiceHost, *, merge_people: MergePeople, purge_people: Purge) -> None:
+        """Keep this service's copies of people in step with the profile service: one worker moves
+        them to the surviving profile on a merge (durable `<service>-merges`), another purges them
+        on an erasure and acknowledges it (durable `<service>-erasure`)."""
+        merges, erasure = f"{self.service}-merges", f"{self.service}-erasure"
+        host.add_worker(
+            merges,
+            merge_consumer(
+                self.bus,
+                service=self.service,
+                durable=merges,
+                engine=self.engine,
+                merge_people=merge_people,
+                clock=self.clock,
+            ).run,
+        )
+        host.add_worker(
+            erasure,
+            erasure_consumer(
+                self.bus,
+                service=self.service,
+                durable=erasure,
+                engine=self.engine,
+                outbox=self.relay.table,
+                purge=purge_people,
+                clock=self.clock,
+                notify=self.relay.notify,
+            ).run,
+        )
 
 
 async def open_runtime(service: str, settings: Settings, clock: Clock, outbox: sa.Table) -> Runtime:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import uuid
 
 from relevans.kit.clock import Clock
-from relevans.kit.erasure import erasure_consumer
-from relevans.kit.merges import merge_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -22,8 +20,6 @@ from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore, outbox
 
 SERVICE = "delivery"
-MERGES_DURABLE = "delivery-merges"
-ERASURE_DURABLE = "delivery-erasure"
 
 
 def new_message_id() -> str:
@@ -47,29 +43,6 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     )
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
-    host.add_worker(
-        MERGES_DURABLE,
-        merge_consumer(
-            rt.bus,
-            service=SERVICE,
-            durable=MERGES_DURABLE,
-            engine=rt.engine,
-            merge_people=store.merge_people,
-            clock=clock,
-        ).run,
-    )
-    host.add_worker(
-        ERASURE_DURABLE,
-        erasure_consumer(
-            rt.bus,
-            service=SERVICE,
-            durable=ERASURE_DURABLE,
-            engine=rt.engine,
-            outbox=outbox,
-            purge=store.purge_people,
-            clock=clock,
-            notify=rt.relay.notify,
-        ).run,
-    )
+    rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)
     return host

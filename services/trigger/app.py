@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from relevans.kit.clock import Clock
-from relevans.kit.erasure import erasure_consumer
-from relevans.kit.merges import merge_consumer
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -14,8 +12,6 @@ from services.trigger.store import TriggerStore, outbox
 from services.trigger.timers import TimerWorker
 
 SERVICE = "trigger"
-ERASURE_DURABLE = "trigger-erasure"
-MERGES_DURABLE = "trigger-merges"
 
 
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
@@ -24,29 +20,6 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
-    host.add_worker(
-        MERGES_DURABLE,
-        merge_consumer(
-            rt.bus,
-            service=SERVICE,
-            durable=MERGES_DURABLE,
-            engine=rt.engine,
-            merge_people=store.merge_people,
-            clock=clock,
-        ).run,
-    )
-    host.add_worker(
-        ERASURE_DURABLE,
-        erasure_consumer(
-            rt.bus,
-            service=SERVICE,
-            durable=ERASURE_DURABLE,
-            engine=rt.engine,
-            outbox=outbox,
-            purge=store.purge_people,
-            clock=clock,
-            notify=rt.relay.notify,
-        ).run,
-    )
+    rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_worker("timers", TimerWorker(store, clock, rt.relay.notify).run)
     return host
