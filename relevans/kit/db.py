@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 import orjson
@@ -11,7 +15,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +38,45 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 def _json_dumps(value: object) -> str:
     return orjson.dumps(value).decode()
+
+
+T = TypeVar("T")
+
+# A transaction that failed with one of these lost a race and may simply run again.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock detected
+
+
+def sqlstate(exc: DBAPIError) -> str | None:
+    """PostgreSQL's error code of a failed statement, as the driver (or its cause) carries it."""
+    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if code:
+            return str(code)
+    return None
+
+
+async def run_transaction(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    attempts: int,
+    again: tuple[type[Exception], ...] = (),
+) -> T:
+    """Run `work` in one transaction, from the start again (after a short random pause, at most
+    `attempts` times in all) when it lost a race: a serialization failure or a deadlock, or one of
+    the `again` exceptions the work raises itself on seeing a concurrent change."""
+    for attempt in range(1, attempts + 1):
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except again:
+            if attempt == attempts:
+                raise RuntimeError("gave up after repeated concurrent changes") from None
+        except DBAPIError as exc:
+            if sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == attempts:
+                raise
+        await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+    raise AssertionError("unreachable")
 
 
 async def ensure_database(url: str) -> None:

@@ -14,10 +14,10 @@ from typing import Any, Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.clock import Clock
+from relevans.kit.db import run_transaction
 from relevans.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.profile.domain.counters import MAX_COUNTERS_PER_TENANT, CounterDefinition
 from services.profile.domain.definitions import MAX_COMPUTED_TRAITS_PER_TENANT
@@ -121,7 +121,6 @@ class EnrichmentCache:
 # ---------------------------------------------------------------------------------------------- store
 
 MAX_ATTEMPTS = 5
-_RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
 # Writers of one tenant's definitions take turns, so a limit checked before an insert still holds.
 _LOCK_TENANT = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
@@ -155,16 +154,7 @@ class EnrichmentStore:
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[R]]) -> R:
         """Run `work` in one transaction, again if it lost a deadlock with ingest."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
-            except DBAPIError as exc:
-                cause = getattr(exc.orig, "__cause__", None)
-                code = getattr(exc.orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
-                if code not in _RETRYABLE_SQLSTATES or attempt == MAX_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
+        return await run_transaction(self.engine, work, attempts=MAX_ATTEMPTS)
 
     async def _lock_tenant(self, conn: AsyncConnection, kind: str, tenant: str) -> None:
         await conn.execute(_LOCK_TENANT, {"key": f"{kind}:{tenant}"})

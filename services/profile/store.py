@@ -20,7 +20,6 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from typing import Any, TypeVar
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.db import run_transaction
 from relevans.kit.errors import NotFound
 from relevans.kit.merges import MERGED_SUBJECT
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
@@ -355,7 +354,6 @@ async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable
 CONSENT_SUBJECT = "rv.profile.consent"
 MAX_ATTEMPTS = 8
 MAX_REPLANS = 10
-_RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock detected
 
 _CONSENTS_JSON = """(SELECT json_agg(json_build_array(c.purpose, c.channel, c.status, c.source, c.evidence,
                                       c.recorded_at) ORDER BY c.purpose, c.channel)
@@ -827,14 +825,6 @@ class _Conflict(Exception):
     """A concurrent transaction changed what this one read; run it again."""
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if code:
-            return str(code)
-    return None
-
-
 def _consent_columns(decisions: Sequence[tuple[str, Consent]]) -> dict[str, list[Any]]:
     """(profile id, decision) pairs as the array parameters of `_CONSENT_ROWS`."""
     return {
@@ -1084,18 +1074,7 @@ class ProfileStore:
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run `work` in one transaction, again from the start if it lost a race."""
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
-            except _Conflict:
-                if attempt == MAX_ATTEMPTS:
-                    raise RuntimeError("gave up after repeated concurrent changes") from None
-            except DBAPIError as exc:
-                if _sqlstate(exc) not in _RETRYABLE_SQLSTATES or attempt == MAX_ATTEMPTS:
-                    raise
-            await asyncio.sleep(random.uniform(0, 0.002 * attempt))
-        raise AssertionError("unreachable")
+        return await run_transaction(self.engine, work, attempts=MAX_ATTEMPTS, again=(_Conflict,))
 
     # ---- ingest -------------------------------------------------------------------------------
 
