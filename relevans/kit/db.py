@@ -6,7 +6,7 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import orjson
@@ -38,6 +38,12 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
 def _json_dumps(value: object) -> str:
     return orjson.dumps(value).decode()
+
+
+def json_value(raw: object) -> Any:
+    """A json(b) result column's value: statements written as text hand the driver no column types,
+    so it may pass the JSON over as a string."""
+    return orjson.loads(raw) if isinstance(raw, str) else raw
 
 
 T = TypeVar("T")

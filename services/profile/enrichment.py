@@ -6,7 +6,6 @@ once per batch. `EnrichmentStore` is what EnrichmentService writes and lists wit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,7 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.clock import Clock
-from relevans.kit.db import run_transaction
+from relevans.kit.db import json_value, run_transaction
 from relevans.kit.errors import AlreadyExists, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from services.profile.domain.counters import MAX_COUNTERS_PER_TENANT, CounterDefinition
 from services.profile.domain.definitions import MAX_COMPUTED_TRAITS_PER_TENANT
@@ -50,10 +49,6 @@ SELECT
 """)
 
 
-def _json(raw: Any) -> Any:
-    return json.loads(raw) if isinstance(raw, str) else raw
-
-
 def counter_from_row(row: Mapping[Any, Any]) -> CounterDefinition:
     return CounterDefinition(
         name=row["name"],
@@ -69,7 +64,7 @@ def scoring_from_row(row: Mapping[Any, Any] | None) -> Scoring:
     if row is None:
         return Scoring()
     return scoring_from_json(
-        _json(row["rules"]), int(row["half_life_days"]), [float(t) for t in row["thresholds"]]
+        json_value(row["rules"]), int(row["half_life_days"]), [float(t) for t in row["thresholds"]]
     )
 
 
@@ -77,11 +72,12 @@ async def load_enrichment(conn: AsyncConnection, tenant: str) -> Enrichment:
     """The tenant's definitions: counters and computed traits by name, scoring (empty when none)."""
     row = (await conn.execute(_LOAD, {"tenant": tenant})).one()
     return Enrichment(
-        counters=tuple(counter_from_row(c) for c in _json(row.counters) or ()),
+        counters=tuple(counter_from_row(c) for c in json_value(row.counters) or ()),
         computed_traits=tuple(
-            ComputedTrait(t["name"], t["event_type"], t["property"]) for t in _json(row.computed_traits) or ()
+            ComputedTrait(t["name"], t["event_type"], t["property"])
+            for t in json_value(row.computed_traits) or ()
         ),
-        scoring=scoring_from_row(_json(row.scoring)),
+        scoring=scoring_from_row(json_value(row.scoring)),
     )
 
 

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import run_transaction
+from relevans.kit.db import json_value, run_transaction
 from relevans.kit.errors import NotFound
 from relevans.kit.merges import MERGED_SUBJECT
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
@@ -778,11 +778,6 @@ WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
 """)
 
 
-def _json(value: Any) -> Any:
-    """A json column's value (the driver may hand it over as text)."""
-    return json.loads(value) if isinstance(value, str) else value
-
-
 @dataclass(slots=True)
 class ImportInFlight:
     """What the uncommitted batches of one import hold, shared by them (see `import_rows`)."""
@@ -841,7 +836,7 @@ def _consent_columns(decisions: Sequence[tuple[str, Consent]]) -> dict[str, list
 def _parse_consents(raw: Any) -> tuple[Consent, ...]:
     if not raw:
         return ()
-    items = json.loads(raw) if isinstance(raw, str) else raw
+    items = json_value(raw)
     return tuple(
         Consent(purpose, channel, status, source, evidence, datetime.fromisoformat(at))
         for purpose, channel, status, source, evidence, at in items
@@ -1578,8 +1573,8 @@ class ProfileStore:
                         rec.last_name,
                         rec.phone,
                         frozenset(rec.tags),
-                        _json(rec.traits) or {},
-                        {(purpose, channel): st for purpose, channel, st in _json(rec.consents) or ()},
+                        json_value(rec.traits) or {},
+                        {(purpose, channel): st for purpose, channel, st in json_value(rec.consents) or ()},
                     )
             hashes = {
                 identifier_hash(v) for r in rows if r.consent for v in (r.customer_id, r.email, r.phone) if v
