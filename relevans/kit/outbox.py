@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit import metrics
@@ -60,13 +60,22 @@ async def enqueue(
 # Rows a relay reads and publishes per round.
 RELAY_BATCH = 1000
 
-_TAKE_TURN = sa.text("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
+_TAKE_TURN = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
+_TAKE_LEAD = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
 
 
 class OutboxRelay:
-    """Publishes outbox rows in id order. Any number of relays may share a table: they take turns
-    (a transaction-scoped advisory lock per table), because two relays publishing different batches
-    at once could publish one profile's messages out of order."""
+    """Publishes outbox rows in id order. Any number of relays may share a table, but one publishes
+    at a time, because two relays publishing different batches at once could publish one profile's
+    messages out of order.
+
+    A running relay (`run`) leads: it holds a session advisory lock on a connection of its own for as
+    long as it runs, and reads and marks rows on it without a transaction, two statements a round.
+    The others stand by, try to take the lead every poll interval (so one takes over within it when
+    the leader stops or its connection drops), and pass their own process's commits on to the leader
+    with a PostgreSQL `NOTIFY`. `relay_once` publishes one round in a turn of its own (a transaction
+    holding the same lock), for tools and tests.
+    """
 
     def __init__(
         self,
@@ -91,46 +100,47 @@ class OutboxRelay:
         self.retention = retention
         self.ack_timeout_s = ack_timeout_s
         self._wake = asyncio.Event()
+        self._key = f"outbox:{table.name}"
+        self._channel = f"relevans_outbox_{table.name}"
+        self._read = (
+            f"SELECT id, subject, payload FROM {table.name} WHERE published_at IS NULL ORDER BY id LIMIT $1"
+        )
+        self._mark = f"UPDATE {table.name} SET published_at = $2 WHERE id = ANY($1::bigint[])"
+        self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._conn: asyncpg.Connection | None = None  # the relay's own connection, while it runs
+        self.leading = False
 
     def notify(self) -> None:
         """Wake the relay now: a transaction that wrote to the outbox has committed."""
         self._wake.set()
 
     async def relay_once(self) -> int:
-        """Publish one batch; return how many rows were published."""
-        t = self.table
-        async with self.engine.begin() as conn:
-            # The turn keeps relays apart, so the rows need no row locks (locking each cost PostgreSQL
-            # as much as reading it).
-            if not await conn.scalar(_TAKE_TURN, {"key": f"outbox:{t.name}"}):
-                return 0  # another relay is publishing; this one polls again
-            rows = (
-                await conn.execute(
-                    sa.select(t.c.id, t.c.subject, t.c.payload)
-                    .where(t.c.published_at.is_(None))
-                    .order_by(t.c.id)
-                    .limit(self.batch)
-                )
-            ).all()
-            if not rows:
-                return 0
-            # Any failure (an error ack, no ack in time) raises: the transaction rolls back and
-            # the rows are published again later with the same ids, which JetStream dedupes.
-            prefix = f"{self.service}-"  # Nats-Msg-Id = <service>-<outbox id>
-            await self.bus.publish_batch(
-                [(subject, payload, f"{prefix}{row_id}") for row_id, subject, payload in rows],
-                timeout=self.ack_timeout_s,
-            )
-            await self._mark_published(conn, [row_id for row_id, _, _ in rows])
+        """Publish one batch in a turn of its own; return how many rows were published (0 when
+        another relay has the turn or leads)."""
+        async with self.engine.connect() as conn:
+            raw: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            async with raw.transaction():
+                if not await raw.fetchval(_TAKE_TURN, self._key):
+                    return 0
+                return await self._publish_round(raw)
+
+    async def _publish_round(self, conn: asyncpg.Connection) -> int:
+        rows = await conn.fetch(self._read, self.batch)
+        if not rows:
+            return 0
+        # Any failure (an error ack, no ack in time) raises before the rows are marked: they are
+        # published again later with the same ids, which JetStream dedupes.
+        prefix = f"{self.service}-"  # Nats-Msg-Id = <service>-<outbox id>
+        await self.bus.publish_batch(
+            [(subject, payload, f"{prefix}{row_id}") for row_id, subject, payload in rows],
+            timeout=self.ack_timeout_s,
+        )
+        await self._mark_published(conn, [row_id for row_id, _, _ in rows])
         metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
         return len(rows)
 
-    async def _mark_published(self, conn: AsyncConnection, ids: list[int]) -> None:
-        # One array parameter, not one bind parameter per id.
-        t = self.table
-        ids_param = sa.bindparam("ids", ids, type_=postgresql.ARRAY(sa.BigInteger))
-        now = self.clock.now()
-        await conn.execute(t.update().where(t.c.id == sa.any_(ids_param)).values(published_at=now))
+    async def _mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+        await conn.execute(self._mark, ids, self.clock.now())
 
     async def backlog(self) -> int:
         async with self.engine.connect() as conn:
@@ -149,9 +159,10 @@ class OutboxRelay:
         watcher = asyncio.create_task(self._wake_on(stop))
         try:
             await self._loop(stop)
+            await self._flush()
         finally:
             watcher.cancel()
-        await self._flush()
+            await self._resign()
 
     async def _wake_on(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -159,33 +170,68 @@ class OutboxRelay:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         idle_rounds = 0
+        woken = True
         while not stop.is_set():
             # Cleared before reading, so a notify() or stop during this round is not lost.
             self._wake.clear()
             try:
-                published = await self.relay_once()
+                conn = await self._lead(woken)
+                published = await self._publish_round(conn) if conn is not None else 0
             except Exception:
+                await self._resign()
                 if stop.is_set():
                     break
                 log.exception("outbox relay failed; retrying", service=self.service)
                 await asyncio.sleep(0.5)
                 continue
-            if published:
-                continue
-            idle_rounds += 1
-            if idle_rounds % 200 == 1:
-                metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
-                await self.purge_published()
+            if published == self.batch:
+                continue  # more may be waiting; a partial batch was all there was when it was read
+            if published == 0 and self.leading:
+                idle_rounds += 1
+                if idle_rounds % 200 == 1:
+                    metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+                    await self.purge_published()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+                woken = True
             except TimeoutError:
-                pass
+                woken = False
+
+    async def _lead(self, woken: bool) -> asyncpg.Connection | None:
+        """The connection to publish on while this relay leads; None while another relay leads (this
+        one then wakes the leader when its own process has committed rows)."""
+        if self._conn is None or self._conn.is_closed():
+            self.leading = False
+            self._conn = await asyncpg.connect(self._dsn)
+        if not self.leading:
+            if await self._conn.fetchval(_TAKE_LEAD, self._key):
+                self.leading = True
+                await self._conn.add_listener(self._channel, self._on_notify)
+                log.info("outbox relay leads", service=self.service)
+            elif woken:
+                await self._conn.execute(f"NOTIFY {self._channel}")
+        return self._conn if self.leading else None
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _resign(self) -> None:
+        """Close the relay's connection, which ends its lead (PostgreSQL drops the session's locks)."""
+        conn, self._conn, self.leading = self._conn, None, False
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=2)
+        except BaseException:
+            conn.terminate()
+            raise
 
     async def _flush(self, max_rounds: int = 20) -> None:
         """On shutdown, publish what the last calls committed, so the next start has nothing to catch up."""
         for _ in range(max_rounds):
             try:
-                if await self.relay_once() == 0:
+                conn = await self._lead(True)
+                if conn is None or await self._publish_round(conn) < self.batch:
                     return
             except Exception:
                 log.warning(

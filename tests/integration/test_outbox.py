@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 
+import asyncpg
 import nats
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.bus import Bus, PublishError
 from relevans.kit.clock import ManualClock
@@ -32,7 +33,7 @@ class RelayCrash(Exception):
 class CrashingRelay(OutboxRelay):
     """Publishes, then dies before it can mark the rows as published."""
 
-    async def _mark_published(self, conn: AsyncConnection, ids: list[int]) -> None:
+    async def _mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
         raise RelayCrash
 
 
@@ -108,6 +109,58 @@ async def test_relays_sharing_a_table_take_turns_and_keep_the_order(
     sub = await bus.js.pull_subscribe("rv.profile.test", durable="reader", stream="RV_PROFILE")
     msgs = await sub.fetch(20, timeout=2)
     assert [m.data for m in msgs] == [f"m{i}".encode() for i in range(10)]
+
+
+async def test_one_running_relay_leads_the_others_wake_it_and_take_over_when_it_stops(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    async def commit(*payloads: bytes) -> None:
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", p) for p in payloads], clock.now())
+
+    async def published() -> list[bytes]:
+        sub = await bus.js.pull_subscribe("rv.profile.test", stream="RV_PROFILE")
+        try:
+            return [m.data for m in await sub.fetch(20, timeout=1)]
+        except nats.errors.TimeoutError:
+            return []
+        finally:
+            await sub.unsubscribe()
+
+    first = OutboxRelay(engine, outbox, bus, service="t", clock=clock, poll_interval_s=60)
+    standby = OutboxRelay(engine, outbox, bus, service="t", clock=clock, poll_interval_s=0.05)
+    stop_first, stop_standby = asyncio.Event(), asyncio.Event()
+    leading = asyncio.create_task(first.run(stop_first))
+    await eventually(lambda: _true(first.leading))
+    standing_by = asyncio.create_task(standby.run(stop_standby))
+    try:
+        await commit(b"a", b"b")
+        standby.notify()  # its process committed: the leader, polling only every minute, is woken
+        assert await eventually(published) == [b"a", b"b"]
+        assert not standby.leading
+        assert await standby.relay_once() == 0  # no turn of its own while another relay leads
+
+        stop_first.set()
+        await asyncio.wait_for(leading, 5)
+        await eventually(lambda: _true(standby.leading))
+        await commit(b"c")
+        standby.notify()
+        assert await eventually(lambda: _has(published, 3)) == [b"a", b"b", b"c"]
+    finally:
+        stop_first.set()
+        stop_standby.set()
+        await asyncio.wait_for(asyncio.gather(leading, standing_by), 5)
+    assert not standby.leading
+    assert await first.relay_once() == 0  # nothing left, and the lead is free again for a turn
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _has(probe: Callable[[], Awaitable[list[bytes]]], n: int) -> list[bytes]:
+    got = await probe()
+    return got if len(got) >= n else []
 
 
 async def test_rolled_back_transaction_publishes_nothing(
