@@ -89,6 +89,7 @@ class OutboxRelay:
         poll_interval_s: float = 0.05,
         retention: timedelta = timedelta(hours=24),
         ack_timeout_s: float = 5.0,
+        gather_s: float = 0.005,
     ) -> None:
         self.engine = engine
         self.table = table
@@ -99,6 +100,7 @@ class OutboxRelay:
         self.poll_interval_s = poll_interval_s
         self.retention = retention
         self.ack_timeout_s = ack_timeout_s
+        self.gather_s = gather_s
         self._wake = asyncio.Event()
         self._key = f"outbox:{table.name}"
         self._channel = f"relevans_outbox_{table.name}"
@@ -186,7 +188,11 @@ class OutboxRelay:
                 continue
             if published == self.batch:
                 continue  # more may be waiting; a partial batch was all there was when it was read
-            if published == 0 and self.leading:
+            if published:
+                # Commits are frequent: let a few gather for the next round rather than run a round
+                # (two statements and a publish) per commit.
+                await asyncio.sleep(self.gather_s)
+            elif self.leading:
                 idle_rounds += 1
                 if idle_rounds % 200 == 1:
                     metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
