@@ -110,6 +110,9 @@ async def load(args: argparse.Namespace) -> dict[str, Any]:
             return
         latencies.append(perf() - started)
 
+    # ready: every generator process starts calling at once, none while another still builds its requests
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     cpu0 = time.process_time()
     started = perf()
     if args.rate:
@@ -252,8 +255,19 @@ async def run_load(
             "--rate",
             str(rate / procs),
         ]
-        children.append(await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE))
+        children.append(
+            await asyncio.create_subprocess_exec(
+                *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+            )
+        )
+    for c in children:
+        assert c.stdout is not None
+        assert (await c.stdout.readline()).strip() == b"ready"
     watch = CpuWatch(watch_roots)
+    for c in children:
+        assert c.stdin is not None
+        c.stdin.write(b"go\n")
+        c.stdin.close()
     outs = [json.loads((await c.communicate())[0]) for c in children]
     cpu = watch.used()
     latencies = sorted(x for o in outs for x in o["latencies"])
