@@ -7,9 +7,10 @@ from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.profile import enrichment_servicer, segment_servicer
-from services.profile.enrichment import EnrichmentCache, EnrichmentStore
+from services.profile.enrichment import EnrichmentStore, TenantCache, load_enrichment
 from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
 from services.profile.servicer import ProfileServicer, binding, consent_changed, profile_merged
+from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore, outbox
 
 SERVICE = "profile"
@@ -18,12 +19,14 @@ SERVICE = "profile"
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
     """The profile service, not yet started; the caller migrates its database first."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    enrichment = EnrichmentCache(clock)
+    enrichment = TenantCache(clock, load_enrichment)
+    segment_rules = TenantCache(clock, SegmentRules().load)
     store = ProfileStore(
         rt.engine,
         consent_message=consent_changed,
         merged_message=profile_merged,
         definitions=enrichment.get,
+        segment_rules=segment_rules.get,
     )
     servicer = ProfileServicer(
         store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
@@ -33,7 +36,7 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         [
             binding(servicer),
             enrichment_servicer.binding(definitions),
-            segment_servicer.binding(rt.engine, clock),
+            segment_servicer.binding(rt.engine, clock, segment_rules),
         ]
     )
     host.add_worker(ACKS_DURABLE, erasure_ack_consumer(rt.bus, servicer.gdpr, clock).run)

@@ -1,7 +1,7 @@
 """A tenant's enrichment definitions in PostgreSQL: counters, computed traits, scoring rules.
 
-`load_enrichment` reads all three in one round trip; ingest calls it (through `EnrichmentCache`)
-once per batch. `EnrichmentStore` is what EnrichmentService writes and lists with.
+`load_enrichment` reads all three in one round trip; ingest reads them through a `TenantCache`.
+`EnrichmentStore` is what EnrichmentService writes and lists with.
 """
 
 from __future__ import annotations
@@ -84,32 +84,36 @@ async def load_enrichment(conn: AsyncConnection, tenant: str) -> Enrichment:
 DEFAULT_TTL = timedelta(seconds=1)
 
 
-class EnrichmentCache:
-    """Each tenant's `Enrichment`, kept for `ttl` of the clock's time so ingest does not read the
-    definitions for every batch. A definition saved through another process therefore applies to
-    events received up to `ttl` after it was saved; one saved through this process applies at once,
-    as its writer calls `invalidate` after committing."""
+class TenantCache(Generic[T]):
+    """What ingest reads of a tenant on every batch (its enrichment definitions, its segments), kept
+    for `ttl` of the clock's time so ingest does not read it for every batch. A definition or segment
+    saved through another process therefore applies to events received up to `ttl` after it was
+    saved; one saved through this process applies at once, as its writer calls `invalidate` after
+    committing."""
 
-    def __init__(self, clock: Clock, ttl: timedelta = DEFAULT_TTL) -> None:
+    def __init__(
+        self, clock: Clock, load: Callable[[AsyncConnection, str], Awaitable[T]], ttl: timedelta = DEFAULT_TTL
+    ) -> None:
         self.clock = clock
+        self.load = load
         self.ttl = ttl
-        self._entries: dict[str, tuple[datetime, Enrichment]] = {}
+        self._entries: dict[str, tuple[datetime, T]] = {}
         # Bumped by `invalidate`: a load that started before it must not be cached after it.
         self._generations: dict[str, int] = {}
 
-    async def get(self, conn: AsyncConnection, tenant: str) -> Enrichment:
+    async def get(self, conn: AsyncConnection, tenant: str) -> T:
         now = self.clock.now()
         entry = self._entries.get(tenant)
         if entry is not None and now < entry[0]:
             return entry[1]
         generation = self._generations.get(tenant, 0)
-        enrichment = await load_enrichment(conn, tenant)
+        value = await self.load(conn, tenant)
         if self._generations.get(tenant, 0) == generation:
-            self._entries[tenant] = (now + self.ttl, enrichment)
-        return enrichment
+            self._entries[tenant] = (now + self.ttl, value)
+        return value
 
     def invalidate(self, tenant: str) -> None:
-        """Forget the tenant's definitions; call it after committing a change to them."""
+        """Forget what is cached of the tenant; call it after committing a change to it."""
         self._entries.pop(tenant, None)
         self._generations[tenant] = self._generations.get(tenant, 0) + 1
 

@@ -18,8 +18,15 @@ from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import enrichment_pb2, enrichment_pb2_grpc
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.definitions import validate_computed_trait, validate_counter, validate_scoring
-from services.profile.domain.enrichment import ComputedTrait, EventMatch, ScoreRule, Scoring, TraitMatch
-from services.profile.enrichment import Dated, EnrichmentCache, EnrichmentStore
+from services.profile.domain.enrichment import (
+    ComputedTrait,
+    Enrichment,
+    EventMatch,
+    ScoreRule,
+    Scoring,
+    TraitMatch,
+)
+from services.profile.enrichment import Dated, EnrichmentStore, TenantCache
 
 SERVICE_NAME = "relevans.profile.v1.EnrichmentService"
 SCOPES = {
@@ -131,7 +138,7 @@ def _required_name(name: str) -> str:
 
 
 class EnrichmentServicer(enrichment_pb2_grpc.EnrichmentServiceServicer):
-    def __init__(self, store: EnrichmentStore, clock: Clock, cache: EnrichmentCache) -> None:
+    def __init__(self, store: EnrichmentStore, clock: Clock, cache: TenantCache[Enrichment]) -> None:
         self.store = store
         self.clock = clock
         self.cache = cache

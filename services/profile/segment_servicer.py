@@ -13,8 +13,10 @@ from relevans.kit.proto import to_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 from services.profile.domain.segment_rules import parse
+from services.profile.enrichment import TenantCache
 from services.profile.segments import Segment, SegmentStore, after_profile_id, page_size
 from services.profile.servicer import struct_to_dict
+from services.profile.signals import SegmentRule
 
 SERVICE_NAME = segment_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name
 SCOPES = {
@@ -40,9 +42,10 @@ def segment_proto(s: Segment) -> segment_pb2.Segment:
 
 
 class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
-    def __init__(self, store: SegmentStore, clock: Clock) -> None:
+    def __init__(self, store: SegmentStore, clock: Clock, rules: TenantCache[list[SegmentRule]]) -> None:
         self.store = store
         self.clock = clock
+        self.rules = rules  # what ingest evaluates: forgotten after each change, so it applies at once
 
     async def CreateSegment(
         self, request: segment_pb2.CreateSegmentRequest, context: Context
@@ -50,9 +53,11 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
         if not request.HasField("condition"):
             raise InvalidArgument(FieldViolation("condition", "is required"))
         condition = parse(struct_to_dict(request.condition))
+        tenant = principal().tenant_id
         segment = await self.store.create(
-            principal().tenant_id, request.name, request.description, condition, self.clock.now()
+            tenant, request.name, request.description, condition, self.clock.now()
         )
+        self.rules.invalidate(tenant)
         return segment_pb2.CreateSegmentResponse(segment=segment_proto(segment))
 
     async def GetSegment(
@@ -70,7 +75,9 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
     async def DeleteSegment(
         self, request: segment_pb2.DeleteSegmentRequest, context: Context
     ) -> segment_pb2.DeleteSegmentResponse:
-        await self.store.delete(principal().tenant_id, request.segment_id)
+        tenant = principal().tenant_id
+        await self.store.delete(tenant, request.segment_id)
+        self.rules.invalidate(tenant)
         return segment_pb2.DeleteSegmentResponse()
 
     async def CountSegment(
@@ -101,10 +108,10 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
         return segment_pb2.ListSegmentMembersResponse(profile_ids=ids, next_page_token=token)
 
 
-def binding(engine: AsyncEngine, clock: Clock) -> ServiceBinding:
+def binding(engine: AsyncEngine, clock: Clock, rules: TenantCache[list[SegmentRule]]) -> ServiceBinding:
     return ServiceBinding(
         full_name=SERVICE_NAME,
         register=segment_pb2_grpc.add_SegmentServiceServicer_to_server,
-        servicer=SegmentServicer(SegmentStore(engine), clock),
+        servicer=SegmentServicer(SegmentStore(engine), clock, rules),
         scopes=SCOPES,
     )

@@ -89,7 +89,7 @@ from services.profile.domain.merge import (
 )
 from services.profile.domain.profiles import TraitValue
 from services.profile.domain.traits import BEHAVIOURAL, DECLARED, PRECEDENCE, TraitScalar
-from services.profile.signals import SegmentRules, apply_membership, crossing_message, membership_message
+from services.profile.signals import SegmentRule, apply_membership, crossing_message, membership_message
 
 T = TypeVar("T")
 TZ = sa.DateTime(timezone=True)
@@ -1051,6 +1051,8 @@ def dumps(value: Any) -> str:
 
 # (connection, tenant) -> the tenant's enrichment definitions (see services/profile/enrichment.py).
 Definitions = Callable[[AsyncConnection, str], Awaitable[Enrichment]]
+# A tenant's saved segments, compiled (cached like the definitions).
+SegmentRuleSource = Callable[[AsyncConnection, str], Awaitable[list[SegmentRule]]]
 
 
 class ProfileStore:
@@ -1060,12 +1062,13 @@ class ProfileStore:
         consent_message: ConsentMessage,
         merged_message: MergedMessage,
         definitions: Definitions,
+        segment_rules: SegmentRuleSource,
     ) -> None:
         self.engine = engine
         self.consent_message = consent_message
         self.merged_message = merged_message
         self.definitions = definitions
-        self.segment_rules = SegmentRules()
+        self.segment_rules = segment_rules
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Run `work` in one transaction, again from the start if it lost a race."""
@@ -1119,7 +1122,7 @@ class ProfileStore:
         plan = await self._bind(conn, tenant, batch, bound, now)
         definitions = await self.definitions(conn, tenant)
         locked = await self._lock(conn, tenant, plan, definitions)
-        rules = await self.segment_rules.load(conn, tenant)
+        rules = await self.segment_rules(conn, tenant)
         event_ids = [make_id() for _ in batch]
         fresh = await self._fresh(conn, tenant, batch, definitions)
         last_seen: dict[str, datetime] = {}

@@ -25,7 +25,7 @@ from services.profile.domain.enrichment import (
     TraitMatch,
     scoring_to_json,
 )
-from services.profile.enrichment import Dated, EnrichmentCache, EnrichmentStore, load_enrichment
+from services.profile.enrichment import Dated, EnrichmentStore, TenantCache, load_enrichment
 from services.profile.store import (
     computed_traits,
     counter_definitions,
@@ -116,7 +116,7 @@ async def test_load_enrichment_reads_one_tenants_definitions(db: AsyncEngine) ->
 
 async def test_cache_keeps_definitions_for_its_ttl_and_forgets_them_on_invalidate(db: AsyncEngine) -> None:
     clock = ManualClock(T0)
-    cache = EnrichmentCache(clock, ttl=timedelta(seconds=1))
+    cache = TenantCache(clock, load_enrichment, ttl=timedelta(seconds=1))
     async with db.connect() as conn:
         assert await cache.get(conn, A) == Enrichment()
     await insert_counter(db, A, CounterDefinition("buys", "order"))
@@ -134,7 +134,7 @@ async def test_cache_keeps_definitions_for_its_ttl_and_forgets_them_on_invalidat
 
 
 async def test_cache_does_not_keep_a_load_that_an_invalidate_overtook(db: AsyncEngine) -> None:
-    cache = EnrichmentCache(ManualClock(T0))
+    cache = TenantCache(ManualClock(T0), load_enrichment)
     async with db.connect() as conn:
         load = asyncio.create_task(cache.get(conn, A))
         await asyncio.sleep(0)  # the load has started and waits for PostgreSQL

@@ -265,6 +265,31 @@ async def test_enriched_events_carry_score_counters_and_traits_and_the_score_dec
 # ---- segments ---------------------------------------------------------------------------------
 
 
+async def test_a_segment_applies_to_the_next_event_once_saved_and_no_more_once_deleted(
+    stub: Stub, channel: grpc.aio.Channel, js: nats.js.JetStreamContext
+) -> None:
+    """Ingest keeps each tenant's segments a while (like its definitions): saving or deleting one
+    through the service must still apply from the very next event."""
+    segments = segment_pb2_grpc.SegmentServiceStub(channel)
+    await track(stub, customer_id="c-8")  # ingest has now read (and kept) the tenant's segments: none
+    created = await segments.CreateSegment(
+        segment_pb2.CreateSegmentRequest(
+            name="scored", condition=struct(compare={"field": "score", "op": "ge", "value": 0})
+        ),
+        metadata=ADMIN,
+    )
+    entered = await track(stub, customer_id="c-9")
+    await segments.DeleteSegment(
+        segment_pb2.DeleteSegmentRequest(segment_id=created.segment.segment_id), metadata=ADMIN
+    )
+    await track(stub, customer_id="c-10")  # would enter the segment, were it still evaluated
+
+    [msg] = await fetch_all(js, "rv.profile.segments", 1)
+    change = bus_pb2.SegmentMembershipChanged.FromString(msg.data)
+    assert (change.segment_name, change.entered, change.event_id) == ("scored", True, entered.event_id)
+    assert (await js.stream_info("RV_PROFILE")).state.messages == 1
+
+
 async def test_events_publish_segment_entries_and_exits(
     stub: Stub, channel: grpc.aio.Channel, clock: ManualClock, js: nats.js.JetStreamContext
 ) -> None:
