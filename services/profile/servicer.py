@@ -9,7 +9,7 @@ import struct
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -20,7 +20,7 @@ from relevans.kit.bus import event_subject
 from relevans.kit.clock import Clock
 from relevans.kit.errors import NotFound
 from relevans.kit.outbox import OutboxMessage
-from relevans.kit.proto import from_timestamp, from_value, to_timestamp, to_value
+from relevans.kit.proto import from_timestamp, from_value, timestamp_parts, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
 from services.profile.domain import (
@@ -184,7 +184,6 @@ def profile_merged(tenant: str, surviving_id: str, merged_id: str, at: datetime,
     return msg.SerializeToString()
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SMALL = [bytes((n,)) for n in range(0x80)]
 
 
@@ -233,9 +232,8 @@ _DOUBLE = struct.Struct("<d")
 
 
 def _timestamp_bytes(value: datetime) -> bytes:
-    """The encoded google.protobuf.Timestamp of an aware datetime (see `to_timestamp`)."""
-    delta = value - _EPOCH
-    seconds, nanos = delta.days * 86400 + delta.seconds, delta.microseconds * 1000
+    """The encoded google.protobuf.Timestamp of a datetime (as `to_timestamp` builds it)."""
+    seconds, nanos = timestamp_parts(value)
     return (_SECONDS + _varint(seconds) if seconds else b"") + (_NANOS + _varint(nanos) if nanos else b"")
 
 
