@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 import hpack
@@ -128,7 +129,8 @@ class Channel(asyncio.Protocol):
         self._stream_window = _DEFAULT_WINDOW
         self._max_streams = 1 << 31
         self._open_streams = 0
-        self._waiting: list[tuple[int, bytes]] = []  # calls held back by the windows or the stream limit
+        # calls held back by the windows or the stream limit
+        self._waiting: deque[tuple[int, bytes]] = deque()
         self._unacknowledged = 0  # DATA bytes received since the last WINDOW_UPDATE
         self._statuses: dict[bytes, tuple[str, str]] = {}  # trailer block -> (status name, message)
         self._decoder = hpack.Decoder()
@@ -178,7 +180,7 @@ class Channel(asyncio.Protocol):
 
     def _send_waiting(self) -> None:
         while self._waiting and self._can_send(len(self._waiting[0][1])):
-            stream, body = self._waiting.pop(0)
+            stream, body = self._waiting.popleft()
             call = self._calls.get(stream)
             if call is not None:
                 self._send(stream, call, body)
@@ -208,7 +210,8 @@ class Channel(asyncio.Protocol):
         self._closed = error
         if not self._ready.done():
             self._ready.set_exception(error)
-        calls, self._calls, self._waiting = self._calls, {}, []
+        calls, self._calls = self._calls, {}
+        self._waiting.clear()
         for c in calls.values():
             if not c.answer.done():
                 c.answer.set_exception(error)
