@@ -2,9 +2,17 @@
 
 A service writes its bus messages into its own `outbox` table in the same
 transaction as the state change; the relay publishes them with
-`Nats-Msg-Id = <service>-<outbox id>`, so a relay that dies after publishing
-and before marking the rows re-publishes the same ids and JetStream drops the
+`Nats-Msg-Id = <service>-<outbox id>`, so a relay that dies after publishing and
+before saving how far it got re-publishes the same ids and JetStream drops the
 duplicates. Published rows are kept for `retention` so they can be replayed.
+
+How far the relay got is one row per outbox table (`outbox_relay`), not a mark on
+every row: each row carries the id of the transaction that wrote it (`xid`), and
+the relay publishes in windows between two PostgreSQL snapshots, as PgQ does. A
+window holds the rows of the transactions that committed after the snapshot the
+last window ended at and before the one this window ends at, in id order. A
+transaction that commits late (its ids lower than rows already published) falls
+into a later window instead of being skipped, and a row is never written twice.
 """
 
 from __future__ import annotations
@@ -26,8 +34,47 @@ from relevans.kit.clock import Clock
 log = structlog.get_logger(__name__)
 
 
+class Xid8(sa.types.UserDefinedType[int]):
+    """PostgreSQL's 64-bit transaction id (never wraps around)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: object) -> str:
+        return "xid8"
+
+
+# Whether an outbox row `o` is not published by a position (see `Position`), given as SQL
+# expressions for its `published`, `window_end` and `after_id`.
+_UNPUBLISHED = """o.xid >= pg_snapshot_xmin(CAST({published} AS pg_snapshot))
+    AND NOT pg_visible_in_snapshot(o.xid, CAST({published} AS pg_snapshot))"""
+_UNPUBLISHED_ROW = (
+    _UNPUBLISHED
+    + """
+    AND NOT ({window_end} IS NOT NULL AND o.id <= {after_id}
+             AND pg_visible_in_snapshot(o.xid, CAST({window_end} AS pg_snapshot)))"""
+)
+
+# The position as the `outbox_relay` row `r` holds it.
+_SAVED = {"published": "r.published", "window_end": "r.window_end", "after_id": "r.after_id"}
+
+# The snapshot before any transaction: nothing is published yet.
+NOTHING_PUBLISHED = "1:1:"
+
+
 def outbox_table(metadata: sa.MetaData) -> sa.Table:
-    """The outbox table, declared in each service's own metadata and migrations."""
+    """The outbox table, declared in each service's own metadata and migrations (with the
+    `outbox_relay` table that says how far its relay got)."""
+    if "outbox_relay" not in metadata.tables:
+        sa.Table(
+            "outbox_relay",
+            metadata,
+            sa.Column("outbox", sa.Text, primary_key=True),
+            # Every transaction visible in this snapshot (text form) is published,
+            sa.Column("published", sa.Text, nullable=False),
+            # and of those visible in this one too, the rows up to `after_id` (a window under way).
+            sa.Column("window_end", sa.Text),
+            sa.Column("after_id", sa.BigInteger, nullable=False, server_default="0"),
+        )
     return sa.Table(
         "outbox",
         metadata,
@@ -35,9 +82,34 @@ def outbox_table(metadata: sa.MetaData) -> sa.Table:
         sa.Column("subject", sa.Text, nullable=False),
         sa.Column("payload", sa.LargeBinary, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("published_at", sa.DateTime(timezone=True)),
-        sa.Index("outbox_unpublished", "id", postgresql_where=sa.text("published_at IS NULL")),
+        sa.Column("xid", Xid8, nullable=False, server_default=sa.text("pg_current_xact_id()")),
+        sa.Index("outbox_xid", "xid", "id"),
     )
+
+
+# The migration of an outbox table from a mark on each published row (`published_at`) to the
+# relay's position: published rows get a transaction id every position has seen (3, the first
+# normal one), the others the migration's own, which the position it starts from has not.
+TO_POSITION = (
+    "ALTER TABLE outbox ADD COLUMN xid xid8",
+    "UPDATE outbox SET xid = CASE WHEN published_at IS NULL THEN pg_current_xact_id() ELSE '3' END",
+    "ALTER TABLE outbox ALTER COLUMN xid SET NOT NULL, ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+    "DROP INDEX outbox_unpublished",
+    "ALTER TABLE outbox DROP COLUMN published_at",
+    "CREATE INDEX outbox_xid ON outbox (xid, id)",
+    """CREATE TABLE outbox_relay (outbox text PRIMARY KEY, published text NOT NULL, window_end text,
+                                 after_id bigint NOT NULL DEFAULT 0)""",
+    "INSERT INTO outbox_relay (outbox, published) VALUES ('outbox', '4:4:')",
+)
+FROM_POSITION = (
+    "ALTER TABLE outbox ADD COLUMN published_at timestamptz",
+    f"""UPDATE outbox o SET published_at = now() FROM outbox_relay r
+        WHERE r.outbox = 'outbox' AND NOT ({_UNPUBLISHED_ROW.format(**_SAVED)})""",
+    "DROP TABLE outbox_relay",
+    "DROP INDEX outbox_xid",
+    "ALTER TABLE outbox DROP COLUMN xid",
+    "CREATE INDEX outbox_unpublished ON outbox (id) WHERE published_at IS NULL",
+)
 
 
 @dataclass(frozen=True)
@@ -62,19 +134,38 @@ RELAY_BATCH = 1000
 
 _TAKE_TURN = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
 _TAKE_LEAD = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
+# The relay's statements are planned for the position they are given: a generic plan cannot know
+# that the transaction ids it reads are a recent few, and would scan the table.
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+_RELAY_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+_START = "INSERT INTO outbox_relay (outbox, published) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+_LOAD = "SELECT published, window_end, after_id FROM outbox_relay WHERE outbox = $1"
+_SAVE = "UPDATE outbox_relay SET published = $2, window_end = $3, after_id = $4 WHERE outbox = $1"
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a relay got: every transaction visible in the snapshot `published` is published, and
+    of a window under way (the transactions visible in `window_end` and not in `published`), the
+    rows up to `after_id`."""
+
+    published: str
+    window_end: str | None = None
+    after_id: int = 0
 
 
 class OutboxRelay:
-    """Publishes outbox rows in id order. Any number of relays may share a table, but one publishes
-    at a time, because two relays publishing different batches at once could publish one profile's
-    messages out of order.
+    """Publishes outbox rows, window by window and in id order within a window (see the module's
+    docstring). Any number of relays may share a table, but one publishes at a time, because two
+    relays publishing different batches at once could publish one profile's messages out of order.
 
     A running relay (`run`) leads: it holds a session advisory lock on a connection of its own for as
-    long as it runs, and reads and marks rows on it without a transaction, two statements a round.
-    The others stand by, try to take the lead every poll interval (so one takes over within it when
-    the leader stops or its connection drops), and pass their own process's commits on to the leader
-    with a PostgreSQL `NOTIFY`. `relay_once` publishes one round in a turn of its own (a transaction
-    holding the same lock), for tools and tests.
+    long as it runs and reads rows on it without a transaction; a round is one read, and when it
+    published something, one update of its position. The others stand by, try to take the lead
+    every poll interval (so one takes over within it when the leader stops or its connection drops),
+    and pass their own process's commits on to the leader with a PostgreSQL `NOTIFY`. `relay_once`
+    publishes one round in a turn of its own (a transaction holding the same lock), for tools and
+    tests.
     """
 
     def __init__(
@@ -104,12 +195,38 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._key = f"outbox:{table.name}"
         self._channel = f"relevans_outbox_{table.name}"
-        self._read = (
-            f"SELECT id, subject, payload FROM {table.name} WHERE published_at IS NULL ORDER BY id LIMIT $1"
-        )
-        self._mark = f"UPDATE {table.name} SET published_at = $2 WHERE id = ANY($1::bigint[])"
+        name = table.name
+        # A new window ends at the reading statement's own snapshot, which is what it sees. Its rows
+        # are found by their transaction ids (an index), then read in id order from the first (the
+        # primary key) with no condition on xid the planner could prefer to the order.
+        self._open = f"""
+            WITH s AS MATERIALIZED (
+                SELECT pg_current_snapshot() AS window_end,
+                       (SELECT min(o.id + 0) FROM {name} o WHERE {_UNPUBLISHED.format(published="$1::text")})
+                       AS first_id
+            )
+            SELECT CAST(s.window_end AS text), o.id, o.subject, o.payload
+            FROM s LEFT JOIN LATERAL (
+                SELECT o.id, o.subject, o.payload FROM {name} o
+                WHERE o.id >= s.first_id AND NOT pg_visible_in_snapshot(o.xid, CAST($1::text AS pg_snapshot))
+                ORDER BY o.id LIMIT $2
+            ) AS o ON true"""
+        self._continue = f"""
+            SELECT o.id, o.subject, o.payload FROM {name} o
+            WHERE o.id > $3 AND NOT pg_visible_in_snapshot(o.xid, CAST($1::text AS pg_snapshot))
+              AND pg_visible_in_snapshot(o.xid, CAST($2::text AS pg_snapshot))
+            ORDER BY o.id LIMIT $4"""
+        self._backlog = sa.text(f"""
+            SELECT count(*) FROM {name} o LEFT JOIN outbox_relay r ON r.outbox = :name
+            WHERE r.outbox IS NULL OR ({_UNPUBLISHED_ROW.format(**_SAVED)})""")
+        self._purge = sa.text(f"""
+            DELETE FROM {name} o USING outbox_relay r
+            WHERE r.outbox = :name AND o.created_at < :cutoff
+              AND o.xid < pg_snapshot_xmin(CAST(r.published AS pg_snapshot))""")
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._conn: asyncpg.Connection | None = None  # the relay's own connection, while it runs
+        self._position: Position | None = None  # while it leads
+        self._saved: Position | None = None  # what the table holds of it, while it leads
         self.leading = False
 
     def notify(self) -> None:
@@ -124,37 +241,58 @@ class OutboxRelay:
             async with raw.transaction():
                 if not await raw.fetchval(_TAKE_TURN, self._key):
                     return 0
-                return await self._publish_round(raw)
+                await raw.execute(_CUSTOM_PLANS)
+                position = await self._load(raw)
+                published, after = await self._publish_round(raw, position)
+                if after != position:
+                    await self._save(raw, after)
+                return published
 
-    async def _publish_round(self, conn: asyncpg.Connection) -> int:
-        rows = await conn.fetch(self._read, self.batch)
-        if not rows:
-            return 0
-        # Any failure (an error ack, no ack in time) raises before the rows are marked: they are
-        # published again later with the same ids, which JetStream dedupes.
-        prefix = f"{self.service}-"  # Nats-Msg-Id = <service>-<outbox id>
-        await self.bus.publish_batch(
-            [(subject, payload, f"{prefix}{row_id}") for row_id, subject, payload in rows],
-            timeout=self.ack_timeout_s,
-        )
-        await self._mark_published(conn, [row_id for row_id, _, _ in rows])
-        metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
-        return len(rows)
+    async def _load(self, conn: asyncpg.Connection) -> Position:
+        await conn.execute(_START, self.table.name, NOTHING_PUBLISHED)
+        published, window_end, after_id = await conn.fetchrow(_LOAD, self.table.name)
+        return Position(published, window_end, after_id)
 
-    async def _mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
-        await conn.execute(self._mark, ids, self.clock.now())
+    async def _save(self, conn: asyncpg.Connection, position: Position) -> None:
+        await conn.execute(_SAVE, self.table.name, position.published, position.window_end, position.after_id)
+
+    async def _publish_round(self, conn: asyncpg.Connection, position: Position) -> tuple[int, Position]:
+        """Publish the next rows after `position`; return how many, and the position after them
+        (not saved yet)."""
+        if position.window_end is None:
+            found = await conn.fetch(self._open, position.published, self.batch)
+            window_end = found[0][0]
+            rows = [row[1:] for row in found if row[1] is not None]
+        else:
+            window_end = position.window_end
+            rows = await conn.fetch(
+                self._continue, position.published, window_end, position.after_id, self.batch
+            )
+        if len(rows) < self.batch:
+            after = Position(window_end)  # the window is done
+        else:
+            after = Position(position.published, window_end, rows[-1][0])
+        if rows:
+            # Any failure (an error ack, no ack in time) raises before the position moves: the rows
+            # are published again later with the same ids, which JetStream dedupes.
+            prefix = f"{self.service}-"  # Nats-Msg-Id = <service>-<outbox id>
+            await self.bus.publish_batch(
+                [(subject, payload, f"{prefix}{row_id}") for row_id, subject, payload in rows],
+                timeout=self.ack_timeout_s,
+            )
+            metrics.OUTBOX_PUBLISHED.labels(self.service).inc(len(rows))
+        return len(rows), after
 
     async def backlog(self) -> int:
+        """Rows not published yet."""
         async with self.engine.connect() as conn:
-            count = await conn.scalar(
-                sa.select(sa.func.count()).select_from(self.table).where(self.table.c.published_at.is_(None))
-            )
+            count = await conn.scalar(self._backlog, {"name": self.table.name})
         return int(count or 0)
 
     async def purge_published(self) -> int:
         cutoff = self.clock.now() - self.retention
         async with self.engine.begin() as conn:
-            result = await conn.execute(self.table.delete().where(self.table.c.published_at < cutoff))
+            result = await conn.execute(self._purge, {"name": self.table.name, "cutoff": cutoff})
         return int(result.rowcount or 0)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -177,8 +315,11 @@ class OutboxRelay:
             # Cleared before reading, so a notify() or stop during this round is not lost.
             self._wake.clear()
             try:
-                conn = await self._lead(woken)
-                published = await self._publish_round(conn) if conn is not None else 0
+                published = await self._lead_round(woken)
+                if not published and self.leading:
+                    idle_rounds += 1
+                    if idle_rounds % 200 == 1:
+                        await self._idle_chores()
             except Exception:
                 await self._resign()
                 if stop.is_set():
@@ -190,27 +331,46 @@ class OutboxRelay:
                 continue  # more may be waiting; a partial batch was all there was when it was read
             if published:
                 # Commits are frequent: let a few gather for the next round rather than run a round
-                # (two statements and a publish) per commit.
+                # (a read, a publish and an update) per commit.
                 await asyncio.sleep(self.gather_s)
-            elif self.leading:
-                idle_rounds += 1
-                if idle_rounds % 200 == 1:
-                    metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
-                    await self.purge_published()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
                 woken = True
             except TimeoutError:
                 woken = False
 
+    async def _lead_round(self, woken: bool) -> int:
+        """One round while this relay leads (0 while another does); a round that published saves
+        the position after it. An empty window moves the position only in memory: nothing was
+        published, so a successor that starts from the saved one finds the same."""
+        conn = await self._lead(woken)
+        if conn is None or self._position is None:
+            return 0
+        published, self._position = await self._publish_round(conn, self._position)
+        if published:
+            await self._save_lead(conn)
+        return published
+
+    async def _save_lead(self, conn: asyncpg.Connection) -> None:
+        if self._position is not None and self._position != self._saved:
+            await self._save(conn, self._position)
+            self._saved = self._position
+
+    async def _idle_chores(self) -> None:
+        if self._conn is not None:
+            await self._save_lead(self._conn)  # lets purge_published go as far as the relay got
+        metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+        await self.purge_published()
+
     async def _lead(self, woken: bool) -> asyncpg.Connection | None:
         """The connection to publish on while this relay leads; None while another relay leads (this
         one then wakes the leader when its own process has committed rows)."""
         if self._conn is None or self._conn.is_closed():
             self.leading = False
-            self._conn = await asyncpg.connect(self._dsn)
+            self._conn = await asyncpg.connect(self._dsn, server_settings=_RELAY_SETTINGS)
         if not self.leading:
             if await self._conn.fetchval(_TAKE_LEAD, self._key):
+                self._position = self._saved = await self._load(self._conn)
                 self.leading = True
                 await self._conn.add_listener(self._channel, self._on_notify)
                 log.info("outbox relay leads", service=self.service)
@@ -224,6 +384,7 @@ class OutboxRelay:
     async def _resign(self) -> None:
         """Close the relay's connection, which ends its lead (PostgreSQL drops the session's locks)."""
         conn, self._conn, self.leading = self._conn, None, False
+        self._position = self._saved = None
         if conn is None or conn.is_closed():
             return
         try:
@@ -236,8 +397,9 @@ class OutboxRelay:
         """On shutdown, publish what the last calls committed, so the next start has nothing to catch up."""
         for _ in range(max_rounds):
             try:
-                conn = await self._lead(True)
-                if conn is None or await self._publish_round(conn) < self.batch:
+                if await self._lead_round(True) < self.batch:
+                    if self._conn is not None and self.leading:
+                        await self._save_lead(self._conn)
                     return
             except Exception:
                 log.warning(

@@ -13,12 +13,14 @@ import nats
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
+from alembic import command
+from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.bus import Bus, PublishError
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
-from relevans.kit.outbox import OutboxMessage, OutboxRelay, enqueue, outbox_table
+from relevans.kit.db import alembic_config, create_engine
+from relevans.kit.outbox import OutboxMessage, OutboxRelay, Position, enqueue, outbox_table
 from relevans.kit.settings import Settings
 from tests.helpers import eventually
 
@@ -31,9 +33,9 @@ class RelayCrash(Exception):
 
 
 class CrashingRelay(OutboxRelay):
-    """Publishes, then dies before it can mark the rows as published."""
+    """Publishes, then dies before it can save how far it got."""
 
-    async def _mark_published(self, conn: asyncpg.Connection, ids: list[int]) -> None:
+    async def _save(self, conn: asyncpg.Connection, position: Position) -> None:
         raise RelayCrash
 
 
@@ -41,7 +43,7 @@ class CrashingRelay(OutboxRelay):
 async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(settings.database_url("trigger"))
     async with engine.begin() as conn:
-        await conn.execute(sa.text("DROP TABLE IF EXISTS outbox"))
+        await conn.execute(sa.text("DROP TABLE IF EXISTS outbox, outbox_relay"))
         await conn.run_sync(metadata.create_all)
     yield engine
     await engine.dispose()
@@ -85,6 +87,63 @@ class SlowBus(Bus):
     async def publish_batch(self, messages: Sequence[tuple[str, bytes, str]], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.3)
         await super().publish_batch(messages, timeout)
+
+
+async def test_a_transaction_that_commits_after_later_rows_were_published_is_published_next(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    """The relay keeps a position, not a mark per row: rows with lower ids that commit after higher
+    ones were published are not skipped."""
+    async with engine.connect() as slow:
+        slow_tx = await slow.begin()
+        await enqueue(slow, outbox, [OutboxMessage("rv.profile.test", b"lower id")], clock.now())
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"higher id")], clock.now())
+        relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
+        assert await relay.relay_once() == 1
+        assert await relay.backlog() == 0  # the uncommitted row is not counted yet
+        await slow_tx.commit()
+    assert await relay.backlog() == 1
+    assert await relay.relay_once() == 1
+    assert await relay.relay_once() == 0
+    assert await relay.backlog() == 0
+    sub = await bus.js.pull_subscribe("rv.profile.test", durable="reader", stream="RV_PROFILE")
+    assert [m.data for m in await sub.fetch(10, timeout=2)] == [b"higher id", b"lower id"]
+
+
+async def test_migrating_to_the_relay_position_keeps_published_rows_published(
+    settings: Settings, bus: Bus, clock: ManualClock
+) -> None:
+    engine = create_engine(settings.database_url("profile"))
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_alembic, "downgrade", "0005")
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO outbox (subject, payload, created_at, published_at) VALUES"
+                    " ('rv.profile.test', 'old', now(), now()), ('rv.profile.test', 'new', now(), NULL)"
+                )
+            )
+            await conn.run_sync(_alembic, "upgrade", "head")
+        relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
+        assert await relay.backlog() == 1
+        assert await relay.relay_once() == 1
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"newer")], clock.now())
+        async with engine.begin() as conn:
+            await conn.run_sync(_alembic, "downgrade", "0005")
+            unpublished = await conn.scalars(sa.text("SELECT payload FROM outbox WHERE published_at IS NULL"))
+            assert list(unpublished) == [b"newer"]
+        sub = await bus.js.pull_subscribe("rv.profile.test", durable="reader", stream="RV_PROFILE")
+        assert [m.data for m in await sub.fetch(10, timeout=2)] == [b"new"]
+    finally:
+        await engine.dispose()
+
+
+def _alembic(conn: Connection, direction: str, revision: str) -> None:
+    cfg = alembic_config("profile")
+    cfg.attributes["connection"] = conn
+    getattr(command, direction)(cfg, revision)
 
 
 async def test_relays_sharing_a_table_take_turns_and_keep_the_order(
