@@ -44,9 +44,11 @@ class Xid8(sa.types.UserDefinedType[int]):
 
 
 # Whether an outbox row `o` is not published by a position (see `Position`), given as SQL
-# expressions for its `published`, `window_end` and `after_id`.
-_UNPUBLISHED = """o.xid >= pg_snapshot_xmin(CAST({published} AS pg_snapshot))
-    AND NOT pg_visible_in_snapshot(o.xid, CAST({published} AS pg_snapshot))"""
+# expressions for its `published`, `window_end` and `after_id`: its transaction was still running
+# at the `published` snapshot or began after it. (Two index conditions: a transaction left open
+# for long does not make the relay read every row written since it began.)
+_UNPUBLISHED = """(o.xid >= pg_snapshot_xmax(CAST({published} AS pg_snapshot))
+    OR o.xid = ANY(ARRAY(SELECT pg_snapshot_xip(CAST({published} AS pg_snapshot)))))"""
 _UNPUBLISHED_ROW = (
     _UNPUBLISHED
     + """
