@@ -171,6 +171,16 @@ async def raw(
     return elapsed, cpu
 
 
+async def wal_position(pg_url: str) -> int:
+    """PostgreSQL's write-ahead log position in bytes: the difference over a run is what the run
+    wrote to it (what a replica receives and a backup keeps)."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        return int(await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
+    finally:
+        await conn.close()
+
+
 def cpu_line(cpu: dict[str, float], events: int) -> str:
     """CPU µs per event of each process group; `machine`: the whole box meanwhile."""
     return "      CPU µs per event: " + ", ".join(f"{k} {v / events * 1e6:.0f}" for k, v in cpu.items())
@@ -189,20 +199,26 @@ async def main() -> int:
             async with profile_service(stack, SECRET) as svc:
                 events = make_events(args.events, args.customers)
                 watch = CpuWatch(stack_processes(stack, svc))
+                wal_before = await wal_position(stack.profile_db)
                 ours_s, cpu = await ours(
                     svc.target, events, args.batch, args.concurrency, stack.nats_url, watch
                 )
+                ours_wal = await wal_position(stack.profile_db) - wal_before
                 rss_mb = largest_rss_mb(svc.process.pid)
             del watch.roots["service"]
+            wal_before = await wal_position(stack.profile_db)
             raw_s, raw_cpu = await raw(stack.profile_db, stack.nats_url, events, watch, batched=True)
+            raw_wal = await wal_position(stack.profile_db) - wal_before
             client_s, _ = await raw(stack.profile_db, stack.nats_url, events, watch, batched=False)
 
     ours_rate, raw_rate, client_rate = (args.events / s for s in (ours_s, raw_s, client_s))
     print(f"events {args.events}, batch {args.batch}, concurrency {args.concurrency}")
     print(f"ours  stored + profile updated + published: {ours_rate:10,.0f} events/s ({ours_s:.2f} s)")
     print(cpu_line(cpu, args.events))
+    print(f"      PostgreSQL WAL: {ours_wal / args.events:,.0f} bytes per event")
     print(f"raw   asyncpg COPY + JetStream publish:     {raw_rate:10,.0f} events/s ({raw_s:.2f} s)")
     print(cpu_line(raw_cpu, args.events))
+    print(f"      PostgreSQL WAL: {raw_wal / args.events:,.0f} bytes per event")
     print(f"      (publishing with nats-py's js.publish_async instead: {client_rate:,.0f} events/s)")
     print(
         f"ratio ours/raw: {ours_rate / raw_rate:.2f}   (target >= 0.50; >= 10,000 events/s)"
