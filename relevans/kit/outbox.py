@@ -136,10 +136,16 @@ RELAY_BATCH = 1000
 
 _TAKE_TURN = "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))"
 _TAKE_LEAD = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
-# The relay's statements are planned for the position they are given: a generic plan cannot know
-# that the transaction ids it reads are a recent few, and would scan the table.
-_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
-_RELAY_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+# The relay plans its statements once, for any position: with plain table scans and parallel
+# workers off, the plan PostgreSQL makes without knowing the position reads the outbox by its
+# indexes, as it must (only a recent few transactions' rows are wanted); planning each round for
+# the position given took longer than running the round's read.
+_RELAY_SETTINGS = {
+    "plan_cache_mode": "force_generic_plan",
+    "enable_seqscan": "off",
+    "max_parallel_workers_per_gather": "0",
+}
+_RELAY_TURN_SETTINGS = "; ".join(f"SET LOCAL {name} = {value}" for name, value in _RELAY_SETTINGS.items())
 _START = "INSERT INTO outbox_relay (outbox, published) VALUES ($1, $2) ON CONFLICT DO NOTHING"
 _LOAD = "SELECT published, window_end, after_id FROM outbox_relay WHERE outbox = $1"
 _SAVE = "UPDATE outbox_relay SET published = $2, window_end = $3, after_id = $4 WHERE outbox = $1"
@@ -243,7 +249,7 @@ class OutboxRelay:
             async with raw.transaction():
                 if not await raw.fetchval(_TAKE_TURN, self._key):
                     return 0
-                await raw.execute(_CUSTOM_PLANS)
+                await raw.execute(_RELAY_TURN_SETTINGS)
                 position = await self._load(raw)
                 published, after = await self._publish_round(raw, position)
                 if after != position:
