@@ -147,7 +147,13 @@ _RELAY_SETTINGS = {
 }
 _RELAY_TURN_SETTINGS = "; ".join(f"SET LOCAL {name} = {value}" for name, value in _RELAY_SETTINGS.items())
 _START = "INSERT INTO outbox_relay (outbox, published) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-_LOAD = "SELECT published, window_end, after_id FROM outbox_relay WHERE outbox = $1"
+# A saved position ahead of the database's own transaction ids (restored from a logical dump into
+# another cluster, whose ids start again low) would take every new row for published.
+_LOAD = """
+SELECT published, window_end, after_id,
+       pg_snapshot_xmax(CAST(coalesce(window_end, published) AS pg_snapshot))
+         > pg_snapshot_xmax(pg_current_snapshot()) AS ahead
+FROM outbox_relay WHERE outbox = $1"""
 _SAVE = "UPDATE outbox_relay SET published = $2, window_end = $3, after_id = $4 WHERE outbox = $1"
 
 
@@ -258,7 +264,17 @@ class OutboxRelay:
 
     async def _load(self, conn: asyncpg.Connection) -> Position:
         await conn.execute(_START, self.table.name, NOTHING_PUBLISHED)
-        published, window_end, after_id = await conn.fetchrow(_LOAD, self.table.name)
+        published, window_end, after_id, ahead = await conn.fetchrow(_LOAD, self.table.name)
+        if ahead:
+            log.warning(
+                "outbox relay position is ahead of this database's transactions (restored from a dump?);"
+                " publishing every kept row again, which consumers' keyed effects deduplicate",
+                service=self.service,
+                position=published,
+            )
+            position = Position(NOTHING_PUBLISHED)
+            await self._save(conn, position)
+            return position
         return Position(published, window_end, after_id)
 
     async def _save(self, conn: asyncpg.Connection, position: Position) -> None:
