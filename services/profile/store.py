@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import json_value, run_transaction
+from relevans.kit.db import DriverStatement, driver_connection, json_value, run_transaction
 from relevans.kit.errors import NotFound
 from relevans.kit.merges import MERGED_SUBJECT
 from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
@@ -393,7 +394,7 @@ FOR NO KEY UPDATE OF p
 """)
 
 # Lock the existing profiles a batch writes to, in profile id order, and read them afresh.
-_LOCK_PROFILES = sa.text(f"""
+_LOCK_PROFILES = DriverStatement(f"""
 SELECT p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, {_CONSENTS_JSON} AS consents,
        p.traits, CASE WHEN :with_counters THEN p.counters END AS counters, p.last_seen_types,
        p.score, p.score_at, {_TAGS_ARRAY} AS tags,
@@ -407,7 +408,7 @@ FOR NO KEY UPDATE
 """)
 
 # Bind new identifiers; those another transaction bound first are not returned.
-_BIND = sa.text("""
+_BIND = DriverStatement("""
 INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
 SELECT :tenant, i.kind, i.value, i.profile_id, :now
 FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[]), CAST(:profile_ids AS text[]))
@@ -450,7 +451,7 @@ def _profile_row_set(prefix: str, alias: str) -> str:
 # (skipping known message ids) and enqueue one outbox message per stored event, in batch order.
 # Returns the message ids stored. (An event that turns out to be a duplicate moves last_seen_at
 # only to where its original already moved it.)
-_STORE = sa.text(f"""
+_STORE = DriverStatement(f"""
 WITH v AS (
     SELECT * FROM unnest(
         CAST(:event_ids AS text[]), CAST(:message_ids AS text[]), CAST(:profile_ids AS text[]),
@@ -510,7 +511,7 @@ _CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode = force_custom_plan")
 
 CUSTOM_PLAN_MIN_EVENTS = 16
 
-_STORED_EVENTS = sa.text("""
+_STORED_EVENTS = DriverStatement("""
 SELECT message_id, event_id, profile_id FROM events
 WHERE tenant_id = :tenant AND message_id = ANY(CAST(:message_ids AS text[]))
 """)
@@ -1119,12 +1120,15 @@ class ProfileStore:
             for key in event_keys(event):
                 keys[key] = None
         bound = await self._resolve(conn, tenant, list(keys))
-        plan = await self._bind(conn, tenant, batch, bound, now)
+        # the statements of every batch run on the driver directly (the first one, above, began
+        # the transaction); the occasional ones through SQLAlchemy
+        driver = await driver_connection(conn)
+        plan = await self._bind(conn, driver, tenant, batch, bound, now)
         definitions = await self.definitions(conn, tenant)
-        locked = await self._lock(conn, tenant, plan, definitions)
+        locked = await self._lock(driver, tenant, plan, definitions)
         rules = await self.segment_rules(conn, tenant)
         event_ids = [make_id() for _ in batch]
-        fresh = await self._fresh(conn, tenant, batch, definitions)
+        fresh = await self._fresh(driver, tenant, batch, definitions)
         last_seen: dict[str, datetime] = {}
         facts: dict[str, list[EventFacts]] = {}
         for j, (event, pid) in enumerate(zip(batch, plan.profile_ids, strict=True)):
@@ -1141,8 +1145,8 @@ class ProfileStore:
         changes = await apply_membership(conn, tenant, rules, views, now)
         signals += [membership_message(tenant, c, now) for c in changes]
         msgs = [message(j, event_ids[j], plan.profiles[pid]) for j, pid in enumerate(plan.profile_ids)]
-        rows = await conn.execute(
-            _STORE,
+        rows = await _STORE.fetch(
+            driver,
             {
                 "tenant": tenant,
                 "now": now,
@@ -1174,20 +1178,21 @@ class ProfileStore:
         if len(stored) < len(batch):
             missing = [e.message_id for e in batch if e.message_id not in stored]
             known = {
-                r.message_id: r
-                for r in await conn.execute(_STORED_EVENTS, {"tenant": tenant, "message_ids": missing})
+                r["message_id"]: r
+                for r in await _STORED_EVENTS.fetch(driver, {"tenant": tenant, "message_ids": missing})
             }
             if len(known) < len(missing):
                 raise _Conflict  # the conflicting insert was rolled back after all
             for j, event in enumerate(batch):
                 if event.message_id not in stored:
                     original = known[event.message_id]
-                    results[j] = TrackResult(original.event_id, original.profile_id, True)
+                    results[j] = TrackResult(original["event_id"], original["profile_id"], True)
         return results
 
     async def _bind(
         self,
         conn: AsyncConnection,
+        driver: asyncpg.Connection,
         tenant: str,
         batch: list[Event],
         bound: dict[Key, ProfileState],
@@ -1200,8 +1205,8 @@ class ProfileStore:
             plan = plan_track(batch, bound)
             if not plan.new_identities:
                 return plan
-            rows = await conn.execute(
-                _BIND,
+            rows = await _BIND.fetch(
+                driver,
                 {
                     "tenant": tenant,
                     "now": now,
@@ -1210,7 +1215,7 @@ class ProfileStore:
                     "profile_ids": [p for _, _, p in plan.new_identities],
                 },
             )
-            won = {(r.kind, r.value) for r in rows}
+            won = {(r["kind"], r["value"]) for r in rows}
             if len(won) == len(plan.new_identities):
                 return plan
             bound = apply_bindings(bound, [b for b in plan.new_identities if (b[0], b[1]) in won])
@@ -1241,7 +1246,7 @@ class ProfileStore:
         return bound
 
     async def _lock(
-        self, conn: AsyncConnection, tenant: str, plan: TrackPlan, definitions: Enrichment
+        self, driver: asyncpg.Connection, tenant: str, plan: TrackPlan, definitions: Enrichment
     ) -> dict[str, _EnrichedRow]:
         """Lock the existing profiles the batch writes to, in id order, and refresh their state
         (customer_id, email, first_name, consents) for the events' snapshots; return their
@@ -1249,18 +1254,16 @@ class ProfileStore:
         states = {pid: plan.profiles[pid] for pid in plan.profile_ids if not plan.profiles[pid].new}
         if not states:
             return {}
-        rows = (
-            await conn.execute(
-                _LOCK_PROFILES,
-                {
-                    "tenant": tenant,
-                    "ids": sorted(states),
-                    # counts and held trait names are read only when definitions use them
-                    "with_counters": bool(definitions.counters),
-                    "with_held": bool(definitions.computed_traits),
-                },
-            )
-        ).all()
+        rows = await _LOCK_PROFILES.fetch(
+            driver,
+            {
+                "tenant": tenant,
+                "ids": sorted(states),
+                # counts and held trait names are read only when definitions use them
+                "with_counters": bool(definitions.counters),
+                "with_held": bool(definitions.computed_traits),
+            },
+        )
         if len(rows) < len(states):
             raise _Conflict
         out = {}
@@ -1293,17 +1296,17 @@ class ProfileStore:
         return out
 
     async def _fresh(
-        self, conn: AsyncConnection, tenant: str, batch: Sequence[Event], definitions: Enrichment
+        self, driver: asyncpg.Connection, tenant: str, batch: Sequence[Event], definitions: Enrichment
     ) -> list[bool]:
         """Which events of the batch are not stored yet. Counters, scores and computed traits
         must not count an event twice; without any of those the check is skipped (the rest of
         enrichment is idempotent) and every event is taken as fresh."""
         if definitions.is_empty():
             return [True] * len(batch)
-        rows = await conn.execute(
-            _STORED_EVENTS, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
+        rows = await _STORED_EVENTS.fetch(
+            driver, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
         )
-        known = {r.message_id for r in rows}
+        known = {r["message_id"] for r in rows}
         return [e.message_id not in known for e in batch]
 
     # ---- identify and consent -------------------------------------------------------------------

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from relevans.kit.auth import TokenError, mint_token, verify_token
 from relevans.kit.bus import event_partition
 from relevans.kit.clock import ManualClock
+from relevans.kit.db import DriverStatement
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.kit.runtime import GC_THRESHOLDS, settle_heap
@@ -181,3 +182,14 @@ def test_settle_heap_freezes_what_startup_left_and_still_collects_cycles() -> No
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_driver_statement_numbers_named_parameters_once_each_and_keeps_casts() -> None:
+    statement = DriverStatement(
+        "SELECT CAST(:ids AS text[]), x::jsonb FROM t WHERE t.tenant = :tenant AND t.owner = :tenant"
+        " AND t.id = ANY(:ids)"
+    )
+    assert statement.sql == (
+        "SELECT CAST($1 AS text[]), x::jsonb FROM t WHERE t.tenant = $2 AND t.owner = $2 AND t.id = ANY($1)"
+    )
+    assert statement.names == ("ids", "tenant")
