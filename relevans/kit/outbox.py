@@ -195,6 +195,7 @@ class OutboxRelay:
         retention: timedelta = timedelta(hours=24),
         ack_timeout_s: float = 5.0,
         gather_s: float = 0.005,
+        chores_every: timedelta = timedelta(seconds=10),
     ) -> None:
         self.engine = engine
         self.table = table
@@ -206,6 +207,8 @@ class OutboxRelay:
         self.retention = retention
         self.ack_timeout_s = ack_timeout_s
         self.gather_s = gather_s
+        self.chores_every = chores_every
+        self._chores_due: datetime | None = None  # while it leads: when to purge and count next
         self._wake = asyncio.Event()
         self._key = f"outbox:{table.name}"
         self._channel = f"relevans_outbox_{table.name}"
@@ -233,9 +236,13 @@ class OutboxRelay:
         self._backlog = sa.text(f"""
             SELECT count(*) FROM {name} o LEFT JOIN outbox_relay r ON r.outbox = :name
             WHERE r.outbox IS NULL OR ({_UNPUBLISHED_ROW.format(**_SAVED)})""")
+        # Rows before the first one written since the cutoff, found by the primary key: the work is
+        # the rows deleted, not the rows kept.
         self._purge = sa.text(f"""
             DELETE FROM {name} o USING outbox_relay r
-            WHERE r.outbox = :name AND o.created_at < :cutoff
+            WHERE r.outbox = :name
+              AND o.id < (SELECT coalesce(min(k.id), 9223372036854775807) FROM {name} k
+                          WHERE k.created_at >= :cutoff)
               AND o.xid < pg_snapshot_xmin(CAST(r.published AS pg_snapshot))""")
         self._dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         self._conn: asyncpg.Connection | None = None  # the relay's own connection, while it runs
@@ -333,17 +340,14 @@ class OutboxRelay:
         self._wake.set()
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        idle_rounds = 0
         woken = True
         while not stop.is_set():
             # Cleared before reading, so a notify() or stop during this round is not lost.
             self._wake.clear()
             try:
                 published = await self._lead_round(woken)
-                if not published and self.leading:
-                    idle_rounds += 1
-                    if idle_rounds % 200 == 1:
-                        await self._idle_chores()
+                if self.leading and (self._chores_due is None or self.clock.now() >= self._chores_due):
+                    await self._chores()
             except Exception:
                 await self._resign()
                 if stop.is_set():
@@ -380,7 +384,9 @@ class OutboxRelay:
             await self._save(conn, self._position)
             self._saved = self._position
 
-    async def _idle_chores(self) -> None:
+    async def _chores(self) -> None:
+        """Every `chores_every`, busy or not: report the backlog and purge what is past retention."""
+        self._chores_due = self.clock.now() + self.chores_every
         if self._conn is not None:
             await self._save_lead(self._conn)  # lets purge_published go as far as the relay got
         metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
@@ -408,7 +414,7 @@ class OutboxRelay:
     async def _resign(self) -> None:
         """Close the relay's connection, which ends its lead (PostgreSQL drops the session's locks)."""
         conn, self._conn, self.leading = self._conn, None, False
-        self._position = self._saved = None
+        self._position = self._saved = self._chores_due = None
         if conn is None or conn.is_closed():
             return
         try:

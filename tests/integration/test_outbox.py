@@ -278,6 +278,44 @@ async def test_published_rows_are_kept_for_replay_then_purged(
     assert await relay.purge_published() == 1
 
 
+async def test_a_relay_that_publishes_every_round_still_purges_what_is_past_retention(
+    engine: AsyncEngine, bus: Bus, clock: ManualClock
+) -> None:
+    async def commit(payload: bytes) -> None:
+        async with engine.begin() as conn:
+            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", payload)], clock.now())
+
+    async def kept() -> list[bytes]:
+        async with engine.connect() as conn:
+            return list(await conn.scalars(sa.text("SELECT payload FROM outbox ORDER BY id")))
+
+    async def published(n: int) -> bool:
+        return await stream_messages(bus, "RV_PROFILE") >= n
+
+    relay = OutboxRelay(
+        engine, outbox, bus, service="t", clock=clock, retention=timedelta(hours=1), poll_interval_s=60
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(relay.run(stop))
+    try:
+        await commit(b"old")
+        relay.notify()
+        await eventually(lambda: published(1))
+        await clock.advance(timedelta(hours=2))
+        await commit(b"new")
+        relay.notify()  # a round that publishes, and is due to purge
+        await eventually(lambda: published(2))
+        assert await eventually(lambda: _only(kept, [b"new"])) == [b"new"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5)
+
+
+async def _only(probe: Callable[[], Awaitable[list[bytes]]], expected: list[bytes]) -> list[bytes]:
+    got = await probe()
+    return got if got == expected else []
+
+
 async def test_relay_flushes_committed_rows_when_stopped(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
