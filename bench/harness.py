@@ -96,6 +96,28 @@ class CpuWatch:
     def restart(self) -> None:
         """Count from now."""
         self.before = self._sample()
+        self.loops_before = self._loop_threads()
+        self.started = time.perf_counter()
+
+    def _loop_threads(self) -> dict[int, float]:
+        """CPU seconds of the main thread (the event loop) of each service process."""
+        out = {}
+        for root in self.roots.get("service", []):
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    for t in p.threads():
+                        if t.id == p.pid:
+                            out[p.pid] = t.user_time + t.system_time
+            except psutil.NoSuchProcess:
+                continue
+        return out
+
+    def loop_busy(self) -> float:
+        """How busy the busiest service process's event loop thread was since the start (1.0 = all
+        the time): a service whose loop is near 1.0 is at its limit, whatever the machine has left."""
+        wall = time.perf_counter() - self.started
+        after = self._loop_threads()
+        return max(((after[pid] - self.loops_before.get(pid, 0.0)) / wall for pid in after), default=0.0)
 
     def _sample(self) -> dict[str, float]:
         busy = psutil.cpu_times()

@@ -61,9 +61,9 @@ BATCH_TRACK = "/relevans.profile.v1.ProfileService/BatchTrack"
 
 async def ours(
     target: str, events: list[profile_pb2.Event], batch: int, concurrency: int, nats_url: str, watch: CpuWatch
-) -> tuple[float, dict[str, float]]:
-    """Seconds until every event is in RV_EVENTS, and CPU seconds per process group meanwhile
-    (`client`: this load generator)."""
+) -> tuple[float, dict[str, float], float]:
+    """Seconds until every event is in RV_EVENTS, CPU seconds per process group meanwhile
+    (`client`: this load generator), and how busy the service's event loop thread was."""
     md = bearer(mint_token(SECRET, TENANT, ["ingest"]))
     # requests serialized before the clock starts and answers left unparsed, as the raw side's
     # rows and payloads are built before its clock starts: the generator's CPU goes to calls
@@ -102,11 +102,12 @@ async def ours(
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - started
         cpu = watch.used() | {"client": time.process_time() - client_cpu}
+        loop_busy = watch.loop_busy()
     finally:
         for c in channels:
             await c.close()
     await nc.close()
-    return elapsed, cpu
+    return elapsed, cpu, loop_busy
 
 
 async def raw(
@@ -200,7 +201,7 @@ async def main() -> int:
                 events = make_events(args.events, args.customers)
                 watch = CpuWatch(stack_processes(stack, svc))
                 wal_before = await wal_position(stack.profile_db)
-                ours_s, cpu = await ours(
+                ours_s, cpu, loop_busy = await ours(
                     svc.target, events, args.batch, args.concurrency, stack.nats_url, watch
                 )
                 ours_wal = await wal_position(stack.profile_db) - wal_before
@@ -214,7 +215,7 @@ async def main() -> int:
     ours_rate, raw_rate, client_rate = (args.events / s for s in (ours_s, raw_s, client_s))
     print(f"events {args.events}, batch {args.batch}, concurrency {args.concurrency}")
     print(f"ours  stored + profile updated + published: {ours_rate:10,.0f} events/s ({ours_s:.2f} s)")
-    print(cpu_line(cpu, args.events))
+    print(cpu_line(cpu, args.events) + f"; service event loop {loop_busy:.0%} busy")
     print(f"      PostgreSQL WAL: {ours_wal / args.events:,.0f} bytes per event")
     print(f"raw   asyncpg COPY + JetStream publish:     {raw_rate:10,.0f} events/s ({raw_s:.2f} s)")
     print(cpu_line(raw_cpu, args.events))

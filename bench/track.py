@@ -217,6 +217,7 @@ class Result:
     errors: dict[str, int]  # status code -> calls that failed with it
     load_cpu: float
     cpu: dict[str, float]
+    loop_busy: float  # the service's event loop thread, 1.0 = busy all the time
 
     def line(self, name: str) -> str:
         latency = f"p50 {self.p50:6.1f}  p95 {self.p95:6.1f}  p99 {self.p99:6.1f} ms"
@@ -270,6 +271,7 @@ async def run_load(
         c.stdin.close()
     outs = [json.loads((await c.communicate())[0]) for c in children]
     cpu = watch.used()
+    loop_busy = watch.loop_busy()
     latencies = sorted(x for o in outs for x in o["latencies"])
     elapsed = max(o["elapsed"] for o in outs)
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
@@ -281,6 +283,7 @@ async def run_load(
         errors=dict(sum((Counter(o["errors"]) for o in outs), Counter())),
         load_cpu=sum(o["cpu"] for o in outs),
         cpu=cpu,
+        loop_busy=loop_busy,
     )
 
 
@@ -293,6 +296,7 @@ def _cpu_line(r: Result, events: int) -> str:
     other = machine - sum(cpu.values()) - r.load_cpu
     return (
         "    CPU µs per call: " + ", ".join(parts) + f"   (other work on the box: {other / events * 1e6:.0f})"
+        f"; service event loop {r.loop_busy:.0%} busy"
     )
 
 
