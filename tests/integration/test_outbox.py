@@ -59,6 +59,12 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     await bus.close()  # safe twice
 
 
+async def commit(engine: AsyncEngine, clock: ManualClock, *payloads: bytes) -> None:
+    """One transaction enqueueing a message on rv.profile.test per payload."""
+    async with engine.begin() as conn:
+        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", p) for p in payloads], clock.now())
+
+
 async def stream_messages(bus: Bus, stream: str) -> int:
     info = await bus.js.stream_info(stream)
     return int(info.state.messages)
@@ -67,10 +73,7 @@ async def stream_messages(bus: Bus, stream: str) -> int:
 async def test_relay_publishes_committed_rows_once_in_order(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
-    async with engine.begin() as conn:
-        await enqueue(
-            conn, outbox, [OutboxMessage("rv.profile.test", f"m{i}".encode()) for i in range(5)], clock.now()
-        )
+    await commit(engine, clock, *(f"m{i}".encode() for i in range(5)))
     relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
     assert await relay.relay_once() == 5
     assert await relay.relay_once() == 0
@@ -97,8 +100,7 @@ async def test_a_transaction_that_commits_after_later_rows_were_published_is_pub
     async with engine.connect() as slow:
         slow_tx = await slow.begin()
         await enqueue(slow, outbox, [OutboxMessage("rv.profile.test", b"lower id")], clock.now())
-        async with engine.begin() as conn:
-            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"higher id")], clock.now())
+        await commit(engine, clock, b"higher id")
         relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock)
         assert await relay.relay_once() == 1
         assert await relay.backlog() == 0  # the uncommitted row is not counted yet
@@ -166,10 +168,7 @@ def _alembic(conn: Connection, direction: str, revision: str) -> None:
 async def test_relays_sharing_a_table_take_turns_and_keep_the_order(
     engine: AsyncEngine, bus: Bus, clock: ManualClock, settings: Settings
 ) -> None:
-    async with engine.begin() as conn:
-        await enqueue(
-            conn, outbox, [OutboxMessage("rv.profile.test", f"m{i}".encode()) for i in range(10)], clock.now()
-        )
+    await commit(engine, clock, *(f"m{i}".encode() for i in range(10)))
     slow_bus = SlowBus(settings.nats_url, "outbox-test-slow")
     await slow_bus.connect()
     try:
@@ -190,10 +189,6 @@ async def test_relays_sharing_a_table_take_turns_and_keep_the_order(
 async def test_one_running_relay_leads_the_others_wake_it_and_take_over_when_it_stops(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
-    async def commit(*payloads: bytes) -> None:
-        async with engine.begin() as conn:
-            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", p) for p in payloads], clock.now())
-
     async def published() -> list[bytes]:
         sub = await bus.js.pull_subscribe("rv.profile.test", stream="RV_PROFILE")
         try:
@@ -210,7 +205,7 @@ async def test_one_running_relay_leads_the_others_wake_it_and_take_over_when_it_
     await eventually(lambda: _true(first.leading))
     standing_by = asyncio.create_task(standby.run(stop_standby))
     try:
-        await commit(b"a", b"b")
+        await commit(engine, clock, b"a", b"b")
         standby.notify()  # its process committed: the leader, polling only every minute, is woken
         assert await eventually(published) == [b"a", b"b"]
         assert not standby.leading
@@ -219,7 +214,7 @@ async def test_one_running_relay_leads_the_others_wake_it_and_take_over_when_it_
         stop_first.set()
         await asyncio.wait_for(leading, 5)
         await eventually(lambda: _true(standby.leading))
-        await commit(b"c")
+        await commit(engine, clock, b"c")
         standby.notify()
         assert await eventually(lambda: _has(published, 3)) == [b"a", b"b", b"c"]
     finally:
@@ -254,8 +249,7 @@ async def test_rolled_back_transaction_publishes_nothing(
 async def test_relay_crash_after_publish_causes_no_second_message(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
-    async with engine.begin() as conn:
-        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"once")], clock.now())
+    await commit(engine, clock, b"once")
     with pytest.raises(RelayCrash):
         await CrashingRelay(engine, outbox, bus, service="t", clock=clock).relay_once()
     assert await stream_messages(bus, "RV_PROFILE") == 1
@@ -269,8 +263,7 @@ async def test_relay_crash_after_publish_causes_no_second_message(
 async def test_published_rows_are_kept_for_replay_then_purged(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
-    async with engine.begin() as conn:
-        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"x")], clock.now())
+    await commit(engine, clock, b"x")
     relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, retention=timedelta(hours=1))
     await relay.relay_once()
     assert await relay.purge_published() == 0
@@ -281,10 +274,6 @@ async def test_published_rows_are_kept_for_replay_then_purged(
 async def test_a_relay_that_publishes_every_round_still_purges_what_is_past_retention(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
-    async def commit(payload: bytes) -> None:
-        async with engine.begin() as conn:
-            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", payload)], clock.now())
-
     async def kept() -> list[bytes]:
         async with engine.connect() as conn:
             return list(await conn.scalars(sa.text("SELECT payload FROM outbox ORDER BY id")))
@@ -298,11 +287,11 @@ async def test_a_relay_that_publishes_every_round_still_purges_what_is_past_rete
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
     try:
-        await commit(b"old")
+        await commit(engine, clock, b"old")
         relay.notify()
         await eventually(lambda: published(1))
         await clock.advance(timedelta(hours=2))
-        await commit(b"new")
+        await commit(engine, clock, b"new")
         relay.notify()  # a round that publishes, and is due to purge
         await eventually(lambda: published(2))
         assert await eventually(lambda: _only(kept, [b"new"])) == [b"new"]
@@ -323,8 +312,7 @@ async def test_relay_flushes_committed_rows_when_stopped(
     stop = asyncio.Event()
     running = asyncio.create_task(relay.run(stop))
     await asyncio.sleep(0)  # the relay is now idle, waiting for a notify or its poll interval
-    async with engine.begin() as conn:
-        await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", b"late")], clock.now())
+    await commit(engine, clock, b"late")
     stop.set()
     await asyncio.wait_for(running, 5)
     assert await stream_messages(bus, "RV_PROFILE") == 1
@@ -437,17 +425,13 @@ class FlakyProxy:
 async def test_relay_survives_a_reconnect_and_a_lost_ack_times_out(
     engine: AsyncEngine, clock: ManualClock, settings: Settings
 ) -> None:
-    async def enqueue_one(payload: bytes) -> None:
-        async with engine.begin() as conn:
-            await enqueue(conn, outbox, [OutboxMessage("rv.profile.test", payload)], clock.now())
-
     async with FlakyProxy(int(settings.nats_url.rsplit(":", 1)[1])) as proxy:
         bus = Bus(f"nats://127.0.0.1:{proxy.port}", "flaky")
         await bus.connect()
         try:
             await bus.ensure_streams()
             relay = OutboxRelay(engine, outbox, bus, service="t", clock=clock, ack_timeout_s=0.5)
-            await enqueue_one(b"before")
+            await commit(engine, clock, b"before")
             assert await relay.relay_once() == 1
 
             async def reconnected(count: int) -> bool:
@@ -456,12 +440,12 @@ async def test_relay_survives_a_reconnect_and_a_lost_ack_times_out(
             # The connection drops: nats-py reconnects and re-subscribes the ack inbox.
             proxy.cut()
             await eventually(lambda: reconnected(1))
-            await enqueue_one(b"after reconnect")
+            await commit(engine, clock, b"after reconnect")
             assert await relay.relay_once() == 1
 
             # The acks of a batch are lost: it fails within the timeout and stays unpublished.
             proxy.swallow_replies = True
-            await enqueue_one(b"ack lost")
+            await commit(engine, clock, b"ack lost")
             with pytest.raises(PublishError):
                 await asyncio.wait_for(relay.relay_once(), 5)
             assert await relay.backlog() == 1
