@@ -376,19 +376,19 @@ class OutboxRelay:
             return 0
         published, self._position = await self._publish_round(conn, self._position)
         if published:
-            await self._save_lead(conn)
+            await self._save_lead()
         return published
 
-    async def _save_lead(self, conn: asyncpg.Connection) -> None:
-        if self._position is not None and self._position != self._saved:
-            await self._save(conn, self._position)
+    async def _save_lead(self) -> None:
+        """Save the leader's position if it moved since last saved (a no-op when not leading)."""
+        if self._conn is not None and self._position is not None and self._position != self._saved:
+            await self._save(self._conn, self._position)
             self._saved = self._position
 
     async def _chores(self) -> None:
         """Every `chores_every`, busy or not: report the backlog and purge what is past retention."""
         self._chores_due = self.clock.now() + self.chores_every
-        if self._conn is not None:
-            await self._save_lead(self._conn)  # lets purge_published go as far as the relay got
+        await self._save_lead()  # lets purge_published go as far as the relay got
         metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
         await self.purge_published()
 
@@ -428,8 +428,7 @@ class OutboxRelay:
         for _ in range(max_rounds):
             try:
                 if await self._lead_round(True) < self.batch:
-                    if self._conn is not None and self.leading:
-                        await self._save_lead(self._conn)
+                    await self._save_lead()
                     return
             except Exception:
                 log.warning(
