@@ -45,6 +45,7 @@ class Runtime:
             metrics_port=s.metrics_port(self.service),
             metrics_host=s.metrics_host,
             reuse_port=s.processes(self.service) > 1,
+            servers=s.grpc_servers,
         )
         if s.outbox_relay:
             host.add_worker("outbox-relay", self.relay.run)

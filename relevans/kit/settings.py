@@ -48,6 +48,10 @@ class Settings:
     event_partitions: int = 8
     # Processes `relevans serve profile` runs, sharing its gRPC port (SO_REUSEPORT, Linux).
     profile_processes: int = 1
+    # gRPC servers each service process runs on its port (SO_REUSEPORT, Linux): a grpc.aio server
+    # takes one new call of a method per event loop turn, several take the calls of different
+    # connections side by side (README, "Scaling out").
+    grpc_servers: int = 4
     # Whether this process runs its outbox relay (relays of one service take turns; one is enough).
     outbox_relay: bool = True
     # asyncio event loop of the services: uvloop or asyncio.
@@ -69,6 +73,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.profile_processes < 1:
             raise SettingsError(f"RELEVANS_PROFILE_PROCESSES={self.profile_processes} must be at least 1")
+        if self.grpc_servers < 1:
+            raise SettingsError(f"RELEVANS_GRPC_SERVERS={self.grpc_servers} must be at least 1")
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

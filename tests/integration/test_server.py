@@ -32,16 +32,20 @@ class SlowProfiles(profile_pb2_grpc.ProfileServiceServicer):
     def __init__(self) -> None:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
+        self.waiting = 0
 
     async def GetProfile(self, request, context):  # type: ignore[no-untyped-def]
         if request.email == "bad":
             raise InvalidArgument(FieldViolation("email", "is not an email address"))
         self.entered.set()
+        self.waiting += 1
         await self.release.wait()
         return profile_pb2.GetProfileResponse(profile=profile_pb2.Profile(profile_id=principal().tenant_id))
 
 
-def make_host(servicer: SlowProfiles, clock: ManualClock) -> ServiceHost:
+def make_host(
+    servicer: SlowProfiles, clock: ManualClock, *, listen: str = "127.0.0.1:0", servers: int = 1
+) -> ServiceHost:
     binding = ServiceBinding(
         full_name=FULL_NAME,
         register=profile_pb2_grpc.add_ProfileServiceServicer_to_server,
@@ -49,7 +53,7 @@ def make_host(servicer: SlowProfiles, clock: ManualClock) -> ServiceHost:
         scopes={"GetProfile": "read"},
     )
     return ServiceHost(
-        "kit-test", listen="127.0.0.1:0", secret=SECRET, clock=clock, bindings=[binding], grace_s=5
+        "kit-test", listen=listen, secret=SECRET, clock=clock, bindings=[binding], grace_s=5, servers=servers
     )
 
 
@@ -92,6 +96,68 @@ async def test_in_flight_calls_finish_and_health_says_not_serving_during_shutdow
     await host.stop()  # safe twice
     assert closed == ["db"]
     await channel.close()
+
+
+def listeners_on(port: int) -> int:
+    """Sockets listening on a TCP port of this machine (gRPC listens on IPv6 sockets, IPv4 mapped)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            rows += [line.split() for line in lines.readlines()[1:]]
+    return sum(1 for r in rows if int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "0A")
+
+
+async def test_several_servers_share_the_port_and_all_finish_their_calls_on_shutdown(
+    clock: ManualClock,
+) -> None:
+    servicer = SlowProfiles()
+    host = make_host(servicer, clock, servers=3)
+    await host.start()
+    assert listeners_on(host.port) == 3
+    token = bearer(mint_token(SECRET, "acme", ["read"]))
+    # a connection each (no shared subchannels), so the kernel spreads them over the servers
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{host.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(12)
+    ]
+    calls = [
+        asyncio.ensure_future(
+            profile_pb2_grpc.ProfileServiceStub(c).GetProfile(profile_pb2.GetProfileRequest(), metadata=token)
+        )
+        for c in channels
+    ]
+    watch = health_pb2_grpc.HealthStub(channels[0]).Watch(health_pb2.HealthCheckRequest())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+
+    async def all_waiting() -> bool:
+        return servicer.waiting == len(calls)
+
+    await eventually(all_waiting)
+    stopping = asyncio.create_task(host.stop())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not stopping.done()  # the servers wait for their calls
+    servicer.release.set()
+    assert [r.profile.profile_id for r in await asyncio.gather(*calls)] == ["acme"] * len(calls)
+    await stopping
+    assert listeners_on(host.port) == 0
+    for c in channels:
+        await c.close()
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+async def test_a_port_in_use_is_an_error_even_for_servers_that_share_it(
+    clock: ManualClock, servers: int
+) -> None:
+    async with make_host(SlowProfiles(), clock) as first:
+        second = make_host(SlowProfiles(), clock, listen=f"127.0.0.1:{first.port}", servers=servers)
+        with pytest.raises(RuntimeError, match="cannot listen"):
+            await second.start()
+        assert listeners_on(first.port) == 1  # nothing of the second was left listening
+        async with open_channel(f"127.0.0.1:{first.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert (
+                await health.Check(health_pb2.HealthCheckRequest())
+            ).status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_auth_errors_and_rich_status(clock: ManualClock) -> None:
