@@ -28,13 +28,17 @@ def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
 
 
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def from_timestamp(ts: timestamp_pb2.Timestamp) -> datetime:
-    """The aware (UTC) datetime of a Timestamp, as `ToDatetime(tzinfo=UTC)` gives it, in two thirds
-    of the time; ValueError or OverflowError for one no datetime holds."""
+    """The aware (UTC) datetime of a Timestamp, as `ToDatetime(tzinfo=UTC)` gives it, in a third of
+    the time (an integer number of microseconds times one, not a timedelta built from keywords);
+    ValueError or OverflowError for one no datetime holds."""
     nanos = ts.nanos
     if not 0 <= nanos < 1_000_000_000:
         raise ValueError(f"Timestamp nanos {nanos} out of range")
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=nanos // 1000)
+    return _EPOCH + (ts.seconds * 1_000_000 + nanos // 1000) * _MICROSECOND
 
 
 def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:

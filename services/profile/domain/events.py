@@ -143,68 +143,95 @@ def json_depth(value: Any, depth: int = 1) -> int:
     return deepest
 
 
-def check_properties(properties: dict[str, Any], path: str, violations: Violations) -> str | None:
+def _path(index: int | None, name: str) -> str:
+    """A field's path in a violation: `event.<name>` (Track), `events[<index>].<name>` (a batch)."""
+    return f"event.{name}" if index is None else f"events[{index}].{name}"
+
+
+def check_properties(properties: dict[str, Any], index: int | None, violations: Violations) -> str | None:
     """The properties as compact JSON, or None after recording why they are refused."""
-    if json_depth(properties) > MAX_PROPERTIES_DEPTH:
-        violations.add(path, f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels")
-        return None
     try:
         encoded = orjson.dumps(properties)
-    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
-        violations.add(path, f"cannot be written as JSON: {exc}")
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits, or nesting beyond 255
+        if json_depth(properties) > MAX_PROPERTIES_DEPTH:
+            violations.add(
+                _path(index, "properties"), f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels"
+            )
+        else:
+            violations.add(_path(index, "properties"), f"cannot be written as JSON: {exc}")
+        return None
+    # one object and no list anywhere in the JSON (not even in a string): flat, no need to walk it
+    if (b"[" in encoded or encoded.count(b"{") > 1) and json_depth(properties) > MAX_PROPERTIES_DEPTH:
+        violations.add(_path(index, "properties"), f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels")
         return None
     # orjson writes NaN and infinities as null, NUL as \u0000 (which jsonb refuses): only where
     # those appear are the values searched.
     if b"null" in encoded and _has_non_finite(properties):
-        violations.add(path, "must not contain NaN or infinite numbers")
+        violations.add(_path(index, "properties"), "must not contain NaN or infinite numbers")
         return None
     if b"\\u0000" in encoded and _has_nul(properties):
-        violations.add(path, "must not contain NUL characters")
+        violations.add(_path(index, "properties"), "must not contain NUL characters")
         return None
     if len(encoded) > MAX_PROPERTIES_BYTES:
-        violations.add(path, f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
+        violations.add(_path(index, "properties"), f"must be at most {MAX_PROPERTIES_BYTES} bytes as JSON")
         return None
     return encoded.decode()
+
+
+# Event types seen to be well formed (a tenant uses a few dozen; the regex costs more than a lookup).
+_GOOD_TYPES: set[str] = set()
+_MAX_GOOD_TYPES = 10_000
+
+
+def _good_type(value: str) -> bool:
+    if value in _GOOD_TYPES:
+        return True
+    if EVENT_TYPE_RE.match(value) is None:
+        return False
+    if len(_GOOD_TYPES) < _MAX_GOOD_TYPES:
+        _GOOD_TYPES.add(value)
+    return True
 
 
 def _check_event(
     raw: RawEvent,
     now: datetime,
-    prefix: str,
+    latest: datetime,
+    index: int | None,
     violations: Violations,
     make_message_id: Callable[[], str],
 ) -> Event | None:
-    """The normalised event, or None after adding its violations (paths built only on failure)."""
+    """The normalised event, or None after adding its violations (paths built only on failure:
+    `index` is the event's in a batch, None for Track's one). `latest`: the latest timestamp
+    accepted (now plus the clock skew allowed)."""
     before = len(violations.items)
     if not raw.type:
-        violations.add(f"{prefix}.type", "is required")
-    elif EVENT_TYPE_RE.match(raw.type) is None:
-        violations.add(f"{prefix}.type", f"must match {EVENT_TYPE_RE.pattern}")
+        violations.add(_path(index, "type"), "is required")
+    elif not _good_type(raw.type):
+        violations.add(_path(index, "type"), f"must match {EVENT_TYPE_RE.pattern}")
     if len(raw.message_id) > MAX_MESSAGE_ID_CHARS or NUL in raw.message_id:
-        check_text(raw.message_id, f"{prefix}.message_id", violations, MAX_MESSAGE_ID_CHARS)
+        check_text(raw.message_id, _path(index, "message_id"), violations, MAX_MESSAGE_ID_CHARS)
     if len(raw.anonymous_id) > MAX_ID_CHARS or NUL in raw.anonymous_id:
-        check_text(raw.anonymous_id, f"{prefix}.anonymous_id", violations, MAX_ID_CHARS)
+        check_text(raw.anonymous_id, _path(index, "anonymous_id"), violations, MAX_ID_CHARS)
     if len(raw.customer_id) > MAX_ID_CHARS or NUL in raw.customer_id:
-        check_text(raw.customer_id, f"{prefix}.customer_id", violations, MAX_ID_CHARS)
+        check_text(raw.customer_id, _path(index, "customer_id"), violations, MAX_ID_CHARS)
     email = None
     if raw.email:
         email, why = _check_email(raw.email)
         if email is None:
-            violations.add(f"{prefix}.email", f"is not a valid email address: {why}")
+            violations.add(_path(index, "email"), f"is not a valid email address: {why}")
     elif not raw.anonymous_id and not raw.customer_id:
-        violations.add(f"{prefix}.anonymous_id", "one of anonymous_id, customer_id or email is required")
+        violations.add(_path(index, "anonymous_id"), "one of anonymous_id, customer_id or email is required")
     timestamp = raw.timestamp
     if timestamp is None:
         if raw.bad_timestamp:
-            violations.add(f"{prefix}.timestamp", "is not a valid timestamp")
+            violations.add(_path(index, "timestamp"), "is not a valid timestamp")
         timestamp = now
-    elif timestamp > now + MAX_CLOCK_SKEW:
-        violations.add(f"{prefix}.timestamp", "is in the future")
+    elif timestamp > latest:
+        violations.add(_path(index, "timestamp"), "is in the future")
     elif timestamp < EARLIEST_TIMESTAMP:
-        violations.add(f"{prefix}.timestamp", "is before 2000-01-01")
-    properties_json = (
-        check_properties(raw.properties, f"{prefix}.properties", violations) if raw.properties else "{}"
-    )
+        violations.add(_path(index, "timestamp"), "is before 2000-01-01")
+    properties_json = check_properties(raw.properties, index, violations) if raw.properties else "{}"
     if properties_json is None or len(violations.items) > before:
         return None
     return Event(
@@ -224,7 +251,7 @@ def validate_event(
 ) -> Event:
     """Validate one `Track` event; violations are named `event.<field>`."""
     violations = Violations()
-    event = _check_event(raw, now, "event", violations, make_message_id)
+    event = _check_event(raw, now, now + MAX_CLOCK_SKEW, None, violations, make_message_id)
     violations.raise_if_any()
     assert event is not None
     return event
@@ -238,9 +265,8 @@ def validate_batch(
     if len(raws) > MAX_BATCH_EVENTS:
         violations.add("events", f"at most {MAX_BATCH_EVENTS} events per batch, got {len(raws)}")
         violations.raise_if_any()
-    events = [
-        _check_event(raw, now, f"events[{i}]", violations, make_message_id) for i, raw in enumerate(raws)
-    ]
+    latest = now + MAX_CLOCK_SKEW
+    events = [_check_event(raw, now, latest, i, violations, make_message_id) for i, raw in enumerate(raws)]
     violations.raise_if_any()
     return [e for e in events if e is not None]
 
