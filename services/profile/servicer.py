@@ -19,7 +19,6 @@ from relevans.common.v1 import common_pb2
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import Clock
 from relevans.kit.errors import NotFound
-from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import from_timestamp, from_value, timestamp_parts, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
@@ -52,7 +51,7 @@ from services.profile.domain.merge import validate_merge_request
 from services.profile.domain.profiles import DEFAULT_FIELDS, PROFILE_FIELDS, TraitValue, validate_read_mask
 from services.profile.domain.traits import validate_set_traits
 from services.profile.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
-from services.profile.store import EventMessage, ImportInFlight, ImportResult, ProfileStore, TrackResult
+from services.profile.store import EventMessages, ImportInFlight, ImportResult, ProfileStore, TrackResult
 
 SERVICE_NAME = "relevans.profile.v1.ProfileService"
 SCOPES = {
@@ -276,12 +275,12 @@ def normalized_event(src: profile_pb2.Event, e: Event, now_field: bytes | None =
     Fields the client left unset are appended to the client's own encoding (protobuf reads
     fields in any order); `now_field` is the encoded timestamp field for events without one.
     """
-    if src.email == (e.email or ""):
+    if e.email is None or src.email == e.email:  # no email, or sent normalised
         body = src.SerializeToString()
     else:
         copy = profile_pb2.Event()
         copy.CopyFrom(src)
-        copy.email = e.email or ""
+        copy.email = e.email
         body = copy.SerializeToString()
     if not src.message_id:
         body += _field(_MESSAGE_ID, e.message_id.encode())
@@ -296,29 +295,38 @@ def enriched_events(
     events: Sequence[Event],
     receive_time: datetime,
     partitions: int,
-) -> EventMessage:
-    """Builds the EnrichedEvent outbox message of event i once the store knows its id and profile.
+) -> EventMessages:
+    """Builds the EnrichedEvent outbox messages of a batch once the store knows the events' ids
+    and profiles.
 
-    The hot path of ingest: the message is assembled from serialized parts (the encoding
+    The hot path of ingest: each message is assembled from serialized parts (the encoding
     protobuf defines for a message is the concatenation of its fields), so the tenant, the
-    receive time and each profile snapshot are encoded once per call, not once per event.
+    receive time and each profile snapshot are encoded once per batch, not once per event.
     """
     head = _field(_TENANT_ID, tenant.encode())
     received = _field(_RECEIVE_TIME, _timestamp_bytes(receive_time))
     now_field = _field(_TIMESTAMP, _timestamp_bytes(receive_time))
-    cache: dict[str, tuple[ProfileState, bytes, str]] = {}
 
-    def build(i: int, event_id: str, state: ProfileState) -> OutboxMessage:
-        hit = cache.get(state.profile_id)
-        if hit is None or hit[0] is not state:
-            profile = _field(_PROFILE_ID, state.profile_id.encode()) + received
-            profile += _field(_PROFILE, snapshot_bytes(state))
-            hit = (state, profile, event_subject(tenant, state.profile_id, partitions))
-            cache[state.profile_id] = hit
-        e = events[i]
-        body = normalized_event(protos[i], e, now_field if e.timestamp is receive_time else None)
-        payload = b"".join((head, _field(_EVENT_ID, event_id.encode()), _field(_EVENT, body), hit[1]))
-        return OutboxMessage(hit[2], payload)
+    def build(
+        positions: Sequence[int], event_ids: Sequence[str], states: Sequence[ProfileState]
+    ) -> tuple[list[str], list[bytes]]:
+        # a profile's subject and encoded part, by the state object (one per profile per batch)
+        profiles: dict[int, tuple[str, bytes]] = {}
+        subjects: list[str] = []
+        payloads: list[bytes] = []
+        for i, event_id, state in zip(positions, event_ids, states, strict=True):
+            profile = profiles.get(id(state))
+            if profile is None:
+                part = _field(_PROFILE_ID, state.profile_id.encode()) + received
+                part += _field(_PROFILE, snapshot_bytes(state))
+                profile = profiles[id(state)] = (event_subject(tenant, state.profile_id, partitions), part)
+            e = events[i]
+            body = normalized_event(protos[i], e, now_field if e.timestamp is receive_time else None)
+            subjects.append(profile[0])
+            payloads.append(
+                b"".join((head, _field(_EVENT_ID, event_id.encode()), _field(_EVENT, body), profile[1]))
+            )
+        return subjects, payloads
 
     return build
 

@@ -1,17 +1,19 @@
 """Tables and queries of the profile service (SQLAlchemy Core on asyncpg).
 
 Ingest is batched: a `BatchTrack` of 500 events takes a handful of round trips
-whatever its size — one query resolves every identifier of the batch, one
-statement binds the new ones, one locks the existing profiles the batch writes
-to, and one statement creates new profiles, stores the events (skipping known
-message ids), enqueues their outbox messages and moves `last_seen_at`.
+whatever its size — one query resolves every identifier of the batch and finds
+the message ids stored before (those events are left out), one statement binds
+the new identifiers, one locks the existing profiles the batch writes to, and
+one statement creates new profiles, stores the events, enqueues their outbox
+messages and moves `last_seen_at`.
 
 Concurrency: new identifiers are bound with `ON CONFLICT DO NOTHING`; one that
 a concurrent call bound first is resolved to that call's profile and the batch
 is planned again. Writers lock the existing profiles they write to
 (`FOR NO KEY UPDATE`, in profile id order) before writing, so a merge and an
 ingest of the same profile serialise; a transaction that lost a race it cannot
-repair (a profile merged away meanwhile, a deadlock) is retried whole.
+repair (a profile merged away meanwhile, an event a concurrent call stored
+first, a deadlock) is retried whole.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from services.profile.domain.enrichment import (
     enrich,
     last_seen_from_json,
     last_seen_to_json,
+    latest_seen,
     merge_states,
     score_crossings,
     score_now,
@@ -143,8 +146,10 @@ events = sa.Table(
     "events",
     metadata,
     sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("event_id", sa.Text, primary_key=True),
-    sa.Column("message_id", sa.Text, nullable=False),
+    # Unique by construction; not indexed (see migration 0007).
+    sa.Column("event_id", sa.Text, nullable=False),
+    # The client's idempotency key (or a generated one).
+    sa.Column("message_id", sa.Text, primary_key=True),
     sa.Column("profile_id", sa.Text, nullable=False),
     sa.Column("type", sa.Text, nullable=False),
     sa.Column("occurred_at", TZ, nullable=False),
@@ -153,7 +158,6 @@ events = sa.Table(
     sa.Column("customer_id", sa.Text),
     sa.Column("email", sa.Text),
     sa.Column("properties", JSONB, nullable=False),
-    sa.UniqueConstraint("tenant_id", "message_id", name="events_message_id"),
     sa.Index("events_profile", "tenant_id", "profile_id", "occurred_at"),
 )
 
@@ -383,6 +387,16 @@ CROSS JOIN LATERAL (
 ) AS i
 """
 _RESOLVE = sa.text(_BOUND_IDS)
+# What ingest needs to know first, in one round trip: the profiles the batch's identifiers are bound
+# to (rows as `_BOUND_IDS`'s), and which of its message ids were stored before (rows of kind
+# `event`: message id, profile id, event id).
+_RESOLVE_EVENTS = sa.text(f"""
+SELECT b.kind, b.value, b.profile_id, NULL AS event_id FROM ({_BOUND_IDS}) AS b
+UNION ALL
+SELECT 'event', e.message_id, e.profile_id, e.event_id FROM events e
+WHERE e.tenant_id = :tenant AND e.message_id = ANY(CAST(:message_ids AS text[]))
+""")
+KNOWN_EVENT = "event"
 # The profiles bound to some identifiers, each locked, in profile id order (the lock is taken on
 # the outer scan of profiles, after the sort, so concurrent callers lock in one order).
 _RESOLVE_LOCKED = sa.text(f"""
@@ -395,7 +409,8 @@ FOR NO KEY UPDATE OF p
 
 # Lock the existing profiles a batch writes to, in profile id order, and read them afresh.
 _LOCK_PROFILES = DriverStatement(f"""
-SELECT p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into, {_CONSENTS_JSON} AS consents,
+SELECT p.ctid, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into,
+       {_CONSENTS_JSON} AS consents,
        p.traits, CASE WHEN :with_counters THEN p.counters END AS counters, p.last_seen_types,
        p.score, p.score_at, {_TAGS_ARRAY} AS tags,
        CASE WHEN :with_held THEN ARRAY(SELECT DISTINCT t.name FROM profile_traits t
@@ -432,33 +447,41 @@ _PROFILE_ROW = (
 )
 
 
-def _profile_row_set(prefix: str, alias: str) -> str:
+def _profile_row_set(prefix: str, alias: str, row: Sequence[tuple[str, str, str]] = _PROFILE_ROW) -> str:
     """The profile rows as a row set of typed arrays, one parameter per column (`_profile_rows`
     fills them; JSON goes as text and is cast here)."""
     arrays = ", ".join(
         f"CAST(CAST(:{prefix}_{param} AS text[]) AS jsonb[])"
         if kind == "jsonb[]"
         else f"CAST(:{prefix}_{param} AS {kind})"
-        for param, _, kind in _PROFILE_ROW
+        for param, _, kind in row
     )
-    columns = ", ".join(column for _, column, _ in _PROFILE_ROW)
+    columns = ", ".join(column for _, column, _ in row)
     return f"unnest({arrays}) AS {alias}({columns})"
+
+
+# The rows of the profiles a batch updates start with where each is (`_lock` read it, and holds
+# its lock): the update finds its rows by that, not by a join a generic plan might make a scan of
+# every profile of the tenant.
+_UPDATED_ROW = (("ctids", "ctid", "tid[]"), *_PROFILE_ROW)
 
 
 # One statement for the rest of a batch: insert its new profiles, update the existing ones (locked
 # by `_lock`: move last_seen_at, fill in customer_id/email they lack, write the enrichment state the
 # batch computed; a NULL leaves a column as it is, so unchanged JSON is not sent), store the events
-# (skipping known message ids) and enqueue one outbox message per stored event, in batch order.
-# Returns the message ids stored. (An event that turns out to be a duplicate moves last_seen_at
-# only to where its original already moved it.)
+# and enqueue one outbox message per event, in batch order. The events are new: `_RESOLVE_EVENTS`
+# found which message ids were stored before, and one stored since by a concurrent call makes the
+# insert fail on the unique message id, and the batch start again. Planned once per connection (a
+# generic plan): the profiles are updated by primary key lookups whatever the batch's size.
 _STORE = DriverStatement(f"""
 WITH v AS (
     SELECT * FROM unnest(
         CAST(:event_ids AS text[]), CAST(:message_ids AS text[]), CAST(:profile_ids AS text[]),
         CAST(:types AS text[]), CAST(:occurred_at AS timestamptz[]), CAST(:anonymous_ids AS text[]),
-        CAST(:customer_ids AS text[]), CAST(:emails AS text[]), CAST(CAST(:properties AS text[]) AS jsonb[]))
+        CAST(:customer_ids AS text[]), CAST(:emails AS text[]), CAST(CAST(:properties AS text[]) AS jsonb[]),
+        CAST(:subjects AS text[]), CAST(:payloads AS bytea[]))
         WITH ORDINALITY AS v(event_id, message_id, profile_id, type, occurred_at, anonymous_id,
-                             customer_id, email, properties, o)
+                             customer_id, email, properties, subject, payload, o)
 ), created AS (
     INSERT INTO profiles
         (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at,
@@ -480,40 +503,20 @@ WITH v AS (
         counters = coalesce(u.counters, p.counters),
         score = coalesce(u.score, p.score),
         score_at = CASE WHEN u.score IS NULL THEN p.score_at ELSE u.score_at END
-    FROM {_profile_row_set("updated", "u")}
-    WHERE p.tenant_id = :tenant AND p.profile_id = u.profile_id
-      -- the ids again as an index condition: joined to the row set alone, the planner may hash
-      -- every profile of the tenant
-      AND p.profile_id = ANY(CAST(:updated_ids AS text[]))
+    FROM {_profile_row_set("updated", "u", _UPDATED_ROW)}
+    WHERE p.ctid = u.ctid AND p.profile_id = u.profile_id
+    RETURNING 1
 ), stored AS (
     INSERT INTO events (tenant_id, event_id, message_id, profile_id, type, occurred_at, received_at,
                         anonymous_id, customer_id, email, properties)
     SELECT :tenant, v.event_id, v.message_id, v.profile_id, v.type, v.occurred_at, :now,
            v.anonymous_id, v.customer_id, v.email, v.properties
     FROM v ORDER BY v.message_id
-    ON CONFLICT (tenant_id, message_id) DO NOTHING
-    RETURNING message_id
 ), published AS (
     INSERT INTO outbox (subject, payload, created_at)
-    SELECT m.subject, m.payload, :now
-    FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[]))
-         WITH ORDINALITY AS m(subject, payload, o)
-    JOIN v ON v.o = m.o
-    JOIN stored ON stored.message_id = v.message_id
-    ORDER BY m.o
+    SELECT v.subject, v.payload, :now FROM v ORDER BY v.o
 )
-SELECT message_id FROM stored
-""")
-
-# Plan the statements of a large batch for its actual sizes: a generic plan of a prepared
-# statement assumes an array parameter holds a few elements.
-_CUSTOM_PLANS = sa.text("SET LOCAL plan_cache_mode = force_custom_plan")
-
-CUSTOM_PLAN_MIN_EVENTS = 16
-
-_STORED_EVENTS = DriverStatement("""
-SELECT message_id, event_id, profile_id FROM events
-WHERE tenant_id = :tenant AND message_id = ANY(CAST(:message_ids AS text[]))
+SELECT count(*) FROM updated
 """)
 
 _ATTACH = sa.text("""
@@ -809,8 +812,11 @@ class TrackResult:
     duplicate: bool
 
 
-# (index of the event in the call, its new event id, the profile after the call) -> outbox message
-EventMessage = Callable[[int, str, ProfileState], OutboxMessage]
+# (the stored events' indexes in the call, their new event ids, their profiles after the call) ->
+# each event's outbox subject and payload (built for the whole batch at once: this runs per event)
+EventMessages = Callable[
+    [Sequence[int], Sequence[str], Sequence[ProfileState]], tuple[list[str], list[bytes]]
+]
 # (tenant, profile id, consent) -> ConsentChanged payload
 ConsentMessage = Callable[[str, str, Consent], bytes]
 # (tenant, surviving profile id, merged profile id, merge time, reason) -> ProfileMerged payload
@@ -865,6 +871,8 @@ class _EnrichedRow:
     enriched: EnrichedState
     tags: tuple[str, ...]
     held_traits: frozenset[str]
+    # Where the locked row is (block, line), for the update.
+    ctid: tuple[int, int] | None = None
 
     @classmethod
     def of(cls, r: Any) -> _EnrichedRow:
@@ -936,10 +944,22 @@ def _enrich_batch(
     backend value of it is held."""
     out = _BatchEnrichment()
     scoring = definitions.scoring
+    only_last_seen = definitions.is_empty()
     for state in touched:
         pid = state.profile_id
         row = locked.get(pid) or _EnrichedRow.empty()
         events_of = facts.get(pid, [])
+        if only_last_seen and not row.enriched.counters:
+            # what `enrich` and the rest of this loop come to when nothing is defined, without their
+            # bookkeeping (the common case, per profile of every batch)
+            e = row.enriched
+            moved = EnrichedState(e.counters, latest_seen(e.last_seen, events_of), e.score, e.score_at)
+            new = out.after[pid] = _EnrichedRow(row.traits, moved, row.tags, row.held_traits)
+            score = score_now(e.score, e.score_at, row.traits, scoring, now)
+            state.enriched = Enriched(row.traits, row.tags, (), score, moved.last_seen)
+            if segments and events_of:
+                out.views[pid] = (new.view(state.consents, definitions, now), events_of[-1].event_id)
+            continue
         result = enrich(row.enriched, events_of, definitions, now)
         traits = dict(row.traits)
         for name, value in result.traits.items():
@@ -1017,6 +1037,7 @@ def _profile_rows(
         score_changed = (e.score, e.score_at) != (b.score, b.score_at)
         updated.append(
             (
+                before.ctid,
                 pid,
                 state.customer_id if state.filled else None,
                 state.email if state.filled else None,
@@ -1029,9 +1050,9 @@ def _profile_rows(
             )
         )
     columns: dict[str, list[Any]] = {}
-    for prefix, rows in (("created", created), ("updated", updated)):
-        values = list(zip(*rows, strict=True)) if rows else [()] * len(_PROFILE_ROW)
-        columns.update({f"{prefix}_{p}": list(v) for (p, _, _), v in zip(_PROFILE_ROW, values, strict=True)})
+    for prefix, rows, row in (("created", created, _PROFILE_ROW), ("updated", updated, _UPDATED_ROW)):
+        values = list(zip(*rows, strict=True)) if rows else [()] * len(row)
+        columns.update({f"{prefix}_{p}": list(v) for (p, _, _), v in zip(row, values, strict=True)})
     return columns
 
 
@@ -1082,20 +1103,21 @@ class ProfileStore:
         tenant: str,
         batch: Sequence[Event],
         now: datetime,
-        message: EventMessage,
+        messages: EventMessages,
         *,
         make_id: Callable[[], str],
     ) -> list[TrackResult]:
         """Store a batch atomically; one result per event, duplicates (by message_id) flagged."""
         first = first_occurrences(batch)
         unique_positions = [i for i, f in enumerate(first) if f == i]
+        if len(unique_positions) == len(batch):
+            stored = await self._transaction(
+                lambda conn: self._track(conn, tenant, batch, now, unique_positions, messages, make_id)
+            )
+            return stored
         unique = [batch[i] for i in unique_positions]
-
-        def unique_message(j: int, event_id: str, state: ProfileState) -> OutboxMessage:
-            return message(unique_positions[j], event_id, state)
-
         stored = await self._transaction(
-            lambda conn: self._track(conn, tenant, unique, now, unique_message, make_id)
+            lambda conn: self._track(conn, tenant, unique, now, unique_positions, messages, make_id)
         )
         by_position = dict(zip(unique_positions, stored, strict=True))
         results = []
@@ -1108,59 +1130,90 @@ class ProfileStore:
         self,
         conn: AsyncConnection,
         tenant: str,
-        batch: list[Event],
+        batch: Sequence[Event],
         now: datetime,
-        message: EventMessage,
+        positions: Sequence[int],
+        messages: EventMessages,
         make_id: Callable[[], str],
     ) -> list[TrackResult]:
-        if len(batch) >= CUSTOM_PLAN_MIN_EVENTS:
-            await conn.execute(_CUSTOM_PLANS)
         keys: dict[Key, None] = {}
         for event in batch:
             for key in event_keys(event):
                 keys[key] = None
-        bound = await self._resolve(conn, tenant, list(keys))
-        # the statements of every batch run on the driver directly (the first one, above, began
-        # the transaction); the occasional ones through SQLAlchemy
+        bound, known = await self._resolve_batch(conn, tenant, list(keys), [e.message_id for e in batch])
+        if not known:
+            return await self._write_events(conn, tenant, batch, now, positions, messages, make_id, bound)
+        # events stored before are left out; their results name the originals
+        fresh = [j for j, e in enumerate(batch) if e.message_id not in known]
+        written = iter(
+            await self._write_events(
+                conn,
+                tenant,
+                [batch[j] for j in fresh],
+                now,
+                [positions[j] for j in fresh],
+                messages,
+                make_id,
+                bound,
+            )
+        )
+        return [known[e.message_id] if e.message_id in known else next(written) for e in batch]
+
+    async def _write_events(
+        self,
+        conn: AsyncConnection,
+        tenant: str,
+        batch: Sequence[Event],
+        now: datetime,
+        positions: Sequence[int],
+        messages: EventMessages,
+        make_id: Callable[[], str],
+        bound: dict[Key, ProfileState],
+    ) -> list[TrackResult]:
+        """Store events none of which was stored before (see `_track`); `bound`: the profiles their
+        identifiers are bound to."""
+        if not batch:
+            return []
+        # the statements of every batch run on the driver directly (the first one, `_resolve_batch`,
+        # began the transaction); the occasional ones through SQLAlchemy
         driver = await driver_connection(conn)
         plan = await self._bind(conn, driver, tenant, batch, bound, now)
         definitions = await self.definitions(conn, tenant)
         locked = await self._lock(driver, tenant, plan, definitions)
         rules = await self.segment_rules(conn, tenant)
         event_ids = [make_id() for _ in batch]
-        fresh = await self._fresh(driver, tenant, batch, definitions)
         last_seen: dict[str, datetime] = {}
         facts: dict[str, list[EventFacts]] = {}
-        for j, (event, pid) in enumerate(zip(batch, plan.profile_ids, strict=True)):
+        for event_id, event, pid in zip(event_ids, batch, plan.profile_ids, strict=True):
             if pid not in last_seen or event.timestamp > last_seen[pid]:
                 last_seen[pid] = event.timestamp
-            if fresh[j]:
-                facts.setdefault(pid, []).append(
-                    EventFacts(event_ids[j], event.type, event.timestamp, event.properties)
-                )
+            facts.setdefault(pid, []).append(
+                EventFacts(event_id, event.type, event.timestamp, event.properties)
+            )
         touched = [plan.profiles[pid] for pid in sorted(last_seen)]
         batch_enrichment = _enrich_batch(tenant, touched, locked, facts, definitions, bool(rules), now)
         after, signals, views = batch_enrichment.after, batch_enrichment.signals, batch_enrichment.views
         behavioural = batch_enrichment.behavioural
         changes = await apply_membership(conn, tenant, rules, views, now)
         signals += [membership_message(tenant, c, now) for c in changes]
-        msgs = [message(j, event_ids[j], plan.profiles[pid]) for j, pid in enumerate(plan.profile_ids)]
-        rows = await _STORE.fetch(
-            driver,
-            {
-                "tenant": tenant,
-                "now": now,
-                **_event_rows(batch, event_ids, plan.profile_ids),
-                "subjects": [m.subject for m in msgs],
-                "payloads": [m.payload for m in msgs],
-                **_profile_rows(touched, locked, after, last_seen),
-            },
-        )
-        stored = {r[0] for r in rows}
-        if not definitions.is_empty() and any(
-            fresh[j] and e.message_id not in stored for j, e in enumerate(batch)
-        ):
-            raise _Conflict  # a concurrent call stored one of these events first: count again
+        profiles = plan.profiles
+        subjects, payloads = messages(positions, event_ids, [profiles[pid] for pid in plan.profile_ids])
+        try:
+            updated = await _STORE.fetch(
+                driver,
+                {
+                    "tenant": tenant,
+                    "now": now,
+                    **_event_rows(batch, event_ids, plan.profile_ids),
+                    "subjects": subjects,
+                    "payloads": payloads,
+                    **_profile_rows(touched, locked, after, last_seen),
+                },
+            )
+        except asyncpg.UniqueViolationError:
+            raise _Conflict from None  # a concurrent call stored one of these events first
+        if updated[0][0] != len(locked):
+            raise RuntimeError("a locked profile was not where it was read")
         if behavioural:
             await conn.execute(
                 _SET_TRAITS,
@@ -1174,27 +1227,17 @@ class ProfileStore:
                 },
             )
         await enqueue(conn, outbox, signals, now)
-        results = [TrackResult(event_ids[j], pid, False) for j, pid in enumerate(plan.profile_ids)]
-        if len(stored) < len(batch):
-            missing = [e.message_id for e in batch if e.message_id not in stored]
-            known = {
-                r["message_id"]: r
-                for r in await _STORED_EVENTS.fetch(driver, {"tenant": tenant, "message_ids": missing})
-            }
-            if len(known) < len(missing):
-                raise _Conflict  # the conflicting insert was rolled back after all
-            for j, event in enumerate(batch):
-                if event.message_id not in stored:
-                    original = known[event.message_id]
-                    results[j] = TrackResult(original["event_id"], original["profile_id"], True)
-        return results
+        return [
+            TrackResult(event_id, pid, False)
+            for event_id, pid in zip(event_ids, plan.profile_ids, strict=True)
+        ]
 
     async def _bind(
         self,
         conn: AsyncConnection,
         driver: asyncpg.Connection,
         tenant: str,
-        batch: list[Event],
+        batch: Sequence[Event],
         bound: dict[Key, ProfileState],
         now: datetime,
     ) -> TrackPlan:
@@ -1245,6 +1288,33 @@ class ProfileStore:
             bound[(kind, value)] = state
         return bound
 
+    async def _resolve_batch(
+        self, conn: AsyncConnection, tenant: str, keys: list[Key], message_ids: list[str]
+    ) -> tuple[dict[Key, ProfileState], dict[str, TrackResult]]:
+        """The profiles bound to `keys` (as `_resolve` unlocked), and the results of the events of
+        `message_ids` stored before, by message id."""
+        rows = await conn.execute(
+            _RESOLVE_EVENTS,
+            {
+                "tenant": tenant,
+                "kinds": [k for k, _ in keys],
+                "vals": [v for _, v in keys],
+                "message_ids": message_ids,
+            },
+        )
+        states: dict[str, ProfileState] = {}
+        bound: dict[Key, ProfileState] = {}
+        known: dict[str, TrackResult] = {}
+        for kind, value, profile_id, event_id in rows:
+            if kind == KNOWN_EVENT:
+                known[value] = TrackResult(event_id, profile_id, True)
+                continue
+            state = states.get(profile_id)
+            if state is None:
+                state = states[profile_id] = ProfileState(profile_id)
+            bound[(kind, value)] = state
+        return bound, known
+
     async def _lock(
         self, driver: asyncpg.Connection, tenant: str, plan: TrackPlan, definitions: Enrichment
     ) -> dict[str, _EnrichedRow]:
@@ -1269,6 +1339,7 @@ class ProfileStore:
         out = {}
         # unpacked, not read by name: this runs for every profile of every batch
         for (
+            ctid,
             pid,
             customer_id,
             email,
@@ -1290,24 +1361,11 @@ class ProfileStore:
             state.email = email or state.email
             state.first_name = first_name
             state.consents = _parse_consents(consents)
-            out[pid] = _EnrichedRow.of_columns(
+            row = out[pid] = _EnrichedRow.of_columns(
                 traits, counters, last_seen_types, score, score_at, tags, held_traits
             )
+            row.ctid = ctid
         return out
-
-    async def _fresh(
-        self, driver: asyncpg.Connection, tenant: str, batch: Sequence[Event], definitions: Enrichment
-    ) -> list[bool]:
-        """Which events of the batch are not stored yet. Counters, scores and computed traits
-        must not count an event twice; without any of those the check is skipped (the rest of
-        enrichment is idempotent) and every event is taken as fresh."""
-        if definitions.is_empty():
-            return [True] * len(batch)
-        rows = await _STORED_EVENTS.fetch(
-            driver, {"tenant": tenant, "message_ids": [e.message_id for e in batch]}
-        )
-        known = {r["message_id"] for r in rows}
-        return [e.message_id not in known for e in batch]
 
     # ---- identify and consent -------------------------------------------------------------------
 

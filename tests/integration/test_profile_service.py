@@ -329,6 +329,29 @@ async def test_concurrent_batches_resolve_shared_new_identifiers_to_one_profile(
     assert len({next(iter(p)) for p in owner.values()}) == len(visitors)
 
 
+async def test_concurrent_batches_sharing_message_ids_store_and_publish_each_event_once(
+    stub: Stub, db: AsyncEngine, js: nats.js.JetStreamContext
+) -> None:
+    # each batch takes the 40 message ids in another order: the batches race for the same events
+    async def batch(offset: int) -> list[profile_pb2.TrackResult]:
+        events = [
+            ev(customer_id=f"c-{i % 8}", message_id=f"m-{i}") for i in [*range(offset, 40), *range(offset)]
+        ]
+        reply = await stub.BatchTrack(profile_pb2.BatchTrackRequest(events=events), metadata=token())
+        return sorted(reply.results, key=lambda r: r.event_id)
+
+    replies = await asyncio.gather(*(batch(offset) for offset in range(0, 40, 5)))
+    stored = {r.event_id: r.profile_id for r in replies[0]}
+    assert len(stored) == 40
+    for results in replies:  # every batch names the same 40 events, one call stored each
+        assert {r.event_id: r.profile_id for r in results} == stored
+    assert sum(not r.duplicate for results in replies for r in results) == 40
+    assert await count(db, "SELECT count(*) FROM events") == 40
+    assert await count(db, "SELECT count(*) FROM profiles") == 8
+    await eventually(lambda: _equals(stream_messages(js, "RV_EVENTS"), 40))
+    await stays(lambda: _greater(stream_messages(js, "RV_EVENTS"), 40), duration=0.3)
+
+
 # ---- identify, merge and consent ----------------------------------------------------------------
 
 

@@ -326,7 +326,9 @@ def enrich(
     keep only the buckets their longest window needs; event points are decayed from the event's time.
     A counter crossing names the last event of the batch, which is the one that completed it."""
     if enrichment.is_empty() and not state.counters:  # the common case: only last seen moves
-        moved = EnrichedState(state.counters, _latest(state.last_seen, events), state.score, state.score_at)
+        moved = EnrichedState(
+            state.counters, latest_seen(state.last_seen, events), state.score, state.score_at
+        )
         return EnrichResult(moved, {}, [])
     last_id = events[-1].event_id if events else ""
     buckets = {name: dict(days) for name, days in state.counters.items()}
@@ -355,7 +357,7 @@ def enrich(
                         Crossing("counter", d.name, min(d.windows), float(t), float(new), last_id)
                     )
 
-    last_seen = _latest(state.last_seen, events)
+    last_seen = latest_seen(state.last_seen, events)
 
     scoring = enrichment.scoring
     score, score_at = state.score, state.score_at
@@ -383,7 +385,7 @@ def enrich(
     return EnrichResult(EnrichedState(buckets, last_seen, score, score_at), traits, crossings)
 
 
-def _latest(last_seen: Mapping[str, datetime], events: Sequence[EventFacts]) -> dict[str, datetime]:
+def latest_seen(last_seen: Mapping[str, datetime], events: Sequence[EventFacts]) -> dict[str, datetime]:
     """The latest time per event type, keeping the MAX_LAST_SEEN_TYPES most recent types."""
     out = dict(last_seen)
     for e in events:
