@@ -433,62 +433,27 @@ ON CONFLICT DO NOTHING
 RETURNING kind, value
 """)
 
-# The profile rows `_STORE` creates or updates: (parameter suffix, column, array type) each.
-_PROFILE_ROW = (
-    ("ids", "profile_id", "text[]"),
-    ("customer_ids", "customer_id", "text[]"),
-    ("emails", "email", "text[]"),
-    ("last_seen_at", "last_seen_at", "timestamptz[]"),
-    ("traits", "traits", "jsonb[]"),
-    ("counters", "counters", "jsonb[]"),
-    ("last_seen_types", "last_seen_types", "jsonb[]"),
-    ("scores", "score", "float8[]"),
-    ("score_at", "score_at", "timestamptz[]"),
-)
-
-
-def _profile_row_set(prefix: str, alias: str, row: Sequence[tuple[str, str, str]] = _PROFILE_ROW) -> str:
-    """The profile rows as a row set of typed arrays, one parameter per column (`_profile_rows`
-    fills them; JSON goes as text and is cast here)."""
-    arrays = ", ".join(
-        f"CAST(CAST(:{prefix}_{param} AS text[]) AS jsonb[])"
-        if kind == "jsonb[]"
-        else f"CAST(:{prefix}_{param} AS {kind})"
-        for param, _, kind in row
-    )
-    columns = ", ".join(column for _, column, _ in row)
-    return f"unnest({arrays}) AS {alias}({columns})"
-
-
-# The rows of the profiles a batch updates start with where each is (`_lock` read it, and holds
-# its lock): the update finds its rows by that, not by a join a generic plan might make a scan of
-# every profile of the tenant.
-_UPDATED_ROW = (("ctids", "ctid", "tid[]"), *_PROFILE_ROW)
-
-
 # One statement for the rest of a batch: insert its new profiles, update the existing ones (locked
 # by `_lock`: move last_seen_at, fill in customer_id/email they lack, write the enrichment state the
 # batch computed; a NULL leaves a column as it is, so unchanged JSON is not sent), store the events
 # and enqueue one outbox message per event, in batch order. The events are new: `_RESOLVE_EVENTS`
 # found which message ids were stored before, and one stored since by a concurrent call makes the
-# insert fail on the unique message id, and the batch start again. Planned once per connection (a
-# generic plan): the profiles are updated by primary key lookups whatever the batch's size.
-_STORE = DriverStatement(f"""
+# insert fail on the unique message id, and the batch start again. The events and profiles come as
+# arrays of rows (types `ingest_event` and `ingest_profile`, migration 0008; JSON as text). Planned
+# once per connection (a generic plan): the existing profiles are updated where `_lock` found them
+# (their ctid; their lock keeps them there), not through a join a generic plan could make a scan of
+# every profile of the tenant. Returns how many profiles it updated.
+_STORE = DriverStatement("""
 WITH v AS (
-    SELECT * FROM unnest(
-        CAST(:event_ids AS text[]), CAST(:message_ids AS text[]), CAST(:profile_ids AS text[]),
-        CAST(:types AS text[]), CAST(:occurred_at AS timestamptz[]), CAST(:anonymous_ids AS text[]),
-        CAST(:customer_ids AS text[]), CAST(:emails AS text[]), CAST(CAST(:properties AS text[]) AS jsonb[]),
-        CAST(:subjects AS text[]), CAST(:payloads AS bytea[]))
-        WITH ORDINALITY AS v(event_id, message_id, profile_id, type, occurred_at, anonymous_id,
-                             customer_id, email, properties, subject, payload, o)
+    SELECT * FROM unnest(CAST(:events AS ingest_event[])) WITH ORDINALITY AS v
 ), created AS (
     INSERT INTO profiles
         (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at,
          traits, counters, last_seen_types, score, score_at)
     SELECT :tenant, n.profile_id, n.customer_id, n.email, :now, :now, n.last_seen_at,
-           n.traits, n.counters, n.last_seen_types, n.score, n.score_at
-    FROM {_profile_row_set("created", "n")}
+           CAST(n.traits AS jsonb), CAST(n.counters AS jsonb), CAST(n.last_seen_types AS jsonb), n.score,
+           n.score_at
+    FROM unnest(CAST(:created AS ingest_profile[])) AS n
     ORDER BY n.profile_id
 ), updated AS (
     UPDATE profiles p
@@ -498,23 +463,23 @@ WITH v AS (
         updated_at = CASE WHEN (p.customer_id IS NULL AND u.customer_id IS NOT NULL)
                             OR (p.email IS NULL AND u.email IS NOT NULL)
                           THEN :now ELSE p.updated_at END,
-        last_seen_types = u.last_seen_types,
-        traits = coalesce(u.traits, p.traits),
-        counters = coalesce(u.counters, p.counters),
+        last_seen_types = CAST(u.last_seen_types AS jsonb),
+        traits = coalesce(CAST(u.traits AS jsonb), p.traits),
+        counters = coalesce(CAST(u.counters AS jsonb), p.counters),
         score = coalesce(u.score, p.score),
         score_at = CASE WHEN u.score IS NULL THEN p.score_at ELSE u.score_at END
-    FROM {_profile_row_set("updated", "u", _UPDATED_ROW)}
+    FROM unnest(CAST(:updated AS ingest_profile[])) AS u
     WHERE p.ctid = u.ctid AND p.profile_id = u.profile_id
     RETURNING 1
 ), stored AS (
     INSERT INTO events (tenant_id, event_id, message_id, profile_id, type, occurred_at, received_at,
                         anonymous_id, customer_id, email, properties)
     SELECT :tenant, v.event_id, v.message_id, v.profile_id, v.type, v.occurred_at, :now,
-           v.anonymous_id, v.customer_id, v.email, v.properties
+           v.anonymous_id, v.customer_id, v.email, CAST(v.properties AS jsonb)
     FROM v ORDER BY v.message_id
 ), published AS (
     INSERT INTO outbox (subject, payload, created_at)
-    SELECT v.subject, v.payload, :now FROM v ORDER BY v.o
+    SELECT v.subject, v.payload, :now FROM v ORDER BY v.ordinality
 )
 SELECT count(*) FROM updated
 """)
@@ -985,20 +950,32 @@ def _enrich_batch(
     return out
 
 
-def _event_rows(batch: Sequence[Event], event_ids: list[str], profile_ids: list[str]) -> dict[str, list[Any]]:
-    """The events' columns for `_STORE` (typed arrays: no text to parse but the properties); an
-    event's position in them is its outbox order."""
-    return {
-        "event_ids": event_ids,
-        "message_ids": [e.message_id for e in batch],
-        "profile_ids": profile_ids,
-        "types": [e.type for e in batch],
-        "occurred_at": [e.timestamp for e in batch],
-        "anonymous_ids": [e.anonymous_id for e in batch],
-        "customer_ids": [e.customer_id for e in batch],
-        "emails": [e.email for e in batch],
-        "properties": [e.properties_json for e in batch],
-    }
+def _event_rows(
+    batch: Sequence[Event],
+    event_ids: Sequence[str],
+    profile_ids: Sequence[str],
+    subjects: Sequence[str],
+    payloads: Sequence[bytes],
+) -> list[tuple[Any, ...]]:
+    """The events as `ingest_event` rows for `_STORE`; an event's position is its outbox order."""
+    return [
+        (
+            event_id,
+            e.message_id,
+            profile_id,
+            e.type,
+            e.timestamp,
+            e.anonymous_id,
+            e.customer_id,
+            e.email,
+            e.properties_json,
+            subject,
+            payload,
+        )
+        for e, event_id, profile_id, subject, payload in zip(
+            batch, event_ids, profile_ids, subjects, payloads, strict=True
+        )
+    ]
 
 
 def _profile_rows(
@@ -1006,10 +983,10 @@ def _profile_rows(
     locked: Mapping[str, _EnrichedRow],
     after: Mapping[str, _EnrichedRow],
     last_seen: Mapping[str, datetime],
-) -> dict[str, list[Any]]:
-    """The columns (in `_PROFILE_ROW` order) of `created` (profiles this batch creates) and `updated`
-    (existing ones: what the batch fills in; a value that did not change is NULL, so the column
-    keeps its value) of `_STORE`."""
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The `ingest_profile` rows of `_STORE`: the profiles this batch creates, and the existing ones
+    it updates (what the batch fills in; a value that did not change is NULL, so the column keeps
+    its value)."""
     created: list[tuple[Any, ...]] = []
     updated: list[tuple[Any, ...]] = []
     for state in touched:
@@ -1017,17 +994,18 @@ def _profile_rows(
         now_ = after[pid]
         before = locked.get(pid)
         e = now_.enriched
-        last_seen_types = last_seen_to_json(e.last_seen)
+        last_seen_types = dumps(last_seen_to_json(e.last_seen))
         if before is None:
             created.append(
                 (
+                    None,
                     pid,
                     state.customer_id,
                     state.email,
                     last_seen[pid],
                     dumps(now_.traits),
                     dumps(counters_to_json(e.counters)),
-                    dumps(last_seen_types),
+                    last_seen_types,
                     e.score,
                     e.score_at,
                 )
@@ -1044,16 +1022,12 @@ def _profile_rows(
                 last_seen[pid],
                 dumps(now_.traits) if now_.traits != before.traits else None,
                 dumps(counters_to_json(e.counters)) if e.counters != b.counters else None,
-                dumps(last_seen_types),
+                last_seen_types,
                 e.score if score_changed else None,
                 e.score_at if score_changed else None,
             )
         )
-    columns: dict[str, list[Any]] = {}
-    for prefix, rows, row in (("created", created, _PROFILE_ROW), ("updated", updated, _UPDATED_ROW)):
-        values = list(zip(*rows, strict=True)) if rows else [()] * len(row)
-        columns.update({f"{prefix}_{p}": list(v) for (p, _, _), v in zip(row, values, strict=True)})
-    return columns
+    return created, updated
 
 
 def _bound_state(profile_id: str, profile: Sequence[Any]) -> ProfileState:
@@ -1198,21 +1172,21 @@ class ProfileStore:
         signals += [membership_message(tenant, c, now) for c in changes]
         profiles = plan.profiles
         subjects, payloads = messages(positions, event_ids, [profiles[pid] for pid in plan.profile_ids])
+        created, updated = _profile_rows(touched, locked, after, last_seen)
         try:
-            updated = await _STORE.fetch(
+            rows = await _STORE.fetch(
                 driver,
                 {
                     "tenant": tenant,
                     "now": now,
-                    **_event_rows(batch, event_ids, plan.profile_ids),
-                    "subjects": subjects,
-                    "payloads": payloads,
-                    **_profile_rows(touched, locked, after, last_seen),
+                    "events": _event_rows(batch, event_ids, plan.profile_ids, subjects, payloads),
+                    "created": created,
+                    "updated": updated,
                 },
             )
         except asyncpg.UniqueViolationError:
             raise _Conflict from None  # a concurrent call stored one of these events first
-        if updated[0][0] != len(locked):
+        if rows[0][0] != len(updated):
             raise RuntimeError("a locked profile was not where it was read")
         if behavioural:
             await conn.execute(
