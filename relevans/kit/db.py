@@ -24,9 +24,21 @@ log = structlog.get_logger(__name__)
 SERVICES_ROOT = Path(__file__).resolve().parents[2] / "services"
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+# For connections whose every statement reads and writes rows by their keys (see `create_engine`).
+_LOOKUPS_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
+
+
+def create_engine(url: str, *, pool_size: int = 10, lookups_only: bool = False) -> AsyncEngine:
     """An asyncpg engine; JSON columns are (de)serialized with orjson, several times faster on the
-    ingest path than the standard library."""
+    ingest path than the standard library.
+
+    `lookups_only`: the connections plan without table and bitmap scans (unless nothing else can
+    answer). For a hot path whose statements find rows by key: a connection plans a prepared
+    statement once, for good, and a plan made while a table was small (a new database under
+    load) scans the table; with the statement run for every batch of a table growing by
+    thousands of rows a second, that is the difference between a few index probes and reading
+    the table until PostgreSQL next analyzes it (measured: 842 ms instead of 1 ms for 500 message
+    ids in 200,000 events)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -34,6 +46,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=False,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
+        connect_args={"server_settings": _LOOKUPS_ONLY} if lookups_only else {},
     )
 
 

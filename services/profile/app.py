@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from relevans.kit.clock import Clock
+from relevans.kit.db import create_engine
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -21,8 +22,11 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     enrichment = TenantCache(clock, load_enrichment)
     segment_rules = TenantCache(clock, SegmentRules().load)
+    # ingest's own connections, planned for key lookups only (see create_engine)
+    ingest_engine = create_engine(settings.database_url(SERVICE), lookups_only=True)
     store = ProfileStore(
         rt.engine,
+        ingest_engine=ingest_engine,
         consent_message=consent_changed,
         merged_message=profile_merged,
         definitions=enrichment.get,
@@ -39,5 +43,6 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
             segment_servicer.binding(rt.engine, clock, segment_rules),
         ]
     )
+    host.add_closer(ingest_engine.dispose)
     host.add_worker(ACKS_DURABLE, erasure_ack_consumer(rt.bus, servicer.gdpr, clock).run)
     return host

@@ -393,8 +393,12 @@ _RESOLVE = sa.text(_BOUND_IDS)
 _RESOLVE_EVENTS = sa.text(f"""
 SELECT b.kind, b.value, b.profile_id, NULL AS event_id FROM ({_BOUND_IDS}) AS b
 UNION ALL
-SELECT 'event', e.message_id, e.profile_id, e.event_id FROM events e
-WHERE e.tenant_id = :tenant AND e.message_id = ANY(CAST(:message_ids AS text[]))
+SELECT 'event', m.message_id, e.profile_id, e.event_id
+FROM unnest(CAST(:message_ids AS text[])) AS m(message_id)
+CROSS JOIN LATERAL (
+    SELECT e.profile_id, e.event_id FROM events e
+    WHERE e.tenant_id = :tenant AND e.message_id = m.message_id
+) AS e
 """)
 KNOWN_EVENT = "event"
 # The profiles bound to some identifiers, each locked, in profile id order (the lock is taken on
@@ -1059,16 +1063,22 @@ class ProfileStore:
         merged_message: MergedMessage,
         definitions: Definitions,
         segment_rules: SegmentRuleSource,
+        *,
+        ingest_engine: AsyncEngine | None = None,
     ) -> None:
         self.engine = engine
+        # `track` runs on these connections (see create_engine's lookups_only); the rest on `engine`.
+        self.ingest_engine = ingest_engine or engine
         self.consent_message = consent_message
         self.merged_message = merged_message
         self.definitions = definitions
         self.segment_rules = segment_rules
 
-    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    async def _transaction(
+        self, work: Callable[[AsyncConnection], Awaitable[T]], *, engine: AsyncEngine | None = None
+    ) -> T:
         """Run `work` in one transaction, again from the start if it lost a race."""
-        return await run_transaction(self.engine, work, attempts=MAX_ATTEMPTS, again=(_Conflict,))
+        return await run_transaction(engine or self.engine, work, attempts=MAX_ATTEMPTS, again=(_Conflict,))
 
     # ---- ingest -------------------------------------------------------------------------------
 
@@ -1085,13 +1095,14 @@ class ProfileStore:
         first = first_occurrences(batch)
         unique_positions = [i for i, f in enumerate(first) if f == i]
         if len(unique_positions) == len(batch):
-            stored = await self._transaction(
-                lambda conn: self._track(conn, tenant, batch, now, unique_positions, messages, make_id)
+            return await self._transaction(
+                lambda conn: self._track(conn, tenant, batch, now, unique_positions, messages, make_id),
+                engine=self.ingest_engine,
             )
-            return stored
         unique = [batch[i] for i in unique_positions]
         stored = await self._transaction(
-            lambda conn: self._track(conn, tenant, unique, now, unique_positions, messages, make_id)
+            lambda conn: self._track(conn, tenant, unique, now, unique_positions, messages, make_id),
+            engine=self.ingest_engine,
         )
         by_position = dict(zip(unique_positions, stored, strict=True))
         results = []
