@@ -398,6 +398,7 @@ FROM unnest(CAST(:message_ids AS text[])) AS m(message_id)
 CROSS JOIN LATERAL (
     SELECT e.profile_id, e.event_id FROM events e
     WHERE e.tenant_id = :tenant AND e.message_id = m.message_id
+    LIMIT 1
 ) AS e
 """)
 KNOWN_EVENT = "event"
@@ -411,7 +412,9 @@ ORDER BY p.profile_id
 FOR NO KEY UPDATE OF p
 """)
 
-# Lock the existing profiles a batch writes to, in profile id order, and read them afresh.
+# Lock the existing profiles a batch writes to, in the order of `ids` (profile id order), and read
+# them afresh. (Each by its own primary key lookup, as `_BOUND_IDS` does: a subquery with LIMIT is
+# never turned into a join, which the plan of a small table could make a scan of the tenant.)
 _LOCK_PROFILES = DriverStatement(f"""
 SELECT p.ctid, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into,
        {_CONSENTS_JSON} AS consents,
@@ -420,10 +423,13 @@ SELECT p.ctid, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into
        CASE WHEN :with_held THEN ARRAY(SELECT DISTINCT t.name FROM profile_traits t
                                        WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id
                                          AND t.source <> 'behavioural') END AS held_traits
-FROM profiles p
-WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
-ORDER BY p.profile_id
-FOR NO KEY UPDATE
+FROM unnest(CAST(:ids AS text[])) AS x(profile_id)
+CROSS JOIN LATERAL (
+    SELECT p.ctid, p.* FROM profiles p
+    WHERE p.tenant_id = :tenant AND p.profile_id = x.profile_id
+    LIMIT 1
+    FOR NO KEY UPDATE
+) AS p
 """)
 
 # Bind new identifiers; those another transaction bound first are not returned.
