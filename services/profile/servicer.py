@@ -89,15 +89,15 @@ def raw_event(e: profile_pb2.Event) -> RawEvent:
             timestamp = from_timestamp(e.timestamp)
         except (ValueError, OverflowError):
             bad = True
-    return RawEvent(
-        type=e.type,
-        message_id=e.message_id,
-        timestamp=timestamp,
-        bad_timestamp=bad,
-        anonymous_id=e.anonymous_id,
-        customer_id=e.customer_id,
-        email=e.email,
-        properties=struct_to_dict(e.properties) if e.HasField("properties") else {},
+    return RawEvent(  # positional: this runs for every ingested event
+        e.type,
+        e.message_id,
+        timestamp,
+        bad,
+        e.anonymous_id,
+        e.customer_id,
+        e.email,
+        struct_to_dict(e.properties) if e.HasField("properties") else {},
     )
 
 

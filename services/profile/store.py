@@ -867,7 +867,7 @@ class _EnrichedRow:
         held_traits: Sequence[str] | None,
     ) -> _EnrichedRow:
         return cls(
-            dict(traits) if traits else {},
+            traits if traits else {},  # decoded for this row alone: no copy needed
             EnrichedState(
                 counters_from_json(counters) if counters else {},
                 last_seen_from_json(last_seen_types),

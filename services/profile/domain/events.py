@@ -234,15 +234,15 @@ def _check_event(
     properties_json = check_properties(raw.properties, index, violations) if raw.properties else "{}"
     if properties_json is None or len(violations.items) > before:
         return None
-    return Event(
-        message_id=raw.message_id or make_message_id(),
-        type=raw.type,
-        timestamp=timestamp,
-        anonymous_id=raw.anonymous_id or None,
-        customer_id=raw.customer_id or None,
-        email=email,
-        properties=raw.properties,
-        properties_json=properties_json,
+    return Event(  # positional: this runs for every ingested event
+        raw.message_id or make_message_id(),
+        raw.type,
+        timestamp,
+        raw.anonymous_id or None,
+        raw.customer_id or None,
+        email,
+        raw.properties,
+        properties_json,
     )
 
 

@@ -85,7 +85,7 @@ class ProfileState:
         return self.customer_id is None and self.email is None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: made for every profile of every ingested batch (3x cheaper)
 class Enriched:
     """What readers and triggers see of a profile beyond its identity: effective traits, tags,
     counter values (name, window days, count), the score now and the latest time per event type."""
