@@ -22,8 +22,8 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     enrichment = TenantCache(clock, load_enrichment)
     segment_rules = TenantCache(clock, SegmentRules().load)
-    # ingest's own connections, planned for key lookups only (see create_engine)
-    ingest_engine = create_engine(settings.database_url(SERVICE), lookups_only=True)
+    # ingest's own connections (up to 10), planned for key lookups only (see create_engine)
+    ingest_engine = create_engine(settings.database_url(SERVICE), pool_size=5, lookups_only=True)
     store = ProfileStore(
         rt.engine,
         ingest_engine=ingest_engine,
