@@ -1100,16 +1100,14 @@ class ProfileStore:
         """Store a batch atomically; one result per event, duplicates (by message_id) flagged."""
         first = first_occurrences(batch)
         unique_positions = [i for i, f in enumerate(first) if f == i]
-        if len(unique_positions) == len(batch):
-            return await self._transaction(
-                lambda conn: self._track(conn, tenant, batch, now, unique_positions, messages, make_id),
-                engine=self.ingest_engine,
-            )
-        unique = [batch[i] for i in unique_positions]
+        repeated = len(unique_positions) < len(batch)
+        unique = [batch[i] for i in unique_positions] if repeated else batch
         stored = await self._transaction(
             lambda conn: self._track(conn, tenant, unique, now, unique_positions, messages, make_id),
             engine=self.ingest_engine,
         )
+        if not repeated:
+            return stored
         by_position = dict(zip(unique_positions, stored, strict=True))
         results = []
         for i, f in enumerate(first):
