@@ -352,6 +352,70 @@ async def test_concurrent_batches_sharing_message_ids_store_and_publish_each_eve
     await stays(lambda: _greater(stream_messages(js, "RV_EVENTS"), 40), duration=0.3)
 
 
+async def _blocked(db: AsyncEngine) -> bool:
+    """Whether some session waits for a lock another one holds."""
+    return await count(db, "SELECT count(*) FROM pg_locks WHERE NOT granted") > 0
+
+
+async def test_an_event_written_while_its_profile_changes_keeps_both_changes(
+    stub: Stub, db: AsyncEngine
+) -> None:
+    first = await track(stub, type="page_view", customer_id="c-1")
+    # another writer has changed the profile and not committed yet when the next event arrives: the
+    # event is written over the committed change, never over the version it read before it
+    async with db.connect() as other:
+        await other.execute(
+            sa.text(
+                "UPDATE profiles SET last_seen_types = last_seen_types"
+                " || jsonb_build_object('signup', '2026-01-01T00:00:00+00:00') WHERE profile_id = :p"
+            ),
+            {"p": first.profile_id},
+        )
+        call = asyncio.ensure_future(track(stub, type="add_to_cart", customer_id="c-1"))
+        await eventually(lambda: _blocked(db))
+        await other.commit()
+        second = await call
+    assert second.profile_id == first.profile_id and not second.duplicate
+    async with db.connect() as conn:
+        seen = await conn.scalar(
+            sa.text("SELECT last_seen_types FROM profiles WHERE profile_id = :p"), {"p": first.profile_id}
+        )
+    assert set(seen) == {"page_view", "add_to_cart", "signup"}
+    assert await count(db, "SELECT count(*) FROM events") == 2
+
+
+async def test_an_identifier_bound_while_an_event_names_it_takes_the_event_to_that_profile(
+    stub: Stub, db: AsyncEngine, js: nats.js.JetStreamContext
+) -> None:
+    # another writer has bound the customer id to a new profile and not committed yet
+    async with db.connect() as other:
+        await other.execute(
+            sa.text(
+                "INSERT INTO profiles (tenant_id, profile_id, customer_id, created_at, updated_at)"
+                " VALUES (:t, 'p-other', 'c-1', now(), now());"
+            ),
+            {"t": TENANT},
+        )
+        await other.execute(
+            sa.text(
+                "INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)"
+                " VALUES (:t, 'customer_id', 'c-1', 'p-other', now())"
+            ),
+            {"t": TENANT},
+        )
+        call = asyncio.ensure_future(track(stub, customer_id="c-1", message_id="m-1"))
+        await eventually(lambda: _blocked(db))
+        await other.commit()
+        reply = await call
+    # the event went to the other writer's profile, and nothing of a profile of its own is left
+    assert reply.profile_id == "p-other"
+    assert await count(db, "SELECT count(*) FROM profiles") == 1
+    assert await count(db, "SELECT count(*) FROM identities") == 1
+    assert await count(db, "SELECT count(*) FROM events WHERE profile_id = 'p-other'") == 1
+    await eventually(lambda: _equals(stream_messages(js, "RV_EVENTS"), 1))
+    await stays(lambda: _greater(stream_messages(js, "RV_EVENTS"), 1), duration=0.3)
+
+
 # ---- identify, merge and consent ----------------------------------------------------------------
 
 
