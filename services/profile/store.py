@@ -374,7 +374,7 @@ ORDER BY profile_id, name, array_position(CAST(:precedence AS text[]), source)
 """)
 
 # The profiles some identifiers are bound to, by id only: ingest reads (and locks) the profiles
-# afterwards (`_lock`), and what it read of them before the lock could be stale anyway. (The lateral
+# afterwards (`_profiles`), and what it read of them before the lock could be stale anyway. (The lateral
 # subquery with LIMIT 1 stays a nested loop of primary key lookups whatever the planner estimates,
 # however many identities the tenant has.)
 _BOUND_IDS = """
@@ -438,15 +438,15 @@ _READ_PROFILES = DriverStatement(_PROFILES_OF.format(lock=""))
 _RESOLVE_EVENTS_UNLOCKED = DriverStatement(str(_RESOLVE_EVENTS.text))
 
 # Bind new identifiers; those another transaction bound first are not returned.
-_BIND = DriverStatement("""
+_BIND_IDENTITIES = """
 INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
 SELECT :tenant, i.kind, i.value, i.profile_id, :now
 FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[]), CAST(:profile_ids AS text[]))
      AS i(kind, value, profile_id)
 ORDER BY i.kind, i.value
 ON CONFLICT DO NOTHING
-RETURNING kind, value
-""")
+"""
+_BIND = DriverStatement(_BIND_IDENTITIES + "RETURNING kind, value")
 
 # One statement for the rest of a batch: bind its new identifiers, insert its new profiles, update
 # the existing ones (move last_seen_at, fill in customer_id/email they lack, write the enrichment
@@ -455,23 +455,16 @@ RETURNING kind, value
 # statement fails with SQLSTATE 40001 (`ingest_profile_changed`, migration 0009) when an identifier
 # was bound meanwhile or a profile is no longer the version read (its `ctid` and `xmin`), and with
 # a unique violation when one of the events was stored meanwhile (`_RESOLVE_EVENTS` found which
-# message ids were stored before). Under `_lock`'s locks neither happens but for the events; without
+# message ids were stored before). Under `_profiles`' locks neither happens but for the events; without
 # them (`ProfileStore._track_unlocked`) the batch then runs again under locks. The events and
 # profiles come as arrays of rows (types `ingest_event` and `ingest_profile`, migrations 0008-0009;
 # JSON as text). Planned once per connection (a generic plan): the existing profiles are updated
 # where they were read (their ctid), not through a join a generic plan could make a scan of every
 # profile of the tenant.
-_STORE = DriverStatement("""
+_STORE = DriverStatement(f"""
 WITH v AS (
     SELECT * FROM unnest(CAST(:events AS ingest_event[])) WITH ORDINALITY AS v
-), bound AS (
-    INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
-    SELECT :tenant, i.kind, i.value, i.profile_id, :now
-    FROM unnest(CAST(:kinds AS text[]), CAST(:vals AS text[]), CAST(:profile_ids AS text[]))
-         AS i(kind, value, profile_id)
-    ORDER BY i.kind, i.value
-    ON CONFLICT DO NOTHING
-    RETURNING 1
+), bound AS ({_BIND_IDENTITIES} RETURNING 1
 ), created AS (
     INSERT INTO profiles
         (tenant_id, profile_id, customer_id, email, created_at, updated_at, last_seen_at,
@@ -1420,9 +1413,9 @@ class ProfileStore:
         self, conn: AsyncConnection, tenant: str, keys: list[Key], *, lock: bool = False
     ) -> dict[Key, ProfileState]:
         """The profiles bound to `keys`. Locked (identify), each is read whole, and a merged-away one
-        means start again. Unlocked (ingest), each is known by id only until `_lock` reads it: a plan
+        means start again. Unlocked (ingest), each is known by id only until `_profiles` reads it: a plan
         may take an identifier to fill in a customer_id or email the profile already has, and the
-        write keeps the profile's own (`coalesce` in `_STORE`; `_lock` refreshes the state)."""
+        write keeps the profile's own (`coalesce` in `_STORE`; `_profiles` refreshes the state)."""
         if not keys:
             return {}
         rows = await conn.execute(
