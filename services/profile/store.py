@@ -2,14 +2,17 @@
 
 Ingest is batched: a `BatchTrack` of 500 events takes a handful of round trips
 whatever its size — one query resolves every identifier of the batch and finds
-the message ids stored before (those events are left out), one statement binds
-the new identifiers, one locks the existing profiles the batch writes to, and
-one statement creates new profiles, stores the events, enqueues their outbox
-messages and moves `last_seen_at`.
+the message ids stored before (those events are left out), one reads the
+existing profiles the batch writes to, and one statement binds the new
+identifiers, creates new profiles, updates the existing ones, stores the events
+and enqueues their outbox messages.
 
-Concurrency: new identifiers are bound with `ON CONFLICT DO NOTHING`; one that
-a concurrent call bound first is resolved to that call's profile and the batch
-is planned again. Writers lock the existing profiles they write to
+Concurrency: a batch is first written without locks: the storing statement
+updates a profile only where the version read still is, and fails with nothing
+written when an identifier was bound or a profile changed meanwhile. The batch
+then runs in a transaction that binds new identifiers with `ON CONFLICT DO
+NOTHING` (one a concurrent call bound first is resolved to that call's profile
+and the batch planned again) and locks the existing profiles it writes to
 (`FOR NO KEY UPDATE`, in profile id order) before writing, so a merge and an
 ingest of the same profile serialise; a transaction that lost a race it cannot
 repair (a profile merged away meanwhile, an event a concurrent call stored
@@ -1100,8 +1103,32 @@ def _with_known(
 ) -> list[TrackResult]:
     """One result per event of `batch`: the original's for an event stored before, else the next of
     `written` (the results of the others, in order)."""
+    if not known:
+        return list(written)
     rest = iter(written)
     return [known[e.message_id] if e.message_id in known else next(rest) for e in batch]
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Events to store, with what storing them needs: the tenant, the receive time, each event's
+    position in the call (its outbox order) and how its outbox message and id are made."""
+
+    tenant: str
+    events: Sequence[Event]
+    now: datetime
+    positions: Sequence[int]
+    messages: EventMessages
+    make_id: Callable[[], str]
+
+    def without(self, known: Mapping[str, TrackResult]) -> _Batch:
+        """The batch without the events stored before (`known`, by message id)."""
+        if not known:
+            return self
+        fresh = [j for j, e in enumerate(self.events) if e.message_id not in known]
+        return dataclasses.replace(
+            self, events=[self.events[j] for j in fresh], positions=[self.positions[j] for j in fresh]
+        )
 
 
 @dataclass(slots=True)
@@ -1116,12 +1143,7 @@ class _Write:
 
 
 def _prepare_write(
-    tenant: str,
-    batch: Sequence[Event],
-    now: datetime,
-    positions: Sequence[int],
-    messages: EventMessages,
-    make_id: Callable[[], str],
+    batch: _Batch,
     plan: TrackPlan,
     read: Mapping[str, _EnrichedRow],
     definitions: Enrichment,
@@ -1130,24 +1152,27 @@ def _prepare_write(
 ) -> _Write:
     """Enrich the profiles of `plan` (as `read`) with the batch's events, and build the rows to store
     and the events' outbox messages."""
-    event_ids = [make_id() for _ in batch]
+    events, tenant, now = batch.events, batch.tenant, batch.now
+    event_ids = [batch.make_id() for _ in events]
     last_seen: dict[str, datetime] = {}
     facts: dict[str, list[EventFacts]] = {}
-    for event_id, event, pid in zip(event_ids, batch, plan.profile_ids, strict=True):
+    for event_id, event, pid in zip(event_ids, events, plan.profile_ids, strict=True):
         if pid not in last_seen or event.timestamp > last_seen[pid]:
             last_seen[pid] = event.timestamp
         facts.setdefault(pid, []).append(EventFacts(event_id, event.type, event.timestamp, event.properties))
     profiles = plan.profiles
     touched = [profiles[pid] for pid in sorted(last_seen)]
     enrichment = _enrich_batch(tenant, touched, read, facts, definitions, segments, now)
-    subjects, payloads = messages(positions, event_ids, [profiles[pid] for pid in plan.profile_ids])
+    subjects, payloads = batch.messages(
+        batch.positions, event_ids, [profiles[pid] for pid in plan.profile_ids]
+    )
     created, updated = _profile_rows(touched, read, enrichment.after, last_seen)
     return _Write(
         [
             TrackResult(event_id, pid, False)
             for event_id, pid in zip(event_ids, plan.profile_ids, strict=True)
         ],
-        _event_rows(batch, event_ids, plan.profile_ids, subjects, payloads),
+        _event_rows(events, event_ids, plan.profile_ids, subjects, payloads),
         created,
         updated,
         enrichment,
@@ -1233,11 +1258,11 @@ class ProfileStore:
         unique_positions = [i for i, f in enumerate(first) if f == i]
         repeated = len(unique_positions) < len(batch)
         unique = [batch[i] for i in unique_positions] if repeated else batch
-        stored = await self._track_unlocked(tenant, unique, now, unique_positions, messages, make_id)
+        to_store = _Batch(tenant, unique, now, unique_positions, messages, make_id)
+        stored = await self._track_unlocked(to_store)
         if stored is None:
             stored = await self._transaction(
-                lambda conn: self._track(conn, tenant, unique, now, unique_positions, messages, make_id),
-                engine=self.ingest_engine,
+                lambda conn: self._track(conn, to_store), engine=self.ingest_engine
             )
         if not repeated:
             return stored
@@ -1248,15 +1273,7 @@ class ProfileStore:
             results.append(r if f == i else TrackResult(r.event_id, r.profile_id, True))
         return results
 
-    async def _track_unlocked(
-        self,
-        tenant: str,
-        batch: Sequence[Event],
-        now: datetime,
-        positions: Sequence[int],
-        messages: EventMessages,
-        make_id: Callable[[], str],
-    ) -> list[TrackResult] | None:
+    async def _track_unlocked(self, batch: _Batch) -> list[TrackResult] | None:
         """Store a batch in three statements outside a transaction: resolve its identifiers and
         message ids, read its existing profiles, and write it all in one statement that fails,
         writing nothing, when any of that changed meanwhile (`_STORE`). Nothing waits for a lock or
@@ -1267,6 +1284,7 @@ class ProfileStore:
         None, with nothing written, when the batch needs `_track`'s locks: its tenant has segments or
         computed traits (their writes take statements of their own), it crosses a threshold, a
         profile was merged away, or a concurrent write changed what it read."""
+        tenant = batch.tenant
         async with self.ingest_engine.connect() as conn:
             definitions = await self.definitions(conn, tenant)
             if definitions.computed_traits or await self.segment_rules(conn, tenant):
@@ -1275,86 +1293,44 @@ class ProfileStore:
                 await conn.rollback()
             driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
             try:
-                rows = await _RESOLVE_EVENTS_UNLOCKED.fetch(driver, _resolve_params(tenant, batch))
+                rows = await _RESOLVE_EVENTS_UNLOCKED.fetch(driver, _resolve_params(tenant, batch.events))
                 bound, known = _bound_and_known(rows)
-                fresh = [j for j, e in enumerate(batch) if e.message_id not in known]
-                if not fresh:
-                    return [known[e.message_id] for e in batch]
-                events = [batch[j] for j in fresh] if known else batch
-                plan = plan_track(events, bound)
+                fresh = batch.without(known)
+                if not fresh.events:
+                    return _with_known(batch.events, known, [])
+                plan = plan_track(fresh.events, bound)
                 read = await self._profiles(driver, tenant, plan, definitions, lock=False)
-                write = _prepare_write(
-                    tenant,
-                    events,
-                    now,
-                    [positions[j] for j in fresh] if known else positions,
-                    messages,
-                    make_id,
-                    plan,
-                    read,
-                    definitions,
-                    segments=False,
-                )
+                write = _prepare_write(fresh, plan, read, definitions, segments=False)
                 if write.enrichment.signals or write.enrichment.behavioural:
                     return None
-                await _store(driver, tenant, now, write, plan.new_identities)
+                await _store(driver, tenant, batch.now, write, plan.new_identities)
             except (_Conflict, asyncpg.SerializationError, asyncpg.DeadlockDetectedError):
                 return None
-        return _with_known(batch, known, write.results) if known else write.results
+        return _with_known(batch.events, known, write.results)
 
-    async def _track(
-        self,
-        conn: AsyncConnection,
-        tenant: str,
-        batch: Sequence[Event],
-        now: datetime,
-        positions: Sequence[int],
-        messages: EventMessages,
-        make_id: Callable[[], str],
-    ) -> list[TrackResult]:
-        rows = await conn.execute(_RESOLVE_EVENTS, _resolve_params(tenant, batch))
+    async def _track(self, conn: AsyncConnection, batch: _Batch) -> list[TrackResult]:
+        rows = await conn.execute(_RESOLVE_EVENTS, _resolve_params(batch.tenant, batch.events))
         bound, known = _bound_and_known(rows)
-        if not known:
-            return await self._write_events(conn, tenant, batch, now, positions, messages, make_id, bound)
         # events stored before are left out; their results name the originals
-        fresh = [j for j, e in enumerate(batch) if e.message_id not in known]
-        written = await self._write_events(
-            conn,
-            tenant,
-            [batch[j] for j in fresh],
-            now,
-            [positions[j] for j in fresh],
-            messages,
-            make_id,
-            bound,
-        )
-        return _with_known(batch, known, written)
+        written = await self._write_events(conn, batch.without(known), bound)
+        return _with_known(batch.events, known, written)
 
     async def _write_events(
-        self,
-        conn: AsyncConnection,
-        tenant: str,
-        batch: Sequence[Event],
-        now: datetime,
-        positions: Sequence[int],
-        messages: EventMessages,
-        make_id: Callable[[], str],
-        bound: dict[Key, ProfileState],
+        self, conn: AsyncConnection, batch: _Batch, bound: dict[Key, ProfileState]
     ) -> list[TrackResult]:
         """Store events none of which was stored before (see `_track`); `bound`: the profiles their
         identifiers are bound to."""
-        if not batch:
+        if not batch.events:
             return []
+        tenant, now = batch.tenant, batch.now
         # the statements of every batch run on the driver directly (the first one, `_RESOLVE_EVENTS`,
         # began the transaction); the occasional ones through SQLAlchemy
         driver = await driver_connection(conn)
-        plan = await self._bind(conn, driver, tenant, batch, bound, now)
+        plan = await self._bind(conn, driver, tenant, batch.events, bound, now)
         definitions = await self.definitions(conn, tenant)
         locked = await self._profiles(driver, tenant, plan, definitions, lock=True)
         rules = await self.segment_rules(conn, tenant)
-        write = _prepare_write(
-            tenant, batch, now, positions, messages, make_id, plan, locked, definitions, segments=bool(rules)
-        )
+        write = _prepare_write(batch, plan, locked, definitions, segments=bool(rules))
         enrichment = write.enrichment
         changes = await apply_membership(conn, tenant, rules, enrichment.views, now)
         await _store(driver, tenant, now, write, [])
