@@ -154,6 +154,7 @@ SELECT published, window_end, after_id,
        pg_snapshot_xmax(CAST(coalesce(window_end, published) AS pg_snapshot))
          > pg_snapshot_xmax(pg_current_snapshot()) AS ahead
 FROM outbox_relay WHERE outbox = $1"""
+_SAVED_POSITION = "SELECT published, window_end, after_id FROM outbox_relay WHERE outbox = $1"
 _SAVE = "UPDATE outbox_relay SET published = $2, window_end = $3, after_id = $4 WHERE outbox = $1"
 
 
@@ -233,9 +234,13 @@ class OutboxRelay:
             WHERE o.id > $3 AND NOT pg_visible_in_snapshot(o.xid, CAST($1::text AS pg_snapshot))
               AND pg_visible_in_snapshot(o.xid, CAST($2::text AS pg_snapshot))
             ORDER BY o.id LIMIT $4"""
-        self._backlog = sa.text(f"""
-            SELECT count(*) FROM {name} o LEFT JOIN outbox_relay r ON r.outbox = :name
-            WHERE r.outbox IS NULL OR ({_UNPUBLISHED_ROW.format(**_SAVED)})""")
+        # Rows a position does not cover, found by their transaction ids (an index) on a connection
+        # with `_RELAY_SETTINGS`: a plan that cannot know the position would otherwise read the
+        # whole table (every kept row, a day's worth: 210 ms per 300,000 rows, every 10 s, with the
+        # relay waiting).
+        self._backlog = f"""
+            SELECT count(*) FROM {name} o
+            WHERE {_UNPUBLISHED_ROW.format(published="$1::text", window_end="$2::text", after_id="$3")}"""
         # Rows before the first one written since the cutoff, found by the primary key: the work is
         # the rows deleted, not the rows kept.
         self._purge = sa.text(f"""
@@ -315,10 +320,21 @@ class OutboxRelay:
         return len(rows), after
 
     async def backlog(self) -> int:
-        """Rows not published yet."""
+        """Rows not published yet, by the saved position."""
         async with self.engine.connect() as conn:
-            count = await conn.scalar(self._backlog, {"name": self.table.name})
-        return int(count or 0)
+            raw: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            async with raw.transaction():
+                await raw.execute(_RELAY_TURN_SETTINGS)
+                saved = await raw.fetchrow(_SAVED_POSITION, self.table.name)
+                return await self._count_backlog(
+                    raw, Position(*saved) if saved else Position(NOTHING_PUBLISHED)
+                )
+
+    async def _count_backlog(self, conn: asyncpg.Connection, position: Position) -> int:
+        """Rows `position` does not cover; `conn` plans with `_RELAY_SETTINGS`."""
+        return int(
+            await conn.fetchval(self._backlog, position.published, position.window_end, position.after_id)
+        )
 
     async def purge_published(self) -> int:
         cutoff = self.clock.now() - self.retention
@@ -389,7 +405,9 @@ class OutboxRelay:
         """Every `chores_every`, busy or not: report the backlog and purge what is past retention."""
         self._chores_due = self.clock.now() + self.chores_every
         await self._save_lead()  # lets purge_published go as far as the relay got
-        metrics.OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+        if self._conn is not None and self._position is not None:
+            backlog = await self._count_backlog(self._conn, self._position)
+            metrics.OUTBOX_BACKLOG.labels(self.service).set(backlog)
         await self.purge_published()
 
     async def _lead(self, woken: bool) -> asyncpg.Connection | None:
