@@ -7,7 +7,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import Any
 
 import asyncpg
 import nats
@@ -20,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.bus import Bus, PublishError
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import alembic_config, create_engine, json_value
+from relevans.kit.db import alembic_config, create_engine
 from relevans.kit.outbox import (
     _RELAY_TURN_SETTINGS,
     OutboxMessage,
@@ -30,7 +29,7 @@ from relevans.kit.outbox import (
     outbox_table,
 )
 from relevans.kit.settings import Settings
-from tests.helpers import eventually
+from tests.helpers import eventually, explain, rows_read
 
 metadata = sa.MetaData()
 outbox = outbox_table(metadata)
@@ -121,15 +120,6 @@ async def test_a_transaction_that_commits_after_later_rows_were_published_is_pub
     assert [m.data for m in await sub.fetch(10, timeout=2)] == [b"higher id", b"lower id"]
 
 
-def _rows_read(plan: dict[str, Any]) -> int:
-    """Table rows the scans of an EXPLAIN ANALYZE plan (JSON) read: those they returned and those
-    their filters removed (a bitmap's index scan only marks the rows its heap scan reads)."""
-    read = 0
-    if plan["Node Type"].endswith("Scan") and plan["Node Type"] != "Bitmap Index Scan":
-        read = int(plan["Actual Rows"]) + int(plan.get("Rows Removed by Filter", 0))
-    return read + sum(_rows_read(child) for child in plan.get("Plans", []))
-
-
 async def test_the_backlog_is_counted_from_the_unpublished_rows_alone(
     engine: AsyncEngine, bus: Bus, clock: ManualClock
 ) -> None:
@@ -148,13 +138,9 @@ async def test_the_backlog_is_counted_from_the_unpublished_rows_alone(
 
     async with engine.connect() as conn:
         raw: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
-        async with raw.transaction():
-            await raw.execute(_RELAY_TURN_SETTINGS)
-            published = await raw.fetchval("SELECT published FROM outbox_relay WHERE outbox = 'outbox'")
-            plan = await raw.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) " + relay._backlog, published, None, 0, column=0
-            )
-    assert _rows_read(json_value(plan)[0]["Plan"]) <= 3 + 1  # the count's own row
+        published = await raw.fetchval("SELECT published FROM outbox_relay WHERE outbox = 'outbox'")
+        plan = await explain(raw, relay._backlog, (published, None, 0), setup=_RELAY_TURN_SETTINGS)
+    assert rows_read(plan) <= 3 + 1  # the count's own row
 
 
 async def test_a_position_ahead_of_the_database_publishes_every_kept_row_again(
