@@ -418,8 +418,12 @@ class DeliveryStore:
                 aliases = sa.select(m.c.profile_id).where(
                     m.c.tenant_id == tenant, m.c.surviving_profile_id == person
                 )
+                # one list of ids, not `= person OR IN (aliases)`: PostgreSQL reads each id's messages
+                # by `messages_profile_seq` for a list, but filtered the tenant's every message, newest
+                # first, for the OR (measured with a million: 901,331 rows read for 0-4 returned,
+                # 0.5-4.8 s; 0.1-1.0 ms as a list)
                 query = query.where(
-                    sa.or_(messages.c.profile_id == person, messages.c.profile_id.in_(aliases))
+                    messages.c.profile_id.in_(sa.select(sa.literal(person)).union_all(aliases))
                 )
             rows = (await conn.execute(query)).all()
             changes = await self._history(conn, tenant, [r.message_id for r in rows])

@@ -108,7 +108,15 @@ timers = sa.Table(
         "trigger_id",
         postgresql_where=sa.text("status = 'pending'"),
     ),
+    # A person's timers of every status, which a merge moves and an erasure deletes (migration 0005).
+    sa.Index("timers_profile", "tenant_id", "profile_id"),
 )
+
+# `status = 'pending'` written as a literal, not sent as a parameter: the partial indexes of pending
+# timers serve a statement only when its plan knows the status without its parameters, and a
+# statement run often gets a generic plan (measured with 1.5 million timers: the due-timer claim
+# planned generically read the whole table, 463 ms, instead of `timers_due`).
+PENDING = timers.c.status == sa.literal_column("'pending'")
 
 trigger_states = sa.Table(
     "trigger_states",
@@ -132,6 +140,8 @@ firings = sa.Table(
     sa.Column("occurrence", sa.Text, primary_key=True),
     sa.Column("idempotency_key", sa.Text, nullable=False),
     sa.Column("fired_at", TZ, nullable=False),
+    # A person's firings, which a merge moves and an erasure deletes (migration 0005).
+    sa.Index("firings_profile", "tenant_id", "profile_id"),
 )
 
 # GDPR: erased people (a random profile id, nothing personal); an event of theirs that arrives
@@ -258,7 +268,7 @@ class TriggerStore:
         pending = (
             await conn.execute(
                 sa.select(t.c.trigger_id, t.c.occurrence, t.c.started_at).where(
-                    t.c.tenant_id == tenant, t.c.profile_id == survivor, t.c.status == "pending"
+                    t.c.tenant_id == tenant, t.c.profile_id == survivor, PENDING
                 )
             )
         ).all()
@@ -284,7 +294,7 @@ class TriggerStore:
                     t.c.profile_id == survivor,
                     t.c.trigger_id == sa.bindparam("b_trigger"),
                     t.c.occurrence == sa.bindparam("b_occurrence"),
-                    t.c.status == "pending",
+                    PENDING,
                 )
                 .values(
                     status=sa.bindparam("b_status"),
@@ -397,7 +407,7 @@ class TriggerStore:
                 .where(
                     timers.c.tenant_id == tenant_id,
                     timers.c.trigger_id == trigger_id,
-                    timers.c.status == "pending",
+                    PENDING,
                 )
                 .values(status="cancelled", cancelled_at=now, reason="trigger deleted")
             )
@@ -531,7 +541,7 @@ class TriggerStore:
                     t.c.tenant_id == sa.bindparam("b_tenant"),
                     t.c.trigger_id == sa.bindparam("b_trigger"),
                     t.c.profile_id == sa.bindparam("b_profile"),
-                    t.c.status == "pending",
+                    PENDING,
                     t.c.started_at <= sa.bindparam("b_until", type_=TZ),
                 )
                 .values(
@@ -558,7 +568,7 @@ class TriggerStore:
                     t.c.tenant_id == sa.bindparam("b_tenant"),
                     t.c.trigger_id == sa.bindparam("b_trigger"),
                     t.c.profile_id == sa.bindparam("b_profile"),
-                    t.c.status == "pending",
+                    PENDING,
                     sa.tuple_(t.c.started_at, t.c.occurrence)
                     < sa.tuple_(sa.bindparam("b_started", type_=TZ), sa.bindparam("b_occurrence")),
                 )
@@ -633,7 +643,7 @@ class TriggerStore:
             .select_from(
                 t.outerjoin(tr, sa.and_(tr.c.tenant_id == t.c.tenant_id, tr.c.trigger_id == t.c.trigger_id))
             )
-            .where(t.c.status == "pending", t.c.due_at <= now)
+            .where(PENDING, t.c.due_at <= now)
             .order_by(t.c.due_at)
             .limit(limit)
             .with_for_update(skip_locked=True, of=t)
