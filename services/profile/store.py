@@ -129,6 +129,13 @@ profiles = sa.Table(
     # Event points as of score_at; they decay by the tenant's half-life (trait points are added on read).
     sa.Column("score", sa.Float, nullable=False, server_default=sa.text("0")),
     sa.Column("score_at", TZ),
+    # A merged profile's shadows (migration 0010); the profiles never merged are not indexed.
+    sa.Index(
+        "profiles_merged_into",
+        "tenant_id",
+        "merged_into",
+        postgresql_where=sa.text("merged_into IS NOT NULL"),
+    ),
     # Room for HOT updates: each event rewrites its profile's row (migration 0005).
     postgresql_with={"fillfactor": 70},
 )
@@ -175,6 +182,7 @@ merges = sa.Table(
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("merged_at", TZ, nullable=False),
     sa.Index("merges_to", "tenant_id", "to_profile_id"),
+    sa.Index("merges_from", "tenant_id", "from_profile_id"),
 )
 
 consent_ledger = sa.Table(

@@ -12,10 +12,16 @@ import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.settings import Settings
 from services.delivery.store import DeliveryStore
+from services.profile.enrichment import TenantCache, load_enrichment
+from services.profile.gdpr import GdprStore
+from services.profile.servicer import consent_changed, profile_merged
+from services.profile.signals import SegmentRules
+from services.profile.store import ProfileStore
 from services.trigger.store import TriggerStore, firings, timers
 from tests.helpers import blocks_read, explain, rows_read, statements_run
 
@@ -31,6 +37,13 @@ async def _driver(conn: sa.ext.asyncio.AsyncConnection) -> asyncpg.Connection:
 @pytest_asyncio.fixture
 async def delivery_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = create_engine(settings.database_url("delivery"))
+    yield engine
+    await engine.dispose()
+
+
+@pytest_asyncio.fixture
+async def profile_engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings.database_url("profile"))
     yield engine
     await engine.dispose()
 
@@ -128,3 +141,57 @@ async def test_a_merge_moves_a_persons_timers_and_firings_without_reading_everyo
             plan = await explain(driver, statement, parameters)
             # a few index pages, not the tenant's 16,000 rows (nor one index search per trigger)
             assert blocks_read(plan) <= 30, statement
+
+
+async def test_merges_exports_and_erasures_find_a_persons_shadows_without_reading_every_profile(
+    profile_engine: AsyncEngine, clock: ManualClock
+) -> None:
+    """Every anonymous visitor who signs in leaves a merged shadow profile and a merge record; a
+    merge, an export and an erasure each look up one person's among the tenant's."""
+    profile = """INSERT INTO profiles (tenant_id, profile_id, merged_into, created_at, updated_at)
+                 SELECT :tenant, :who || n, CASE WHEN :shadows THEN 'known' || mod(n, 1000) END, :now, :now
+                 FROM generate_series(1, :n) AS n"""
+    merge = """INSERT INTO merges (tenant_id, from_profile_id, to_profile_id, source, merged_at)
+               SELECT :tenant, 'anon' || n, 'known' || mod(n, 1000), 'identify', :now
+               FROM generate_series(1, :n) AS n"""
+    common = {"tenant": TENANT, "now": NOW}
+    async with profile_engine.begin() as conn:
+        await conn.execute(sa.text(profile), common | {"who": "known", "n": 6000, "shadows": False})
+        await conn.execute(sa.text(profile), common | {"who": "anon", "n": 6000, "shadows": True})
+        await conn.execute(sa.text(merge), common | {"n": 6000})
+        # the person: "gone1" has a shadow of its own and is merged into "known1", the one with
+        # a customer id
+        await conn.execute(sa.text(profile), common | {"who": "gone", "n": 1, "shadows": False})
+        await conn.execute(sa.text("UPDATE profiles SET merged_into = 'gone1' WHERE profile_id = 'anon1'"))
+        await conn.execute(sa.text("UPDATE profiles SET customer_id = 'c-1' WHERE profile_id = 'known1'"))
+        await conn.execute(sa.text("ANALYZE profiles, merges"))
+
+    store = ProfileStore(
+        profile_engine,
+        consent_message=consent_changed,
+        merged_message=profile_merged,
+        definitions=TenantCache(clock, load_enrichment).get,
+        segment_rules=TenantCache(clock, SegmentRules().load).get,
+    )
+    gdpr = GdprStore(profile_engine)
+    async with statements_run(profile_engine) as seen:
+        survivor, merged = await store.merge_profiles(TENANT, "known1", "gone1", NOW)
+        exported = await gdpr.export(TENANT, "known1")
+        await gdpr.erase(TENANT, "known1", "erase-1", NOW, make_id=lambda: "erasure-1")
+    assert (survivor.profile_id, merged) == ("known1", "gone1")
+    shadows = [f"anon{n}" for n in range(1, 6000, 1000)]
+    assert sorted(m.from_profile_id for m in exported.merges) == [*shadows, "gone1"]
+
+    finding = [
+        (s, p)
+        for s, p in seen
+        if ("merged_into" in s and s.startswith(("UPDATE profiles", "SELECT profiles.profile_id")))
+        or (s.startswith(("SELECT merges", "DELETE FROM merges")))
+    ]
+    assert len(finding) == 5  # the merge's update, the export's shadows and merges, the erasure's
+    async with profile_engine.connect() as conn:
+        driver = await _driver(conn)
+        for statement, parameters in finding:
+            plan = await explain(driver, statement, parameters)
+            # the person's few rows, not the tenant's 12,000 profiles or 6,000 merges
+            assert rows_read(plan) <= 20, statement
