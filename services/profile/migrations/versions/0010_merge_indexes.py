@@ -4,9 +4,9 @@ A merge marks the profiles merged into the merged-away one as merged into the su
 ExportProfile and EraseProfile list a person's shadow profiles and merge records; with no index
 on `merged_into` nor on `merges.from_profile_id` each such statement read the tenant's every
 profile or merge (measured with 600,000 profiles: 116-186 ms per merge, 54-63 ms per export;
-0.1 ms with the indexes). Only merged profiles are indexed: most never are, and ingest's updates
-of a profile's row stay HOT. Building them holds writes to these two tables back for a few
-seconds per million rows.
+0.1 ms with the indexes). Only merged profiles are indexed, as most never are; ingest never
+changes `merged_into`, so its updates of a profile's row stay HOT. Building the indexes holds
+writes to these two tables back for a few seconds per million rows.
 
 Revision ID: 0010
 Revises: 0009
