@@ -1,12 +1,18 @@
-"""Small conversions between protobuf well-known types and Python values."""
+"""Small conversions between protobuf well-known types and Python values.
+
+Struct and Value numbers are doubles on the wire. As Python they follow one rule everywhere: a
+whole number of at most 2**53 in magnitude (exact in a double) becomes an int, so a quantity of 2
+stays 2 in a message, a JSON document and a condition; any other finite number stays a float;
+NaN and the infinities, which JSON has no way to write, become None.
+"""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from google.protobuf.json_format import MessageToDict
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -49,7 +55,9 @@ def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
 
 
 def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
-    return MessageToDict(s)
+    """A Struct as plain Python values (numbers by the module's rule)."""
+    fields = s.fields  # by key: iterating items() costs upb a third more
+    return {k: from_value(fields[k]) for k in fields}
 
 
 def from_duration(d: duration_pb2.Duration) -> timedelta:
@@ -62,13 +70,19 @@ def to_duration(value: timedelta) -> duration_pb2.Duration:
     return d
 
 
+_EXACT = 2.0**53
+
+
 def from_value(v: struct_pb2.Value) -> Any:
-    """A Struct Value as a plain Python value (numbers stay floats, as JSON numbers are)."""
+    """A Struct Value as a plain Python value (numbers by the module's rule; an unset Value is None)."""
     kind = v.WhichOneof("kind")
     if kind == "string_value":
         return v.string_value
     if kind == "number_value":
-        return v.number_value
+        n = v.number_value
+        if n.is_integer():  # False for NaN and the infinities
+            return int(n) if -_EXACT <= n <= _EXACT else n
+        return n if math.isfinite(n) else None
     if kind == "bool_value":
         return v.bool_value
     if kind == "struct_value":
@@ -91,8 +105,10 @@ def to_value(value: Any) -> struct_pb2.Value:
     elif isinstance(value, str):
         v.string_value = value
     elif isinstance(value, dict):
+        v.struct_value.SetInParent()  # an empty dict is still a Struct, not an unset Value
         v.struct_value.update(value)
     elif isinstance(value, list | tuple):
+        v.list_value.SetInParent()
         v.list_value.extend(value)
     else:
         raise TypeError(f"not a JSON value: {type(value).__name__}")
