@@ -5,6 +5,7 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY protos ./protos
 COPY relevans ./relevans
 COPY services ./services
+# The runtime only: the `local` extra (embedded servers, SMTP sink) stays on developers' machines.
 RUN pip install --no-cache-dir -c constraints.txt .
 USER nobody
 ENTRYPOINT ["relevans"]

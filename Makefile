@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,local]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,14 +31,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy relevans services
+	$(BIN)/mypy relevans services tools
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
 ## proto: regenerate relevans/<area>/v1 from protos/
 proto: $(STAMP)
-	$(BIN)/python -m relevans.kit.protogen
+	$(BIN)/python -m tools.protogen
 
 ## bench: ingest throughput against the raw limit measured in the same run
 bench: $(STAMP)

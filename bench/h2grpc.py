@@ -1,10 +1,10 @@
 """A lean gRPC client for load generation: unary calls as pre-built HTTP/2 frames on one socket.
 
-The benchmarks run the load generator on the machine they measure. grpc.aio spends 120-200 µs
-of CPU per call on the client side, as much as a service spends on a small call, so the load
-generator took a fifth of the box away from what it measures. This client writes each call as
-two frames (HEADERS with a fixed header block, DATA with the message) and reads the answers'
-frames, for a few tens of µs per call. It is what `ghz` or `h2load` are to Go and C clients.
+The benchmarks run the load generator on the machine they measure. grpc.aio's client spends as
+much CPU per call as a service spends on a small call, so the load generator took a large share of
+the box away from what it measures. This client writes each call as two frames (HEADERS with a
+fixed header block, DATA with the message) and reads the answers' frames, for a fraction of that
+CPU (figures: bench/README.md). It is what `ghz` or `h2load` are to Go and C clients.
 
 It speaks just enough HTTP/2 for unary gRPC calls (RFC 9113): the connection preface and
 SETTINGS, PING and SETTINGS acknowledgements, flow control in both directions, RST_STREAM and

@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 
 from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.settings import Settings, env_name
+from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 
 @dataclass(frozen=True)

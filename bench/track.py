@@ -4,8 +4,7 @@ Ours: unary Track calls into separate `relevans serve profile` process(es) — e
 profile resolved and updated, EnrichedEvent published to JetStream through the outbox — from
 several load-generator processes (a few HTTP/2 connections each, many calls in flight). The
 generator is bench/h2grpc.py, not grpc.aio: on this box grpc.aio's client cost as much CPU per call
-as the service's, and took that CPU from the service it measures (measured: load CPU per
-call 120-200 µs with grpc.aio, 25-70 µs with h2grpc; the no-op ceiling rose from 6,400 to 11,100/s).
+as the service's, and took that CPU from the service it measures (figures: bench/README.md).
 Two raw limits at the same concurrency:
   echo: a no-op unary call (grpc.health.v1 Check) to the same server — the gRPC ceiling;
   db:   raw asyncpg one-event transactions (insert the event, upsert the profile, outbox-free)
@@ -371,4 +370,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(uvloop.run(main()))  # uvloop: the load generator's own CPU per call is ~10 % lower
+    sys.exit(uvloop.run(main()))  # uvloop: the load generator's own CPU per call is lower

@@ -23,9 +23,9 @@ import pytest_asyncio
 from relevans.kit.bus import STREAMS
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
+from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres
 
 TEST_SECRET = "test-secret"
 _db_counter = itertools.count(1)

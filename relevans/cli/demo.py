@@ -22,7 +22,7 @@ from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.grpc_client import open_channel
 from relevans.kit.settings import Settings
-from relevans.kit.smtp_sink import read_mail_dir
+from relevans.local.smtp_sink import read_mail_dir
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 

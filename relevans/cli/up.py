@@ -22,9 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.auth import mint_token
 from relevans.kit.db import migrate
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.kit.settings import SERVICES, Settings, env_name
-from relevans.kit.smtp_sink import SmtpSink
+from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from relevans.local.smtp_sink import SmtpSink
 
 DEV_TENANT = "dev"
 STATE_FILE = "up.json"

@@ -41,11 +41,10 @@ def create_engine(url: str, *, pool_size: int = 10, lookups_only: bool = False) 
     path whose statements find rows by key. Without the first, a plan made while a table was
     small (a new database under load) scans the table; with the statement run for every batch of
     a table growing by thousands of rows a second, that is the difference between a few index
-    probes and reading the table until PostgreSQL next analyzes it (measured: 842 ms instead of
-    1 ms for 500 message ids in 200,000 events). Without the second, PostgreSQL plans a statement
-    afresh at every run when it estimates a plan for the parameters given cheaper than the
-    generic one (measured: reading a Track batch's profiles took 148-184 µs to plan and 26-49 µs
-    to run)."""
+    probes and reading the table until PostgreSQL next analyzes it. Without the second,
+    PostgreSQL plans a statement afresh at every run when it estimates a plan for the parameters
+    given cheaper than the generic one, and planning took longer than running. Figures:
+    bench/README.md."""
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -92,9 +91,9 @@ def retryable(exc: BaseException) -> bool:
 class DriverStatement:
     """A statement written with :named parameters (read as SQLAlchemy's `text()` reads them),
     run on the asyncpg connection under a SQLAlchemy one (see `driver_connection`) as $1, $2, ...:
-    a third of the client CPU of running it through SQLAlchemy (50 against 133 µs for a small
-    statement), which a hot path of small transactions, like single-event ingest, feels. The rows
-    are asyncpg Records."""
+    about a third of the client CPU of running it through SQLAlchemy, which a hot path of small
+    transactions, like single-event ingest, feels (figures: bench/README.md). The rows are asyncpg
+    Records."""
 
     __slots__ = ("names", "sql")
 

@@ -1,4 +1,4 @@
-"""The transactional outbox (DESIGN §3).
+"""The transactional outbox (docs/architecture.md, "Nothing acknowledged is lost").
 
 A service writes its bus messages into its own `outbox` table in the same
 transaction as the state change; the relay publishes them with
@@ -236,8 +236,8 @@ class OutboxRelay:
             ORDER BY o.id LIMIT $4"""
         # Rows a position does not cover, found by their transaction ids (an index) on a connection
         # with `_RELAY_SETTINGS`: a plan that cannot know the position would otherwise read the
-        # whole table (every kept row, a day's worth: 210 ms per 300,000 rows, every 10 s, with the
-        # relay waiting).
+        # whole table (every kept row, a day's worth) every 10 s, with the relay waiting (figures:
+        # bench/README.md).
         self._backlog = f"""
             SELECT count(*) FROM {name} o
             WHERE {_UNPUBLISHED_ROW.format(published="$1::text", window_end="$2::text", after_id="$3")}"""

@@ -95,11 +95,10 @@ async def open_runtime(service: str, settings: Settings, clock: Clock, outbox: s
 
 # Python's default thresholds (700, 10, 10) suit short scripts. A service allocates tens of objects
 # per event it handles: it ran a collection every few dozen events, and each full collection walked
-# every object imported or cached at startup. In bench/ingest.py the collector took ~20 % of the
-# profile service's CPU; with larger steps, about 1 %, and the service's CPU per event fell 10-15 %.
-# Not larger than 10,000: grpc.aio leaves five objects in a reference cycle per call (its handler
-# lookup), so a young generation of 50,000 held ~10,000 calls' garbage and took 16 ms to collect, a
-# pause Track's p99 latency showed; at 10,000 a collection takes ~3 ms, and ingest's CPU is the same.
+# every object imported or cached at startup, a large share of the service's CPU under ingest.
+# Not much larger than 10,000: grpc.aio leaves a few objects in a reference cycle per call, so a
+# larger young generation holds more garbage and each collection pauses the service long enough for
+# Track's p99 latency to show it. Figures: bench/README.md.
 GC_THRESHOLDS = (10_000, 20, 20)
 
 

@@ -320,9 +320,9 @@ class ServiceHost:
 
         A grpc.aio server takes the next call of a method only after its event loop has run the
         previous one's acceptance (about one per loop turn), so under load calls queue inside
-        gRPC before any handler sees them (bench/track.py: p50 60-600 ms at 2,000 Track/s with
-        one server, 8-9 ms with four). The kernel spreads connections over the servers; each
-        takes calls side by side. One connection is served by one server.
+        gRPC before any handler sees them, and latency grows with the queue (figures:
+        bench/README.md). The kernel spreads connections over the servers; each takes calls side
+        by side. One connection is served by one server.
         """
         shared = self.reuse_port or self.servers > 1
         if shared and not self.reuse_port and _port_taken(self.listen):

@@ -19,7 +19,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.grpc_client import bearer
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from relevans.kit.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.conftest import TEST_SECRET

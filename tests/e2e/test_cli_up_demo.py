@@ -11,8 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from relevans.kit.embedded import free_port
 from relevans.kit.grpc_client import bearer
+from relevans.local.embedded import free_port
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers import eventually
 

@@ -29,7 +29,7 @@ from relevans.kit.grpc_client import bearer
 from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from relevans.kit.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build

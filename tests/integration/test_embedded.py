@@ -9,8 +9,8 @@ import aiosmtplib
 import asyncpg
 import nats
 
-from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres, free_port
-from relevans.kit.smtp_sink import SmtpSink, read_mail_dir
+from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from relevans.local.smtp_sink import SmtpSink, read_mail_dir
 
 
 def test_free_port_is_bindable() -> None:

@@ -21,7 +21,7 @@ from relevans.kit.bus import event_subject
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.settings import Settings
-from relevans.kit.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
 from tests.e2e.conftest import CART_DELAY, System

@@ -17,9 +17,9 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.auth import mint_token
-from relevans.kit.embedded import free_port
 from relevans.kit.grpc_client import bearer
 from relevans.kit.settings import Settings, env_name
+from relevans.local.embedded import free_port
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from tests.helpers import eventually
 

