@@ -21,6 +21,5 @@ def kind_named(name: str) -> ConditionKind:
     try:
         return KINDS[name]
     except KeyError:
-        raise UnknownConditionKind(
-            f"unknown trigger condition kind {name!r}; known: {sorted(KINDS)}"
-        ) from None
+        known = ", ".join(sorted(KINDS))
+        raise UnknownConditionKind(f"unknown trigger condition kind {name!r} (known: {known})") from None
