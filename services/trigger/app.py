@@ -8,7 +8,8 @@ from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.trigger.consumers import event_consumer
 from services.trigger.servicer import TriggerServicer, binding
-from services.trigger.store import TriggerStore, outbox
+from services.trigger.store import TriggerStore
+from services.trigger.tables import outbox
 from services.trigger.timers import TimerWorker
 
 SERVICE = "trigger"

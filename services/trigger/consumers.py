@@ -1,14 +1,12 @@
-"""Bus messages -> domain: enriched events start and cancel absence timers; merges re-point them.
+"""Bus messages -> domain: enriched events reach the triggers whose condition kind reacts to them.
 
 `EventConsumer.handle` decodes a batch of `relevans.profile.v1.EnrichedEvent`s and
 lets the store decide and apply what they mean in ONE transaction; the kit's
 `Consumer` acks the batch only after that commit. Redelivered events change
-nothing: timers are keyed by their start event and cancels are idempotent.
+nothing: timers are keyed by the event that started them and cancels are idempotent.
 
-`MergeConsumer.handle` applies `relevans.profile.v1.ProfileMerged` messages
-(`rv.profile.merged`) the same way: the merged-away profile's timers, state and
-firings follow the surviving profile, and its id resolves to the survivor from
-then on, so triggers see one person. Redelivered merges find nothing left to move.
+Profile merges and erasures (`rv.profile.merged`, the erasure stream) are followed by
+the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_people`).
 """
 
 from __future__ import annotations

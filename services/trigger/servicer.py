@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
-from relevans.kit.proto import to_duration, to_timestamp
+from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
+from services.trigger.condition_protos import condition_fields, raw_condition
 from services.trigger.domain import (
-    RawAbsence,
     RawTrigger,
     TriggerDef,
     check_trigger_id,
@@ -46,31 +44,11 @@ def enum_name(enum: Any, value: int, prefix: str) -> str:
         return str(value)
 
 
-def _delay(d: duration_pb2.Duration) -> tuple[timedelta | None, bool]:
-    """(timedelta, bad): proto Durations with mixed signs or nanos out of range are invalid."""
-    if abs(d.nanos) >= 1_000_000_000 or (d.seconds > 0 and d.nanos < 0) or (d.seconds < 0 and d.nanos > 0):
-        return None, True
-    try:
-        return d.ToTimedelta(), False
-    except (ValueError, OverflowError):
-        return None, True
-
-
 def raw_trigger(t: trigger_pb2.Trigger) -> RawTrigger:
-    absence: RawAbsence | None = None
-    if t.WhichOneof("condition") == "absence":
-        a = t.absence
-        delay, bad = _delay(a.delay) if a.HasField("delay") else (None, False)
-        absence = RawAbsence(
-            start_event_type=a.start_event_type,
-            cancel_event_type=a.cancel_event_type,
-            delay=delay,
-            bad_delay=bad,
-        )
     return RawTrigger(
         trigger_id=t.trigger_id,
         display_name=t.display_name,
-        absence=absence,
+        condition=raw_condition(t),
         channel=enum_name(common_pb2.Channel, t.channel, "CHANNEL_"),
         purpose=enum_name(common_pb2.Purpose, t.purpose, "PURPOSE_"),
         template_id=t.template_id,
@@ -81,11 +59,7 @@ def trigger_proto(d: TriggerDef) -> trigger_pb2.Trigger:
     return trigger_pb2.Trigger(
         trigger_id=d.trigger_id,
         display_name=d.display_name,
-        absence=trigger_pb2.AbsenceCondition(
-            start_event_type=d.absence.start_event_type,
-            cancel_event_type=d.absence.cancel_event_type,
-            delay=to_duration(d.absence.delay),
-        ),
+        **condition_fields(d.condition),
         channel=common_pb2.Channel.Value("CHANNEL_" + d.channel.upper()),
         purpose=common_pb2.Purpose.Value("PURPOSE_" + d.purpose.upper()),
         template_id=d.template_id,

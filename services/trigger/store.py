@@ -1,4 +1,4 @@
-"""Tables and queries of the trigger service (SQLAlchemy Core on asyncpg).
+"""The trigger service's transactions (SQLAlchemy Core on asyncpg; tables in `tables`).
 
 The store applies what the domain decides: `apply_events` loads the definitions
 and per-profile state a batch of events needs, asks `plan_events` what the
@@ -8,6 +8,10 @@ writes their delivery requests to the outbox in the same transaction;
 `merge_people` re-points a merged-away profile's timers, state and firings to the
 surviving profile and remembers the alias, so the person's later events — under
 either id — find one state.
+
+A trigger's condition is stored as its kind's name and the kind's JSON (`triggers.condition_kind`,
+`triggers.condition`), read and written through the kinds registry; `trigger_states` holds the
+absence kind's per-person state, the only kind that keeps one so far.
 
 Concurrency: a batch takes a transaction-scoped advisory lock per (tenant,
 profile) it touches, in a fixed order, before reading state, so two service
@@ -29,137 +33,42 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
-from relevans.kit.merges import (
-    Person,
-    ProfileMerge,
-    forget_aliases,
-    merged_profiles_table,
-    record_alias,
-    surviving_ids,
-)
-from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
+from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
+from relevans.kit.outbox import OutboxMessage, enqueue
+from services.trigger import timer_rows
 from services.trigger.domain import (
-    Absence,
-    DueTimer,
     EventFacts,
     Firing,
     PendingTimer,
     Plan,
     StateKey,
     TriggerDef,
-    TriggerState,
     fire,
     plan_events,
     plan_merge,
     relevant_events,
     resolve_create,
 )
+from services.trigger.domain.kinds import kind_named
+from services.trigger.domain.kinds.absence import TriggerState
+from services.trigger.tables import (
+    PENDING,
+    erased_profiles,
+    firings,
+    merged_profiles,
+    outbox,
+    timers,
+    trigger_states,
+    triggers,
+)
 
-TZ = sa.DateTime(timezone=True)
-TIMER_STATUSES = ("pending", "fired", "cancelled", "superseded")
 # First key of the two-key advisory locks this service takes per (tenant, profile).
 PROFILE_LOCK_NAMESPACE = 0x52565447  # "RVTG"
-
-metadata = sa.MetaData()
-
-triggers = sa.Table(
-    "triggers",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("trigger_id", sa.Text, primary_key=True),
-    sa.Column("display_name", sa.Text, nullable=False),
-    sa.Column("start_event_type", sa.Text, nullable=False),
-    sa.Column("cancel_event_type", sa.Text, nullable=False),
-    sa.Column("delay", sa.Interval, nullable=False),
-    sa.Column("channel", sa.Text, nullable=False),
-    sa.Column("purpose", sa.Text, nullable=False),
-    sa.Column("template_id", sa.Text, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-)
-
-timers = sa.Table(
-    "timers",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("trigger_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    # The start event's id: one timer per (trigger, profile, occurrence).
-    sa.Column("occurrence", sa.Text, primary_key=True),
-    sa.Column("started_at", TZ, nullable=False),
-    sa.Column("due_at", TZ, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("variables", JSONB, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("fired_at", TZ),
-    sa.Column("cancelled_at", TZ),
-    sa.Column("reason", sa.Text),
-    sa.CheckConstraint("status IN ('pending', 'fired', 'cancelled', 'superseded')", name="timers_status"),
-    sa.Index("timers_due", "due_at", postgresql_where=sa.text("status = 'pending'")),
-    sa.Index(
-        "timers_pending_profile",
-        "tenant_id",
-        "profile_id",
-        "trigger_id",
-        postgresql_where=sa.text("status = 'pending'"),
-    ),
-    # A person's timers of every status, which a merge moves and an erasure deletes (migration 0005).
-    sa.Index("timers_profile", "tenant_id", "profile_id"),
-)
-
-# `status = 'pending'` written as a literal, not sent as a parameter: the partial indexes of pending
-# timers serve a statement only when its plan knows the status without its parameters, and a
-# statement run often gets a generic plan (measured with 1.5 million timers: the due-timer claim
-# planned generically read the whole table, 463 ms, instead of `timers_due`).
-PENDING = timers.c.status == sa.literal_column("'pending'")
-
-trigger_states = sa.Table(
-    "trigger_states",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("trigger_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("last_start_at", TZ),
-    sa.Column("last_start_occurrence", sa.Text),
-    sa.Column("last_cancel_at", TZ),
-    sa.Column("updated_at", TZ, nullable=False),
-    sa.Index("trigger_states_profile", "tenant_id", "profile_id"),
-)
-
-firings = sa.Table(
-    "firings",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("trigger_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("occurrence", sa.Text, primary_key=True),
-    sa.Column("idempotency_key", sa.Text, nullable=False),
-    sa.Column("fired_at", TZ, nullable=False),
-    # A person's firings, which a merge moves and an erasure deletes (migration 0005).
-    sa.Index("firings_profile", "tenant_id", "profile_id"),
-)
-
-# GDPR: erased people (a random profile id, nothing personal); an event of theirs that arrives
-# after the erasure (the event stream and the erasure stream are consumed independently) is ignored.
-erased_profiles = sa.Table(
-    "erased_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("erased_at", TZ, nullable=False),
-)
-
-merged_profiles = merged_profiles_table(metadata)
-
-outbox = outbox_table(metadata)
-
-# The key of timers and firings: one per (tenant, trigger, profile, occurrence).
-TIMER_KEY = ["tenant_id", "trigger_id", "profile_id", "occurrence"]
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
 
@@ -178,7 +87,7 @@ def _trigger_def(row: sa.Row[Any]) -> TriggerDef:
     return TriggerDef(
         trigger_id=row.trigger_id,
         display_name=row.display_name,
-        absence=Absence(row.start_event_type, row.cancel_event_type, row.delay),
+        condition=kind_named(row.condition_kind).from_json(row.condition),
         channel=row.channel,
         purpose=row.purpose,
         template_id=row.template_id,
@@ -233,9 +142,10 @@ class TriggerStore:
         The merged-away id becomes an alias of the survivor (the survivor resolved through earlier
         merges); its timers and firings move to the survivor, so a firing already recorded under
         either id keeps deduplicating; the two states are combined and the pending timers settled
-        by `plan_merge` (one pending reminder per trigger: the newest cart's). Redelivery finds
-        nothing left under the merged-away id and changes nothing. When the survivor is already
-        erased (the erasure overtook the merge), the merged-away profile is erased with it.
+        by `plan_merge`, each trigger by its kind (absence: one pending reminder, the newest
+        cart's). Redelivery finds nothing left under the merged-away id and changes nothing. When
+        the survivor is already erased (the erasure overtook the merge), the merged-away profile is
+        erased with it.
         """
         wanted = [m for m in merges if m.merged_profile_id != m.surviving_profile_id]
         involved = {(m.tenant_id, p) for m in wanted for p in (m.merged_profile_id, m.surviving_profile_id)}
@@ -262,7 +172,7 @@ class TriggerStore:
             await self.purge_people(conn, [Erased(tenant, survivor, "", ())], now)
             return
         for table in (timers, firings):
-            await self._move(conn, table, tenant, gone, survivor)
+            await timer_rows.move(conn, table, tenant, gone, survivor)
         states = await self._states(conn, [(tenant, survivor), (tenant, gone)])
         t = timers
         pending = (
@@ -272,7 +182,9 @@ class TriggerStore:
                 )
             )
         ).all()
+        involved = {trigger for _, trigger, _ in states} | {r.trigger_id for r in pending}
         plan = plan_merge(
+            await self._condition_kinds(conn, tenant, involved),
             {trigger: st for (_, trigger, p), st in states.items() if p == survivor},
             {trigger: st for (_, trigger, p), st in states.items() if p == gone},
             [PendingTimer(r.trigger_id, r.occurrence, r.started_at) for r in pending],
@@ -287,64 +199,19 @@ class TriggerStore:
             conn, {(tenant, trigger, survivor): st for trigger, st in plan.states.items()}, now
         )
         if plan.retire:
-            await conn.execute(
-                t.update()
-                .where(
-                    t.c.tenant_id == tenant,
-                    t.c.profile_id == survivor,
-                    t.c.trigger_id == sa.bindparam("b_trigger"),
-                    t.c.occurrence == sa.bindparam("b_occurrence"),
-                    PENDING,
-                )
-                .values(
-                    status=sa.bindparam("b_status"),
-                    cancelled_at=now,
-                    reason=sa.bindparam("b_reason"),
-                ),
-                [
-                    {
-                        "b_trigger": r.trigger_id,
-                        "b_occurrence": r.occurrence,
-                        "b_status": r.status,
-                        "b_reason": r.reason,
-                    }
-                    for r in plan.retire
-                ],
-            )
-
-    @staticmethod
-    async def _move(conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, survivor: str) -> None:
-        """Re-point a timers-keyed table's rows (an UPDATE, so a row a timer worker holds is waited
-        for and moved as it committed); a row whose key the survivor already has is dropped."""
-        theirs = table.alias("theirs")
-        await conn.execute(
-            table.update()
-            .where(
-                table.c.tenant_id == tenant,
-                table.c.profile_id == gone,
-                ~sa.exists().where(
-                    theirs.c.tenant_id == tenant,
-                    theirs.c.profile_id == survivor,
-                    theirs.c.trigger_id == table.c.trigger_id,
-                    theirs.c.occurrence == table.c.occurrence,
-                ),
-            )
-            .values(profile_id=survivor)
-        )
-        await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
+            await timer_rows.retire(conn, tenant, survivor, plan.retire, now)
 
     # ---- definitions ---------------------------------------------------------------------------
 
     async def create_trigger(self, tenant_id: str, requested: TriggerDef, now: datetime) -> TriggerDef:
         """Store a new trigger; the same definition again returns the stored one (AlreadyExists if not)."""
-        a = requested.absence
+        kind = kind_named(requested.condition.kind)
         values = {
             "tenant_id": tenant_id,
             "trigger_id": requested.trigger_id,
             "display_name": requested.display_name,
-            "start_event_type": a.start_event_type,
-            "cancel_event_type": a.cancel_event_type,
-            "delay": a.delay,
+            "condition_kind": kind.name,
+            "condition": kind.to_json(requested.condition),
             "channel": requested.channel,
             "purpose": requested.purpose,
             "template_id": requested.template_id,
@@ -481,6 +348,18 @@ class TriggerStore:
             out.setdefault(r.tenant_id, []).append(_trigger_def(r))
         return out
 
+    @staticmethod
+    async def _condition_kinds(conn: AsyncConnection, tenant: str, trigger_ids: set[str]) -> dict[str, str]:
+        """The condition kind of each of these triggers that still exists."""
+        if not trigger_ids:
+            return {}
+        rows = await conn.execute(
+            sa.select(triggers.c.trigger_id, triggers.c.condition_kind).where(
+                triggers.c.tenant_id == tenant, triggers.c.trigger_id.in_(sorted(trigger_ids))
+            )
+        )
+        return {r.trigger_id: r.condition_kind for r in rows}
+
     async def _lock_people(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> None:
         keys = sorted({profile_lock_key(t, p) for t, p in people})
         await conn.execute(
@@ -510,86 +389,13 @@ class TriggerStore:
     async def _apply(self, conn: AsyncConnection, plan: Plan, now: datetime) -> None:
         """Write a plan. Inserts, then cancels, then supersedes: the domain never schedules a start
         that an earlier cancel covers, so this order gives the same result as applying in sequence."""
-        t = timers
-        schedules = plan.schedules
+        schedules, cancels = plan.schedules, plan.cancels
         if schedules:
-            await conn.execute(
-                pg_insert(t)
-                .values(
-                    [
-                        {
-                            "tenant_id": i.tenant_id,
-                            "trigger_id": i.trigger_id,
-                            "profile_id": i.profile_id,
-                            "occurrence": i.occurrence,
-                            "started_at": i.started_at,
-                            "due_at": i.due_at,
-                            "status": "pending",
-                            "variables": i.variables,
-                            "created_at": now,
-                        }
-                        for i in schedules
-                    ]
-                )
-                .on_conflict_do_nothing(index_elements=TIMER_KEY)
-            )
-        cancels = plan.cancels
+            await timer_rows.insert_timers(conn, schedules, now)
         if cancels:
-            await conn.execute(
-                t.update()
-                .where(
-                    t.c.tenant_id == sa.bindparam("b_tenant"),
-                    t.c.trigger_id == sa.bindparam("b_trigger"),
-                    t.c.profile_id == sa.bindparam("b_profile"),
-                    PENDING,
-                    t.c.started_at <= sa.bindparam("b_until", type_=TZ),
-                )
-                .values(
-                    status="cancelled",
-                    cancelled_at=sa.bindparam("b_now", type_=TZ),
-                    reason=sa.bindparam("b_reason"),
-                ),
-                [
-                    {
-                        "b_tenant": c.tenant_id,
-                        "b_trigger": c.trigger_id,
-                        "b_profile": c.profile_id,
-                        "b_until": c.until,
-                        "b_now": now,
-                        "b_reason": c.reason,
-                    }
-                    for c in cancels
-                ],
-            )
+            await timer_rows.cancel_timers(conn, cancels, now)
         if schedules:
-            await conn.execute(
-                t.update()
-                .where(
-                    t.c.tenant_id == sa.bindparam("b_tenant"),
-                    t.c.trigger_id == sa.bindparam("b_trigger"),
-                    t.c.profile_id == sa.bindparam("b_profile"),
-                    PENDING,
-                    sa.tuple_(t.c.started_at, t.c.occurrence)
-                    < sa.tuple_(sa.bindparam("b_started", type_=TZ), sa.bindparam("b_occurrence")),
-                )
-                .values(
-                    status="superseded",
-                    cancelled_at=sa.bindparam("b_now", type_=TZ),
-                    reason=sa.bindparam("b_reason"),
-                ),
-                [
-                    {
-                        "b_tenant": i.tenant_id,
-                        "b_trigger": i.trigger_id,
-                        "b_profile": i.profile_id,
-                        "b_started": i.started_at,
-                        "b_occurrence": i.occurrence,
-                        "b_now": now,
-                        "b_reason": f"superseded by {i.occurrence}",
-                    }
-                    for i in schedules
-                ],
-            )
+            await timer_rows.supersede_timers(conn, schedules, now)
         await self._write_states(conn, plan.states, now)
 
     @staticmethod
@@ -628,88 +434,26 @@ class TriggerStore:
 
     async def fire_due(self, now: datetime, limit: int, message_for: MessageFor) -> FireResult:
         """Claim up to `limit` due timers, fire them and write their requests to the outbox, atomically."""
-        t, tr = timers, triggers
-        claim = (
-            sa.select(
-                t.c.tenant_id,
-                t.c.trigger_id,
-                t.c.profile_id,
-                t.c.occurrence,
-                t.c.variables,
-                tr.c.channel,
-                tr.c.purpose,
-                tr.c.template_id,
-            )
-            .select_from(
-                t.outerjoin(tr, sa.and_(tr.c.tenant_id == t.c.tenant_id, tr.c.trigger_id == t.c.trigger_id))
-            )
-            .where(PENDING, t.c.due_at <= now)
-            .order_by(t.c.due_at)
-            .limit(limit)
-            .with_for_update(skip_locked=True, of=t)
-        )
         async with self.engine.begin() as conn:
-            rows = (await conn.execute(claim)).all()
-            if not rows:
+            due = await timer_rows.claim_due(conn, now, limit)
+            if not due:
                 return FireResult(0, 0)
-            due = [
-                DueTimer(
-                    tenant_id=r.tenant_id,
-                    trigger_id=r.trigger_id,
-                    profile_id=r.profile_id,
-                    occurrence=r.occurrence,
-                    variables=r.variables,
-                    channel=r.channel,
-                    purpose=r.purpose,
-                    template_id=r.template_id,
-                )
-                for r in rows
-            ]
             decided = [(d, fire(d)) for d in due]
             to_fire = [f for _, f in decided if f is not None]
             orphans = [d for d, f in decided if f is None]
             new: list[Firing] = []
             if to_fire:
-                inserted = (
-                    await conn.execute(
-                        pg_insert(firings)
-                        .values(
-                            [
-                                {
-                                    "tenant_id": f.tenant_id,
-                                    "trigger_id": f.trigger_id,
-                                    "profile_id": f.profile_id,
-                                    "occurrence": f.occurrence,
-                                    "idempotency_key": f.idempotency_key,
-                                    "fired_at": now,
-                                }
-                                for f in to_fire
-                            ]
-                        )
-                        .on_conflict_do_nothing()
-                        .returning(*(firings.c[k] for k in TIMER_KEY))
-                    )
-                ).all()
-                fresh = {tuple(r) for r in inserted}
-                new = [f for f in to_fire if (f.tenant_id, f.trigger_id, f.profile_id, f.occurrence) in fresh]
-                await conn.execute(
-                    t.update()
-                    .where(
-                        sa.tuple_(t.c.tenant_id, t.c.trigger_id, t.c.profile_id, t.c.occurrence).in_(
-                            [(f.tenant_id, f.trigger_id, f.profile_id, f.occurrence) for f in to_fire]
-                        )
-                    )
-                    .values(status="fired", fired_at=now)
+                new = await timer_rows.record_firings(conn, to_fire, now)
+                await timer_rows.set_timers(
+                    conn, [timer_rows.timer_key(f) for f in to_fire], status="fired", fired_at=now
                 )
             if orphans:
-                await conn.execute(
-                    t.update()
-                    .where(
-                        sa.tuple_(t.c.tenant_id, t.c.trigger_id, t.c.profile_id, t.c.occurrence).in_(
-                            [(d.tenant_id, d.trigger_id, d.profile_id, d.occurrence) for d in orphans]
-                        )
-                    )
-                    .values(status="cancelled", cancelled_at=now, reason="trigger deleted")
+                await timer_rows.set_timers(
+                    conn,
+                    [timer_rows.timer_key(d) for d in orphans],
+                    status="cancelled",
+                    cancelled_at=now,
+                    reason="trigger deleted",
                 )
             await enqueue(conn, outbox, [message_for(f, now) for f in new], now)
-        return FireResult(len(rows), len(new))
+        return FireResult(len(due), len(new))

@@ -22,7 +22,8 @@ from services.profile.gdpr import GdprStore
 from services.profile.servicer import consent_changed, profile_merged
 from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore
-from services.trigger.store import TriggerStore, firings, timers
+from services.trigger.store import TriggerStore
+from services.trigger.tables import firings, timers
 from tests.helpers import blocks_read, explain, rows_read, statements_run
 
 TENANT = "acme"

@@ -9,17 +9,14 @@ import pytest
 
 from relevans.kit.errors import AlreadyExists, InvalidArgument
 from services.trigger.domain import (
-    Absence,
     CancelTimers,
     DueTimer,
     EventFacts,
     Plan,
-    RawAbsence,
     RawTrigger,
     ScheduleTimer,
     StateKey,
     TriggerDef,
-    TriggerState,
     check_trigger_id,
     decode_page_token,
     encode_page_token,
@@ -29,6 +26,7 @@ from services.trigger.domain import (
     resolve_create,
     validate_trigger,
 )
+from services.trigger.domain.kinds.absence import Absence, RawAbsence, TriggerState
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 DELAY = timedelta(hours=4)
@@ -39,7 +37,7 @@ def raw(**overrides: object) -> RawTrigger:
     base = RawTrigger(
         trigger_id="abandoned-cart",
         display_name="Abandoned cart",
-        absence=RawAbsence("add_to_cart", "purchase", DELAY),
+        condition=RawAbsence("add_to_cart", "purchase", DELAY),
         channel="email",
         purpose="marketing",
         template_id="cart-reminder",
@@ -56,7 +54,7 @@ def violations(r: RawTrigger | None) -> dict[str, str]:
 CART = TriggerDef(
     trigger_id="abandoned-cart",
     display_name="Abandoned cart",
-    absence=Absence("add_to_cart", "purchase", DELAY),
+    condition=Absence("add_to_cart", "purchase", DELAY),
     channel="email",
     purpose="marketing",
     template_id="cart-reminder",
@@ -87,22 +85,22 @@ def test_missing_trigger_is_named() -> None:
         ({"trigger_id": "Abandoned"}, "trigger.trigger_id"),
         ({"trigger_id": "-cart"}, "trigger.trigger_id"),
         ({"trigger_id": "a" * 64}, "trigger.trigger_id"),
-        ({"absence": None}, "trigger.absence"),
-        ({"absence": RawAbsence("", "purchase", DELAY)}, "trigger.absence.start_event_type"),
-        ({"absence": RawAbsence("add_to_cart", "", DELAY)}, "trigger.absence.cancel_event_type"),
-        ({"absence": RawAbsence("add_to_cart", "add_to_cart", DELAY)}, "trigger.absence.cancel_event_type"),
-        ({"absence": RawAbsence("Add To Cart", "purchase", DELAY)}, "trigger.absence.start_event_type"),
-        ({"absence": RawAbsence("add_to_cart", "purchase", None)}, "trigger.absence.delay"),
+        ({"condition": None}, "trigger.absence"),
+        ({"condition": RawAbsence("", "purchase", DELAY)}, "trigger.absence.start_event_type"),
+        ({"condition": RawAbsence("add_to_cart", "", DELAY)}, "trigger.absence.cancel_event_type"),
+        ({"condition": RawAbsence("add_to_cart", "add_to_cart", DELAY)}, "trigger.absence.cancel_event_type"),
+        ({"condition": RawAbsence("Add To Cart", "purchase", DELAY)}, "trigger.absence.start_event_type"),
+        ({"condition": RawAbsence("add_to_cart", "purchase", None)}, "trigger.absence.delay"),
         (
-            {"absence": RawAbsence("add_to_cart", "purchase", timedelta(milliseconds=999))},
+            {"condition": RawAbsence("add_to_cart", "purchase", timedelta(milliseconds=999))},
             "trigger.absence.delay",
         ),
         (
-            {"absence": RawAbsence("add_to_cart", "purchase", timedelta(days=90, seconds=1))},
+            {"condition": RawAbsence("add_to_cart", "purchase", timedelta(days=90, seconds=1))},
             "trigger.absence.delay",
         ),
-        ({"absence": RawAbsence("add_to_cart", "purchase", -DELAY)}, "trigger.absence.delay"),
-        ({"absence": RawAbsence("add_to_cart", "purchase", None, bad_delay=True)}, "trigger.absence.delay"),
+        ({"condition": RawAbsence("add_to_cart", "purchase", -DELAY)}, "trigger.absence.delay"),
+        ({"condition": RawAbsence("add_to_cart", "purchase", None, bad_delay=True)}, "trigger.absence.delay"),
         ({"channel": "unspecified"}, "trigger.channel"),
         ({"channel": "sms"}, "trigger.channel"),
         ({"channel": "42"}, "trigger.channel"),
@@ -120,12 +118,13 @@ def test_each_invalid_field_is_named(overrides: dict[str, object], field: str) -
 def test_delay_bounds_are_inclusive() -> None:
     for delay in (timedelta(seconds=1), timedelta(days=90)):
         assert (
-            validate_trigger(raw(absence=RawAbsence("add_to_cart", "purchase", delay))).absence.delay == delay
+            validate_trigger(raw(condition=RawAbsence("add_to_cart", "purchase", delay))).condition.delay
+            == delay
         )
 
 
 def test_all_violations_are_reported_together() -> None:
-    found = violations(RawTrigger(trigger_id="BAD", absence=RawAbsence("a", "a", timedelta(0))))
+    found = violations(RawTrigger(trigger_id="BAD", condition=RawAbsence("a", "a", timedelta(0))))
     assert set(found) == {
         "trigger.trigger_id",
         "trigger.absence.cancel_event_type",
@@ -150,7 +149,7 @@ def test_create_is_idempotent_for_the_same_definition_only() -> None:
     with pytest.raises(AlreadyExists):
         resolve_create(CART, replace(requested, template_id="other"))
     with pytest.raises(AlreadyExists):
-        resolve_create(CART, replace(requested, absence=replace(CART.absence, delay=DELAY * 2)))
+        resolve_create(CART, replace(requested, condition=replace(CART.condition, delay=DELAY * 2)))
 
 
 def test_page_size_and_tokens() -> None:
@@ -263,7 +262,7 @@ def test_profiles_and_triggers_are_independent() -> None:
     signup = TriggerDef(
         trigger_id="no-activation",
         display_name="",
-        absence=Absence("signup", "purchase", timedelta(days=3)),
+        condition=Absence("signup", "purchase", timedelta(days=3)),
         channel="email",
         purpose="marketing",
         template_id="welcome",

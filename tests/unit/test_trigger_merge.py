@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.trigger.domain import PendingTimer, RetireTimer, TriggerState, merge_states, plan_merge
+from services.trigger.domain import PendingTimer, RetireTimer
+from services.trigger.domain.kinds.absence import TriggerState, merge_states, plan_merge
 
 T0 = datetime(2026, 5, 1, 12, tzinfo=UTC)
 CART = "abandoned-cart"

@@ -1,31 +1,22 @@
-"""The trigger service's pure domain: definitions, absence decisions and firing. No I/O here."""
+"""The trigger service's pure domain: definitions, the event planner, condition kinds, firing. No I/O here."""
 
-from services.trigger.domain.absence import (
+from services.trigger.domain.events import EventFacts, timer_variables
+from services.trigger.domain.firing import DueTimer, Firing, fire, idempotency_key
+from services.trigger.domain.intents import (
     CancelTimers,
-    EventFacts,
     Intent,
     MergePlan,
     PendingTimer,
-    Plan,
     RetireTimer,
     ScheduleTimer,
     StateKey,
-    TriggerState,
-    decide,
-    merge_states,
-    plan_events,
-    plan_merge,
-    relevant_events,
-    timer_variables,
 )
-from services.trigger.domain.firing import DueTimer, Firing, fire, idempotency_key
+from services.trigger.domain.planner import Plan, plan_events, plan_merge, relevant_events
 from services.trigger.domain.triggers import (
     DEFAULT_PAGE_SIZE,
-    MAX_DELAY,
     MAX_PAGE_SIZE,
-    MIN_DELAY,
-    Absence,
-    RawAbsence,
+    Condition,
+    RawCondition,
     RawTrigger,
     TriggerDef,
     check_trigger_id,
@@ -33,16 +24,14 @@ from services.trigger.domain.triggers import (
     encode_page_token,
     page_size,
     resolve_create,
-    validate_trigger,
 )
+from services.trigger.domain.validation import validate_trigger
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
-    "MAX_DELAY",
     "MAX_PAGE_SIZE",
-    "MIN_DELAY",
-    "Absence",
     "CancelTimers",
+    "Condition",
     "DueTimer",
     "EventFacts",
     "Firing",
@@ -50,20 +39,17 @@ __all__ = [
     "MergePlan",
     "PendingTimer",
     "Plan",
-    "RawAbsence",
+    "RawCondition",
     "RawTrigger",
     "RetireTimer",
     "ScheduleTimer",
     "StateKey",
     "TriggerDef",
-    "TriggerState",
     "check_trigger_id",
-    "decide",
     "decode_page_token",
     "encode_page_token",
     "fire",
     "idempotency_key",
-    "merge_states",
     "page_size",
     "plan_events",
     "plan_merge",

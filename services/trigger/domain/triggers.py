@@ -1,8 +1,8 @@
-"""Trigger definitions: validation, idempotent creation and list paging, as pure functions.
+"""Trigger definitions, idempotent creation and list paging, as pure functions.
 
-The servicer turns a protobuf `Trigger` into a `RawTrigger`; `validate_trigger`
-either returns a normalised `TriggerDef` or raises `InvalidArgument` naming every
-offending field with its proto path (`trigger.absence.delay`, `trigger.channel`, ...).
+A trigger is its own fields (id, channel, purpose, template) and one condition, whose kind
+(`services.trigger.domain.kinds`) defines what it means; `validation.validate_trigger` turns a
+`RawTrigger` into a `TriggerDef`.
 """
 
 from __future__ import annotations
@@ -12,33 +12,27 @@ import binascii
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from typing import ClassVar, Protocol
 
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 
 TRIGGER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-# The event types the profile service accepts; a trigger on any other type could never fire.
-EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
-MIN_DELAY = timedelta(seconds=1)
-MAX_DELAY = timedelta(days=90)
-MAX_DISPLAY_NAME_CHARS = 200
-MAX_TEMPLATE_ID_CHARS = 128
-
-# Channels and purposes by their proto enum names without prefix, lower-case ("email", "marketing").
-SUPPORTED_CHANNELS = ("email",)
-SENDING_PURPOSES = ("marketing", "transactional")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100
 
 
-@dataclass(frozen=True, slots=True)
-class RawAbsence:
-    start_event_type: str = ""
-    cancel_event_type: str = ""
-    delay: timedelta | None = None
-    # True when the client sent a Duration that is not a valid duration (mixed signs, nanos overflow).
-    bad_delay: bool = False
+class Condition(Protocol):
+    """A condition kind's validated definition (e.g. `Absence`); `kind` names its kind in the registry."""
+
+    kind: ClassVar[str]
+
+
+class RawCondition(Protocol):
+    """A condition as the client sent it, before its kind checks it (e.g. `RawAbsence`)."""
+
+    kind: ClassVar[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,19 +41,10 @@ class RawTrigger:
 
     trigger_id: str = ""
     display_name: str = ""
-    absence: RawAbsence | None = None
+    condition: RawCondition | None = None
     channel: str = "unspecified"
     purpose: str = "unspecified"
     template_id: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Absence:
-    """`start_event_type` not followed by `cancel_event_type` within `delay` (the abandoned cart)."""
-
-    start_event_type: str
-    cancel_event_type: str
-    delay: timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +53,7 @@ class TriggerDef:
 
     trigger_id: str
     display_name: str
-    absence: Absence
+    condition: Condition
     channel: str
     purpose: str
     template_id: str
@@ -79,7 +64,7 @@ class TriggerDef:
         return (
             self.trigger_id == other.trigger_id
             and self.display_name == other.display_name
-            and self.absence == other.absence
+            and self.condition == other.condition
             and self.channel == other.channel
             and self.purpose == other.purpose
             and self.template_id == other.template_id
@@ -99,63 +84,6 @@ def check_trigger_id(value: str, field: str = "trigger_id") -> str:
     validate_trigger_id(value, field, v)
     v.raise_if_any()
     return value
-
-
-def _event_type(value: str, field: str, v: Violations) -> None:
-    if not value:
-        v.add(field, "is required")
-    elif not EVENT_TYPE_RE.match(value):
-        v.add(field, f"must be an event type matching {EVENT_TYPE_RE.pattern}")
-
-
-def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
-    """A normalised definition, or InvalidArgument naming every offending field."""
-    v = Violations()
-    if raw is None:
-        v.add("trigger", "is required")
-        v.raise_if_any()
-    assert raw is not None
-    validate_trigger_id(raw.trigger_id, "trigger.trigger_id", v)
-    display_name = raw.display_name.strip()
-    if len(display_name) > MAX_DISPLAY_NAME_CHARS:
-        v.add("trigger.display_name", f"must be at most {MAX_DISPLAY_NAME_CHARS} characters")
-    a = raw.absence
-    if a is None:
-        v.add("trigger.absence", "a condition is required; only absence triggers are supported for now")
-    else:
-        _event_type(a.start_event_type, "trigger.absence.start_event_type", v)
-        _event_type(a.cancel_event_type, "trigger.absence.cancel_event_type", v)
-        if a.start_event_type and a.start_event_type == a.cancel_event_type:
-            v.add("trigger.absence.cancel_event_type", "must differ from start_event_type")
-        if a.bad_delay:
-            v.add("trigger.absence.delay", "is not a valid duration")
-        elif a.delay is None:
-            v.add("trigger.absence.delay", "is required")
-        elif not MIN_DELAY <= a.delay <= MAX_DELAY:
-            v.add("trigger.absence.delay", "must be between 1 second and 90 days")
-    if raw.channel == "unspecified":
-        v.add("trigger.channel", "is required")
-    elif raw.channel not in SUPPORTED_CHANNELS:
-        v.add("trigger.channel", "only CHANNEL_EMAIL is supported for now")
-    if raw.purpose == "unspecified":
-        v.add("trigger.purpose", "is required")
-    elif raw.purpose not in SENDING_PURPOSES:
-        v.add("trigger.purpose", "must be PURPOSE_MARKETING or PURPOSE_TRANSACTIONAL")
-    template_id = raw.template_id.strip()
-    if not template_id:
-        v.add("trigger.template_id", "is required")
-    elif len(template_id) > MAX_TEMPLATE_ID_CHARS:
-        v.add("trigger.template_id", f"must be at most {MAX_TEMPLATE_ID_CHARS} characters")
-    v.raise_if_any()
-    assert a is not None and a.delay is not None
-    return TriggerDef(
-        trigger_id=raw.trigger_id,
-        display_name=display_name,
-        absence=Absence(a.start_event_type, a.cancel_event_type, a.delay),
-        channel=raw.channel,
-        purpose=raw.purpose,
-        template_id=template_id,
-    )
 
 
 def resolve_create(existing: TriggerDef, requested: TriggerDef) -> TriggerDef:

@@ -1,0 +1,68 @@
+"""`validate_trigger`: a normalised `TriggerDef`, or InvalidArgument naming every offending field.
+
+The trigger's own fields are checked here, its condition by its kind (through the registry),
+each violation under its proto path (`trigger.absence.delay`, `trigger.channel`, ...).
+"""
+
+from __future__ import annotations
+
+from relevans.kit.errors import Violations
+from services.trigger.domain.kinds import KINDS
+from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, validate_trigger_id
+
+MAX_DISPLAY_NAME_CHARS = 200
+MAX_TEMPLATE_ID_CHARS = 128
+
+# Channels and purposes by their proto enum names without prefix, lower-case ("email", "marketing").
+SUPPORTED_CHANNELS = ("email",)
+SENDING_PURPOSES = ("marketing", "transactional")
+
+
+def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
+    """A normalised definition, or InvalidArgument naming every offending field."""
+    v = Violations()
+    if raw is None:
+        v.add("trigger", "is required")
+        v.raise_if_any()
+    assert raw is not None
+    validate_trigger_id(raw.trigger_id, "trigger.trigger_id", v)
+    display_name = raw.display_name.strip()
+    if len(display_name) > MAX_DISPLAY_NAME_CHARS:
+        v.add("trigger.display_name", f"must be at most {MAX_DISPLAY_NAME_CHARS} characters")
+    condition = _condition(raw, v)
+    if raw.channel == "unspecified":
+        v.add("trigger.channel", "is required")
+    elif raw.channel not in SUPPORTED_CHANNELS:
+        v.add("trigger.channel", "only CHANNEL_EMAIL is supported for now")
+    if raw.purpose == "unspecified":
+        v.add("trigger.purpose", "is required")
+    elif raw.purpose not in SENDING_PURPOSES:
+        v.add("trigger.purpose", "must be PURPOSE_MARKETING or PURPOSE_TRANSACTIONAL")
+    template_id = raw.template_id.strip()
+    if not template_id:
+        v.add("trigger.template_id", "is required")
+    elif len(template_id) > MAX_TEMPLATE_ID_CHARS:
+        v.add("trigger.template_id", f"must be at most {MAX_TEMPLATE_ID_CHARS} characters")
+    v.raise_if_any()
+    assert condition is not None
+    return TriggerDef(
+        trigger_id=raw.trigger_id,
+        display_name=display_name,
+        condition=condition,
+        channel=raw.channel,
+        purpose=raw.purpose,
+        template_id=template_id,
+    )
+
+
+def _condition(raw: RawTrigger, v: Violations) -> Condition | None:
+    """The condition checked by its kind. None set: each kind's field is named, since any would do."""
+    if raw.condition is None:
+        for name in KINDS:
+            v.add(f"trigger.{name}", f"a condition is required: one of {', '.join(KINDS)}")
+        return None
+    kind = KINDS.get(raw.condition.kind)
+    if kind is None:
+        v.add(f"trigger.{raw.condition.kind}", "is not a condition kind this service supports")
+        return None
+    return kind.validate(raw.condition, f"trigger.{kind.name}", v)
