@@ -7,12 +7,12 @@ from relevans.kit.db import create_engine
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.profile import enrichment_servicer, segment_servicer
 from services.profile.enrichment import EnrichmentStore, TenantCache, load_enrichment
 from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
-from services.profile.servicer import ProfileServicer, binding, consent_changed, profile_merged
+from services.profile.servicers import enrichment, profile, segments
 from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore, outbox
+from services.profile.wire import consent_changed, profile_merged
 
 SERVICE = "profile"
 
@@ -20,7 +20,7 @@ SERVICE = "profile"
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
     """The profile service, not yet started; the caller migrates its database first."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    enrichment = TenantCache(clock, load_enrichment)
+    enrichment_cache = TenantCache(clock, load_enrichment)
     segment_rules = TenantCache(clock, SegmentRules().load)
     # ingest's own connections (up to 10), planned for key lookups only (see create_engine)
     ingest_engine = create_engine(settings.database_url(SERVICE), pool_size=5, lookups_only=True)
@@ -29,18 +29,18 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         ingest_engine=ingest_engine,
         consent_message=consent_changed,
         merged_message=profile_merged,
-        definitions=enrichment.get,
+        definitions=enrichment_cache.get,
         segment_rules=segment_rules.get,
     )
-    servicer = ProfileServicer(
+    servicer = profile.ProfileServicer(
         store, clock, event_partitions=settings.event_partitions, notify=rt.relay.notify
     )
-    definitions = enrichment_servicer.EnrichmentServicer(EnrichmentStore(rt.engine), clock, enrichment)
+    definitions = enrichment.EnrichmentServicer(EnrichmentStore(rt.engine), clock, enrichment_cache)
     host = rt.host(
         [
-            binding(servicer),
-            enrichment_servicer.binding(definitions),
-            segment_servicer.binding(rt.engine, clock, segment_rules),
+            profile.binding(servicer),
+            enrichment.binding(definitions),
+            segments.binding(rt.engine, clock, segment_rules),
         ]
     )
     host.add_closer(ingest_engine.dispose)

@@ -19,9 +19,9 @@ from relevans.kit.settings import Settings
 from services.delivery.store import DeliveryStore
 from services.profile.enrichment import TenantCache, load_enrichment
 from services.profile.gdpr import GdprStore
-from services.profile.servicer import consent_changed, profile_merged
 from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore
+from services.profile.wire import consent_changed, profile_merged
 from services.trigger.store import TriggerStore
 from services.trigger.tables import firings, timers
 from tests.helpers import blocks_read, explain, rows_read, statements_run

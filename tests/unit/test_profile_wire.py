@@ -11,7 +11,8 @@ from relevans.kit.proto import to_timestamp, to_value
 from relevans.profile.v1 import profile_pb2
 from services.profile.domain.consent import Consent
 from services.profile.domain.identity import Enriched, ProfileState
-from services.profile.servicer import consent_proto, snapshot_bytes
+from services.profile.servicers.conversions import consent_proto
+from services.profile.wire import snapshot_bytes
 
 AT = datetime(2026, 11, 24, 10, 30, 15, 123456, tzinfo=UTC)
 

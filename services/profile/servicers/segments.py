@@ -15,7 +15,7 @@ from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 from services.profile.domain.segment_rules import parse
 from services.profile.enrichment import TenantCache
 from services.profile.segments import Segment, SegmentStore, after_profile_id, page_size
-from services.profile.servicer import struct_to_dict
+from services.profile.servicers.conversions import struct_to_dict
 from services.profile.signals import SegmentRule
 
 SERVICE_NAME = segment_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name

@@ -1,0 +1,1 @@
+"""The gRPC servicers of the profile service, one module per service, and the conversions they share."""
