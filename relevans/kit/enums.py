@@ -6,21 +6,15 @@ so a name without its prefix is what the domain and the database keep.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
-
-class EnumType(Protocol):
-    """What a generated enum wrapper (e.g. `common_pb2.Channel`) offers."""
-
-    def items(self) -> list[tuple[str, int]]: ...
-
+from typing import Any
 
 _NAMES: dict[tuple[int, str], dict[int, str]] = {}
 _VALUES: dict[tuple[int, str], dict[str, int]] = {}
 
 
 def _tables(enum: Any, prefix: str) -> tuple[dict[int, str], dict[str, int]]:
-    """Both directions of one enum, built once: these run for every consent of every profile read."""
+    """Both directions of one generated enum (e.g. `common_pb2.Channel`), built once: these run for
+    every consent of every profile read."""
     key = (id(enum), prefix)
     names = _NAMES.get(key)
     if names is None:
@@ -30,13 +24,13 @@ def _tables(enum: Any, prefix: str) -> tuple[dict[int, str], dict[str, int]]:
     return names, _VALUES[key]
 
 
-def enum_name(enum: EnumType, value: int, prefix: str) -> str:
+def enum_name(enum: Any, value: int, prefix: str) -> str:
     """`CHANNEL_EMAIL` -> "email"; a number the enum does not know stays a number ("7"), so a newer
     client's value is reported, not mistaken for another."""
     name = _tables(enum, prefix)[0].get(value)
     return str(value) if name is None else name
 
 
-def enum_value(enum: EnumType, name: str, prefix: str) -> int:
+def enum_value(enum: Any, name: str, prefix: str) -> int:
     """ "email" -> `CHANNEL_EMAIL`; a name the enum does not know is 0, its `_UNSPECIFIED` value."""
     return _tables(enum, prefix)[1].get(name.lower(), 0)

@@ -8,17 +8,18 @@ import grpc
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
+from relevans.kit.enums import enum_name
+from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from services.trigger.condition_protos import condition_fields, raw_condition
 from services.trigger.domain import (
+    TRIGGER_PAGES,
     RawTrigger,
     TriggerDef,
     check_trigger_id,
-    decode_page_token,
-    encode_page_token,
-    page_size,
+    page_after,
     validate_trigger,
 )
 from services.trigger.store import TriggerStore
@@ -34,14 +35,6 @@ SCOPES = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 # ---- proto <-> domain -------------------------------------------------------------------------
-
-
-def enum_name(enum: Any, value: int, prefix: str) -> str:
-    """`CHANNEL_EMAIL` -> "email"; an unknown number stays a number ("7")."""
-    try:
-        return str(enum.Name(value)).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
 
 
 def raw_trigger(t: trigger_pb2.Trigger) -> RawTrigger:
@@ -94,13 +87,13 @@ class TriggerServicer(trigger_pb2_grpc.TriggerServiceServicer):
         self, request: trigger_pb2.ListTriggersRequest, context: Context
     ) -> trigger_pb2.ListTriggersResponse:
         tenant = principal().tenant_id
-        size = page_size(request.page_size)
-        after = decode_page_token(request.page_token)
+        size = TRIGGER_PAGES.of(request.page_size)
+        after = page_after(request.page_token)
         found = await self.store.list_triggers(tenant, after, size + 1)
         page, more = found[:size], len(found) > size
         return trigger_pb2.ListTriggersResponse(
             triggers=[trigger_proto(d) for d in page],
-            next_page_token=encode_page_token(page[-1].trigger_id) if more else "",
+            next_page_token=encode_page_token(after=page[-1].trigger_id) if more else "",
         )
 
     async def DeleteTrigger(

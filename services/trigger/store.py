@@ -26,7 +26,6 @@ locking and re-checks after, so no event lands on an id a merge just retired.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -38,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
+from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
 from relevans.kit.outbox import OutboxMessage, enqueue
 from services.trigger import timer_rows
@@ -93,12 +93,6 @@ def _trigger_def(row: sa.Row[Any]) -> TriggerDef:
         template_id=row.template_id,
         created_at=row.created_at,
     )
-
-
-def profile_lock_key(tenant_id: str, profile_id: str) -> int:
-    """A stable signed 32-bit key for the advisory lock of one person."""
-    digest = hashlib.blake2b(f"{tenant_id}/{profile_id}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class TriggerStore:
@@ -361,7 +355,7 @@ class TriggerStore:
         return {r.trigger_id: r.condition_kind for r in rows}
 
     async def _lock_people(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> None:
-        keys = sorted({profile_lock_key(t, p) for t, p in people})
+        keys = sorted({lock_key32(t, p) for t, p in people})
         await conn.execute(
             sa.text(
                 "SELECT pg_advisory_xact_lock(:ns, k) "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from relevans.kit.merges import merged_profiles_table
 from relevans.kit.outbox import outbox_table
+from relevans.kit.people import erased_profiles_table, merged_profiles_table
 
 TZ = sa.DateTime(timezone=True)
 
@@ -91,13 +91,7 @@ firings = sa.Table(
 
 # GDPR: erased people (a random profile id, nothing personal); an event of theirs that arrives
 # after the erasure (the event stream and the erasure stream are consumed independently) is ignored.
-erased_profiles = sa.Table(
-    "erased_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("erased_at", TZ, nullable=False),
-)
+erased_profiles = erased_profiles_table(metadata)
 
 merged_profiles = merged_profiles_table(metadata)
 

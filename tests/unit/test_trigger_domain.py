@@ -8,7 +8,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relevans.kit.errors import AlreadyExists, InvalidArgument
+from relevans.kit.paging import encode_page_token
 from services.trigger.domain import (
+    TRIGGER_PAGES,
     CancelTimers,
     DueTimer,
     EventFacts,
@@ -18,10 +20,8 @@ from services.trigger.domain import (
     StateKey,
     TriggerDef,
     check_trigger_id,
-    decode_page_token,
-    encode_page_token,
     fire,
-    page_size,
+    page_after,
     plan_events,
     resolve_create,
     validate_trigger,
@@ -153,16 +153,23 @@ def test_create_is_idempotent_for_the_same_definition_only() -> None:
 
 
 def test_page_size_and_tokens() -> None:
-    assert page_size(0) == 50
-    assert page_size(7) == 7
-    assert page_size(1000) == 100
+    assert TRIGGER_PAGES.of(0) == 50
+    assert TRIGGER_PAGES.of(7) == 7
+    assert TRIGGER_PAGES.of(1000) == 100
     with pytest.raises(InvalidArgument):
-        page_size(-1)
-    assert decode_page_token("") is None
-    assert decode_page_token(encode_page_token("abandoned-cart")) == "abandoned-cart"
-    for forged in ("nope", "!!!", encode_page_token("x").upper(), "eyJhZnRlciI6IDF9"):
+        TRIGGER_PAGES.of(-1)
+    assert page_after("") is None
+    assert page_after(encode_page_token(after="abandoned-cart")) == "abandoned-cart"
+    forged = (
+        "nope",
+        "!!!",
+        encode_page_token(after="x").upper(),
+        "eyJhZnRlciI6IDF9",
+        encode_page_token(after="X Y"),
+    )
+    for token in forged:
         with pytest.raises(InvalidArgument) as caught:
-            decode_page_token(forged)
+            page_after(token)
         assert caught.value.violations[0].field == "page_token"
 
 

@@ -13,23 +13,19 @@ from services.trigger.domain.intents import (
 )
 from services.trigger.domain.planner import Plan, plan_events, plan_merge, relevant_events
 from services.trigger.domain.triggers import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
+    TRIGGER_PAGES,
     Condition,
     RawCondition,
     RawTrigger,
     TriggerDef,
     check_trigger_id,
-    decode_page_token,
-    encode_page_token,
-    page_size,
+    page_after,
     resolve_create,
 )
 from services.trigger.domain.validation import validate_trigger
 
 __all__ = [
-    "DEFAULT_PAGE_SIZE",
-    "MAX_PAGE_SIZE",
+    "TRIGGER_PAGES",
     "CancelTimers",
     "Condition",
     "DueTimer",
@@ -46,11 +42,9 @@ __all__ = [
     "StateKey",
     "TriggerDef",
     "check_trigger_id",
-    "decode_page_token",
-    "encode_page_token",
     "fire",
     "idempotency_key",
-    "page_size",
+    "page_after",
     "plan_events",
     "plan_merge",
     "relevant_events",

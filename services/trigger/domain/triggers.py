@@ -7,20 +7,15 @@ A trigger is its own fields (id, channel, purpose, template) and one condition, 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
 
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
+from relevans.kit.paging import PageSize, decode_page_token
 
 TRIGGER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 100
 
 
 class Condition(Protocol):
@@ -98,30 +93,16 @@ def resolve_create(existing: TriggerDef, requested: TriggerDef) -> TriggerDef:
 
 # ---- paging ------------------------------------------------------------------------------------
 
-
-def page_size(requested: int) -> int:
-    """0 means the default; larger than the maximum is clamped; negative is invalid."""
-    if requested < 0:
-        raise InvalidArgument(FieldViolation("page_size", "must not be negative"))
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    return min(requested, MAX_PAGE_SIZE)
+TRIGGER_PAGES = PageSize(default=50, maximum=100)
 
 
-def encode_page_token(last_trigger_id: str) -> str:
-    body = json.dumps({"after": last_trigger_id}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(body).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> str | None:
-    """The trigger id the page starts after; None for the first page; InvalidArgument if forged."""
-    if not token:
+def page_after(token: str) -> str | None:
+    """The trigger id a page starts after (the token is `encode_page_token(after=<trigger id>)`);
+    None for the first page; InvalidArgument on `page_token` if forged."""
+    data = decode_page_token(token, after=str)
+    if data is None:
         return None
-    try:
-        body = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        after = json.loads(body)["after"]
-    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise InvalidArgument(FieldViolation("page_token", "is not a token this service issued")) from exc
-    if not isinstance(after, str) or not TRIGGER_ID_RE.match(after):
+    after: str = data["after"]
+    if not TRIGGER_ID_RE.match(after):
         raise InvalidArgument(FieldViolation("page_token", "is not a token this service issued"))
     return after
