@@ -31,6 +31,8 @@ def enum_name(enum: Any, value: int, prefix: str) -> str:
     return str(value) if name is None else name
 
 
-def enum_value(enum: Any, name: str, prefix: str) -> int:
-    """ "email" -> `CHANNEL_EMAIL`; a name the enum does not know is 0, its `_UNSPECIFIED` value."""
+def enum_value(enum: Any, name: str, prefix: str) -> Any:
+    """The number of a name: "email" -> `CHANNEL_EMAIL`; a name the enum does not know is 0, its
+    `_UNSPECIFIED` value. (An int, typed Any: each generated enum types its numbers as its own
+    ValueType.)"""
     return _tables(enum, prefix)[1].get(name.lower(), 0)

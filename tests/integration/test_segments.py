@@ -326,7 +326,7 @@ async def test_counts_follow_the_clock_past_a_window(db: AsyncEngine) -> None:
     people[1]["counters"] = {"views": {(day - timedelta(days=5)).isoformat(): 4}}
     await insert_profiles(db, TENANT, people)
     store = SegmentStore(db)
-    active = parse({"count": {"event_type": "page_view", "window_days": 7.0, "op": "ge", "value": 3.0}})
+    active = parse({"count": {"event_type": "page_view", "window_days": 7, "op": "ge", "value": 3}})
     assert await store.count(TENANT, NOW, condition=active) == 2
     assert (
         await store.count(TENANT, NOW + timedelta(days=2), condition=active) == 1

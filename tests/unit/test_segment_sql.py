@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relevans.kit.errors import InvalidArgument
+from relevans.kit.proto import from_struct, to_struct
 from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import Enrichment, ScoreRule, Scoring, TraitMatch
@@ -50,7 +51,8 @@ def test_nodes_without_a_definition_are_constants() -> None:
 
 
 def test_integral_floats_from_a_struct_are_whole_numbers() -> None:
-    cond = parse({"count": {"event_type": "page_view", "window_days": 7.0, "op": "ge", "value": 3.0}})
+    struct = to_struct({"count": {"event_type": "page_view", "window_days": 7.0, "op": "ge", "value": 3.0}})
+    cond = parse(from_struct(struct))
     assert cond == c.CountInWindow("page_view", timedelta(days=7), "ge", 3)
     with pytest.raises(InvalidArgument) as bad:
         parse({"count": {"event_type": "page_view", "window_days": 7.5, "op": "ge", "value": 3}})

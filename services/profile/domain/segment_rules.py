@@ -3,9 +3,6 @@ tenant's counter definitions, so every `counter.<name>` and `count` node can be 
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 from relevans.kit.errors import Violations
 from services.profile.domain import conditions as c
 from services.profile.domain.enrichment import Enrichment, counter_for
@@ -13,21 +10,10 @@ from services.profile.domain.enrichment import Enrichment, counter_for
 NO_COUNTER = "no counter counts these events; create one with EnrichmentService.CreateCounter"
 
 
-def _integral(data: Any) -> Any:
-    """JSON numbers arrive from a Struct as floats: whole ones become ints (window_days 7.0 -> 7),
-    which compare equal to the floats they replace."""
-    if isinstance(data, float) and math.isfinite(data) and data.is_integer() and abs(data) <= 2**53:
-        return int(data)
-    if isinstance(data, dict):
-        return {k: _integral(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_integral(v) for v in data]
-    return data
-
-
 def parse(data: object, path: str = "condition") -> c.Condition:
-    """The condition a JSON-like value (e.g. a Struct as a dict) describes; InvalidArgument naming paths."""
-    return c.parse_condition(_integral(data), path)
+    """The condition a JSON-like value describes (a Struct as `relevans.kit.proto.from_struct` gives
+    it: whole numbers are ints); InvalidArgument naming paths."""
+    return c.parse_condition(data, path)
 
 
 def check_answerable(cond: c.Condition, enrichment: Enrichment, path: str = "condition") -> None:

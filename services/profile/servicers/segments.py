@@ -9,13 +9,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.clock import Clock
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
-from relevans.kit.proto import to_struct, to_timestamp
+from relevans.kit.proto import from_struct, to_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 from services.profile.domain.segment_rules import parse
 from services.profile.enrichment import TenantCache
 from services.profile.segments import Segment, SegmentStore, after_profile_id, page_size
-from services.profile.servicers.conversions import struct_to_dict
 from services.profile.signals import SegmentRule
 
 SERVICE_NAME = segment_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name
@@ -52,7 +51,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
     ) -> segment_pb2.CreateSegmentResponse:
         if not request.HasField("condition"):
             raise InvalidArgument(FieldViolation("condition", "is required"))
-        condition = parse(struct_to_dict(request.condition))
+        condition = parse(from_struct(request.condition))
         tenant = principal().tenant_id
         segment = await self.store.create(
             tenant, request.name, request.description, condition, self.clock.now()
@@ -92,7 +91,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
         now = self.clock.now()
         tenant = principal().tenant_id
         if has_condition:
-            count = await self.store.count(tenant, now, condition=parse(struct_to_dict(request.condition)))
+            count = await self.store.count(tenant, now, condition=parse(from_struct(request.condition)))
         else:
             count = await self.store.count(tenant, now, segment_id=request.segment_id)
         return segment_pb2.CountSegmentResponse(count=count, count_time=to_timestamp(now))
