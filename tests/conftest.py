@@ -23,8 +23,8 @@ from relevans.kit.db import migrate
 from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
+from tests.helpers.auth import TEST_SECRET
 
-TEST_SECRET = "test-secret"
 _db_counter = itertools.count(1)
 
 

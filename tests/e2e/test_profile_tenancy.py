@@ -22,8 +22,8 @@ import pytest_asyncio
 from relevans.common.v1 import common_pb2
 from relevans.kit.grpc_client import bearer
 from relevans.profile.v1 import profile_pb2
-from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import System
+from tests.helpers.auth import TEST_SECRET
 
 A, B = "tenant-a", "tenant-b"
 EMAIL = "ann@example.com"

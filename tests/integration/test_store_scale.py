@@ -23,7 +23,7 @@ from services.profile.servicer import consent_changed, profile_merged
 from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore
 from services.trigger.store import TriggerStore, firings, timers
-from tests.helpers import blocks_read, explain, rows_read, statements_run
+from tests.helpers.plans import blocks_read, explain, rows_read, statements_run
 
 TENANT = "acme"
 NOW = datetime(2026, 12, 1, tzinfo=UTC)
