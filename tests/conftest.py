@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import nats
@@ -32,23 +35,33 @@ def pytest_configure(config: pytest.Config) -> None:
     configure_logging(level=os.environ.get("RELEVANS_TEST_LOG_LEVEL", "warning"), fmt="console")
 
 
+@pytest.fixture(scope="session")
+def servers_dir() -> Iterator[Path]:
+    """The session's server data, outside pytest's numbered temp folders: pytest keeps only the
+    newest three of those and deletes older ones when another session starts, which pulled the
+    data folder from under a running PostgreSQL when several test sessions shared a machine."""
+    path = Path(tempfile.mkdtemp(prefix="relevans-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest_asyncio.fixture(scope="session")
-async def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+async def postgres_url(servers_dir: Path) -> AsyncIterator[str]:
     external = os.environ.get("RELEVANS_TEST_POSTGRES_URL")
     if external:
         yield external.rstrip("/")
         return
-    async with EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data") as pg:
+    async with EmbeddedPostgres(servers_dir / "pg" / "data") as pg:
         yield pg.url.rsplit("/", 1)[0]
 
 
 @pytest_asyncio.fixture(scope="session")
-async def nats_url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+async def nats_url(servers_dir: Path) -> AsyncIterator[str]:
     external = os.environ.get("RELEVANS_TEST_NATS_URL")
     if external:
         yield external
         return
-    async with EmbeddedNats(tmp_path_factory.mktemp("nats")) as server:
+    async with EmbeddedNats(servers_dir / "nats") as server:
         yield server.url
 
 
