@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 TENANT = "shop"
 DELAY = timedelta(hours=4)
 TRIGGER_ID = "abandoned-cart"
-
-
 token = Tokens(TENANT)
 
 
