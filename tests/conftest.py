@@ -1,4 +1,5 @@
-"""Real infrastructure for the tests: one PostgreSQL and one NATS JetStream per session.
+"""Real infrastructure for the tests: one PostgreSQL and one NATS JetStream per session, and the
+whole system on them.
 
 Both start from the pip-installed binaries on free ports in a temp folder, unless
 RELEVANS_TEST_POSTGRES_URL / RELEVANS_TEST_NATS_URL point at external servers.
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -26,7 +28,9 @@ from relevans.kit.db import migrate
 from relevans.kit.embedded import EmbeddedNats, EmbeddedPostgres
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
+from relevans.kit.smtp_sink import SmtpSink
 from tests.helpers.auth import TEST_SECRET
+from tests.helpers.system import System
 
 _db_counter = itertools.count(1)
 
@@ -135,3 +139,17 @@ async def settings(
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest_asyncio.fixture
+async def system(settings: Settings, clock: ManualClock, tmp_path: Path) -> AsyncIterator[System]:
+    """The three services started, mail going to an SMTP sink (tests/helpers/system.py)."""
+    sink = SmtpSink(tmp_path / "mail")
+    await sink.start()
+    sys_ = System(replace(settings, smtp_port=sink.port), clock, sink, {}, {})
+    try:
+        for service in ("profile", "trigger", "delivery"):
+            await sys_.start(service)
+        yield sys_
+    finally:
+        await sys_.close()

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.db import create_engine
 from relevans.profile.v1 import profile_pb2
-from tests.e2e.conftest import CART_DELAY, System
 from tests.helpers import eventually, stays
+from tests.helpers.system import CART_DELAY, System
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
@@ -26,14 +23,7 @@ async def sent(system: System) -> list[delivery_pb2.Message]:
 
 
 async def pending_timers(system: System) -> int:
-    engine = create_engine(system.settings.database_url("trigger"), pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            return int(
-                await conn.scalar(sa.text("SELECT count(*) FROM timers WHERE status = 'pending'")) or 0
-            )
-    finally:
-        await engine.dispose()
+    return await system.scalar("trigger", "SELECT count(*) FROM timers WHERE status = 'pending'")
 
 
 async def test_abandoned_cart_sends_exactly_one_email_with_product_and_name(system: System) -> None:

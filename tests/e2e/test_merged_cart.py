@@ -8,10 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.db import create_engine
 from relevans.profile.v1 import profile_pb2
-from tests.e2e.conftest import CART_DELAY, System
 from tests.helpers import eventually, stays
+from tests.helpers.system import CART_DELAY, System
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
@@ -19,15 +18,9 @@ COOKIE = "cookie-7f3a"
 
 
 async def timers(system: System) -> list[sa.Row[Any]]:
-    engine = create_engine(system.settings.database_url("trigger"), pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.text("SELECT profile_id, occurrence, status FROM timers ORDER BY started_at")
-            )
-            return list(rows.all())
-    finally:
-        await engine.dispose()
+    return await system.rows(
+        "trigger", "SELECT profile_id, occurrence, status FROM timers ORDER BY started_at"
+    )
 
 
 async def anonymous_cart(system: System, product_name: str) -> profile_pb2.TrackResponse:
