@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from relevans.delivery.v1 import delivery_pb2
 from relevans.profile.v1 import profile_pb2
 from tests.helpers import eventually, stays
-from tests.helpers.system import CART_DELAY, System
+from tests.helpers.cart import DELAY
+from tests.helpers.system import System
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
@@ -60,11 +61,11 @@ async def test_an_anonymous_cart_is_reminded_once_to_the_known_customer_after_lo
     await log_in(system)  # the shadow is merged into Ada's profile
     await eventually(lambda: the_timers_are(system, [(known, cart.event_id, "pending")]))
 
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     [mail] = await eventually(lambda: mails(system))
     assert mail["Subject"] == "Ada, your cart is waiting"
     assert "Blue running shoes" in mail.get_body(preferencelist=("plain",)).get_content()
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await stays(lambda: more_than_one_mail(system), duration=0.6)
     reply = await system.delivery.ListMessages(
         delivery_pb2.ListMessagesRequest(profile_id=known), metadata=system.token(TENANT, "read")
@@ -94,10 +95,10 @@ async def test_the_known_customers_older_cart_and_the_anonymous_newer_cart_make_
         lambda: the_timers_are(system, [(known, older, "superseded"), (known, cart.event_id, "pending")])
     )
 
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     [mail] = await eventually(lambda: mails(system))
     assert "Blue running shoes" in mail.get_body(preferencelist=("plain",)).get_content()
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await stays(lambda: more_than_one_mail(system), duration=0.6)
 
 

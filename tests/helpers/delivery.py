@@ -29,6 +29,7 @@ from services.delivery.app import build
 from services.profile.app import build as build_profile
 from tests.helpers import eventually
 from tests.helpers.auth import Tokens
+from tests.helpers.cart import BODY, SUBJECT, TEMPLATE_ID
 
 if TYPE_CHECKING:
     from relevans.delivery.v1.delivery_pb2_grpc import DeliveryServiceAsyncStub
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
-TEMPLATE_ID = "cart-reminder"
-SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
-BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
 token = Tokens(TENANT)
 
 

@@ -12,7 +12,6 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from google.protobuf import duration_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.cli.services import builder
@@ -26,10 +25,7 @@ from relevans.kit.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers.auth import token
-
-CART_DELAY = timedelta(hours=4)
-TEMPLATE_SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
-TEMPLATE_BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
+from tests.helpers.cart import BODY, DELAY, SUBJECT, TEMPLATE_ID, cart_trigger
 
 
 @dataclass
@@ -97,34 +93,21 @@ class System:
     def mails_to(self, address: str) -> list:  # type: ignore[type-arg]
         return [m for m in self.sink.messages() if address in str(m["To"])]
 
-    async def setup_abandoned_cart(self, tenant: str, delay: timedelta = CART_DELAY) -> None:
+    async def setup_abandoned_cart(self, tenant: str, delay: timedelta = DELAY) -> None:
         md = self.token(tenant, "admin")
         await self.delivery.PutTemplate(
             delivery_pb2.PutTemplateRequest(
                 template=delivery_pb2.Template(
-                    template_id="cart-reminder",
+                    template_id=TEMPLATE_ID,
                     channel=common_pb2.CHANNEL_EMAIL,
-                    subject=TEMPLATE_SUBJECT,
-                    body_text=TEMPLATE_BODY,
+                    subject=SUBJECT,
+                    body_text=BODY,
                 )
             ),
             metadata=md,
         )
         await self.triggers.CreateTrigger(
-            trigger_pb2.CreateTriggerRequest(
-                trigger=trigger_pb2.Trigger(
-                    trigger_id="abandoned-cart",
-                    absence=trigger_pb2.AbsenceCondition(
-                        start_event_type="add_to_cart",
-                        cancel_event_type="purchase",
-                        delay=duration_pb2.Duration(seconds=int(delay.total_seconds())),
-                    ),
-                    channel=common_pb2.CHANNEL_EMAIL,
-                    purpose=common_pb2.PURPOSE_MARKETING,
-                    template_id="cart-reminder",
-                )
-            ),
-            metadata=md,
+            trigger_pb2.CreateTriggerRequest(trigger=cart_trigger(delay=delay)), metadata=md
         )
 
     async def customer(self, tenant: str, email: str, first_name: str = "", consent: bool = True) -> str:

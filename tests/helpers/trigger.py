@@ -10,11 +10,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import nats
 import sqlalchemy as sa
-from google.protobuf import duration_pb2
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import ManualClock
@@ -26,29 +24,13 @@ from relevans.profile.v1 import profile_pb2
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from services.trigger.app import build
 from tests.helpers.auth import Tokens
+from tests.helpers.cart import cart_trigger
 
 if TYPE_CHECKING:
     from relevans.trigger.v1.trigger_pb2_grpc import TriggerServiceAsyncStub
 
 TENANT = "shop"
-DELAY = timedelta(hours=4)
-TRIGGER_ID = "abandoned-cart"
 token = Tokens(TENANT)
-
-
-def cart_trigger(trigger_id: str = TRIGGER_ID, delay: timedelta = DELAY) -> trigger_pb2.Trigger:
-    return trigger_pb2.Trigger(
-        trigger_id=trigger_id,
-        display_name="Abandoned cart",
-        absence=trigger_pb2.AbsenceCondition(
-            start_event_type="add_to_cart",
-            cancel_event_type="purchase",
-            delay=duration_pb2.Duration(seconds=int(delay.total_seconds())),
-        ),
-        channel=common_pb2.CHANNEL_EMAIL,
-        purpose=common_pb2.PURPOSE_MARKETING,
-        template_id="cart-reminder",
-    )
 
 
 class Harness:

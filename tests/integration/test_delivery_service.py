@@ -26,7 +26,8 @@ from services.delivery.profiles import ProfileClient
 from services.delivery.store import lock_id, merged_profiles, messages
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, field_violations, rpc_error, stays
-from tests.helpers.delivery import EMAIL, SUBJECT, TEMPLATE_ID, TENANT, Harness, token
+from tests.helpers.cart import SUBJECT, TEMPLATE_ID
+from tests.helpers.delivery import EMAIL, TENANT, Harness, token
 
 
 @pytest_asyncio.fixture

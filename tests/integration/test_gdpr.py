@@ -17,7 +17,8 @@ from relevans.kit.bus import event_subject
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
 from tests.helpers import eventually
-from tests.helpers.system import CART_DELAY, System
+from tests.helpers.cart import DELAY
+from tests.helpers.system import System
 
 A, B = "shop-a", "shop-b"
 EMAIL = "ada@example.com"
@@ -63,7 +64,7 @@ async def test_export_then_erase_everywhere_and_suppress(system: System) -> None
     await eventually(
         lambda: system.scalar("trigger", "SELECT count(*) FROM timers WHERE profile_id = :p", p=pid)
     )
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     await eventually(lambda: messages_of(system, pid))
     await system.track(A, EMAIL, "add_to_cart", message_id="m2", product_name="Socks")
     pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
@@ -202,7 +203,7 @@ async def test_delivery_never_sends_to_an_erased_address(system: System) -> None
     await system.track(A, EMAIL, "add_to_cart", message_id="m1", product_name="Shoes")
     pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
     await eventually(lambda: system.scalar("trigger", pending, p=back))
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     [message] = await eventually(lambda: messages_of(system, back))
     assert message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED
     assert message.reason == "erased"

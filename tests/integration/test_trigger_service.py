@@ -21,7 +21,8 @@ from relevans.trigger.v1 import trigger_pb2
 from services.trigger.store import TriggerStore
 from services.trigger.timers import TimerWorker
 from tests.helpers import eventually, field_violations, rpc_error, stays
-from tests.helpers.trigger import DELAY, TENANT, TRIGGER_ID, Harness, cart_trigger, token
+from tests.helpers.cart import DELAY, TRIGGER_ID, cart_trigger
+from tests.helpers.trigger import TENANT, Harness, token
 
 
 @pytest_asyncio.fixture
