@@ -69,16 +69,23 @@ async def nats_url(servers_dir: Path) -> AsyncIterator[str]:
         yield server.url
 
 
+async def _on_server(postgres_url: str, statements: list[str]) -> None:
+    """Run `statements` (creating and dropping databases) on the server's maintenance database."""
+    admin = await asyncpg.connect(f"{postgres_url}/postgres")
+    try:
+        for statement in statements:
+            await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
 @pytest_asyncio.fixture(scope="session")
 async def template_databases(postgres_url: str) -> dict[str, str]:
     """One migrated template database per service, cloned for each test."""
     names = {service: f"relevans_tmpl_{os.getpid()}_{service}" for service in SERVICES}
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for name in names.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url, [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()]
+    )
     for service, name in names.items():
         await migrate(service, f"postgresql+asyncpg://{postgres_url.split('://', 1)[1]}/{name}")
     return names
@@ -104,12 +111,10 @@ async def settings(
     """Settings for one test: fresh migrated databases, an empty bus, ports chosen by the OS."""
     n = next(_db_counter)
     databases = {s: f"relevans_t{os.getpid()}_{n}_{s}" for s in SERVICES}
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for service, name in databases.items():
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[service]}"')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url,
+        [f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[s]}"' for s, name in databases.items()],
+    )
     await _empty_bus(nats_url)
     base = postgres_url.split("://", 1)[1]
     yield Settings(
@@ -128,12 +133,9 @@ async def settings(
         shutdown_grace=1.0,
         log_format="console",
     )
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for name in databases.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url, [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in databases.values()]
+    )
 
 
 @pytest.fixture

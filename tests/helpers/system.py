@@ -72,6 +72,13 @@ class System:
             await host.stop()
         await self.sink.stop()
 
+    async def erasure_done(self, tenant: str, erasure_id: str) -> profile_pb2.GetErasureResponse | None:
+        """The erasure's state once every service has done its part, else None."""
+        reply: profile_pb2.GetErasureResponse = await self.profiles.GetErasure(
+            profile_pb2.GetErasureRequest(erasure_id=erasure_id), metadata=self.token(tenant, "admin")
+        )
+        return reply if reply.state == profile_pb2.ERASURE_STATE_DONE else None
+
     @asynccontextmanager
     async def database(self, service: str) -> AsyncIterator[AsyncConnection]:
         """A connection to `service`'s database, to look at what the service wrote."""

@@ -102,13 +102,7 @@ async def test_export_then_erase_everywhere_and_suppress(system: System) -> None
     )
     assert again.erasure_id == erased.erasure_id
 
-    async def done() -> profile_pb2.GetErasureResponse | None:
-        r: profile_pb2.GetErasureResponse = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r if r.state == profile_pb2.ERASURE_STATE_DONE else None
-
-    status = await eventually(done)
+    status = await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     assert set(status.services_done) == {"profile", "trigger", "delivery"}
     assert status.profile_id == pid and status.HasField("complete_time")
 
@@ -187,13 +181,7 @@ async def test_delivery_never_sends_to_an_erased_address(system: System) -> None
         profile_pb2.EraseProfileRequest(profile_id=pid), metadata=admin
     )
 
-    async def done() -> bool:
-        r = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r.state == profile_pb2.ERASURE_STATE_DONE
-
-    await eventually(done)
+    await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     # the person comes back and explicitly consents again: delivery still suppresses the address
     back = await system.customer(A, EMAIL)
     await system.profiles.SetConsent(
@@ -220,13 +208,7 @@ async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(syste
         profile_pb2.EraseProfileRequest(profile_id=pid), metadata=admin
     )
 
-    async def done() -> bool:
-        r = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r.state == profile_pb2.ERASURE_STATE_DONE
-
-    await eventually(done)
+    await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     nc = await nats.connect(system.settings.nats_url)
     try:
         js = nc.jetstream()
