@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -65,13 +65,14 @@ def field_violations(err: grpc.aio.AioRpcError) -> dict[str, str]:
     return out
 
 
-async def rpc_error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
-    """The error a gRPC call fails with (the test fails if it succeeds)."""
+async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
+    """The error a gRPC call fails with (the test fails if it succeeds). `call` is Any: the stubs type
+    a call by its response, though grpc.aio returns an awaitable."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
 
 
-async def code_of(call: Awaitable[object]) -> grpc.StatusCode:
+async def code_of(call: Any) -> grpc.StatusCode:
     """The status code a gRPC call fails with (the test fails if it succeeds)."""
     return (await rpc_error(call)).code()
