@@ -3,6 +3,7 @@
 - this module: waiting for an asynchronous effect (`eventually`, `stays`) and reading gRPC errors;
 - `auth`: bearer tokens the services under test accept;
 - `plans`: what a statement reads (EXPLAIN ANALYZE), for tests that work follows rows, not tables;
+- `cart`: the abandoned cart's trigger and template, the example every service's tests use;
 - `profile`, `trigger`, `delivery`: one service running for a test, with calls and bus helpers;
 - `system`: all three services, an SMTP sink and a manual clock, as the `system` fixture gives them.
 
