@@ -1,4 +1,5 @@
-"""Real infrastructure for the tests: one PostgreSQL and one NATS JetStream per session.
+"""Real infrastructure for the tests: one PostgreSQL and one NATS JetStream per session, and the
+whole system on them.
 
 Both start from the pip-installed binaries on free ports in a temp folder, unless
 RELEVANS_TEST_POSTGRES_URL / RELEVANS_TEST_NATS_URL point at external servers.
@@ -13,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -26,8 +28,10 @@ from relevans.kit.db import migrate
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres
+from relevans.local.smtp_sink import SmtpSink
+from tests.helpers.auth import TEST_SECRET
+from tests.helpers.system import System
 
-TEST_SECRET = "test-secret"
 _db_counter = itertools.count(1)
 
 
@@ -65,16 +69,23 @@ async def nats_url(servers_dir: Path) -> AsyncIterator[str]:
         yield server.url
 
 
+async def _on_server(postgres_url: str, statements: list[str]) -> None:
+    """Run `statements` (creating and dropping databases) on the server's maintenance database."""
+    admin = await asyncpg.connect(f"{postgres_url}/postgres")
+    try:
+        for statement in statements:
+            await admin.execute(statement)
+    finally:
+        await admin.close()
+
+
 @pytest_asyncio.fixture(scope="session")
 async def template_databases(postgres_url: str) -> dict[str, str]:
     """One migrated template database per service, cloned for each test."""
     names = {service: f"relevans_tmpl_{os.getpid()}_{service}" for service in SERVICES}
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for name in names.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url, [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names.values()]
+    )
     for service, name in names.items():
         await migrate(service, f"postgresql+asyncpg://{postgres_url.split('://', 1)[1]}/{name}")
     return names
@@ -100,12 +111,10 @@ async def settings(
     """Settings for one test: fresh migrated databases, an empty bus, ports chosen by the OS."""
     n = next(_db_counter)
     databases = {s: f"relevans_t{os.getpid()}_{n}_{s}" for s in SERVICES}
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for service, name in databases.items():
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[service]}"')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url,
+        [f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[s]}"' for s, name in databases.items()],
+    )
     await _empty_bus(nats_url)
     base = postgres_url.split("://", 1)[1]
     yield Settings(
@@ -124,14 +133,25 @@ async def settings(
         shutdown_grace=1.0,
         log_format="console",
     )
-    admin = await asyncpg.connect(f"{postgres_url}/postgres")
-    try:
-        for name in databases.values():
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    await _on_server(
+        postgres_url, [f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in databases.values()]
+    )
 
 
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest_asyncio.fixture
+async def system(settings: Settings, clock: ManualClock, tmp_path: Path) -> AsyncIterator[System]:
+    """The three services started, mail going to an SMTP sink (tests/helpers/system.py)."""
+    sink = SmtpSink(tmp_path / "mail")
+    await sink.start()
+    sys_ = System(replace(settings, smtp_port=sink.port), clock, sink, {}, {})
+    try:
+        for service in ("profile", "trigger", "delivery"):
+            await sys_.start(service)
+        yield sys_
+    finally:
+        await sys_.close()

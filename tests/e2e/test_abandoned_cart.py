@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.db import create_engine
 from relevans.profile.v1 import profile_pb2
-from tests.e2e.conftest import CART_DELAY, System
 from tests.helpers import eventually, stays
+from tests.helpers.cart import DELAY
+from tests.helpers.system import System
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
@@ -26,14 +24,7 @@ async def sent(system: System) -> list[delivery_pb2.Message]:
 
 
 async def pending_timers(system: System) -> int:
-    engine = create_engine(system.settings.database_url("trigger"), pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            return int(
-                await conn.scalar(sa.text("SELECT count(*) FROM timers WHERE status = 'pending'")) or 0
-            )
-    finally:
-        await engine.dispose()
+    return await system.scalar("trigger", "SELECT count(*) FROM timers WHERE status = 'pending'")
 
 
 async def test_abandoned_cart_sends_exactly_one_email_with_product_and_name(system: System) -> None:
@@ -42,10 +33,10 @@ async def test_abandoned_cart_sends_exactly_one_email_with_product_and_name(syst
     await system.track(TENANT, EMAIL, "add_to_cart", product_name="Blue running shoes", price=89.0)
     await eventually(lambda: pending_timers(system))
 
-    await system.clock.advance(CART_DELAY / 2)
+    await system.clock.advance(DELAY / 2)
     await stays(lambda: _mails(system), duration=0.3)
 
-    await system.clock.advance(CART_DELAY / 2)
+    await system.clock.advance(DELAY / 2)
     [mail] = await eventually(lambda: _mails(system))
     body = mail.get_body(preferencelist=("plain",)).get_content()
     assert "Hi Ada," in body
@@ -55,7 +46,7 @@ async def test_abandoned_cart_sends_exactly_one_email_with_product_and_name(syst
 
     [message] = await eventually(lambda: sent(system))
     assert message.recipient == EMAIL
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     await stays(lambda: _more_than_one(system), duration=0.5)
 
 
@@ -72,10 +63,10 @@ async def test_purchase_before_deadline_cancels_the_email(system: System) -> Non
     await system.customer(TENANT, EMAIL, first_name="Ada")
     await system.track(TENANT, EMAIL, "add_to_cart", product_name="Blue running shoes")
     await eventually(lambda: pending_timers(system))
-    await system.clock.advance(CART_DELAY / 4)
+    await system.clock.advance(DELAY / 4)
     await system.track(TENANT, EMAIL, "purchase", order_id="o-1", value=89.0)
     await eventually(lambda: _no_pending(system))
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await stays(lambda: _mails(system), duration=0.6)
     assert await messages(system) == []
 
@@ -91,9 +82,9 @@ async def test_trigger_service_killed_while_timer_waits_still_sends_once(system:
     await eventually(lambda: pending_timers(system))
 
     await system.kill("trigger")
-    await system.clock.advance(CART_DELAY / 2)
+    await system.clock.advance(DELAY / 2)
     await system.start("trigger")
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
 
     await eventually(lambda: _mails(system))
     await stays(lambda: _more_than_one(system), duration=0.6)
@@ -111,7 +102,7 @@ async def test_same_message_id_twice_is_stored_once_and_fires_once(system: Syste
     )
     assert reply.duplicate
     await eventually(lambda: pending_timers(system))
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await eventually(lambda: _mails(system))
     await stays(lambda: _more_than_one(system), duration=0.6)
     assert await pending_timers(system) == 0
@@ -125,7 +116,7 @@ async def test_consent_withdrawn_after_firing_stops_the_send(system: System) -> 
 
     # The delivery service is down when the trigger fires, so the request waits on the bus.
     await system.kill("delivery")
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await eventually(lambda: _no_pending(system))
     await system.profiles.SetConsent(
         profile_pb2.SetConsentRequest(
@@ -146,7 +137,7 @@ async def test_missing_first_name_falls_back_to_a_plain_greeting(system: System)
     await system.customer(TENANT, EMAIL)
     await system.track(TENANT, EMAIL, "add_to_cart", product_name="Shoes")
     await eventually(lambda: pending_timers(system))
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     [mail] = await eventually(lambda: _mails(system))
     body = mail.get_body(preferencelist=("plain",)).get_content()
     assert body.startswith("Hi there,")

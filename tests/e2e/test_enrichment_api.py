@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable
 from datetime import UTC
 
 import grpc
-import pytest
 from google.protobuf import struct_pb2
 
 from relevans.profile.v1 import enrichment_pb2 as pb
 from relevans.profile.v1 import enrichment_pb2_grpc
-from tests.e2e.conftest import System
-from tests.helpers import field_violations
+from tests.helpers import field_violations, rpc_error
+from tests.helpers.system import System
 
 A, B = "tenant-a", "tenant-b"
 
 
 def api(system: System) -> enrichment_pb2_grpc.EnrichmentServiceAsyncStub:
     return enrichment_pb2_grpc.EnrichmentServiceStub(system.channels["profile"])
-
-
-async def _error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 def number(x: float) -> struct_pb2.Value:
@@ -66,12 +58,14 @@ async def test_counters_are_created_listed_and_deleted(system: System) -> None:
     assert [c.name for c in listed] == ["big_orders", "toy_views"]
     assert listed[0].property_value == number(3) and listed[1].property_value.string_value == "toys"
 
-    again = await _error(api(system).CreateCounter(pb.CreateCounterRequest(counter=seats), metadata=admin))
+    again = await rpc_error(api(system).CreateCounter(pb.CreateCounterRequest(counter=seats), metadata=admin))
     assert again.code() == grpc.StatusCode.ALREADY_EXISTS
 
     await api(system).DeleteCounter(pb.DeleteCounterRequest(name="big_orders"), metadata=admin)
     assert await counter_names(system, A) == ["toy_views"]
-    gone = await _error(api(system).DeleteCounter(pb.DeleteCounterRequest(name="big_orders"), metadata=admin))
+    gone = await rpc_error(
+        api(system).DeleteCounter(pb.DeleteCounterRequest(name="big_orders"), metadata=admin)
+    )
     assert gone.code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -93,7 +87,7 @@ async def test_computed_traits_are_created_listed_and_deleted(system: System) ->
     await api(system).DeleteComputedTrait(pb.DeleteComputedTraitRequest(name="city"), metadata=admin)
     listed = await api(system).ListComputedTraits(pb.ListComputedTraitsRequest(), metadata=admin)
     assert [t.name for t in listed.computed_traits] == ["favourite_show"]
-    gone = await _error(
+    gone = await rpc_error(
         api(system).DeleteComputedTrait(pb.DeleteComputedTraitRequest(name="city"), metadata=admin)
     )
     assert gone.code() == grpc.StatusCode.NOT_FOUND
@@ -134,7 +128,7 @@ async def test_scoring_rules_are_set_and_read(system: System) -> None:
 async def test_bad_definitions_are_refused_naming_fields_and_nothing_is_written(system: System) -> None:
     admin = system.token(A, "admin")
     bad_counter = pb.CounterDefinition(name="views", event_type="Page View", window_days=[5])
-    err = await _error(
+    err = await rpc_error(
         api(system).CreateCounter(pb.CreateCounterRequest(counter=bad_counter), metadata=admin)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -142,7 +136,7 @@ async def test_bad_definitions_are_refused_naming_fields_and_nothing_is_written(
     assert await counter_names(system, A) == []
 
     bad_trait = pb.ComputedTrait(name="Show", event_type="ticket_view")
-    err = await _error(
+    err = await rpc_error(
         api(system).CreateComputedTrait(
             pb.CreateComputedTraitRequest(computed_trait=bad_trait), metadata=admin
         )
@@ -161,7 +155,7 @@ async def test_bad_definitions_are_refused_naming_fields_and_nothing_is_written(
         half_life_days=-1,
         thresholds=[10, 10],
     )
-    err = await _error(
+    err = await rpc_error(
         api(system).SetScoringRules(pb.SetScoringRulesRequest(scoring_rules=bad_rules), metadata=admin)
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -176,7 +170,7 @@ async def test_bad_definitions_are_refused_naming_fields_and_nothing_is_written(
     got = await api(system).GetScoringRules(pb.GetScoringRulesRequest(), metadata=admin)
     assert list(got.scoring_rules.rules) == list(good.rules)
 
-    err = await _error(api(system).DeleteCounter(pb.DeleteCounterRequest(), metadata=admin))
+    err = await rpc_error(api(system).DeleteCounter(pb.DeleteCounterRequest(), metadata=admin))
     assert set(field_violations(err)) == {"name"}
 
 
@@ -204,7 +198,7 @@ async def test_tenants_see_and_delete_only_their_own_definitions(system: System)
         api(system).DeleteCounter(pb.DeleteCounterRequest(name="buys"), metadata=b),
         api(system).DeleteComputedTrait(pb.DeleteComputedTraitRequest(name="city"), metadata=b),
     ):
-        assert (await _error(call)).code() == grpc.StatusCode.NOT_FOUND
+        assert (await rpc_error(call)).code() == grpc.StatusCode.NOT_FOUND
     # B may use the same names for its own definitions.
     await api(system).CreateCounter(pb.CreateCounterRequest(counter=counter), metadata=b)
     assert await counter_names(system, A) == ["buys"]
@@ -227,8 +221,8 @@ async def test_writing_definitions_needs_the_admin_scope(system: System) -> None
             api(system).SetScoringRules(pb.SetScoringRulesRequest(), metadata=md),
         ]
         for call in calls:
-            assert (await _error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
-    assert (await _error(api(system).ListCounters(pb.ListCountersRequest(), metadata=ingest))).code() == (
+            assert (await rpc_error(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert (await rpc_error(api(system).ListCounters(pb.ListCountersRequest(), metadata=ingest))).code() == (
         grpc.StatusCode.PERMISSION_DENIED
     )
     assert await counter_names(system, A) == []

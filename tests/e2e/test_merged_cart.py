@@ -8,10 +8,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.db import create_engine
 from relevans.profile.v1 import profile_pb2
-from tests.e2e.conftest import CART_DELAY, System
 from tests.helpers import eventually, stays
+from tests.helpers.cart import DELAY
+from tests.helpers.system import System
 
 TENANT = "shop"
 EMAIL = "ada@example.com"
@@ -19,15 +19,9 @@ COOKIE = "cookie-7f3a"
 
 
 async def timers(system: System) -> list[sa.Row[Any]]:
-    engine = create_engine(system.settings.database_url("trigger"), pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            rows = await conn.execute(
-                sa.text("SELECT profile_id, occurrence, status FROM timers ORDER BY started_at")
-            )
-            return list(rows.all())
-    finally:
-        await engine.dispose()
+    return await system.rows(
+        "trigger", "SELECT profile_id, occurrence, status FROM timers ORDER BY started_at"
+    )
 
 
 async def anonymous_cart(system: System, product_name: str) -> profile_pb2.TrackResponse:
@@ -67,11 +61,11 @@ async def test_an_anonymous_cart_is_reminded_once_to_the_known_customer_after_lo
     await log_in(system)  # the shadow is merged into Ada's profile
     await eventually(lambda: the_timers_are(system, [(known, cart.event_id, "pending")]))
 
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     [mail] = await eventually(lambda: mails(system))
     assert mail["Subject"] == "Ada, your cart is waiting"
     assert "Blue running shoes" in mail.get_body(preferencelist=("plain",)).get_content()
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await stays(lambda: more_than_one_mail(system), duration=0.6)
     reply = await system.delivery.ListMessages(
         delivery_pb2.ListMessagesRequest(profile_id=known), metadata=system.token(TENANT, "read")
@@ -101,10 +95,10 @@ async def test_the_known_customers_older_cart_and_the_anonymous_newer_cart_make_
         lambda: the_timers_are(system, [(known, older, "superseded"), (known, cart.event_id, "pending")])
     )
 
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     [mail] = await eventually(lambda: mails(system))
     assert "Blue running shoes" in mail.get_body(preferencelist=("plain",)).get_content()
-    await system.clock.advance(CART_DELAY * 2)
+    await system.clock.advance(DELAY * 2)
     await stays(lambda: more_than_one_mail(system), duration=0.6)
 
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import pytest
 import pytest_asyncio
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.grpc_client import bearer
 from relevans.profile.v1 import profile_pb2
-from tests.conftest import TEST_SECRET
-from tests.e2e.conftest import System
+from tests.helpers import code_of
+from tests.helpers.auth import TEST_SECRET
+from tests.helpers.system import System
 
 A, B = "tenant-a", "tenant-b"
 EMAIL = "ann@example.com"
@@ -100,12 +100,6 @@ async def tenant_a(system: System) -> TenantA:
     export = await export_as_a(system, profile_id)
     assert [i.kind for i in export.identities] and export.events and export.tags and export.traits
     return TenantA(profile_id, gone, erasure.erasure_id, export)
-
-
-async def code_of(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value.code()
 
 
 async def assert_a_unchanged(system: System, a: TenantA) -> None:

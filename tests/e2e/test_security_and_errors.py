@@ -11,14 +11,8 @@ from relevans.kit.auth import mint_token
 from relevans.kit.grpc_client import bearer
 from relevans.profile.v1 import profile_pb2
 from relevans.trigger.v1 import trigger_pb2
-from tests.e2e.conftest import System
-from tests.helpers import field_violations
-
-
-async def _code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value.code()
+from tests.helpers import code_of, field_violations
+from tests.helpers.system import System
 
 
 async def test_calls_without_a_valid_token_are_unauthenticated(system: System) -> None:
@@ -30,18 +24,18 @@ async def test_calls_without_a_valid_token_are_unauthenticated(system: System) -
             system.delivery.ListMessages(delivery_pb2.ListMessagesRequest(), metadata=metadata),
         ]
         for call in calls:
-            assert await _code(call) == grpc.StatusCode.UNAUTHENTICATED
+            assert await code_of(call) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_missing_scope_is_permission_denied(system: System) -> None:
     read_only = system.token("shop", "read")
     event = profile_pb2.Event(type="page_view", anonymous_id="a1")
     assert (
-        await _code(system.profiles.Track(profile_pb2.TrackRequest(event=event), metadata=read_only))
+        await code_of(system.profiles.Track(profile_pb2.TrackRequest(event=event), metadata=read_only))
         == grpc.StatusCode.PERMISSION_DENIED
     )
     assert (
-        await _code(system.triggers.CreateTrigger(trigger_pb2.CreateTriggerRequest(), metadata=read_only))
+        await code_of(system.triggers.CreateTrigger(trigger_pb2.CreateTriggerRequest(), metadata=read_only))
         == grpc.StatusCode.PERMISSION_DENIED
     )
 
@@ -53,7 +47,7 @@ async def test_a_tenant_cannot_read_another_tenants_profile(system: System) -> N
     )
     assert own.profile.first_name == "Ann"
     assert (
-        await _code(
+        await code_of(
             system.profiles.GetProfile(
                 profile_pb2.GetProfileRequest(profile_id=profile_id),
                 metadata=system.token("tenant-b", "read"),
@@ -84,7 +78,7 @@ async def test_invalid_events_name_the_field_and_store_nothing(system: System) -
         assert field in field_violations(caught.value), field_violations(caught.value)
     for lookup in (profile_pb2.GetProfileRequest(email="ok@example.com"),):
         assert (
-            await _code(system.profiles.GetProfile(lookup, metadata=system.token("shop", "read")))
+            await code_of(system.profiles.GetProfile(lookup, metadata=system.token("shop", "read")))
             == grpc.StatusCode.NOT_FOUND
         )
 

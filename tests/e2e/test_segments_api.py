@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import struct_pb2
 
 from relevans.profile.v1 import enrichment_pb2, enrichment_pb2_grpc, segment_pb2, segment_pb2_grpc
-from tests.e2e.conftest import System
+from tests.helpers.system import System
 
 TENANT = "theatre"
 

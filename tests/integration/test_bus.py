@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import nats
 import pytest
-import pytest_asyncio
 from nats.aio.msg import Msg
 
 from relevans.kit.bus import STREAMS, Bus, Consumer, PublishError
-from relevans.kit.settings import Settings
 from tests.helpers import eventually
-
-
-@pytest_asyncio.fixture
-async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    bus = Bus(settings.nats_url, "bus-test")
-    await bus.connect()
-    await bus.ensure_streams()
-    yield bus
-    await bus.close()
 
 
 async def test_ensure_streams_is_idempotent(bus: Bus) -> None:

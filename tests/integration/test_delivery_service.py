@@ -3,251 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-import nats
-import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from aiosmtpd.smtp import SMTP
-from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
-from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
-from relevans.kit.auth import mint_token
+from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
-from relevans.kit.grpc_client import bearer
 from relevans.kit.proto import to_struct
-from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from relevans.local.smtp_sink import SmtpSink
+from relevans.local.embedded import free_port
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
-from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
-from services.delivery.app import build
+from relevans.profile.v1 import profile_pb2
 from services.delivery.profiles import ProfileClient
 from services.delivery.store import lock_id, merged_profiles, messages
 from services.profile.app import build as build_profile
-from tests.helpers import eventually, field_violations, stays
-
-if TYPE_CHECKING:
-    from relevans.delivery.v1.delivery_pb2_grpc import DeliveryServiceAsyncStub
-    from relevans.profile.v1.profile_pb2_grpc import ProfileServiceAsyncStub
-
-SECRET = "test-secret"
-TENANT = "shop"
-EMAIL = "ada@example.com"
-TEMPLATE_ID = "cart-reminder"
-SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
-BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
-
-
-def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
-    return bearer(mint_token(SECRET, tenant, list(scopes) or ["admin"]))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Harness:
-    """The profile service, an SMTP sink, the delivery service and a JetStream client."""
-
-    def __init__(self, settings: Settings, clock: ManualClock, nats_url: str, mail_dir: Path) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.nats_url = nats_url
-        self.mail_dir = mail_dir
-        self.hosts: list[ServiceHost] = []
-        self.channels: list[grpc.aio.Channel] = []
-        self.sink: SmtpSink | None = None
-        self.smtp_servers: list[asyncio.Server] = []
-        self.engine: AsyncEngine = create_engine(settings.database_url("delivery"), pool_size=2)
-        self._nc: Any = None
-        self._js: JetStreamContext | None = None
-        self.profiles: ProfileServiceAsyncStub
-        self.delivery: DeliveryServiceAsyncStub
-
-    async def start(self, *, smtp_port: int | None = None, sink: bool = True) -> None:
-        profile_host = await build_profile(self.settings, self.clock)
-        await profile_host.start()
-        self.hosts.append(profile_host)
-        if sink:
-            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0)
-            await self.sink.start()
-            smtp_port = self.sink.port
-        self.settings = replace(
-            self.settings,
-            profile_target=f"127.0.0.1:{profile_host.port}",
-            smtp_port=smtp_port or free_port(),
-        )
-        delivery_host = await build(self.settings, self.clock)
-        await delivery_host.start()
-        self.hosts.append(delivery_host)
-        profile_channel = grpc.aio.insecure_channel(f"127.0.0.1:{profile_host.port}")
-        delivery_channel = grpc.aio.insecure_channel(f"127.0.0.1:{delivery_host.port}")
-        self.channels += [profile_channel, delivery_channel]
-        self.profiles = profile_pb2_grpc.ProfileServiceStub(profile_channel)
-        self.delivery = delivery_pb2_grpc.DeliveryServiceStub(delivery_channel)
-        self._nc = await nats.connect(self.nats_url)
-        self._js = self._nc.jetstream()
-
-    async def start_sink(self, port: int) -> None:
-        self.sink = SmtpSink(self.mail_dir, port=port)
-        await self.sink.start()
-
-    async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close(None)
-        for host in reversed(self.hosts):
-            await host.stop()
-        if self.sink is not None:
-            await self.sink.stop()
-        for server in self.smtp_servers:
-            server.close()
-            await server.wait_closed()
-        if self._nc is not None:
-            await self._nc.close()
-        await self.engine.dispose()
-
-    @property
-    def js(self) -> JetStreamContext:
-        assert self._js is not None
-        return self._js
-
-    # -- profile and templates
-
-    async def customer(
-        self,
-        email: str = EMAIL,
-        first_name: str = "Ada",
-        consent: int = common_pb2.CONSENT_STATUS_GRANTED,
-        tenant: str = TENANT,
-    ) -> str:
-        consents = [
-            profile_pb2.ConsentInput(
-                purpose=common_pb2.PURPOSE_MARKETING,
-                channel=common_pb2.CHANNEL_EMAIL,
-                status=consent,  # type: ignore[arg-type]
-                source="signup_form",
-            )
-        ]
-        reply = await self.profiles.Identify(
-            profile_pb2.IdentifyRequest(
-                email=email, first_name=first_name, consents=consents if consent else []
-            ),
-            metadata=token(tenant, "ingest"),
-        )
-        return str(reply.profile.profile_id)
-
-    async def set_consent(self, profile_id: str, status: int) -> None:
-        await self.profiles.SetConsent(
-            profile_pb2.SetConsentRequest(
-                profile_id=profile_id,
-                consent=profile_pb2.ConsentInput(
-                    purpose=common_pb2.PURPOSE_MARKETING,
-                    channel=common_pb2.CHANNEL_EMAIL,
-                    status=status,  # type: ignore[arg-type]
-                    source="unsubscribe_link",
-                ),
-            ),
-            metadata=token(TENANT, "ingest"),
-        )
-
-    async def put_template(
-        self, template_id: str = TEMPLATE_ID, subject: str = SUBJECT, body: str = BODY, tenant: str = TENANT
-    ) -> delivery_pb2.Template:
-        reply = await self.delivery.PutTemplate(
-            delivery_pb2.PutTemplateRequest(
-                template=delivery_pb2.Template(
-                    template_id=template_id, channel=common_pb2.CHANNEL_EMAIL, subject=subject, body_text=body
-                )
-            ),
-            metadata=token(tenant, "admin"),
-        )
-        return reply.template
-
-    # -- requests, messages, mail
-
-    async def request(
-        self,
-        profile_id: str,
-        key: str | None = None,
-        *,
-        template_id: str = TEMPLATE_ID,
-        purpose: int = common_pb2.PURPOSE_MARKETING,
-        tenant: str = TENANT,
-        **variables: Any,
-    ) -> str:
-        key = key or f"abandoned-cart:{profile_id}:{uuid.uuid4().hex}"
-        msg = bus_pb2.DeliveryRequest(
-            idempotency_key=key,
-            tenant_id=tenant,
-            profile_id=profile_id,
-            trigger_id="abandoned-cart",
-            channel=common_pb2.CHANNEL_EMAIL,
-            purpose=purpose,  # type: ignore[arg-type]
-            template_id=template_id,
-            variables=to_struct(variables or {"event": {"product_name": "Blue running shoes"}}),
-        )
-        await self.js.publish("rv.delivery.requests", msg.SerializeToString())
-        return key
-
-    async def messages(self, tenant: str = TENANT, profile_id: str = "") -> list[delivery_pb2.Message]:
-        reply = await self.delivery.ListMessages(
-            delivery_pb2.ListMessagesRequest(profile_id=profile_id), metadata=token(tenant, "read")
-        )
-        return list(reply.messages)
-
-    async def message(self, key: str, *statuses: int) -> delivery_pb2.Message | None:
-        """The message of an idempotency key once it has one of `statuses` (any status if none)."""
-        for m in await self.messages():
-            if m.idempotency_key == key and (not statuses or m.status in statuses):
-                return m
-        return None
-
-    async def final(self, key: str) -> delivery_pb2.Message:
-        final = (
-            delivery_pb2.MESSAGE_STATUS_SENT,
-            delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
-            delivery_pb2.MESSAGE_STATUS_FAILED,
-        )
-        found = await eventually(lambda: self.message(key, *final))
-        assert found is not None
-        return found
-
-    def mails(self) -> list[EmailMessage]:
-        return self.sink.messages() if self.sink is not None else []
-
-    async def some_mail(self) -> list[EmailMessage]:
-        return self.mails()
-
-    async def more_than_one_mail(self) -> bool:
-        return len(self.mails()) > 1
-
-    async def requests_done(self) -> bool:
-        info = await self.js.consumer_info("RV_DELIVERY_REQUESTS", "delivery-requests")
-        return not info.num_pending and not info.num_ack_pending
-
-    async def status_events(self) -> list[tuple[str | None, bus_pb2.DeliveryStatusChanged]]:
-        info = await self.js.stream_info("RV_DELIVERY_STATUS")
-        out = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
-            if not info.state.messages:
-                break
-            raw = await self.js.get_msg("RV_DELIVERY_STATUS", seq)
-            out.append((raw.subject, bus_pb2.DeliveryStatusChanged.FromString(raw.data or b"")))
-        return out
+from tests.helpers import eventually, field_violations, rpc_error, stays
+from tests.helpers.cart import SUBJECT, TEMPLATE_ID
+from tests.helpers.delivery import EMAIL, TENANT, Harness, token
 
 
 @pytest_asyncio.fixture
@@ -266,12 +46,6 @@ def body_of(mail: EmailMessage) -> str:
     part = mail.get_body(preferencelist=("plain",))
     assert part is not None
     return str(part.get_content())
-
-
-async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 # ---- sending ------------------------------------------------------------------------------------

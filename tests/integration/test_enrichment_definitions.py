@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
 from relevans.kit.errors import AlreadyExists, InvalidArgument, NotFound
-from relevans.kit.settings import Settings
 from services.profile.domain.counters import MAX_COUNTERS_PER_TENANT, CounterDefinition
 from services.profile.domain.enrichment import (
     ComputedTrait,
@@ -36,13 +32,6 @@ from services.profile.store import (
 
 A, B = "tenant-a", "tenant-b"
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-
-
-@pytest_asyncio.fixture
-async def db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database_url("profile"), pool_size=4)
-    yield engine
-    await engine.dispose()
 
 
 async def insert_counter(db: AsyncEngine, tenant: str, d: CounterDefinition) -> None:

@@ -3,61 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from datetime import timedelta
-from pathlib import Path
 
 import grpc
 import nats
 import pytest
-import pytest_asyncio
-import sqlalchemy as sa
 from google.protobuf import struct_pb2
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import event_subject
-from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
-from relevans.kit.settings import Settings
-from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
-from tests.e2e.conftest import CART_DELAY, System
 from tests.helpers import eventually
+from tests.helpers.cart import DELAY
+from tests.helpers.system import System
 
 A, B = "shop-a", "shop-b"
 EMAIL = "ada@example.com"
 GRANTED = common_pb2.CONSENT_STATUS_GRANTED
 
 
-@pytest_asyncio.fixture
-async def gdpr(settings: Settings, clock: ManualClock, tmp_path: Path) -> AsyncIterator[System]:
-    sink = SmtpSink(tmp_path / "mail")
-    await sink.start()
-    system = System(replace(settings, smtp_port=sink.port), clock, sink, {}, {})
-    try:
-        for service in ("profile", "trigger", "delivery"):
-            await system.start(service)
-        yield system
-    finally:
-        await system.close()
-
-
 def marketing_email(status: int = GRANTED) -> profile_pb2.ConsentInput:
     return profile_pb2.ConsentInput(
         purpose=common_pb2.PURPOSE_MARKETING, channel=common_pb2.CHANNEL_EMAIL, status=status, source="form"
     )
-
-
-async def scalar(system: System, service: str, sql: str, **params: object) -> int:
-    engine = create_engine(system.settings.database_url(service), pool_size=1)
-    try:
-        async with engine.connect() as conn:
-            return int(await conn.scalar(sa.text(sql), params) or 0)
-    finally:
-        await engine.dispose()
 
 
 async def track(system: System, tenant: str, event: profile_pb2.Event) -> profile_pb2.TrackResponse:
@@ -75,8 +46,8 @@ async def messages_of(system: System, profile_id: str) -> list[delivery_pb2.Mess
     return list(reply.messages)
 
 
-async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
-    system, admin = gdpr, gdpr.token(A, "admin")
+async def test_export_then_erase_everywhere_and_suppress(system: System) -> None:
+    admin = system.token(A, "admin")
     await system.setup_abandoned_cart(A)
     reply = await system.profiles.Identify(
         profile_pb2.IdentifyRequest(email=EMAIL, first_name="Ada", consents=[marketing_email()]),
@@ -91,13 +62,13 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
     await system.clock.advance(timedelta(minutes=1))
     await system.track(A, EMAIL, "add_to_cart", message_id="m1", product_name="Shoes")
     await eventually(
-        lambda: scalar(system, "trigger", "SELECT count(*) FROM timers WHERE profile_id = :p", p=pid)
+        lambda: system.scalar("trigger", "SELECT count(*) FROM timers WHERE profile_id = :p", p=pid)
     )
-    await system.clock.advance(CART_DELAY)
+    await system.clock.advance(DELAY)
     await eventually(lambda: messages_of(system, pid))
     await system.track(A, EMAIL, "add_to_cart", message_id="m2", product_name="Socks")
     pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
-    await eventually(lambda: scalar(system, "trigger", pending, p=pid))
+    await eventually(lambda: system.scalar("trigger", pending, p=pid))
 
     traits = struct_pb2.Struct()
     traits.update({"tier": "gold"})
@@ -131,13 +102,7 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
     )
     assert again.erasure_id == erased.erasure_id
 
-    async def done() -> profile_pb2.GetErasureResponse | None:
-        r: profile_pb2.GetErasureResponse = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r if r.state == profile_pb2.ERASURE_STATE_DONE else None
-
-    status = await eventually(done)
+    status = await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     assert set(status.services_done) == {"profile", "trigger", "delivery"}
     assert status.profile_id == pid and status.HasField("complete_time")
 
@@ -151,12 +116,12 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     for table in ("timers", "trigger_states", "firings"):
         assert (
-            await scalar(system, "trigger", f"SELECT count(*) FROM {table} WHERE profile_id = :p", p=pid) == 0
+            await system.scalar("trigger", f"SELECT count(*) FROM {table} WHERE profile_id = :p", p=pid) == 0
         )
     assert await messages_of(system, pid) == []
-    assert await scalar(system, "delivery", "SELECT count(*) FROM message_status_history") == 0
-    assert await scalar(system, "profile", "SELECT count(*) FROM events") == 0
-    assert await scalar(system, "profile", "SELECT count(*) FROM profile_traits") == 0
+    assert await system.scalar("delivery", "SELECT count(*) FROM message_status_history") == 0
+    assert await system.scalar("profile", "SELECT count(*) FROM events") == 0
+    assert await system.scalar("profile", "SELECT count(*) FROM profile_traits") == 0
 
     # The person comes back: neither Identify nor an import restores their marketing consent.
     back = await system.profiles.Identify(
@@ -178,8 +143,7 @@ async def test_export_then_erase_everywhere_and_suppress(gdpr: System) -> None:
     assert list(found.profile.consents) == []
 
 
-async def test_other_tenants_and_callers_without_admin_cannot_export_or_erase(gdpr: System) -> None:
-    system = gdpr
+async def test_other_tenants_and_callers_without_admin_cannot_export_or_erase(system: System) -> None:
     pid = await system.customer(A, EMAIL)
     other = system.token(B, "admin")
     for call in (
@@ -209,21 +173,15 @@ async def test_other_tenants_and_callers_without_admin_cannot_export_or_erase(gd
     assert export.profile.email == EMAIL
 
 
-async def test_delivery_never_sends_to_an_erased_address(gdpr: System) -> None:
-    system, admin = gdpr, gdpr.token(A, "admin")
+async def test_delivery_never_sends_to_an_erased_address(system: System) -> None:
+    admin = system.token(A, "admin")
     await system.setup_abandoned_cart(A)
     pid = await system.customer(A, EMAIL)
     erased = await system.profiles.EraseProfile(
         profile_pb2.EraseProfileRequest(profile_id=pid), metadata=admin
     )
 
-    async def done() -> bool:
-        r = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r.state == profile_pb2.ERASURE_STATE_DONE
-
-    await eventually(done)
+    await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     # the person comes back and explicitly consents again: delivery still suppresses the address
     back = await system.customer(A, EMAIL)
     await system.profiles.SetConsent(
@@ -232,31 +190,25 @@ async def test_delivery_never_sends_to_an_erased_address(gdpr: System) -> None:
     )
     await system.track(A, EMAIL, "add_to_cart", message_id="m1", product_name="Shoes")
     pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
-    await eventually(lambda: scalar(system, "trigger", pending, p=back))
-    await system.clock.advance(CART_DELAY)
+    await eventually(lambda: system.scalar("trigger", pending, p=back))
+    await system.clock.advance(DELAY)
     [message] = await eventually(lambda: messages_of(system, back))
     assert message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED
     assert message.reason == "erased"
     assert system.mails_to(EMAIL) == []
 
 
-async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(gdpr: System) -> None:
+async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(system: System) -> None:
     """The event stream, the erasure stream and the request queue are consumed independently:
     an event or a delivery request of the person that arrives after the erasure is dropped."""
-    system, admin = gdpr, gdpr.token(A, "admin")
+    admin = system.token(A, "admin")
     await system.setup_abandoned_cart(A)
     pid = await system.customer(A, EMAIL)
     erased = await system.profiles.EraseProfile(
         profile_pb2.EraseProfileRequest(profile_id=pid), metadata=admin
     )
 
-    async def done() -> bool:
-        r = await system.profiles.GetErasure(
-            profile_pb2.GetErasureRequest(erasure_id=erased.erasure_id), metadata=admin
-        )
-        return r.state == profile_pb2.ERASURE_STATE_DONE
-
-    await eventually(done)
+    await eventually(lambda: system.erasure_done(A, erased.erasure_id))
     nc = await nats.connect(system.settings.nats_url)
     try:
         js = nc.jetstream()
@@ -286,9 +238,9 @@ async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(gdpr:
         await eventually(consumed)
     finally:
         await nc.close()
-    assert await scalar(system, "trigger", "SELECT count(*) FROM timers WHERE profile_id = :p", p=pid) == 0
+    assert await system.scalar("trigger", "SELECT count(*) FROM timers WHERE profile_id = :p", p=pid) == 0
     assert (
-        await scalar(system, "trigger", "SELECT count(*) FROM trigger_states WHERE profile_id = :p", p=pid)
+        await system.scalar("trigger", "SELECT count(*) FROM trigger_states WHERE profile_id = :p", p=pid)
         == 0
     )
     assert await messages_of(system, pid) == []

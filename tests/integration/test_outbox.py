@@ -29,7 +29,8 @@ from relevans.kit.outbox import (
     outbox_table,
 )
 from relevans.kit.settings import Settings
-from tests.helpers import eventually, explain, rows_read
+from tests.helpers import eventually
+from tests.helpers.plans import explain, rows_read
 
 metadata = sa.MetaData()
 outbox = outbox_table(metadata)
@@ -54,16 +55,6 @@ async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
         await conn.run_sync(metadata.create_all)
     yield engine
     await engine.dispose()
-
-
-@pytest_asyncio.fixture
-async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    bus = Bus(settings.nats_url, "outbox-test")
-    await bus.connect()
-    await bus.ensure_streams()
-    yield bus
-    await bus.close()
-    await bus.close()  # safe twice
 
 
 async def commit(engine: AsyncEngine, clock: ManualClock, *payloads: bytes) -> None:

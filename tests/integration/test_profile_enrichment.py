@@ -3,45 +3,31 @@ through the profile service's real gRPC API on real PostgreSQL and NATS."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import grpc
 import nats
 import pytest
-import pytest_asyncio
 from google.protobuf import field_mask_pb2, struct_pb2
 
-import tests.integration.test_profile_service as svc
 from relevans.kit.clock import ManualClock
-from relevans.kit.server import ServiceHost
 from relevans.profile.v1 import (
     bus_pb2,
     enrichment_pb2,
     enrichment_pb2_grpc,
     profile_pb2,
-    profile_pb2_grpc,
     segment_pb2,
     segment_pb2_grpc,
 )
 from tests.helpers import field_violations
-from tests.integration.test_profile_service import ev, fetch_all, token
+from tests.helpers.profile import ev, fetch_all, token
 
 if TYPE_CHECKING:
-    Stub = profile_pb2_grpc.ProfileServiceAsyncStub
-
-# the profile service's fixtures
-host, stub, db, js = svc.host, svc.stub, svc.db, svc.js
+    from tests.helpers.profile import Stub
 
 ADMIN = token("shop", "admin")
 RW = token("shop", "ingest", "read")
-
-
-@pytest_asyncio.fixture
-async def channel(host: ServiceHost) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as ch:
-        yield ch
 
 
 def struct(**values: object) -> struct_pb2.Struct:

@@ -12,66 +12,31 @@ from typing import TYPE_CHECKING
 import grpc
 import nats
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.auth import mint_token
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
-from relevans.kit.grpc_client import bearer
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
-from services.profile.app import build
+from relevans.profile.v1 import bus_pb2, profile_pb2
 from tests.helpers import field_violations
+from tests.helpers.auth import TEST_SECRET, Tokens
+from tests.helpers.profile import count
 
 if TYPE_CHECKING:
-    Stub = profile_pb2_grpc.ProfileServiceAsyncStub
+    from tests.helpers.profile import Stub
 
 TENANT = "tickets"
-TEST_SECRET = "test-secret"  # as tests/conftest.py sets it
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "examples" / "ticketing-sample.csv"
-
-
-def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
-    return bearer(mint_token(TEST_SECRET, tenant, list(scopes) or ["ingest", "read"]))
-
-
-@pytest_asyncio.fixture
-async def host(settings: Settings, clock: ManualClock) -> AsyncIterator[ServiceHost]:
-    host = await build(settings, clock)
-    await host.start()
-    try:
-        yield host
-    finally:
-        await host.stop()
-
-
-@pytest_asyncio.fixture
-async def stub(host: ServiceHost) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-        stub = profile_pb2_grpc.ProfileServiceStub(channel)
-        yield stub
-
-
-@pytest_asyncio.fixture
-async def db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database_url("profile"), pool_size=1)
-    yield engine
-    await engine.dispose()
+token = Tokens(TENANT, ("ingest", "read"))
 
 
 async def rows_of(db: AsyncEngine, sql: str, **params: object) -> list[tuple[object, ...]]:
     async with db.connect() as conn:
         return [tuple(r) for r in await conn.execute(sa.text(sql), params)]
-
-
-async def count(db: AsyncEngine, sql: str, **params: object) -> int:
-    [(n,)] = await rows_of(db, sql, **params)
-    return int(n)  # type: ignore[call-overload]
 
 
 def consent(status: common_pb2.ConsentStatus.ValueType) -> profile_pb2.ConsentInput:

@@ -15,8 +15,7 @@ from relevans.common.v1 import common_pb2
 from relevans.kit.clock import ManualClock
 from relevans.profile.v1 import bus_pb2, profile_pb2
 from tests.helpers import field_violations
-from tests.integration import test_profile_service as svc
-from tests.integration.test_profile_service import (
+from tests.helpers.profile import (
     TENANT,
     count,
     fetch_all,
@@ -26,10 +25,7 @@ from tests.integration.test_profile_service import (
 )
 
 if TYPE_CHECKING:
-    from tests.integration.test_profile_service import Stub
-
-# the profile service's fixtures
-host, stub, db, js = svc.host, svc.stub, svc.db, svc.js
+    from tests.helpers.profile import Stub
 
 
 def consent_input(purpose: int, channel: int, status: int, source: str) -> profile_pb2.ConsentInput:

@@ -3,123 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import grpc
 import nats
 import pytest
-import pytest_asyncio
 import sqlalchemy as sa
-from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
 from relevans.kit.grpc_client import bearer
-from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from relevans.profile.v1 import bus_pb2, profile_pb2, profile_pb2_grpc
-from services.profile.app import build
-from tests.helpers import eventually, field_violations, stays
+from relevans.profile.v1 import bus_pb2, profile_pb2
+from tests.helpers import code_of, eventually, field_violations, stays
+from tests.helpers.profile import (
+    TENANT,
+    count,
+    ev,
+    fetch_all,
+    granted_marketing_email,
+    stream_messages,
+    token,
+    track,
+)
 
-TENANT = "shop"
 if TYPE_CHECKING:
-    Stub = profile_pb2_grpc.ProfileServiceAsyncStub
-
-
-def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
-    return bearer(mint_token("test-secret", tenant, list(scopes) or ["ingest", "read"]))
-
-
-@pytest_asyncio.fixture
-async def host(settings: Settings, clock: ManualClock) -> AsyncIterator[ServiceHost]:
-    host = await build(settings, clock)
-    await host.start()
-    try:
-        yield host
-    finally:
-        await host.stop()
-
-
-@pytest_asyncio.fixture
-async def stub(host: ServiceHost) -> AsyncIterator[Stub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{host.port}") as channel:
-        yield profile_pb2_grpc.ProfileServiceStub(channel)
-
-
-@pytest_asyncio.fixture
-async def db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database_url("profile"), pool_size=1)
-    yield engine
-    await engine.dispose()
-
-
-@pytest_asyncio.fixture
-async def js(settings: Settings) -> AsyncIterator[nats.js.JetStreamContext]:
-    nc = await nats.connect(settings.nats_url)
-    try:
-        yield nc.jetstream()
-    finally:
-        await nc.close()
-
-
-async def count(db: AsyncEngine, sql: str, **params: object) -> int:
-    async with db.connect() as conn:
-        return int(await conn.scalar(sa.text(sql), params) or 0)
-
-
-async def stream_messages(js: nats.js.JetStreamContext, stream: str) -> int:
-    return int((await js.stream_info(stream)).state.messages)
-
-
-async def fetch_all(js: nats.js.JetStreamContext, subject: str, n: int) -> list[Msg]:
-    """The first `n` messages on `subject`, from the start of its stream."""
-    sub = await js.subscribe(
-        subject, config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL), ordered_consumer=True
-    )
-    msgs: list[Msg] = []
-    try:
-        while len(msgs) < n:
-            msgs.append(await sub.next_msg(timeout=10))
-    finally:
-        await sub.unsubscribe()
-    return msgs
-
-
-def ev(type_: str = "page_view", **fields: object) -> profile_pb2.Event:
-    props = fields.pop("properties", None)
-    e = profile_pb2.Event(type=type_, **fields)  # type: ignore[arg-type]
-    if props:
-        e.properties.update(props)  # type: ignore[arg-type]
-    return e
-
-
-async def track(stub: Stub, tenant: str = TENANT, **fields: object) -> profile_pb2.TrackResponse:
-    type_ = str(fields.pop("type", "page_view"))
-    return await stub.Track(profile_pb2.TrackRequest(event=ev(type_, **fields)), metadata=token(tenant))
-
-
-async def code_of(call: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call  # type: ignore[misc]
-    return caught.value.code()
-
-
-def granted_marketing_email(source: str = "signup_form") -> profile_pb2.ConsentInput:
-    return profile_pb2.ConsentInput(
-        purpose=common_pb2.PURPOSE_MARKETING,
-        channel=common_pb2.CHANNEL_EMAIL,
-        status=common_pb2.CONSENT_STATUS_GRANTED,
-        source=source,
-        evidence="form-17",
-    )
-
+    from tests.helpers.profile import Stub
 
 # ---- ingest -----------------------------------------------------------------------------------
 

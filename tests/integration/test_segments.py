@@ -16,15 +16,10 @@ import sqlalchemy as sa
 from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from relevans.kit.auth import mint_token
 from relevans.kit.clock import ManualClock
-from relevans.kit.db import create_engine
 from relevans.kit.errors import AlreadyExists, InvalidArgument, NotFound
-from relevans.kit.grpc_client import bearer
 from relevans.kit.server import ServiceHost
-from relevans.kit.settings import Settings
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
-from services.profile.app import build
 from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import (
@@ -41,9 +36,11 @@ from services.profile.enrichment import load_enrichment
 from services.profile.segments import SegmentStore, compile_sql
 from services.profile.store import consents, counter_definitions, profile_tags, profiles, scoring_rules
 from tests.helpers import field_violations
+from tests.helpers.auth import Tokens
 
 TENANT, OTHER = "shop", "other-shop"
 NOW = datetime(2026, 3, 10, 15, 30, tzinfo=UTC)
+token = Tokens(TENANT)
 
 COUNTERS = (
     CounterDefinition("buys", "purchase", (30, 90)),
@@ -75,13 +72,6 @@ TRAIT_VALUES: tuple[object, ...] = (
 )
 TAGS = ("vip", "hamlet", "news")
 STATUSES = ("granted", "denied", "withdrawn")
-
-
-@pytest_asyncio.fixture
-async def db(settings: Settings) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(settings.database_url("profile"), pool_size=4)
-    yield engine
-    await engine.dispose()
 
 
 async def define(
@@ -417,24 +407,10 @@ async def test_create_records_members_and_validates(db: AsyncEngine) -> None:
 # ---- over gRPC ---------------------------------------------------------------------------------------
 
 
-def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
-    return bearer(mint_token("test-secret", tenant, list(scopes) or ["admin"]))
-
-
 def struct(data: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(data)
     return s
-
-
-@pytest_asyncio.fixture
-async def host(settings: Settings, clock: ManualClock) -> AsyncIterator[ServiceHost]:
-    host = await build(settings, clock)
-    await host.start()
-    try:
-        yield host
-    finally:
-        await host.stop()
 
 
 @pytest_asyncio.fixture

@@ -24,7 +24,7 @@ from services.profile.store import ProfileStore
 from services.profile.wire import consent_changed, profile_merged
 from services.trigger.store import TriggerStore
 from services.trigger.tables import firings, timers
-from tests.helpers import blocks_read, explain, rows_read, statements_run
+from tests.helpers.plans import blocks_read, explain, rows_read, statements_run
 
 TENANT = "acme"
 NOW = datetime(2026, 12, 1, tzinfo=UTC)

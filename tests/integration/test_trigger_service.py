@@ -2,184 +2,27 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
-import nats
-import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from google.protobuf import duration_pb2
-from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
-from relevans.kit.auth import mint_token
-from relevans.kit.bus import event_subject
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
-from relevans.kit.grpc_client import bearer
 from relevans.kit.proto import from_struct
-from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
-from relevans.profile.v1 import profile_pb2
-from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
-from services.trigger.app import build
+from relevans.trigger.v1 import trigger_pb2
 from services.trigger.store import TriggerStore
 from services.trigger.timers import TimerWorker
-from tests.helpers import eventually, field_violations, stays
-
-if TYPE_CHECKING:
-    from relevans.trigger.v1.trigger_pb2_grpc import TriggerServiceAsyncStub
-
-SECRET = "test-secret"
-TENANT = "shop"
-DELAY = timedelta(hours=4)
-TRIGGER_ID = "abandoned-cart"
-
-
-def token(tenant: str = TENANT, *scopes: str) -> tuple[tuple[str, str]]:
-    return bearer(mint_token(SECRET, tenant, list(scopes) or ["admin"]))
-
-
-def cart_trigger(trigger_id: str = TRIGGER_ID, delay: timedelta = DELAY) -> trigger_pb2.Trigger:
-    return trigger_pb2.Trigger(
-        trigger_id=trigger_id,
-        display_name="Abandoned cart",
-        absence=trigger_pb2.AbsenceCondition(
-            start_event_type="add_to_cart",
-            cancel_event_type="purchase",
-            delay=duration_pb2.Duration(seconds=int(delay.total_seconds())),
-        ),
-        channel=common_pb2.CHANNEL_EMAIL,
-        purpose=common_pb2.PURPOSE_MARKETING,
-        template_id="cart-reminder",
-    )
-
-
-class Harness:
-    """One or more running trigger services, a JetStream client and the trigger database."""
-
-    def __init__(self, settings: Settings, clock: ManualClock, nats_url: str) -> None:
-        self.settings = settings
-        self.clock = clock
-        self.nats_url = nats_url
-        self.hosts: list[ServiceHost] = []
-        self.channel: grpc.aio.Channel | None = None
-        self.engine: AsyncEngine = create_engine(settings.database_url("trigger"), pool_size=2)
-        self.received: list[delivery_bus_pb2.DeliveryRequest] = []
-        self._nc: Any = None
-        self._js: JetStreamContext | None = None
-        self._requests: JetStreamContext.PullSubscription | None = None
-
-    async def start(self) -> ServiceHost:
-        """Build and start one more instance; gRPC calls go to the newest one."""
-        host = await build(self.settings, self.clock)
-        await host.start()
-        self.hosts.append(host)
-        if self.channel is not None:
-            await self.channel.close(None)
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{host.port}")
-        if self._nc is None:  # the streams exist once a service has been built
-            self._nc = await nats.connect(self.nats_url)
-            self._js = self._nc.jetstream()
-            self._requests = await self._js.pull_subscribe(
-                "rv.delivery.requests", durable="test-delivery", stream="RV_DELIVERY_REQUESTS"
-            )
-        return host
-
-    async def stop(self, host: ServiceHost) -> None:
-        await host.stop()
-        self.hosts.remove(host)
-
-    async def close(self) -> None:
-        if self.channel is not None:
-            await self.channel.close(None)
-        for host in self.hosts:
-            await host.stop()
-        if self._nc is not None:
-            await self._nc.close()
-        await self.engine.dispose()
-
-    @property
-    def stub(self) -> TriggerServiceAsyncStub:
-        assert self.channel is not None
-        return trigger_pb2_grpc.TriggerServiceStub(self.channel)
-
-    @property
-    def js(self) -> JetStreamContext:
-        assert self._js is not None
-        return self._js
-
-    async def create(
-        self, tenant: str = TENANT, trigger: trigger_pb2.Trigger | None = None
-    ) -> trigger_pb2.Trigger:
-        reply = await self.stub.CreateTrigger(
-            trigger_pb2.CreateTriggerRequest(trigger=trigger or cart_trigger()), metadata=token(tenant)
-        )
-        return reply.trigger
-
-    def enriched(
-        self,
-        event_type: str,
-        profile_id: str = "p1",
-        tenant: str = TENANT,
-        at_offset: timedelta = timedelta(0),
-        **props: Any,
-    ) -> profile_bus_pb2.EnrichedEvent:
-        msg = profile_bus_pb2.EnrichedEvent(
-            tenant_id=tenant,
-            event_id=str(uuid.uuid4()),
-            profile_id=profile_id,
-            event=profile_pb2.Event(type=event_type, message_id=uuid.uuid4().hex),
-            profile=profile_pb2.Profile(profile_id=profile_id, email=f"{profile_id}@example.com"),
-        )
-        msg.event.timestamp.FromDatetime(self.clock.now() + at_offset)
-        msg.receive_time.FromDatetime(self.clock.now())
-        msg.event.properties.update(props)
-        return msg
-
-    async def publish(self, event: profile_bus_pb2.EnrichedEvent) -> None:
-        subject = event_subject(event.tenant_id, event.profile_id, self.settings.event_partitions)
-        await self.js.publish(subject, event.SerializeToString())
-
-    async def consumed(self) -> bool:
-        """True when the trigger service has processed and acked every published event."""
-        info = await self.js.consumer_info("RV_EVENTS", "trigger-events")
-        return not info.num_pending and not info.num_ack_pending
-
-    async def requests(self) -> list[delivery_bus_pb2.DeliveryRequest]:
-        """Every delivery request received so far (reading and acking what has arrived)."""
-        assert self._requests is not None
-        try:
-            msgs = await self._requests.fetch(20, timeout=0.1)
-        except (nats.errors.TimeoutError, TimeoutError):
-            msgs = []
-        for m in msgs:
-            self.received.append(delivery_bus_pb2.DeliveryRequest.FromString(m.data))
-            await m.ack()
-        return list(self.received)
-
-    async def more_than_one_request(self) -> bool:
-        return len(await self.requests()) > 1
-
-    async def timers(self, status: str | None = None) -> list[sa.Row[Any]]:
-        query = (
-            "SELECT * FROM timers" + (" WHERE status = :status" if status else "") + " ORDER BY started_at"
-        )
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(sa.text(query), {"status": status})).all())
-
-    async def pending(self) -> list[sa.Row[Any]]:
-        return await self.timers("pending")
-
-    async def no_pending(self) -> bool:
-        return not await self.pending()
+from tests.helpers import eventually, field_violations, rpc_error, stays
+from tests.helpers.cart import DELAY, TRIGGER_ID, cart_trigger
+from tests.helpers.trigger import TENANT, Harness, token
 
 
 @pytest_asyncio.fixture
@@ -190,12 +33,6 @@ async def harness(settings: Settings, clock: ManualClock, nats_url: str) -> Asyn
         yield h
     finally:
         await h.close()
-
-
-async def _code(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await call
-    return caught.value
 
 
 # ---- the abandoned cart -----------------------------------------------------------------------
@@ -367,13 +204,13 @@ async def test_delete_cancels_pending_timers(harness: Harness) -> None:
     )
     [timer] = await harness.timers()
     assert (timer.status, timer.reason) == ("cancelled", "trigger deleted")
-    err = await _code(
+    err = await rpc_error(
         harness.stub.GetTrigger(trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token())
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     await harness.clock.advance(DELAY * 2)
     await stays(harness.requests, duration=0.4)
-    err = await _code(
+    err = await rpc_error(
         harness.stub.DeleteTrigger(trigger_pb2.DeleteTriggerRequest(trigger_id=TRIGGER_ID), metadata=token())
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
@@ -395,7 +232,7 @@ async def test_create_is_idempotent_and_a_different_definition_already_exists(ha
     await harness.clock.advance(timedelta(minutes=1))
     again = await harness.create()
     assert again == first
-    err = await _code(harness.create(trigger=cart_trigger(delay=DELAY * 2)))
+    err = await rpc_error(harness.create(trigger=cart_trigger(delay=DELAY * 2)))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     got = await harness.stub.GetTrigger(
         trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=token(TENANT, "read")
@@ -409,7 +246,7 @@ async def test_invalid_triggers_name_the_fields(harness: Harness) -> None:
     bad.absence.delay.seconds = 0
     bad.channel = common_pb2.CHANNEL_SMS
     bad.template_id = ""
-    err = await _code(harness.create(trigger=bad))
+    err = await rpc_error(harness.create(trigger=bad))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(err)) == {"trigger.absence.delay", "trigger.channel", "trigger.template_id"}
 
@@ -419,24 +256,24 @@ async def test_invalid_triggers_name_the_fields(harness: Harness) -> None:
         purpose=common_pb2.PURPOSE_MARKETING,
         template_id="t",
     )
-    err = await _code(harness.create(trigger=no_condition))
+    err = await rpc_error(harness.create(trigger=no_condition))
     assert set(field_violations(err)) == {"trigger.absence"}
 
     same_types = cart_trigger()
     same_types.absence.cancel_event_type = "add_to_cart"
     same_types.trigger_id = "Not Valid"
     same_types.absence.delay.seconds = 91 * 24 * 3600
-    err = await _code(harness.create(trigger=same_types))
+    err = await rpc_error(harness.create(trigger=same_types))
     assert set(field_violations(err)) == {
         "trigger.trigger_id",
         "trigger.absence.cancel_event_type",
         "trigger.absence.delay",
     }
 
-    err = await _code(harness.stub.CreateTrigger(trigger_pb2.CreateTriggerRequest(), metadata=token()))
+    err = await rpc_error(harness.stub.CreateTrigger(trigger_pb2.CreateTriggerRequest(), metadata=token()))
     assert set(field_violations(err)) == {"trigger"}
 
-    err = await _code(
+    err = await rpc_error(
         harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(page_token="garbage"), metadata=token())
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -466,31 +303,31 @@ async def test_list_pages_through_the_tenants_triggers(harness: Harness) -> None
 
 
 async def test_scopes_are_enforced(harness: Harness) -> None:
-    err = await _code(
+    err = await rpc_error(
         harness.stub.CreateTrigger(
             trigger_pb2.CreateTriggerRequest(trigger=cart_trigger()), metadata=token(TENANT, "read")
         )
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    err = await _code(
+    err = await rpc_error(
         harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=token(TENANT, "ingest"))
     )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    err = await _code(harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest()))
+    err = await rpc_error(harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest()))
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_tenant_b_cannot_see_or_touch_tenant_a(harness: Harness) -> None:
     await harness.create("tenant-a")
     b = token("tenant-b")
-    err = await _code(
+    err = await rpc_error(
         harness.stub.GetTrigger(trigger_pb2.GetTriggerRequest(trigger_id=TRIGGER_ID), metadata=b)
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert (
         list((await harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=b)).triggers) == []
     )
-    err = await _code(
+    err = await rpc_error(
         harness.stub.DeleteTrigger(trigger_pb2.DeleteTriggerRequest(trigger_id=TRIGGER_ID), metadata=b)
     )
     assert err.code() == grpc.StatusCode.NOT_FOUND

@@ -40,10 +40,9 @@ from services.delivery.domain import (
     validate_template,
 )
 from services.delivery.sender import SendOutcome
+from tests.helpers.cart import BODY, SUBJECT
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
-BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
 TEMPLATE = Template("cart-reminder", "email", "en", SUBJECT, BODY)
 GRANTED = {("marketing", "email"): "granted"}
 

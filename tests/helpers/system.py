@@ -1,32 +1,31 @@
-"""The whole system in the test process: three real services over real PostgreSQL and NATS."""
+"""The whole system in the test process: three real services over real PostgreSQL and NATS, an SMTP
+sink and a manual clock, and what a test does with them as a shop would. The `system` fixture
+(tests/conftest.py) starts it."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
+from typing import Any
 
 import grpc
-import pytest_asyncio
-from google.protobuf import duration_pb2
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.cli.services import builder
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
-from relevans.kit.auth import mint_token
 from relevans.kit.clock import ManualClock
-from relevans.kit.grpc_client import bearer
+from relevans.kit.db import create_engine
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
-from tests.conftest import TEST_SECRET
-
-CART_DELAY = timedelta(hours=4)
-TEMPLATE_SUBJECT = "{{ first_name | fallback('Hello') }}, your cart is waiting"
-TEMPLATE_BODY = "Hi {{ first_name | fallback('there') }},\nyou left {{ event.product_name }} in your cart.\n"
+from tests.helpers.auth import token
+from tests.helpers.cart import BODY, DELAY, SUBJECT, TEMPLATE_ID, cart_trigger
 
 
 @dataclass
@@ -37,8 +36,7 @@ class System:
     hosts: dict[str, ServiceHost]
     channels: dict[str, grpc.aio.Channel]
 
-    def token(self, tenant: str, *scopes: str) -> tuple[tuple[str, str]]:
-        return bearer(mint_token(TEST_SECRET, tenant, list(scopes) or ["admin"]))
+    token = staticmethod(token)
 
     @property
     def profiles(self) -> profile_pb2_grpc.ProfileServiceStub:
@@ -74,37 +72,49 @@ class System:
             await host.stop()
         await self.sink.stop()
 
+    async def erasure_done(self, tenant: str, erasure_id: str) -> profile_pb2.GetErasureResponse | None:
+        """The erasure's state once every service has done its part, else None."""
+        reply: profile_pb2.GetErasureResponse = await self.profiles.GetErasure(
+            profile_pb2.GetErasureRequest(erasure_id=erasure_id), metadata=self.token(tenant, "admin")
+        )
+        return reply if reply.state == profile_pb2.ERASURE_STATE_DONE else None
+
+    @asynccontextmanager
+    async def database(self, service: str) -> AsyncIterator[AsyncConnection]:
+        """A connection to `service`'s database, to look at what the service wrote."""
+        engine = create_engine(self.settings.database_url(service), pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                yield conn
+        finally:
+            await engine.dispose()
+
+    async def rows(self, service: str, sql: str, **params: object) -> list[sa.Row[Any]]:
+        async with self.database(service) as conn:
+            return list((await conn.execute(sa.text(sql), params)).all())
+
+    async def scalar(self, service: str, sql: str, **params: object) -> int:
+        async with self.database(service) as conn:
+            return int(await conn.scalar(sa.text(sql), params) or 0)
+
     def mails_to(self, address: str) -> list:  # type: ignore[type-arg]
         return [m for m in self.sink.messages() if address in str(m["To"])]
 
-    async def setup_abandoned_cart(self, tenant: str, delay: timedelta = CART_DELAY) -> None:
+    async def setup_abandoned_cart(self, tenant: str, delay: timedelta = DELAY) -> None:
         md = self.token(tenant, "admin")
         await self.delivery.PutTemplate(
             delivery_pb2.PutTemplateRequest(
                 template=delivery_pb2.Template(
-                    template_id="cart-reminder",
+                    template_id=TEMPLATE_ID,
                     channel=common_pb2.CHANNEL_EMAIL,
-                    subject=TEMPLATE_SUBJECT,
-                    body_text=TEMPLATE_BODY,
+                    subject=SUBJECT,
+                    body_text=BODY,
                 )
             ),
             metadata=md,
         )
         await self.triggers.CreateTrigger(
-            trigger_pb2.CreateTriggerRequest(
-                trigger=trigger_pb2.Trigger(
-                    trigger_id="abandoned-cart",
-                    absence=trigger_pb2.AbsenceCondition(
-                        start_event_type="add_to_cart",
-                        cancel_event_type="purchase",
-                        delay=duration_pb2.Duration(seconds=int(delay.total_seconds())),
-                    ),
-                    channel=common_pb2.CHANNEL_EMAIL,
-                    purpose=common_pb2.PURPOSE_MARKETING,
-                    template_id="cart-reminder",
-                )
-            ),
-            metadata=md,
+            trigger_pb2.CreateTriggerRequest(trigger=cart_trigger(delay=delay)), metadata=md
         )
 
     async def customer(self, tenant: str, email: str, first_name: str = "", consent: bool = True) -> str:
@@ -135,16 +145,3 @@ class System:
         await self.profiles.Track(
             profile_pb2.TrackRequest(event=event), metadata=self.token(tenant, "ingest")
         )
-
-
-@pytest_asyncio.fixture
-async def system(settings: Settings, clock: ManualClock, tmp_path: Path) -> AsyncIterator[System]:
-    sink = SmtpSink(tmp_path / "mail")
-    await sink.start()
-    sys_ = System(replace(settings, smtp_port=sink.port), clock, sink, {}, {})
-    try:
-        for service in ("profile", "trigger", "delivery"):
-            await sys_.start(service)
-        yield sys_
-    finally:
-        await sys_.close()
