@@ -17,7 +17,8 @@ from services.delivery.domain import Renderer
 from services.delivery.profiles import ProfileClient
 from services.delivery.sender import SmtpSender
 from services.delivery.servicer import DeliveryServicer, binding
-from services.delivery.store import DeliveryStore, outbox
+from services.delivery.store import DeliveryStore
+from services.delivery.tables import outbox
 
 SERVICE = "delivery"
 

@@ -34,7 +34,8 @@ from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build
 from services.delivery.profiles import ProfileClient
-from services.delivery.store import lock_id, merged_profiles, messages
+from services.delivery.store import lock_id
+from services.delivery.tables import merged_profiles, messages
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, field_violations, stays
 
