@@ -8,16 +8,14 @@ from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.delivery.consumers import (
-    DURABLE,
-    DeliveryWorker,
-    request_consumer,
-)
+from services.delivery.channels import open_transports
+from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
 from services.delivery.profiles import ProfileClient
-from services.delivery.sender import SmtpSender
 from services.delivery.servicer import DeliveryServicer, binding
-from services.delivery.store import DeliveryStore, outbox
+from services.delivery.store import DeliveryStore
+from services.delivery.tables import outbox
+from services.delivery.worker import DeliveryWorker
 
 SERVICE = "delivery"
 
@@ -37,9 +35,14 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         secret=settings.token_secret,
         clock=clock,
     )
-    sender = SmtpSender(settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender)
     worker = DeliveryWorker(
-        store, profiles, sender, renderer, clock, make_id=new_message_id, notify=rt.relay.notify
+        store,
+        profiles,
+        open_transports(settings),
+        renderer,
+        clock,
+        make_id=new_message_id,
+        notify=rt.relay.notify,
     )
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)

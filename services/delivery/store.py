@@ -1,13 +1,11 @@
-"""Tables and queries of the delivery service (SQLAlchemy Core on asyncpg).
+"""Queries of the delivery service (SQLAlchemy Core on asyncpg); the tables are in tables.py.
 
-Messages are keyed twice: by `message_id` for the API and by
-(tenant_id, idempotency_key) — unique — for the at-most-once guarantee. Every
-status change is appended to `message_status_history`; final statuses are
+Every status change is appended to `message_status_history`; final statuses are
 published through the outbox in the same transaction.
 
 Workers serialise on one request with a session-level advisory lock per
 (tenant, idempotency key), held across the transactions of one attempt
-(claim -> SMTP -> record). A row in `sending` whose lock nobody holds belongs
+(claim -> send -> record). A row in `sending` whose lock nobody holds belongs
 to a worker that died mid-send; a row whose lock is held belongs to a live
 worker and is left alone.
 
@@ -30,7 +28,6 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -40,105 +37,33 @@ from relevans.kit.merges import (
     Person,
     ProfileMerge,
     forget_aliases,
-    merged_profiles_table,
     record_alias,
     surviving_ids,
 )
-from relevans.kit.outbox import OutboxMessage, enqueue, outbox_table
+from relevans.kit.outbox import OutboxMessage, enqueue
 from services.delivery.domain import (
     ACCEPTED,
     PENDING,
     SENDING,
-    STATUSES,
     DeliveryRequest,
     MessageRecord,
     StatusChange,
     Template,
 )
 from services.delivery.domain.decision import ERASED
+from services.delivery.tables import (
+    TZ,
+    erased_profiles,
+    history,
+    merged_profiles,
+    messages,
+    outbox,
+    suppressions,
+    templates,
+)
 
 log = structlog.get_logger(__name__)
 
-TZ = sa.DateTime(timezone=True)
-_STATUS_CHECK = "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")"
-
-metadata = sa.MetaData()
-
-templates = sa.Table(
-    "templates",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("template_id", sa.Text, primary_key=True),
-    sa.Column("channel", sa.Text, nullable=False),
-    sa.Column("locale", sa.Text, nullable=False),
-    sa.Column("subject", sa.Text, nullable=False),
-    sa.Column("body_text", sa.Text, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("updated_at", TZ, nullable=False),
-)
-
-messages = sa.Table(
-    "messages",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("message_id", sa.Text, primary_key=True),
-    # Creation order: ListMessages pages newest first by it.
-    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False),
-    sa.Column("idempotency_key", sa.Text, nullable=False),
-    sa.Column("profile_id", sa.Text, nullable=False),
-    sa.Column("trigger_id", sa.Text, nullable=False),
-    sa.Column("channel", sa.Text, nullable=False),
-    sa.Column("purpose", sa.Text, nullable=False),
-    sa.Column("template_id", sa.Text, nullable=False),
-    sa.Column("variables", JSONB, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("recipient", sa.Text, nullable=False),
-    sa.Column("subject", sa.Text, nullable=False),
-    # Deliveries of the request that ended in a failure worth retrying.
-    sa.Column("attempts", sa.Integer, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-    sa.Column("updated_at", TZ, nullable=False),
-    sa.UniqueConstraint("tenant_id", "idempotency_key", name="messages_idempotency"),
-    sa.CheckConstraint(_STATUS_CHECK, name="messages_status"),
-    sa.Index("messages_tenant_seq", "tenant_id", "seq"),
-    sa.Index("messages_profile_seq", "tenant_id", "profile_id", "seq"),
-)
-
-history = sa.Table(
-    "message_status_history",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("message_id", sa.Text, primary_key=True),
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("at", TZ, nullable=False),
-)
-
-# GDPR: the sha256 hex of each identifier of an erased person; a message to one is suppressed.
-suppressions = sa.Table(
-    "suppressions",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("value_hash", sa.Text, primary_key=True),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("created_at", TZ, nullable=False),
-)
-
-# GDPR: erased people (a random profile id, nothing personal); a request for one that arrives
-# after the erasure is dropped without a trace.
-erased_profiles = sa.Table(
-    "erased_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("erased_at", TZ, nullable=False),
-)
-
-merged_profiles = merged_profiles_table(metadata)
-
-outbox = outbox_table(metadata)
 # First key of the transaction-level advisory lock that serialises one tenant's merges.
 MERGE_LOCK_NAMESPACE = 0x5256444D  # "RVDM"
 
@@ -420,8 +345,7 @@ class DeliveryStore:
                 )
                 # one list of ids, not `= person OR IN (aliases)`: PostgreSQL reads each id's messages
                 # by `messages_profile_seq` for a list, but filtered the tenant's every message, newest
-                # first, for the OR (measured with a million: 901,331 rows read for 0-4 returned,
-                # 0.5-4.8 s; 0.1-1.0 ms as a list)
+                # first, for the OR (figures in bench/README.md)
                 query = query.where(
                     messages.c.profile_id.in_(sa.select(sa.literal(person)).union_all(aliases))
                 )

@@ -23,7 +23,8 @@ from relevans.local.embedded import free_port
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
 from services.delivery.profiles import ProfileClient
-from services.delivery.store import lock_id, merged_profiles, messages
+from services.delivery.store import lock_id
+from services.delivery.tables import merged_profiles, messages
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, field_violations, rpc_error, stays
 from tests.helpers.cart import SUBJECT, TEMPLATE_ID

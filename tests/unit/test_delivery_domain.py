@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from relevans.kit.errors import InvalidArgument
-from services.delivery.consumers import decode_request, plain_struct, smtp_final
+from services.delivery.consumers import decode_request, plain_struct
 from services.delivery.domain import (
     FAILED,
     MAX_ATTEMPTS,
@@ -22,6 +22,7 @@ from services.delivery.domain import (
     Renderer,
     RenderError,
     Send,
+    SendOutcome,
     Template,
     after_transient,
     clean_first_name,
@@ -35,11 +36,11 @@ from services.delivery.domain import (
     page_size,
     recipient_check,
     redelivery,
+    smtp_final,
     template_variables,
     unsafe_output,
     validate_template,
 )
-from services.delivery.sender import SendOutcome
 from tests.helpers.cart import BODY, SUBJECT
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)

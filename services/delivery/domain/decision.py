@@ -1,68 +1,42 @@
 """The send decision: may this person get this message now, and what does it say?
 
-Pure: the consumer fetches the profile (with its current consent) and the
-template, and this module decides SEND, SUPPRESSED or FAILED, with a stable
-reason code. It also owns the message state machine of at-most-once sending:
-
-    pending --claim--> sending --SMTP 250--> sent
-       ^                  |----5xx/unknown--> failed
-       |---transient------|   (after MAX_ATTEMPTS: failed "retries_exhausted")
-
-A row found in `sending` when a request is delivered again belongs to a worker
-that died mid-send: the mail may or may not have gone out, so it is marked
-failed ("outcome_unknown") and never sent a second time.
+Pure: the worker fetches the profile (with its current consent) and the template, and
+this module decides SEND, SUPPRESSED or FAILED, with a stable reason code. Which
+address the message goes to, and whether it can take one, is the channel's to say
+(`domain/channels/`); how a message moves between states is in `states.py`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
 from services.delivery.domain.names import clean_first_name
 from services.delivery.domain.rendering import Renderer, RenderError
+from services.delivery.domain.states import FAILED, SUPPRESSED, Final
 from services.delivery.domain.templates import Template, template_id_problem
-
-# Message states. `sending` is internal: the API shows it as pending.
-PENDING = "pending"
-SENDING = "sending"
-SENT = "sent"
-SUPPRESSED = "suppressed"
-FAILED = "failed"
-STATUSES = (PENDING, SENDING, SENT, SUPPRESSED, FAILED)
-FINAL_STATUSES = frozenset({SENT, SUPPRESSED, FAILED})
-
-MAX_ATTEMPTS = 8
 
 # Stable reason codes (a detail may follow after ": ").
 ACCEPTED = "accepted"
 PROFILE_NOT_FOUND = "profile_not_found"
-NO_ADDRESS = "no_address"
-INVALID_ADDRESS = "invalid_address"
 CONSENT_MISSING = "consent_missing"
 CONSENT_WITHDRAWN = "consent_withdrawn"
 TEMPLATE_NOT_FOUND = "template_not_found"
 TEMPLATE_CHANNEL_MISMATCH = "template_channel_mismatch"
 CHANNEL_UNSUPPORTED = "channel_unsupported"
 INVALID_REQUEST = "invalid_request"
-OUTCOME_UNKNOWN = "outcome_unknown"
-RETRIES_EXHAUSTED = "retries_exhausted"
-RETRYING = "retrying"
-SMTP_REJECTED = "smtp_rejected"
 # The address belongs to a person erased under GDPR.
 ERASED = "erased"
 
 TRANSACTIONAL = "transactional"
 GRANTED = "granted"
 WITHDRAWN_STATUSES = frozenset({"withdrawn", "denied"})
-SUPPORTED_CHANNELS = frozenset({"email"})
 # Variables the service sets itself; a request cannot override them.
 RESERVED_VARIABLES = ("first_name", "email")
 MAX_IDEMPOTENCY_KEY_CHARS = 512
 MAX_ID_CHARS = 256
-
-_ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[^@\s<>,;:\"()\[\]\\]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +77,7 @@ class Send:
     body_text: str
 
 
-@dataclass(frozen=True, slots=True)
-class Final:
-    status: str
-    reason: str
-
-
 Decision = Send | Final
-RedeliveryAction = Literal["process", "skip", "outcome_unknown"]
 
 
 def request_problem(r: DeliveryRequest) -> str | None:
@@ -129,34 +96,17 @@ def request_problem(r: DeliveryRequest) -> str | None:
     return None
 
 
-def redelivery(status: str) -> RedeliveryAction:
-    """What to do with a request whose message row is already in `status`."""
-    if status in FINAL_STATUSES:
-        return "skip"
-    if status == SENDING:
-        return "outcome_unknown"
-    return "process"
-
-
-def after_transient(attempt: int, why: str) -> Final:
-    """The state after a failure worth retrying: pending again, or failed once attempts run out."""
-    if attempt >= MAX_ATTEMPTS:
-        return Final(FAILED, f"{RETRIES_EXHAUSTED}: {why}")
-    return Final(PENDING, f"{RETRYING}: {why}")
-
-
-def is_address(value: str) -> bool:
-    return bool(_ADDRESS.match(value)) and len(value) <= 320
-
-
 def recipient_check(purpose: str, channel: str, profile: ProfileView | None) -> Final | None:
-    """SUPPRESSED with its reason when this person must not get this message now, else None."""
+    """SUPPRESSED with its reason when this person must not get this message now, else None
+    (FAILED for a channel that is not registered)."""
     if profile is None:
         return Final(SUPPRESSED, PROFILE_NOT_FOUND)
-    if not profile.email.strip():
-        return Final(SUPPRESSED, NO_ADDRESS)
-    if not is_address(profile.email.strip()):
-        return Final(SUPPRESSED, INVALID_ADDRESS)
+    rules = CHANNELS.get(channel)
+    if rules is None:
+        return Final(FAILED, f"{CHANNEL_UNSUPPORTED}: {channel or 'unspecified'}")
+    address_problem = rules.address_problem(rules.address(profile))
+    if address_problem:
+        return Final(SUPPRESSED, address_problem)
     if purpose != TRANSACTIONAL:
         status = profile.consents.get((purpose, channel), "")
         if status in WITHDRAWN_STATUSES:
@@ -202,10 +152,14 @@ def decide(
         return Final(FAILED, TEMPLATE_NOT_FOUND)
     if template.channel != request.channel:
         return Final(FAILED, f"{TEMPLATE_CHANNEL_MISMATCH}: template is for {template.channel}")
+    channel = CHANNELS[request.channel]
     try:
         rendered = renderer.render(
-            template.subject, template.body_text, message_variables(request.variables, profile)
+            template.subject,
+            template.body_text,
+            message_variables(request.variables, profile),
+            channel.limits,
         )
     except RenderError as exc:
         return Final(SUPPRESSED, exc.reason)
-    return Send(recipient=profile.email.strip(), subject=rendered.subject, body_text=rendered.body_text)
+    return Send(recipient=channel.address(profile), subject=rendered.subject, body_text=rendered.body_text)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from relevans.kit.errors import FieldViolation, InvalidArgument
-from services.delivery.domain.decision import PENDING, SENDING
+from services.delivery.domain.states import PENDING, SENDING
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 100

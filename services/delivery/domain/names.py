@@ -1,4 +1,4 @@
-"""Hello #Firstname (DESIGN story 10): which first names are fit to print.
+"""Hello #Firstname: which first names are fit to print.
 
 `clean_first_name` returns the name to greet someone with, or None when the
 stored value is missing, a placeholder, a test entry or implausible — the

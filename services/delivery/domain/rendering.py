@@ -7,10 +7,12 @@ is the explicit way to say what to print instead:
 
     Hi {{ first_name | fallback("there") }},
 
-Limits (documented in the README's "Templates" section):
+Limits (documented in the README's "Templates" section; a channel may set its own sizes,
+`RenderLimits`, and email's are these):
 
 - source: subject at most 1 KiB, body at most 64 KiB (checked when saved);
-- output: subject and body together at most 256 KiB; the subject is one line;
+- output: subject and body together at most 256 KiB; the subject is one line of at most
+  998 characters;
 - time: a render may use at most `RENDER_TIME_LIMIT_S` seconds of CPU (thread time, so a
   busy machine does not fail a render that is merely waiting), checked at every loop
   step, call, operator and output chunk; `range()` yields at most 10,000 items;
@@ -48,6 +50,27 @@ MAX_SUBJECT_CHARS = 998  # RFC 5322 line length
 MAX_RANGE = 10_000
 MAX_WIDTH = 1_000  # padding and indentation widths
 RENDER_TIME_LIMIT_S = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class RenderLimits:
+    """How large a channel's templates (when saved) and rendered messages (when sent) may be."""
+
+    subject_source_bytes: int
+    body_source_bytes: int
+    # Subject and body together, rendered; never more than the renderer's own `max_output_bytes`.
+    output_bytes: int
+    # The rendered subject, which is always one line.
+    subject_chars: int
+
+
+# The limits above, which every template had before channels brought their own.
+DEFAULT_LIMITS = RenderLimits(
+    subject_source_bytes=MAX_SUBJECT_SOURCE_BYTES,
+    body_source_bytes=MAX_BODY_SOURCE_BYTES,
+    output_bytes=MAX_OUTPUT_BYTES,
+    subject_chars=MAX_SUBJECT_CHARS,
+)
 
 # str methods a template may call; the rest (format, padding, encode, ...) are blocked.
 SAFE_STR_METHODS = frozenset(
@@ -444,21 +467,28 @@ class Renderer:
             self._cache.popitem(last=False)
         return template
 
-    def render(self, subject: str, body_text: str, variables: Mapping[str, Any]) -> Rendered:
-        """Both parts rendered and checked; RenderError says why not."""
-        budget = _Budget(self.timer, self.time_limit_s, self.max_output_bytes)
+    def render(
+        self,
+        subject: str,
+        body_text: str,
+        variables: Mapping[str, Any],
+        limits: RenderLimits = DEFAULT_LIMITS,
+    ) -> Rendered:
+        """Both parts rendered and checked against `limits` (the channel's); RenderError says why not."""
+        max_output_bytes = min(self.max_output_bytes, limits.output_bytes)
+        budget = _Budget(self.timer, self.time_limit_s, max_output_bytes)
         context = {k: v for k, v in variables.items() if v is not None}
         rendered_subject = " ".join(self._render_part("subject", subject, context, budget).split())
-        budget.max_chars = self.max_output_bytes - len(rendered_subject.encode())
+        budget.max_chars = max_output_bytes - len(rendered_subject.encode())
         rendered_body = self._render_part("body_text", body_text, context, budget)
         if not rendered_subject:
             raise RenderError("subject: rendered empty")
-        if len(rendered_subject) > MAX_SUBJECT_CHARS:
-            raise RenderError(f"subject: longer than {MAX_SUBJECT_CHARS} characters")
+        if len(rendered_subject) > limits.subject_chars:
+            raise RenderError(f"subject: longer than {limits.subject_chars} characters")
         if not rendered_body.strip():
             raise RenderError("body_text: rendered empty")
-        if len(rendered_subject.encode()) + len(rendered_body.encode()) > self.max_output_bytes:
-            raise RenderError(f"output larger than {self.max_output_bytes} bytes")
+        if len(rendered_subject.encode()) + len(rendered_body.encode()) > max_output_bytes:
+            raise RenderError(f"output larger than {max_output_bytes} bytes")
         for part, text in (("subject", rendered_subject), ("body_text", rendered_body)):
             problem = unsafe_output(text)
             if problem:

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
-from services.delivery.domain.rendering import MAX_BODY_SOURCE_BYTES, MAX_SUBJECT_SOURCE_BYTES, Renderer
+from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
+from services.delivery.domain.rendering import DEFAULT_LIMITS, Renderer
 
 TEMPLATE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # BCP 47 in the shape people use: en, de-CH, zh-Hant-TW, es-419.
 LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 DEFAULT_LOCALE = "en"
-SUPPORTED_CHANNELS = ("email",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +63,17 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
     if raw.channel in ("", "unspecified"):
         v.add("template.channel", "is required")
     elif raw.channel not in SUPPORTED_CHANNELS:
-        v.add("template.channel", "only CHANNEL_EMAIL templates are supported")
+        names = ", ".join(f"CHANNEL_{c.upper()}" for c in sorted(SUPPORTED_CHANNELS))
+        v.add("template.channel", f"only {names} templates are supported")
     locale = raw.locale or DEFAULT_LOCALE
     if not LOCALE_RE.match(locale):
         v.add("template.locale", "must be a BCP 47 language tag such as en or de-CH")
+    # A template for an unknown channel is refused above; its sizes are still checked, against
+    # the limits templates had before channels brought their own.
+    limits = CHANNELS[raw.channel].limits if raw.channel in CHANNELS else DEFAULT_LIMITS
     for field, source, limit in (
-        ("subject", raw.subject, MAX_SUBJECT_SOURCE_BYTES),
-        ("body_text", raw.body_text, MAX_BODY_SOURCE_BYTES),
+        ("subject", raw.subject, limits.subject_source_bytes),
+        ("body_text", raw.body_text, limits.body_source_bytes),
     ):
         name = f"template.{field}"
         if not source.strip():

@@ -1,27 +1,96 @@
-"""The email itself: headers (incl. RFC 8058 one-click unsubscribe) and the plain-text body.
+"""The email channel: its rules (address, limits, how SMTP outcomes end a message) and the
+message itself, headers (incl. RFC 8058 one-click unsubscribe) and plain-text body.
 
 `email_bytes` writes the message as it goes over SMTP (RFC 5322 + MIME, CRLF line
-endings). It is built by hand rather than with `email.message.EmailMessage`,
-whose header machinery costs about a millisecond per mail — too much for the
-send rate the service is built for; `compose_email` gives the same message
-parsed, for callers that want an object.
+endings). It is built by hand rather than with `email.message.EmailMessage`, whose
+header machinery costs more per mail than the send rate the service is built for
+allows (see bench/README.md); `compose_email` gives the same message parsed, for
+callers that want an object.
 """
 
 from __future__ import annotations
 
 import binascii
+import re
 from datetime import datetime
 from email import policy
 from email.header import Header
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import format_datetime, formataddr, parseaddr
+from typing import TYPE_CHECKING
 from urllib.parse import quote
+
+from services.delivery.domain.channels.base import (
+    INVALID_ADDRESS,
+    NO_ADDRESS,
+    Channel,
+    OutcomeKind,
+    SendFailure,
+    SendOutcome,
+)
+from services.delivery.domain.rendering import DEFAULT_LIMITS
+from services.delivery.domain.states import FAILED, OUTCOME_UNKNOWN, SENT, Final, after_transient
+
+if TYPE_CHECKING:
+    from services.delivery.domain.decision import ProfileView
 
 # Where one-click unsubscribe links point until the tracking endpoint serves them.
 UNSUBSCRIBE_BASE_URL = "https://relevans.local/u/"
 DEFAULT_DOMAIN = "relevans.local"
 MAX_LINE = 998  # RFC 5322 line length limit, without CRLF
+MAX_ADDRESS_CHARS = 320
+# The server refused the message (a 5xx reply).
+SMTP_REJECTED = "smtp_rejected"
+
+_ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[^@\s<>,;:\"()\[\]\\]+$")
+
+
+# ---- the channel's rules ------------------------------------------------------------------------
+
+
+def is_address(value: str) -> bool:
+    return bool(_ADDRESS.match(value)) and len(value) <= MAX_ADDRESS_CHARS
+
+
+def smtp_final(outcome: SendOutcome, attempt: int) -> Final:
+    """Sent on 250, failed for good on a refusal or an unknown outcome, else retried."""
+    if outcome.kind == "sent":
+        return Final(SENT, f"smtp: {outcome.detail}")
+    if outcome.kind == "permanent":
+        return Final(FAILED, f"{SMTP_REJECTED}: {outcome.detail}")
+    if outcome.kind == "unknown":
+        return Final(FAILED, f"{OUTCOME_UNKNOWN}: {outcome.detail}")
+    return after_transient(attempt, f"smtp: {outcome.detail}")
+
+
+class EmailChannel(Channel):
+    name = "email"
+    limits = DEFAULT_LIMITS
+
+    def address(self, profile: ProfileView) -> str:
+        return profile.email.strip()
+
+    def address_problem(self, address: str) -> str | None:
+        if not address:
+            return NO_ADDRESS
+        if not is_address(address):
+            return INVALID_ADDRESS
+        return None
+
+    def classify(self, failure: SendFailure) -> OutcomeKind:
+        """A reply is transient when it is 4xx or came while connecting (a busy server turning
+        the session away), permanent when it is 5xx; without a reply the session broke, which
+        is of unknown outcome once the content was on the wire (stage "data")."""
+        if failure.code is not None:
+            return "transient" if failure.stage == "connect" or failure.code < 500 else "permanent"
+        return "unknown" if failure.stage == "data" else "transient"
+
+    def final(self, outcome: SendOutcome, attempt: int) -> Final:
+        return smtp_final(outcome, attempt)
+
+
+# ---- the message --------------------------------------------------------------------------------
 
 
 def envelope_sender(sender: str) -> str:

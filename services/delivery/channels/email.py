@@ -1,7 +1,7 @@
-"""Email over SMTP (aiosmtplib), classified for at-most-once sending.
+"""The email channel's transport: SMTP (aiosmtplib), classified for at-most-once sending.
 
-Each outcome says whether the server took the message and, if not, whether
-trying again is safe:
+Each outcome says whether the server took the message and, if not, whether trying again
+is safe (the rules are `EmailChannel.classify` in the domain):
 
 - `sent`: the server answered 250 to the end of DATA;
 - `transient`: nothing was handed over (cannot connect, a 4xx reply): retry later;
@@ -16,37 +16,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from datetime import datetime
 
 import aiosmtplib
 import structlog
 
-from services.delivery.domain.emails import envelope_sender, sender_domain
+from services.delivery.channels.base import Outgoing
+from services.delivery.domain import Send, SendFailure, SendOutcome
+from services.delivery.domain.channels.email import EmailChannel, email_bytes, envelope_sender, sender_domain
 
 log = structlog.get_logger(__name__)
-
-OutcomeKind = Literal["sent", "transient", "permanent", "unknown"]
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingMail:
-    recipient: str
-    # The whole message as it goes over the wire (see domain.emails.email_bytes).
-    content: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SendOutcome:
-    kind: OutcomeKind
-    detail: str
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
     return f"{exc.code} {exc.message}".strip()
 
 
-class SmtpSender:
+class SmtpTransport:
     def __init__(
         self,
         host: str,
@@ -63,8 +49,20 @@ class SmtpSender:
         self.local_hostname = sender_domain(sender)
         self.timeout_s = timeout_s
         self.connections = max(1, connections)
+        self.rules = EmailChannel()
 
-    async def send_many(self, mails: Sequence[OutgoingMail]) -> list[SendOutcome]:
+    def compose(self, message_id: str, send: Send, now: datetime) -> Outgoing:
+        content = email_bytes(
+            message_id=message_id,
+            sender=self.sender,
+            recipient=send.recipient,
+            subject=send.subject,
+            body_text=send.body_text,
+            now=now,
+        )
+        return Outgoing(send.recipient, content)
+
+    async def send_many(self, mails: Sequence[Outgoing]) -> list[SendOutcome]:
         """One outcome per mail, in order; never raises for a mail's failure."""
         if not mails:
             return []
@@ -77,7 +75,7 @@ class SmtpSender:
                 outcomes[i] = outcome
         return [o or SendOutcome("unknown", "no outcome") for o in outcomes]
 
-    async def _send_lane(self, mails: Sequence[OutgoingMail]) -> list[SendOutcome]:
+    async def _send_lane(self, mails: Sequence[Outgoing]) -> list[SendOutcome]:
         client: aiosmtplib.SMTP | None = None
         outcomes: list[SendOutcome] = []
         try:
@@ -90,7 +88,7 @@ class SmtpSender:
         return outcomes
 
     async def _send_one(
-        self, client: aiosmtplib.SMTP | None, mail: OutgoingMail
+        self, client: aiosmtplib.SMTP | None, mail: Outgoing
     ) -> tuple[aiosmtplib.SMTP | None, SendOutcome]:
         stage = "connect"
         try:
@@ -111,9 +109,7 @@ class SmtpSender:
         except aiosmtplib.SMTPResponseException as exc:
             # The server answered with an error code: it did not take the message.
             client = await self._reset(client)
-            if stage == "connect" or exc.code < 500:
-                return client, SendOutcome("transient", _reply(exc))
-            return client, SendOutcome("permanent", _reply(exc))
+            return client, SendOutcome(self.rules.classify(SendFailure(stage, exc.code)), _reply(exc))
         except UnicodeError as exc:
             # An address that is not ASCII needs SMTPUTF8; this mail can never be sent as is.
             client = await self._reset(client)
@@ -122,10 +118,10 @@ class SmtpSender:
             if client is not None:
                 client.close()
             detail = f"{type(exc).__name__}: {exc}".strip()
-            if stage == "data":
+            kind = self.rules.classify(SendFailure(stage, None))
+            if kind == "unknown":
                 log.warning("smtp session broke during DATA; outcome unknown", error=detail)
-                return None, SendOutcome("unknown", detail)
-            return None, SendOutcome("transient", detail)
+            return None, SendOutcome(kind, detail)
 
     async def _reset(self, client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
         """Abort the open mail transaction so the connection can carry the next mail."""

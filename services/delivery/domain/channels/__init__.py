@@ -1,0 +1,36 @@
+"""The channels delivery sends on, registered here and nowhere else.
+
+A channel is its rules here (a `Channel`, pure) and its transport in
+`services/delivery/channels/` (the sending); the service refuses to start when a
+registered channel has no transport. Templates and requests for any other channel
+are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from services.delivery.domain.channels.base import (
+    INVALID_ADDRESS,
+    NO_ADDRESS,
+    Channel,
+    OutcomeKind,
+    SendFailure,
+    SendOutcome,
+)
+from services.delivery.domain.channels.email import EmailChannel
+
+CHANNELS: Mapping[str, Channel] = MappingProxyType({c.name: c for c in (EmailChannel(),)})
+SUPPORTED_CHANNELS = frozenset(CHANNELS)
+
+__all__ = [
+    "CHANNELS",
+    "INVALID_ADDRESS",
+    "NO_ADDRESS",
+    "SUPPORTED_CHANNELS",
+    "Channel",
+    "OutcomeKind",
+    "SendFailure",
+    "SendOutcome",
+]

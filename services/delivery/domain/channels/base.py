@@ -1,0 +1,73 @@
+"""The channel contract: what delivery must know of a channel to send on it. Pure.
+
+A channel says which address of a person it sends to and whether that address can take
+a message, how large its templates and rendered messages may be, whether a failed send
+is worth trying again, and how the outcome of a send ends the message. The sending itself
+is I/O and lives in the channel's transport (`services/delivery/channels/`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from services.delivery.domain.rendering import RenderLimits
+from services.delivery.domain.states import Final
+
+if TYPE_CHECKING:  # decision.py imports the channel registry, so the view is only a type here
+    from services.delivery.domain.decision import ProfileView
+
+# Reasons of the address check (a message without a usable address is suppressed).
+NO_ADDRESS = "no_address"
+INVALID_ADDRESS = "invalid_address"
+
+# What one send attempt came to:
+# - `sent`: the other side took the message;
+# - `transient`: nothing was handed over, or the other side asked to try later: retry;
+# - `permanent`: the other side refused the message: never retry;
+# - `unknown`: it broke after the message was on its way; it may have arrived, so it is
+#   not sent again.
+OutcomeKind = Literal["sent", "transient", "permanent", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    kind: OutcomeKind
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendFailure:
+    """A send attempt that did not succeed, as the transport saw it.
+
+    `stage` is the channel's own name for how far the attempt got ("connect", "data", ...);
+    `code` is the other side's answer (an SMTP reply, an HTTP status), None when there was none.
+    """
+
+    stage: str
+    code: int | None
+
+
+class Channel(ABC):
+    """One way of reaching a person: email, and later SMS, webhooks, the web banner."""
+
+    # The lower-case enum name of `relevans.common.v1.Channel` ("email" for CHANNEL_EMAIL).
+    name: ClassVar[str]
+    limits: ClassVar[RenderLimits]
+
+    @abstractmethod
+    def address(self, profile: ProfileView) -> str:
+        """The person's address on this channel, "" when the profile has none."""
+
+    @abstractmethod
+    def address_problem(self, address: str) -> str | None:
+        """NO_ADDRESS or INVALID_ADDRESS when no message can go to `address`, else None."""
+
+    @abstractmethod
+    def classify(self, failure: SendFailure) -> OutcomeKind:
+        """Whether a failed attempt is transient, permanent, or of unknown outcome."""
+
+    @abstractmethod
+    def final(self, outcome: SendOutcome, attempt: int) -> Final:
+        """The message's state after `outcome` on the request's `attempt`-th delivery."""

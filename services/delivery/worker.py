@@ -1,0 +1,398 @@
+"""Decoded delivery requests -> at most one message each, on the request's channel.
+
+`DeliveryWorker.process` takes a batch of requests and, per idempotency key, runs
+these phases on one database connection:
+
+1. claim: takes the request's advisory lock (held until the batch is done; a key another
+   live worker holds is retried later) and reads its message row, if any: already final
+   -> nothing to do; left in `sending` by a worker that died mid-send -> failed
+   "outcome_unknown", never sent a second time. A request for a profile that was merged
+   away is handled as the survivor's; one for an erased person is dropped;
+2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
+   is now) and loads the templates;
+3. decide: in ONE transaction inserts the new messages (pending, unique per idempotency
+   key), decides each (consent, address, template, render), records the suppressed and
+   failed ones with their `DeliveryStatusChanged` outbox messages, and the ones to send as
+   `sending` — so a message is first seen either final or on its way;
+4. send: hands the claimed messages to their channel's transport;
+5. record: commits each outcome: sent, failed (refused, outcome unknown, retries
+   exhausted), or pending again for a transient failure.
+
+How these steps make each effect happen once: docs/architecture.md, "Guarantees",
+"Effects happen once" and "Consent at send time".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relevans.delivery.v1 import bus_pb2, delivery_pb2
+from relevans.kit import metrics
+from relevans.kit.clock import Clock
+from relevans.kit.merges import Person
+from relevans.kit.outbox import OutboxMessage
+from relevans.kit.proto import to_timestamp
+from services.delivery.channels.base import Outgoing, Transport
+from services.delivery.domain import (
+    CHANNELS,
+    FAILED,
+    FINAL_STATUSES,
+    OUTCOME_UNKNOWN,
+    PENDING,
+    SENDING,
+    SENT,
+    SUPPORTED_CHANNELS,
+    SUPPRESSED,
+    DeliveryRequest,
+    Final,
+    ProfileView,
+    Renderer,
+    Send,
+    SendOutcome,
+    Template,
+    after_transient,
+    decide,
+    redelivery,
+    request_problem,
+)
+from services.delivery.domain.decision import ERASED, Decision
+from services.delivery.profiles import ProfileClient, ProfileLookupError
+from services.delivery.store import DeliveryStore, Key, MessageRow, StatusUpdate, TemplateKey
+
+log = structlog.get_logger(__name__)
+
+STATUS_SUBJECT_PREFIX = "rv.delivery.status."
+COMPOSE_FAILED = "compose_failed"
+
+_STATUS_ENUM = {
+    PENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
+    SENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
+    SENT: delivery_pb2.MESSAGE_STATUS_SENT,
+    "suppressed": delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
+    FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+}
+
+# ---- outcomes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    row: MessageRow
+    channel: str
+    update: StatusUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class _Sending:
+    """A message claimed for sending, with what its transport hands over."""
+
+    request: DeliveryRequest
+    row: MessageRow
+    outgoing: Outgoing
+
+
+@dataclass(frozen=True, slots=True)
+class _LookedUp:
+    """What the decisions need besides the requests: people, why a tenant's lookup failed, templates."""
+
+    views: dict[Person, ProfileView]
+    unavailable: dict[str, str]
+    templates: dict[TemplateKey, Template]
+
+
+def status_changed(row: MessageRow, status: str, reason: str, now: datetime) -> OutboxMessage:
+    payload = bus_pb2.DeliveryStatusChanged(
+        tenant_id=row.tenant_id,
+        message_id=row.message_id,
+        idempotency_key=row.idempotency_key,
+        profile_id=row.profile_id,
+        trigger_id=row.trigger_id,
+        status=_STATUS_ENUM[status],
+        reason=reason,
+        time=to_timestamp(now),
+    )
+    return OutboxMessage(STATUS_SUBJECT_PREFIX + status, payload.SerializeToString())
+
+
+def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0, **fields: str) -> _Outcome:
+    return _Outcome(
+        row,
+        channel,
+        StatusUpdate(
+            tenant_id=row.tenant_id,
+            message_id=row.message_id,
+            status=final.status,
+            reason=final.reason,
+            recipient=fields.get("recipient"),
+            subject=fields.get("subject"),
+            attempts=attempts,
+        ),
+    )
+
+
+def _retries(outcomes: Sequence[_Outcome]) -> list[str]:
+    """Why the messages left pending must be tried again."""
+    return [o.update.reason for o in outcomes if o.update.status == PENDING]
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+
+class DeliveryWorker:
+    def __init__(
+        self,
+        store: DeliveryStore,
+        profiles: ProfileClient,
+        transports: Mapping[str, Transport],
+        renderer: Renderer,
+        clock: Clock,
+        *,
+        make_id: Callable[[], str],
+        notify: Callable[[], None] = lambda: None,
+    ) -> None:
+        missing = SUPPORTED_CHANNELS - transports.keys()
+        if missing:
+            raise ValueError(f"no transport for the registered channel(s) {', '.join(sorted(missing))}")
+        self.store = store
+        self.profiles = profiles
+        self.transports = transports
+        self.renderer = renderer
+        self.clock = clock
+        self.make_id = make_id
+        self.notify = notify
+
+    async def process(self, requests: Sequence[DeliveryRequest]) -> list[str]:
+        """Handle decoded requests; return why some must be retried (empty when all are done)."""
+        unique: dict[Key, DeliveryRequest] = {}
+        for r in requests:
+            unique.setdefault(r.key, r)
+        if not unique:
+            return []
+        async with self.store.worker_connection() as conn:
+            mine, retry = await self._claim(conn, unique)
+            if not mine:
+                return retry
+            todo, new, done = await self._left_to_do(conn, mine)
+            looked_up = await self._look_up(conn, [r for r in todo if request_problem(r) is None])
+            decided, sends = await self._decide(conn, todo, new, done, looked_up)
+            retry += _retries(decided)
+            if not sends:
+                return retry
+            results = await self._send(sends)
+            await self._record(conn, results)
+            retry += _retries(results)
+        return retry
+
+    # ---- 1. claim -------------------------------------------------------------------------------
+
+    async def _claim(
+        self, conn: AsyncConnection, unique: Mapping[Key, DeliveryRequest]
+    ) -> tuple[list[DeliveryRequest], list[str]]:
+        """The requests whose advisory lock this worker now holds, and why the rest wait."""
+        locked = await self.store.try_lock(conn, list(unique))
+        retry = ["another worker is handling the same request"] if len(locked) < len(unique) else []
+        return [r for k, r in unique.items() if k in locked], retry
+
+    async def _left_to_do(
+        self, conn: AsyncConnection, mine: Sequence[DeliveryRequest]
+    ) -> tuple[list[DeliveryRequest], set[Key], list[_Outcome]]:
+        """The requests still to decide (and which of them have no message row yet), and the
+        rows a dead worker left mid-send, failed "outcome_unknown". A request for a merged-away
+        profile becomes the survivor's (trigger may not know of the merge yet); one for an
+        erased person is dropped; a request whose message is final is done."""
+        async with conn.begin():
+            existing = await self.store.load_rows(conn, [r.key for r in mine])
+            survivors = await self.store.survivors(conn, [(r.tenant_id, r.profile_id) for r in mine])
+            mine = [
+                replace(r, profile_id=survivors.get((r.tenant_id, r.profile_id), r.profile_id)) for r in mine
+            ]
+            gone = await self.store.erased(conn, [(r.tenant_id, r.profile_id) for r in mine])
+        if gone:
+            kept = [r for r in mine if (r.tenant_id, r.profile_id) not in gone]
+            log.info("requests for erased people dropped", count=len(mine) - len(kept))
+            mine = kept
+        done: list[_Outcome] = []
+        todo: list[DeliveryRequest] = []
+        for r in mine:
+            row = existing.get(r.key)
+            action = "process" if row is None else redelivery(row.status)
+            if action == "process":
+                todo.append(r)
+            elif action == "outcome_unknown" and row is not None:
+                log.warning("message found mid-send; not sending it again", key=r.idempotency_key)
+                done.append(_outcome(row, r.channel, Final(FAILED, OUTCOME_UNKNOWN)))
+        return todo, {r.key for r in todo if r.key not in existing}, done
+
+    # ---- 2. look up -----------------------------------------------------------------------------
+
+    async def _look_up(self, conn: AsyncConnection, valid: Sequence[DeliveryRequest]) -> _LookedUp:
+        """The people (with their consent now) and the templates, before any row changes."""
+        views, unavailable = await self._profiles(valid)
+        async with conn.begin():
+            templates = await self.store.load_templates(conn, {(r.tenant_id, r.template_id) for r in valid})
+        return _LookedUp(views, unavailable, templates)
+
+    async def _profiles(
+        self, todo: Sequence[DeliveryRequest]
+    ) -> tuple[dict[Person, ProfileView], dict[str, str]]:
+        """Profiles by (tenant, profile id), and why a tenant's lookup failed."""
+        by_tenant: dict[str, list[str]] = {}
+        for r in todo:
+            by_tenant.setdefault(r.tenant_id, []).append(r.profile_id)
+        views: dict[Person, ProfileView] = {}
+        unavailable: dict[str, str] = {}
+        tenants = list(by_tenant)
+        answers = await asyncio.gather(
+            *(self.profiles.batch_get(t, by_tenant[t]) for t in tenants), return_exceptions=True
+        )
+        for tenant, answer in zip(tenants, answers, strict=True):
+            if isinstance(answer, ProfileLookupError):
+                log.warning("profile lookup failed; will retry", tenant=tenant, error=str(answer))
+                unavailable[tenant] = str(answer)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                views.update({(tenant, pid): view for pid, view in answer.items()})
+        return views, unavailable
+
+    # ---- 3. decide ------------------------------------------------------------------------------
+
+    async def _decide(
+        self,
+        conn: AsyncConnection,
+        todo: Sequence[DeliveryRequest],
+        new: set[Key],
+        done: Sequence[_Outcome],
+        looked_up: _LookedUp,
+    ) -> tuple[list[_Outcome], list[_Sending]]:
+        """In one transaction: record the new requests, decide each, and write the decisions
+        (with `done`) and the claims of the sends; return the decisions and the sends."""
+        now = self.clock.now()
+        async with conn.begin():
+            fresh = [r for r in todo if r.key in new]
+            await self.store.insert_pending(
+                conn, [(r, self.make_id()) for r in fresh], [dict(r.variables) for r in fresh], now
+            )
+            rows = await self.store.load_rows(conn, [r.key for r in todo])
+            decisions = self._decisions(todo, looked_up)
+            erased = await self.store.suppressed(
+                conn, {(k[0], d.recipient) for k, d in decisions.items() if isinstance(d, Send)}
+            )
+            decided, sends = self._claims(todo, rows, decisions, erased, looked_up.unavailable, now)
+            await self._write(conn, [*done, *decided], now)
+        self._committed([*done, *decided])
+        return decided, sends
+
+    def _decisions(self, todo: Sequence[DeliveryRequest], looked_up: _LookedUp) -> dict[Key, Decision]:
+        """Each request's decision; none for a valid request whose tenant's profiles are unavailable."""
+        decisions: dict[Key, Decision] = {}
+        for r in todo:
+            if r.tenant_id in looked_up.unavailable and request_problem(r) is None:
+                continue
+            decisions[r.key] = decide(
+                r,
+                looked_up.views.get((r.tenant_id, r.profile_id)),
+                looked_up.templates.get((r.tenant_id, r.template_id)),
+                self.renderer,
+            )
+        return decisions
+
+    def _claims(
+        self,
+        todo: Sequence[DeliveryRequest],
+        rows: Mapping[Key, MessageRow],
+        decisions: Mapping[Key, Decision],
+        erased: set[tuple[str, str]],
+        unavailable: Mapping[str, str],
+        now: datetime,
+    ) -> tuple[list[_Outcome], list[_Sending]]:
+        """The state each message moves to: retried later (no decision), final, or claimed for
+        sending (`sending`, with its recipient and subject) when its content could be built."""
+        decided: list[_Outcome] = []
+        sends: list[_Sending] = []
+        for r in todo:
+            row = rows[r.key]
+            if r.key not in decisions:
+                decided.append(self._transient(r, row, unavailable[r.tenant_id]))
+                continue
+            decision = decisions[r.key]
+            if isinstance(decision, Send) and (r.tenant_id, decision.recipient) in erased:
+                decision = Final(SUPPRESSED, ERASED)
+            if isinstance(decision, Send):
+                outgoing = self._compose(r.channel, row, decision, now)
+                if isinstance(outgoing, Outgoing):
+                    sends.append(_Sending(r, row, outgoing))
+                    claim = Final(SENDING, "")
+                    decided.append(
+                        _outcome(
+                            row, r.channel, claim, recipient=decision.recipient, subject=decision.subject
+                        )
+                    )
+                    continue
+                decision = outgoing
+            decided.append(_outcome(row, r.channel, decision))
+        return decided, sends
+
+    def _compose(self, channel: str, row: MessageRow, send: Send, now: datetime) -> Outgoing | Final:
+        """The message as its transport hands it over, built before the message is claimed, so
+        nothing can fail mid-send."""
+        try:
+            return self.transports[channel].compose(row.message_id, send, now)
+        except (ValueError, TypeError, LookupError) as exc:
+            return Final(FAILED, f"{COMPOSE_FAILED}: {exc}")
+
+    def _transient(self, r: DeliveryRequest, row: MessageRow, why: str) -> _Outcome:
+        return _outcome(row, r.channel, after_transient(r.attempt, why), attempts=r.attempt)
+
+    # ---- 4. send --------------------------------------------------------------------------------
+
+    async def _send(self, sends: Sequence[_Sending]) -> list[_Outcome]:
+        """Hand the claimed messages to their channels' transports (one batch per channel, the
+        channels side by side) and turn each outcome into the message's next state."""
+        by_channel: dict[str, list[int]] = {}
+        for i, s in enumerate(sends):
+            by_channel.setdefault(s.request.channel, []).append(i)
+        channels = list(by_channel)
+        answers = await asyncio.gather(
+            *(self.transports[c].send_many([sends[i].outgoing for i in by_channel[c]]) for c in channels)
+        )
+        outcomes: dict[int, SendOutcome] = {}
+        for channel, answer in zip(channels, answers, strict=True):
+            outcomes.update(zip(by_channel[channel], answer, strict=True))
+        results: list[_Outcome] = []
+        for i, s in enumerate(sends):
+            r, outcome = s.request, outcomes[i]
+            final = CHANNELS[r.channel].final(outcome, r.attempt)
+            attempts = r.attempt if outcome.kind == "transient" else 0
+            results.append(_outcome(s.row, r.channel, final, attempts=attempts))
+        return results
+
+    # ---- 5. record ------------------------------------------------------------------------------
+
+    async def _record(self, conn: AsyncConnection, results: Sequence[_Outcome]) -> None:
+        """Commit what the sends came to, with the status messages of the final ones."""
+        now = self.clock.now()
+        async with conn.begin():
+            await self._write(conn, results, now)
+        self._committed(results)
+
+    async def _write(self, conn: AsyncConnection, outcomes: Sequence[_Outcome], now: datetime) -> None:
+        published = [
+            status_changed(o.row, o.update.status, o.update.reason, now)
+            for o in outcomes
+            if o.update.status in FINAL_STATUSES
+        ]
+        await self.store.apply(conn, [o.update for o in outcomes], now, published)
+
+    def _committed(self, outcomes: Sequence[_Outcome]) -> None:
+        finals = [o for o in outcomes if o.update.status in FINAL_STATUSES]
+        for o in finals:
+            metrics.MESSAGES_BY_STATUS.labels(o.update.status, o.channel).inc()
+        if finals:
+            self.notify()
