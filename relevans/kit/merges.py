@@ -103,20 +103,6 @@ def merge_consumer(
 Person = tuple[str, str]  # (tenant id, profile id)
 
 
-def merged_profiles_table(metadata: sa.MetaData) -> sa.Table:
-    """A merged-away id and the profile it stands for now. Chains are flattened (an id merged into
-    one that is merged later points to the last survivor), so one lookup resolves any id."""
-    return sa.Table(
-        "merged_profiles",
-        metadata,
-        sa.Column("tenant_id", sa.Text, primary_key=True),
-        sa.Column("profile_id", sa.Text, primary_key=True),
-        sa.Column("surviving_profile_id", sa.Text, nullable=False),
-        sa.Column("merged_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Index("merged_profiles_survivor", "tenant_id", "surviving_profile_id"),
-    )
-
-
 async def surviving_ids(
     conn: AsyncConnection, table: sa.Table, people: Iterable[Person]
 ) -> dict[Person, str]:

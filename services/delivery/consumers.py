@@ -7,12 +7,9 @@ so the kit's consumer naks them for a later redelivery.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 import structlog
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
@@ -20,6 +17,8 @@ from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2
 from relevans.kit.auth import TENANT_RE
 from relevans.kit.bus import Bus, Consumer
+from relevans.kit.enums import enum_name
+from relevans.kit.proto import from_struct
 from services.delivery.domain import DeliveryRequest
 from services.delivery.domain.decision import MAX_IDEMPOTENCY_KEY_CHARS
 from services.delivery.worker import DeliveryWorker
@@ -34,36 +33,6 @@ FILTER_SUBJECT = "rv.delivery.requests"
 
 class RetryLater(Exception):
     """Some requests of the batch could not be finished now; the bus redelivers them later."""
-
-
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    try:
-        return str(enum.Name(value)).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
-
-
-def plain_value(v: struct_pb2.Value) -> Any:
-    """A Struct value as plain Python; whole numbers become ints, so 2.0 prints as "2"."""
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return v.string_value
-    if kind == "number_value":
-        n = v.number_value
-        if not math.isfinite(n):
-            return None  # NaN and infinities are not values a message can show
-        return int(n) if n.is_integer() and abs(n) < 2**53 else n
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "struct_value":
-        return plain_struct(v.struct_value)
-    if kind == "list_value":
-        return [plain_value(x) for x in v.list_value.values]
-    return None
-
-
-def plain_struct(s: struct_pb2.Struct) -> dict[str, Any]:
-    return {k: plain_value(v) for k, v in s.fields.items()}
 
 
 def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
@@ -81,10 +50,10 @@ def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
         tenant_id=m.tenant_id,
         profile_id=m.profile_id,
         trigger_id=m.trigger_id,
-        channel=_enum_name(common_pb2.Channel, m.channel, "CHANNEL_"),
-        purpose=_enum_name(common_pb2.Purpose, m.purpose, "PURPOSE_"),
+        channel=enum_name(common_pb2.Channel, m.channel, "CHANNEL_"),
+        purpose=enum_name(common_pb2.Purpose, m.purpose, "PURPOSE_"),
         template_id=m.template_id,
-        variables=plain_struct(m.variables),
+        variables=from_struct(m.variables),
         attempt=max(1, attempt),
     )
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
 
 import grpc
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.auth import mint_token
 from relevans.kit.clock import Clock
+from relevans.kit.enums import enum_name
 from relevans.kit.grpc_client import bearer, open_channel
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.domain import ProfileView
@@ -29,19 +29,12 @@ class ProfileLookupError(Exception):
     """The profile service could not answer; the requests are retried later."""
 
 
-def _name(enum: Any, value: int, prefix: str) -> str:
-    try:
-        return str(enum.Name(value)).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
-
-
 def profile_view(p: profile_pb2.Profile) -> ProfileView:
     consents = {
         (
-            _name(common_pb2.Purpose, c.purpose, "PURPOSE_"),
-            _name(common_pb2.Channel, c.channel, "CHANNEL_"),
-        ): _name(common_pb2.ConsentStatus, c.status, "CONSENT_STATUS_")
+            enum_name(common_pb2.Purpose, c.purpose, "PURPOSE_"),
+            enum_name(common_pb2.Channel, c.channel, "CHANNEL_"),
+        ): enum_name(common_pb2.ConsentStatus, c.status, "CONSENT_STATUS_")
         for c in p.consents
     }
     return ProfileView(profile_id=p.profile_id, email=p.email, first_name=p.first_name, consents=consents)

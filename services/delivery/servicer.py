@@ -9,12 +9,14 @@ import grpc
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.clock import Clock
+from relevans.kit.enums import enum_name, enum_value
 from relevans.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from relevans.kit.proto import to_timestamp
+from relevans.kit.paging import encode_page_token
+from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
-from services.delivery.consumers import plain_struct
 from services.delivery.domain import (
     FAILED,
+    MESSAGE_PAGES,
     PENDING,
     SENDING,
     SENT,
@@ -25,9 +27,7 @@ from services.delivery.domain import (
     RenderError,
     Template,
     check_template_id,
-    decode_page_token,
-    encode_page_token,
-    page_size,
+    page_before,
     template_variables,
     validate_template,
 )
@@ -55,21 +55,6 @@ _STATUS = {
 # ---- proto <-> domain -------------------------------------------------------------------------
 
 
-def enum_name(enum: Any, value: int, prefix: str) -> str:
-    """`CHANNEL_EMAIL` -> "email"; an unknown number stays a number ("7")."""
-    try:
-        return str(enum.Name(value)).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
-
-
-def channel_enum(name: str) -> int:
-    try:
-        return int(common_pb2.Channel.Value("CHANNEL_" + name.upper()))
-    except ValueError:
-        return common_pb2.CHANNEL_UNSPECIFIED
-
-
 def raw_template(t: delivery_pb2.Template) -> RawTemplate:
     return RawTemplate(
         template_id=t.template_id,
@@ -83,7 +68,7 @@ def raw_template(t: delivery_pb2.Template) -> RawTemplate:
 def template_proto(t: Template) -> delivery_pb2.Template:
     return delivery_pb2.Template(
         template_id=t.template_id,
-        channel=channel_enum(t.channel),  # type: ignore[arg-type]
+        channel=enum_value(common_pb2.Channel, t.channel, "CHANNEL_"),
         locale=t.locale,
         subject=t.subject,
         body_text=t.body_text,
@@ -97,7 +82,7 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
         idempotency_key=m.idempotency_key,
         profile_id=m.profile_id,
         trigger_id=m.trigger_id,
-        channel=channel_enum(m.channel),  # type: ignore[arg-type]
+        channel=enum_value(common_pb2.Channel, m.channel, "CHANNEL_"),
         template_id=m.template_id,
         status=_STATUS.get(m.status, delivery_pb2.MESSAGE_STATUS_UNSPECIFIED),
         reason=m.reason,
@@ -145,7 +130,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_pb2.PreviewTemplateResponse:
         tenant = principal().tenant_id
         found = await self.store.get_template(tenant, check_template_id(request.template_id))
-        variables = template_variables(plain_struct(request.variables))
+        variables = template_variables(from_struct(request.variables))
         try:
             rendered = self.renderer.render(found.subject, found.body_text, variables)
         except RenderError as exc:
@@ -165,15 +150,17 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         self, request: delivery_pb2.ListMessagesRequest, context: Context
     ) -> delivery_pb2.ListMessagesResponse:
         tenant = principal().tenant_id
-        size = page_size(request.page_size)
-        before = decode_page_token(request.page_token, request.profile_id)
+        size = MESSAGE_PAGES.of(request.page_size)
+        before = page_before(request.page_token, request.profile_id)
         found = await self.store.list_messages(
             tenant, profile_id=request.profile_id, before_seq=before, limit=size + 1
         )
         page, more = found[:size], len(found) > size
         return delivery_pb2.ListMessagesResponse(
             messages=[message_proto(m) for m in page],
-            next_page_token=encode_page_token(page[-1].seq, request.profile_id) if more else "",
+            next_page_token=encode_page_token(before=page[-1].seq, profile=request.profile_id)
+            if more
+            else "",
         )
 
 

@@ -19,7 +19,6 @@ being applied is still the person's.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,6 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
+from relevans.kit.identifiers import identifier_hash
+from relevans.kit.locks import lock_key32, lock_key64
 from relevans.kit.merges import (
     Person,
     ProfileMerge,
@@ -68,11 +69,6 @@ log = structlog.get_logger(__name__)
 MERGE_LOCK_NAMESPACE = 0x5256444D  # "RVDM"
 
 
-def address_hash(address: str) -> str:
-    """The sha256 hex of an address as profile normalises it (lower-cased), as in ProfileErased."""
-    return hashlib.sha256(address.strip().lower().encode()).hexdigest()
-
-
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
 TemplateKey = tuple[str, str]  # (tenant_id, template_id)
 
@@ -105,18 +101,6 @@ class StatusUpdate:
     recipient: str | None = None
     subject: str | None = None
     attempts: int = 0
-
-
-def lock_id(tenant_id: str, idempotency_key: str) -> int:
-    """The 64-bit advisory lock id of one request."""
-    digest = hashlib.blake2b(f"{tenant_id}\x00{idempotency_key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
-def tenant_lock_key(tenant_id: str) -> int:
-    """A stable signed 32-bit key for the advisory lock of one tenant's merges."""
-    digest = hashlib.blake2b(tenant_id.encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def _template(row: sa.Row[Any]) -> Template:
@@ -212,7 +196,7 @@ class DeliveryStore:
                 "SELECT pg_advisory_xact_lock(:ns, k) "
                 "FROM unnest(CAST(:keys AS integer[])) WITH ORDINALITY AS u(k, i) ORDER BY i"
             ),
-            {"ns": MERGE_LOCK_NAMESPACE, "keys": sorted({tenant_lock_key(t) for t in tenants})},
+            {"ns": MERGE_LOCK_NAMESPACE, "keys": sorted({lock_key32(t) for t in tenants})},
         )
         m_ = merged_profiles
         for m in merges:
@@ -254,7 +238,7 @@ class DeliveryStore:
         self, conn: AsyncConnection, addresses: Iterable[tuple[str, str]]
     ) -> set[tuple[str, str]]:
         """The (tenant, address) pairs whose address belongs to an erased person."""
-        wanted = {(t, address_hash(a)): (t, a) for t, a in addresses}
+        wanted = {(t, identifier_hash(a)): (t, a) for t, a in addresses}
         if not wanted:
             return set()
         rows = await conn.execute(
@@ -391,7 +375,7 @@ class DeliveryStore:
         """Take the locks of the requests no other live worker holds; return their keys."""
         if not keys:
             return set()
-        ids = {lock_id(*k): k for k in keys}
+        ids = {lock_key64(*k): k for k in keys}
         async with conn.begin():
             rows = (await conn.execute(_TRY_LOCK, {"keys": list(ids)})).all()
         return {ids[r.k] for r in rows if r.ok}

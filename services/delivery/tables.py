@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
-from relevans.kit.merges import merged_profiles_table
 from relevans.kit.outbox import outbox_table
+from relevans.kit.people import erased_profiles_table, merged_profiles_table
 from services.delivery.domain import STATUSES
 
 TZ = sa.DateTime(timezone=True)
@@ -83,13 +83,7 @@ suppressions = sa.Table(
 
 # GDPR: erased people (a random profile id, nothing personal); a request for one that arrives
 # after the erasure is dropped without a trace.
-erased_profiles = sa.Table(
-    "erased_profiles",
-    metadata,
-    sa.Column("tenant_id", sa.Text, primary_key=True),
-    sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("erased_at", TZ, nullable=False),
-)
+erased_profiles = erased_profiles_table(metadata)
 
 merged_profiles = merged_profiles_table(metadata)
 

@@ -17,13 +17,13 @@ from aiosmtpd.smtp import SMTP
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
+from relevans.kit.locks import lock_key64
 from relevans.kit.proto import to_struct
 from relevans.kit.settings import Settings
 from relevans.local.embedded import free_port
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
 from services.delivery.profiles import ProfileClient
-from services.delivery.store import lock_id
 from services.delivery.tables import merged_profiles, messages
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, field_violations, rpc_error, stays
@@ -220,7 +220,7 @@ async def test_a_request_another_live_worker_holds_is_left_to_it(harness: Harnes
     await harness.put_template()
     await insert_message(harness, "busy", profile_id, "sending")
     async with harness.engine.connect() as other_worker:
-        await other_worker.execute(sa.select(sa.func.pg_advisory_lock(lock_id(TENANT, "busy"))))
+        await other_worker.execute(sa.select(sa.func.pg_advisory_lock(lock_key64(TENANT, "busy"))))
         await other_worker.commit()
         await harness.request(profile_id, "busy")
         await stays(lambda: harness.message("busy", delivery_pb2.MESSAGE_STATUS_FAILED), duration=0.6)

@@ -8,10 +8,13 @@ from datetime import UTC, datetime
 import pytest
 
 from relevans.kit.errors import InvalidArgument
-from services.delivery.consumers import decode_request, plain_struct
+from relevans.kit.paging import encode_page_token
+from relevans.kit.proto import from_struct
+from services.delivery.consumers import decode_request
 from services.delivery.domain import (
     FAILED,
     MAX_ATTEMPTS,
+    MESSAGE_PAGES,
     PENDING,
     SENT,
     SUPPRESSED,
@@ -28,12 +31,10 @@ from services.delivery.domain import (
     clean_first_name,
     compose_email,
     decide,
-    decode_page_token,
     email_bytes,
-    encode_page_token,
     fallback,
     message_variables,
-    page_size,
+    page_before,
     recipient_check,
     redelivery,
     smtp_final,
@@ -402,15 +403,19 @@ def test_transient_failures_retry_until_attempts_run_out() -> None:
 
 
 def test_page_tokens_round_trip_and_are_bound_to_the_query() -> None:
-    assert page_size(0) == 50 and page_size(500) == 100 and page_size(7) == 7
+    assert MESSAGE_PAGES.of(0) == 50 and MESSAGE_PAGES.of(500) == 100 and MESSAGE_PAGES.of(7) == 7
     with pytest.raises(InvalidArgument):
-        page_size(-1)
-    token = encode_page_token(41, "p1")
-    assert decode_page_token(token, "p1") == 41
-    assert decode_page_token("", "p1") is None
-    for bad, profile_id in [(token, "p2"), ("garbage!", "p1"), (encode_page_token(-1, ""), "")]:
+        MESSAGE_PAGES.of(-1)
+    token = encode_page_token(before=41, profile="p1")
+    assert page_before(token, "p1") == 41
+    assert page_before("", "p1") is None
+    for bad, profile_id in [
+        (token, "p2"),
+        ("garbage!", "p1"),
+        (encode_page_token(before=-1, profile=""), ""),
+    ]:
         with pytest.raises(InvalidArgument):
-            decode_page_token(bad, profile_id)
+            page_before(bad, profile_id)
 
 
 MAIL = {
@@ -476,8 +481,8 @@ def test_decoding_requests() -> None:
     assert r is not None
     assert (r.channel, r.purpose, r.attempt) == ("email", "transactional", 3)
     assert r.variables == {"event": {"qty": 2, "price": 9.5}}
-    assert plain_struct(to_struct({"n": 1.0}))["n"] == 1
-    assert plain_struct(to_struct({"n": float("nan")}))["n"] is None
+    assert from_struct(to_struct({"n": 1.0}))["n"] == 1
+    assert from_struct(to_struct({"n": float("nan")}))["n"] is None
     assert decode_request(b"\xff\xff") is None
     assert decode_request(bus_pb2.DeliveryRequest(tenant_id="shop").SerializeToString()) is None
     assert (

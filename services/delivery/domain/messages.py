@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from relevans.kit.errors import FieldViolation, InvalidArgument
+from relevans.kit.paging import PageSize, decode_page_token, refuse_other_listing
 from services.delivery.domain.states import PENDING, SENDING
 
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 100
+MESSAGE_PAGES = PageSize(default=50, maximum=100)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,33 +40,14 @@ class MessageRecord:
         return PENDING if self.status == SENDING else self.status
 
 
-def page_size(requested: int) -> int:
-    """0 means the default; larger than the maximum is clamped; negative is invalid."""
-    if requested < 0:
-        raise InvalidArgument(FieldViolation("page_size", "must not be negative"))
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
-
-
-def encode_page_token(last_seq: int, profile_id: str) -> str:
-    body = json.dumps({"before": last_seq, "profile": profile_id}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(body).decode().rstrip("=")
-
-
-def decode_page_token(token: str, profile_id: str) -> int | None:
-    """The position to continue before, or None for the first page.
-
-    A token only continues the listing it came from (the same profile filter).
-    """
-    if not token:
+def page_before(token: str, profile_id: str) -> int | None:
+    """The position a page continues before (the token is `encode_page_token(before=<seq>,
+    profile=<profile_id>)`), or None for the first page. A token only continues the listing it came
+    from (the same profile filter)."""
+    data = decode_page_token(token, before=int, profile=str)
+    if data is None:
         return None
-    try:
-        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        before = data["before"]
-        same_query = data["profile"] == profile_id
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise InvalidArgument(FieldViolation("page_token", "is not a token this service issued")) from None
-    if not isinstance(before, int) or isinstance(before, bool) or before < 0:
-        raise InvalidArgument(FieldViolation("page_token", "is not a token this service issued"))
-    if not same_query:
-        raise InvalidArgument(FieldViolation("page_token", "belongs to a listing with another profile_id"))
+    if data["profile"] != profile_id:
+        raise refuse_other_listing("profile_id")
+    before: int = data["before"]
     return before

@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from relevans.kit.people import create_erased_profiles
+
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
@@ -26,13 +28,7 @@ def upgrade() -> None:
         sa.Column("created_at", TZ, nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "value_hash"),
     )
-    op.create_table(
-        "erased_profiles",
-        sa.Column("tenant_id", sa.Text, nullable=False),
-        sa.Column("profile_id", sa.Text, nullable=False),
-        sa.Column("erased_at", TZ, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "profile_id"),
-    )
+    create_erased_profiles(op)
 
 
 def downgrade() -> None:
