@@ -8,11 +8,12 @@ from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.profile import enrichment_servicer, segment_servicer
-from services.profile.enrichment import EnrichmentStore, TenantCache, load_enrichment
-from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
+from services.profile.consumers import ACKS_DURABLE, erasure_ack_consumer
 from services.profile.servicer import ProfileServicer, binding, consent_changed, profile_merged
-from services.profile.signals import SegmentRules
-from services.profile.store import ProfileStore, outbox
+from services.profile.store import ProfileStore
+from services.profile.store.enrichment import EnrichmentStore, TenantCache, load_enrichment
+from services.profile.store.signals import SegmentRules
+from services.profile.store.tables import outbox
 
 SERVICE = "profile"
 

@@ -50,8 +50,8 @@ from services.profile.domain.imports import (
 from services.profile.domain.merge import validate_merge_request
 from services.profile.domain.profiles import DEFAULT_FIELDS, PROFILE_FIELDS, TraitValue, validate_read_mask
 from services.profile.domain.traits import validate_set_traits
-from services.profile.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
 from services.profile.store import EventMessages, ImportInFlight, ImportResult, ProfileStore, TrackResult
+from services.profile.store.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
 
 SERVICE_NAME = "relevans.profile.v1.ProfileService"
 SCOPES = {

@@ -17,11 +17,11 @@ from relevans.kit.db import create_engine
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.settings import Settings
 from services.delivery.store import DeliveryStore
-from services.profile.enrichment import TenantCache, load_enrichment
-from services.profile.gdpr import GdprStore
 from services.profile.servicer import consent_changed, profile_merged
-from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore
+from services.profile.store.enrichment import TenantCache, load_enrichment
+from services.profile.store.gdpr import GdprStore
+from services.profile.store.signals import SegmentRules
 from services.trigger.store import TriggerStore, firings, timers
 from tests.helpers import blocks_read, explain, rows_read, statements_run
 
