@@ -222,6 +222,8 @@ class ImportResult:
 
 
 class ImportStore:
+    """ImportProfiles' writes: one transaction per batch of rows."""
+
     def __init__(self, engine: AsyncEngine, consent_message: ConsentMessage) -> None:
         self.engine = engine
         self.consent_message = consent_message
