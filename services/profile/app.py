@@ -7,11 +7,12 @@ from relevans.kit.db import create_engine
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.profile.enrichment import EnrichmentStore, TenantCache, load_enrichment
-from services.profile.gdpr import ACKS_DURABLE, erasure_ack_consumer
+from services.profile.consumers import ACKS_DURABLE, erasure_ack_consumer
 from services.profile.servicers import enrichment, profile, segments
-from services.profile.signals import SegmentRules
-from services.profile.store import ProfileStore, outbox
+from services.profile.store import ProfileStore
+from services.profile.store.enrichment import EnrichmentStore, TenantCache, load_enrichment
+from services.profile.store.signals import SegmentRules
+from services.profile.store.tables import outbox
 from services.profile.wire import consent_changed, profile_merged
 
 SERVICE = "profile"

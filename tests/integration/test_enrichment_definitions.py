@@ -21,8 +21,8 @@ from services.profile.domain.enrichment import (
     TraitMatch,
     scoring_to_json,
 )
-from services.profile.enrichment import Dated, EnrichmentStore, TenantCache, load_enrichment
-from services.profile.store import (
+from services.profile.store.enrichment import Dated, EnrichmentStore, TenantCache, load_enrichment
+from services.profile.store.tables import (
     computed_traits,
     counter_definitions,
     profile_traits,

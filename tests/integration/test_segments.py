@@ -32,9 +32,9 @@ from services.profile.domain.enrichment import (
     scoring_to_json,
 )
 from services.profile.domain.segment_rules import parse
-from services.profile.enrichment import load_enrichment
-from services.profile.segments import SegmentStore, compile_sql
-from services.profile.store import consents, counter_definitions, profile_tags, profiles, scoring_rules
+from services.profile.store.enrichment import load_enrichment
+from services.profile.store.segments import SegmentStore, compile_sql
+from services.profile.store.tables import consents, counter_definitions, profile_tags, profiles, scoring_rules
 from tests.helpers import field_violations
 from tests.helpers.auth import Tokens
 

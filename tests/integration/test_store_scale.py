@@ -17,10 +17,10 @@ from relevans.kit.db import create_engine
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.settings import Settings
 from services.delivery.store import DeliveryStore
-from services.profile.enrichment import TenantCache, load_enrichment
-from services.profile.gdpr import GdprStore
-from services.profile.signals import SegmentRules
 from services.profile.store import ProfileStore
+from services.profile.store.enrichment import TenantCache, load_enrichment
+from services.profile.store.gdpr import GdprStore
+from services.profile.store.signals import SegmentRules
 from services.profile.wire import consent_changed, profile_merged
 from services.trigger.store import TriggerStore
 from services.trigger.tables import firings, timers

@@ -13,7 +13,7 @@ from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import Enrichment, ScoreRule, Scoring, TraitMatch
 from services.profile.domain.segment_rules import parse
-from services.profile.segments import after_profile_id, compile_sql, page_size, page_token
+from services.profile.store.segments import after_profile_id, compile_sql, page_size, page_token
 
 NOW = datetime(2026, 3, 10, 15, 30, tzinfo=UTC)
 EVIL = "x' OR 1=1 --"

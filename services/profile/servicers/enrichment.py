@@ -26,7 +26,7 @@ from services.profile.domain.enrichment import (
     Scoring,
     TraitMatch,
 )
-from services.profile.enrichment import Dated, EnrichmentStore, TenantCache
+from services.profile.store.enrichment import Dated, EnrichmentStore, TenantCache
 
 SERVICE_NAME = "relevans.profile.v1.EnrichmentService"
 SCOPES = {

@@ -43,9 +43,9 @@ from services.profile.domain.imports import (
 from services.profile.domain.merge import validate_merge_request
 from services.profile.domain.profiles import DEFAULT_FIELDS, PROFILE_FIELDS, TraitValue, validate_read_mask
 from services.profile.domain.traits import validate_set_traits
-from services.profile.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
 from services.profile.servicers.conversions import consent_input, consent_proto
 from services.profile.store import ImportInFlight, ImportResult, ProfileStore
+from services.profile.store.gdpr import CONSENT_NOT_RESTORED, Erasure, Export, GdprStore, validate_erase
 from services.profile.track_batching import TrackCoalescer
 from services.profile.wire import enriched_events
 

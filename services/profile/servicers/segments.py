@@ -1,4 +1,4 @@
-"""The gRPC face of SegmentService: proto -> segments.py -> proto, nothing more."""
+"""The gRPC face of SegmentService: proto -> store/segments.py -> proto, nothing more."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from relevans.kit.proto import from_struct, to_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 from services.profile.domain.segment_rules import parse
-from services.profile.enrichment import TenantCache
-from services.profile.segments import Segment, SegmentStore, after_profile_id, page_size
-from services.profile.signals import SegmentRule
+from services.profile.store.enrichment import TenantCache
+from services.profile.store.segments import Segment, SegmentStore, after_profile_id, page_size
+from services.profile.store.signals import SegmentRule
 
 SERVICE_NAME = segment_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name
 SCOPES = {

@@ -5,7 +5,7 @@ Segments are read per batch (one indexed query; none for most tenants) and their
 compiled once per segment id — a segment's condition never changes after it is saved — so a
 segment saved through any instance is followed by the very next batch. Membership is evaluated in
 Python on the profile's state after the batch, with the same semantics as the SQL that
-CountSegment runs (services/profile/segments.py); the segment_members table remembers who was in,
+CountSegment runs (store/segments.py); the segment_members table remembers who was in,
 so only changes are published.
 """
 

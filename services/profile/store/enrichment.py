@@ -28,7 +28,7 @@ from services.profile.domain.enrichment import (
     scoring_to_json,
 )
 from services.profile.domain.segment_rules import check_answerable, parse
-from services.profile.store import computed_traits, counter_definitions, scoring_rules, segments
+from services.profile.store.tables import computed_traits, counter_definitions, scoring_rules, segments
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -3,34 +3,31 @@
 Erasure deletes the person's rows (and those of the shadow profiles merged into them) in one
 transaction, leaves a `suppressions` row per identifier (only its sha256), records an
 `erasures` row and enqueues `ProfileErased` for trigger and delivery, whose
-`ErasureAcknowledged` answers complete the erasure (`ErasureAckConsumer`).
+`ErasureAcknowledged` answers complete the erasure (`record_acks`, called by
+services/profile/consumers.py). Identify and import do not restore consent given for a suppressed
+identifier (`suppressed_hashes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-import structlog
-from google.protobuf.message import DecodeError
-from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.bus import Bus, Consumer
-from relevans.kit.clock import Clock
-from relevans.kit.erasure import ACKS_SUBJECT, ERASED_SUBJECT, STREAM
+from relevans.kit.erasure import ERASED_SUBJECT
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from relevans.kit.outbox import OutboxMessage, enqueue
 from relevans.profile.v1 import bus_pb2
-from services.profile.store import (
+from services.profile.store.tables import (
     consent_ledger,
     consents,
     erasures,
     events,
-    identifier_hash,
     identities,
     merges,
     outbox,
@@ -38,17 +35,33 @@ from services.profile.store import (
     profile_traits,
     profiles,
     segment_members,
+    suppressions,
 )
 
-log = structlog.get_logger(__name__)
-
-ACKS_DURABLE = "profile-erasure-acks"
 PENDING = "pending"
 DONE = "done"
 # Services whose acknowledgement completes an erasure (profile itself is done at once).
 PURGING_SERVICES = ("trigger", "delivery")
 MAX_EXPORT_EVENTS = 10_000
 CONSENT_NOT_RESTORED = "identifier was erased; consent not restored"
+
+
+def identifier_hash(value: str) -> str:
+    """The sha256 hex of a normalised identifier (emails are stored lower-cased)."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable[str]) -> set[str]:
+    """The hashes of `values` that belong to erased people."""
+    hashes = {identifier_hash(v) for v in values if v}
+    if not hashes:
+        return set()
+    rows = await conn.execute(
+        sa.select(suppressions.c.value_hash).where(
+            suppressions.c.tenant_id == tenant, suppressions.c.value_hash.in_(sorted(hashes))
+        )
+    )
+    return set(rows.scalars())
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,77 +202,15 @@ class GdprStore:
         """Erase a person in one transaction; the same request_id returns the same erasure."""
         async with self.engine.begin() as conn:
             if request_id:
-                # serialise erasures with one request id (the unique constraint backs this up)
-                await conn.execute(
-                    sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
-                    {"k": f"erasure/{tenant}/{request_id}"},
-                )
-                found = (
-                    await conn.execute(
-                        sa.select(erasures).where(
-                            erasures.c.tenant_id == tenant, erasures.c.request_id == request_id
-                        )
-                    )
-                ).first()
+                found = await self._erasure_of_request(conn, tenant, request_id)
                 if found is not None:
-                    return _erasure(found)
+                    return found
             p = await self._canonical(conn, tenant, profile_id, lock=True)
             pid = p.profile_id
             ids = [*await self._shadows(conn, tenant, pid), pid]
-            idents = (
-                await conn.execute(
-                    sa.select(identities.c.kind, identities.c.value).where(
-                        identities.c.tenant_id == tenant, identities.c.profile_id.in_(ids)
-                    )
-                )
-            ).all()
-            phones = (
-                await conn.execute(
-                    sa.select(profiles.c.phone).where(
-                        profiles.c.tenant_id == tenant,
-                        profiles.c.profile_id.in_(ids),
-                        profiles.c.phone.is_not(None),
-                    )
-                )
-            ).scalars()
-            keys = {(i.kind, identifier_hash(i.value)) for i in idents}
-            keys |= {("phone", identifier_hash(ph)) for ph in phones}
-            for table in (
-                events,
-                identities,
-                consents,
-                consent_ledger,
-                profile_tags,
-                profile_traits,
-                segment_members,
-            ):
-                await conn.execute(
-                    table.delete().where(table.c.tenant_id == tenant, table.c.profile_id.in_(ids))
-                )
-            await conn.execute(
-                merges.delete().where(
-                    merges.c.tenant_id == tenant,
-                    sa.or_(merges.c.to_profile_id.in_(ids), merges.c.from_profile_id.in_(ids)),
-                )
-            )
-            await conn.execute(
-                profiles.delete().where(profiles.c.tenant_id == tenant, profiles.c.profile_id.in_(ids))
-            )
-            if keys:
-                await conn.execute(
-                    sa.text("""
-                    INSERT INTO suppressions (tenant_id, kind, value_hash, created_at)
-                    SELECT :tenant, k.kind, k.hash, :now
-                    FROM unnest(CAST(:kinds AS text[]), CAST(:hashes AS text[])) AS k(kind, hash)
-                    ON CONFLICT DO NOTHING
-                    """),
-                    {
-                        "tenant": tenant,
-                        "now": now,
-                        "kinds": [k for k, _ in sorted(keys)],
-                        "hashes": [h for _, h in sorted(keys)],
-                    },
-                )
+            keys = await self._identifier_keys(conn, tenant, ids)
+            await self._delete_rows(conn, tenant, ids)
+            await self._suppress(conn, tenant, keys, now)
             erasure_id = make_id()
             row = (
                 await conn.execute(
@@ -293,6 +244,88 @@ class GdprStore:
                 now,
             )
             return _erasure(row)
+
+    async def _erasure_of_request(
+        self, conn: AsyncConnection, tenant: str, request_id: str
+    ) -> Erasure | None:
+        """The erasure made for `request_id` before, if any; erasures with one request id take
+        turns from here (the unique constraint backs this up)."""
+        await conn.execute(
+            sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"),
+            {"k": f"erasure/{tenant}/{request_id}"},
+        )
+        found = (
+            await conn.execute(
+                sa.select(erasures).where(erasures.c.tenant_id == tenant, erasures.c.request_id == request_id)
+            )
+        ).first()
+        return None if found is None else _erasure(found)
+
+    async def _identifier_keys(
+        self, conn: AsyncConnection, tenant: str, ids: list[str]
+    ) -> set[tuple[str, str]]:
+        """(kind, hash) of every identifier and phone number of the profiles `ids`."""
+        idents = (
+            await conn.execute(
+                sa.select(identities.c.kind, identities.c.value).where(
+                    identities.c.tenant_id == tenant, identities.c.profile_id.in_(ids)
+                )
+            )
+        ).all()
+        phones = (
+            await conn.execute(
+                sa.select(profiles.c.phone).where(
+                    profiles.c.tenant_id == tenant,
+                    profiles.c.profile_id.in_(ids),
+                    profiles.c.phone.is_not(None),
+                )
+            )
+        ).scalars()
+        keys = {(i.kind, identifier_hash(i.value)) for i in idents}
+        keys |= {("phone", identifier_hash(ph)) for ph in phones}
+        return keys
+
+    async def _delete_rows(self, conn: AsyncConnection, tenant: str, ids: list[str]) -> None:
+        """Delete every row of the profiles `ids` and the merges between them and others."""
+        for table in (
+            events,
+            identities,
+            consents,
+            consent_ledger,
+            profile_tags,
+            profile_traits,
+            segment_members,
+        ):
+            await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id.in_(ids)))
+        await conn.execute(
+            merges.delete().where(
+                merges.c.tenant_id == tenant,
+                sa.or_(merges.c.to_profile_id.in_(ids), merges.c.from_profile_id.in_(ids)),
+            )
+        )
+        await conn.execute(
+            profiles.delete().where(profiles.c.tenant_id == tenant, profiles.c.profile_id.in_(ids))
+        )
+
+    async def _suppress(
+        self, conn: AsyncConnection, tenant: str, keys: set[tuple[str, str]], now: datetime
+    ) -> None:
+        """Keep the (kind, hash) `keys` of an erased person's identifiers."""
+        if keys:
+            await conn.execute(
+                sa.text("""
+                INSERT INTO suppressions (tenant_id, kind, value_hash, created_at)
+                SELECT :tenant, k.kind, k.hash, :now
+                FROM unnest(CAST(:kinds AS text[]), CAST(:hashes AS text[])) AS k(kind, hash)
+                ON CONFLICT DO NOTHING
+                """),
+                {
+                    "tenant": tenant,
+                    "now": now,
+                    "kinds": [k for k, _ in sorted(keys)],
+                    "hashes": [h for _, h in sorted(keys)],
+                },
+            )
 
     async def get_erasure(self, tenant: str, erasure_id: str) -> Erasure:
         if not erasure_id:
@@ -336,33 +369,3 @@ class GdprStore:
                         "required": list(PURGING_SERVICES),
                     },
                 )
-
-
-class ErasureAckConsumer:
-    def __init__(self, store: GdprStore, clock: Clock) -> None:
-        self.store = store
-        self.clock = clock
-
-    async def handle(self, msgs: Sequence[Msg]) -> None:
-        acks: list[tuple[str, str, str]] = []
-        for m in msgs:
-            try:
-                ack = bus_pb2.ErasureAcknowledged.FromString(m.data)
-            except DecodeError:
-                log.error("undecodable erasure ack skipped", subject=m.subject)
-                continue
-            if ack.tenant_id and ack.erasure_id and ack.service:
-                acks.append((ack.tenant_id, ack.erasure_id, ack.service))
-        if acks:
-            await self.store.record_acks(acks, self.clock.now())
-
-
-def erasure_ack_consumer(bus: Bus, store: GdprStore, clock: Clock) -> Consumer:
-    return Consumer(
-        bus,
-        service="profile",
-        stream=STREAM,
-        durable=ACKS_DURABLE,
-        filter_subject=ACKS_SUBJECT,
-        handler=ErasureAckConsumer(store, clock).handle,
-    )

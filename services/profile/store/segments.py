@@ -30,8 +30,8 @@ from services.profile.domain import conditions as c
 from services.profile.domain.enrichment import MAX_HALVINGS, Enrichment, counter_for
 from services.profile.domain.ids import time_ordered_ids
 from services.profile.domain.segment_rules import check_answerable
-from services.profile.enrichment import load_enrichment
-from services.profile.store import segment_members, segments
+from services.profile.store.enrichment import load_enrichment
+from services.profile.store.tables import segment_members, segments
 
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 1000

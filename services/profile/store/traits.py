@@ -1,0 +1,122 @@
+"""A profile's traits by source (declared, backend, behavioural) and the effective ones."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from services.profile.domain import Profile
+from services.profile.domain.traits import PRECEDENCE, TraitScalar
+from services.profile.store.reads import ProfileReads
+from services.profile.store.rows import lock_existing, transaction
+from services.profile.store.tables import profile_traits, profiles
+
+_REFRESH_TRAITS = sa.text("""
+UPDATE profiles p
+SET traits = coalesce((
+    SELECT jsonb_object_agg(e.name, e.value)
+    FROM (SELECT DISTINCT ON (t.name) t.name, t.value
+          FROM profile_traits t
+          WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id
+          ORDER BY t.name, array_position(CAST(:precedence AS text[]), t.source)) e
+), '{}'::jsonb)
+WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
+RETURNING p.profile_id, p.traits
+""")
+
+
+async def refresh_traits(conn: AsyncConnection, tenant: str, profile_ids: Sequence[str]) -> dict[str, Any]:
+    """Recompute the effective traits (`profiles.traits`) of profiles whose profile_traits rows
+    changed; call it in the same transaction after every write to profile_traits. Returns the
+    new effective traits by profile id."""
+    if not profile_ids:
+        return {}
+    rows = await conn.execute(
+        _REFRESH_TRAITS,
+        {"tenant": tenant, "ids": sorted(set(profile_ids)), "precedence": list(PRECEDENCE)},
+    )
+    return {r.profile_id: r.traits for r in rows}
+
+
+# One source's values of traits, for any number of (profile, name) pairs; returns nothing.
+SET_TRAITS = sa.text("""
+INSERT INTO profile_traits AS t (tenant_id, profile_id, name, source, value, updated_at)
+SELECT :tenant, u.profile_id, u.name, :source, CAST(u.value AS jsonb), :now
+FROM unnest(CAST(:ids AS text[]), CAST(:names AS text[]), CAST(:vals AS text[])) AS u(profile_id, name, value)
+ORDER BY u.profile_id, u.name
+ON CONFLICT (tenant_id, profile_id, name, source) DO UPDATE
+SET value = excluded.value, updated_at = excluded.updated_at
+WHERE t.value IS DISTINCT FROM excluded.value
+""")
+
+
+async def write_traits(
+    conn: AsyncConnection,
+    tenant: str,
+    profile_id: str,
+    source: str,
+    traits: Mapping[str, TraitScalar | None],
+    now: datetime,
+) -> None:
+    """Set (or, for None, remove) one source's values of a profile's traits; refresh the
+    effective ones."""
+    setting = {k: v for k, v in traits.items() if v is not None}
+    removing = [k for k, v in traits.items() if v is None]
+    if setting:
+        await conn.execute(
+            SET_TRAITS,
+            {
+                "tenant": tenant,
+                "source": source,
+                "now": now,
+                "ids": [profile_id] * len(setting),
+                "names": list(setting),
+                "vals": [json.dumps(v) for v in setting.values()],
+            },
+        )
+    if removing:
+        await conn.execute(
+            profile_traits.delete().where(
+                profile_traits.c.tenant_id == tenant,
+                profile_traits.c.profile_id == profile_id,
+                profile_traits.c.source == source,
+                profile_traits.c.name.in_(removing),
+            )
+        )
+    await refresh_traits(conn, tenant, [profile_id])
+
+
+class TraitStore:
+    """Declared and backend traits set through the API."""
+
+    def __init__(self, engine: AsyncEngine, reads: ProfileReads) -> None:
+        self.engine = engine
+        self.reads = reads
+
+    async def set_traits(
+        self,
+        tenant: str,
+        profile_id: str,
+        source: str,
+        traits: Mapping[str, TraitScalar | None],
+        now: datetime,
+    ) -> Profile:
+        """Set declared or backend traits of an existing profile (NotFound otherwise)."""
+
+        async def work(conn: AsyncConnection) -> Profile:
+            target = await lock_existing(conn, tenant, profile_id)
+            await write_traits(conn, tenant, target, source, traits, now)
+            await conn.execute(
+                profiles.update()
+                .where(profiles.c.tenant_id == tenant, profiles.c.profile_id == target)
+                .values(updated_at=now)
+            )
+            [profile] = await self.reads.load(conn, tenant, [target], now, trait_sources=True)
+            return profile
+
+        return await transaction(self.engine, work)
