@@ -244,3 +244,61 @@ async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(syste
         == 0
     )
     assert await messages_of(system, pid) == []
+
+
+async def test_an_identifier_erased_in_one_case_stays_suppressed_in_another_through_every_path(
+    system: System,
+) -> None:
+    """Profile, import and delivery hash an erased identifier with one normalisation
+    (relevans.kit.identifiers): `Ann@Example.com` erased is `ann@example.com` suppressed, and a
+    customer id erased as `ANN-1` is not resubscribed as `ann-1`."""
+    admin = system.token(A, "admin")
+    await system.setup_abandoned_cart(A)
+    reply = await system.profiles.Identify(
+        profile_pb2.IdentifyRequest(
+            email="Ann@Example.com", customer_id="ANN-1", consents=[marketing_email()]
+        ),
+        metadata=system.token(A, "ingest"),
+    )
+    erased = await system.profiles.EraseProfile(
+        profile_pb2.EraseProfileRequest(profile_id=reply.profile.profile_id), metadata=admin
+    )
+    await eventually(lambda: system.erasure_done(A, erased.erasure_id))
+
+    back = await system.profiles.Identify(
+        profile_pb2.IdentifyRequest(email="ann@example.com", consents=[marketing_email()]),
+        metadata=system.token(A, "ingest"),
+    )
+    assert back.created and list(back.profile.consents) == []
+
+    async def rows() -> AsyncIterator[profile_pb2.ImportProfilesRequest]:
+        yield profile_pb2.ImportProfilesRequest(
+            source="ticketing",
+            rows=[
+                profile_pb2.ImportRow(
+                    row_number=2, email="ANN@EXAMPLE.COM", marketing_email_consent=marketing_email()
+                ),
+                profile_pb2.ImportRow(
+                    row_number=3, customer_id="ann-1", marketing_email_consent=marketing_email()
+                ),
+            ],
+        )
+
+    imported = await system.profiles.ImportProfiles(rows(), metadata=system.token(A, "ingest"))
+    assert sorted((e.row_number, e.reason) for e in imported.errors) == [
+        (2, "identifier was erased; consent not restored"),
+        (3, "identifier was erased; consent not restored"),
+    ]
+
+    # an explicit consent given later is kept by profile, but delivery still suppresses the address
+    await system.profiles.SetConsent(
+        profile_pb2.SetConsentRequest(profile_id=back.profile.profile_id, consent=marketing_email()),
+        metadata=system.token(A, "ingest"),
+    )
+    await system.track(A, "ann@example.com", "add_to_cart", message_id="m1", product_name="Shoes")
+    pending = "SELECT count(*) FROM timers WHERE profile_id = :p AND status = 'pending'"
+    await eventually(lambda: system.scalar("trigger", pending, p=back.profile.profile_id))
+    await system.clock.advance(DELAY)
+    [message] = await eventually(lambda: messages_of(system, back.profile.profile_id))
+    assert (message.status, message.reason) == (delivery_pb2.MESSAGE_STATUS_SUPPRESSED, "erased")
+    assert system.mails_to("ann@example.com") == []

@@ -10,7 +10,6 @@ identifier (`suppressed_hashes`).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.erasure import ERASED_SUBJECT
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
+from relevans.kit.identifiers import identifier_hash
 from relevans.kit.outbox import OutboxMessage, enqueue
 from relevans.profile.v1 import bus_pb2
 from services.profile.store.tables import (
@@ -44,11 +44,6 @@ DONE = "done"
 PURGING_SERVICES = ("trigger", "delivery")
 MAX_EXPORT_EVENTS = 10_000
 CONSENT_NOT_RESTORED = "identifier was erased; consent not restored"
-
-
-def identifier_hash(value: str) -> str:
-    """The sha256 hex of a normalised identifier (emails are stored lower-cased)."""
-    return hashlib.sha256(value.encode()).hexdigest()
 
 
 async def suppressed_hashes(conn: AsyncConnection, tenant: str, values: Iterable[str]) -> set[str]:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.db import json_value
+from relevans.kit.identifiers import identifier_hash
 from services.profile.domain import Consent, Key
 from services.profile.domain.imports import (
     BACKEND,
@@ -30,7 +31,6 @@ from services.profile.domain.imports import (
     plan_import,
 )
 from services.profile.store.consents import CONSENT_SUBJECT
-from services.profile.store.gdpr import identifier_hash
 from services.profile.store.rows import Conflict, ConsentMessage, transaction
 from services.profile.store.traits import refresh_traits
 
