@@ -8,12 +8,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relevans.kit.errors import InvalidArgument
+from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import from_struct, to_struct
 from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import Enrichment, ScoreRule, Scoring, TraitMatch
 from services.profile.domain.segment_rules import parse
-from services.profile.store.segments import after_profile_id, compile_sql, page_size, page_token
+from services.profile.store.segments import MEMBER_PAGES, after_profile_id, compile_sql
 
 NOW = datetime(2026, 3, 10, 15, 30, tzinfo=UTC)
 EVIL = "x' OR 1=1 --"
@@ -60,13 +61,13 @@ def test_integral_floats_from_a_struct_are_whole_numbers() -> None:
 
 
 def test_page_tokens_round_trip_and_bad_ones_are_refused() -> None:
-    assert after_profile_id(page_token("0192-abc")) == "0192-abc"
+    assert after_profile_id(encode_page_token(after="0192-abc")) == "0192-abc"
     assert after_profile_id("") == ""
     for bad in ("***", "YQ=x", "//8", "="):
         with pytest.raises(InvalidArgument) as caught:
             after_profile_id(bad)
         assert [v.field for v in caught.value.violations] == ["page_token"]
-    assert page_size(0) == 100 and page_size(1000) == 1000
+    assert MEMBER_PAGES.of(0) == 100 and MEMBER_PAGES.of(1000) == 1000
     for bad_size in (-1, 1001):
         with pytest.raises(InvalidArgument):
-            page_size(bad_size)
+            MEMBER_PAGES.of(bad_size)

@@ -14,7 +14,7 @@ from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
 from services.profile.domain.segment_rules import parse
 from services.profile.store.enrichment import TenantCache
-from services.profile.store.segments import Segment, SegmentStore, after_profile_id, page_size
+from services.profile.store.segments import MEMBER_PAGES, Segment, SegmentStore, after_profile_id
 from services.profile.store.signals import SegmentRule
 
 SERVICE_NAME = segment_pb2.DESCRIPTOR.services_by_name["SegmentService"].full_name
@@ -99,7 +99,7 @@ class SegmentServicer(segment_pb2_grpc.SegmentServiceServicer):
     async def ListSegmentMembers(
         self, request: segment_pb2.ListSegmentMembersRequest, context: Context
     ) -> segment_pb2.ListSegmentMembersResponse:
-        limit = page_size(request.page_size)
+        limit = MEMBER_PAGES.of(request.page_size)
         after = after_profile_id(request.page_token)
         ids, token = await self.store.members(
             principal().tenant_id, request.segment_id, self.clock.now(), limit, after

@@ -14,8 +14,6 @@ so NOT is exact.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import operator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, Violations
+from relevans.kit.paging import PageSize, decode_page_token, encode_page_token
 from services.profile.domain import conditions as c
 from services.profile.domain.enrichment import MAX_HALVINGS, Enrichment, counter_for
 from services.profile.domain.ids import time_ordered_ids
@@ -35,8 +34,8 @@ from services.profile.store.tables import segment_members, segments
 
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 1000
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
+# A page of members is at most 1,000 ids; more is refused, not clamped, as segment.proto says.
+MEMBER_PAGES = PageSize(default=100, maximum=1000, refuse_over_maximum=True)
 # Counter windows up to this many days are summed by key lookups, longer ones by a subquery.
 MAX_LOOKUP_DAYS = 31
 _FIRST_TIME = datetime.min.replace(tzinfo=UTC)
@@ -276,30 +275,11 @@ def validate_segment(name: str, description: str) -> None:
     violations.raise_if_any()
 
 
-def page_size(requested: int) -> int:
-    if requested == 0:
-        return DEFAULT_PAGE_SIZE
-    if not 1 <= requested <= MAX_PAGE_SIZE:
-        raise InvalidArgument(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
-    return requested
-
-
-def page_token(last_profile_id: str) -> str:
-    return base64.urlsafe_b64encode(last_profile_id.encode()).decode().rstrip("=")
-
-
 def after_profile_id(token: str) -> str:
-    """The last profile id of the previous page; InvalidArgument on a token this service did not make."""
-    if not token:
-        return ""
-    try:
-        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
-        last = raw.decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        last = ""
-    if not last:
-        raise InvalidArgument(FieldViolation("page_token", "is not a token from a previous page"))
-    return last
+    """The last profile id of the previous page ("" for the first page); InvalidArgument on a token
+    this service did not make."""
+    data = decode_page_token(token, after=str)
+    return "" if data is None else str(data["after"])
 
 
 # Read the whole tenant once: enough memory to hash a tag's or a consent's profiles, no JIT
@@ -447,5 +427,5 @@ class SegmentStore:
             )
             ids = list(rows.scalars())
         if len(ids) > limit:
-            return ids[:limit], page_token(ids[limit - 1])
+            return ids[:limit], encode_page_token(after=ids[limit - 1])
         return ids, ""
