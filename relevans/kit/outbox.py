@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import sqlalchemy as sa
@@ -61,6 +62,21 @@ _SAVED = {"published": "r.published", "window_end": "r.window_end", "after_id": 
 
 # The snapshot before any transaction: nothing is published yet.
 NOTHING_PUBLISHED = "1:1:"
+
+
+def create_first_outbox(op: Any) -> None:
+    """Migration step (alembic `op`): the outbox as every service's first migration made it, with a
+    `published_at` mark per row. History: never change it; `TO_POSITION` moved it on."""
+    op.create_table(
+        "outbox",
+        sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
+        sa.Column("subject", sa.Text, nullable=False),
+        sa.Column("payload", sa.LargeBinary, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("published_at", sa.DateTime(timezone=True)),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("outbox_unpublished", "outbox", ["id"], postgresql_where=sa.text("published_at IS NULL"))
 
 
 def outbox_table(metadata: sa.MetaData) -> sa.Table:

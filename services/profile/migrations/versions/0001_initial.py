@@ -10,6 +10,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
+from relevans.kit.outbox import create_first_outbox
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -98,16 +100,7 @@ def upgrade() -> None:
         sa.Column("recorded_at", TZ, nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "profile_id", "purpose", "channel"),
     )
-    op.create_table(
-        "outbox",
-        sa.Column("id", sa.BigInteger, sa.Identity(), nullable=False),
-        sa.Column("subject", sa.Text, nullable=False),
-        sa.Column("payload", sa.LargeBinary, nullable=False),
-        sa.Column("created_at", TZ, nullable=False),
-        sa.Column("published_at", TZ),
-        sa.PrimaryKeyConstraint("id"),
-    )
-    op.create_index("outbox_unpublished", "outbox", ["id"], postgresql_where=sa.text("published_at IS NULL"))
+    create_first_outbox(op)
 
 
 def downgrade() -> None:
