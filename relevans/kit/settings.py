@@ -1,8 +1,9 @@
 """Settings from `RELEVANS_*` environment variables, with documented defaults.
 
 One dataclass for all three services, so an operator learns one set of names.
-The README's configuration table is generated from `SETTINGS_DOC` in spirit:
-every field below is documented there, and a test checks the names match.
+Every field below is documented in the README's configuration table under its
+variable's name (`env_names`); the compose file's names are checked against them
+(tests/unit/test_deployment_files.py).
 """
 
 from __future__ import annotations

@@ -230,7 +230,7 @@ def profile_view(
     enrichment: Enrichment,
     now: datetime,
 ) -> ProfileView:
-    """What a condition sees of a stored profile (its JSON columns) at `now` (see segments.py)."""
+    """What a condition sees of a stored profile (its JSON columns) at `now` (see store/segments.py)."""
     state = EnrichedState(
         counters_from_json(counters_json), last_seen_from_json(last_seen_types), score, score_at
     )

@@ -64,7 +64,7 @@ from services.profile.store.traits import SET_TRAITS
 MAX_REPLANS = 10
 
 # What ingest needs to know first, in one round trip: the profiles the batch's identifiers are bound
-# to (rows as `_BOUND_IDS`'s), and which of its message ids were stored before (rows of kind
+# to (rows as `BOUND_IDS`'s), and which of its message ids were stored before (rows of kind
 # `event`: message id, profile id, event id).
 _RESOLVE_EVENTS = sa.text(f"""
 SELECT b.kind, b.value, b.profile_id, NULL AS event_id FROM ({BOUND_IDS}) AS b
@@ -80,7 +80,7 @@ CROSS JOIN LATERAL (
 KNOWN_EVENT = "event"
 # The existing profiles a batch writes to, in the order of `ids` (profile id order), read afresh with
 # the version read (`ctid`, `xmin`), locked or not. (Each by its own primary key lookup, as
-# `_BOUND_IDS` does: a subquery with LIMIT is never turned into a join, which the plan of a small
+# `BOUND_IDS` does: a subquery with LIMIT is never turned into a join, which the plan of a small
 # table could make a scan of the tenant.)
 _PROFILES_OF = f"""
 SELECT p.ctid, p.xmin, p.profile_id, p.customer_id, p.email, p.first_name, p.merged_into,
