@@ -30,7 +30,8 @@ class TrackCoalescer:
     next free writer takes them all in one transaction (up to `max_batch`). Under load this
     turns many small transactions (each a commit, each an outbox relay round) into a few larger
     ones. One writer is the default: with fewer, larger batches the service and PostgreSQL
-    spend less CPU per event than with two, with no worse latency (bench/track.py measures it).
+    spend less CPU per event than with two, with no worse latency (bench/track.py measures it;
+    figures: bench/README.md).
     Idempotency is unchanged: concurrent calls with one message_id store one event and
     the others get `duplicate`. A write that fails fails every call in it, and stores none.
     """

@@ -97,7 +97,7 @@ def _map_key(key: str) -> bytes:
 def snapshot_bytes(s: ProfileState) -> bytes:
     """The encoded Profile an EnrichedEvent carries: identity, consents (by purpose and channel)
     and, once ingest has set it, the enriched part. Encoded field by field, which is cheaper
-    than building the message: this runs for every profile of every batch."""
+    than building the message: this runs for every profile of every batch (figures: bench/README.md)."""
     parts = [_field(_P_PROFILE_ID, s.profile_id.encode())]
     for tag, text in ((_P_CUSTOMER_ID, s.customer_id), (_P_EMAIL, s.email), (_P_FIRST_NAME, s.first_name)):
         if text:

@@ -58,7 +58,8 @@ timers = sa.Table(
 
 # `status = 'pending'` written as a literal, not sent as a parameter: the partial indexes of pending
 # timers serve a statement only when its plan knows the status without its parameters, and a
-# statement run often gets a generic plan, which would read the whole table instead of `timers_due`.
+# statement run often gets a generic plan, which would read the whole table instead of `timers_due`
+# (figures: bench/README.md).
 PENDING = timers.c.status == sa.literal_column("'pending'")
 
 # The absence kind's state per (tenant, trigger, profile) (`kinds.absence.TriggerState`), the only

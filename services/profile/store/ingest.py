@@ -285,7 +285,7 @@ class IngestStore:
         writing nothing, when any of that changed meanwhile (`_STORE`). Nothing waits for a lock or
         for a commit but that statement, and a batch takes three round trips to PostgreSQL instead
         of `_track`'s five (six with new identifiers), which is what keeps Track's latency low under
-        load (bench/track.py measures it).
+        load (bench/track.py measures it; figures: bench/README.md).
 
         None, with nothing written, when the batch needs `_track`'s locks: its tenant has segments or
         computed traits (their writes take statements of their own), it crosses a threshold, a

@@ -7,6 +7,7 @@ firings. Building them holds writes to these two tables back for a few seconds p
 Every fired or cancelled timer leaves a dead entry in the pending-timers index (`timers_due`)
 that the due-timer claim, run every 0.2 s, reads past until the table is vacuumed; by default
 that waits for a fifth of the table to be dead, so `timers` is vacuumed at 1 % instead.
+Figures: bench/README.md.
 
 Revision ID: 0005
 Revises: 0004
