@@ -101,7 +101,7 @@ def test_every_violation_is_reported_at_once() -> None:
     }
     assert violations(data) == {
         "condition.any[0].compare.op": "must be one of eq, ne, lt, le, gt, ge, in, contains, exists",
-        "condition.any[1].not.compare.field": c._FIELD_HELP,
+        "condition.any[1].not.compare.field": c.FIELD_HELP,
         "condition.any[2].count.event_type": f"must match {c.EVENT_TYPE_RE.pattern}",
         "condition.any[2].count.op": "must be one of eq, ne, lt, le, gt, ge",
         "condition.any[2].count.value": "must be a whole number between 0 and 1000000000",

@@ -21,6 +21,7 @@ TZ = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    """One migration step creating the initial schema, applied as one unit (history: not restructured)."""
     op.create_table(
         "profiles",
         sa.Column("tenant_id", sa.Text, nullable=False),
