@@ -20,8 +20,8 @@ from relevans.kit.db import DriverStatement
 from relevans.kit.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.kit.runtime import GC_THRESHOLDS, settle_heap
-from relevans.kit.server import to_rpc_status
 from relevans.kit.settings import Settings, SettingsError, env_names
+from relevans.kit.status import to_rpc_status
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

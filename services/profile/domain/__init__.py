@@ -21,6 +21,7 @@ from services.profile.domain.events import (
     normalize_email,
     validate_batch,
     validate_event,
+    validate_event_count,
 )
 from services.profile.domain.identity import (
     ANONYMOUS,
@@ -81,6 +82,7 @@ __all__ = [
     "validate_batch",
     "validate_consent",
     "validate_event",
+    "validate_event_count",
     "validate_identify",
     "validate_lookup",
     "validate_profile_ids",

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
-from relevans.kit.errors import Violations
+from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
 from services.profile.domain.ids import uuid4_hex
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
@@ -257,14 +257,18 @@ def validate_event(
     return event
 
 
+def validate_event_count(n: int) -> None:
+    """A `BatchTrack` carries 1 to MAX_BATCH_EVENTS events; checked before any event is converted."""
+    if not 1 <= n <= MAX_BATCH_EVENTS:
+        raise InvalidArgument(FieldViolation("events", f"must hold 1 to {MAX_BATCH_EVENTS} events, got {n}"))
+
+
 def validate_batch(
     raws: Sequence[RawEvent], now: datetime, *, make_message_id: Callable[[], str] = new_message_id
 ) -> list[Event]:
     """Validate a `BatchTrack` request: all events or an error naming `events[i].<field>` for each bad one."""
+    validate_event_count(len(raws))
     violations = Violations()
-    if len(raws) > MAX_BATCH_EVENTS:
-        violations.add("events", f"at most {MAX_BATCH_EVENTS} events per batch, got {len(raws)}")
-        violations.raise_if_any()
     latest = now + MAX_CLOCK_SKEW
     events = [_check_event(raw, now, latest, i, violations, make_message_id) for i, raw in enumerate(raws)]
     violations.raise_if_any()

@@ -25,6 +25,7 @@ from services.profile.domain import (
     RawIdentify,
     validate_batch,
     validate_event,
+    validate_event_count,
     validate_identify,
     validate_lookup,
     validate_profile_ids,
@@ -319,6 +320,9 @@ class _ImportWrites:
         )
 
 
+# Requests larger than the kit's default (relevans/kit/server.py): batches of up to 1,000 events or rows.
+MAX_BATCH_REQUEST_BYTES = 4 * 1024 * 1024
+
 # ---- the service ------------------------------------------------------------------------------
 
 
@@ -350,11 +354,10 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.BatchTrackRequest, context: Context
     ) -> profile_pb2.BatchTrackResponse:
         tenant = principal().tenant_id
+        validate_event_count(len(request.events))  # before any event is converted
         now = self.clock.now()
         protos = list(request.events)
         events = validate_batch([raw_event(e) for e in protos], now)
-        if not events:
-            return profile_pb2.BatchTrackResponse()
         results = await self.store.track(
             tenant,
             events,
@@ -415,7 +418,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.BatchGetProfilesRequest, context: Context
     ) -> profile_pb2.BatchGetProfilesResponse:
         tenant = principal().tenant_id
-        ids = validate_profile_ids(list(request.profile_ids))
+        ids = validate_profile_ids(request.profile_ids)
         merged: dict[str, str] = {}
         found = await self.store.get_profiles(tenant, ids, self.clock.now(), merged=merged)
         return profile_pb2.BatchGetProfilesResponse(
@@ -523,4 +526,5 @@ def binding(servicer: ProfileServicer) -> ServiceBinding:
         register=profile_pb2_grpc.add_ProfileServiceServicer_to_server,
         servicer=servicer,
         scopes=SCOPES,
+        max_request_bytes={"BatchTrack": MAX_BATCH_REQUEST_BYTES, "ImportProfiles": MAX_BATCH_REQUEST_BYTES},
     )
