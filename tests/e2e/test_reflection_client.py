@@ -153,19 +153,15 @@ async def test_a_client_knowing_only_reflection_v1(system: System) -> None:
         assert err.code() == code
         info, _ = _details(err)
         assert (info.reason, info.domain) == (code.name, "relevans.dev")
-
-
-async def test_every_service_answers_reflection_v1(system: System) -> None:
-    expected = {
-        "profile": "relevans.profile.v1.ProfileService",
-        "trigger": "relevans.trigger.v1.TriggerService",
-        "delivery": "relevans.delivery.v1.DeliveryService",
-    }
-    for service, name in expected.items():
-        client = ReflectedClient(system.channels[service])
-        assert name in await client.services()
-        await client.load(name)
-        assert client.pool.FindServiceByName(name).methods
+    # trigger and delivery answer reflection v1 too
+    for service, name in (
+        ("trigger", "relevans.trigger.v1.TriggerService"),
+        ("delivery", "relevans.delivery.v1.DeliveryService"),
+    ):
+        other = ReflectedClient(system.channels[service])
+        assert name in await other.services()
+        await other.load(name)
+        assert other.pool.FindServiceByName(name).methods
 
 
 def _raw_token(system: System, tenant: str, *scopes: str) -> str:
