@@ -9,21 +9,21 @@ Exits non-zero when it does not.
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import uuid
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
 
+from relevans.cli.console import fail
+from relevans.cli.stack import STATE_FILE, Stack
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.grpc_client import open_channel
-from relevans.kit.settings import Settings
 from relevans.local.smtp_sink import read_mail_dir
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
@@ -44,16 +44,10 @@ you left {{ event.product_name }} in your cart. It is still waiting for you.
 PRODUCT = "Blue running shoes"
 
 
-def _load_state(settings: Settings, data_dir: str | None) -> dict[str, str]:
-    path = Path(data_dir or settings.data_dir) / "up.json"
-    if not path.exists():
-        raise SystemExit(f"relevans demo: {path} not found — is `relevans up` running?")
-    state: dict[str, str] = json.loads(path.read_text())
-    return state
-
-
-async def run_demo(settings: Settings, data_dir: str | None, delay: timedelta, timeout: float) -> int:
-    state = _load_state(settings, data_dir)
+async def run_demo(stack: Stack, delay: timedelta, timeout: float) -> int:
+    if not stack.running:
+        fail("demo", f"no {STATE_FILE} in {stack.data_dir}: is `relevans up` running there?")
+    state = stack.state
     run = uuid.uuid4().hex[:8]
     email = f"ada.{run}@example.com"
     if not await _start_story(state, email, run, delay):
@@ -66,7 +60,7 @@ async def run_demo(settings: Settings, data_dir: str | None, delay: timedelta, t
     return _check_mail(mails)
 
 
-async def _start_story(state: dict[str, str], email: str, run: str, delay: timedelta) -> bool:
+async def _start_story(state: dict[str, Any], email: str, run: str, delay: timedelta) -> bool:
     """Everything the demo asks of the running services, over one channel each: the template, the
     trigger, a consenting customer and the abandoned cart. False (after saying why) on an RPC error."""
     token = state["token"]

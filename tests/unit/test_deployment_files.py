@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
+from typer.core import TyperGroup
+from typer.main import get_command
 
-from relevans.cli.main import _parser
+from relevans.cli.main import app
 from relevans.kit.settings import SERVICES, Settings, env_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,14 +35,26 @@ def test_compose_environment_names_are_real_settings() -> None:
                 assert key in known, f"{name}: {key} is not a setting"
 
 
+def parse(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The command path and parameters the real `relevans` command makes of `argv`, without running it."""
+    command = get_command(app)
+    ctx = command.make_context("relevans", list(argv))
+    path: list[str] = []
+    while isinstance(command, TyperGroup):
+        name, sub, rest = command.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
+        assert name is not None and sub is not None
+        path.append(name)
+        command, ctx = sub, sub.make_context(name, rest, parent=ctx)
+    return path, ctx.params
+
+
 def test_compose_commands_parse_with_the_real_cli() -> None:
-    parser = _parser()
     for name in ("migrate", *SERVICES):
-        args = parser.parse_args(compose()["services"][name]["command"])
+        path, params = parse(compose()["services"][name]["command"])
         if name in SERVICES:
-            assert args.command == "serve" and args.service == name
+            assert path == ["serve"] and params["service"].value == name
         else:
-            assert args.command == "migrate"
+            assert path == ["migrate"] and params["wait"] > 0, "migrate must wait for PostgreSQL"
 
 
 def test_compose_environment_yields_valid_settings_and_ports() -> None:
@@ -97,3 +112,63 @@ def test_runtime_code_never_imports_the_local_tools() -> None:
 
 def test_make_installs_the_local_extra_for_run_and_test() -> None:
     assert "-e '.[dev,local]'" in (ROOT / "Makefile").read_text()
+
+
+# Issue 17 item 3: compose would stumble. Each of these failed on the compose file before.
+
+RELEVANS_CONTAINERS = ("migrate", *SERVICES)
+
+
+def test_dockerignore_keeps_the_virtualenv_and_data_out_of_the_build_context() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".relevans", ".git"} <= set(ignored)
+
+
+def test_one_named_image_is_built_once_and_run_by_every_relevans_container() -> None:
+    services = compose()["services"]
+    builders = [name for name, service in services.items() if "build" in service]
+    assert builders == ["migrate"]
+    images = {services[name].get("image") for name in RELEVANS_CONTAINERS}
+    assert len(images) == 1 and None not in images
+
+
+def test_postgres_is_checked_over_tcp_and_nats_on_its_monitoring_endpoint() -> None:
+    services = compose()["services"]
+    pg = services["postgres"]["healthcheck"]["test"]
+    assert "pg_isready" in pg and "-h" in pg, "pg_isready without -h checks the socket, not TCP"
+    nats = services["nats"]
+    assert "-m" in nats["command"] and "8222" in nats["command"]
+    assert any("http://127.0.0.1:8222/healthz" in part for part in nats["healthcheck"]["test"])
+
+
+def test_every_service_has_a_health_check_the_cli_runs() -> None:
+    for name in SERVICES:
+        test = compose()["services"][name]["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "relevans"]
+        path, params = parse(test[2:])
+        assert path == ["health"] and [s.value for s in params["services"]] == [name]
+
+
+def test_restart_policies_and_start_order() -> None:
+    services = compose()["services"]
+    for name in ("postgres", "nats", "smtp", *SERVICES):
+        assert services[name]["restart"] == "unless-stopped", name
+    assert services["migrate"]["restart"] == "on-failure"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in SERVICES:
+        needs = services[name]["depends_on"]
+        assert needs["migrate"]["condition"] == "service_completed_successfully"
+        assert needs["nats"]["condition"] == "service_healthy"
+    assert services["delivery"]["depends_on"]["profile"]["condition"] == "service_healthy"
+
+
+def test_the_token_secret_comes_from_the_environment_without_a_default() -> None:
+    value = compose()["x-relevans-env"]["RELEVANS_TOKEN_SECRET"]
+    assert value.startswith("${RELEVANS_TOKEN_SECRET:?"), value
+    assert ":-" not in value and "change-me" not in (ROOT / "docker-compose.yml").read_text()
+
+
+def test_readme_says_how_to_mint_a_token_for_the_compose_stack() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "docker compose run --rm --no-deps profile token create" in readme
+    assert "RELEVANS_TOKEN_SECRET=$(openssl rand -hex 32)" in readme

@@ -13,7 +13,7 @@ from google.rpc import code_pb2, error_details_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relevans.kit.auth import TokenError, mint_token, verify_token
+from relevans.kit.auth import DEFAULT_TOKEN_LIFETIME, TokenError, mint_token, verify_token
 from relevans.kit.bus import event_partition
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import DriverStatement
@@ -64,6 +64,16 @@ def test_expired_token_is_rejected() -> None:
     assert verify_token("k", token, NOW).tenant_id == "acme"
     with pytest.raises(TokenError, match="expired"):
         verify_token("k", token, NOW + timedelta(minutes=5))
+
+
+def test_tokens_expire_by_default() -> None:
+    """Issue 16 finding 7: a token minted without a lifetime used to be valid for ever."""
+    assert verify_token("k", mint_token("k", "acme", ["read"]), NOW).expires_at is not None
+    token = mint_token("k", "acme", ["read"], issued_at=NOW)
+    who = verify_token("k", token, NOW + DEFAULT_TOKEN_LIFETIME - timedelta(seconds=1))
+    assert who.expires_at == (NOW + DEFAULT_TOKEN_LIFETIME).timestamp()
+    with pytest.raises(TokenError, match="expired"):
+        verify_token("k", token, NOW + DEFAULT_TOKEN_LIFETIME)
 
 
 @pytest.mark.parametrize("tenant,scopes", [("Bad Tenant", ["read"]), ("acme", ["root"]), ("acme", [])])

@@ -25,6 +25,7 @@ from services.profile.domain.imports import (
     consent_changes,
     drop_unchanged,
     normalize_phone,
+    phone_parse_error,
     plain_email,
     plain_phone,
     plan_import,
@@ -192,13 +193,26 @@ def _phonenumbers(value: str) -> tuple[str | None, str]:
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException as exc:
-        return (
-            None,
-            f"is not a valid phone number: {exc._msg}; use the international format, e.g. +46701234567",
-        )
+        return None, phone_parse_error(exc.error_type, value)
     if not phonenumbers.is_valid_number(number):
         return None, "is not a valid phone number"
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("12345", "it does not start with + and a country code"),
+        ("+999 123", "the country code is unknown"),
+        ("+4", "it is not a phone number"),
+        ("+46 12345678901234567890", "it is too long"),
+    ],
+)
+def test_a_bad_phone_number_is_said_in_one_sentence_of_our_own(value: str, why: str) -> None:
+    """Issue 17: the reason was phonenumbers' own sentence with its full stop before ours
+    ("Missing or invalid default region.;"), naming a default region an import never has."""
+    _, reason = normalize_phone(value)
+    assert reason == f"is not a valid phone number: {why}; use the international format, e.g. +46701234567"
 
 
 # Valid numbers of every region (phonenumbers' examples of each type), as written in

@@ -243,6 +243,25 @@ def plain_phone(value: str) -> str | None:
     return "+" + digits if _valid(cc, nsn, known) else None
 
 
+_PHONE_PARSE_ERRORS = {
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "it is not a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD: "it is too short",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "it is too short",
+    phonenumbers.NumberParseException.TOO_LONG: "it is too long",
+}
+
+
+def phone_parse_error(error_type: int, value: str) -> str:
+    """Why phonenumbers could not parse `value`, in our words (its own end in a full stop and name
+    its default region, which an import never has)."""
+    if error_type == phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+        plus = value.lstrip().startswith("+")
+        why = "the country code is unknown" if plus else "it does not start with + and a country code"
+    else:
+        why = _PHONE_PARSE_ERRORS.get(error_type, "it cannot be read")
+    return f"is not a valid phone number: {why}; use the international format, e.g. +46701234567"
+
+
 def normalize_phone(value: str) -> tuple[str | None, str]:
     """The number in E.164 (+46701234567), or None and why not. International format only."""
     fast = plain_phone(value)
@@ -251,10 +270,7 @@ def normalize_phone(value: str) -> tuple[str | None, str]:
     try:
         number = phonenumbers.parse(value, None)
     except phonenumbers.NumberParseException as exc:
-        return (
-            None,
-            f"is not a valid phone number: {exc._msg}; use the international format, e.g. +46701234567",
-        )
+        return None, phone_parse_error(exc.error_type, value)
     if not phonenumbers.is_valid_number(number):
         return None, "is not a valid phone number"
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), ""
