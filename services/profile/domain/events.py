@@ -100,6 +100,20 @@ def check_text(value: str, path: str, violations: Violations, limit: int) -> Non
         violations.add(path, "must not contain NUL characters")
 
 
+# C0 and C1 control characters (line breaks, tabs, escapes, NUL) and the Unicode line and
+# paragraph separators: a name is printed into greetings and message headers, where a line break
+# would start a new line or header.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_name(value: str, path: str, violations: Violations, limit: int) -> None:
+    """A person's name: at most `limit` characters, no control character (see `_CONTROL_CHARACTER`)."""
+    if len(value) > limit:
+        violations.add(path, f"must be at most {limit} characters")
+    elif _CONTROL_CHARACTER.search(value):
+        violations.add(path, "must not contain control characters such as line breaks or tabs")
+
+
 def check_id(value: str, path: str, violations: Violations, limit: int = MAX_ID_CHARS) -> str | None:
     """An optional identifier: empty means absent; too long or containing NUL is a violation."""
     if not value:
