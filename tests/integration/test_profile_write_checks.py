@@ -1,6 +1,7 @@
-"""Profile input refused when it is written (issue 16, finding 6), through the real RPCs: names
-without control characters (`Identify`, `ImportProfiles`). Each is INVALID_ARGUMENT naming the
-field (an import row: a row error naming it), nothing written.
+"""Profile input refused when it is written (issue 16, findings 6 and 9), through the real RPCs:
+names without control characters (`Identify`, `ImportProfiles`) and event properties and traits
+whose `google.protobuf.Value` has no kind set (`Track`, `BatchTrack`, `Identify`, `SetTraits`).
+Each is INVALID_ARGUMENT naming the field (an import row: a row error naming it), nothing written.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.profile.v1 import profile_pb2
 from tests.helpers import field_violations, rpc_error
-from tests.helpers.profile import count, token
+from tests.helpers.profile import TENANT, count, token
 
 if TYPE_CHECKING:
     from tests.helpers.profile import Stub
@@ -62,3 +64,48 @@ async def test_an_import_row_with_a_control_character_in_a_name_is_a_row_error(
     assert [(e.row_number, e.field) for e in reply.errors] == [(2, "first_name")]
     assert (reply.rows_upserted, reply.rows_failed) == (2, 1)
     assert await count(db, "SELECT count(*) FROM profiles WHERE email = 'ann@example.com'") == 0
+
+
+# ---- unset Values --------------------------------------------------------------------------------
+
+
+def _unset_property(event: profile_pb2.Event, name: str) -> None:
+    """A property whose Value has no kind (what a client of another language sends for `{}`)."""
+    event.properties.fields[name].CopyFrom(struct_pb2.Value())
+
+
+async def test_track_refuses_a_property_whose_value_has_no_kind(stub: Stub, db: AsyncEngine) -> None:
+    event = profile_pb2.Event(type="page_view", anonymous_id="a-1")
+    event.properties.update({"size": 42})
+    _unset_property(event, "color")
+    err = await rpc_error(stub.Track(profile_pb2.TrackRequest(event=event), metadata=token()))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(err)) == ["event.properties.color"]
+    assert await count(db, "SELECT count(*) FROM events") == 0
+
+
+async def test_batch_track_names_a_nested_property_whose_value_has_no_kind(
+    stub: Stub, db: AsyncEngine
+) -> None:
+    good = profile_pb2.Event(type="page_view", anonymous_id="a-1")
+    bad = profile_pb2.Event(type="page_view", anonymous_id="a-2")
+    bad.properties.update({"cart": {"items": [1, 2]}, "note": None})  # an explicit null is a value
+    bad.properties.fields["cart"].struct_value.fields["items"].list_value.values.add()
+    err = await rpc_error(
+        stub.BatchTrack(profile_pb2.BatchTrackRequest(events=[good, bad]), metadata=token())
+    )
+    assert list(field_violations(err)) == ["events[1].properties.cart.items[2]"]
+    assert await count(db, "SELECT count(*) FROM events") == 0
+
+
+async def test_traits_whose_value_has_no_kind_are_refused_like_properties(stub: Stub) -> None:
+    identify = profile_pb2.IdentifyRequest(customer_id="c-1")
+    identify.traits.fields["plan"].CopyFrom(struct_pb2.Value())
+    err = await rpc_error(stub.Identify(identify, metadata=token()))
+    assert list(field_violations(err)) == ["traits.plan"]
+
+    created = await stub.Identify(profile_pb2.IdentifyRequest(customer_id="c-1"), metadata=token())
+    set_traits = profile_pb2.SetTraitsRequest(profile_id=created.profile.profile_id, source="backend")
+    set_traits.traits.fields["plan"].CopyFrom(struct_pb2.Value())  # not a removal: that is null_value
+    err = await rpc_error(stub.SetTraits(set_traits, metadata=token(TENANT, "admin")))
+    assert list(field_violations(err)) == ["traits.plan"]

@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
 from relevans.kit.errors import Violations
+from relevans.kit.proto import UNSET_PROBLEM, unset_paths
 from services.profile.domain.ids import uuid4_hex
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
@@ -27,6 +29,8 @@ MAX_ID_CHARS = 256
 MAX_MESSAGE_ID_CHARS = 128
 MAX_PROPERTIES_BYTES = 32 * 1024
 MAX_PROPERTIES_DEPTH = 8
+# Unset Values named per event (the first ones; one is enough to fix the client).
+MAX_UNSET_NAMED = 10
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -166,8 +170,12 @@ def check_properties(properties: dict[str, Any], index: int | None, violations: 
     """The properties as compact JSON, or None after recording why they are refused."""
     try:
         encoded = orjson.dumps(properties)
-    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits, or nesting beyond 255
-        if json_depth(properties) > MAX_PROPERTIES_DEPTH:
+    except orjson.JSONEncodeError as exc:  # e.g. an unset Value, an integer beyond 64 bits, deep nesting
+        unset = list(islice(unset_paths(properties, _path(index, "properties")), MAX_UNSET_NAMED))
+        if unset:
+            for path in unset:
+                violations.add(path, UNSET_PROBLEM)
+        elif json_depth(properties) > MAX_PROPERTIES_DEPTH:
             violations.add(
                 _path(index, "properties"), f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels"
             )
