@@ -67,6 +67,8 @@ def test_what_can_only_fail_when_rendered_is_refused_when_saved(
         "{{ '%s items' % 3 }} {{ 'x' | center(20) }} {{ range(10000) | join('-') | length }}",
         "{% for i in range(n) %}{{ i }}{% endfor %} {{ event | attr(name) }} {{ event[key] }}",
         "{% if false %}{{ x.y }}{% endif %}{{ event.mro_discount | fallback(0) }}",
+        "{{ true and false }} {{ 1 or 2 }} {{ 1 < 2 }} {{ 3 in [1, 2] }} {{ 1 if true else 2 }}",
+        "{{ 5 // 2 }} {{ 5 % 3 }} {{ 5 - 1 }} {{ (1, 2) | first }} {{ [3, 1] | sort | first }}",
         # `range` a template defines itself is not the sandbox's: left to the render.
         "{% set range = event.ranges %}{{ range(10**9) }}",
     ],

@@ -167,6 +167,8 @@ class _Walker:
     def _evaluate(self, node: nodes.Node, values: list[Any]) -> Any:
         """The value of `node` from its children's constant values (in `iter_child_nodes` order)."""
         if isinstance(node, nodes.BinExpr):
+            if node.operator not in self.env.binop_table:  # `and`, `or`: nothing to limit
+                return NOT_CONSTANT
             left, right = values
             return self._computed(node, lambda: self.env.call_binop(None, node.operator, left, right))  # type: ignore[arg-type]
         if type(node) in _UNARY:
