@@ -4,13 +4,19 @@ Struct and Value numbers are doubles on the wire. As Python they follow one rule
 whole number of at most 2**53 in magnitude (exact in a double) becomes an int, so a quantity of 2
 stays 2 in a message, a JSON document and a condition; any other finite number stays a float;
 NaN and the infinities, which JSON has no way to write, become None.
+
+A Value with no kind set is not null (null is `null_value`): it is what a client of another
+language sends for a value it forgot to fill in. Where a client's Struct becomes data (event
+properties, traits) it is converted with `unset=UNSET`, and the domain refuses `UNSET` naming
+where it was (`unset_paths`, `UNSET_PROBLEM`): one rule for every such field. Elsewhere it is None.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
@@ -54,10 +60,23 @@ def to_struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
     return s
 
 
-def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain Python values (numbers by the module's rule)."""
+class Unset:
+    """The type of `UNSET`: not a JSON value, so encoding one fails instead of writing null."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = Unset()
+UNSET_PROBLEM = "has no value: set one of the kinds of google.protobuf.Value (null_value for null)"
+
+
+def from_struct(s: struct_pb2.Struct, unset: Any = None) -> dict[str, Any]:
+    """A Struct as plain Python values (numbers by the module's rule; `unset` for a Value with no kind)."""
     fields = s.fields  # by key: iterating items() costs upb a third more
-    return {k: from_value(fields[k]) for k in fields}
+    return {k: from_value(fields[k], unset) for k in fields}
 
 
 def from_duration(d: duration_pb2.Duration) -> timedelta:
@@ -73,8 +92,9 @@ def to_duration(value: timedelta) -> duration_pb2.Duration:
 _EXACT = 2.0**53
 
 
-def from_value(v: struct_pb2.Value) -> Any:
-    """A Struct Value as a plain Python value (numbers by the module's rule; an unset Value is None)."""
+def from_value(v: struct_pb2.Value, unset: Any = None) -> Any:
+    """A Struct Value as a plain Python value (numbers by the module's rule; `unset` for a Value with
+    no kind set, which only the last branch pays for)."""
     kind = v.WhichOneof("kind")
     if kind == "string_value":
         return v.string_value
@@ -87,10 +107,23 @@ def from_value(v: struct_pb2.Value) -> Any:
         return v.bool_value
     if kind == "struct_value":
         fields = v.struct_value.fields
-        return {k: from_value(fields[k]) for k in fields}
+        return {k: from_value(fields[k], unset) for k in fields}
     if kind == "list_value":
-        return [from_value(x) for x in v.list_value.values]
-    return None
+        return [from_value(x, unset) for x in v.list_value.values]
+    return None if kind == "null_value" else unset
+
+
+def unset_paths(value: Any, path: str) -> Iterator[str]:
+    """Where `UNSET` is in a value `from_struct(..., unset=UNSET)` gave: `path.key`, `path.key[2]`
+    (keys cut to 64 characters), in order. Walked only once encoding it has failed."""
+    if value is UNSET:
+        yield path
+    elif type(value) is dict:
+        for key, item in value.items():
+            yield from unset_paths(item, f"{path}.{key[:64]}")
+    elif type(value) is list:
+        for i, item in enumerate(value):
+            yield from unset_paths(item, f"{path}[{i}]")
 
 
 def to_value(value: Any) -> struct_pb2.Value:

@@ -107,7 +107,10 @@ def test_missing_trigger_is_named() -> None:
         ({"purpose": "unspecified"}, "trigger.purpose"),
         ({"purpose": "profiling"}, "trigger.purpose"),
         ({"template_id": "  "}, "trigger.template_id"),
-        ({"template_id": "t" * 129}, "trigger.template_id"),
+        ({"template_id": "t" * 64}, "trigger.template_id"),
+        ({"template_id": "{{ ''.__class__.__mro__ }}"}, "trigger.template_id"),
+        ({"template_id": "Cart Reminder"}, "trigger.template_id"),
+        ({"template_id": "_cart"}, "trigger.template_id"),
         ({"display_name": "x" * 201}, "trigger.display_name"),
     ],
 )

@@ -12,11 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from relevans.kit.resource_ids import resource_id_problem
 from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
 from services.delivery.domain.names import clean_first_name
 from services.delivery.domain.rendering import Renderer, RenderError
 from services.delivery.domain.states import FAILED, SUPPRESSED, Final
-from services.delivery.domain.templates import Template, template_id_problem
+from services.delivery.domain.templates import Template
 
 # Stable reason codes (a detail may follow after ": ").
 ACCEPTED = "accepted"
@@ -86,7 +87,7 @@ def request_problem(r: DeliveryRequest) -> str | None:
         return f"{INVALID_REQUEST}: profile_id is required"
     if len(r.profile_id) > MAX_ID_CHARS or len(r.trigger_id) > MAX_ID_CHARS:
         return f"{INVALID_REQUEST}: ids may be at most {MAX_ID_CHARS} characters"
-    problem = template_id_problem(r.template_id)
+    problem = resource_id_problem(r.template_id)
     if problem:
         return f"{INVALID_REQUEST}: template_id {problem}"
     if r.purpose in ("", "unspecified"):

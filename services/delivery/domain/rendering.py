@@ -23,6 +23,10 @@ Limits (documented in the README's "Templates" section; a channel may set its ow
 Whitespace: `trim_blocks` and `lstrip_blocks` are on (a line holding only a block tag
 leaves no blank line in a plain-text mail) and a trailing newline is kept.
 
+When a template is saved (`Renderer.check`), what can only fail when rendered is refused
+already (`template_safety.py`: unsafe attribute names, constant expressions over these limits,
+numbers no message should print, nesting deeper than Jinja compiles); the checks above stay.
+
 After rendering, output that still contains `{{`, `}}`, `None`, `undefined` or an
 empty greeting ("Hi ,") is refused. Every refusal is a `RenderError` whose `why`
 says what went wrong; the message is then not sent.
@@ -31,6 +35,7 @@ says what went wrong; the message is then not sent.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -42,6 +47,8 @@ from jinja2 import filters as jinja_filters
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from jinja2.visitor import NodeTransformer
+
+from services.delivery.domain.template_safety import unsafe_construct
 
 MAX_SUBJECT_SOURCE_BYTES = 1024
 MAX_BODY_SOURCE_BYTES = 64 * 1024
@@ -112,6 +119,7 @@ SAFE_STR_METHODS = frozenset(
 )
 
 _FORMAT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
+_LONG_NUMBER = re.compile(rf"\d{{{sys.get_int_max_str_digits() + 1},}}")
 _LEFTOVER_MARKUP = ("{{", "}}")
 _NONE_WORD = re.compile(r"\bNone\b")
 _UNDEFINED_WORD = re.compile(r"\bundefined\b")
@@ -440,28 +448,50 @@ class Renderer:
         self._cache: OrderedDict[str, Template] = OrderedDict()
 
     def check(self, source: str) -> str | None:
-        """Why `source` is not a usable template ("line 3: unexpected '}'"), or None if it is."""
+        """Why `source` is not a usable template ("line 3: unexpected '}'"), or None if it is:
+        its syntax, then what it may not do (`template_safety`), then whether it compiles."""
         try:
-            tree = self.env.parse(source)
+            tree = self.parse(source)
         except TemplateSyntaxError as exc:
             return syntax_error(exc)
         for kind, name in _UNSUPPORTED_NODES:
             found = next(iter(tree.find_all(kind)), None)
             if found is not None:
                 return f"line {found.lineno}: {name} is not supported in templates"
+        unsafe = unsafe_construct(
+            tree, self.env, max_chars=self.max_output_bytes, time_limit_s=self.time_limit_s, timer=self.timer
+        )
+        if unsafe:
+            return unsafe
         try:
             self.compile(source)
         except TemplateSyntaxError as exc:
             return syntax_error(exc)
         return None
 
+    def parse(self, source: str) -> nodes.Template:
+        """The template's syntax tree; TemplateSyntaxError also for what Jinja itself cannot
+        take: a number literal longer than Python reads, nesting deeper than its recursion."""
+        try:
+            return self.env.parse(source)
+        except ValueError:  # int() of a literal of more than 4,300 digits
+            long_number = _LONG_NUMBER.search(source)
+            lineno = source.count("\n", 0, long_number.start()) + 1 if long_number else 1
+            limit = sys.get_int_max_str_digits()
+            raise TemplateSyntaxError(f"a number literal of more than {limit} digits", lineno) from None
+        except RecursionError:
+            raise TemplateSyntaxError("nested too deeply", 1) from None
+
     def compile(self, source: str) -> Template:
         template = self._cache.get(source)
         if template is not None:
             self._cache.move_to_end(source)
             return template
-        tree = _Guard().visit(self.env.parse(source))
-        template = self.env.from_string(tree)
+        tree = _Guard().visit(self.parse(source))
+        try:
+            template = self.env.from_string(tree)
+        except (RecursionError, SyntaxError):  # the Python Jinja generates nests too deeply
+            raise TemplateSyntaxError("nested too deeply", 1) from None
         self._cache[source] = template
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

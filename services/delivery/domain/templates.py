@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
+from relevans.kit.resource_ids import resource_id_problem
 from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
 from services.delivery.domain.rendering import DEFAULT_LIMITS, Renderer
 
-TEMPLATE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # BCP 47 in the shape people use: en, de-CH, zh-Hant-TW, es-419.
 LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
 DEFAULT_LOCALE = "en"
@@ -37,16 +37,8 @@ class Template:
     updated_at: datetime | None = None
 
 
-def template_id_problem(template_id: str) -> str | None:
-    if not template_id:
-        return "is required"
-    if not TEMPLATE_ID_RE.match(template_id):
-        return "must be 1-63 lower-case letters, digits, '-' or '_', starting with a letter or digit"
-    return None
-
-
 def check_template_id(template_id: str, field: str = "template_id") -> str:
-    problem = template_id_problem(template_id)
+    problem = resource_id_problem(template_id)
     if problem:
         raise InvalidArgument(FieldViolation(field, problem))
     return template_id
@@ -57,7 +49,7 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
     if raw is None:
         raise InvalidArgument(FieldViolation("template", "is required"))
     v = Violations()
-    problem = template_id_problem(raw.template_id)
+    problem = resource_id_problem(raw.template_id)
     if problem:
         v.add("template.template_id", problem)
     if raw.channel in ("", "unspecified"):

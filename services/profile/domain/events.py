@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
 
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
+from relevans.kit.proto import UNSET_PROBLEM, unset_paths
 from services.profile.domain.ids import uuid4_hex
 
 EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
@@ -27,6 +29,8 @@ MAX_ID_CHARS = 256
 MAX_MESSAGE_ID_CHARS = 128
 MAX_PROPERTIES_BYTES = 32 * 1024
 MAX_PROPERTIES_DEPTH = 8
+# Unset Values named per event (the first ones; one is enough to fix the client).
+MAX_UNSET_NAMED = 10
 MAX_CLOCK_SKEW = timedelta(minutes=5)
 EARLIEST_TIMESTAMP = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -100,6 +104,20 @@ def check_text(value: str, path: str, violations: Violations, limit: int) -> Non
         violations.add(path, "must not contain NUL characters")
 
 
+# C0 and C1 control characters (line breaks, tabs, escapes, NUL) and the Unicode line and
+# paragraph separators: a name is printed into greetings and message headers, where a line break
+# would start a new line or header.
+_CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def check_name(value: str, path: str, violations: Violations, limit: int) -> None:
+    """A person's name: at most `limit` characters, no control character (see `_CONTROL_CHARACTER`)."""
+    if len(value) > limit:
+        violations.add(path, f"must be at most {limit} characters")
+    elif _CONTROL_CHARACTER.search(value):
+        violations.add(path, "must not contain control characters such as line breaks or tabs")
+
+
 def check_id(value: str, path: str, violations: Violations, limit: int = MAX_ID_CHARS) -> str | None:
     """An optional identifier: empty means absent; too long or containing NUL is a violation."""
     if not value:
@@ -152,8 +170,12 @@ def check_properties(properties: dict[str, Any], index: int | None, violations: 
     """The properties as compact JSON, or None after recording why they are refused."""
     try:
         encoded = orjson.dumps(properties)
-    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits, or nesting beyond 255
-        if json_depth(properties) > MAX_PROPERTIES_DEPTH:
+    except orjson.JSONEncodeError as exc:  # e.g. an unset Value, an integer beyond 64 bits, deep nesting
+        unset = list(islice(unset_paths(properties, _path(index, "properties")), MAX_UNSET_NAMED))
+        if unset:
+            for path in unset:
+                violations.add(path, UNSET_PROBLEM)
+        elif json_depth(properties) > MAX_PROPERTIES_DEPTH:
             violations.add(
                 _path(index, "properties"), f"must not nest deeper than {MAX_PROPERTIES_DEPTH} levels"
             )

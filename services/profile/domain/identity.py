@@ -17,7 +17,7 @@ from datetime import datetime
 
 from relevans.kit.errors import Violations
 from services.profile.domain.consent import Consent, ConsentInput, check_consent
-from services.profile.domain.events import Event, check_email, check_id, check_text
+from services.profile.domain.events import Event, check_email, check_id, check_name
 from services.profile.domain.ids import random_uuid
 from services.profile.domain.merge import choose_survivor
 from services.profile.domain.traits import TraitScalar, check_traits
@@ -221,7 +221,7 @@ def validate_identify(raw: RawIdentify, now: datetime) -> IdentifyCommand:
     anonymous_id = check_id(raw.anonymous_id, "anonymous_id", v)
     first_name = raw.first_name.strip() or None
     if first_name is not None:
-        check_text(first_name, "first_name", v, MAX_FIRST_NAME_CHARS)
+        check_name(first_name, "first_name", v, MAX_FIRST_NAME_CHARS)
     if len(raw.consents) > MAX_IDENTIFY_CONSENTS:
         v.add("consents", f"at most {MAX_IDENTIFY_CONSENTS} consents per call")
     consents = [

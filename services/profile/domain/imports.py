@@ -23,7 +23,7 @@ from phonenumbers.re_util import re_compile
 
 from relevans.kit.errors import Violations
 from services.profile.domain.consent import Consent, ConsentInput, check_consent
-from services.profile.domain.events import MAX_ID_CHARS, check_email, check_id, check_text
+from services.profile.domain.events import MAX_ID_CHARS, check_email, check_id, check_name, check_text
 from services.profile.domain.identity import CUSTOMER_ID, EMAIL, MAX_FIRST_NAME_CHARS, Key
 from services.profile.domain.traits import check_traits
 
@@ -302,7 +302,7 @@ def validate_row(raw: RawImportRow, now: datetime, source: str) -> tuple[ImportR
     names: list[str | None] = []
     for name, value in (("first_name", raw.first_name), ("last_name", raw.last_name)):
         value = value.strip()
-        check_text(value, name, v, MAX_NAME_CHARS)
+        check_name(value, name, v, MAX_NAME_CHARS)
         names.append(value or None)
     phone: str | None = None
     if raw.phone.strip():

@@ -3,7 +3,8 @@
 A trait is held per source; the effective value is the one of the first source in
 `PRECEDENCE` that has it — what the person told us, then what a system of record says,
 then what their behaviour suggests (computed traits, see enrichment.py). Values are
-JSON scalars; None removes a source's value.
+JSON scalars; None removes a source's value. A Value with no kind set (`UNSET`) is neither a
+value nor a removal: refused, as in event properties.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from collections.abc import Mapping
 
 from relevans.kit.errors import Violations
+from relevans.kit.proto import UNSET, UNSET_PROBLEM
 
 DECLARED, BACKEND, BEHAVIOURAL = "declared", "backend", "behavioural"
 PRECEDENCE = (DECLARED, BACKEND, BEHAVIOURAL)
@@ -37,6 +39,8 @@ def check_traits(
         field = f"{path}.{name[:64]}"
         if not TRAIT_NAME_RE.match(name):
             v.add(field, "name must be lower_snake_case: a-z, 0-9, _ (at most 64)")
+        elif value is UNSET:
+            v.add(field, UNSET_PROBLEM)
         elif value is None:
             if allow_remove:
                 out[name] = None

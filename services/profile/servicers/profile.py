@@ -15,7 +15,7 @@ from google.protobuf import struct_pb2
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
 from relevans.kit.errors import NotFound
-from relevans.kit.proto import from_struct, from_timestamp, to_timestamp, to_value
+from relevans.kit.proto import UNSET, from_struct, from_timestamp, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.profile.domain import (
@@ -88,7 +88,7 @@ def raw_event(e: profile_pb2.Event) -> RawEvent:
         e.anonymous_id,
         e.customer_id,
         e.email,
-        from_struct(e.properties) if e.HasField("properties") else {},
+        from_struct(e.properties, UNSET) if e.HasField("properties") else {},
     )
 
 
@@ -385,7 +385,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 anonymous_id=request.anonymous_id,
                 first_name=request.first_name,
                 consents=tuple(consent_input(c) for c in request.consents),
-                traits=from_struct(request.traits),
+                traits=from_struct(request.traits, UNSET),
             ),
             now,
         )
@@ -429,7 +429,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         self, request: profile_pb2.SetTraitsRequest, context: Context
     ) -> profile_pb2.SetTraitsResponse:
         tenant = principal().tenant_id
-        traits = validate_set_traits(request.profile_id, request.source, from_struct(request.traits))
+        traits = validate_set_traits(request.profile_id, request.source, from_struct(request.traits, UNSET))
         profile = await self.store.set_traits(
             tenant, request.profile_id, request.source, traits, self.clock.now()
         )

@@ -7,15 +7,13 @@ A trigger is its own fields (id, channel, purpose, template) and one condition, 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Protocol
 
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token
-
-TRIGGER_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+from relevans.kit.resource_ids import RESOURCE_ID_RE, resource_id_problem
 
 
 class Condition(Protocol):
@@ -67,10 +65,9 @@ class TriggerDef:
 
 
 def validate_trigger_id(value: str, field: str, v: Violations) -> None:
-    if not value:
-        v.add(field, "is required")
-    elif not TRIGGER_ID_RE.match(value):
-        v.add(field, f"must match {TRIGGER_ID_RE.pattern} (lower-case letters, digits, - and _)")
+    problem = resource_id_problem(value)
+    if problem:
+        v.add(field, problem)
 
 
 def check_trigger_id(value: str, field: str = "trigger_id") -> str:
@@ -103,6 +100,6 @@ def page_after(token: str) -> str | None:
     if data is None:
         return None
     after: str = data["after"]
-    if not TRIGGER_ID_RE.match(after):
+    if not RESOURCE_ID_RE.fullmatch(after):
         raise InvalidArgument(FieldViolation("page_token", "is not a token this service issued"))
     return after

@@ -7,11 +7,11 @@ each violation under its proto path (`trigger.absence.delay`, `trigger.channel`,
 from __future__ import annotations
 
 from relevans.kit.errors import Violations
+from relevans.kit.resource_ids import resource_id_problem
 from services.trigger.domain.kinds import KINDS
 from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, validate_trigger_id
 
 MAX_DISPLAY_NAME_CHARS = 200
-MAX_TEMPLATE_ID_CHARS = 128
 
 # Channels and purposes by their proto enum names without prefix, lower-case ("email", "marketing").
 SUPPORTED_CHANNELS = ("email",)
@@ -38,11 +38,12 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
         v.add("trigger.purpose", "is required")
     elif raw.purpose not in SENDING_PURPOSES:
         v.add("trigger.purpose", "must be PURPOSE_MARKETING or PURPOSE_TRANSACTIONAL")
+    # The id delivery looks the template up by: the same rule, so a trigger cannot name a
+    # template that no PutTemplate could have saved.
     template_id = raw.template_id.strip()
-    if not template_id:
-        v.add("trigger.template_id", "is required")
-    elif len(template_id) > MAX_TEMPLATE_ID_CHARS:
-        v.add("trigger.template_id", f"must be at most {MAX_TEMPLATE_ID_CHARS} characters")
+    problem = resource_id_problem(template_id)
+    if problem:
+        v.add("trigger.template_id", problem)
     v.raise_if_any()
     assert condition is not None
     return TriggerDef(
