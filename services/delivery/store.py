@@ -103,6 +103,15 @@ class StatusUpdate:
     attempts: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Mark one pending message `sending`, right before its content goes out."""
+
+    row: MessageRow
+    recipient: str
+    subject: str
+
+
 def _template(row: sa.Row[Any]) -> Template:
     return Template(
         template_id=row.template_id,
@@ -116,6 +125,16 @@ def _template(row: sa.Row[Any]) -> Template:
 
 _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
 _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
+
+# Only a pending message is claimed: one another worker claimed or finished is left to it.
+_CLAIM = sa.text(
+    "UPDATE messages AS m SET status = :sending, reason = '', recipient = c.recipient, "
+    "subject = c.subject, updated_at = :now "
+    "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:recipients AS text[]), "
+    "CAST(:subjects AS text[])) AS c(tenant_id, message_id, recipient, subject) "
+    "WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending "
+    "RETURNING m.tenant_id, m.message_id"
+).bindparams(sa.bindparam("now", type_=TZ))
 
 _UPDATE_STATUS = (
     messages.update()
@@ -460,6 +479,28 @@ class DeliveryStore:
             )
             for r in rows
         }
+
+    async def claim(
+        self, conn: AsyncConnection, claims: Sequence[Claim], now: datetime
+    ) -> set[tuple[str, str]]:
+        """Mark the claims' messages `sending` where they are still pending (not recorded in the
+        history: `sending` is internal), in the caller's transaction; return the (tenant, message
+        id) of those marked."""
+        if not claims:
+            return set()
+        rows = await conn.execute(
+            _CLAIM,
+            {
+                "sending": SENDING,
+                "pending": PENDING,
+                "now": now,
+                "tenants": [c.row.tenant_id for c in claims],
+                "ids": [c.row.message_id for c in claims],
+                "recipients": [c.recipient for c in claims],
+                "subjects": [c.subject for c in claims],
+            },
+        )
+        return {(r.tenant_id, r.message_id) for r in rows}
 
     async def apply(
         self,
