@@ -4,10 +4,11 @@ Every status change is appended to `message_status_history`; final statuses are
 published through the outbox in the same transaction.
 
 Workers serialise on one request with a session-level advisory lock per
-(tenant, idempotency key), held across the transactions of one attempt
-(claim -> send -> record). A row in `sending` whose lock nobody holds belongs
+(tenant, idempotency key), held while a batch is handled (decide -> claim each
+message -> send it -> record it). A row in `sending` whose lock nobody holds belongs
 to a worker that died mid-send; a row whose lock is held belongs to a live
-worker and is left alone.
+worker and is left alone. A claim takes only a row still `pending`, so a worker
+whose session (and locks) PostgreSQL dropped never sends what another has claimed.
 
 Per person, delivery keeps only the messages (idempotency keys are unique per tenant,
 not per profile, so at most one send per key holds across a profile merge; there are
