@@ -72,16 +72,20 @@ def status_changed(row: MessageRow, status: str, reason: str, now: datetime) -> 
     return OutboxMessage(STATUS_SUBJECT_PREFIX + status, payload.SerializeToString())
 
 
-async def write_outcomes(
-    store: DeliveryStore, conn: AsyncConnection, outcomes: Sequence[Outcome], now: datetime
-) -> None:
-    """The outcomes and the status messages of the final ones, in the caller's transaction."""
-    published = [
+def _published(outcomes: Sequence[Outcome], now: datetime) -> list[OutboxMessage]:
+    """The status messages of the final outcomes."""
+    return [
         status_changed(o.row, o.update.status, o.update.reason, now)
         for o in outcomes
         if o.update.status in FINAL_STATUSES
     ]
-    await store.apply(conn, [o.update for o in outcomes], now, published)
+
+
+async def write_outcomes(
+    store: DeliveryStore, conn: AsyncConnection, outcomes: Sequence[Outcome], now: datetime
+) -> None:
+    """The outcomes and the status messages of the final ones, in the caller's transaction."""
+    await store.apply(conn, [o.update for o in outcomes], now, _published(outcomes, now))
 
 
 @dataclass(slots=True)
@@ -178,6 +182,6 @@ class SendJournal:
 
     async def _write(self, claims: Sequence[_Waiting], outcomes: Sequence[Outcome]) -> set[tuple[str, str]]:
         now = self.clock.now()
-        async with self.store.engine.begin() as conn:
-            await write_outcomes(self.store, conn, outcomes, now)
-            return await self.store.claim(conn, [w.claim for w in claims], now)
+        return await self.store.record_sends(
+            [w.claim for w in claims], [o.update for o in outcomes], _published(outcomes, now), now
+        )

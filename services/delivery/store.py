@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.db import DriverStatement
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.identifiers import identifier_hash
@@ -127,15 +129,46 @@ def _template(row: sa.Row[Any]) -> Template:
 _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
 _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
 
-# Only a pending message is claimed: one another worker claimed or finished is left to it.
-_CLAIM = sa.text(
-    "UPDATE messages AS m SET status = :sending, reason = '', recipient = c.recipient, "
-    "subject = c.subject, updated_at = :now "
-    "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:recipients AS text[]), "
-    "CAST(:subjects AS text[])) AS c(tenant_id, message_id, recipient, subject) "
-    "WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending "
-    "RETURNING m.tenant_id, m.message_id"
-).bindparams(sa.bindparam("now", type_=TZ))
+# What a delivery worker's sends came to, in one statement (its own transaction, one round trip:
+# the writes of every send run through it, so it is kept cheap): the outcomes with their history
+# and outbox messages, and the claims. A claim takes only a message still pending: one another
+# worker claimed or finished is left to it. A message's claim and outcome are never in the same
+# statement (the outcome is known only once the claim is committed).
+_RECORD_SENDS = DriverStatement("""
+WITH outcome AS (
+    SELECT * FROM unnest(CAST(:o_tenants AS text[]), CAST(:o_ids AS text[]), CAST(:o_statuses AS text[]),
+                         CAST(:o_reasons AS text[]), CAST(:o_attempts AS integer[]))
+        AS o(tenant_id, message_id, status, reason, attempts)
+), recorded AS (
+    UPDATE messages AS m
+    SET status = o.status, reason = o.reason, attempts = greatest(m.attempts, o.attempts),
+        updated_at = CAST(:now AS timestamptz)
+    FROM outcome AS o
+    WHERE m.tenant_id = o.tenant_id AND m.message_id = o.message_id
+), changed AS (
+    INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
+    SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM outcome
+), published AS (
+    INSERT INTO outbox (subject, payload, created_at)
+    SELECT subject, payload, CAST(:now AS timestamptz)
+    FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[])) AS p(subject, payload)
+), claimed AS (
+    UPDATE messages AS m
+    SET status = :sending, reason = '', recipient = c.recipient, subject = c.subject,
+        updated_at = CAST(:now AS timestamptz)
+    FROM unnest(CAST(:c_tenants AS text[]), CAST(:c_ids AS text[]), CAST(:c_recipients AS text[]),
+                CAST(:c_subjects AS text[])) AS c(tenant_id, message_id, recipient, subject)
+    WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending
+    RETURNING m.tenant_id, m.message_id
+)
+SELECT tenant_id, message_id FROM claimed
+""")
+
+_INSERT_PENDING = (
+    pg_insert(messages)
+    .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+    .returning(messages.c.tenant_id, messages.c.message_id)
+)
 
 _UPDATE_STATUS = (
     messages.update()
@@ -431,14 +464,9 @@ class DeliveryStore:
             }
             for (r, message_id), v in zip(requests, variables, strict=True)
         ]
-        inserted = (
-            await conn.execute(
-                pg_insert(messages)
-                .values(values)
-                .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-                .returning(messages.c.tenant_id, messages.c.message_id)
-            )
-        ).all()
+        # executemany form: compiled once and cached, where `.values(values)` compiled a
+        # statement with a VALUES row per request for every batch
+        inserted = (await conn.execute(_INSERT_PENDING, values)).all()
         if inserted:
             await conn.execute(
                 history.insert(),
@@ -481,27 +509,43 @@ class DeliveryStore:
             for r in rows
         }
 
-    async def claim(
-        self, conn: AsyncConnection, claims: Sequence[Claim], now: datetime
+    async def record_sends(
+        self,
+        claims: Sequence[Claim],
+        updates: Sequence[StatusUpdate],
+        published: Sequence[OutboxMessage],
+        now: datetime,
     ) -> set[tuple[str, str]]:
-        """Mark the claims' messages `sending` where they are still pending (not recorded in the
-        history: `sending` is internal), in the caller's transaction; return the (tenant, message
-        id) of those marked."""
-        if not claims:
-            return set()
-        rows = await conn.execute(
-            _CLAIM,
-            {
-                "sending": SENDING,
-                "pending": PENDING,
-                "now": now,
-                "tenants": [c.row.tenant_id for c in claims],
-                "ids": [c.row.message_id for c in claims],
-                "recipients": [c.recipient for c in claims],
-                "subjects": [c.subject for c in claims],
-            },
-        )
-        return {(r.tenant_id, r.message_id) for r in rows}
+        """Write send outcomes (with their history and outbox messages) and mark the claims'
+        messages `sending` where they are still pending (`sending` is internal: not in the
+        history), all or nothing; return the (tenant, message id) of the messages claimed."""
+        async with self.engine.connect() as conn:
+            driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            try:
+                rows = await _RECORD_SENDS.fetch(
+                    driver,
+                    {
+                        "o_tenants": [u.tenant_id for u in updates],
+                        "o_ids": [u.message_id for u in updates],
+                        "o_statuses": [u.status for u in updates],
+                        "o_reasons": [u.reason for u in updates],
+                        "o_attempts": [u.attempts for u in updates],
+                        "subjects": [m.subject for m in published],
+                        "payloads": [m.payload for m in published],
+                        "c_tenants": [c.row.tenant_id for c in claims],
+                        "c_ids": [c.row.message_id for c in claims],
+                        "c_recipients": [c.recipient for c in claims],
+                        "c_subjects": [c.subject for c in claims],
+                        "sending": SENDING,
+                        "pending": PENDING,
+                        "now": now,
+                    },
+                )
+            except BaseException:
+                # The pool must not hand out a connection the server may have dropped.
+                await conn.invalidate()
+                raise
+        return {(r["tenant_id"], r["message_id"]) for r in rows}
 
     async def apply(
         self,
