@@ -18,6 +18,10 @@ CONSUMER_HANDLED = Counter(
 OUTBOX_BACKLOG = Gauge("relevans_outbox_backlog", "Outbox rows not yet published", ["service"])
 OUTBOX_PUBLISHED = Counter("relevans_outbox_published_total", "Outbox rows published", ["service"])
 MESSAGES_BY_STATUS = Counter("relevans_messages_total", "Delivery messages by status", ["status", "channel"])
+DELIVERY_OUTCOME_WRITE_RETRIES = Counter(
+    "relevans_delivery_outcome_write_retries_total",
+    "Writes of send claims and outcomes that failed and are retried",
+)
 
 _started: set[int] = set()
 

@@ -4,10 +4,11 @@ Every status change is appended to `message_status_history`; final statuses are
 published through the outbox in the same transaction.
 
 Workers serialise on one request with a session-level advisory lock per
-(tenant, idempotency key), held across the transactions of one attempt
-(claim -> send -> record). A row in `sending` whose lock nobody holds belongs
+(tenant, idempotency key), held while a batch is handled (decide -> claim each
+message -> send it -> record it). A row in `sending` whose lock nobody holds belongs
 to a worker that died mid-send; a row whose lock is held belongs to a live
-worker and is left alone.
+worker and is left alone. A claim takes only a row still `pending`, so a worker
+whose session (and locks) PostgreSQL dropped never sends what another has claimed.
 
 Per person, delivery keeps only the messages (idempotency keys are unique per tenant,
 not per profile, so at most one send per key holds across a profile merge; there are
@@ -25,11 +26,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.db import DriverStatement
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.identifiers import identifier_hash
@@ -103,6 +106,15 @@ class StatusUpdate:
     attempts: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Mark one pending message `sending`, right before its content goes out."""
+
+    row: MessageRow
+    recipient: str
+    subject: str
+
+
 def _template(row: sa.Row[Any]) -> Template:
     return Template(
         template_id=row.template_id,
@@ -116,6 +128,47 @@ def _template(row: sa.Row[Any]) -> Template:
 
 _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
 _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
+
+# What a delivery worker's sends came to, in one statement (its own transaction, one round trip:
+# the writes of every send run through it, so it is kept cheap): the outcomes with their history
+# and outbox messages, and the claims. A claim takes only a message still pending: one another
+# worker claimed or finished is left to it. A message's claim and outcome are never in the same
+# statement (the outcome is known only once the claim is committed).
+_RECORD_SENDS = DriverStatement("""
+WITH outcome AS (
+    SELECT * FROM unnest(CAST(:o_tenants AS text[]), CAST(:o_ids AS text[]), CAST(:o_statuses AS text[]),
+                         CAST(:o_reasons AS text[]), CAST(:o_attempts AS integer[]))
+        AS o(tenant_id, message_id, status, reason, attempts)
+), recorded AS (
+    UPDATE messages AS m
+    SET status = o.status, reason = o.reason, attempts = greatest(m.attempts, o.attempts),
+        updated_at = CAST(:now AS timestamptz)
+    FROM outcome AS o
+    WHERE m.tenant_id = o.tenant_id AND m.message_id = o.message_id
+), changed AS (
+    INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
+    SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM outcome
+), published AS (
+    INSERT INTO outbox (subject, payload, created_at)
+    SELECT subject, payload, CAST(:now AS timestamptz)
+    FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[])) AS p(subject, payload)
+), claimed AS (
+    UPDATE messages AS m
+    SET status = :sending, reason = '', recipient = c.recipient, subject = c.subject,
+        updated_at = CAST(:now AS timestamptz)
+    FROM unnest(CAST(:c_tenants AS text[]), CAST(:c_ids AS text[]), CAST(:c_recipients AS text[]),
+                CAST(:c_subjects AS text[])) AS c(tenant_id, message_id, recipient, subject)
+    WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending
+    RETURNING m.tenant_id, m.message_id
+)
+SELECT tenant_id, message_id FROM claimed
+""")
+
+_INSERT_PENDING = (
+    pg_insert(messages)
+    .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
+    .returning(messages.c.tenant_id, messages.c.message_id)
+)
 
 _UPDATE_STATUS = (
     messages.update()
@@ -411,14 +464,9 @@ class DeliveryStore:
             }
             for (r, message_id), v in zip(requests, variables, strict=True)
         ]
-        inserted = (
-            await conn.execute(
-                pg_insert(messages)
-                .values(values)
-                .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-                .returning(messages.c.tenant_id, messages.c.message_id)
-            )
-        ).all()
+        # executemany form: compiled once and cached, where `.values(values)` compiled a
+        # statement with a VALUES row per request for every batch
+        inserted = (await conn.execute(_INSERT_PENDING, values)).all()
         if inserted:
             await conn.execute(
                 history.insert(),
@@ -460,6 +508,44 @@ class DeliveryStore:
             )
             for r in rows
         }
+
+    async def record_sends(
+        self,
+        claims: Sequence[Claim],
+        updates: Sequence[StatusUpdate],
+        published: Sequence[OutboxMessage],
+        now: datetime,
+    ) -> set[tuple[str, str]]:
+        """Write send outcomes (with their history and outbox messages) and mark the claims'
+        messages `sending` where they are still pending (`sending` is internal: not in the
+        history), all or nothing; return the (tenant, message id) of the messages claimed."""
+        async with self.engine.connect() as conn:
+            driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+            try:
+                rows = await _RECORD_SENDS.fetch(
+                    driver,
+                    {
+                        "o_tenants": [u.tenant_id for u in updates],
+                        "o_ids": [u.message_id for u in updates],
+                        "o_statuses": [u.status for u in updates],
+                        "o_reasons": [u.reason for u in updates],
+                        "o_attempts": [u.attempts for u in updates],
+                        "subjects": [m.subject for m in published],
+                        "payloads": [m.payload for m in published],
+                        "c_tenants": [c.row.tenant_id for c in claims],
+                        "c_ids": [c.row.message_id for c in claims],
+                        "c_recipients": [c.recipient for c in claims],
+                        "c_subjects": [c.subject for c in claims],
+                        "sending": SENDING,
+                        "pending": PENDING,
+                        "now": now,
+                    },
+                )
+            except BaseException:
+                # The pool must not hand out a connection the server may have dropped.
+                await conn.invalidate()
+                raise
+        return {(r["tenant_id"], r["message_id"]) for r in rows}
 
     async def apply(
         self,

@@ -3,20 +3,23 @@
 `DeliveryWorker.process` takes a batch of requests and, per idempotency key, runs
 these phases on one database connection:
 
-1. claim: takes the request's advisory lock (held until the batch is done; a key another
+1. lock: takes the request's advisory lock (held until the batch is done; a key another
    live worker holds is retried later) and reads its message row, if any: already final
    -> nothing to do; left in `sending` by a worker that died mid-send -> failed
-   "outcome_unknown", never sent a second time. A request for a profile that was merged
-   away is handled as the survivor's; one for an erased person is dropped;
+   "outcome_unknown", never sent a second time; `pending` -> decided again. A request for
+   a profile that was merged away is handled as the survivor's; one for an erased person
+   is dropped;
 2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
    is now) and loads the templates;
 3. decide: in ONE transaction inserts the new messages (pending, unique per idempotency
-   key), decides each (consent, address, template, render), records the suppressed and
-   failed ones with their `DeliveryStatusChanged` outbox messages, and the ones to send as
-   `sending` — so a message is first seen either final or on its way;
-4. send: hands the claimed messages to their channel's transport;
-5. record: commits each outcome: sent, failed (refused, outcome unknown, retries
-   exhausted), or pending again for a transient failure.
+   key), decides each (consent, address, template, render), and records the suppressed and
+   failed ones with their `DeliveryStatusChanged` outbox messages; the ones to send stay
+   pending;
+4. send: hands the messages to their channel's transport, which claims each one (`sending`,
+   committed) right before its content goes out, and records each outcome as soon as it
+   is known — sent, failed (refused, outcome unknown, retries exhausted), or pending again
+   for a transient failure — through the `SendJournal` (journal.py): one message in flight
+   per SMTP connection, outcomes retried until written.
 
 How these steps make each effect happen once: docs/architecture.md, "Guarantees",
 "Effects happen once" and "Consent at send time".
@@ -32,12 +35,9 @@ from datetime import datetime
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.delivery.v1 import bus_pb2, delivery_pb2
 from relevans.kit import metrics
 from relevans.kit.clock import Clock
 from relevans.kit.merges import Person
-from relevans.kit.outbox import OutboxMessage
-from relevans.kit.proto import to_timestamp
 from services.delivery.channels.base import Outgoing, Transport
 from services.delivery.domain import (
     CHANNELS,
@@ -45,8 +45,6 @@ from services.delivery.domain import (
     FINAL_STATUSES,
     OUTCOME_UNKNOWN,
     PENDING,
-    SENDING,
-    SENT,
     SUPPORTED_CHANNELS,
     SUPPRESSED,
     DeliveryRequest,
@@ -62,39 +60,26 @@ from services.delivery.domain import (
     request_problem,
 )
 from services.delivery.domain.decision import ERASED, Decision
+from services.delivery.journal import Outcome, SendJournal, write_outcomes
 from services.delivery.profiles import ProfileClient, ProfileLookupError
-from services.delivery.store import DeliveryStore, Key, MessageRow, StatusUpdate, TemplateKey
+from services.delivery.store import Claim, DeliveryStore, Key, MessageRow, StatusUpdate, TemplateKey
 
 log = structlog.get_logger(__name__)
 
-STATUS_SUBJECT_PREFIX = "rv.delivery.status."
 COMPOSE_FAILED = "compose_failed"
-
-_STATUS_ENUM = {
-    PENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
-    SENDING: delivery_pb2.MESSAGE_STATUS_PENDING,
-    SENT: delivery_pb2.MESSAGE_STATUS_SENT,
-    "suppressed": delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
-    FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
-}
+CLAIMS_NOT_WRITTEN = "database unavailable: messages not claimed"
 
 # ---- outcomes -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
-    row: MessageRow
-    channel: str
-    update: StatusUpdate
-
-
-@dataclass(frozen=True, slots=True)
 class _Sending:
-    """A message claimed for sending, with what its transport hands over."""
+    """A message to send, with what its transport hands over and the subject it is claimed with."""
 
     request: DeliveryRequest
     row: MessageRow
     outgoing: Outgoing
+    subject: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,22 +91,8 @@ class _LookedUp:
     templates: dict[TemplateKey, Template]
 
 
-def status_changed(row: MessageRow, status: str, reason: str, now: datetime) -> OutboxMessage:
-    payload = bus_pb2.DeliveryStatusChanged(
-        tenant_id=row.tenant_id,
-        message_id=row.message_id,
-        idempotency_key=row.idempotency_key,
-        profile_id=row.profile_id,
-        trigger_id=row.trigger_id,
-        status=_STATUS_ENUM[status],
-        reason=reason,
-        time=to_timestamp(now),
-    )
-    return OutboxMessage(STATUS_SUBJECT_PREFIX + status, payload.SerializeToString())
-
-
-def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0, **fields: str) -> _Outcome:
-    return _Outcome(
+def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0) -> Outcome:
+    return Outcome(
         row,
         channel,
         StatusUpdate(
@@ -129,14 +100,33 @@ def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0, **f
             message_id=row.message_id,
             status=final.status,
             reason=final.reason,
-            recipient=fields.get("recipient"),
-            subject=fields.get("subject"),
             attempts=attempts,
         ),
     )
 
 
-def _retries(outcomes: Sequence[_Outcome]) -> list[str]:
+class _Handover:
+    """One channel's sends of a batch: each claimed and its outcome recorded through the journal."""
+
+    def __init__(self, sends: Sequence[_Sending], journal: SendJournal) -> None:
+        self.sends = sends
+        self.journal = journal
+        self.results: list[Outcome] = []
+
+    async def claim(self, index: int) -> bool:
+        s = self.sends[index]
+        return await self.journal.claim(Claim(s.row, s.outgoing.recipient, s.subject))
+
+    def report(self, index: int, outcome: SendOutcome) -> None:
+        s = self.sends[index]
+        final = CHANNELS[s.request.channel].final(outcome, s.request.attempt)
+        attempts = s.request.attempt if outcome.kind == "transient" else 0
+        result = _outcome(s.row, s.request.channel, final, attempts=attempts)
+        self.results.append(result)
+        self.journal.record(result)
+
+
+def _retries(outcomes: Sequence[Outcome]) -> list[str]:
     """Why the messages left pending must be tried again."""
     return [o.update.reason for o in outcomes if o.update.status == PENDING]
 
@@ -175,23 +165,20 @@ class DeliveryWorker:
         if not unique:
             return []
         async with self.store.worker_connection() as conn:
-            mine, retry = await self._claim(conn, unique)
+            mine, retry = await self._lock(conn, unique)
             if not mine:
                 return retry
             todo, new, done = await self._left_to_do(conn, mine)
             looked_up = await self._look_up(conn, [r for r in todo if request_problem(r) is None])
             decided, sends = await self._decide(conn, todo, new, done, looked_up)
             retry += _retries(decided)
-            if not sends:
-                return retry
-            results = await self._send(sends)
-            await self._record(conn, results)
-            retry += _retries(results)
+            if sends:
+                retry += await self._send(sends)
         return retry
 
-    # ---- 1. claim -------------------------------------------------------------------------------
+    # ---- 1. lock --------------------------------------------------------------------------------
 
-    async def _claim(
+    async def _lock(
         self, conn: AsyncConnection, unique: Mapping[Key, DeliveryRequest]
     ) -> tuple[list[DeliveryRequest], list[str]]:
         """The requests whose advisory lock this worker now holds, and why the rest wait."""
@@ -201,7 +188,7 @@ class DeliveryWorker:
 
     async def _left_to_do(
         self, conn: AsyncConnection, mine: Sequence[DeliveryRequest]
-    ) -> tuple[list[DeliveryRequest], set[Key], list[_Outcome]]:
+    ) -> tuple[list[DeliveryRequest], set[Key], list[Outcome]]:
         """The requests still to decide (and which of them have no message row yet), and the
         rows a dead worker left mid-send, failed "outcome_unknown". A request for a merged-away
         profile becomes the survivor's (trigger may not know of the merge yet); one for an
@@ -217,7 +204,7 @@ class DeliveryWorker:
             kept = [r for r in mine if (r.tenant_id, r.profile_id) not in gone]
             log.info("requests for erased people dropped", count=len(mine) - len(kept))
             mine = kept
-        done: list[_Outcome] = []
+        done: list[Outcome] = []
         todo: list[DeliveryRequest] = []
         for r in mine:
             row = existing.get(r.key)
@@ -268,11 +255,11 @@ class DeliveryWorker:
         conn: AsyncConnection,
         todo: Sequence[DeliveryRequest],
         new: set[Key],
-        done: Sequence[_Outcome],
+        done: Sequence[Outcome],
         looked_up: _LookedUp,
-    ) -> tuple[list[_Outcome], list[_Sending]]:
+    ) -> tuple[list[Outcome], list[_Sending]]:
         """In one transaction: record the new requests, decide each, and write the decisions
-        (with `done`) and the claims of the sends; return the decisions and the sends."""
+        (with `done`); return the decisions and the sends, which stay pending until claimed."""
         now = self.clock.now()
         async with conn.begin():
             fresh = [r for r in todo if r.key in new]
@@ -285,7 +272,7 @@ class DeliveryWorker:
                 conn, {(k[0], d.recipient) for k, d in decisions.items() if isinstance(d, Send)}
             )
             decided, sends = self._claims(todo, rows, decisions, erased, looked_up.unavailable, now)
-            await self._write(conn, [*done, *decided], now)
+            await write_outcomes(self.store, conn, [*done, *decided], now)
         self._committed([*done, *decided])
         return decided, sends
 
@@ -311,10 +298,10 @@ class DeliveryWorker:
         erased: set[tuple[str, str]],
         unavailable: Mapping[str, str],
         now: datetime,
-    ) -> tuple[list[_Outcome], list[_Sending]]:
-        """The state each message moves to: retried later (no decision), final, or claimed for
-        sending (`sending`, with its recipient and subject) when its content could be built."""
-        decided: list[_Outcome] = []
+    ) -> tuple[list[Outcome], list[_Sending]]:
+        """The state each message moves to: retried later (no decision) or final, or the message
+        to send when its content could be built."""
+        decided: list[Outcome] = []
         sends: list[_Sending] = []
         for r in todo:
             row = rows[r.key]
@@ -327,13 +314,7 @@ class DeliveryWorker:
             if isinstance(decision, Send):
                 outgoing = self._compose(r.channel, row, decision, now)
                 if isinstance(outgoing, Outgoing):
-                    sends.append(_Sending(r, row, outgoing))
-                    claim = Final(SENDING, "")
-                    decided.append(
-                        _outcome(
-                            row, r.channel, claim, recipient=decision.recipient, subject=decision.subject
-                        )
-                    )
+                    sends.append(_Sending(r, row, outgoing, decision.subject))
                     continue
                 decision = outgoing
             decided.append(_outcome(row, r.channel, decision))
@@ -347,50 +328,30 @@ class DeliveryWorker:
         except (ValueError, TypeError, LookupError) as exc:
             return Final(FAILED, f"{COMPOSE_FAILED}: {exc}")
 
-    def _transient(self, r: DeliveryRequest, row: MessageRow, why: str) -> _Outcome:
+    def _transient(self, r: DeliveryRequest, row: MessageRow, why: str) -> Outcome:
         return _outcome(row, r.channel, after_transient(r.attempt, why), attempts=r.attempt)
 
     # ---- 4. send --------------------------------------------------------------------------------
 
-    async def _send(self, sends: Sequence[_Sending]) -> list[_Outcome]:
-        """Hand the claimed messages to their channels' transports (one batch per channel, the
-        channels side by side) and turn each outcome into the message's next state."""
-        by_channel: dict[str, list[int]] = {}
-        for i, s in enumerate(sends):
-            by_channel.setdefault(s.request.channel, []).append(i)
-        channels = list(by_channel)
-        answers = await asyncio.gather(
-            *(self.transports[c].send_many([sends[i].outgoing for i in by_channel[c]]) for c in channels)
-        )
-        outcomes: dict[int, SendOutcome] = {}
-        for channel, answer in zip(channels, answers, strict=True):
-            outcomes.update(zip(by_channel[channel], answer, strict=True))
-        results: list[_Outcome] = []
-        for i, s in enumerate(sends):
-            r, outcome = s.request, outcomes[i]
-            final = CHANNELS[r.channel].final(outcome, r.attempt)
-            attempts = r.attempt if outcome.kind == "transient" else 0
-            results.append(_outcome(s.row, r.channel, final, attempts=attempts))
-        return results
+    async def _send(self, sends: Sequence[_Sending]) -> list[str]:
+        """Hand the messages to their channels' transports (the channels side by side), each one
+        claimed right before it goes out and its outcome written as soon as it is known; return
+        why some must be retried. Returns once every outcome is written."""
+        by_channel: dict[str, list[_Sending]] = {}
+        for s in sends:
+            by_channel.setdefault(s.request.channel, []).append(s)
+        async with SendJournal(self.store, self.clock, self._committed) as journal:
+            handovers = {c: _Handover(group, journal) for c, group in by_channel.items()}
+            await asyncio.gather(
+                *(
+                    self.transports[c].send_many([s.outgoing for s in group], handovers[c])
+                    for c, group in by_channel.items()
+                )
+            )
+        retry = [why for h in handovers.values() for why in _retries(h.results)]
+        return [*retry, CLAIMS_NOT_WRITTEN] if journal.unwritten_claims else retry
 
-    # ---- 5. record ------------------------------------------------------------------------------
-
-    async def _record(self, conn: AsyncConnection, results: Sequence[_Outcome]) -> None:
-        """Commit what the sends came to, with the status messages of the final ones."""
-        now = self.clock.now()
-        async with conn.begin():
-            await self._write(conn, results, now)
-        self._committed(results)
-
-    async def _write(self, conn: AsyncConnection, outcomes: Sequence[_Outcome], now: datetime) -> None:
-        published = [
-            status_changed(o.row, o.update.status, o.update.reason, now)
-            for o in outcomes
-            if o.update.status in FINAL_STATUSES
-        ]
-        await self.store.apply(conn, [o.update for o in outcomes], now, published)
-
-    def _committed(self, outcomes: Sequence[_Outcome]) -> None:
+    def _committed(self, outcomes: Sequence[Outcome]) -> None:
         finals = [o for o in outcomes if o.update.status in FINAL_STATUSES]
         for o in finals:
             metrics.MESSAGES_BY_STATUS.labels(o.update.status, o.channel).inc()

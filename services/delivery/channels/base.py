@@ -23,12 +23,30 @@ class Outgoing:
     content: bytes
 
 
+class Handover(Protocol):
+    """The worker's side of a transport's sends: what is claimed and what came of it, as it happens."""
+
+    async def claim(self, index: int) -> bool:
+        """Called right before the content of `messages[index]` goes over the wire, once nothing
+        else can refuse it; returns when the claim (`sending`) is committed. False: do not send
+        it (another worker has it, or the claim could not be written)."""
+        ...
+
+    def report(self, index: int, outcome: SendOutcome) -> None:
+        """The outcome of `messages[index]`, as soon as it is known: after its claim, or instead
+        of one when the message was refused or could not be handed over before its content."""
+        ...
+
+
 class Transport(Protocol):
     def compose(self, message_id: str, send: Send, now: datetime) -> Outgoing:
         """The message to hand over, built before it is claimed so nothing can fail mid-send;
         raises ValueError, TypeError or LookupError when it cannot be built."""
         ...
 
-    async def send_many(self, messages: Sequence[Outgoing]) -> list[SendOutcome]:
-        """One outcome per message, in order; never raises for a message's failure."""
+    async def send_many(self, messages: Sequence[Outgoing], handover: Handover) -> None:
+        """Send each message, claiming it through `handover` right before its content goes out
+        and reporting each outcome there (none for a message whose claim was refused); never
+        raises for a message's failure. Each connection carries one message at a time, so at
+        most as many are claimed and not yet reported as the transport has connections."""
         ...

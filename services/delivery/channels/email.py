@@ -9,23 +9,29 @@ is safe (the rules are `EmailChannel.classify` in the domain):
 - `unknown`: the connection broke or timed out after the content was on the wire;
   the server may have accepted it, so the message is not sent again.
 
-A batch is spread over a few connections, each sending its share in turn.
+A batch is spread over a few connections (`SMTP_CONNECTIONS`), each taking the next mail
+when it is free. A mail is claimed through the worker's `Handover` after the server took its
+envelope and right before DATA, so a mail the server refused, or never saw, is not claimed.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import aiosmtplib
 import structlog
 
-from services.delivery.channels.base import Outgoing
+from services.delivery.channels.base import Handover, Outgoing
 from services.delivery.domain import Send, SendFailure, SendOutcome
 from services.delivery.domain.channels.email import EmailChannel, email_bytes, envelope_sender, sender_domain
 
 log = structlog.get_logger(__name__)
+
+
+# SMTP connections of one worker; each carries one message at a time.
+SMTP_CONNECTIONS = 8
 
 
 def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
@@ -40,7 +46,7 @@ class SmtpTransport:
         *,
         sender: str,
         timeout_s: float = 10.0,
-        connections: int = 8,
+        connections: int = SMTP_CONNECTIONS,
     ) -> None:
         self.host = host
         self.port = port
@@ -62,34 +68,26 @@ class SmtpTransport:
         )
         return Outgoing(send.recipient, content)
 
-    async def send_many(self, mails: Sequence[Outgoing]) -> list[SendOutcome]:
-        """One outcome per mail, in order; never raises for a mail's failure."""
-        if not mails:
-            return []
+    async def send_many(self, mails: Sequence[Outgoing], handover: Handover) -> None:
+        """Send the mails over a few connections, each taking the next mail when it is free."""
+        queue = iter(enumerate(mails))
         lanes = min(self.connections, len(mails))
-        groups = [list(range(i, len(mails), lanes)) for i in range(lanes)]
-        results = await asyncio.gather(*(self._send_lane([mails[i] for i in g]) for g in groups))
-        outcomes: list[SendOutcome | None] = [None] * len(mails)
-        for group, lane_outcomes in zip(groups, results, strict=True):
-            for i, outcome in zip(group, lane_outcomes, strict=True):
-                outcomes[i] = outcome
-        return [o or SendOutcome("unknown", "no outcome") for o in outcomes]
+        await asyncio.gather(*(self._send_lane(queue, handover) for _ in range(lanes)))
 
-    async def _send_lane(self, mails: Sequence[Outgoing]) -> list[SendOutcome]:
+    async def _send_lane(self, queue: Iterator[tuple[int, Outgoing]], handover: Handover) -> None:
         client: aiosmtplib.SMTP | None = None
-        outcomes: list[SendOutcome] = []
         try:
-            for mail in mails:
-                client, outcome = await self._send_one(client, mail)
-                outcomes.append(outcome)
+            for index, mail in queue:
+                client = await self._send_one(client, index, mail, handover)
         finally:
             if client is not None:
                 await self._quit(client)
-        return outcomes
 
     async def _send_one(
-        self, client: aiosmtplib.SMTP | None, mail: Outgoing
-    ) -> tuple[aiosmtplib.SMTP | None, SendOutcome]:
+        self, client: aiosmtplib.SMTP | None, index: int, mail: Outgoing, handover: Handover
+    ) -> aiosmtplib.SMTP | None:
+        """One mail on the lane's connection (opened when needed): the envelope, then the claim,
+        then DATA; the outcome goes to `handover`. Returns the connection to carry the next mail."""
         stage = "connect"
         try:
             if client is None or not client.is_connected:
@@ -103,17 +101,22 @@ class SmtpTransport:
             stage = "envelope"
             await client.mail(self.envelope_from)
             await client.rcpt(mail.recipient)
+            if not await handover.claim(index):
+                return await self._reset(client)
             stage = "data"
             reply = await client.data(mail.content)
-            return client, SendOutcome("sent", f"{reply.code} {reply.message}".strip())
+            handover.report(index, SendOutcome("sent", f"{reply.code} {reply.message}".strip()))
+            return client
         except aiosmtplib.SMTPResponseException as exc:
             # The server answered with an error code: it did not take the message.
-            client = await self._reset(client)
-            return client, SendOutcome(self.rules.classify(SendFailure(stage, exc.code)), _reply(exc))
+            handover.report(
+                index, SendOutcome(self.rules.classify(SendFailure(stage, exc.code)), _reply(exc))
+            )
+            return await self._reset(client)
         except UnicodeError as exc:
             # An address that is not ASCII needs SMTPUTF8; this mail can never be sent as is.
-            client = await self._reset(client)
-            return client, SendOutcome("permanent", f"address not ASCII: {exc}")
+            handover.report(index, SendOutcome("permanent", f"address not ASCII: {exc}"))
+            return await self._reset(client)
         except Exception as exc:  # connection refused or lost, timeouts, TLS: whatever broke the session
             if client is not None:
                 client.close()
@@ -121,7 +124,8 @@ class SmtpTransport:
             kind = self.rules.classify(SendFailure(stage, None))
             if kind == "unknown":
                 log.warning("smtp session broke during DATA; outcome unknown", error=detail)
-            return None, SendOutcome(kind, detail)
+            handover.report(index, SendOutcome(kind, detail))
+            return None
 
     async def _reset(self, client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
         """Abort the open mail transaction so the connection can carry the next mail."""
