@@ -31,6 +31,7 @@ from grpc_status import rpc_status
 from relevans.kit import errors, metrics
 from relevans.kit.auth import Principal, TokenError, verify_token
 from relevans.kit.clock import Clock
+from relevans.kit.nul_text import is_nul_refusal, nul_refusal
 from relevans.kit.reflection import enable_reflection
 from relevans.kit.status import CODES, refusal, to_rpc_status
 
@@ -107,12 +108,14 @@ def _refused(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandl
     )
 
 
-def _failure(exc: Exception) -> tuple[grpc.StatusCode, status_pb2.Status]:
+def _failure(exc: Exception, request: Any) -> tuple[grpc.StatusCode, status_pb2.Status]:
     """The code and status a call that raised `exc` answers."""
     if isinstance(exc, _Refused):
         return exc.code, exc.status
     if isinstance(exc, errors.DomainError):
         return CODES.get(type(exc), grpc.StatusCode.UNKNOWN), to_rpc_status(exc)
+    if is_nul_refusal(exc):
+        return grpc.StatusCode.INVALID_ARGUMENT, to_rpc_status(nul_refusal(request))
     log.error("rpc failed", exc_info=exc)
     code = grpc.StatusCode.INTERNAL
     return code, refusal(code, "INTERNAL", "internal error")
@@ -223,7 +226,7 @@ class _CallGuard(grpc.aio.ServerInterceptor):
                         code = context.code() or grpc.StatusCode.CANCELLED
                     raise
                 except Exception as exc:
-                    code, status = _failure(exc)
+                    code, status = _failure(exc, request)
                 # Abort outside the except clause, the request dropped: grpc keeps the abort's
                 # exception in a reference cycle with the call, freed only when the garbage
                 # collector runs, and its traceback (and an exception it chained) would keep a

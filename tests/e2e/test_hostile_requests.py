@@ -138,6 +138,34 @@ async def test_a_huge_id_comes_back_short(system: System) -> None:
         assert answer.trailer_bytes <= MAX_TRAILER, method
 
 
+async def test_a_nul_character_postgresql_cannot_store_is_invalid_argument_on_its_field(
+    system: System,
+) -> None:
+    """Found by the fuzz test: ids and properties holding U+0000 answered INTERNAL (PostgreSQL refuses
+        NUL in text and jsonb); now INVALID_ARGUMENT naming the field, with nothing written (event
+    properties were already checked by ingest's validation)."""
+    NUL = "must not contain a NUL character (U+0000)"
+    messages = delivery_pb2.GetMessageRequest(message_id="a\x00b")
+    err = await rpc_error(system.delivery.GetMessage(messages, metadata=system.token("shop", "read")))
+    assert (err.code(), field_violations(err)) == (grpc.StatusCode.INVALID_ARGUMENT, {"message_id": NUL})
+    err = await rpc_error(
+        system.profiles.GetProfile(
+            profile_pb2.GetProfileRequest(profile_id="p\x00"), metadata=system.token("shop", "read")
+        )
+    )
+    assert (err.code(), field_violations(err)) == (grpc.StatusCode.INVALID_ARGUMENT, {"profile_id": NUL})
+    event = profile_pb2.Event(type="page_view", anonymous_id="anon-nul", message_id="nul-1")
+    event.properties.update({"ok": "fine", "note": "x\x00y"})
+    err = await rpc_error(
+        system.profiles.Track(profile_pb2.TrackRequest(event=event), metadata=system.token("shop", "ingest"))
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and list(field_violations(err)) == [
+        "event.properties"
+    ]
+    assert await system.scalar("profile", "SELECT count(*) FROM events") == 0
+    assert await system.scalar("profile", "SELECT count(*) FROM profiles") == 0
+
+
 async def test_field_violations_are_capped_with_a_count_of_the_rest(system: System) -> None:
     request = segment_pb2.CountSegmentRequest(condition=wide_condition(10_000))
     segments = segment_pb2_grpc.SegmentServiceStub(system.channels["profile"])
