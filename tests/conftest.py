@@ -49,6 +49,17 @@ def servers_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def server_tmp() -> Iterator[Path]:
+    """A fresh folder for one test's own PostgreSQL data, outside pytest's temp folders: root runs
+    PostgreSQL as another user, who must traverse the folder's parents, and every pytest session
+    that starts on the machine takes group and other access off pytest's folder (pytest-of-<user>);
+    a PostgreSQL under tmp_path then could not be stopped or restarted."""
+    path = Path(tempfile.mkdtemp(prefix="relevans-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest_asyncio.fixture(scope="session")
 async def postgres_url(servers_dir: Path) -> AsyncIterator[str]:
     external = os.environ.get("RELEVANS_TEST_POSTGRES_URL")

@@ -73,8 +73,8 @@ async def _trigger_ids(state: dict[str, str]) -> list[str]:
     return [t.trigger_id for t in reply.triggers]
 
 
-async def test_up_demo_stop_and_restart_keeps_data(tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
+    data_dir = server_tmp / "data"
     env = _env()
     up = await _start_up(data_dir, env)
     try:

@@ -81,7 +81,8 @@ class Offences:
     found: dict[tuple[str, str, str], tuple[Request, str, str]] = field(default_factory=dict)
 
     def add(self, rpc: Rpc, problem: str, details: str, request: Request, who: Credentials) -> None:
-        key = (rpc.path, problem, re.sub(r"\d+", "N", details)[:100])
+        generic = re.sub(r"\d+", "N", re.sub(r"with type '[^']+'", "with type T", details))
+        key = (rpc.path, problem, generic[:120])
         seen = self.found.get(key)
         if seen is None or request.size < seen[0].size:
             self.found[key] = (request, who.kind, details[:300])

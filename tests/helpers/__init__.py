@@ -6,6 +6,7 @@
 - `cart`: the abandoned cart's trigger and template, the example every service's tests use;
 - `profile`, `trigger`, `delivery`: one service running for a test, with calls and bus helpers;
 - `system`: all three services, an SMTP sink and a manual clock, as the `system` fixture gives them.
+- `fuzz`: hypothesis strategies for any RPC's request bytes and credentials, from its descriptors.
 
 The fixtures (databases, bus, clock, the running services) are in the conftest.py files.
 """

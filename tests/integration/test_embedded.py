@@ -22,8 +22,8 @@ def test_free_port_is_bindable() -> None:
         sock.bind(("127.0.0.1", port))
 
 
-async def test_postgres_serves_and_keeps_data_across_restart(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pg" / "data"
+async def test_postgres_serves_and_keeps_data_across_restart(server_tmp: Path) -> None:
+    data_dir = server_tmp / "pg" / "data"
     pg = EmbeddedPostgres(data_dir)
     await pg.stop()  # never started: a no-op
     async with pg:
