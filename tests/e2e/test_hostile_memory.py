@@ -14,12 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.settings import SERVICES, Settings, env_name
 from relevans.local.embedded import free_port
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
-from tests.helpers import eventually
+from tests.helpers import eventually, serving
 from tests.helpers.auth import token
 from tests.helpers.hostile import PROFILE, batch_track, corpus, raw_call
 
@@ -35,17 +34,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-async def _serving(target: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-        except grpc.aio.AioRpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest_asyncio.fixture
@@ -74,7 +62,7 @@ async def served(settings: Settings) -> AsyncIterator[dict[str, tuple[int, str]]
                 )
             )
         for target in targets.values():
-            await eventually(lambda t=target: _serving(t), timeout=60, interval=0.2)  # type: ignore[misc]
+            await eventually(lambda t=target: serving(t), timeout=60, interval=0.2)  # type: ignore[misc]
         yield {s: (p.pid, targets[s]) for s, p in zip(SERVICES, procs, strict=True)}
     finally:
         for proc in procs:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 T = TypeVar("T")
@@ -78,3 +79,15 @@ async def rpc_error(call: Any) -> grpc.aio.AioRpcError:
 async def code_of(call: Any) -> grpc.StatusCode:
     """The status code a gRPC call fails with (the test fails if it succeeds)."""
     return (await rpc_error(call)).code()
+
+
+async def serving(target: str) -> bool:
+    """Whether the gRPC server at `target` answers its health check SERVING (False while it starts)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

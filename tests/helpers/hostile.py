@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.profile.v1 import profile_pb2, segment_pb2
 from relevans.trigger.v1 import trigger_pb2
+from tests.helpers.fuzz import length_delimited
 
 PROFILE = "relevans.profile.v1.ProfileService"
 SEGMENTS = "relevans.profile.v1.SegmentService"
@@ -50,32 +51,20 @@ async def raw_call(
     return Answer(await call.code(), await call.details() or "", size, trailers)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def deep_struct(depth: int) -> bytes:
     """A google.protobuf.Struct nested `depth` levels ({"k": {"k": ...}}), past protobuf's limit."""
     inner = b""
     for _ in range(depth):
-        value = _field(5, inner)  # Value.struct_value
-        inner = _field(1, _field(1, b"k") + _field(2, value))  # Struct.fields entry
+        value = length_delimited(5, inner)  # Value.struct_value
+        inner = length_delimited(
+            1, length_delimited(1, b"k") + length_delimited(2, value)
+        )  # Struct.fields entry
     return inner
 
 
 def track_with_deep_properties(depth: int = 200) -> bytes:
     event = profile_pb2.Event(type="page_view", anonymous_id="a1").SerializeToString()
-    return _field(1, event + _field(7, deep_struct(depth)))  # Event.properties is field 7
+    return length_delimited(1, event + length_delimited(7, deep_struct(depth)))  # Event.properties is field 7
 
 
 def invalid_utf8(message: bytes) -> bytes:
@@ -93,7 +82,7 @@ def batch_track(n: int) -> bytes:
     """A BatchTrack request of `n` small events (about 30 bytes each)."""
     event = profile_pb2.Event(type="page_view", anonymous_id="anon-1")
     event.properties.update({"i": 1})
-    one = _field(1, event.SerializeToString())
+    one = length_delimited(1, event.SerializeToString())
     return one * n
 
 

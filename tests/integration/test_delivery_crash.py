@@ -23,7 +23,6 @@ import asyncpg
 import grpc
 import pytest_asyncio
 from aiosmtpd.smtp import SMTP
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from prometheus_client import REGISTRY
 
@@ -39,7 +38,7 @@ from relevans.local.smtp_sink import SmtpSink
 from services.delivery.channels.email import SMTP_CONNECTIONS
 from services.delivery.consumers import DURABLE, FILTER_SUBJECT, STREAM
 from services.profile.app import build as build_profile
-from tests.helpers import eventually, stays
+from tests.helpers import eventually, serving, stays
 from tests.helpers.delivery import TENANT, Harness, token
 
 SENDS = 2000
@@ -53,17 +52,6 @@ RETRIES = "relevans_delivery_outcome_write_retries_total"
 
 def _dsn(settings: Settings) -> str:
     return settings.database_url("delivery").replace("postgresql+asyncpg://", "postgresql://")
-
-
-async def _serving(target: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-        except grpc.aio.AioRpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class DeliveryProcess:
@@ -91,7 +79,7 @@ class DeliveryProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relevans.cli.main", "serve", "delivery", env=self.env
         )
-        await eventually(lambda: _serving(self.target), timeout=60, interval=0.1)
+        await eventually(lambda: serving(self.target), timeout=60, interval=0.1)
 
     async def kill(self) -> None:
         assert self.proc is not None

@@ -14,14 +14,13 @@ import grpc
 import nats
 import pytest
 import pytest_asyncio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from relevans.kit.auth import mint_token
 from relevans.kit.grpc_client import bearer
 from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
-from tests.helpers import eventually
+from tests.helpers import eventually, serving
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_REUSEPORT port sharing is Linux's")
 
@@ -37,17 +36,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-
-
-async def _serving(target: str) -> bool:
-    async with grpc.aio.insecure_channel(target) as channel:
-        try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=1
-            )
-        except grpc.aio.AioRpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest_asyncio.fixture
@@ -70,7 +58,7 @@ async def served(settings: Settings) -> AsyncIterator[tuple[asyncio.subprocess.P
         sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
     )
     try:
-        await eventually(lambda: _serving(target), timeout=30, interval=0.2)
+        await eventually(lambda: serving(target), timeout=30, interval=0.2)
         yield proc, target
     finally:
         if proc.returncode is None:
