@@ -9,8 +9,7 @@ import sys
 
 from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
-from tests.helpers import eventually
-from tests.integration.test_serve_processes import _serving
+from tests.helpers import eventually, serving
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -41,7 +40,7 @@ async def test_serve_starts_with_the_published_secret_only_when_told_it_is_devel
         env=_env(settings, **{env_name("profile_listen"): target}),
     )
     try:
-        await eventually(lambda: _serving(target), timeout=30, interval=0.2)
+        await eventually(lambda: serving(target), timeout=30, interval=0.2)
         health = await asyncio.create_subprocess_exec(
             *(sys.executable, "-m", "relevans.cli.main", "health", "profile"),
             env=_env(settings, **{env_name("profile_listen"): target}),
