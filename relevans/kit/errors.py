@@ -62,3 +62,10 @@ class Violations:
     def raise_if_any(self) -> None:
         if self.items:
             raise InvalidArgument(self.items)
+
+
+def check_count(field: str, count: int, maximum: int) -> None:
+    """Refuse a repeated field with more than `maximum` items before any item is converted or
+    checked: one violation for the field, not one per item of a hostile request."""
+    if count > maximum:
+        raise InvalidArgument(FieldViolation(field, f"at most {maximum} items, got {count}"))

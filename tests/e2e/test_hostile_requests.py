@@ -10,7 +10,13 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from relevans.delivery.v1 import delivery_pb2
-from relevans.profile.v1 import profile_pb2, segment_pb2, segment_pb2_grpc
+from relevans.profile.v1 import (
+    enrichment_pb2,
+    enrichment_pb2_grpc,
+    profile_pb2,
+    segment_pb2,
+    segment_pb2_grpc,
+)
 from relevans.trigger.v1 import trigger_pb2
 from tests.helpers import field_violations, rpc_error
 from tests.helpers.hostile import (
@@ -184,6 +190,34 @@ async def test_field_violations_are_capped_with_a_count_of_the_rest(system: Syst
         system.token("shop"),
     )
     assert answer.trailer_bytes <= 4 * MAX_TRAILER
+
+
+async def test_repeated_fields_are_counted_before_their_items_are_converted(system: System) -> None:
+    """A repeated field over its limit is one violation on the field: its items are neither converted
+    nor checked one by one (10,000 empty consents were 10,001 violations)."""
+    many_consents = profile_pb2.IdentifyRequest(
+        email="ann@example.com", consents=[profile_pb2.ConsentInput()] * 10_000
+    )
+    err = await rpc_error(system.profiles.Identify(many_consents, metadata=system.token("shop", "ingest")))
+    assert (err.code(), list(field_violations(err))) == (grpc.StatusCode.INVALID_ARGUMENT, ["consents"])
+    many_paths = profile_pb2.GetProfileRequest(email="ann@example.com")
+    many_paths.read_mask.paths.extend(f"nope{i}" for i in range(10_000))
+    err = await rpc_error(system.profiles.GetProfile(many_paths, metadata=system.token("shop", "read")))
+    assert (err.code(), list(field_violations(err))) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["read_mask.paths"],
+    )
+    rules = enrichment_pb2.ScoringRules(rules=[enrichment_pb2.ScoreRule(points=1)] * 10_000)
+    enrichment = enrichment_pb2_grpc.EnrichmentServiceStub(system.channels["profile"])
+    err = await rpc_error(
+        enrichment.SetScoringRules(
+            enrichment_pb2.SetScoringRulesRequest(scoring_rules=rules), metadata=system.token("shop", "admin")
+        )
+    )
+    assert (err.code(), list(field_violations(err))) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        ["scoring_rules.rules"],
+    )
 
 
 async def test_an_empty_batch_track_is_refused(system: System) -> None:

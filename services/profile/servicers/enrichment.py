@@ -12,12 +12,17 @@ import grpc
 from google.protobuf import struct_pb2
 
 from relevans.kit.clock import Clock
-from relevans.kit.errors import FieldViolation, InvalidArgument
+from relevans.kit.errors import FieldViolation, InvalidArgument, check_count
 from relevans.kit.proto import from_value, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import enrichment_pb2, enrichment_pb2_grpc
 from services.profile.domain.counters import CounterDefinition
-from services.profile.domain.definitions import validate_computed_trait, validate_counter, validate_scoring
+from services.profile.domain.definitions import (
+    MAX_SCORE_RULES,
+    validate_computed_trait,
+    validate_counter,
+    validate_scoring,
+)
 from services.profile.domain.enrichment import (
     ComputedTrait,
     Enrichment,
@@ -195,6 +200,7 @@ class EnrichmentServicer(enrichment_pb2_grpc.EnrichmentServiceServicer):
         self, request: enrichment_pb2.SetScoringRulesRequest, context: Context
     ) -> enrichment_pb2.SetScoringRulesResponse:
         tenant = principal().tenant_id
+        check_count("scoring_rules.rules", len(request.scoring_rules.rules), MAX_SCORE_RULES)
         rules = validate_scoring(scoring(request.scoring_rules))
         saved = await self.store.set_scoring(tenant, rules, self.clock.now())
         self.cache.invalidate(tenant)

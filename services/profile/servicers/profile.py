@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
-from relevans.kit.errors import NotFound
+from relevans.kit.errors import NotFound, check_count
 from relevans.kit.proto import UNSET, from_struct, from_timestamp, to_timestamp, to_value
 from relevans.kit.server import ServiceBinding, principal
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
@@ -31,7 +31,7 @@ from services.profile.domain import (
     validate_profile_ids,
     validate_set_consent,
 )
-from services.profile.domain.identity import Enriched, new_profile_id
+from services.profile.domain.identity import MAX_IDENTIFY_CONSENTS, Enriched, new_profile_id
 from services.profile.domain.ids import random_uuid, time_ordered_ids
 from services.profile.domain.imports import (
     MAX_REPORTED_ERRORS,
@@ -378,6 +378,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.IdentifyResponse:
         tenant = principal().tenant_id
         now = self.clock.now()
+        check_count("consents", len(request.consents), MAX_IDENTIFY_CONSENTS)
         command = validate_identify(
             RawIdentify(
                 customer_id=request.customer_id,
@@ -408,6 +409,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
     ) -> profile_pb2.GetProfileResponse:
         tenant = principal().tenant_id
         lookup = validate_lookup(request.profile_id, request.customer_id, request.email)
+        check_count("read_mask.paths", len(request.read_mask.paths), len(PROFILE_FIELDS))
         fields = validate_read_mask(list(request.read_mask.paths))
         profile = await self.store.find_profile(
             tenant, lookup, self.clock.now(), trait_sources="trait_sources" in fields
