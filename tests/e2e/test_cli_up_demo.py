@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -12,27 +11,9 @@ from pathlib import Path
 import grpc
 
 from relevans.kit.grpc_client import bearer
-from relevans.local.embedded import free_port
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers import eventually
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELEVANS_")}
-    ports = {
-        "RELEVANS_POSTGRES_URL": f"postgresql://postgres@127.0.0.1:{free_port()}",
-        "RELEVANS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
-        "RELEVANS_SMTP_PORT": str(free_port()),
-        "RELEVANS_PROFILE_LISTEN": f"127.0.0.1:{free_port()}",
-        "RELEVANS_TRIGGER_LISTEN": f"127.0.0.1:{free_port()}",
-        "RELEVANS_DELIVERY_LISTEN": f"127.0.0.1:{free_port()}",
-        "RELEVANS_PROFILE_METRICS_PORT": "0",
-        "RELEVANS_TRIGGER_METRICS_PORT": "0",
-        "RELEVANS_DELIVERY_METRICS_PORT": "0",
-        "RELEVANS_LOG_LEVEL": "warning",
-    }
-    env.update(ports)
-    return env
+from tests.helpers.local_stack import up_env
 
 
 async def _start_up(data_dir: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -75,7 +56,7 @@ async def _trigger_ids(state: dict[str, str]) -> list[str]:
 
 async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
     data_dir = server_tmp / "data"
-    env = _env()
+    env = up_env()
     up = await _start_up(data_dir, env)
     try:
         demo = await asyncio.create_subprocess_exec(

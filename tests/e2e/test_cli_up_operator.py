@@ -17,32 +17,13 @@ import grpc
 import pytest
 
 from relevans.kit.grpc_client import bearer
-from relevans.local.embedded import free_port
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers import eventually
+from tests.helpers.local_stack import up_env
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads a process's children from /proc")
 
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ticketing-sample.csv"
-
-
-def _env(profile_port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELEVANS_")}
-    env.update(
-        {
-            "RELEVANS_POSTGRES_URL": f"postgresql://postgres@127.0.0.1:{free_port()}",
-            "RELEVANS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
-            "RELEVANS_SMTP_PORT": str(free_port()),
-            "RELEVANS_PROFILE_LISTEN": f"127.0.0.1:{profile_port}",
-            "RELEVANS_TRIGGER_LISTEN": f"127.0.0.1:{free_port()}",
-            "RELEVANS_DELIVERY_LISTEN": f"127.0.0.1:{free_port()}",
-            "RELEVANS_PROFILE_METRICS_PORT": "0",
-            "RELEVANS_TRIGGER_METRICS_PORT": "0",
-            "RELEVANS_DELIVERY_METRICS_PORT": "0",
-            "RELEVANS_LOG_LEVEL": "warning",
-        }
-    )
-    return env
 
 
 class Up:
@@ -132,7 +113,7 @@ async def test_the_operators_path_through_up(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
-        env = _env(taken_port)
+        env = up_env(taken_port)
         up = await Up.start(tmp_path, env)
         try:
             state = up.state

@@ -5,8 +5,11 @@
 - `plans`: what a statement reads (EXPLAIN ANALYZE), for tests that work follows rows, not tables;
 - `cart`: the abandoned cart's trigger and template, the example every service's tests use;
 - `profile`, `trigger`, `delivery`: one service running for a test, with calls and bus helpers;
-- `system`: all three services, an SMTP sink and a manual clock, as the `system` fixture gives them.
-- `fuzz`: hypothesis strategies for any RPC's request bytes and credentials, from its descriptors.
+- `system`: all three services, an SMTP sink and a manual clock, as the `system` fixture gives them;
+- `fuzz`: hypothesis strategies for any RPC's request bytes and credentials, from its descriptors;
+- `hostile`: the hostile-client corpus and a raw-bytes call that reads the whole answer;
+- `local_stack`: the environment for a `relevans up` a test starts as a user would;
+- this module's `serving`: whether a gRPC server answers its health check.
 
 The fixtures (databases, bus, clock, the running services) are in the conftest.py files.
 """

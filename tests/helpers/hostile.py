@@ -6,6 +6,7 @@ protobuf at all."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -42,10 +43,8 @@ async def raw_call(
 ) -> Answer:
     """Send `payload` as the request of `method` ("/<service>/<method>"), whatever its bytes."""
     call = channel.unary_unary(method)(payload, metadata=metadata)
-    try:
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the answer is read from the call below
         await call
-    except grpc.aio.AioRpcError:
-        pass
     trailers = tuple((await call.trailing_metadata()) or ())
     size = sum(len(k) + len(v) for k, v in trailers)
     return Answer(await call.code(), await call.details() or "", size, trailers)

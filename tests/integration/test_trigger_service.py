@@ -471,3 +471,16 @@ async def test_a_purchase_of_the_survivor_after_the_merged_cart_cancels_it(harne
 
 async def _pending_of(harness: Harness, profile_id: str) -> list[sa.Row[Any]]:
     return [t for t in await harness.pending() if t.profile_id == profile_id]
+
+
+async def test_create_trigger_refuses_a_template_id_that_is_not_an_id(harness: Harness) -> None:
+    """A trigger's template_id follows the id rule delivery applies to the template it names
+    (`relevans/kit/resource_ids.py`; issue 16, finding 6)."""
+    for template_id in ["{{ ''.__class__.__mro__ }}", "Cart Reminder", "-cart", "c" * 64, "cart\nreminder"]:
+        trigger = cart_trigger()
+        trigger.template_id = template_id
+        err = await rpc_error(harness.create(trigger=trigger))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, template_id
+        assert list(field_violations(err)) == ["trigger.template_id"], template_id
+    listed = await harness.stub.ListTriggers(trigger_pb2.ListTriggersRequest(), metadata=token())
+    assert list(listed.triggers) == []
