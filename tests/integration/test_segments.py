@@ -16,11 +16,11 @@ import sqlalchemy as sa
 from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from relevans import conditions as c
 from relevans.kit.clock import ManualClock
 from relevans.kit.errors import AlreadyExists, InvalidArgument, NotFound
 from relevans.kit.server import ServiceHost
 from relevans.profile.v1 import segment_pb2, segment_pb2_grpc
-from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import (
     Enrichment,

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from relevans.kit.errors import InvalidArgument
-from services.profile.domain import conditions as c
-from services.profile.domain.conditions import (
+from relevans import conditions as c
+from relevans.conditions import (
     All,
     Any,
     Compare,
@@ -26,6 +25,7 @@ from services.profile.domain.conditions import (
     to_dict,
     window_counts_needed,
 )
+from relevans.kit.errors import InvalidArgument
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 ANY_TEXT = "<any description>"

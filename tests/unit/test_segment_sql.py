@@ -7,10 +7,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from relevans import conditions as c
 from relevans.kit.errors import InvalidArgument
 from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import from_struct, to_struct
-from services.profile.domain import conditions as c
 from services.profile.domain.counters import CounterDefinition
 from services.profile.domain.enrichment import Enrichment, ScoreRule, Scoring, TraitMatch
 from services.profile.domain.segment_rules import parse

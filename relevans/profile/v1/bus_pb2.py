@@ -22,29 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from relevans.profile.v1 import profile_pb2 as relevans_dot_profile_dot_v1_dot_profile__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drelevans/profile/v1/bus.proto\x12\x13relevans.profile.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!relevans/profile/v1/profile.proto\"\xd4\x01\n\rEnrichedEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12)\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.relevans.profile.v1.Event\x12\x30\n\x0creceive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07profile\x18\x06 \x01(\x0b\x32\x1c.relevans.profile.v1.Profile\"f\n\x0e\x43onsentChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12-\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x1c.relevans.profile.v1.Consent\"e\n\rProfileErased\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x12\n\nerasure_id\x18\x03 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x04 \x03(\t\"M\n\x13\x45rasureAcknowledged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\"\x9b\x01\n\rProfileMerged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14surviving_profile_id\x18\x02 \x01(\t\x12\x19\n\x11merged_profile_id\x18\x03 \x01(\t\x12.\n\nmerge_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbf\x01\n\x18SegmentMembershipChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\t\x12\x14\n\x0csegment_name\x18\x03 \x01(\t\x12\x12\n\nprofile_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x05 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12/\n\x0b\x63hange_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xce\x01\n\x10ThresholdCrossed\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\r\n\x05value\x18\x07 \x01(\x01\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12.\n\ncross_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1drelevans/profile/v1/bus.proto\x12\x13relevans.profile.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a!relevans/profile/v1/profile.proto\"\xd4\x01\n\rEnrichedEvent\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12)\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x1a.relevans.profile.v1.Event\x12\x30\n\x0creceive_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\x07profile\x18\x06 \x01(\x0b\x32\x1c.relevans.profile.v1.Profile\"f\n\x0e\x43onsentChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12-\n\x07\x63onsent\x18\x03 \x01(\x0b\x32\x1c.relevans.profile.v1.Consent\"e\n\rProfileErased\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x12\n\nerasure_id\x18\x03 \x01(\t\x12\x19\n\x11identifier_hashes\x18\x04 \x03(\t\"M\n\x13\x45rasureAcknowledged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nerasure_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\"\x9b\x01\n\rProfileMerged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x1c\n\x14surviving_profile_id\x18\x02 \x01(\t\x12\x19\n\x11merged_profile_id\x18\x03 \x01(\t\x12.\n\nmerge_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xbf\x01\n\x18SegmentMembershipChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nsegment_id\x18\x02 \x01(\t\x12\x14\n\x0csegment_name\x18\x03 \x01(\t\x12\x12\n\nprofile_id\x18\x04 \x01(\t\x12\x0f\n\x07\x65ntered\x18\x05 \x01(\x08\x12\x10\n\x08\x65vent_id\x18\x06 \x01(\t\x12/\n\x0b\x63hange_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xce\x01\n\x10ThresholdCrossed\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bwindow_days\x18\x05 \x01(\x05\x12\x11\n\tthreshold\x18\x06 \x01(\x01\x12\r\n\x05value\x18\x07 \x01(\x01\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12.\n\ncross_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaf\x03\n\rTraitsChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12>\n\x06traits\x18\x03 \x03(\x0b\x32..relevans.profile.v1.TraitsChanged.TraitsEntry\x12\x42\n\x08previous\x18\x04 \x03(\x0b\x32\x30.relevans.profile.v1.TraitsChanged.PreviousEntry\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12/\n\x0b\x63hange_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x11\n\tchange_id\x18\x08 \x01(\t\x1a\x45\n\x0bTraitsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x1aG\n\rPreviousEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relevans.profile.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENRICHEDEVENT']._serialized_start=123
-  _globals['_ENRICHEDEVENT']._serialized_end=335
-  _globals['_CONSENTCHANGED']._serialized_start=337
-  _globals['_CONSENTCHANGED']._serialized_end=439
-  _globals['_PROFILEERASED']._serialized_start=441
-  _globals['_PROFILEERASED']._serialized_end=542
-  _globals['_ERASUREACKNOWLEDGED']._serialized_start=544
-  _globals['_ERASUREACKNOWLEDGED']._serialized_end=621
-  _globals['_PROFILEMERGED']._serialized_start=624
-  _globals['_PROFILEMERGED']._serialized_end=779
-  _globals['_SEGMENTMEMBERSHIPCHANGED']._serialized_start=782
-  _globals['_SEGMENTMEMBERSHIPCHANGED']._serialized_end=973
-  _globals['_THRESHOLDCROSSED']._serialized_start=976
-  _globals['_THRESHOLDCROSSED']._serialized_end=1182
+  _globals['_TRAITSCHANGED_TRAITSENTRY']._loaded_options = None
+  _globals['_TRAITSCHANGED_TRAITSENTRY']._serialized_options = b'8\001'
+  _globals['_TRAITSCHANGED_PREVIOUSENTRY']._loaded_options = None
+  _globals['_TRAITSCHANGED_PREVIOUSENTRY']._serialized_options = b'8\001'
+  _globals['_ENRICHEDEVENT']._serialized_start=153
+  _globals['_ENRICHEDEVENT']._serialized_end=365
+  _globals['_CONSENTCHANGED']._serialized_start=367
+  _globals['_CONSENTCHANGED']._serialized_end=469
+  _globals['_PROFILEERASED']._serialized_start=471
+  _globals['_PROFILEERASED']._serialized_end=572
+  _globals['_ERASUREACKNOWLEDGED']._serialized_start=574
+  _globals['_ERASUREACKNOWLEDGED']._serialized_end=651
+  _globals['_PROFILEMERGED']._serialized_start=654
+  _globals['_PROFILEMERGED']._serialized_end=809
+  _globals['_SEGMENTMEMBERSHIPCHANGED']._serialized_start=812
+  _globals['_SEGMENTMEMBERSHIPCHANGED']._serialized_end=1003
+  _globals['_THRESHOLDCROSSED']._serialized_start=1006
+  _globals['_THRESHOLDCROSSED']._serialized_end=1212
+  _globals['_TRAITSCHANGED']._serialized_start=1215
+  _globals['_TRAITSCHANGED']._serialized_end=1646
+  _globals['_TRAITSCHANGED_TRAITSENTRY']._serialized_start=1504
+  _globals['_TRAITSCHANGED_TRAITSENTRY']._serialized_end=1573
+  _globals['_TRAITSCHANGED_PREVIOUSENTRY']._serialized_start=1575
+  _globals['_TRAITSCHANGED_PREVIOUSENTRY']._serialized_end=1646
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from relevans.profile.v1 import profile_pb2 as _profile_pb2
@@ -286,3 +287,102 @@ class ThresholdCrossed(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ThresholdCrossed: _TypeAlias = ThresholdCrossed  # noqa: Y015
+
+@_typing.final
+class TraitsChanged(_message.Message):
+    """TraitsChanged is published on rv.profile.traits when a profile's effective traits change
+    (SetTraits, Identify, ImportProfiles): what date and trait-change triggers and the trigger
+    service's knowledge of time zones follow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraitsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class PreviousEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _struct_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _struct_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    TRAITS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    profile_id: _builtins.str
+    source: _builtins.str
+    """set_traits, identify or import."""
+    change_id: _builtins.str
+    """Unique per change, for the consumers' idempotency."""
+    @_builtins.property
+    def traits(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """Every effective trait after the change."""
+
+    @_builtins.property
+    def previous(self) -> _containers.MessageMap[_builtins.str, _struct_pb2.Value]:
+        """The changed traits' effective values before the change; a trait absent here had none."""
+
+    @_builtins.property
+    def changed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The traits whose effective value changed (set, changed or removed), sorted."""
+
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        traits: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        previous: _abc.Mapping[_builtins.str, _struct_pb2.Value] | None = ...,
+        changed: _abc.Iterable[_builtins.str] | None = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+        source: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change_id", b"change_id", "change_time", b"change_time", "changed", b"changed", "previous", b"previous", "profile_id", b"profile_id", "source", b"source", "tenant_id", b"tenant_id", "traits", b"traits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraitsChanged: _TypeAlias = TraitsChanged  # noqa: Y015

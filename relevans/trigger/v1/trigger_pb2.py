@@ -23,37 +23,88 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from relevans.common.v1 import common_pb2 as relevans_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!relevans/trigger/v1/trigger.proto\x12\x13relevans.trigger.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\"q\n\x10\x41\x62senceCondition\x12\x18\n\x10start_event_type\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ncel_event_type\x18\x02 \x01(\t\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9c\x02\n\x07Trigger\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x38\n\x07\x61\x62sence\x18\x03 \x01(\x0b\x32%.relevans.trigger.v1.AbsenceConditionH\x00\x12,\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12,\n\x07purpose\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Purpose\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0b\n\tcondition\"E\n\x14\x43reateTriggerRequest\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"F\n\x15\x43reateTriggerResponse\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"\'\n\x11GetTriggerRequest\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\"C\n\x12GetTriggerResponse\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"<\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListTriggersResponse\x12.\n\x08triggers\x18\x01 \x03(\x0b\x32\x1c.relevans.trigger.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteTriggerRequest\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteTriggerResponse2\xa4\x03\n\x0eTriggerService\x12\x66\n\rCreateTrigger\x12).relevans.trigger.v1.CreateTriggerRequest\x1a*.relevans.trigger.v1.CreateTriggerResponse\x12]\n\nGetTrigger\x12&.relevans.trigger.v1.GetTriggerRequest\x1a\'.relevans.trigger.v1.GetTriggerResponse\x12\x63\n\x0cListTriggers\x12(.relevans.trigger.v1.ListTriggersRequest\x1a).relevans.trigger.v1.ListTriggersResponse\x12\x66\n\rDeleteTrigger\x12).relevans.trigger.v1.DeleteTriggerRequest\x1a*.relevans.trigger.v1.DeleteTriggerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!relevans/trigger/v1/trigger.proto\x12\x13relevans.trigger.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\"P\n\x0e\x45ventCondition\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12*\n\tcondition\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xbe\x01\n\x10\x41\x62senceCondition\x12\x18\n\x10start_event_type\x18\x01 \x01(\t\x12\x19\n\x11\x63\x61ncel_event_type\x18\x02 \x01(\t\x12(\n\x05\x64\x65lay\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x10\x63\x61ncel_condition\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10match_properties\x18\x05 \x03(\t\"\x93\x01\n\x12ThresholdCondition\x12\x36\n\x0b\x65vent_count\x18\x01 \x01(\x0b\x32\x1f.relevans.trigger.v1.EventCountH\x00\x12:\n\rprofile_value\x18\x02 \x01(\x0b\x32!.relevans.trigger.v1.ProfileValueH\x00\x42\t\n\x07measure\"\x86\x01\n\nEventCount\x12\x12\n\nevent_type\x18\x01 \x01(\t\x12*\n\tcondition\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12)\n\x06window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x0cProfileValue\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"W\n\x13InactivityCondition\x12\x13\n\x0b\x65vent_types\x18\x01 \x03(\t\x12+\n\x08\x64uration\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\\\n\rDateCondition\x12\x12\n\ndate_trait\x18\x01 \x01(\t\x12\x13\n\x0boffset_days\x18\x02 \x01(\x05\x12\x0e\n\x06yearly\x18\x03 \x01(\x08\x12\x12\n\nlocal_time\x18\x04 \x01(\t\"b\n\x10SegmentCondition\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12:\n\ntransition\x18\x02 \x01(\x0e\x32&.relevans.trigger.v1.SegmentTransition\"\x8b\x01\n\x14TraitChangeCondition\x12\x12\n\ntrait_name\x18\x01 \x01(\t\x12\x38\n\ntransition\x18\x02 \x01(\x0e\x32$.relevans.trigger.v1.TraitTransition\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"h\n\x0bReentryRule\x12.\n\x04mode\x18\x01 \x01(\x0e\x32 .relevans.trigger.v1.ReentryMode\x12)\n\x06period\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"(\n\nQuietHours\x12\r\n\x05start\x18\x01 \x01(\t\x12\x0b\n\x03\x65nd\x18\x02 \x01(\t\"\x8b\x02\n\rTriggerPolicy\x12\x10\n\x08priority\x18\x01 \x01(\x05\x12\x31\n\x07reentry\x18\x02 \x01(\x0b\x32 .relevans.trigger.v1.ReentryRule\x12\x38\n\rcapped_action\x18\x03 \x01(\x0e\x32!.relevans.trigger.v1.CappedAction\x12)\n\x06\x65xpiry\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x0bquiet_hours\x18\x05 \x01(\x0b\x32\x1f.relevans.trigger.v1.QuietHours\x12\x1a\n\x12ignore_quiet_hours\x18\x06 \x01(\x08\"\xa2\x01\n\x0c\x46requencyCap\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12\x14\n\x0cmax_messages\x18\x02 \x01(\x05\x12\x16\n\x0c\x63\x61lendar_day\x18\x03 \x01(\x08H\x00\x12,\n\x07rolling\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationH\x00\x42\x08\n\x06window\"\xe8\x02\n\x06Policy\x12/\n\x04\x63\x61ps\x18\x01 \x03(\x0b\x32!.relevans.trigger.v1.FrequencyCap\x12\x34\n\x0bquiet_hours\x18\x02 \x01(\x0b\x32\x1f.relevans.trigger.v1.QuietHours\x12)\n!quiet_hours_include_transactional\x18\x03 \x01(\x08\x12\x19\n\x11\x64\x65\x66\x61ult_time_zone\x18\x04 \x01(\t\x12\x17\n\x0ftime_zone_trait\x18\x05 \x01(\t\x12\x31\n\x0e\x64\x65\x66\x61ult_expiry\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x34\n\x11late_event_window\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb5\x05\n\x07Trigger\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x38\n\x07\x61\x62sence\x18\x03 \x01(\x0b\x32%.relevans.trigger.v1.AbsenceConditionH\x00\x12\x34\n\x05\x65vent\x18\x08 \x01(\x0b\x32#.relevans.trigger.v1.EventConditionH\x00\x12<\n\tthreshold\x18\t \x01(\x0b\x32\'.relevans.trigger.v1.ThresholdConditionH\x00\x12>\n\ninactivity\x18\n \x01(\x0b\x32(.relevans.trigger.v1.InactivityConditionH\x00\x12\x32\n\x04\x64\x61te\x18\x0b \x01(\x0b\x32\".relevans.trigger.v1.DateConditionH\x00\x12\x38\n\x07segment\x18\x0c \x01(\x0b\x32%.relevans.trigger.v1.SegmentConditionH\x00\x12\x41\n\x0ctrait_change\x18\r \x01(\x0b\x32).relevans.trigger.v1.TraitChangeConditionH\x00\x12,\n\x07\x63hannel\x18\x04 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12,\n\x07purpose\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Purpose\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x06policy\x18\x0e \x01(\x0b\x32\".relevans.trigger.v1.TriggerPolicyB\x0b\n\tcondition\"E\n\x14\x43reateTriggerRequest\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"F\n\x15\x43reateTriggerResponse\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"\'\n\x11GetTriggerRequest\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\"C\n\x12GetTriggerResponse\x12-\n\x07trigger\x18\x01 \x01(\x0b\x32\x1c.relevans.trigger.v1.Trigger\"<\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x14ListTriggersResponse\x12.\n\x08triggers\x18\x01 \x03(\x0b\x32\x1c.relevans.trigger.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteTriggerRequest\x12\x12\n\ntrigger_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteTriggerResponse\"\x12\n\x10GetPolicyRequest\"@\n\x11GetPolicyResponse\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.relevans.trigger.v1.Policy\"?\n\x10SetPolicyRequest\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.relevans.trigger.v1.Policy\"@\n\x11SetPolicyResponse\x12+\n\x06policy\x18\x01 \x01(\x0b\x32\x1b.relevans.trigger.v1.Policy\"\xd3\x02\n\x08\x44\x65\x63ision\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12\x12\n\ntrigger_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x35\n\x07outcome\x18\x04 \x01(\x0e\x32$.relevans.trigger.v1.DecisionOutcome\x12\x13\n\x0breason_code\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12/\n\x0b\x64\x65\x63ide_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x08 \x01(\t\x12\x12\n\noccurrence\x18\t \x01(\t\x12/\n\x0b\x64\x65\x66\x65r_until\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\r\n\x05\x63ount\x18\x0c \x01(\x03\"h\n\x17\x45xplainDecisionsRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x12\n\ntrigger_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\x18\x45xplainDecisionsResponse\x12\x30\n\tdecisions\x18\x01 \x03(\x0b\x32\x1d.relevans.trigger.v1.Decision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*v\n\x11SegmentTransition\x12\"\n\x1eSEGMENT_TRANSITION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEGMENT_TRANSITION_ENTERED\x10\x01\x12\x1d\n\x19SEGMENT_TRANSITION_EXITED\x10\x02*\x8a\x01\n\x0fTraitTransition\x12 \n\x1cTRAIT_TRANSITION_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRAIT_TRANSITION_TAKES\x10\x01\x12\x1b\n\x17TRAIT_TRANSITION_LEAVES\x10\x02\x12\x1c\n\x18TRAIT_TRANSITION_CHANGED\x10\x03*\x86\x01\n\x0bReentryMode\x12\x1c\n\x18REENTRY_MODE_UNSPECIFIED\x10\x00\x12\x1a\n\x16REENTRY_MODE_ONCE_EVER\x10\x01\x12 \n\x1cREENTRY_MODE_ONCE_PER_PERIOD\x10\x02\x12\x1b\n\x17REENTRY_MODE_EVERY_TIME\x10\x03*^\n\x0c\x43\x61ppedAction\x12\x1d\n\x19\x43\x41PPED_ACTION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41PPED_ACTION_DEFER\x10\x01\x12\x16\n\x12\x43\x41PPED_ACTION_DROP\x10\x02*\xc7\x03\n\x0f\x44\x65\x63isionOutcome\x12 \n\x1c\x44\x45\x43ISION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45\x43ISION_OUTCOME_FIRED\x10\x01\x12\x1e\n\x1a\x44\x45\x43ISION_OUTCOME_NOT_FIRED\x10\x02\x12\x1e\n\x1a\x44\x45\x43ISION_OUTCOME_CANCELLED\x10\x03\x12\x1e\n\x1a\x44\x45\x43ISION_OUTCOME_HELD_BACK\x10\x04\x12\x1b\n\x17\x44\x45\x43ISION_OUTCOME_CAPPED\x10\x05\x12\x1d\n\x19\x44\x45\x43ISION_OUTCOME_DEFERRED\x10\x06\x12\x1c\n\x18\x44\x45\x43ISION_OUTCOME_EXPIRED\x10\x07\x12\x1f\n\x1b\x44\x45\x43ISION_OUTCOME_SUPPRESSED\x10\x08\x12\'\n#DECISION_OUTCOME_HANDED_TO_DELIVERY\x10\t\x12\"\n\x1e\x44\x45\x43ISION_OUTCOME_DELIVERY_SENT\x10\n\x12(\n$DECISION_OUTCOME_DELIVERY_SUPPRESSED\x10\x0b\x12$\n DECISION_OUTCOME_DELIVERY_FAILED\x10\x0c\x32\xcd\x05\n\x0eTriggerService\x12\x66\n\rCreateTrigger\x12).relevans.trigger.v1.CreateTriggerRequest\x1a*.relevans.trigger.v1.CreateTriggerResponse\x12]\n\nGetTrigger\x12&.relevans.trigger.v1.GetTriggerRequest\x1a\'.relevans.trigger.v1.GetTriggerResponse\x12\x63\n\x0cListTriggers\x12(.relevans.trigger.v1.ListTriggersRequest\x1a).relevans.trigger.v1.ListTriggersResponse\x12\x66\n\rDeleteTrigger\x12).relevans.trigger.v1.DeleteTriggerRequest\x1a*.relevans.trigger.v1.DeleteTriggerResponse\x12Z\n\tGetPolicy\x12%.relevans.trigger.v1.GetPolicyRequest\x1a&.relevans.trigger.v1.GetPolicyResponse\x12Z\n\tSetPolicy\x12%.relevans.trigger.v1.SetPolicyRequest\x1a&.relevans.trigger.v1.SetPolicyResponse\x12o\n\x10\x45xplainDecisions\x12,.relevans.trigger.v1.ExplainDecisionsRequest\x1a-.relevans.trigger.v1.ExplainDecisionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relevans.trigger.v1.trigger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ABSENCECONDITION']._serialized_start=156
-  _globals['_ABSENCECONDITION']._serialized_end=269
-  _globals['_TRIGGER']._serialized_start=272
-  _globals['_TRIGGER']._serialized_end=556
-  _globals['_CREATETRIGGERREQUEST']._serialized_start=558
-  _globals['_CREATETRIGGERREQUEST']._serialized_end=627
-  _globals['_CREATETRIGGERRESPONSE']._serialized_start=629
-  _globals['_CREATETRIGGERRESPONSE']._serialized_end=699
-  _globals['_GETTRIGGERREQUEST']._serialized_start=701
-  _globals['_GETTRIGGERREQUEST']._serialized_end=740
-  _globals['_GETTRIGGERRESPONSE']._serialized_start=742
-  _globals['_GETTRIGGERRESPONSE']._serialized_end=809
-  _globals['_LISTTRIGGERSREQUEST']._serialized_start=811
-  _globals['_LISTTRIGGERSREQUEST']._serialized_end=871
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=873
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=968
-  _globals['_DELETETRIGGERREQUEST']._serialized_start=970
-  _globals['_DELETETRIGGERREQUEST']._serialized_end=1012
-  _globals['_DELETETRIGGERRESPONSE']._serialized_start=1014
-  _globals['_DELETETRIGGERRESPONSE']._serialized_end=1037
-  _globals['_TRIGGERSERVICE']._serialized_start=1040
-  _globals['_TRIGGERSERVICE']._serialized_end=1460
+  _globals['_SEGMENTTRANSITION']._serialized_start=4110
+  _globals['_SEGMENTTRANSITION']._serialized_end=4228
+  _globals['_TRAITTRANSITION']._serialized_start=4231
+  _globals['_TRAITTRANSITION']._serialized_end=4369
+  _globals['_REENTRYMODE']._serialized_start=4372
+  _globals['_REENTRYMODE']._serialized_end=4506
+  _globals['_CAPPEDACTION']._serialized_start=4508
+  _globals['_CAPPEDACTION']._serialized_end=4602
+  _globals['_DECISIONOUTCOME']._serialized_start=4605
+  _globals['_DECISIONOUTCOME']._serialized_end=5060
+  _globals['_EVENTCONDITION']._serialized_start=186
+  _globals['_EVENTCONDITION']._serialized_end=266
+  _globals['_ABSENCECONDITION']._serialized_start=269
+  _globals['_ABSENCECONDITION']._serialized_end=459
+  _globals['_THRESHOLDCONDITION']._serialized_start=462
+  _globals['_THRESHOLDCONDITION']._serialized_end=609
+  _globals['_EVENTCOUNT']._serialized_start=612
+  _globals['_EVENTCOUNT']._serialized_end=746
+  _globals['_PROFILEVALUE']._serialized_start=748
+  _globals['_PROFILEVALUE']._serialized_end=792
+  _globals['_INACTIVITYCONDITION']._serialized_start=794
+  _globals['_INACTIVITYCONDITION']._serialized_end=881
+  _globals['_DATECONDITION']._serialized_start=883
+  _globals['_DATECONDITION']._serialized_end=975
+  _globals['_SEGMENTCONDITION']._serialized_start=977
+  _globals['_SEGMENTCONDITION']._serialized_end=1075
+  _globals['_TRAITCHANGECONDITION']._serialized_start=1078
+  _globals['_TRAITCHANGECONDITION']._serialized_end=1217
+  _globals['_REENTRYRULE']._serialized_start=1219
+  _globals['_REENTRYRULE']._serialized_end=1323
+  _globals['_QUIETHOURS']._serialized_start=1325
+  _globals['_QUIETHOURS']._serialized_end=1365
+  _globals['_TRIGGERPOLICY']._serialized_start=1368
+  _globals['_TRIGGERPOLICY']._serialized_end=1635
+  _globals['_FREQUENCYCAP']._serialized_start=1638
+  _globals['_FREQUENCYCAP']._serialized_end=1800
+  _globals['_POLICY']._serialized_start=1803
+  _globals['_POLICY']._serialized_end=2163
+  _globals['_TRIGGER']._serialized_start=2166
+  _globals['_TRIGGER']._serialized_end=2859
+  _globals['_CREATETRIGGERREQUEST']._serialized_start=2861
+  _globals['_CREATETRIGGERREQUEST']._serialized_end=2930
+  _globals['_CREATETRIGGERRESPONSE']._serialized_start=2932
+  _globals['_CREATETRIGGERRESPONSE']._serialized_end=3002
+  _globals['_GETTRIGGERREQUEST']._serialized_start=3004
+  _globals['_GETTRIGGERREQUEST']._serialized_end=3043
+  _globals['_GETTRIGGERRESPONSE']._serialized_start=3045
+  _globals['_GETTRIGGERRESPONSE']._serialized_end=3112
+  _globals['_LISTTRIGGERSREQUEST']._serialized_start=3114
+  _globals['_LISTTRIGGERSREQUEST']._serialized_end=3174
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=3176
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=3271
+  _globals['_DELETETRIGGERREQUEST']._serialized_start=3273
+  _globals['_DELETETRIGGERREQUEST']._serialized_end=3315
+  _globals['_DELETETRIGGERRESPONSE']._serialized_start=3317
+  _globals['_DELETETRIGGERRESPONSE']._serialized_end=3340
+  _globals['_GETPOLICYREQUEST']._serialized_start=3342
+  _globals['_GETPOLICYREQUEST']._serialized_end=3360
+  _globals['_GETPOLICYRESPONSE']._serialized_start=3362
+  _globals['_GETPOLICYRESPONSE']._serialized_end=3426
+  _globals['_SETPOLICYREQUEST']._serialized_start=3428
+  _globals['_SETPOLICYREQUEST']._serialized_end=3491
+  _globals['_SETPOLICYRESPONSE']._serialized_start=3493
+  _globals['_SETPOLICYRESPONSE']._serialized_end=3557
+  _globals['_DECISION']._serialized_start=3560
+  _globals['_DECISION']._serialized_end=3899
+  _globals['_EXPLAINDECISIONSREQUEST']._serialized_start=3901
+  _globals['_EXPLAINDECISIONSREQUEST']._serialized_end=4005
+  _globals['_EXPLAINDECISIONSRESPONSE']._serialized_start=4007
+  _globals['_EXPLAINDECISIONSRESPONSE']._serialized_end=4108
+  _globals['_TRIGGERSERVICE']._serialized_start=5063
+  _globals['_TRIGGERSERVICE']._serialized_end=5780
 # @@protoc_insertion_point(module_scope)

@@ -7,8 +7,10 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from relevans.common.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,10 +23,206 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SegmentTransition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SegmentTransitionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SegmentTransition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SEGMENT_TRANSITION_UNSPECIFIED: _SegmentTransition.ValueType  # 0
+    SEGMENT_TRANSITION_ENTERED: _SegmentTransition.ValueType  # 1
+    SEGMENT_TRANSITION_EXITED: _SegmentTransition.ValueType  # 2
+
+class SegmentTransition(_SegmentTransition, metaclass=_SegmentTransitionEnumTypeWrapper):
+    """SegmentTransition is which way a person crosses a segment's edge."""
+
+SEGMENT_TRANSITION_UNSPECIFIED: SegmentTransition.ValueType  # 0
+SEGMENT_TRANSITION_ENTERED: SegmentTransition.ValueType  # 1
+SEGMENT_TRANSITION_EXITED: SegmentTransition.ValueType  # 2
+Global___SegmentTransition: _TypeAlias = SegmentTransition  # noqa: Y015
+
+class _TraitTransition:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TraitTransitionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TraitTransition.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRAIT_TRANSITION_UNSPECIFIED: _TraitTransition.ValueType  # 0
+    TRAIT_TRANSITION_TAKES: _TraitTransition.ValueType  # 1
+    """It becomes equal to value."""
+    TRAIT_TRANSITION_LEAVES: _TraitTransition.ValueType  # 2
+    """It was equal to value and no longer is (changed or removed)."""
+    TRAIT_TRANSITION_CHANGED: _TraitTransition.ValueType  # 3
+    """Its value changes in any way (set, changed or removed)."""
+
+class TraitTransition(_TraitTransition, metaclass=_TraitTransitionEnumTypeWrapper):
+    """TraitTransition is what a trait's value does for a TraitChangeCondition to fire."""
+
+TRAIT_TRANSITION_UNSPECIFIED: TraitTransition.ValueType  # 0
+TRAIT_TRANSITION_TAKES: TraitTransition.ValueType  # 1
+"""It becomes equal to value."""
+TRAIT_TRANSITION_LEAVES: TraitTransition.ValueType  # 2
+"""It was equal to value and no longer is (changed or removed)."""
+TRAIT_TRANSITION_CHANGED: TraitTransition.ValueType  # 3
+"""Its value changes in any way (set, changed or removed)."""
+Global___TraitTransition: _TypeAlias = TraitTransition  # noqa: Y015
+
+class _ReentryMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReentryModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReentryMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REENTRY_MODE_UNSPECIFIED: _ReentryMode.ValueType  # 0
+    """As REENTRY_MODE_EVERY_TIME with no minimum interval."""
+    REENTRY_MODE_ONCE_EVER: _ReentryMode.ValueType  # 1
+    REENTRY_MODE_ONCE_PER_PERIOD: _ReentryMode.ValueType  # 2
+    """At most once per `period`."""
+    REENTRY_MODE_EVERY_TIME: _ReentryMode.ValueType  # 3
+    """Every time, at least `period` apart (unset: no minimum)."""
+
+class ReentryMode(_ReentryMode, metaclass=_ReentryModeEnumTypeWrapper):
+    """---- policies -------------------------------------------------------------------------------
+
+    ReentryMode says how often one trigger may send to one person.
+    """
+
+REENTRY_MODE_UNSPECIFIED: ReentryMode.ValueType  # 0
+"""As REENTRY_MODE_EVERY_TIME with no minimum interval."""
+REENTRY_MODE_ONCE_EVER: ReentryMode.ValueType  # 1
+REENTRY_MODE_ONCE_PER_PERIOD: ReentryMode.ValueType  # 2
+"""At most once per `period`."""
+REENTRY_MODE_EVERY_TIME: ReentryMode.ValueType  # 3
+"""Every time, at least `period` apart (unset: no minimum)."""
+Global___ReentryMode: _TypeAlias = ReentryMode  # noqa: Y015
+
+class _CappedAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CappedActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CappedAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAPPED_ACTION_UNSPECIFIED: _CappedAction.ValueType  # 0
+    """As CAPPED_ACTION_DEFER."""
+    CAPPED_ACTION_DEFER: _CappedAction.ValueType  # 1
+    """Deferred to the next window the caps allow (and dropped if its expiry comes first)."""
+    CAPPED_ACTION_DROP: _CappedAction.ValueType  # 2
+
+class CappedAction(_CappedAction, metaclass=_CappedActionEnumTypeWrapper):
+    """CappedAction is what a message a frequency cap holds back becomes."""
+
+CAPPED_ACTION_UNSPECIFIED: CappedAction.ValueType  # 0
+"""As CAPPED_ACTION_DEFER."""
+CAPPED_ACTION_DEFER: CappedAction.ValueType  # 1
+"""Deferred to the next window the caps allow (and dropped if its expiry comes first)."""
+CAPPED_ACTION_DROP: CappedAction.ValueType  # 2
+Global___CappedAction: _TypeAlias = CappedAction  # noqa: Y015
+
+class _DecisionOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecisionOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECISION_OUTCOME_UNSPECIFIED: _DecisionOutcome.ValueType  # 0
+    DECISION_OUTCOME_FIRED: _DecisionOutcome.ValueType  # 1
+    """The condition held: a message is due (at once or at defer_until)."""
+    DECISION_OUTCOME_NOT_FIRED: _DecisionOutcome.ValueType  # 2
+    """The condition did not hold, or the event was too late to fire."""
+    DECISION_OUTCOME_CANCELLED: _DecisionOutcome.ValueType  # 3
+    """A pending message was called off: the cancel event came, a newer start superseded it,
+    the trait moved, the trigger was deleted.
+    """
+    DECISION_OUTCOME_HELD_BACK: _DecisionOutcome.ValueType  # 4
+    """The re-entry rule held it back."""
+    DECISION_OUTCOME_CAPPED: _DecisionOutcome.ValueType  # 5
+    """A frequency cap held it back (dropped, or deferred to defer_until)."""
+    DECISION_OUTCOME_DEFERRED: _DecisionOutcome.ValueType  # 6
+    """Quiet hours deferred it to defer_until."""
+    DECISION_OUTCOME_EXPIRED: _DecisionOutcome.ValueType  # 7
+    """Its expiry passed before it could go: dropped, never sent late."""
+    DECISION_OUTCOME_SUPPRESSED: _DecisionOutcome.ValueType  # 8
+    """No consent for its purpose and channel, or the person is erased."""
+    DECISION_OUTCOME_HANDED_TO_DELIVERY: _DecisionOutcome.ValueType  # 9
+    """A delivery request was written (idempotency_key)."""
+    DECISION_OUTCOME_DELIVERY_SENT: _DecisionOutcome.ValueType  # 10
+    """Delivery's outcome, read back from rv.delivery.status.*."""
+    DECISION_OUTCOME_DELIVERY_SUPPRESSED: _DecisionOutcome.ValueType  # 11
+    DECISION_OUTCOME_DELIVERY_FAILED: _DecisionOutcome.ValueType  # 12
+
+class DecisionOutcome(_DecisionOutcome, metaclass=_DecisionOutcomeEnumTypeWrapper):
+    """---- the decision trace -----------------------------------------------------------------------
+
+    DecisionOutcome is what one decision about one trigger and person came to.
+    """
+
+DECISION_OUTCOME_UNSPECIFIED: DecisionOutcome.ValueType  # 0
+DECISION_OUTCOME_FIRED: DecisionOutcome.ValueType  # 1
+"""The condition held: a message is due (at once or at defer_until)."""
+DECISION_OUTCOME_NOT_FIRED: DecisionOutcome.ValueType  # 2
+"""The condition did not hold, or the event was too late to fire."""
+DECISION_OUTCOME_CANCELLED: DecisionOutcome.ValueType  # 3
+"""A pending message was called off: the cancel event came, a newer start superseded it,
+the trait moved, the trigger was deleted.
+"""
+DECISION_OUTCOME_HELD_BACK: DecisionOutcome.ValueType  # 4
+"""The re-entry rule held it back."""
+DECISION_OUTCOME_CAPPED: DecisionOutcome.ValueType  # 5
+"""A frequency cap held it back (dropped, or deferred to defer_until)."""
+DECISION_OUTCOME_DEFERRED: DecisionOutcome.ValueType  # 6
+"""Quiet hours deferred it to defer_until."""
+DECISION_OUTCOME_EXPIRED: DecisionOutcome.ValueType  # 7
+"""Its expiry passed before it could go: dropped, never sent late."""
+DECISION_OUTCOME_SUPPRESSED: DecisionOutcome.ValueType  # 8
+"""No consent for its purpose and channel, or the person is erased."""
+DECISION_OUTCOME_HANDED_TO_DELIVERY: DecisionOutcome.ValueType  # 9
+"""A delivery request was written (idempotency_key)."""
+DECISION_OUTCOME_DELIVERY_SENT: DecisionOutcome.ValueType  # 10
+"""Delivery's outcome, read back from rv.delivery.status.*."""
+DECISION_OUTCOME_DELIVERY_SUPPRESSED: DecisionOutcome.ValueType  # 11
+DECISION_OUTCOME_DELIVERY_FAILED: DecisionOutcome.ValueType  # 12
+Global___DecisionOutcome: _TypeAlias = DecisionOutcome  # noqa: Y015
+
+@_typing.final
+class EventCondition(_message.Message):
+    """---- condition kinds --------------------------------------------------------------------------
+
+    A `condition` below is a tree in the condition language segments use (see the README):
+    {"all": [...]}, {"any": [...]}, {"not": ...}, {"compare": {"field", "op", "value"}}. In a
+    trigger it may name the event's properties as `event.<property>` besides the profile's
+    fields (trait.<name>, tag, counter.<name>, score, consent.<purpose>.<channel>,
+    last_seen.<event_type>), the profile as it was right after the event.
+
+    EventCondition fires on each event of event_type that matches condition (unset: every one):
+    a purchase above 10,000, a white paper download, a page view of a category.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    event_type: _builtins.str
+    @_builtins.property
+    def condition(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        event_type: _builtins.str = ...,
+        condition: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "event_type", b"event_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCondition: _TypeAlias = EventCondition  # noqa: Y015
+
 @_typing.final
 class AbsenceCondition(_message.Message):
-    """AbsenceCondition fires when start_event_type is not followed by
-    cancel_event_type within delay: the abandoned cart.
+    """AbsenceCondition fires when start_event_type is not followed by cancel_event_type within
+    delay: the abandoned cart. The reminder carries the start event's properties
+    (`event.<property>` in the template).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -32,38 +230,474 @@ class AbsenceCondition(_message.Message):
     START_EVENT_TYPE_FIELD_NUMBER: _builtins.int
     CANCEL_EVENT_TYPE_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
+    CANCEL_CONDITION_FIELD_NUMBER: _builtins.int
+    MATCH_PROPERTIES_FIELD_NUMBER: _builtins.int
     start_event_type: _builtins.str
     cancel_event_type: _builtins.str
     @_builtins.property
     def delay(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def cancel_condition(self) -> _struct_pb2.Struct:
+        """A cancel event counts only when it matches this condition (unset: every one)."""
+
+    @_builtins.property
+    def match_properties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A cancel event cancels only the starts whose properties of these names equal its own,
+        e.g. ["cart_id"]: the purchase of the same cart. Empty: every pending start.
+        """
+
     def __init__(
         self,
         *,
         start_event_type: _builtins.str = ...,
         cancel_event_type: _builtins.str = ...,
         delay: _duration_pb2.Duration | None = ...,
+        cancel_condition: _struct_pb2.Struct | None = ...,
+        match_properties: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_condition", b"cancel_condition", "delay", b"delay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_event_type", b"cancel_event_type", "delay", b"delay", "start_event_type", b"start_event_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_condition", b"cancel_condition", "cancel_event_type", b"cancel_event_type", "delay", b"delay", "match_properties", b"match_properties", "start_event_type", b"start_event_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AbsenceCondition: _TypeAlias = AbsenceCondition  # noqa: Y015
 
 @_typing.final
+class ThresholdCondition(_message.Message):
+    """ThresholdCondition fires when a measure crosses a value from below; it arms again when the
+    measure has fallen below and crosses again, as the trigger's re-entry rule allows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    PROFILE_VALUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event_count(self) -> Global___EventCount:
+        """Events within a rolling window, exact to the event time."""
+
+    @_builtins.property
+    def profile_value(self) -> Global___ProfileValue:
+        """A counter or the lead score of the profile at an event."""
+
+    def __init__(
+        self,
+        *,
+        event_count: Global___EventCount | None = ...,
+        profile_value: Global___ProfileValue | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "measure", b"measure", "profile_value", b"profile_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "measure", b"measure", "profile_value", b"profile_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_measure: _TypeAlias = _typing.Literal["event_count", "profile_value"]  # noqa: Y015
+    _WhichOneofArgType_measure: _TypeAlias = _typing.Literal["measure", b"measure"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_measure) -> _WhichOneofReturnType_measure | None: ...
+
+Global___ThresholdCondition: _TypeAlias = ThresholdCondition  # noqa: Y015
+
+@_typing.final
+class EventCount(_message.Message):
+    """EventCount is `count` events of event_type matching condition within `window`:
+    11 toy page views within 7 days.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONDITION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    event_type: _builtins.str
+    count: _builtins.int
+    @_builtins.property
+    def condition(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        event_type: _builtins.str = ...,
+        condition: _struct_pb2.Struct | None = ...,
+        count: _builtins.int = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["condition", b"condition", "count", b"count", "event_type", b"event_type", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCount: _TypeAlias = EventCount  # noqa: Y015
+
+@_typing.final
+class ProfileValue(_message.Message):
+    """ProfileValue is a profile field reaching `value`: "score" (the lead score) or
+    "counter.<name>".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    value: _builtins.float
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        value: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileValue: _TypeAlias = ProfileValue  # noqa: Y015
+
+@_typing.final
+class InactivityCondition(_message.Message):
+    """InactivityCondition fires when a person has had no event of event_types for duration
+    (after at least one): no gym check-in for 14 days. Each such event moves the deadline;
+    it fires once per lapse.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "event_types", b"event_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InactivityCondition: _TypeAlias = InactivityCondition  # noqa: Y015
+
+@_typing.final
+class DateCondition(_message.Message):
+    """DateCondition fires offset_days from a date held in a trait (a renewal date, a voucher's
+    expiry), or yearly on its month and day (a birthday), at local_time in the person's time
+    zone. The timer moves when the trait or the time zone changes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_TRAIT_FIELD_NUMBER: _builtins.int
+    OFFSET_DAYS_FIELD_NUMBER: _builtins.int
+    YEARLY_FIELD_NUMBER: _builtins.int
+    LOCAL_TIME_FIELD_NUMBER: _builtins.int
+    date_trait: _builtins.str
+    """The trait holding the date, "YYYY-MM-DD" (or an RFC 3339 time: its date)."""
+    offset_days: _builtins.int
+    """Days after the date; negative: before (-7: a week before the renewal)."""
+    yearly: _builtins.bool
+    """Every year on the date's month and day instead of once."""
+    local_time: _builtins.str
+    """"HH:MM", 24-hour, in the person's time zone."""
+    def __init__(
+        self,
+        *,
+        date_trait: _builtins.str = ...,
+        offset_days: _builtins.int = ...,
+        yearly: _builtins.bool = ...,
+        local_time: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date_trait", b"date_trait", "local_time", b"local_time", "offset_days", b"offset_days", "yearly", b"yearly"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DateCondition: _TypeAlias = DateCondition  # noqa: Y015
+
+@_typing.final
+class SegmentCondition(_message.Message):
+    """SegmentCondition fires when a person enters (or leaves) a profile segment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_ID_FIELD_NUMBER: _builtins.int
+    TRANSITION_FIELD_NUMBER: _builtins.int
+    segment_id: _builtins.str
+    transition: Global___SegmentTransition.ValueType
+    def __init__(
+        self,
+        *,
+        segment_id: _builtins.str = ...,
+        transition: Global___SegmentTransition.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment_id", b"segment_id", "transition", b"transition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SegmentCondition: _TypeAlias = SegmentCondition  # noqa: Y015
+
+@_typing.final
+class TraitChangeCondition(_message.Message):
+    """TraitChangeCondition fires when a trait's effective value takes or leaves a value (a tier
+    becomes "gold", a credit limit is reached, a payment is missed), or on any change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRAIT_NAME_FIELD_NUMBER: _builtins.int
+    TRANSITION_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    trait_name: _builtins.str
+    transition: Global___TraitTransition.ValueType
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The value taken or left; unset for TRAIT_TRANSITION_CHANGED."""
+
+    def __init__(
+        self,
+        *,
+        trait_name: _builtins.str = ...,
+        transition: Global___TraitTransition.ValueType = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trait_name", b"trait_name", "transition", b"transition", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TraitChangeCondition: _TypeAlias = TraitChangeCondition  # noqa: Y015
+
+@_typing.final
+class ReentryRule(_message.Message):
+    """ReentryRule is a trigger's re-entry rule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    mode: Global___ReentryMode.ValueType
+    @_builtins.property
+    def period(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___ReentryMode.ValueType = ...,
+        period: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period", b"period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "period", b"period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReentryRule: _TypeAlias = ReentryRule  # noqa: Y015
+
+@_typing.final
+class QuietHours(_message.Message):
+    """QuietHours is a daily span of local time in which marketing messages wait: a message due
+    inside it is deferred to its end. start after end spans midnight (22:00-07:00).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    start: _builtins.str
+    """"HH:MM", 24-hour."""
+    end: _builtins.str
+    def __init__(
+        self,
+        *,
+        start: _builtins.str = ...,
+        end: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuietHours: _TypeAlias = QuietHours  # noqa: Y015
+
+@_typing.final
+class TriggerPolicy(_message.Message):
+    """TriggerPolicy is one trigger's part in the tenant's policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    REENTRY_FIELD_NUMBER: _builtins.int
+    CAPPED_ACTION_FIELD_NUMBER: _builtins.int
+    EXPIRY_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    IGNORE_QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    """When a cap allows fewer messages than are due for a person at once, higher goes first."""
+    capped_action: Global___CappedAction.ValueType
+    ignore_quiet_hours: _builtins.bool
+    """Send at any hour (quiet hours do not apply to this trigger)."""
+    @_builtins.property
+    def reentry(self) -> Global___ReentryRule: ...
+    @_builtins.property
+    def expiry(self) -> _duration_pb2.Duration:
+        """Deliver within this long of when the message was first due, or drop it. Unset: the
+        tenant's default_expiry.
+        """
+
+    @_builtins.property
+    def quiet_hours(self) -> Global___QuietHours:
+        """This trigger's quiet hours instead of the tenant's."""
+
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        reentry: Global___ReentryRule | None = ...,
+        capped_action: Global___CappedAction.ValueType = ...,
+        expiry: _duration_pb2.Duration | None = ...,
+        quiet_hours: Global___QuietHours | None = ...,
+        ignore_quiet_hours: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expiry", b"expiry", "quiet_hours", b"quiet_hours", "reentry", b"reentry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capped_action", b"capped_action", "expiry", b"expiry", "ignore_quiet_hours", b"ignore_quiet_hours", "priority", b"priority", "quiet_hours", b"quiet_hours", "reentry", b"reentry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TriggerPolicy: _TypeAlias = TriggerPolicy  # noqa: Y015
+
+@_typing.final
+class FrequencyCap(_message.Message):
+    """FrequencyCap is at most max_messages marketing messages per person per window, on one
+    channel or (CHANNEL_UNSPECIFIED) on all channels together.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGES_FIELD_NUMBER: _builtins.int
+    CALENDAR_DAY_FIELD_NUMBER: _builtins.int
+    ROLLING_FIELD_NUMBER: _builtins.int
+    channel: _common_pb2.Channel.ValueType
+    max_messages: _builtins.int
+    calendar_day: _builtins.bool
+    """The calendar day in the person's time zone."""
+    @_builtins.property
+    def rolling(self) -> _duration_pb2.Duration:
+        """A rolling window ending now, e.g. 7 days."""
+
+    def __init__(
+        self,
+        *,
+        channel: _common_pb2.Channel.ValueType = ...,
+        max_messages: _builtins.int = ...,
+        calendar_day: _builtins.bool = ...,
+        rolling: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calendar_day", b"calendar_day", "rolling", b"rolling", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calendar_day", b"calendar_day", "channel", b"channel", "max_messages", b"max_messages", "rolling", b"rolling", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_window: _TypeAlias = _typing.Literal["calendar_day", "rolling"]  # noqa: Y015
+    _WhichOneofArgType_window: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_window) -> _WhichOneofReturnType_window | None: ...
+
+Global___FrequencyCap: _TypeAlias = FrequencyCap  # noqa: Y015
+
+@_typing.final
+class Policy(_message.Message):
+    """Policy is a tenant's sending policy across its triggers. Transactional messages are exempt
+    from caps, and from quiet hours unless quiet_hours_include_transactional.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAPS_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_INCLUDE_TRANSACTIONAL_FIELD_NUMBER: _builtins.int
+    DEFAULT_TIME_ZONE_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_TRAIT_FIELD_NUMBER: _builtins.int
+    DEFAULT_EXPIRY_FIELD_NUMBER: _builtins.int
+    LATE_EVENT_WINDOW_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    quiet_hours_include_transactional: _builtins.bool
+    default_time_zone: _builtins.str
+    """IANA time zone of people without a valid time zone trait; default "UTC"."""
+    time_zone_trait: _builtins.str
+    """The trait holding a person's IANA time zone; default "time_zone"."""
+    @_builtins.property
+    def caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrequencyCap]: ...
+    @_builtins.property
+    def quiet_hours(self) -> Global___QuietHours: ...
+    @_builtins.property
+    def default_expiry(self) -> _duration_pb2.Duration:
+        """How long after it was first due a message may still go; default 24 hours."""
+
+    @_builtins.property
+    def late_event_window(self) -> _duration_pb2.Duration:
+        """An event older than this when it reaches the trigger service fires nothing on its own
+        (it still counts toward windows and moves deadlines); default 24 hours.
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        caps: _abc.Iterable[Global___FrequencyCap] | None = ...,
+        quiet_hours: Global___QuietHours | None = ...,
+        quiet_hours_include_transactional: _builtins.bool = ...,
+        default_time_zone: _builtins.str = ...,
+        time_zone_trait: _builtins.str = ...,
+        default_expiry: _duration_pb2.Duration | None = ...,
+        late_event_window: _duration_pb2.Duration | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["default_expiry", b"default_expiry", "late_event_window", b"late_event_window", "quiet_hours", b"quiet_hours", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caps", b"caps", "default_expiry", b"default_expiry", "default_time_zone", b"default_time_zone", "late_event_window", b"late_event_window", "quiet_hours", b"quiet_hours", "quiet_hours_include_transactional", b"quiet_hours_include_transactional", "time_zone_trait", b"time_zone_trait", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Policy: _TypeAlias = Policy  # noqa: Y015
+
+@_typing.final
 class Trigger(_message.Message):
-    """Trigger is a moment that matters and the message it sends."""
+    """---- triggers -------------------------------------------------------------------------------
+
+    Trigger is a moment that matters and the message it sends.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TRIGGER_ID_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     ABSENCE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    INACTIVITY_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    TRAIT_CHANGE_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
     trigger_id: _builtins.str
     """Lower-case letters, digits, - and _; at most 63 characters."""
     display_name: _builtins.str
@@ -74,23 +708,44 @@ class Trigger(_message.Message):
     @_builtins.property
     def absence(self) -> Global___AbsenceCondition: ...
     @_builtins.property
+    def event(self) -> Global___EventCondition: ...
+    @_builtins.property
+    def threshold(self) -> Global___ThresholdCondition: ...
+    @_builtins.property
+    def inactivity(self) -> Global___InactivityCondition: ...
+    @_builtins.property
+    def date(self) -> Global___DateCondition: ...
+    @_builtins.property
+    def segment(self) -> Global___SegmentCondition: ...
+    @_builtins.property
+    def trait_change(self) -> Global___TraitChangeCondition: ...
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def policy(self) -> Global___TriggerPolicy: ...
     def __init__(
         self,
         *,
         trigger_id: _builtins.str = ...,
         display_name: _builtins.str = ...,
         absence: Global___AbsenceCondition | None = ...,
+        event: Global___EventCondition | None = ...,
+        threshold: Global___ThresholdCondition | None = ...,
+        inactivity: Global___InactivityCondition | None = ...,
+        date: Global___DateCondition | None = ...,
+        segment: Global___SegmentCondition | None = ...,
+        trait_change: Global___TraitChangeCondition | None = ...,
         channel: _common_pb2.Channel.ValueType = ...,
         purpose: _common_pb2.Purpose.ValueType = ...,
         template_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        policy: Global___TriggerPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["absence", b"absence", "condition", b"condition", "create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["absence", b"absence", "condition", b"condition", "create_time", b"create_time", "date", b"date", "event", b"event", "inactivity", b"inactivity", "policy", b"policy", "segment", b"segment", "threshold", b"threshold", "trait_change", b"trait_change"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["absence", b"absence", "channel", b"channel", "condition", b"condition", "create_time", b"create_time", "display_name", b"display_name", "purpose", b"purpose", "template_id", b"template_id", "trigger_id", b"trigger_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absence", b"absence", "channel", b"channel", "condition", b"condition", "create_time", b"create_time", "date", b"date", "display_name", b"display_name", "event", b"event", "inactivity", b"inactivity", "policy", b"policy", "purpose", b"purpose", "segment", b"segment", "template_id", b"template_id", "threshold", b"threshold", "trait_change", b"trait_change", "trigger_id", b"trigger_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_condition: _TypeAlias = _typing.Literal["absence"]  # noqa: Y015
+    _WhichOneofReturnType_condition: _TypeAlias = _typing.Literal["absence", "event", "threshold", "inactivity", "date", "segment", "trait_change"]  # noqa: Y015
     _WhichOneofArgType_condition: _TypeAlias = _typing.Literal["condition", b"condition"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_condition) -> _WhichOneofReturnType_condition | None: ...
 
@@ -254,3 +909,201 @@ class DeleteTriggerResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteTriggerResponse: _TypeAlias = DeleteTriggerResponse  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class SetPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyRequest: _TypeAlias = SetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetPolicyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___Policy: ...
+    def __init__(
+        self,
+        *,
+        policy: Global___Policy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPolicyResponse: _TypeAlias = SetPolicyResponse  # noqa: Y015
+
+@_typing.final
+class Decision(_message.Message):
+    """Decision is one entry of the decision trace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISION_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDE_TIME_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    OCCURRENCE_FIELD_NUMBER: _builtins.int
+    DEFER_UNTIL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    decision_id: _builtins.str
+    trigger_id: _builtins.str
+    profile_id: _builtins.str
+    outcome: Global___DecisionOutcome.ValueType
+    reason_code: _builtins.str
+    """A stable code, e.g. condition_false, late_event, reentry_once_ever, cap, quiet_hours,
+    expired, no_consent, cancel_event, sent.
+    """
+    reason: _builtins.str
+    """Why, in words."""
+    event_id: _builtins.str
+    """The event (or profile change) that led to it, if any."""
+    occurrence: _builtins.str
+    """The occurrence of the trigger for the person (one message at most per occurrence)."""
+    idempotency_key: _builtins.str
+    """The delivery request's key, once handed to delivery."""
+    count: _builtins.int
+    """How many evaluations this entry stands for: a trigger's NOT_FIRED (condition_false)
+    evaluations for a person are kept as one entry, the latest, with their count.
+    """
+    @_builtins.property
+    def decide_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def defer_until(self) -> _timestamp_pb2.Timestamp:
+        """Deferred or due until then."""
+
+    def __init__(
+        self,
+        *,
+        decision_id: _builtins.str = ...,
+        trigger_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        outcome: Global___DecisionOutcome.ValueType = ...,
+        reason_code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        decide_time: _timestamp_pb2.Timestamp | None = ...,
+        event_id: _builtins.str = ...,
+        occurrence: _builtins.str = ...,
+        defer_until: _timestamp_pb2.Timestamp | None = ...,
+        idempotency_key: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decide_time", b"decide_time", "defer_until", b"defer_until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "decide_time", b"decide_time", "decision_id", b"decision_id", "defer_until", b"defer_until", "event_id", b"event_id", "idempotency_key", b"idempotency_key", "occurrence", b"occurrence", "outcome", b"outcome", "profile_id", b"profile_id", "reason", b"reason", "reason_code", b"reason_code", "trigger_id", b"trigger_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class ExplainDecisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    trigger_id: _builtins.str
+    """Only this trigger's decisions; empty: every trigger's."""
+    page_size: _builtins.int
+    """At most 200; 0 means 50."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        trigger_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "profile_id", b"profile_id", "trigger_id", b"trigger_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDecisionsRequest: _TypeAlias = ExplainDecisionsRequest  # noqa: Y015
+
+@_typing.final
+class ExplainDecisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Decision]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___Decision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDecisionsResponse: _TypeAlias = ExplainDecisionsResponse  # noqa: Y015

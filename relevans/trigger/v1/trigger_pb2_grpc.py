@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class TriggerServiceStub:
-    """TriggerService owns timing: what moments fire which messages, and when.
+    """TriggerService owns timing: what moments fire which messages, when, and how often.
     """
 
     def __init__(self, channel):
@@ -55,36 +55,74 @@ class TriggerServiceStub:
                 request_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerRequest.SerializeToString,
                 response_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerResponse.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/relevans.trigger.v1.TriggerService/GetPolicy',
+                request_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/relevans.trigger.v1.TriggerService/SetPolicy',
+                request_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyResponse.FromString,
+                _registered_method=True)
+        self.ExplainDecisions = channel.unary_unary(
+                '/relevans.trigger.v1.TriggerService/ExplainDecisions',
+                request_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsRequest.SerializeToString,
+                response_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsResponse.FromString,
+                _registered_method=True)
 
 
 class TriggerServiceServicer:
-    """TriggerService owns timing: what moments fire which messages, and when.
+    """TriggerService owns timing: what moments fire which messages, when, and how often.
     """
 
     def CreateTrigger(self, request, context):
         """CreateTrigger saves a trigger definition. Idempotent by trigger_id:
-        the same id with the same definition returns the stored trigger.
+        the same id with the same definition returns the stored trigger. Scope: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetTrigger(self, request, context):
-        """GetTrigger returns one trigger.
+        """GetTrigger returns one trigger. Scope: read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTriggers(self, request, context):
-        """ListTriggers returns the tenant's triggers, paged.
+        """ListTriggers returns the tenant's triggers, paged. Scope: read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTrigger(self, request, context):
-        """DeleteTrigger removes a trigger and cancels its pending timers.
+        """DeleteTrigger removes a trigger and cancels its pending timers. Scope: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """GetPolicy returns the tenant's sending policy (the defaults until one is set). Scope: read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """SetPolicy replaces the tenant's sending policy: caps, quiet hours, time zone, expiry.
+        Scope: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainDecisions(self, request, context):
+        """ExplainDecisions answers why a person got, or did not get, a message: the decisions
+        about them, newest first, optionally of one trigger. Scope: read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +151,21 @@ def add_TriggerServiceServicer_to_server(servicer, server):
                     request_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerRequest.FromString,
                     response_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerResponse.SerializeToString,
             ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyRequest.FromString,
+                    response_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyRequest.FromString,
+                    response_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyResponse.SerializeToString,
+            ),
+            'ExplainDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDecisions,
+                    request_deserializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsRequest.FromString,
+                    response_serializer=relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'relevans.trigger.v1.TriggerService', rpc_method_handlers)
@@ -122,7 +175,7 @@ def add_TriggerServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TriggerService:
-    """TriggerService owns timing: what moments fire which messages, and when.
+    """TriggerService owns timing: what moments fire which messages, when, and how often.
     """
 
     @staticmethod
@@ -223,6 +276,87 @@ class TriggerService:
             '/relevans.trigger.v1.TriggerService/DeleteTrigger',
             relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerRequest.SerializeToString,
             relevans_dot_trigger_dot_v1_dot_trigger__pb2.DeleteTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.trigger.v1.TriggerService/GetPolicy',
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyRequest.SerializeToString,
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.GetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.trigger.v1.TriggerService/SetPolicy',
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyRequest.SerializeToString,
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.SetPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.trigger.v1.TriggerService/ExplainDecisions',
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsRequest.SerializeToString,
+            relevans_dot_trigger_dot_v1_dot_trigger__pb2.ExplainDecisionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,7 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TriggerServiceStub:
-    """TriggerService owns timing: what moments fire which messages, and when."""
+    """TriggerService owns timing: what moments fire which messages, when, and how often."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -35,33 +35,53 @@ class TriggerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TriggerServiceAsyncStub: ...
     CreateTrigger: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.CreateTriggerRequest, _trigger_pb2.CreateTriggerResponse]
     """CreateTrigger saves a trigger definition. Idempotent by trigger_id:
-    the same id with the same definition returns the stored trigger.
+    the same id with the same definition returns the stored trigger. Scope: admin.
     """
     GetTrigger: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.GetTriggerRequest, _trigger_pb2.GetTriggerResponse]
-    """GetTrigger returns one trigger."""
+    """GetTrigger returns one trigger. Scope: read."""
     ListTriggers: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.ListTriggersRequest, _trigger_pb2.ListTriggersResponse]
-    """ListTriggers returns the tenant's triggers, paged."""
+    """ListTriggers returns the tenant's triggers, paged. Scope: read."""
     DeleteTrigger: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.DeleteTriggerRequest, _trigger_pb2.DeleteTriggerResponse]
-    """DeleteTrigger removes a trigger and cancels its pending timers."""
+    """DeleteTrigger removes a trigger and cancels its pending timers. Scope: admin."""
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.GetPolicyRequest, _trigger_pb2.GetPolicyResponse]
+    """GetPolicy returns the tenant's sending policy (the defaults until one is set). Scope: read."""
+    SetPolicy: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.SetPolicyRequest, _trigger_pb2.SetPolicyResponse]
+    """SetPolicy replaces the tenant's sending policy: caps, quiet hours, time zone, expiry.
+    Scope: admin.
+    """
+    ExplainDecisions: _grpc.UnaryUnaryMultiCallable[_trigger_pb2.ExplainDecisionsRequest, _trigger_pb2.ExplainDecisionsResponse]
+    """ExplainDecisions answers why a person got, or did not get, a message: the decisions
+    about them, newest first, optionally of one trigger. Scope: read.
+    """
 
 @_typing.type_check_only
 class TriggerServiceAsyncStub(TriggerServiceStub):
-    """TriggerService owns timing: what moments fire which messages, and when."""
+    """TriggerService owns timing: what moments fire which messages, when, and how often."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTrigger: _aio.UnaryUnaryMultiCallable[_trigger_pb2.CreateTriggerRequest, _trigger_pb2.CreateTriggerResponse]  # type: ignore[assignment]
     """CreateTrigger saves a trigger definition. Idempotent by trigger_id:
-    the same id with the same definition returns the stored trigger.
+    the same id with the same definition returns the stored trigger. Scope: admin.
     """
     GetTrigger: _aio.UnaryUnaryMultiCallable[_trigger_pb2.GetTriggerRequest, _trigger_pb2.GetTriggerResponse]  # type: ignore[assignment]
-    """GetTrigger returns one trigger."""
+    """GetTrigger returns one trigger. Scope: read."""
     ListTriggers: _aio.UnaryUnaryMultiCallable[_trigger_pb2.ListTriggersRequest, _trigger_pb2.ListTriggersResponse]  # type: ignore[assignment]
-    """ListTriggers returns the tenant's triggers, paged."""
+    """ListTriggers returns the tenant's triggers, paged. Scope: read."""
     DeleteTrigger: _aio.UnaryUnaryMultiCallable[_trigger_pb2.DeleteTriggerRequest, _trigger_pb2.DeleteTriggerResponse]  # type: ignore[assignment]
-    """DeleteTrigger removes a trigger and cancels its pending timers."""
+    """DeleteTrigger removes a trigger and cancels its pending timers. Scope: admin."""
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_trigger_pb2.GetPolicyRequest, _trigger_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    """GetPolicy returns the tenant's sending policy (the defaults until one is set). Scope: read."""
+    SetPolicy: _aio.UnaryUnaryMultiCallable[_trigger_pb2.SetPolicyRequest, _trigger_pb2.SetPolicyResponse]  # type: ignore[assignment]
+    """SetPolicy replaces the tenant's sending policy: caps, quiet hours, time zone, expiry.
+    Scope: admin.
+    """
+    ExplainDecisions: _aio.UnaryUnaryMultiCallable[_trigger_pb2.ExplainDecisionsRequest, _trigger_pb2.ExplainDecisionsResponse]  # type: ignore[assignment]
+    """ExplainDecisions answers why a person got, or did not get, a message: the decisions
+    about them, newest first, optionally of one trigger. Scope: read.
+    """
 
 class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """TriggerService owns timing: what moments fire which messages, and when."""
+    """TriggerService owns timing: what moments fire which messages, when, and how often."""
 
     @_abc_1.abstractmethod
     def CreateTrigger(
@@ -70,7 +90,7 @@ class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trigger_pb2.CreateTriggerResponse, _abc.Awaitable[_trigger_pb2.CreateTriggerResponse]]:
         """CreateTrigger saves a trigger definition. Idempotent by trigger_id:
-        the same id with the same definition returns the stored trigger.
+        the same id with the same definition returns the stored trigger. Scope: admin.
         """
 
     @_abc_1.abstractmethod
@@ -79,7 +99,7 @@ class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trigger_pb2.GetTriggerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trigger_pb2.GetTriggerResponse, _abc.Awaitable[_trigger_pb2.GetTriggerResponse]]:
-        """GetTrigger returns one trigger."""
+        """GetTrigger returns one trigger. Scope: read."""
 
     @_abc_1.abstractmethod
     def ListTriggers(
@@ -87,7 +107,7 @@ class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trigger_pb2.ListTriggersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trigger_pb2.ListTriggersResponse, _abc.Awaitable[_trigger_pb2.ListTriggersResponse]]:
-        """ListTriggers returns the tenant's triggers, paged."""
+        """ListTriggers returns the tenant's triggers, paged. Scope: read."""
 
     @_abc_1.abstractmethod
     def DeleteTrigger(
@@ -95,6 +115,34 @@ class TriggerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _trigger_pb2.DeleteTriggerRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_trigger_pb2.DeleteTriggerResponse, _abc.Awaitable[_trigger_pb2.DeleteTriggerResponse]]:
-        """DeleteTrigger removes a trigger and cancels its pending timers."""
+        """DeleteTrigger removes a trigger and cancels its pending timers. Scope: admin."""
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _trigger_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.GetPolicyResponse, _abc.Awaitable[_trigger_pb2.GetPolicyResponse]]:
+        """GetPolicy returns the tenant's sending policy (the defaults until one is set). Scope: read."""
+
+    @_abc_1.abstractmethod
+    def SetPolicy(
+        self,
+        request: _trigger_pb2.SetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.SetPolicyResponse, _abc.Awaitable[_trigger_pb2.SetPolicyResponse]]:
+        """SetPolicy replaces the tenant's sending policy: caps, quiet hours, time zone, expiry.
+        Scope: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainDecisions(
+        self,
+        request: _trigger_pb2.ExplainDecisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trigger_pb2.ExplainDecisionsResponse, _abc.Awaitable[_trigger_pb2.ExplainDecisionsResponse]]:
+        """ExplainDecisions answers why a person got, or did not get, a message: the decisions
+        about them, newest first, optionally of one trigger. Scope: read.
+        """
 
 def add_TriggerServiceServicer_to_server(servicer: TriggerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import re
 
+from relevans.conditions import TRAIT_NAME_RE
 from relevans.kit.errors import FieldViolation, Violations
 from services.profile.domain import counters
-from services.profile.domain.conditions import TRAIT_NAME_RE
 from services.profile.domain.counters import (
     COUNTER_NAME_RE,
     EVENT_TYPE_RE,

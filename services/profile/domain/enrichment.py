@@ -18,8 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
+from relevans.conditions import ProfileView
 from services.profile.domain import counters as counting
-from services.profile.domain.conditions import ProfileView
 from services.profile.domain.counters import CounterDefinition, same_value
 from services.profile.domain.traits import MAX_TRAIT_VALUE_BYTES
 

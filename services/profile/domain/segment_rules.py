@@ -3,8 +3,8 @@ tenant's counter definitions, so every `counter.<name>` and `count` node can be 
 
 from __future__ import annotations
 
+from relevans import conditions as c
 from relevans.kit.errors import Violations
-from services.profile.domain import conditions as c
 from services.profile.domain.enrichment import Enrichment, counter_for
 
 NO_COUNTER = "no counter counts these events; create one with EnrichmentService.CreateCounter"

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from relevans.conditions import ProfileView
 from relevans.kit.outbox import OutboxMessage
 from services.profile.domain import Event, ProfileState, TrackPlan
-from services.profile.domain.conditions import ProfileView
 from services.profile.domain.enrichment import (
     EnrichedState,
     Enrichment,

@@ -16,10 +16,10 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.conditions import ProfileView
 from relevans.kit.db import json_value, run_transaction
 from relevans.kit.errors import NotFound
 from services.profile.domain import Consent, Key, ProfileState
-from services.profile.domain.conditions import ProfileView
 from services.profile.domain.enrichment import (
     EnrichedState,
     Enrichment,

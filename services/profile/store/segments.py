@@ -23,9 +23,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans import conditions as c
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, Violations
 from relevans.kit.paging import PageSize, decode_page_token, encode_page_token
-from services.profile.domain import conditions as c
 from services.profile.domain.enrichment import MAX_HALVINGS, Enrichment, counter_for
 from services.profile.domain.ids import time_ordered_ids
 from services.profile.domain.segment_rules import check_answerable

@@ -19,11 +19,11 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.conditions import Predicate, ProfileView, compile_condition, parse_condition
 from relevans.kit.errors import InvalidArgument
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_timestamp
 from relevans.profile.v1 import bus_pb2
-from services.profile.domain.conditions import Predicate, ProfileView, compile_condition, parse_condition
 from services.profile.domain.enrichment import Crossing
 
 SEGMENTS_SUBJECT = "rv.profile.segments"

@@ -1,6 +1,9 @@
-"""What the domain asks the store to do: schedule and cancel timers, settle them on a merge.
+"""What the domain asks the store to do: schedule, move and cancel timers, settle them on a
+merge, and note decisions in the trace.
 
 Every condition kind speaks in these intents; the store applies them without knowing the kind.
+A timer is one message that will be due for one (trigger, profile, occurrence); when it is due,
+the policies (`domain.policies`) decide whether it goes, waits or is dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ StateKey = tuple[str, str, str]
 
 @dataclass(frozen=True, slots=True)
 class ScheduleTimer:
-    """Insert a pending timer (nothing if it exists) and supersede older pending ones."""
+    """Insert a pending timer (nothing if one with its key exists).
+
+    `supersede`: the profile's older pending timers of the trigger (by start time, then
+    occurrence) are superseded (absence: one reminder at a time, for the newest cart).
+    `move`: a pending timer with this key already there takes the new due time, start and
+    variables (inactivity: each event moves the deadline); a fired or cancelled one stays.
+    """
 
     tenant_id: str
     trigger_id: str
@@ -24,20 +33,42 @@ class ScheduleTimer:
     started_at: datetime
     due_at: datetime
     variables: dict[str, Any]
+    supersede: bool = False
+    move: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class CancelTimers:
-    """Cancel the profile's pending timers of the trigger that started at or before `until`."""
+    """Cancel the profile's pending timers of the trigger that started at or before `until`;
+    with `match`, only those whose start event's properties (`variables.event`) have these
+    values."""
 
     tenant_id: str
     trigger_id: str
     profile_id: str
     until: datetime
     reason: str
+    match: tuple[tuple[str, Any], ...] = ()
 
 
 Intent = ScheduleTimer | CancelTimers
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """An entry for the decision trace (`DecisionOutcome` without its prefix, lower-case:
+    "fired", "not_fired", "cancelled", ...)."""
+
+    tenant_id: str
+    trigger_id: str
+    profile_id: str
+    outcome: str
+    reason_code: str
+    reason: str
+    at: datetime
+    event_id: str = ""
+    occurrence: str = ""
+    until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,14 @@ A trigger is its own fields (id, channel, purpose, template) and one condition, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar, Protocol
 
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token
 from relevans.kit.resource_ids import RESOURCE_ID_RE, resource_id_problem
+from services.trigger.domain.policies import TriggerPolicy
 
 
 class Condition(Protocol):
@@ -38,6 +39,8 @@ class RawTrigger:
     channel: str = "unspecified"
     purpose: str = "unspecified"
     template_id: str = ""
+    # None: the defaults. Validated by `validation` into a `TriggerPolicy`.
+    policy: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,7 @@ class TriggerDef:
     channel: str
     purpose: str
     template_id: str
+    policy: TriggerPolicy = field(default_factory=TriggerPolicy)
     created_at: datetime | None = None
 
     def same_definition(self, other: TriggerDef) -> bool:
@@ -61,6 +65,7 @@ class TriggerDef:
             and self.channel == other.channel
             and self.purpose == other.purpose
             and self.template_id == other.template_id
+            and self.policy == other.policy
         )
 
 

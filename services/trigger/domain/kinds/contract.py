@@ -1,35 +1,71 @@
 """The contract every trigger condition kind implements, and what it answers with.
 
-A kind is one module holding its definition (validated from what the client sent,
-stored as JSON), the event types it reacts to, what an event means for a trigger of
-that kind and the trigger's state for the event's person, and how two profiles'
-states combine when they turn out to be one person. The planner, the validation,
-the store and the servicer reach a kind only through the registry in
+A kind is one module holding its definition (validated from what the client sent, stored as
+JSON), the facts it reacts to (route keys: `event:<type>`, `segment:<id>`, `trait:<name>`),
+what a fact means for a trigger of that kind and the trigger's state for the fact's person, how
+its state is stored, what follows a firing (a yearly date schedules the next year), and how two
+profiles' states combine when they turn out to be one person. The planner, the validation, the
+store and the servicer reach a kind only through the registry in
 `services.trigger.domain.kinds`, by its name.
+
+Kinds are pure: they see the clock and the tenant's settings through `Context` and speak in
+intents (`domain.intents`); the store applies them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from relevans.kit.errors import Violations
-from services.trigger.domain.events import EventFacts
-from services.trigger.domain.intents import Intent, MergePlan, PendingTimer
+from services.trigger.domain.events import Fact
+from services.trigger.domain.intents import Intent, MergePlan, Note, PendingTimer, ScheduleTimer
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
+
+DEFAULT_LATE_EVENT_WINDOW = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What a decision may depend on besides the fact and the state: the time it is made and
+    the tenant's settings."""
+
+    now: datetime
+    # A fact that happened longer ago than this when it is decided is late: it still counts
+    # toward windows and moves deadlines, but fires nothing on its own.
+    late_event_window: timedelta = DEFAULT_LATE_EVENT_WINDOW
+    default_time_zone: str = "UTC"
+    time_zone_trait: str = "time_zone"
+
+    def is_late(self, occurred_at: datetime) -> bool:
+        return occurred_at < self.now - self.late_event_window
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """What one event means for one trigger and person: an intent, and the state to write back
-    (None for either means nothing to do)."""
+    """What one fact means for one trigger and person: intents, the state to write back (None:
+    unchanged) and notes for the decision trace."""
 
-    intent: Intent | None = None
+    intents: tuple[Intent, ...] = ()
     state: Any = None
+    notes: tuple[Note, ...] = ()
 
 
 NOTHING = Decision()
+
+
+@dataclass(frozen=True, slots=True)
+class FiredTimer:
+    """A timer that has just been handed to delivery, as a kind with recurring timers sees it."""
+
+    tenant_id: str
+    trigger_id: str
+    profile_id: str
+    occurrence: str
+    due_at: datetime
+    variables: Mapping[str, Any]
 
 
 class ConditionKind(Protocol):
@@ -45,12 +81,20 @@ class ConditionKind(Protocol):
 
     def from_json(self, data: Mapping[str, Any]) -> Condition: ...
 
-    def event_types(self, condition: Condition) -> frozenset[str]:
-        """The event types a trigger of this kind reacts to; the consumer skips all others."""
+    def routes(self, condition: Condition) -> frozenset[str]:
+        """The route keys of the facts a trigger of this kind reacts to; it sees no others."""
 
-    def decide(self, trigger: TriggerDef, event: EventFacts, state: Any | None) -> Decision:
-        """What `event` (of one of `event_types`, not older than the trigger) means, given the
-        trigger's stored state for the event's person (None when there is none yet)."""
+    def decide(self, trigger: TriggerDef, fact: Fact, state: Any | None, ctx: Context) -> Decision:
+        """What `fact` (on one of `routes`) means, given the trigger's stored state for the
+        fact's person (None when there is none yet)."""
+
+    def state_to_json(self, state: Any) -> dict[str, Any]:
+        """A state as stored in `trigger_states.state`; `state_from_json` reads it back equal."""
+
+    def state_from_json(self, data: Mapping[str, Any]) -> Any: ...
+
+    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
+        """The timer that follows a firing (a yearly date's next year), or None."""
 
     def plan_merge(
         self,

@@ -1,4 +1,5 @@
-"""Segment and trigger conditions as data: a typed expression tree, its validation and fast evaluation.
+"""Segment and trigger conditions as data: a typed expression tree, its validation and fast
+evaluation. One language, shared by the profile and trigger services.
 
 A condition is one of
 
@@ -37,7 +38,7 @@ a closure once, so evaluating it per event costs a few microseconds.
 Pure: stdlib only, no I/O.
 
 The package, by role (each module imports only those listed before it, and only relative to this
-package, so the language can move as a whole to a home shared with the trigger service):
+package):
 
 - `fields`: the field paths, the ops each kind of field allows, the vocabulary they are checked against;
 - `nodes`: the tree's node types and walks over it;
