@@ -57,6 +57,8 @@ class Settings:
     outbox_relay: bool = True
     # asyncio event loop of the services: uvloop or asyncio.
     event_loop: str = "uvloop"
+    # Days the trigger service keeps its decision trace (ExplainDecisions) before pruning it.
+    trigger_decision_retention_days: int = 90
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_sender: str = "relevans <no-reply@relevans.local>"
@@ -76,6 +78,11 @@ class Settings:
             raise SettingsError(f"RELEVANS_PROFILE_PROCESSES={self.profile_processes} must be at least 1")
         if self.grpc_servers < 1:
             raise SettingsError(f"RELEVANS_GRPC_SERVERS={self.grpc_servers} must be at least 1")
+        if self.trigger_decision_retention_days < 1:
+            raise SettingsError(
+                f"RELEVANS_TRIGGER_DECISION_RETENTION_DAYS={self.trigger_decision_retention_days} "
+                "must be at least 1"
+            )
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.trigger.consumers import event_consumer
+from services.trigger.consumers import delivery_status_consumer, event_consumer, profile_change_consumer
 from services.trigger.servicer import TriggerServicer, binding
 from services.trigger.store import TriggerStore
 from services.trigger.tables import outbox
-from services.trigger.timers import TimerWorker
+from services.trigger.timers import DecisionPruner, TimerWorker
 
 SERVICE = "trigger"
 
@@ -20,7 +22,12 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
-    host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
+    timers = TimerWorker(store, clock, rt.relay.notify)
+    host.add_worker("trigger-events", event_consumer(rt.bus, store, clock, timers.wake).run)
+    host.add_worker("trigger-profile-changes", profile_change_consumer(rt.bus, store, clock, timers.wake).run)
+    host.add_worker("trigger-delivery-status", delivery_status_consumer(rt.bus, store, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
-    host.add_worker("timers", TimerWorker(store, clock, rt.relay.notify).run)
+    host.add_worker("timers", timers.run)
+    retention = timedelta(days=settings.trigger_decision_retention_days)
+    host.add_worker("decision-retention", DecisionPruner(store, clock, retention).run)
     return host

@@ -1,9 +1,13 @@
-"""Bus messages -> domain: enriched events reach the triggers whose condition kind reacts to them.
+"""Bus messages -> domain: facts about people reach the triggers whose condition kind reacts to them.
 
 `EventConsumer.handle` decodes a batch of `relevans.profile.v1.EnrichedEvent`s and
 lets the store decide and apply what they mean in ONE transaction; the kit's
 `Consumer` acks the batch only after that commit. Redelivered events change
-nothing: timers are keyed by the event that started them and cancels are idempotent.
+nothing: timers are keyed by the fact that started them and cancels are idempotent.
+The same holds for segment changes (`rv.profile.segments`) and trait changes
+(`rv.profile.traits`, which also keep the service's copy of each person's traits);
+consent changes (`rv.profile.consent`) keep its copy of their consents, and delivery's
+status changes (`rv.delivery.status.*`) close the decision trace.
 
 Profile merges and erasures (`rv.profile.merged`, the erasure stream) are followed by
 the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_people`).
@@ -11,19 +15,27 @@ the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
+from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
-from relevans.kit.proto import from_struct, from_timestamp
+from relevans.kit.enums import enum_name
+from relevans.kit.proto import from_struct, from_timestamp, from_value
 from relevans.profile.v1 import bus_pb2
-from services.trigger.domain import EventFacts
+from services.trigger.domain import EventFacts, Plan, SegmentChange, TraitChange
+from services.trigger.facts_proto import profile_view
+from services.trigger.person_rows import KnownConsent, KnownTraits, ProfileChanges
 from services.trigger.store import TriggerStore
+from services.trigger.trace import DeliveryOutcome
 
 log = structlog.get_logger(__name__)
 
@@ -44,20 +56,25 @@ def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
             occurred = from_timestamp(msg.receive_time)
     except (ValueError, OverflowError):
         return None
+    properties = from_struct(msg.event.properties)
+    profile = msg.profile
     return EventFacts(
         tenant_id=msg.tenant_id,
         event_id=msg.event_id,
         profile_id=msg.profile_id,
         event_type=msg.event.type,
         occurred_at=occurred,
-        properties=from_struct(msg.event.properties),
+        properties=properties,
+        profile=functools.cache(lambda: profile_view(profile, properties)),
     )
 
 
 class EventConsumer:
-    def __init__(self, store: TriggerStore, clock: Clock) -> None:
+    def __init__(self, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.clock = clock
+        # Wakes the timer worker: a fact that makes a message due now need not wait for its poll.
+        self.wake = wake
 
     def decode(self, msgs: Sequence[Msg]) -> list[EventFacts]:
         now = self.clock.now()
@@ -79,7 +96,9 @@ class EventConsumer:
         events = self.decode(msgs)
         if not events:
             return
-        plan = await self.store.apply_events(events, self.clock.now())
+        now = self.clock.now()
+        plan = await self.store.apply_facts(events, now)
+        _wake_if_due(plan, now, self.wake)
         if plan.intents:
             log.debug(
                 "events applied",
@@ -89,8 +108,15 @@ class EventConsumer:
             )
 
 
-def event_consumer(bus: Bus, store: TriggerStore, clock: Clock) -> Consumer:
-    handler = EventConsumer(store, clock)
+def _wake_if_due(plan: Plan, now: datetime, wake: Callable[[], None]) -> None:
+    if any(s.due_at <= now for s in plan.schedules):
+        wake()
+
+
+def event_consumer(
+    bus: Bus, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None
+) -> Consumer:
+    handler = EventConsumer(store, clock, wake)
     return Consumer(
         bus,
         service="trigger",
@@ -98,4 +124,159 @@ def event_consumer(bus: Bus, store: TriggerStore, clock: Clock) -> Consumer:
         durable=DURABLE,
         filter_subject=FILTER_SUBJECT,
         handler=handler.handle,
+    )
+
+
+# ---- profile changes ------------------------------------------------------------------------------
+
+PROFILE_STREAM = "RV_PROFILE"
+SEGMENTS_SUBJECT = "rv.profile.segments"
+TRAITS_SUBJECT = "rv.profile.traits"
+CONSENT_SUBJECT = "rv.profile.consent"
+# One consumer over the stream keeps the three in order; merges and erasures have their own.
+PROFILE_SUBJECTS = "rv.profile.>"
+
+
+def segment_change(msg: bus_pb2.SegmentMembershipChanged, now: datetime) -> SegmentChange | None:
+    if not (msg.tenant_id and msg.profile_id and msg.segment_id):
+        return None
+    at = from_timestamp(msg.change_time) if msg.HasField("change_time") else now
+    return SegmentChange(msg.tenant_id, msg.profile_id, msg.segment_id, msg.entered, msg.event_id, at)
+
+
+def trait_changes(msg: bus_pb2.TraitsChanged, now: datetime) -> list[TraitChange]:
+    """One fact per changed trait, each with the person's traits after the change."""
+    at = from_timestamp(msg.change_time) if msg.HasField("change_time") else now
+    traits = {name: from_value(v) for name, v in msg.traits.items()}
+    return [
+        TraitChange(
+            tenant_id=msg.tenant_id,
+            profile_id=msg.profile_id,
+            change_id=msg.change_id,
+            name=name,
+            before=from_value(msg.previous[name]) if name in msg.previous else None,
+            after=traits.get(name),
+            traits=traits,
+            occurred_at=at,
+        )
+        for name in msg.changed
+    ]
+
+
+class ProfileChangeConsumer:
+    """Segment, trait and consent changes (other rv.profile.* subjects are not this consumer's):
+    a batch is remembered and decided in one transaction."""
+
+    def __init__(self, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.clock = clock
+        self.wake = wake
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        now = self.clock.now()
+        changes = ProfileChanges()
+        for m in msgs:
+            try:
+                if m.subject == SEGMENTS_SUBJECT:
+                    found = segment_change(bus_pb2.SegmentMembershipChanged.FromString(m.data), now)
+                    if found is not None:
+                        changes.facts.append(found)
+                elif m.subject == TRAITS_SUBJECT:
+                    self._traits(changes, bus_pb2.TraitsChanged.FromString(m.data), now)
+                elif m.subject == CONSENT_SUBJECT:
+                    self._consent(changes, bus_pb2.ConsentChanged.FromString(m.data), now)
+            except DecodeError:
+                log.error("undecodable profile change skipped", subject=m.subject, size=len(m.data))
+        if changes:
+            _wake_if_due(await self.store.apply_profile_changes(changes, now), now, self.wake)
+
+    @staticmethod
+    def _traits(changes: ProfileChanges, msg: bus_pb2.TraitsChanged, now: datetime) -> None:
+        if not (msg.tenant_id and msg.profile_id):
+            return
+        at = from_timestamp(msg.change_time) if msg.HasField("change_time") else now
+        traits = {name: from_value(v) for name, v in msg.traits.items()}
+        changes.traits.append(KnownTraits(msg.tenant_id, msg.profile_id, traits, at))
+        changes.facts += trait_changes(msg, now)
+
+    @staticmethod
+    def _consent(changes: ProfileChanges, msg: bus_pb2.ConsentChanged, now: datetime) -> None:
+        if not (msg.tenant_id and msg.profile_id and msg.HasField("consent")):
+            return
+        c = msg.consent
+        changes.consents.append(
+            KnownConsent(
+                msg.tenant_id,
+                msg.profile_id,
+                enum_name(common_pb2.Purpose, c.purpose, "PURPOSE_"),
+                enum_name(common_pb2.Channel, c.channel, "CHANNEL_"),
+                enum_name(common_pb2.ConsentStatus, c.status, "CONSENT_STATUS_"),
+                from_timestamp(c.update_time) if c.HasField("update_time") else now,
+            )
+        )
+
+
+def profile_change_consumer(
+    bus: Bus, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None
+) -> Consumer:
+    return Consumer(
+        bus,
+        service="trigger",
+        stream=PROFILE_STREAM,
+        durable="trigger-profile-changes",
+        filter_subject=PROFILE_SUBJECTS,
+        handler=ProfileChangeConsumer(store, clock, wake).handle,
+    )
+
+
+# ---- delivery outcomes ------------------------------------------------------------------------------
+
+DELIVERY_STATUS_STREAM = "RV_DELIVERY_STATUS"
+DELIVERY_STATUS_SUBJECT = "rv.delivery.status.>"
+_OUTCOMES = {
+    delivery_pb2.MESSAGE_STATUS_SENT: "delivery_sent",
+    delivery_pb2.MESSAGE_STATUS_SUPPRESSED: "delivery_suppressed",
+    delivery_pb2.MESSAGE_STATUS_FAILED: "delivery_failed",
+}
+
+
+def delivery_outcome(msg: delivery_bus_pb2.DeliveryStatusChanged, now: datetime) -> DeliveryOutcome | None:
+    """A status of a message a trigger asked for that ends its story; None for any other."""
+    outcome = _OUTCOMES.get(msg.status)
+    if outcome is None or not (msg.tenant_id and msg.profile_id and msg.trigger_id and msg.idempotency_key):
+        return None
+    at = from_timestamp(msg.time) if msg.HasField("time") else now
+    return DeliveryOutcome(
+        msg.tenant_id, msg.profile_id, msg.trigger_id, msg.idempotency_key, outcome, msg.reason, at
+    )
+
+
+class DeliveryStatusConsumer:
+    def __init__(self, store: TriggerStore, clock: Clock) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def handle(self, msgs: Sequence[Msg]) -> None:
+        now = self.clock.now()
+        outcomes = []
+        for m in msgs:
+            try:
+                found = delivery_outcome(delivery_bus_pb2.DeliveryStatusChanged.FromString(m.data), now)
+            except DecodeError:
+                log.error("undecodable delivery status skipped", subject=m.subject, size=len(m.data))
+                continue
+            if found is not None:
+                outcomes.append(found)
+        if outcomes:
+            await self.store.record_delivery(outcomes)
+
+
+def delivery_status_consumer(bus: Bus, store: TriggerStore, clock: Clock) -> Consumer:
+    return Consumer(
+        bus,
+        service="trigger",
+        stream=DELIVERY_STATUS_STREAM,
+        durable="trigger-delivery-status",
+        filter_subject=DELIVERY_STATUS_SUBJECT,
+        handler=DeliveryStatusConsumer(store, clock).handle,
     )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
-from relevans.kit.enums import enum_name
-from relevans.kit.paging import encode_page_token
+from relevans.kit.enums import enum_name, enum_value
+from relevans.kit.errors import Violations
+from relevans.kit.paging import PageSize, decode_page_token, encode_page_token, refuse_other_listing
 from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
@@ -22,7 +24,10 @@ from services.trigger.domain import (
     page_after,
     validate_trigger,
 )
+from services.trigger.domain.triggers import validate_trigger_id
+from services.trigger.policy_protos import policy_proto, tenant_policy, trigger_policy_proto
 from services.trigger.store import TriggerStore
+from services.trigger.trace import DecisionRow
 
 SERVICE_NAME = "relevans.trigger.v1.TriggerService"
 SCOPES = {
@@ -30,7 +35,11 @@ SCOPES = {
     "DeleteTrigger": "admin",
     "GetTrigger": "read",
     "ListTriggers": "read",
+    "GetPolicy": "read",
+    "SetPolicy": "admin",
+    "ExplainDecisions": "read",
 }
+DECISION_PAGES = PageSize(default=50, maximum=200)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -45,6 +54,7 @@ def raw_trigger(t: trigger_pb2.Trigger) -> RawTrigger:
         channel=enum_name(common_pb2.Channel, t.channel, "CHANNEL_"),
         purpose=enum_name(common_pb2.Purpose, t.purpose, "PURPOSE_"),
         template_id=t.template_id,
+        policy=t.policy if t.HasField("policy") else None,
     )
 
 
@@ -57,7 +67,27 @@ def trigger_proto(d: TriggerDef) -> trigger_pb2.Trigger:
         purpose=common_pb2.Purpose.Value("PURPOSE_" + d.purpose.upper()),
         template_id=d.template_id,
         create_time=to_timestamp(d.created_at),
+        policy=trigger_policy_proto(d.policy),
     )
+
+
+def decision_proto(r: DecisionRow) -> trigger_pb2.Decision:
+    d = trigger_pb2.Decision(
+        decision_id=str(r.decision_id),
+        trigger_id=r.trigger_id,
+        profile_id=r.profile_id,
+        outcome=enum_value(trigger_pb2.DecisionOutcome, r.outcome, "DECISION_OUTCOME_"),
+        reason_code=r.reason_code,
+        reason=r.reason,
+        decide_time=to_timestamp(r.decided_at),
+        event_id=r.event_id,
+        occurrence=r.occurrence,
+        idempotency_key=r.idempotency_key,
+        count=r.count,
+    )
+    if r.until is not None:
+        d.defer_until.CopyFrom(to_timestamp(r.until))
+    return d
 
 
 # ---- servicer -----------------------------------------------------------------------------------
@@ -102,6 +132,66 @@ class TriggerServicer(trigger_pb2_grpc.TriggerServiceServicer):
         tenant = principal().tenant_id
         await self.store.delete_trigger(tenant, check_trigger_id(request.trigger_id), self.clock.now())
         return trigger_pb2.DeleteTriggerResponse()
+
+    async def GetPolicy(
+        self, request: trigger_pb2.GetPolicyRequest, context: Context
+    ) -> trigger_pb2.GetPolicyResponse:
+        policy = await self.store.get_policy(principal().tenant_id)
+        return trigger_pb2.GetPolicyResponse(policy=policy_proto(policy))
+
+    async def SetPolicy(
+        self, request: trigger_pb2.SetPolicyRequest, context: Context
+    ) -> trigger_pb2.SetPolicyResponse:
+        tenant = principal().tenant_id
+        wanted = tenant_policy(request.policy if request.HasField("policy") else None)
+        stored = await self.store.set_policy(tenant, wanted, self.clock.now())
+        return trigger_pb2.SetPolicyResponse(policy=policy_proto(stored))
+
+    async def ExplainDecisions(
+        self, request: trigger_pb2.ExplainDecisionsRequest, context: Context
+    ) -> trigger_pb2.ExplainDecisionsResponse:
+        tenant = principal().tenant_id
+        v = Violations()
+        profile_id = request.profile_id
+        if not profile_id:
+            v.add("profile_id", "is required")
+        elif len(profile_id) > MAX_PROFILE_ID_CHARS:
+            v.add("profile_id", f"must be at most {MAX_PROFILE_ID_CHARS} characters")
+        trigger_id = request.trigger_id or None
+        if trigger_id is not None:
+            validate_trigger_id(trigger_id, "trigger_id", v)
+        v.raise_if_any()
+        size = DECISION_PAGES.of(request.page_size)
+        after = _decision_after(request.page_token, profile_id, request.trigger_id)
+        rows = await self.store.explain(tenant, profile_id, trigger_id, after, size + 1)
+        page, more = rows[:size], len(rows) > size
+        token = ""
+        if more:
+            last = page[-1]
+            token = encode_page_token(
+                at=int(last.decided_at.timestamp() * 1_000_000),
+                id=last.decision_id,
+                profile=profile_id,
+                trigger=request.trigger_id,
+            )
+        return trigger_pb2.ExplainDecisionsResponse(
+            decisions=[decision_proto(r) for r in page], next_page_token=token
+        )
+
+
+MAX_PROFILE_ID_CHARS = 128
+
+
+def _decision_after(token: str, profile_id: str, trigger_id: str) -> tuple[datetime, int] | None:
+    """The (decided_at, decision_id) a page starts after; the token continues only its own listing."""
+    data = decode_page_token(token, at=int, id=int, profile=str, trigger=str)
+    if data is None:
+        return None
+    if data["profile"] != profile_id:
+        raise refuse_other_listing("profile_id")
+    if data["trigger"] != trigger_id:
+        raise refuse_other_listing("trigger_id")
+    return datetime.fromtimestamp(0, UTC) + timedelta(microseconds=data["at"]), data["id"]
 
 
 def binding(servicer: TriggerServicer) -> ServiceBinding:

@@ -1,32 +1,31 @@
 """The trigger service's transactions (SQLAlchemy Core on asyncpg; tables in `tables`).
 
-The store applies what the domain decides: `apply_events` loads the definitions
-and per-profile state a batch of events needs, asks `plan_events` what the
-events mean, and writes timers, cancellations and state in the caller's single
-transaction; `fire_due` claims due timers with `FOR UPDATE SKIP LOCKED` and
-writes their delivery requests to the outbox in the same transaction;
-`merge_people` re-points a merged-away profile's timers, state and firings to the
-surviving profile and remembers the alias, so the person's later events — under
-either id — find one state.
+The store applies what the domain decides: `apply_facts` loads the definitions, per-person
+state and tenant policies a batch of facts (events, segment and trait changes) needs, asks
+`plan_facts` what they mean, and writes timers, cancellations, state and the decision trace in
+the caller's single transaction; `fire_due` decides due timers person by person by the policies
+(`fire_rows`) and writes their delivery requests to the outbox in the same transaction;
+`merge_people` re-points a merged-away profile's timers, state, firings and trace to the
+surviving profile and remembers the alias, so the person's later facts — under either id —
+find one state.
 
 A trigger's condition is stored as its kind's name and the kind's JSON (`triggers.condition_kind`,
-`triggers.condition`), read and written through the kinds registry; `trigger_states` holds the
-absence kind's per-person state, the only kind that keeps one so far.
+`triggers.condition`), its state as the kind's JSON (`trigger_states.state`), its policy as
+`domain.policies` writes it (`triggers.policy`); all read and written through the kinds registry.
 
-Concurrency: a batch takes a transaction-scoped advisory lock per (tenant,
-profile) it touches, in a fixed order, before reading state, so two service
-instances never interleave one person's start and cancel events. A timer is
-claimed by one worker at a time; a cancel that races a firing waits for the
-row lock and then finds the timer no longer pending. The `firings` table keys
-each firing by (tenant, trigger, profile, occurrence): whatever happens, a
-firing writes its delivery request once. A merge takes the locks of both
-profiles; a batch of events resolves merged-away ids to their survivors before
-locking and re-checks after, so no event lands on an id a merge just retired.
+Concurrency: a batch takes a transaction-scoped advisory lock per (tenant, profile) it touches,
+in a fixed order, before reading state, so two service instances never interleave one person's
+facts; the timer worker takes the same locks (without waiting: a busy person waits for the next
+round), so one person's due messages and cap counts are decided by one transaction at a time. The
+`firings` table keys each firing by (tenant, trigger, profile, occurrence): whatever happens, a
+firing writes its delivery request once. A merge takes the locks of both profiles; a batch
+resolves merged-away ids to their survivors before locking and re-checks after, so no fact lands
+on an id a merge just retired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -39,29 +38,35 @@ from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from relevans.kit.outbox import OutboxMessage, enqueue
-from services.trigger import timer_rows
+from services.trigger import fire_rows, person_rows, timer_rows, trace
 from services.trigger.domain import (
-    EventFacts,
-    Firing,
+    Fact,
     PendingTimer,
     Plan,
     StateKey,
     TriggerDef,
-    fire,
-    plan_events,
+    plan_facts,
     plan_merge,
-    relevant_events,
+    relevant_facts,
     resolve_create,
 )
 from services.trigger.domain.kinds import kind_named
-from services.trigger.domain.kinds.absence import TriggerState
+from services.trigger.domain.kinds.contract import Context
+from services.trigger.domain.policies import (
+    TenantPolicy,
+    tenant_policy_from_json,
+    tenant_policy_to_json,
+    trigger_policy_from_json,
+    trigger_policy_to_json,
+)
 from services.trigger.tables import (
     PENDING,
+    decisions,
     erased_profiles,
     firings,
     merged_profiles,
-    outbox,
+    people,
+    policies,
     timers,
     trigger_states,
     triggers,
@@ -70,7 +75,7 @@ from services.trigger.tables import (
 # First key of the two-key advisory locks this service takes per (tenant, profile).
 PROFILE_LOCK_NAMESPACE = 0x52565447  # "RVTG"
 
-MessageFor = Callable[[Firing, datetime], OutboxMessage]
+MessageFor = fire_rows.MessageFor
 
 
 class MergedMeanwhile(Exception):
@@ -83,15 +88,38 @@ class FireResult:
     fired: int
 
 
-def _trigger_def(row: sa.Row[Any]) -> TriggerDef:
-    return TriggerDef(
-        trigger_id=row.trigger_id,
-        display_name=row.display_name,
-        condition=kind_named(row.condition_kind).from_json(row.condition),
-        channel=row.channel,
-        purpose=row.purpose,
-        template_id=row.template_id,
-        created_at=row.created_at,
+# Definitions are immutable once stored (a changed trigger is deleted and created again, with a new
+# creation time), so a parsed definition (its conditions compiled) is kept by that key.
+_DEFINITIONS: dict[tuple[str, str, datetime], TriggerDef] = {}
+_MAX_DEFINITIONS = 10_000
+
+
+def _trigger_def(row: Mapping[str, Any]) -> TriggerDef:
+    key = (row["tenant_id"], row["trigger_id"], row["created_at"])
+    found = _DEFINITIONS.get(key)
+    if found is None:
+        found = TriggerDef(
+            trigger_id=row["trigger_id"],
+            display_name=row["display_name"],
+            condition=kind_named(row["condition_kind"]).from_json(row["condition"]),
+            channel=row["channel"],
+            purpose=row["purpose"],
+            template_id=row["template_id"],
+            policy=trigger_policy_from_json(row["policy"]),
+            created_at=row["created_at"],
+        )
+        if len(_DEFINITIONS) >= _MAX_DEFINITIONS:
+            _DEFINITIONS.clear()
+        _DEFINITIONS[key] = found
+    return found
+
+
+def context(policy: TenantPolicy, now: datetime) -> Context:
+    return Context(
+        now=now,
+        late_event_window=policy.late_event_window,
+        default_time_zone=policy.default_time_zone,
+        time_zone_trait=policy.time_zone_trait,
     )
 
 
@@ -121,7 +149,7 @@ class TriggerStore:
                 .on_conflict_do_nothing()
             )
         for tenant_id, profile_id in sorted({*people, *merged_ids}):
-            for table in (timers, trigger_states, firings):
+            for table in (timers, trigger_states, firings, decisions, people):
                 await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant_id, table.c.profile_id == profile_id)
                 )
@@ -167,7 +195,10 @@ class TriggerStore:
             return
         for table in (timers, firings):
             await timer_rows.move(conn, table, tenant, gone, survivor)
-        states = await self._states(conn, [(tenant, survivor), (tenant, gone)])
+        await trace.move(conn, tenant, gone, survivor)
+        await conn.execute(people.delete().where(people.c.tenant_id == tenant, people.c.profile_id == gone))
+        kinds = await self._condition_kinds(conn, tenant, None)
+        states = await self._states(conn, [(tenant, survivor), (tenant, gone)], {tenant: kinds})
         t = timers
         pending = (
             await conn.execute(
@@ -178,7 +209,7 @@ class TriggerStore:
         ).all()
         involved = {trigger for _, trigger, _ in states} | {r.trigger_id for r in pending}
         plan = plan_merge(
-            await self._condition_kinds(conn, tenant, involved),
+            {t: k for t, k in kinds.items() if t in involved},
             {trigger: st for (_, trigger, p), st in states.items() if p == survivor},
             {trigger: st for (_, trigger, p), st in states.items() if p == gone},
             [PendingTimer(r.trigger_id, r.occurrence, r.started_at) for r in pending],
@@ -190,7 +221,10 @@ class TriggerStore:
             )
         )
         await self._write_states(
-            conn, {(tenant, trigger, survivor): st for trigger, st in plan.states.items()}, now
+            conn,
+            {(tenant, trigger, survivor): st for trigger, st in plan.states.items()},
+            {tenant: kinds},
+            now,
         )
         if plan.retire:
             await timer_rows.retire(conn, tenant, survivor, plan.retire, now)
@@ -210,6 +244,7 @@ class TriggerStore:
             "purpose": requested.purpose,
             "template_id": requested.template_id,
             "created_at": now,
+            "policy": trigger_policy_to_json(requested.policy),
         }
         async with self.engine.begin() as conn:
             for _ in range(3):
@@ -219,7 +254,7 @@ class TriggerStore:
                     )
                 ).first()
                 if inserted is not None:
-                    return _trigger_def(inserted)
+                    return _trigger_def(inserted._mapping)
                 existing = await self._get(conn, tenant_id, requested.trigger_id)
                 if existing is not None:
                     return resolve_create(existing, requested)
@@ -233,7 +268,7 @@ class TriggerStore:
                 )
             )
         ).first()
-        return None if row is None else _trigger_def(row)
+        return None if row is None else _trigger_def(row._mapping)
 
     async def get_trigger(self, tenant_id: str, trigger_id: str) -> TriggerDef:
         async with self.engine.connect() as conn:
@@ -249,7 +284,7 @@ class TriggerStore:
             query = query.where(triggers.c.trigger_id > after)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(triggers.c.trigger_id).limit(limit))).all()
-        return [_trigger_def(r) for r in rows]
+        return [_trigger_def(r._mapping) for r in rows]
 
     async def delete_trigger(self, tenant_id: str, trigger_id: str, now: datetime) -> int:
         """Delete a trigger and cancel its pending timers; return how many were cancelled."""
@@ -279,45 +314,106 @@ class TriggerStore:
             )
         return int(cancelled.rowcount or 0)
 
-    # ---- events --------------------------------------------------------------------------------
+    # ---- policies ------------------------------------------------------------------------------
 
-    async def apply_events(self, events: Sequence[EventFacts], now: datetime) -> Plan:
-        """Decide and apply what a batch of events means, in one transaction; return the plan."""
+    async def get_policy(self, tenant_id: str) -> TenantPolicy:
+        async with self.engine.connect() as conn:
+            return (await self._policies(conn, [tenant_id])).get(tenant_id, TenantPolicy())
+
+    async def set_policy(self, tenant_id: str, policy: TenantPolicy, now: datetime) -> TenantPolicy:
+        insert = pg_insert(policies).values(
+            tenant_id=tenant_id, policy=tenant_policy_to_json(policy), updated_at=now
+        )
         async with self.engine.begin() as conn:
-            return await self.apply_events_in(conn, events, now)
+            await conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=["tenant_id"],
+                    set_={"policy": insert.excluded.policy, "updated_at": insert.excluded.updated_at},
+                )
+            )
+        return replace(policy, updated_at=now)
 
-    async def apply_events_in(
-        self, conn: AsyncConnection, events: Sequence[EventFacts], now: datetime
-    ) -> Plan:
-        tenants = sorted({e.tenant_id for e in events})
+    @staticmethod
+    async def _policies(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantPolicy]:
+        rows = await conn.execute(
+            sa.select(policies.c.tenant_id, policies.c.policy, policies.c.updated_at).where(
+                policies.c.tenant_id.in_(list(tenants))
+            )
+        )
+        return {
+            r.tenant_id: replace(tenant_policy_from_json(r.policy), updated_at=r.updated_at) for r in rows
+        }
+
+    # ---- facts: events, segment and trait changes ------------------------------------------------
+
+    async def apply_facts(self, facts: Sequence[Fact], now: datetime) -> Plan:
+        """Decide and apply what a batch of facts means, in one transaction; return the plan."""
+        async with self.engine.begin() as conn:
+            return await self.apply_facts_in(conn, facts, now)
+
+    async def apply_facts_in(self, conn: AsyncConnection, facts: Sequence[Fact], now: datetime) -> Plan:
+        tenants = sorted({f.tenant_id for f in facts})
         if not tenants:
-            return Plan([], {})
+            return Plan([], {}, [])
         by_tenant = await self._active_triggers(conn, tenants)
-        relevant = relevant_events(by_tenant, events)
+        relevant = relevant_facts(by_tenant, facts)
         if not relevant:
-            return Plan([], {})
+            return Plan([], {}, [])
         survivors = await surviving_ids(
-            conn, merged_profiles, {(e.tenant_id, e.profile_id) for e in relevant}
+            conn, merged_profiles, {(f.tenant_id, f.profile_id) for f in relevant}
         )
         if survivors:
             relevant = [
-                replace(e, profile_id=survivors.get((e.tenant_id, e.profile_id), e.profile_id))
-                for e in relevant
+                replace(f, profile_id=survivors.get((f.tenant_id, f.profile_id), f.profile_id))
+                for f in relevant
             ]
-        people = sorted({(e.tenant_id, e.profile_id) for e in relevant})
-        await self._lock_people(conn, people)
-        if await surviving_ids(conn, merged_profiles, people):
+        persons = sorted({(f.tenant_id, f.profile_id) for f in relevant})
+        await self._lock_people(conn, persons)
+        if await surviving_ids(conn, merged_profiles, persons):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
-        erased = await self._erased(conn, people)
+        erased = await self._erased(conn, persons)
         if erased:
-            relevant = [e for e in relevant if (e.tenant_id, e.profile_id) not in erased]
-            people = [p for p in people if p not in erased]
+            relevant = [f for f in relevant if (f.tenant_id, f.profile_id) not in erased]
+            persons = [p for p in persons if p not in erased]
             if not relevant:
-                return Plan([], {})
-        states = await self._states(conn, people)
-        plan = plan_events(by_tenant, relevant, states)
-        await self._apply(conn, plan, now)
+                return Plan([], {}, [])
+        kinds = {t: {d.trigger_id: d.condition.kind for d in ds} for t, ds in by_tenant.items()}
+        states = await self._states(conn, persons, kinds)
+        tenant_policies = await self._policies(conn, tenants)
+        contexts = {t: context(tenant_policies.get(t, TenantPolicy()), now) for t in tenants}
+        plan = plan_facts(by_tenant, relevant, states, contexts)
+        await self._apply(conn, plan, kinds, now)
         return plan
+
+    async def apply_profile_changes(self, changes: person_rows.ProfileChanges, now: datetime) -> Plan:
+        """Remember people's traits and consents and decide what segment and trait changes mean,
+        in one transaction (erased people are neither remembered nor decided)."""
+        async with self.engine.begin() as conn:
+            persons = {(c.tenant_id, c.profile_id) for c in (*changes.traits, *changes.consents)}
+            survivor = await surviving_ids(conn, merged_profiles, persons) if persons else {}
+            erased = (
+                await self._erased(conn, sorted({(t, survivor.get((t, p), p)) for t, p in persons}))
+                if persons
+                else set()
+            )
+            if erased:
+                changes = person_rows.ProfileChanges(
+                    [
+                        t
+                        for t in changes.traits
+                        if (t.tenant_id, survivor.get((t.tenant_id, t.profile_id), t.profile_id))
+                        not in erased
+                    ],
+                    [
+                        c
+                        for c in changes.consents
+                        if (c.tenant_id, survivor.get((c.tenant_id, c.profile_id), c.profile_id))
+                        not in erased
+                    ],
+                    changes.facts,
+                )
+            await person_rows.remember(conn, changes, survivor)
+            return await self.apply_facts_in(conn, changes.facts, now)
 
     async def _erased(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         rows = await conn.execute(
@@ -339,20 +435,20 @@ class TriggerStore:
         ).all()
         out: dict[str, list[TriggerDef]] = {}
         for r in rows:
-            out.setdefault(r.tenant_id, []).append(_trigger_def(r))
+            out.setdefault(r.tenant_id, []).append(_trigger_def(r._mapping))
         return out
 
     @staticmethod
-    async def _condition_kinds(conn: AsyncConnection, tenant: str, trigger_ids: set[str]) -> dict[str, str]:
-        """The condition kind of each of these triggers that still exists."""
-        if not trigger_ids:
-            return {}
-        rows = await conn.execute(
-            sa.select(triggers.c.trigger_id, triggers.c.condition_kind).where(
-                triggers.c.tenant_id == tenant, triggers.c.trigger_id.in_(sorted(trigger_ids))
-            )
+    async def _condition_kinds(
+        conn: AsyncConnection, tenant: str, trigger_ids: set[str] | None
+    ) -> dict[str, str]:
+        """The condition kind of each of these triggers (None: all of the tenant's) that still exists."""
+        query = sa.select(triggers.c.trigger_id, triggers.c.condition_kind).where(
+            triggers.c.tenant_id == tenant
         )
-        return {r.trigger_id: r.condition_kind for r in rows}
+        if trigger_ids is not None:
+            query = query.where(triggers.c.trigger_id.in_(sorted(trigger_ids)))
+        return {r.trigger_id: r.condition_kind for r in await conn.execute(query)}
 
     async def _lock_people(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> None:
         keys = sorted({lock_key32(t, p) for t, p in people})
@@ -365,22 +461,28 @@ class TriggerStore:
         )
 
     async def _states(
-        self, conn: AsyncConnection, people: Sequence[tuple[str, str]]
-    ) -> dict[StateKey, TriggerState]:
+        self,
+        conn: AsyncConnection,
+        persons: Sequence[tuple[str, str]],
+        kinds: Mapping[str, Mapping[str, str]],
+    ) -> dict[StateKey, Any]:
+        """The stored states of these people's triggers that exist (`kinds`: tenant -> trigger -> kind)."""
         s = trigger_states
         rows = (
-            await conn.execute(sa.select(s).where(sa.tuple_(s.c.tenant_id, s.c.profile_id).in_(list(people))))
-        ).all()
-        return {
-            (r.tenant_id, r.trigger_id, r.profile_id): TriggerState(
-                last_start_at=r.last_start_at,
-                last_start_occurrence=r.last_start_occurrence,
-                last_cancel_at=r.last_cancel_at,
+            await conn.execute(
+                sa.select(s).where(sa.tuple_(s.c.tenant_id, s.c.profile_id).in_(list(persons)))
             )
-            for r in rows
-        }
+        ).all()
+        out: dict[StateKey, Any] = {}
+        for r in rows:
+            kind = kinds.get(r.tenant_id, {}).get(r.trigger_id)
+            if kind is not None:
+                out[(r.tenant_id, r.trigger_id, r.profile_id)] = kind_named(kind).state_from_json(r.state)
+        return out
 
-    async def _apply(self, conn: AsyncConnection, plan: Plan, now: datetime) -> None:
+    async def _apply(
+        self, conn: AsyncConnection, plan: Plan, kinds: Mapping[str, Mapping[str, str]], now: datetime
+    ) -> None:
         """Write a plan. Inserts, then cancels, then supersedes: the domain never schedules a start
         that an earlier cancel covers, so this order gives the same result as applying in sequence."""
         schedules, cancels = plan.schedules, plan.cancels
@@ -390,11 +492,15 @@ class TriggerStore:
             await timer_rows.cancel_timers(conn, cancels, now)
         if schedules:
             await timer_rows.supersede_timers(conn, schedules, now)
-        await self._write_states(conn, plan.states, now)
+        await self._write_states(conn, plan.states, kinds, now)
+        await trace.record(conn, plan.notes)
 
     @staticmethod
     async def _write_states(
-        conn: AsyncConnection, states: dict[StateKey, TriggerState], now: datetime
+        conn: AsyncConnection,
+        states: Mapping[StateKey, Any],
+        kinds: Mapping[str, Mapping[str, str]],
+        now: datetime,
     ) -> None:
         if not states:
             return
@@ -404,9 +510,7 @@ class TriggerStore:
                     "tenant_id": tenant,
                     "trigger_id": trigger,
                     "profile_id": profile,
-                    "last_start_at": st.last_start_at,
-                    "last_start_occurrence": st.last_start_occurrence,
-                    "last_cancel_at": st.last_cancel_at,
+                    "state": kind_named(kinds[tenant][trigger]).state_to_json(st),
                     "updated_at": now,
                 }
                 for (tenant, trigger, profile), st in states.items()
@@ -415,39 +519,55 @@ class TriggerStore:
         await conn.execute(
             insert.on_conflict_do_update(
                 index_elements=["tenant_id", "trigger_id", "profile_id"],
-                set_={
-                    "last_start_at": insert.excluded.last_start_at,
-                    "last_start_occurrence": insert.excluded.last_start_occurrence,
-                    "last_cancel_at": insert.excluded.last_cancel_at,
-                    "updated_at": insert.excluded.updated_at,
-                },
+                set_={"state": insert.excluded.state, "updated_at": insert.excluded.updated_at},
             )
         )
 
     # ---- timers --------------------------------------------------------------------------------
 
     async def fire_due(self, now: datetime, limit: int, message_for: MessageFor) -> FireResult:
-        """Claim up to `limit` due timers, fire them and write their requests to the outbox, atomically."""
+        """Decide up to about `limit` due timers person by person and write what was decided, atomically
+        (`fire_rows`); delivery requests go to the outbox in the same transaction."""
         async with self.engine.begin() as conn:
-            due = await timer_rows.claim_due(conn, now, limit)
-            if not due:
+            persons = await fire_rows.claim_people(conn, now, limit, PROFILE_LOCK_NAMESPACE)
+            if not persons:
                 return FireResult(0, 0)
-            decided = [(d, fire(d)) for d in due]
-            to_fire = [f for _, f in decided if f is not None]
-            orphans = [d for d, f in decided if f is None]
-            new: list[Firing] = []
-            if to_fire:
-                new = await timer_rows.record_firings(conn, to_fire, now)
-                await timer_rows.set_timers(
-                    conn, [timer_rows.timer_key(f) for f in to_fire], status="fired", fired_at=now
+            due = await fire_rows.due_timers(conn, persons, now, _trigger_def)
+            tenant_policies = await self._policies(conn, sorted({t for t, _ in persons}))
+            decided, handed = await fire_rows.settle(conn, persons, due, tenant_policies, now, message_for)
+        return FireResult(decided, handed)
+
+    # ---- the decision trace ----------------------------------------------------------------------
+
+    async def explain(
+        self,
+        tenant_id: str,
+        profile_id: str,
+        trigger_id: str | None,
+        after: tuple[datetime, int] | None,
+        limit: int,
+    ) -> list[trace.DecisionRow]:
+        """The decisions about a person (under this id, the id it was merged into, and the ids merged
+        into that one), newest first."""
+        async with self.engine.connect() as conn:
+            found = await surviving_ids(conn, merged_profiles, [(tenant_id, profile_id)])
+            person = found.get((tenant_id, profile_id), profile_id)
+            m = merged_profiles
+            aliases = await conn.execute(
+                sa.select(m.c.profile_id).where(
+                    m.c.tenant_id == tenant_id, m.c.surviving_profile_id == person
                 )
-            if orphans:
-                await timer_rows.set_timers(
-                    conn,
-                    [timer_rows.timer_key(d) for d in orphans],
-                    status="cancelled",
-                    cancelled_at=now,
-                    reason="trigger deleted",
-                )
-            await enqueue(conn, outbox, [message_for(f, now) for f in new], now)
-        return FireResult(len(due), len(new))
+            )
+            ids = sorted({person, profile_id, *(r.profile_id for r in aliases)})
+            return await trace.explain(conn, tenant_id, ids, trigger_id, after, limit)
+
+    async def record_delivery(self, outcomes: Sequence[trace.DeliveryOutcome]) -> None:
+        async with self.engine.begin() as conn:
+            erased = await self._erased(conn, sorted({(o.tenant_id, o.profile_id) for o in outcomes}))
+            await trace.record_delivery(
+                conn, [o for o in outcomes if (o.tenant_id, o.profile_id) not in erased]
+            )
+
+    async def prune_decisions(self, before: datetime, limit: int = 10_000) -> int:
+        async with self.engine.begin() as conn:
+            return await trace.prune(conn, before, limit)

@@ -25,6 +25,17 @@ triggers = sa.Table(
     sa.Column("purpose", sa.Text, nullable=False),
     sa.Column("template_id", sa.Text, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
+    # The trigger's part in the tenant's policy, as `domain.policies` stores it; {} is the defaults.
+    sa.Column("policy", JSONB, nullable=False, server_default=sa.text("'{}'")),
+)
+
+# One sending policy per tenant (`domain.policies.TenantPolicy`); no row means the defaults.
+policies = sa.Table(
+    "policies",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("policy", JSONB, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
 )
 
 timers = sa.Table(
@@ -37,13 +48,17 @@ timers = sa.Table(
     sa.Column("occurrence", sa.Text, primary_key=True),
     sa.Column("started_at", TZ, nullable=False),
     sa.Column("due_at", TZ, nullable=False),
+    # When the message was first due: a deferral moves `due_at`, the expiry counts from here.
+    sa.Column("first_due_at", TZ, nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("variables", JSONB, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("fired_at", TZ),
     sa.Column("cancelled_at", TZ),
     sa.Column("reason", sa.Text),
-    sa.CheckConstraint("status IN ('pending', 'fired', 'cancelled', 'superseded')", name="timers_status"),
+    sa.CheckConstraint(
+        "status IN ('pending', 'fired', 'cancelled', 'superseded', 'dropped')", name="timers_status"
+    ),
     sa.Index("timers_due", "due_at", postgresql_where=sa.text("status = 'pending'")),
     sa.Index(
         "timers_pending_profile",
@@ -62,17 +77,14 @@ timers = sa.Table(
 # (figures: bench/README.md).
 PENDING = timers.c.status == sa.literal_column("'pending'")
 
-# The absence kind's state per (tenant, trigger, profile) (`kinds.absence.TriggerState`), the only
-# kind with per-person state; a kind with another shape of state brings its own columns.
+# Each kind's state per (tenant, trigger, profile), as the kind stores it (`state_to_json`).
 trigger_states = sa.Table(
     "trigger_states",
     metadata,
     sa.Column("tenant_id", sa.Text, primary_key=True),
     sa.Column("trigger_id", sa.Text, primary_key=True),
     sa.Column("profile_id", sa.Text, primary_key=True),
-    sa.Column("last_start_at", TZ),
-    sa.Column("last_start_occurrence", sa.Text),
-    sa.Column("last_cancel_at", TZ),
+    sa.Column("state", JSONB, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.Index("trigger_states_profile", "tenant_id", "profile_id"),
 )
@@ -86,6 +98,9 @@ firings = sa.Table(
     sa.Column("occurrence", sa.Text, primary_key=True),
     sa.Column("idempotency_key", sa.Text, nullable=False),
     sa.Column("fired_at", TZ, nullable=False),
+    # What the frequency caps count.
+    sa.Column("channel", sa.Text, nullable=False),
+    sa.Column("purpose", sa.Text, nullable=False),
     # A person's firings, which a merge moves and an erasure deletes (migration 0005).
     sa.Index("firings_profile", "tenant_id", "profile_id"),
 )
@@ -95,6 +110,63 @@ firings = sa.Table(
 erased_profiles = erased_profiles_table(metadata)
 
 merged_profiles = merged_profiles_table(metadata)
+
+# What the service knows of a person between events: effective traits (rv.profile.traits) and
+# consents "purpose.channel" -> status (rv.profile.consent), for time zones, dates and consent.
+people = sa.Table(
+    "people",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("traits", JSONB, nullable=False, server_default=sa.text("'{}'")),
+    sa.Column("consents", JSONB, nullable=False, server_default=sa.text("'{}'")),
+    sa.Column("updated_at", TZ, nullable=False),
+)
+
+# The decision trace (`ExplainDecisions`), kept for `trigger_decision_retention_days`.
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("decision_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("profile_id", sa.Text, nullable=False),
+    sa.Column("trigger_id", sa.Text, nullable=False),
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Column("reason_code", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("decided_at", TZ, nullable=False),
+    sa.Column("event_id", sa.Text, nullable=False, server_default=""),
+    sa.Column("occurrence", sa.Text, nullable=False, server_default=""),
+    sa.Column("until", TZ),
+    sa.Column("idempotency_key", sa.Text, nullable=False, server_default=""),
+    sa.Column("count", sa.BigInteger, nullable=False, server_default="1"),
+    # A trigger's condition-false evaluations for a person share one entry (the latest, counted).
+    sa.Column("collapse_key", sa.Text),
+    # A delivery outcome read twice from the bus is one entry.
+    sa.Column("dedupe_key", sa.Text),
+    sa.Index(
+        "decisions_person",
+        "tenant_id",
+        "profile_id",
+        sa.text("decided_at DESC"),
+        sa.text("decision_id DESC"),
+    ),
+    sa.Index("decisions_age", "decided_at"),
+    sa.Index(
+        "decisions_collapse",
+        "tenant_id",
+        "collapse_key",
+        unique=True,
+        postgresql_where=sa.text("collapse_key IS NOT NULL"),
+    ),
+    sa.Index(
+        "decisions_dedupe",
+        "tenant_id",
+        "dedupe_key",
+        unique=True,
+        postgresql_where=sa.text("dedupe_key IS NOT NULL"),
+    ),
+)
 
 outbox = outbox_table(metadata)
 

@@ -7,16 +7,19 @@ indexes of pending timers usable in every plan.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from services.trigger.domain import CancelTimers, DueTimer, Firing, RetireTimer, ScheduleTimer
-from services.trigger.tables import PENDING, TIMER_KEY, TZ, firings, timers, triggers
+from services.trigger.domain import CancelTimers, RetireTimer, ScheduleTimer
+from services.trigger.domain.firing import DueTimer, Firing
+from services.trigger.tables import PENDING, TIMER_KEY, TZ, timers
 
 # (tenant_id, trigger_id, profile_id, occurrence): one timer, one firing.
 TimerKey = tuple[str, str, str, str]
@@ -26,62 +29,102 @@ def timer_key(t: Firing | DueTimer) -> TimerKey:
     return (t.tenant_id, t.trigger_id, t.profile_id, t.occurrence)
 
 
+def _timer_row(i: ScheduleTimer, now: datetime) -> dict[str, Any]:
+    return {
+        "tenant_id": i.tenant_id,
+        "trigger_id": i.trigger_id,
+        "profile_id": i.profile_id,
+        "occurrence": i.occurrence,
+        "started_at": i.started_at,
+        "due_at": i.due_at,
+        "first_due_at": i.due_at,
+        "status": "pending",
+        "variables": i.variables,
+        "created_at": now,
+    }
+
+
 async def insert_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer], now: datetime) -> None:
-    """A pending timer per schedule; one already there (a redelivered start) stays as it is."""
-    await conn.execute(
-        pg_insert(timers)
-        .values(
-            [
-                {
-                    "tenant_id": i.tenant_id,
-                    "trigger_id": i.trigger_id,
-                    "profile_id": i.profile_id,
-                    "occurrence": i.occurrence,
-                    "started_at": i.started_at,
-                    "due_at": i.due_at,
-                    "status": "pending",
-                    "variables": i.variables,
-                    "created_at": now,
-                }
-                for i in schedules
-            ]
+    """A pending timer per schedule. One already there (a redelivered start) stays as it is, unless
+    the schedule moves it and it is still pending: then it takes the new times and variables."""
+    fixed = [_timer_row(i, now) for i in schedules if not i.move]
+    if fixed:
+        await conn.execute(pg_insert(timers).values(fixed).on_conflict_do_nothing(index_elements=TIMER_KEY))
+    moving = {timer_key_of(i): _timer_row(i, now) for i in schedules if i.move}
+    if moving:
+        insert = pg_insert(timers).values(list(moving.values()))
+        x = insert.excluded
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=TIMER_KEY,
+                set_={
+                    "started_at": x.started_at,
+                    "due_at": x.due_at,
+                    "first_due_at": x.due_at,
+                    "variables": x.variables,
+                },
+                where=PENDING,
+            )
         )
-        .on_conflict_do_nothing(index_elements=TIMER_KEY)
-    )
+
+
+def timer_key_of(i: ScheduleTimer) -> TimerKey:
+    return (i.tenant_id, i.trigger_id, i.profile_id, i.occurrence)
 
 
 async def cancel_timers(conn: AsyncConnection, cancels: Sequence[CancelTimers], now: datetime) -> None:
     t = timers
-    await conn.execute(
-        t.update()
-        .where(
-            t.c.tenant_id == sa.bindparam("b_tenant"),
-            t.c.trigger_id == sa.bindparam("b_trigger"),
-            t.c.profile_id == sa.bindparam("b_profile"),
-            PENDING,
-            t.c.started_at <= sa.bindparam("b_until", type_=TZ),
+    plain = [c for c in cancels if not c.match]
+    if plain:
+        await conn.execute(
+            t.update()
+            .where(
+                t.c.tenant_id == sa.bindparam("b_tenant"),
+                t.c.trigger_id == sa.bindparam("b_trigger"),
+                t.c.profile_id == sa.bindparam("b_profile"),
+                PENDING,
+                t.c.started_at <= sa.bindparam("b_until", type_=TZ),
+            )
+            .values(
+                status="cancelled",
+                cancelled_at=sa.bindparam("b_now", type_=TZ),
+                reason=sa.bindparam("b_reason"),
+            ),
+            [
+                {
+                    "b_tenant": c.tenant_id,
+                    "b_trigger": c.trigger_id,
+                    "b_profile": c.profile_id,
+                    "b_until": c.until,
+                    "b_now": now,
+                    "b_reason": c.reason,
+                }
+                for c in plain
+            ],
         )
-        .values(
-            status="cancelled",
-            cancelled_at=sa.bindparam("b_now", type_=TZ),
-            reason=sa.bindparam("b_reason"),
-        ),
-        [
-            {
-                "b_tenant": c.tenant_id,
-                "b_trigger": c.trigger_id,
-                "b_profile": c.profile_id,
-                "b_until": c.until,
-                "b_now": now,
-                "b_reason": c.reason,
-            }
-            for c in cancels
-        ],
-    )
+    for c in cancels:
+        if not c.match:
+            continue
+        started = t.c.variables["event"]
+        await conn.execute(
+            t.update()
+            .where(
+                t.c.tenant_id == c.tenant_id,
+                t.c.trigger_id == c.trigger_id,
+                t.c.profile_id == c.profile_id,
+                PENDING,
+                t.c.started_at <= c.until,
+                *(started[name] == sa.cast(sa.literal(json.dumps(value)), JSONB) for name, value in c.match),
+            )
+            .values(status="cancelled", cancelled_at=now, reason=c.reason)
+        )
 
 
 async def supersede_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer], now: datetime) -> None:
-    """Each schedule supersedes its profile's older pending timers of the same trigger."""
+    """Each schedule that supersedes retires its profile's older pending timers of the same trigger."""
+    schedules = [i for i in schedules if i.supersede]
+    if not schedules:
+        return
     t = timers
     await conn.execute(
         t.update()
@@ -162,70 +205,6 @@ async def move(conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, s
         .values(profile_id=survivor)
     )
     await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
-
-
-async def claim_due(conn: AsyncConnection, now: datetime, limit: int) -> list[DueTimer]:
-    """Lock up to `limit` due pending timers (skipping those another worker holds), oldest first,
-    each with its trigger's sending fields (None when the trigger is gone)."""
-    t, tr = timers, triggers
-    claim = (
-        sa.select(
-            t.c.tenant_id,
-            t.c.trigger_id,
-            t.c.profile_id,
-            t.c.occurrence,
-            t.c.variables,
-            tr.c.channel,
-            tr.c.purpose,
-            tr.c.template_id,
-        )
-        .select_from(
-            t.outerjoin(tr, sa.and_(tr.c.tenant_id == t.c.tenant_id, tr.c.trigger_id == t.c.trigger_id))
-        )
-        .where(PENDING, t.c.due_at <= now)
-        .order_by(t.c.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=t)
-    )
-    return [
-        DueTimer(
-            tenant_id=r.tenant_id,
-            trigger_id=r.trigger_id,
-            profile_id=r.profile_id,
-            occurrence=r.occurrence,
-            variables=r.variables,
-            channel=r.channel,
-            purpose=r.purpose,
-            template_id=r.template_id,
-        )
-        for r in await conn.execute(claim)
-    ]
-
-
-async def record_firings(conn: AsyncConnection, to_fire: Sequence[Firing], now: datetime) -> list[Firing]:
-    """Record the firings; return those not recorded before (only they are sent)."""
-    inserted = (
-        await conn.execute(
-            pg_insert(firings)
-            .values(
-                [
-                    {
-                        "tenant_id": f.tenant_id,
-                        "trigger_id": f.trigger_id,
-                        "profile_id": f.profile_id,
-                        "occurrence": f.occurrence,
-                        "idempotency_key": f.idempotency_key,
-                        "fired_at": now,
-                    }
-                    for f in to_fire
-                ]
-            )
-            .on_conflict_do_nothing()
-            .returning(*(firings.c[k] for k in TIMER_KEY))
-        )
-    ).all()
-    fresh = {tuple(r) for r in inserted}
-    return [f for f in to_fire if timer_key(f) in fresh]
 
 
 async def set_timers(conn: AsyncConnection, keys: list[TimerKey], **values: Any) -> None:

@@ -10,9 +10,9 @@ rounds uses real time, because a ManualClock never moves by itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from prometheus_client import Counter
@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2
 from relevans.kit.clock import Clock
+from relevans.kit.enums import enum_value
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_struct, to_timestamp
 from services.trigger.domain import Firing
@@ -40,8 +41,8 @@ def delivery_request(f: Firing, now: datetime) -> bus_pb2.DeliveryRequest:
         tenant_id=f.tenant_id,
         profile_id=f.profile_id,
         trigger_id=f.trigger_id,
-        channel=common_pb2.Channel.Value("CHANNEL_" + f.channel.upper()),
-        purpose=common_pb2.Purpose.Value("PURPOSE_" + f.purpose.upper()),
+        channel=enum_value(common_pb2.Channel, f.channel, "CHANNEL_"),
+        purpose=enum_value(common_pb2.Purpose, f.purpose, "PURPOSE_"),
         template_id=f.template_id,
         variables=to_struct(f.variables),
         request_time=to_timestamp(now),
@@ -67,6 +68,11 @@ class TimerWorker:
         self.notify = notify
         self.batch = batch
         self.poll_interval = poll_interval
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Run a round now: a message became due (its fact was just decided)."""
+        self._woken.set()
 
     async def _round(self) -> tuple[int, int]:
         result = await self.store.fire_due(self.clock.now(), self.batch, delivery_message)
@@ -94,7 +100,49 @@ class TimerWorker:
             if claimed < self.batch:
                 await self._wait(stop, self.poll_interval)
 
-    @staticmethod
-    async def _wait(stop: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=seconds)
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        self._woken.clear()
+        await _first(seconds, stop.wait(), self._woken.wait())
+
+
+async def _first(seconds: float, *waits: Coroutine[Any, Any, Any]) -> None:
+    """Until one of `waits` is done or `seconds` have passed (real time)."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+PRUNE_EVERY_S = 3600.0
+
+
+class DecisionPruner:
+    """Deletes decision-trace rows older than the retention, hourly (real time), in batches."""
+
+    def __init__(self, store: TriggerStore, clock: Clock, retention: timedelta) -> None:
+        self.store = store
+        self.clock = clock
+        self.retention = retention
+
+    async def prune(self) -> int:
+        """Delete every row older than the retention; return how many."""
+        total = 0
+        while True:
+            deleted = await self.store.prune_decisions(self.clock.now() - self.retention)
+            total += deleted
+            if deleted == 0:
+                return total
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                deleted = await self.prune()
+                if deleted:
+                    log.info("decision trace pruned", deleted=deleted)
+            except Exception:
+                if stop.is_set():
+                    break
+                log.exception("pruning the decision trace failed; retrying later")
+            await _first(PRUNE_EVERY_S, stop.wait())

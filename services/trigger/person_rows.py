@@ -1,0 +1,122 @@
+"""What the trigger service knows of a person between events (`people`): their effective traits
+(from rv.profile.traits) and consents (from rv.profile.consent), read when their timers are due
+(time zone, consent) and when a date trigger is created."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.trigger.tables import people
+
+Person = tuple[str, str]
+Consents = dict[tuple[str, str], str]
+
+
+@dataclass(frozen=True, slots=True)
+class KnownTraits:
+    """A person's effective traits as of `at`."""
+
+    tenant_id: str
+    profile_id: str
+    traits: dict[str, Any]
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class KnownConsent:
+    tenant_id: str
+    profile_id: str
+    purpose: str
+    channel: str
+    status: str
+    at: datetime
+
+
+@dataclass(slots=True)
+class ProfileChanges:
+    """A batch of profile changes: what to remember of people, and the facts to decide."""
+
+    traits: list[KnownTraits] = field(default_factory=list)
+    consents: list[KnownConsent] = field(default_factory=list)
+    # Segment and trait changes (`domain.events`).
+    facts: list[Any] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.traits or self.consents or self.facts)
+
+
+async def load(
+    conn: AsyncConnection, persons: Sequence[Person]
+) -> dict[Person, tuple[dict[str, Any], Consents]]:
+    p = people
+    rows = await conn.execute(
+        sa.select(p.c.tenant_id, p.c.profile_id, p.c.traits, p.c.consents).where(
+            sa.tuple_(p.c.tenant_id, p.c.profile_id).in_(list(persons))
+        )
+    )
+    out = {}
+    for r in rows:
+        consents = {tuple(k.split(".", 1)): v for k, v in r.consents.items()}
+        out[(r.tenant_id, r.profile_id)] = (dict(r.traits), consents)
+    return out  # type: ignore[return-value]
+
+
+async def remember(conn: AsyncConnection, changes: ProfileChanges, survivor: dict[Person, str]) -> None:
+    """Write the batch's traits (the latest snapshot per person wins, also against what is stored)
+    and consents, under the surviving ids."""
+    latest: dict[Person, KnownTraits] = {}
+    for t in changes.traits:
+        person = (t.tenant_id, survivor.get((t.tenant_id, t.profile_id), t.profile_id))
+        if person not in latest or latest[person].at <= t.at:
+            latest[person] = t
+    if latest:
+        insert = pg_insert(people).values(
+            [
+                {
+                    "tenant_id": p[0],
+                    "profile_id": p[1],
+                    "traits": t.traits,
+                    "consents": {},
+                    "updated_at": t.at,
+                }
+                for p, t in latest.items()
+            ]
+        )
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["tenant_id", "profile_id"],
+                set_={"traits": insert.excluded.traits, "updated_at": insert.excluded.updated_at},
+                where=people.c.updated_at <= insert.excluded.updated_at,
+            )
+        )
+    for c in changes.consents:
+        person = (c.tenant_id, survivor.get((c.tenant_id, c.profile_id), c.profile_id))
+        insert = pg_insert(people).values(
+            tenant_id=person[0],
+            profile_id=person[1],
+            traits={},
+            consents={f"{c.purpose}.{c.channel}": c.status},
+            updated_at=c.at,
+        )
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["tenant_id", "profile_id"],
+                set_={"consents": people.c.consents.concat(insert.excluded.consents)},
+            )
+        )
+
+
+async def with_trait(conn: AsyncConnection, tenant_id: str, trait: str) -> list[tuple[str, dict[str, Any]]]:
+    """(profile id, traits) of the tenant's people who have `trait`."""
+    p = people
+    rows = await conn.execute(
+        sa.select(p.c.profile_id, p.c.traits).where(p.c.tenant_id == tenant_id, p.c.traits.has_key(trait))
+    )
+    return [(r.profile_id, dict(r.traits)) for r in rows]

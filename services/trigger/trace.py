@@ -1,0 +1,193 @@
+"""The decision trace's rows: what each evaluation, firing and delivery outcome came to.
+
+Notes of the domain (`intents.Note`) become `decisions` rows in the transaction that made
+them. A trigger's condition-false evaluations for a person are one row (`collapse_key`): the
+latest, with how many it stands for — every page view a condition turns down would otherwise be
+a row. Delivery's outcomes, read from rv.delivery.status.*, are rows keyed by the message and
+status (`dedupe_key`), so a redelivered status changes nothing. Rows older than the retention
+are pruned; an erasure deletes the person's rows with the rest of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from services.trigger.domain.intents import Note
+from services.trigger.tables import decisions
+
+# Condition-false evaluations collapse into one row per (trigger, person).
+COLLAPSED = frozenset({("not_fired", "condition_false")})
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRow:
+    decision_id: int
+    trigger_id: str
+    profile_id: str
+    outcome: str
+    reason_code: str
+    reason: str
+    decided_at: datetime
+    event_id: str
+    occurrence: str
+    until: datetime | None
+    idempotency_key: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOutcome:
+    """A status delivery published about a message a trigger asked for."""
+
+    tenant_id: str
+    profile_id: str
+    trigger_id: str
+    idempotency_key: str
+    # delivery_sent, delivery_suppressed or delivery_failed.
+    outcome: str
+    reason: str
+    at: datetime
+
+
+def _values(n: Note, idempotency_key: str = "") -> dict[str, Any]:
+    return {
+        "tenant_id": n.tenant_id,
+        "profile_id": n.profile_id,
+        "trigger_id": n.trigger_id,
+        "outcome": n.outcome,
+        "reason_code": n.reason_code,
+        "reason": n.reason,
+        "decided_at": n.at,
+        "event_id": n.event_id,
+        "occurrence": n.occurrence,
+        "until": n.until,
+        "idempotency_key": idempotency_key,
+        "count": 1,
+    }
+
+
+async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[str] = ()) -> None:
+    """Write notes (with the idempotency key of each, where one was handed to delivery)."""
+    if not notes:
+        return
+    plain: list[dict[str, Any]] = []
+    collapsed: dict[tuple[str, str], dict[str, Any]] = {}
+    for i, n in enumerate(notes):
+        values = _values(n, keys[i] if i < len(keys) else "")
+        if (n.outcome, n.reason_code) in COLLAPSED:
+            key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
+            seen = collapsed.get((n.tenant_id, key))
+            values["collapse_key"] = key
+            if seen is not None:
+                values["count"] = seen["count"] + 1
+            collapsed[(n.tenant_id, key)] = values
+        else:
+            plain.append(values)
+    if plain:
+        await conn.execute(decisions.insert(), plain)
+    if collapsed:
+        insert = pg_insert(decisions).values(list(collapsed.values()))
+        x = insert.excluded
+        await conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=["tenant_id", "collapse_key"],
+                index_where=decisions.c.collapse_key.is_not(None),
+                set_={
+                    "count": decisions.c.count + x.count,
+                    "decided_at": sa.func.greatest(decisions.c.decided_at, x.decided_at),
+                    "event_id": x.event_id,
+                    "reason": x.reason,
+                },
+            )
+        )
+
+
+async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
+    if not outcomes:
+        return
+    rows = [
+        {
+            "tenant_id": o.tenant_id,
+            "profile_id": o.profile_id,
+            "trigger_id": o.trigger_id,
+            "outcome": o.outcome,
+            "reason_code": o.outcome.removeprefix("delivery_"),
+            "reason": o.reason or o.outcome.removeprefix("delivery_"),
+            "decided_at": o.at,
+            "occurrence": occurrence_of(o.idempotency_key, o.trigger_id, o.profile_id),
+            "idempotency_key": o.idempotency_key,
+            "dedupe_key": f"{o.idempotency_key}\x1f{o.outcome}",
+        }
+        for o in outcomes
+    ]
+    await conn.execute(
+        pg_insert(decisions)
+        .values(rows)
+        .on_conflict_do_nothing(
+            index_elements=["tenant_id", "dedupe_key"], index_where=decisions.c.dedupe_key.is_not(None)
+        )
+    )
+
+
+def occurrence_of(idempotency_key: str, trigger_id: str, profile_id: str) -> str:
+    """The occurrence in a key `firing.idempotency_key` made ("" when it is not one)."""
+    prefix = f"{trigger_id}:{profile_id}:"
+    return idempotency_key[len(prefix) :] if idempotency_key.startswith(prefix) else ""
+
+
+async def explain(
+    conn: AsyncConnection,
+    tenant_id: str,
+    profile_ids: Sequence[str],
+    trigger_id: str | None,
+    after: tuple[datetime, int] | None,
+    limit: int,
+) -> list[DecisionRow]:
+    """Up to `limit` rows about these profile ids (a person and the ids merged into them), newest
+    first, starting after the (decided_at, decision_id) position `after`."""
+    d = decisions
+    query = sa.select(
+        d.c.decision_id,
+        d.c.trigger_id,
+        d.c.profile_id,
+        d.c.outcome,
+        d.c.reason_code,
+        d.c.reason,
+        d.c.decided_at,
+        d.c.event_id,
+        d.c.occurrence,
+        d.c.until,
+        d.c.idempotency_key,
+        d.c.count,
+    ).where(d.c.tenant_id == tenant_id, d.c.profile_id.in_(list(profile_ids)))
+    if trigger_id is not None:
+        query = query.where(d.c.trigger_id == trigger_id)
+    if after is not None:
+        query = query.where(sa.tuple_(d.c.decided_at, d.c.decision_id) < sa.tuple_(*after))
+    rows = await conn.execute(query.order_by(d.c.decided_at.desc(), d.c.decision_id.desc()).limit(limit))
+    return [DecisionRow(**r._mapping) for r in rows]
+
+
+async def move(conn: AsyncConnection, tenant_id: str, gone: str, survivor: str) -> None:
+    """A merged-away profile's rows become the survivor's (collapsed rows of both stay two rows)."""
+    d = decisions
+    await conn.execute(
+        d.update()
+        .where(d.c.tenant_id == tenant_id, d.c.profile_id == gone)
+        .values(profile_id=survivor, collapse_key=None)
+    )
+
+
+async def prune(conn: AsyncConnection, before: datetime, limit: int) -> int:
+    """Delete up to `limit` rows decided before `before`; return how many."""
+    d = decisions
+    old = sa.select(d.c.decision_id).where(d.c.decided_at < before).limit(limit).scalar_subquery()
+    result = await conn.execute(d.delete().where(d.c.decision_id.in_(old)))
+    return int(result.rowcount or 0)
