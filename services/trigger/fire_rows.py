@@ -1,10 +1,13 @@
 """The timer worker's transaction: claim due timers person by person, decide them by the
 policies, write what was decided.
 
-A round (1) claims up to `limit` due pending timers with `FOR UPDATE SKIP LOCKED`, (2) takes the
-advisory lock of each of their people that no other transaction holds (`pg_try_advisory_xact_lock`:
-a person whose events or timers are being handled elsewhere waits for the next round), (3) locks
-every due timer of the locked people, so one person's due messages are decided together, (4) loads
+A round (1) picks the people of up to `limit` due pending timers (`FOR UPDATE SKIP LOCKED` inside
+a savepoint rolled back at once: workers pick different people, and no row lock outlives the
+pick), (2) takes the advisory lock of each of those people that no other transaction holds
+(`pg_try_advisory_xact_lock`: a person whose facts or timers are being handled elsewhere waits for
+the next round), (3) locks every due timer of the locked people — only holders of a person's lock
+change their timers, so this waits at most for another worker's pick — and so decides one
+person's due messages together, whichever worker picked which of them, (4) loads
 what the decision needs — the tenants' policies, the people's traits and consents, the messages
 already handed to delivery — and (5) writes the outcome: firings, delivery requests in the
 outbox, deferred due times, dropped timers, the timers that follow, and the decision trace.
@@ -37,6 +40,7 @@ Person = tuple[str, str]
 async def claim_people(conn: AsyncConnection, now: datetime, limit: int, namespace: int) -> list[Person]:
     """Steps 1-2: the people of up to `limit` due timers whose lock this transaction got."""
     t = timers
+    pick = await conn.begin_nested()
     rows = (
         await conn.execute(
             sa.select(t.c.tenant_id, t.c.profile_id)
@@ -46,6 +50,7 @@ async def claim_people(conn: AsyncConnection, now: datetime, limit: int, namespa
             .with_for_update(skip_locked=True)
         )
     ).all()
+    await pick.rollback()
     people = sorted({(r.tenant_id, r.profile_id) for r in rows})
     if not people:
         return []
@@ -80,7 +85,7 @@ async def due_timers(
         )
         .where(sa.tuple_(t.c.tenant_id, t.c.profile_id).in_(list(people)), PENDING, t.c.due_at <= now)
         .order_by(t.c.due_at)
-        .with_for_update(skip_locked=True, of=t)
+        .with_for_update(of=t)
     )
     out = []
     for r in rows:

@@ -4,7 +4,7 @@ timers, and the events of the profile service it consumes, published by the test
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -17,6 +17,7 @@ from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.kit.bus import event_subject
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
+from relevans.kit.proto import to_value
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
@@ -151,3 +152,86 @@ class Harness:
 
     async def no_pending(self) -> bool:
         return not await self.pending()
+
+    # ---- moments other than events, policies, the decision trace -------------------------------
+
+    async def advance_to(self, when: datetime) -> None:
+        """Move the clock forward to `when`."""
+        assert when >= self.clock.now(), f"{when} is before {self.clock.now()}"
+        await self.clock.advance(when - self.clock.now())
+
+    async def publish_traits(
+        self,
+        profile_id: str,
+        traits: dict[str, Any],
+        previous: dict[str, Any] | None = None,
+        tenant: str = TENANT,
+    ) -> profile_bus_pb2.TraitsChanged:
+        """A TraitsChanged as profile publishes it: `traits` after, `previous` the changed ones'
+        values before (a name in neither was unchanged; None in `traits` means removed)."""
+        previous = previous or {}
+        after = {k: v for k, v in traits.items() if v is not None}
+        changed = sorted({k for k, v in traits.items() if previous.get(k) != v} | set(previous))
+        msg = profile_bus_pb2.TraitsChanged(
+            tenant_id=tenant,
+            profile_id=profile_id,
+            changed=changed,
+            source="set_traits",
+            change_id=uuid.uuid4().hex,
+        )
+        for name, value in after.items():
+            msg.traits[name].CopyFrom(to_value(value))
+        for name, value in previous.items():
+            if value is not None:
+                msg.previous[name].CopyFrom(to_value(value))
+        msg.change_time.FromDatetime(self.clock.now())
+        await self.js.publish("rv.profile.traits", msg.SerializeToString())
+        return msg
+
+    async def publish_segment(
+        self, profile_id: str, segment_id: str, entered: bool, tenant: str = TENANT
+    ) -> profile_bus_pb2.SegmentMembershipChanged:
+        msg = profile_bus_pb2.SegmentMembershipChanged(
+            tenant_id=tenant,
+            segment_id=segment_id,
+            segment_name=segment_id,
+            profile_id=profile_id,
+            entered=entered,
+            event_id=uuid.uuid4().hex,
+        )
+        msg.change_time.FromDatetime(self.clock.now())
+        await self.js.publish("rv.profile.segments", msg.SerializeToString())
+        return msg
+
+    async def set_policy(self, policy: trigger_pb2.Policy, tenant: str = TENANT) -> trigger_pb2.Policy:
+        reply = await self.stub.SetPolicy(trigger_pb2.SetPolicyRequest(policy=policy), metadata=token(tenant))
+        return reply.policy
+
+    async def explain(
+        self, profile_id: str, trigger_id: str = "", tenant: str = TENANT
+    ) -> list[trigger_pb2.Decision]:
+        """Every decision about a person (all pages), newest first."""
+        out: list[trigger_pb2.Decision] = []
+        page_token = ""
+        while True:
+            reply = await self.stub.ExplainDecisions(
+                trigger_pb2.ExplainDecisionsRequest(
+                    profile_id=profile_id, trigger_id=trigger_id, page_size=200, page_token=page_token
+                ),
+                metadata=token(tenant),
+            )
+            out += reply.decisions
+            page_token = reply.next_page_token
+            if not page_token:
+                return out
+
+    async def outcomes(self, profile_id: str, trigger_id: str = "") -> list[tuple[str, str, str]]:
+        """(trigger, outcome, reason code) of each decision about a person, oldest first."""
+        return [
+            (
+                d.trigger_id,
+                trigger_pb2.DecisionOutcome.Name(d.outcome).removeprefix("DECISION_OUTCOME_").lower(),
+                d.reason_code,
+            )
+            for d in reversed(await self.explain(profile_id, trigger_id))
+        ]
