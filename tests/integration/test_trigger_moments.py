@@ -312,10 +312,13 @@ async def test_quiet_hours_defer_to_their_end_and_an_expiry_that_comes_first_dro
 
 
 async def test_a_restart_with_timers_of_every_kind_pending_fires_each_exactly_once(harness: Harness) -> None:
-    # Quiet hours all day long keep the moments that fire at once pending too.
+    # Quiet hours all day but a minute keep the moments that fire at once pending too.
     await harness.set_policy(
-        trigger_pb2.Policy(quiet_hours=trigger_pb2.QuietHours(start="09:00", end="08:59"))
+        trigger_pb2.Policy(
+            quiet_hours=trigger_pb2.QuietHours(start="09:00", end="08:59"), default_expiry=duration(7 * DAY)
+        )
     )
+    start = harness.clock.now()
     await harness.create(trigger=on_event("k-event", "visit"))
     await harness.create(trigger=threshold("k-threshold", "visit", 1, DAY))
     await harness.create(trigger=inactivity("k-inactivity", ["visit"], DAY))
