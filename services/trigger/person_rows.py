@@ -61,11 +61,14 @@ async def load(
             sa.tuple_(p.c.tenant_id, p.c.profile_id).in_(list(persons))
         )
     )
-    out = {}
+    out: dict[Person, tuple[dict[str, Any], Consents]] = {}
     for r in rows:
-        consents = {tuple(k.split(".", 1)): v for k, v in r.consents.items()}
+        consents: Consents = {}
+        for key, status in r.consents.items():
+            purpose, _, channel = key.partition(".")
+            consents[(purpose, channel)] = status
         out[(r.tenant_id, r.profile_id)] = (dict(r.traits), consents)
-    return out  # type: ignore[return-value]
+    return out
 
 
 async def remember(conn: AsyncConnection, changes: ProfileChanges, survivor: dict[Person, str]) -> None:

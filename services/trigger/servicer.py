@@ -86,7 +86,7 @@ def decision_proto(r: DecisionRow) -> trigger_pb2.Decision:
         count=r.count,
     )
     if r.until is not None:
-        d.defer_until.CopyFrom(to_timestamp(r.until))
+        d.defer_until.FromDatetime(r.until)
     return d
 
 

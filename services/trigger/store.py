@@ -94,7 +94,7 @@ _DEFINITIONS: dict[tuple[str, str, datetime], TriggerDef] = {}
 _MAX_DEFINITIONS = 10_000
 
 
-def _trigger_def(row: Mapping[str, Any]) -> TriggerDef:
+def _trigger_def(row: Mapping[Any, Any]) -> TriggerDef:
     key = (row["tenant_id"], row["trigger_id"], row["created_at"])
     found = _DEFINITIONS.get(key)
     if found is None:
@@ -130,25 +130,25 @@ class TriggerStore:
     # ---- GDPR ---------------------------------------------------------------------------------
 
     async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
-        """Delete the timers, trigger states and firings of erased people and of the ids merged into
+        """Delete the timers, trigger states, firings, decision trace and known traits of erased people and of the ids merged into
         them (in the caller's transaction), under their advisory locks so no event of theirs is
         applied meanwhile."""
-        people = sorted({(e.tenant_id, e.profile_id) for e in erased})
-        await self._lock_people(conn, people)
+        persons = sorted({(e.tenant_id, e.profile_id) for e in erased})
+        await self._lock_people(conn, persons)
         await conn.execute(
             pg_insert(erased_profiles)
-            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in people])
+            .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in persons])
             .on_conflict_do_nothing()
         )
         # The ids merged into an erased person are erased with them, and the links between ids go.
-        merged_ids = await forget_aliases(conn, merged_profiles, people)
+        merged_ids = await forget_aliases(conn, merged_profiles, persons)
         if merged_ids:
             await conn.execute(
                 pg_insert(erased_profiles)
                 .values([{"tenant_id": t, "profile_id": p, "erased_at": now} for t, p in merged_ids])
                 .on_conflict_do_nothing()
             )
-        for tenant_id, profile_id in sorted({*people, *merged_ids}):
+        for tenant_id, profile_id in sorted({*persons, *merged_ids}):
             for table in (timers, trigger_states, firings, decisions, people):
                 await conn.execute(
                     table.delete().where(table.c.tenant_id == tenant_id, table.c.profile_id == profile_id)
@@ -389,30 +389,23 @@ class TriggerStore:
         """Remember people's traits and consents and decide what segment and trait changes mean,
         in one transaction (erased people are neither remembered nor decided)."""
         async with self.engine.begin() as conn:
-            persons = {(c.tenant_id, c.profile_id) for c in (*changes.traits, *changes.consents)}
+            remembered: list[person_rows.KnownTraits | person_rows.KnownConsent] = [
+                *changes.traits,
+                *changes.consents,
+            ]
+            persons = {(c.tenant_id, c.profile_id) for c in remembered}
             survivor = await surviving_ids(conn, merged_profiles, persons) if persons else {}
-            erased = (
-                await self._erased(conn, sorted({(t, survivor.get((t, p), p)) for t, p in persons}))
-                if persons
-                else set()
+
+            def person(c: person_rows.KnownTraits | person_rows.KnownConsent) -> tuple[str, str]:
+                return (c.tenant_id, survivor.get((c.tenant_id, c.profile_id), c.profile_id))
+
+            erased = await self._erased(conn, sorted({person(c) for c in remembered})) if persons else set()
+            kept = person_rows.ProfileChanges(
+                [t for t in changes.traits if person(t) not in erased],
+                [c for c in changes.consents if person(c) not in erased],
+                changes.facts,
             )
-            if erased:
-                changes = person_rows.ProfileChanges(
-                    [
-                        t
-                        for t in changes.traits
-                        if (t.tenant_id, survivor.get((t.tenant_id, t.profile_id), t.profile_id))
-                        not in erased
-                    ],
-                    [
-                        c
-                        for c in changes.consents
-                        if (c.tenant_id, survivor.get((c.tenant_id, c.profile_id), c.profile_id))
-                        not in erased
-                    ],
-                    changes.facts,
-                )
-            await person_rows.remember(conn, changes, survivor)
+            await person_rows.remember(conn, kept, survivor)
             return await self.apply_facts_in(conn, changes.facts, now)
 
     async def _erased(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
