@@ -51,6 +51,7 @@ from services.trigger.domain import (
     resolve_create,
 )
 from services.trigger.domain.kinds import kind_named
+from services.trigger.domain.events import TraitChange
 from services.trigger.domain.kinds.contract import Context
 from services.trigger.domain.policies import (
     TenantPolicy,
@@ -71,6 +72,9 @@ from services.trigger.tables import (
     trigger_states,
     triggers,
 )
+
+# People armed per statement batch when a trigger keyed on a trait is created.
+ARM_BATCH = 5_000
 
 # First key of the two-key advisory locks this service takes per (tenant, profile).
 PROFILE_LOCK_NAMESPACE = 0x52565447  # "RVTG"
@@ -232,7 +236,10 @@ class TriggerStore:
     # ---- definitions ---------------------------------------------------------------------------
 
     async def create_trigger(self, tenant_id: str, requested: TriggerDef, now: datetime) -> TriggerDef:
-        """Store a new trigger; the same definition again returns the stored one (AlreadyExists if not)."""
+        """Store a new trigger; the same definition again returns the stored one (AlreadyExists if not).
+
+        A kind that keys its timers on a trait (a date) is armed in the same transaction for every
+        person whose traits the service knows: their timers exist as the trigger does."""
         kind = kind_named(requested.condition.kind)
         values = {
             "tenant_id": tenant_id,
@@ -254,11 +261,39 @@ class TriggerStore:
                     )
                 ).first()
                 if inserted is not None:
-                    return _trigger_def(inserted._mapping)
+                    created = _trigger_def(inserted._mapping)
+                    await self._arm(conn, tenant_id, created, now)
+                    return created
                 existing = await self._get(conn, tenant_id, requested.trigger_id)
                 if existing is not None:
                     return resolve_create(existing, requested)
         raise RuntimeError("trigger kept appearing and disappearing while being created")
+
+    async def _arm(self, conn: AsyncConnection, tenant_id: str, trigger: TriggerDef, now: datetime) -> None:
+        """Decide a new trigger's `arming_trait` for every known person who has it, as if it had
+        just been set (the trigger is not visible to other transactions yet: no person lock needed)."""
+        kind = kind_named(trigger.condition.kind)
+        trait = kind.arming_trait(trigger.condition)
+        if trait is None:
+            return
+        ctx = context((await self._policies(conn, [tenant_id])).get(tenant_id, TenantPolicy()), now)
+        known = await person_rows.with_trait(conn, tenant_id, trait)
+        for start in range(0, len(known), ARM_BATCH):
+            facts: list[Fact] = [
+                TraitChange(
+                    tenant_id=tenant_id,
+                    profile_id=profile_id,
+                    change_id=f"created:{trigger.trigger_id}",
+                    name=trait,
+                    before=None,
+                    after=traits[trait],
+                    traits=traits,
+                    occurred_at=now,
+                )
+                for profile_id, traits in known[start : start + ARM_BATCH]
+            ]
+            plan = plan_facts({tenant_id: [trigger]}, facts, {}, {tenant_id: ctx})
+            await self._apply(conn, plan, {tenant_id: {trigger.trigger_id: kind.name}}, now)
 
     async def _get(self, conn: AsyncConnection, tenant_id: str, trigger_id: str) -> TriggerDef | None:
         row = (

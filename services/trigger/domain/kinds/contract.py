@@ -93,6 +93,10 @@ class ConditionKind(Protocol):
 
     def state_from_json(self, data: Mapping[str, Any]) -> Any: ...
 
+    def arming_trait(self, condition: Condition) -> str | None:
+        """The trait whose known values schedule timers the moment a trigger is created (a date
+        kind's date trait: people already holding a date get their timer), or None."""
+
     def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
         """The timer that follows a firing (a yearly date's next year), or None."""
 
