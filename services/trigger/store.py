@@ -50,8 +50,8 @@ from services.trigger.domain import (
     relevant_facts,
     resolve_create,
 )
-from services.trigger.domain.kinds import kind_named
 from services.trigger.domain.events import TraitChange
+from services.trigger.domain.kinds import kind_named
 from services.trigger.domain.kinds.contract import Context
 from services.trigger.domain.policies import (
     TenantPolicy,
