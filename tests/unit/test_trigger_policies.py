@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, time, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from hypothesis import given
@@ -26,6 +27,7 @@ from services.trigger.domain.policies import (
     Sent,
     TenantPolicy,
     TriggerPolicy,
+    Verdict,
     decide_due,
     history_horizon,
     person_zone,
@@ -49,14 +51,14 @@ def due(
     purpose: str = "marketing",
     occurrence: str = "o1",
     first_due_at: datetime | None = None,
-    **policy: object,
+    **policy: Any,
 ) -> DueMessage:
     return DueMessage(
         trigger_id=trigger_id,
         occurrence=occurrence,
         channel=channel,
         purpose=purpose,
-        policy=TriggerPolicy(**policy),  # type: ignore[arg-type]
+        policy=TriggerPolicy(**policy),
         due_at=now,
         first_due_at=first_due_at or now,
     )
@@ -66,7 +68,7 @@ def sent(trigger_id: str, at: datetime, channel: str = "email", purpose: str = "
     return Sent(trigger_id, channel, purpose, at)
 
 
-def outcomes(verdicts: list) -> list[tuple[str, str]]:
+def outcomes(verdicts: list[Verdict]) -> list[tuple[str, str]]:
     return [(v.message.trigger_id, v.outcome) for v in verdicts]
 
 
@@ -159,7 +161,7 @@ def test_rolling_six_a_week_across_channels_with_three_a_day_per_channel() -> No
             FrequencyCap(ALL_CHANNELS, 6, rolling=timedelta(days=7)),
         )
     )
-    week = dict(expiry=timedelta(days=7))
+    week: dict[str, Any] = dict(expiry=timedelta(days=7))
     # Three emails today: a fourth email waits for midnight, an sms still goes.
     today = [sent("a", NOON - timedelta(hours=h)) for h in (1, 2, 3)]
     verdicts = decide_due([due("e", **week), due("s", channel="sms", **week)], today, policy, CPH, NOON)
@@ -373,7 +375,7 @@ def test_known_refusals_of_marketing_consent_suppress() -> None:
 
 
 def test_reentry_once_ever() -> None:
-    rule = dict(reentry=Reentry(ONCE_EVER))
+    rule: dict[str, Any] = dict(reentry=Reentry(ONCE_EVER))
     [v] = decide_due([due("t", **rule)], [sent("t", NOON - 400 * DAY)], TenantPolicy(), CPH, NOON)
     assert (v.outcome, v.reason_code) == ("held_back", "reentry_once_ever")
     assert "2025-03-30" in v.reason
@@ -389,7 +391,7 @@ def test_reentry_once_ever() -> None:
 
 
 def test_reentry_once_per_period_and_minimum_interval() -> None:
-    month = dict(reentry=Reentry(ONCE_PER_PERIOD, 30 * DAY))
+    month: dict[str, Any] = dict(reentry=Reentry(ONCE_PER_PERIOD, 30 * DAY))
     for ago, outcome in (
         (29 * DAY, "held_back"),
         (30 * DAY, "handed_to_delivery"),
@@ -403,13 +405,13 @@ def test_reentry_once_per_period_and_minimum_interval() -> None:
         "once per 30 days: last sent at 2026-05-03T10:00:00+00:00",
     )
 
-    hourly = dict(reentry=Reentry(EVERY_TIME, timedelta(hours=1)))
+    hourly: dict[str, Any] = dict(reentry=Reentry(EVERY_TIME, timedelta(hours=1)))
     [v] = decide_due(
         [due("t", **hourly)], [sent("t", NOON - timedelta(minutes=30))], TenantPolicy(), CPH, NOON
     )
     assert (v.outcome, v.reason_code) == ("held_back", "reentry_min_interval")
     assert "at least 1 hour apart" in v.reason
-    free = dict(reentry=Reentry(EVERY_TIME))
+    free: dict[str, Any] = dict(reentry=Reentry(EVERY_TIME))
     assert outcomes(decide_due([due("t", **free)], [sent("t", NOON)], TenantPolicy(), CPH, NOON)) == [
         ("t", "handed_to_delivery")
     ]
