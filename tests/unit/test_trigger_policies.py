@@ -230,8 +230,9 @@ def test_a_cap_is_never_exceeded_and_the_highest_priorities_go(
 NIGHTS = TenantPolicy(quiet_hours=QuietHours(time(22), time(7)))
 
 
-def local(*args: int) -> datetime:
-    return datetime(*args, tzinfo=CPH).astimezone(UTC)  # type: ignore[misc]
+def local(year: int, month: int, day: int, hour: int, minute: int = 0) -> datetime:
+    """A wall-clock time in Copenhagen as its UTC instant (the first, when it occurs twice)."""
+    return datetime(year, month, day, hour, minute, tzinfo=CPH).astimezone(UTC)
 
 
 def test_a_message_due_at_22_15_local_waits_until_07_00_local_the_next_day() -> None:
