@@ -529,3 +529,43 @@ def test_policy_json_is_readable_text_and_missing_keys_take_the_defaults() -> No
     assert data["default_expiry"] == "21600.0005s"
     assert tenant_policy_from_json({}) == TenantPolicy()
     assert trigger_policy_from_json(None) == trigger_policy_from_json({}) == TriggerPolicy()
+
+
+@given(
+    history=st.lists(st.tuples(st.sampled_from(CHANNELS[:2]), st.integers(0, 10 * 24 * 60)), max_size=15),
+    due_channels=st.lists(st.sampled_from(CHANNELS[:2]), min_size=1, max_size=8),
+)
+def test_no_cap_of_any_window_or_channel_is_pushed_over_its_maximum(
+    history: list[tuple[str, int]], due_channels: list[str]
+) -> None:
+    policy = TenantPolicy(
+        caps=(
+            FrequencyCap("email", 2),
+            FrequencyCap("sms", 1),
+            FrequencyCap(ALL_CHANNELS, 4, rolling=timedelta(days=7)),
+            FrequencyCap(ALL_CHANNELS, 2, rolling=timedelta(hours=20)),
+        )
+    )
+    sends = [sent("old", NOON - timedelta(minutes=m), channel=c) for c, m in history]
+    messages = [due(f"t{i}", channel=c, expiry=timedelta(days=30)) for i, c in enumerate(due_channels)]
+    verdicts = decide_due(messages, sends, policy, CPH, NOON)
+    handed = [
+        sent(v.message.trigger_id, NOON, v.message.channel)
+        for v in verdicts
+        if v.outcome == "handed_to_delivery"
+    ]
+    today = NOON.astimezone(CPH).date()
+    for cap in policy.caps:
+
+        def counted(s: Sent, cap: FrequencyCap = cap) -> bool:
+            in_window = (
+                s.at.astimezone(CPH).date() == today if cap.rolling is None else s.at > NOON - cap.rolling
+            )
+            return cap.applies_to(s.channel) and in_window
+
+        before = sum(map(counted, sends))
+        assert sum(map(counted, handed)) <= max(0, cap.max_messages - before)
+    for v in verdicts:
+        assert v.outcome in ("handed_to_delivery", "capped")
+        if v.outcome == "capped":
+            assert v.until is not None and v.until > NOON

@@ -624,12 +624,15 @@ def _capped(
         sends = [s.at for s in counted if cap.applies_to(s.channel)]
         if cap.rolling is None:
             in_window = [at for at in sends if local_date(at, tz) == today]
-            frees = at_local(today + timedelta(days=1), time(0), tz)
         else:
             in_window = sorted(at for at in sends if at > now - cap.rolling)
-            frees = in_window[len(in_window) - cap.max_messages] + cap.rolling if in_window else now
-        if len(in_window) >= cap.max_messages:
-            full.append((cap, frees))
+        if len(in_window) < cap.max_messages:
+            continue
+        if cap.rolling is None:
+            full.append((cap, at_local(today + timedelta(days=1), time(0), tz)))
+        else:
+            # A place frees when all but max - 1 of the counted sends have aged out.
+            full.append((cap, in_window[len(in_window) - cap.max_messages] + cap.rolling))
     if not full:
         return None
     caps = "; ".join(f"{cap.describe()} reached" for cap, _ in full)
