@@ -288,6 +288,13 @@ def test_quiet_hours_across_the_daylight_saving_nights() -> None:
     short = TenantPolicy(quiet_hours=QuietHours(time(22), time(2, 30)))
     [v] = decide_due([due("t", now)], [], short, CPH, now)
     assert v.until == datetime(2026, 3, 29, 1, 30, tzinfo=UTC)  # 03:30 CEST
+    # Quiet hours leaving only 02:00-02:30 free: that night the free half hour does not exist,
+    # so the message waits at the end (03:00 CEST, quiet again) and then for the next night's.
+    tight = TenantPolicy(quiet_hours=QuietHours(time(2, 30), time(2)))
+    [v] = decide_due([due("t", now, expiry=2 * DAY)], [], tight, CPH, now)
+    assert v.until == local(2026, 3, 29, 3)
+    [v] = decide_due([due("t", v.until, expiry=2 * DAY)], [], tight, CPH, v.until)
+    assert v.until == local(2026, 3, 30, 2)
     # During the repeated hour (the second 02:30, CET) quiet hours to 07:00 still end at 07:00 CET.
     now = datetime(2026, 10, 25, 1, 30, tzinfo=UTC)
     [v] = decide_due([due("t", now)], [], NIGHTS, CPH, now)
@@ -569,3 +576,25 @@ def test_no_cap_of_any_window_or_channel_is_pushed_over_its_maximum(
         assert v.outcome in ("handed_to_delivery", "capped")
         if v.outcome == "capped":
             assert v.until is not None and v.until > NOON
+
+
+@given(
+    now=st.datetimes(datetime(2026, 1, 1), datetime(2027, 12, 31), timezones=st.just(UTC)),
+    tz=st.sampled_from([CPH, ZoneInfo("America/Los_Angeles"), ZoneInfo("Australia/Sydney")]),
+    hours=st.sampled_from(
+        [QuietHours(time(22), time(7)), QuietHours(time(1), time(3)), QuietHours(time(4), time(2, 30))]
+    ),
+)
+def test_quiet_hours_defer_to_their_next_end_in_any_season(
+    now: datetime, tz: ZoneInfo, hours: QuietHours
+) -> None:
+    [v] = decide_due([due("t", now, expiry=timedelta(days=2))], [], TenantPolicy(quiet_hours=hours), tz, now)
+    inside = hours.contains(now.astimezone(tz).time())
+    assert v.outcome == ("deferred" if inside else "handed_to_delivery")
+    if v.until is not None:
+        assert now < v.until <= now + timedelta(hours=25)
+        # At the end itself the message goes; the end is the local end time (or, on the night
+        # clocks skip it, the same time read with the offset before the change).
+        assert not hours.contains(v.until.astimezone(tz).time())
+        [after] = decide_due([due("t", v.until)], [], TenantPolicy(quiet_hours=hours), tz, v.until)
+        assert after.outcome == "handed_to_delivery"
