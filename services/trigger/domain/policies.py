@@ -47,7 +47,7 @@ CAPPED_ACTIONS = (DEFER, DROP)
 ALL_CHANNELS = ""
 # The channels a cap may name (`relevans.common.v1.Channel` without its prefix).
 CHANNELS = ("email", "sms", "web", "webhook")
-MARKETING, TRANSACTIONAL = "marketing", "transactional"
+MARKETING = "marketing"
 NO_CONSENT = frozenset({"denied", "withdrawn"})
 
 DEFAULT_EXPIRY = timedelta(hours=24)
