@@ -89,6 +89,16 @@ def to_duration(value: timedelta) -> duration_pb2.Duration:
     return d
 
 
+def checked_duration(d: duration_pb2.Duration) -> tuple[timedelta | None, bool]:
+    """(timedelta, bad): proto Durations with mixed signs or nanos out of range are invalid."""
+    if abs(d.nanos) >= 1_000_000_000 or (d.seconds > 0 and d.nanos < 0) or (d.seconds < 0 and d.nanos > 0):
+        return None, True
+    try:
+        return d.ToTimedelta(), False
+    except (ValueError, OverflowError):
+        return None, True
+
+
 _EXACT = 2.0**53
 
 

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from google.protobuf import duration_pb2
-
 from relevans.kit.errors import FieldViolation, InvalidArgument
-from relevans.kit.proto import to_duration
+from relevans.kit.proto import checked_duration, to_duration
 from relevans.trigger.v1 import trigger_pb2
 from services.trigger.domain import Condition, RawCondition
 from services.trigger.domain.kinds.absence import Absence, RawAbsence
@@ -29,18 +26,8 @@ class ConditionProto:
     message: Callable[[Any], Any]
 
 
-def _delay(d: duration_pb2.Duration) -> tuple[timedelta | None, bool]:
-    """(timedelta, bad): proto Durations with mixed signs or nanos out of range are invalid."""
-    if abs(d.nanos) >= 1_000_000_000 or (d.seconds > 0 and d.nanos < 0) or (d.seconds < 0 and d.nanos > 0):
-        return None, True
-    try:
-        return d.ToTimedelta(), False
-    except (ValueError, OverflowError):
-        return None, True
-
-
 def _raw_absence(a: trigger_pb2.AbsenceCondition) -> RawAbsence:
-    delay, bad = _delay(a.delay) if a.HasField("delay") else (None, False)
+    delay, bad = checked_duration(a.delay) if a.HasField("delay") else (None, False)
     return RawAbsence(
         start_event_type=a.start_event_type,
         cancel_event_type=a.cancel_event_type,

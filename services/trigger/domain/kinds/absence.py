@@ -21,10 +21,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import Any, ClassVar
 
 from relevans.kit.errors import Violations
+from services.trigger.domain.durations import duration_text, parse_duration
 from services.trigger.domain.events import EventFacts, timer_variables
 from services.trigger.domain.intents import CancelTimers, MergePlan, PendingTimer, RetireTimer, ScheduleTimer
 from services.trigger.domain.kinds.contract import NOTHING, Decision
@@ -103,17 +103,6 @@ def validate(raw: RawCondition, field: str, v: Violations) -> Absence | None:
     if len(v.items) > before or raw.delay is None:
         return None
     return Absence(raw.start_event_type, raw.cancel_event_type, raw.delay)
-
-
-def duration_text(d: timedelta) -> str:
-    """A delay as exact decimal seconds with an `s` ("14400s", "1.5s"), as protobuf JSON writes one."""
-    us = (d.days * 86_400 + d.seconds) * 1_000_000 + d.microseconds
-    seconds, fraction = divmod(us, 1_000_000)
-    return f"{seconds}.{fraction:06d}".rstrip("0").rstrip(".") + "s"
-
-
-def parse_duration(text: str) -> timedelta:
-    return timedelta(microseconds=int(Decimal(text.removesuffix("s")) * 1_000_000))
 
 
 def to_json(condition: Condition) -> dict[str, Any]:
