@@ -134,9 +134,9 @@ class TriggerStore:
     # ---- GDPR ---------------------------------------------------------------------------------
 
     async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
-        """Delete the timers, trigger states, firings, decision trace and known traits of erased people and of the ids merged into
-        them (in the caller's transaction), under their advisory locks so no event of theirs is
-        applied meanwhile."""
+        """Delete the timers, trigger states, firings, decision trace and known traits of erased
+        people and of the ids merged into them (in the caller's transaction), under their advisory
+        locks so no fact of theirs is applied meanwhile."""
         persons = sorted({(e.tenant_id, e.profile_id) for e in erased})
         await self._lock_people(conn, persons)
         await conn.execute(

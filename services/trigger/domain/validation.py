@@ -9,6 +9,7 @@ from __future__ import annotations
 from relevans.kit.errors import Violations
 from relevans.kit.resource_ids import resource_id_problem
 from services.trigger.domain.kinds import KINDS
+from services.trigger.domain.policies import TriggerPolicy, validate_trigger_policy
 from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, validate_trigger_id
 
 MAX_DISPLAY_NAME_CHARS = 200
@@ -44,6 +45,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
     problem = resource_id_problem(template_id)
     if problem:
         v.add("trigger.template_id", problem)
+    policy = validate_trigger_policy(raw.policy, "trigger.policy", v)
     v.raise_if_any()
     assert condition is not None
     return TriggerDef(
@@ -53,6 +55,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
         channel=raw.channel,
         purpose=raw.purpose,
         template_id=template_id,
+        policy=policy or TriggerPolicy(),
     )
 
 
