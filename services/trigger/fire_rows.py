@@ -30,7 +30,7 @@ from relevans.kit.outbox import OutboxMessage, enqueue
 from services.trigger import person_rows, timer_rows, trace
 from services.trigger.domain import TriggerDef
 from services.trigger.domain.firing import DueTimer, Firing, Settled, settle_person
-from services.trigger.domain.policies import Sent, TenantPolicy
+from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
 from services.trigger.tables import PENDING, firings, outbox, timers, triggers
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
@@ -134,7 +134,12 @@ async def settle(
     """Steps 4-5 for the locked people's due timers; returns (decided, handed)."""
     if not due:
         return 0, 0
-    sent = await history(conn, people)
+    horizons = [
+        history_horizon(policies.get(tenant, TenantPolicy()), [d.trigger.policy for d in due if d.trigger])
+        for tenant in {d.tenant_id for d in due}
+    ]
+    since = None if None in horizons else now - max(h for h in horizons if h is not None)
+    sent = await history(conn, people, since)
     known = await person_rows.load(conn, people)
     by_person: dict[Person, list[DueTimer]] = {}
     for d in due:
