@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from relevans.kit.bus import take_over
 from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.trigger.consumers import event_consumer
+from services.trigger.consumers import LEGACY_DURABLE, event_consumers
 from services.trigger.servicer import TriggerServicer, binding
 from services.trigger.store import TriggerStore
 from services.trigger.tables import outbox
@@ -20,7 +21,10 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
-    host.add_worker("trigger-events", event_consumer(rt.bus, store, clock).run)
+    events = event_consumers(rt.bus, store, clock, settings.event_partitions)
+    await take_over(rt.bus, LEGACY_DURABLE, events)
+    for consumer in events:
+        host.add_worker(consumer.durable, consumer.run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_worker("timers", TimerWorker(store, clock, rt.relay.notify).run)
     return host

@@ -18,7 +18,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from relevans.kit.bus import Bus, Consumer
+from relevans.kit.bus import Bus, Consumer, partitioned
 from relevans.kit.clock import Clock
 from relevans.kit.proto import from_struct, from_timestamp
 from relevans.profile.v1 import bus_pb2
@@ -28,8 +28,9 @@ from services.trigger.store import TriggerStore
 log = structlog.get_logger(__name__)
 
 STREAM = "RV_EVENTS"
-DURABLE = "trigger-events"
-FILTER_SUBJECT = "rv.events.>"
+DURABLE = "trigger-events"  # one durable per partition: trigger-events-<p> on rv.events.<p>
+SUBJECT = "rv.events"
+LEGACY_DURABLE = "trigger-events"  # the one durable on rv.events.> before partitioned consumers
 
 
 def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
@@ -89,13 +90,18 @@ class EventConsumer:
             )
 
 
-def event_consumer(bus: Bus, store: TriggerStore, clock: Clock) -> Consumer:
+def event_consumers(bus: Bus, store: TriggerStore, clock: Clock, partitions: int) -> list[Consumer]:
+    """One in-order consumer per event partition, shared by every trigger process: one
+    profile's events are handled one batch after another, in the order profile published them.
+    A message that keeps failing is retried later while its partition moves on past it: the
+    one case where a profile's events are not handled in order."""
     handler = EventConsumer(store, clock)
-    return Consumer(
+    return partitioned(
         bus,
         service="trigger",
         stream=STREAM,
         durable=DURABLE,
-        filter_subject=FILTER_SUBJECT,
+        subject=SUBJECT,
+        partitions=partitions,
         handler=handler.handle,
     )
