@@ -1,4 +1,4 @@
-"""The event kind: each matching event fires; the condition sees the event and, only when it asks, the profile."""
+"""The event kind: each matching event fires; the condition sees the event (and the profile if it asks)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relevans.conditions import ProfileView
+from relevans.conditions.parsing import TRIGGER_COUNT_PROBLEM
 from relevans.kit.errors import InvalidArgument
 from services.trigger.domain import (
     Context,
@@ -119,9 +120,7 @@ def test_a_late_event_fires_nothing_and_says_how_late() -> None:
         ),
         (
             RawEvent("purchase", {"count": {"event_type": "x", "window_days": 7, "op": "ge", "value": 1}}),
-            {
-                "trigger.event.condition.count": "count is not available in trigger conditions; use a threshold trigger"
-            },
+            {"trigger.event.condition.count": TRIGGER_COUNT_PROBLEM},
         ),
     ],
 )

@@ -126,7 +126,7 @@ def test_the_profile_value_fires_when_it_reaches_the_value_from_below() -> None:
     events = [
         view(T0 + timedelta(minutes=i), f"e{i}", score=s) for i, s in enumerate([50, 100, 120, 90, 101])
     ]
-    fired, notes, state = run(SCORE, events)
+    fired, _, state = run(SCORE, events)
     assert fired == ["e1", "e4"]
     assert state == ValueState(True)
     assert THRESHOLD.routes(SCORE.condition, Context(now=T0)) == {"event:*"}
