@@ -107,16 +107,19 @@ async def due_timers(
     return out
 
 
-async def history(conn: AsyncConnection, people: Sequence[Person]) -> dict[Person, list[Sent]]:
-    """The messages already handed to delivery for these people (what caps and re-entry count)."""
+async def history(
+    conn: AsyncConnection, people: Sequence[Person], since: datetime | None
+) -> dict[Person, list[Sent]]:
+    """The messages handed to delivery for these people since `since` (None: ever): what caps and
+    re-entry count."""
     f = firings
-    rows = await conn.execute(
-        sa.select(
-            f.c.tenant_id, f.c.profile_id, f.c.trigger_id, f.c.channel, f.c.purpose, f.c.fired_at
-        ).where(sa.tuple_(f.c.tenant_id, f.c.profile_id).in_(list(people)))
-    )
+    query = sa.select(
+        f.c.tenant_id, f.c.profile_id, f.c.trigger_id, f.c.channel, f.c.purpose, f.c.fired_at
+    ).where(sa.tuple_(f.c.tenant_id, f.c.profile_id).in_(list(people)))
+    if since is not None:
+        query = query.where(f.c.fired_at > since)
     out: dict[Person, list[Sent]] = {}
-    for r in rows:
+    for r in await conn.execute(query):
         out.setdefault((r.tenant_id, r.profile_id), []).append(
             Sent(r.trigger_id, r.channel, r.purpose, r.fired_at)
         )

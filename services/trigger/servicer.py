@@ -10,7 +10,7 @@ import grpc
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name, enum_value
-from relevans.kit.errors import Violations
+from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token, encode_page_token, refuse_other_listing
 from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
@@ -148,7 +148,9 @@ class TriggerServicer(trigger_pb2_grpc.TriggerServiceServicer):
         self, request: trigger_pb2.SetPolicyRequest, context: Context
     ) -> trigger_pb2.SetPolicyResponse:
         tenant = principal().tenant_id
-        wanted = tenant_policy(request.policy if request.HasField("policy") else None)
+        if not request.HasField("policy"):
+            raise InvalidArgument(FieldViolation("policy", "is required"))
+        wanted = tenant_policy(request.policy)
         stored = await self.store.set_policy(tenant, wanted, self.clock.now())
         return trigger_pb2.SetPolicyResponse(policy=policy_message(stored))
 

@@ -15,7 +15,7 @@ from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, 
 MAX_DISPLAY_NAME_CHARS = 200
 
 # Channels and purposes by their proto enum names without prefix, lower-case ("email", "marketing").
-SUPPORTED_CHANNELS = ("email",)
+SUPPORTED_CHANNELS = ("email", "sms", "webhook", "web")
 SENDING_PURPOSES = ("marketing", "transactional")
 
 
@@ -34,7 +34,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
     if raw.channel == "unspecified":
         v.add("trigger.channel", "is required")
     elif raw.channel not in SUPPORTED_CHANNELS:
-        v.add("trigger.channel", "only CHANNEL_EMAIL is supported for now")
+        v.add("trigger.channel", "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WEBHOOK or CHANNEL_WEB")
     if raw.purpose == "unspecified":
         v.add("trigger.purpose", "is required")
     elif raw.purpose not in SENDING_PURPOSES:
