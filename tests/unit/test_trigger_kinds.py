@@ -22,9 +22,10 @@ from services.trigger.domain import (
     plan_merge,
     validate_trigger,
 )
+from services.trigger.domain.durations import duration_text
 from services.trigger.domain.kinds import KINDS, UnknownConditionKind, kind_named
 from services.trigger.domain.kinds.absence import Absence, TriggerState
-from services.trigger.domain.kinds.common import INVALID_DURATION, Matcher, duration_text
+from services.trigger.domain.kinds.common import INVALID_DURATION, Matcher
 from services.trigger.domain.kinds.date import DateCondition
 from services.trigger.domain.kinds.event import Event, RawEvent
 from services.trigger.domain.kinds.inactivity import Inactivity, RawInactivity
