@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from google.protobuf import json_format
 
 from relevans.cli.triggers_file import (
     FileError,
@@ -48,7 +49,9 @@ def test_the_example_holds_every_kind_the_readme_shows_and_the_policy() -> None:
     assert cart.channel == common_pb2.CHANNEL_EMAIL and cart.purpose == common_pb2.PURPOSE_MARKETING
     count = toys.threshold.event_count
     assert (count.event_type, count.count, count.window.seconds) == ("page_view", 11, 7 * 86400)
-    assert dict(count.condition["compare"]) == {"field": "event.category", "op": "eq", "value": "toys"}
+    assert json_format.MessageToDict(count.condition) == {
+        "compare": {"field": "event.category", "op": "eq", "value": "toys"}
+    }
     assert list(lapsing.inactivity.event_types) == ["check_in"]
     assert lapsing.inactivity.duration.seconds == 14 * 86400
     assert (birthday.date.date_trait, birthday.date.yearly, birthday.date.local_time) == (
