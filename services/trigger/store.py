@@ -25,6 +25,7 @@ on an id a merge just retired.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -92,14 +93,21 @@ class FireResult:
     fired: int
 
 
-# Definitions are immutable once stored (a changed trigger is deleted and created again, with a new
-# creation time), so a parsed definition (its conditions compiled) is kept by that key.
-_DEFINITIONS: dict[tuple[str, str, datetime], TriggerDef] = {}
+# A parsed definition (its conditions compiled) is kept by its stored row: a trigger deleted and
+# created again under its id (even at the same instant) is another row, and parsed again.
+_DEFINITIONS: dict[tuple[Any, ...], TriggerDef] = {}
 _MAX_DEFINITIONS = 10_000
 
 
+def _definition_key(row: Mapping[Any, Any]) -> tuple[Any, ...]:
+    return tuple(
+        json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
+        for value in (row[c.name] for c in triggers.c)
+    )
+
+
 def _trigger_def(row: Mapping[Any, Any]) -> TriggerDef:
-    key = (row["tenant_id"], row["trigger_id"], row["created_at"])
+    key = _definition_key(row)
     found = _DEFINITIONS.get(key)
     if found is None:
         found = TriggerDef(
