@@ -12,13 +12,18 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest_asyncio
+import sqlalchemy as sa
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
 from relevans.kit.settings import Settings
+from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
+from relevans.profile.v1 import profile_pb2
 from relevans.trigger.v1 import trigger_pb2
+from services.trigger.store import TriggerStore
+from services.trigger.timers import DecisionPruner
 from tests.helpers import eventually, field_violations, rpc_error, stays
 from tests.helpers.cart import cart_trigger
 from tests.helpers.moments import (
@@ -29,6 +34,7 @@ from tests.helpers.moments import (
     on_event,
     on_segment,
     on_trait,
+    score_reaches,
     threshold,
 )
 from tests.helpers.trigger import Harness, token
@@ -386,6 +392,9 @@ async def _violations(harness: Harness, t: trigger_pb2.Trigger) -> dict[str, str
 async def test_bad_definitions_name_their_field_paths_and_save_nothing(harness: Harness) -> None:
     cases = {
         "trigger.event.condition.compare.field": on_event("a", "purchase", equals("nosuch.field", 1)),
+        "trigger.event.condition.compare.value": on_event(
+            "a2", "purchase", {"compare": {"field": "score", "op": "gt", "value": "high"}}
+        ),
         "trigger.threshold.event_count.window": threshold("b", "page_view", 3, timedelta(0)),
         "trigger.inactivity.duration": inactivity("c", ["visit"], timedelta(days=400)),
         "trigger.date.local_time": on_date("d", "birthday", "25:00"),
@@ -453,3 +462,78 @@ async def test_explain_is_tenant_scoped_and_pages_newest_first(harness: Harness)
         )
     )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- the profile in the event, consent, erasure, retention ------------------------------------------
+
+
+async def test_conditions_see_the_profile_at_the_event_and_the_score_crossing_fires_once(
+    harness: Harness,
+) -> None:
+    await harness.create(
+        trigger=on_event(
+            "gold-buyer", "purchase", {"compare": {"field": "trait.tier", "op": "eq", "value": "gold"}}
+        )
+    )
+    await harness.create(trigger=score_reaches("hand-to-sales", 100, channel=common_pb2.CHANNEL_WEBHOOK))
+    for score, tier in ((40, "silver"), (120, "gold"), (150, "gold")):
+        event = harness.enriched("purchase")
+        event.profile.score = score
+        event.profile.traits["tier"].string_value = tier
+        await harness.publish(event)
+    sent = await eventually(lambda: _count_at_least(harness, 3))
+    await stays(lambda: _count_at_least(harness, 4), duration=0.5)
+    assert sorted(r.trigger_id for r in sent) == ["gold-buyer", "gold-buyer", "hand-to-sales"]
+    assert next(r for r in sent if r.trigger_id == "hand-to-sales").channel == common_pb2.CHANNEL_WEBHOOK
+
+
+async def test_a_withdrawn_consent_suppresses_marketing_and_an_erasure_takes_the_trace(
+    harness: Harness,
+) -> None:
+    await harness.create(trigger=on_event("offer", "visit"))
+    consent = profile_bus_pb2.ConsentChanged(
+        tenant_id="shop",
+        profile_id="p1",
+        consent=profile_pb2.Consent(
+            purpose=common_pb2.PURPOSE_MARKETING,
+            channel=common_pb2.CHANNEL_EMAIL,
+            status=common_pb2.CONSENT_STATUS_WITHDRAWN,
+        ),
+    )
+    consent.consent.update_time.FromDatetime(harness.clock.now())
+    await harness.js.publish("rv.profile.consent", consent.SerializeToString())
+    await eventually(lambda: _consents_known(harness, "p1"))  # the two streams are not ordered
+    await harness.publish(harness.enriched("visit"))
+    decisions = await eventually(lambda: _decided(harness, "p1", 2))
+    assert decisions[-1] == ("offer", "suppressed", "no_consent")
+    await stays(harness.requests, duration=0.3)
+
+    erased = profile_bus_pb2.ProfileErased(tenant_id="shop", profile_id="p1", erasure_id="e1")
+    await harness.js.publish("rv.profile.erased", erased.SerializeToString())
+    await eventually(lambda: _no_decisions(harness, "p1"))
+
+
+async def _consents_known(h: Harness, profile_id: str) -> bool:
+    async with h.engine.connect() as conn:
+        found = await conn.execute(
+            sa.text("SELECT consents FROM people WHERE profile_id = :p"), {"p": profile_id}
+        )
+        return bool(found.scalar())
+
+
+async def _no_decisions(h: Harness, profile_id: str) -> bool:
+    return not await h.explain(profile_id)
+
+
+async def test_decisions_older_than_the_retention_are_pruned(harness: Harness) -> None:
+    await harness.create(trigger=on_event("offer", "visit"))
+    await harness.publish(harness.enriched("visit", profile_id="old"))
+    await eventually(lambda: _decided(harness, "old", 2))
+    await harness.clock.advance(timedelta(days=60))
+    await harness.publish(harness.enriched("visit", profile_id="recent"))
+    await eventually(lambda: _decided(harness, "recent", 2))
+    await harness.clock.advance(timedelta(days=31))  # "old" is 91 days old, "recent" 31
+    pruner = DecisionPruner(TriggerStore(harness.engine), harness.clock, timedelta(days=90))
+    assert await pruner.prune() == 2
+    assert not await harness.explain("old")
+    assert len(await harness.explain("recent")) == 2
