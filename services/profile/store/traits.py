@@ -21,7 +21,7 @@ from services.profile.store.tables import outbox, profile_traits, profiles
 # TraitsChanged, published whenever a write changes a profile's effective traits (the `traits` of
 # GetProfile), in the write's transaction: SetTraits, Identify's declared traits, an import, a
 # merge (each a `source` below). Not when ingest computes behavioural traits from events: those
-# travel inside each EnrichedEvent's profile, and a message per event would double the bus.
+# travel inside each EnrichedEvent's profile (rv.events.<partition>).
 TRAITS_SUBJECT = "rv.profile.traits"
 SET_TRAITS_SOURCE, IDENTIFY_SOURCE, IMPORT_SOURCE, MERGE_SOURCE = "set_traits", "identify", "import", "merge"
 
