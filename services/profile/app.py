@@ -13,7 +13,7 @@ from services.profile.store import ProfileStore
 from services.profile.store.enrichment import EnrichmentStore, TenantCache, load_enrichment
 from services.profile.store.signals import SegmentRules
 from services.profile.store.tables import outbox
-from services.profile.wire import consent_changed, profile_merged
+from services.profile.wire import consent_changed, profile_merged, traits_changed
 
 SERVICE = "profile"
 
@@ -30,6 +30,7 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         ingest_engine=ingest_engine,
         consent_message=consent_changed,
         merged_message=profile_merged,
+        traits_message=traits_changed,
         definitions=enrichment_cache.get,
         segment_rules=segment_rules.get,
     )

@@ -1,7 +1,8 @@
 """The bytes of the messages the profile service writes to its outbox.
 
 EnrichedEvent, one per ingested event, is encoded by hand from serialized parts: this is the
-hot path of ingest (see `enriched_events`). ConsentChanged and ProfileMerged are rare and
+hot path of ingest (see `enriched_events`). So is TraitsChanged, one per profile an import
+creates with traits (see `traits_changed`). ConsentChanged and ProfileMerged are rare and
 built as messages.
 """
 
@@ -9,14 +10,18 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+
+from google.protobuf import struct_pb2
 
 from relevans.kit.bus import event_subject
 from relevans.kit.proto import timestamp_parts, to_value
 from relevans.profile.v1 import bus_pb2, profile_pb2
 from services.profile.domain import Consent, Event, ProfileState
+from services.profile.domain.ids import time_ordered_ids
+from services.profile.domain.traits import TraitChange
 from services.profile.servicers.conversions import consent_proto
 from services.profile.store import EventMessages
 
@@ -181,3 +186,40 @@ def enriched_events(
         return subjects, payloads
 
     return build
+
+
+_TC = bus_pb2.TraitsChanged
+_TC_TENANT_ID, _TC_PROFILE_ID = _tag(_TC, "tenant_id"), _tag(_TC, "profile_id")
+_TC_TRAITS, _TC_PREVIOUS, _TC_CHANGED = _tag(_TC, "traits"), _tag(_TC, "previous"), _tag(_TC, "changed")
+_TC_TIME, _TC_SOURCE, _TC_CHANGE_ID = _tag(_TC, "change_time"), _tag(_TC, "source"), _tag(_TC, "change_id")
+_STRING_VALUE = _tag(struct_pb2.Value, "string_value")
+
+
+def _value_bytes(value: object) -> bytes:
+    """The encoded Value of a trait value, as `to_value` makes it (a string, the common case, directly)."""
+    if isinstance(value, str):
+        return _field(_STRING_VALUE, value.encode())
+    return to_value(value).SerializeToString()
+
+
+def _trait_entries(tag: bytes, traits: Mapping[str, object]) -> list[bytes]:
+    """The encoded entries of a map<string, Value> field."""
+    return [_field(tag, _map_key(name) + _field(_VALUE, _value_bytes(v))) for name, v in traits.items()]
+
+
+def traits_changed(tenant: str, changes: Sequence[TraitChange], at: datetime, source: str) -> list[bytes]:
+    """A TraitsChanged payload per change, each with a change_id of its own (a time-ordered UUID).
+    Encoded from parts, as `enriched_events` is: an import makes one for every profile it
+    creates with traits."""
+    head = _field(_TC_TENANT_ID, tenant.encode())
+    tail = _field(_TC_TIME, _timestamp_bytes(at)) + _field(_TC_SOURCE, source.encode())
+    make_id = time_ordered_ids(at)
+    payloads: list[bytes] = []
+    for c in changes:
+        parts = [head, _field(_TC_PROFILE_ID, c.profile_id.encode())]
+        parts += _trait_entries(_TC_TRAITS, c.traits)
+        parts += _trait_entries(_TC_PREVIOUS, c.previous)
+        parts += [_field(_TC_CHANGED, name.encode()) for name in c.changed]
+        parts += (tail, _field(_TC_CHANGE_ID, make_id().encode()))
+        payloads.append(b"".join(parts))
+    return payloads

@@ -21,7 +21,7 @@ from services.profile.store import ProfileStore
 from services.profile.store.enrichment import TenantCache, load_enrichment
 from services.profile.store.gdpr import GdprStore
 from services.profile.store.signals import SegmentRules
-from services.profile.wire import consent_changed, profile_merged
+from services.profile.wire import consent_changed, profile_merged, traits_changed
 from services.trigger.store import TriggerStore
 from services.trigger.tables import firings, timers
 from tests.helpers.plans import blocks_read, explain, rows_read, statements_run
@@ -171,6 +171,7 @@ async def test_merges_exports_and_erasures_find_a_persons_shadows_without_readin
         profile_engine,
         consent_message=consent_changed,
         merged_message=profile_merged,
+        traits_message=traits_changed,
         definitions=TenantCache(clock, load_enrichment).get,
         segment_rules=TenantCache(clock, SegmentRules().load).get,
     )

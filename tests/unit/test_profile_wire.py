@@ -1,4 +1,5 @@
-"""The EnrichedEvent parts ingest encodes by hand parse as the messages protobuf would build."""
+"""The EnrichedEvent parts ingest encodes by hand, and the TraitsChanged messages, parse as the
+messages protobuf would build; what a TraitsChanged says changed."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from relevans.kit.proto import to_timestamp, to_value
-from relevans.profile.v1 import profile_pb2
+from relevans.profile.v1 import bus_pb2, profile_pb2
 from services.profile.domain.consent import Consent
 from services.profile.domain.identity import Enriched, ProfileState
+from services.profile.domain.traits import TraitChange, trait_change
 from services.profile.servicers.conversions import consent_proto
-from services.profile.wire import snapshot_bytes
+from services.profile.wire import snapshot_bytes, traits_changed
 
 AT = datetime(2026, 11, 24, 10, 30, 15, 123456, tzinfo=UTC)
 
@@ -78,3 +80,36 @@ def test_times_scores_and_counts_survive_the_encoding(at: datetime, score: float
     assert parsed.last_seen["t"] == to_timestamp(at)
     assert parsed.score == score
     assert parsed.counters[0].count == count
+
+
+def test_traits_changed_parse_as_the_messages_each_with_an_id_of_its_own() -> None:
+    after = {"plan": "gold", "ltv": 1234.5, "vip": True, "empty": "", "n": 7}
+    changes = [
+        TraitChange("p-1", after, {"plan": "silver", "vip": 1}, ("gone", "plan", "vip")),
+        TraitChange("p-2", {}, {"plan": "gold"}, ("plan",)),
+    ]
+    parsed = [bus_pb2.TraitsChanged.FromString(b) for b in traits_changed("t-1", changes, AT, "import")]
+    for msg, c in zip(parsed, changes, strict=True):
+        expected = bus_pb2.TraitsChanged(
+            tenant_id="t-1",
+            profile_id=c.profile_id,
+            traits={k: to_value(v) for k, v in c.traits.items()},
+            previous={k: to_value(v) for k, v in c.previous.items()},
+            changed=c.changed,
+            change_time=to_timestamp(AT),
+            source="import",
+            change_id=msg.change_id,
+        )
+        assert msg == expected
+    assert parsed[0].traits["empty"].WhichOneof("kind") == "string_value"
+    assert len({m.change_id for m in parsed}) == 2 and all(m.change_id for m in parsed)
+
+
+def test_a_trait_change_names_what_changed_with_its_value_before() -> None:
+    before = {"plan": "gold", "tier": 1, "gone": "x", "ltv": 2}
+    after = {"plan": "gold", "tier": True, "new": "y", "ltv": 2.0}
+    assert trait_change("p", before, after) == TraitChange(
+        "p", after, {"tier": 1, "gone": "x"}, ("gone", "new", "tier")
+    )
+    assert trait_change("p", {"a": 1}, {"a": 1.0}) is None, "1 is 1.0: no change"
+    assert trait_change("p", {}, {}) is None

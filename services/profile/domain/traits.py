@@ -12,9 +12,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from relevans.kit.errors import Violations
 from relevans.kit.proto import UNSET, UNSET_PROBLEM
+from services.profile.domain.counters import same_value
 
 DECLARED, BACKEND, BEHAVIOURAL = "declared", "backend", "behavioural"
 PRECEDENCE = (DECLARED, BACKEND, BEHAVIOURAL)
@@ -83,3 +85,33 @@ def effective(by_source: Mapping[str, Mapping[str, object]]) -> dict[str, object
     for source in reversed(PRECEDENCE):
         out.update(by_source.get(source, {}))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class TraitChange:
+    """How a write changed one profile's effective traits: what a TraitsChanged message carries."""
+
+    profile_id: str
+    # Every effective trait after the change.
+    traits: Mapping[str, object]
+    # The changed traits' effective values before it; a changed trait absent here had none.
+    previous: Mapping[str, object]
+    # The names whose effective value changed (set, changed or removed), sorted.
+    changed: tuple[str, ...]
+
+
+def trait_change(
+    profile_id: str, before: Mapping[str, object], after: Mapping[str, object]
+) -> TraitChange | None:
+    """The change from `before` to `after` (effective traits), None when no value changed. Values
+    compare as JSON, like with like (`same_value`): true is not 1, 1 is 1.0."""
+    changed = tuple(
+        sorted(
+            n
+            for n in before.keys() | after.keys()
+            if n not in after or not same_value(before.get(n), after[n])
+        )
+    )
+    if not changed:
+        return None
+    return TraitChange(profile_id, after, {n: before[n] for n in changed if n in before}, changed)

@@ -284,7 +284,7 @@ class _ImportWrites:
             profile_pb2.ImportRowError(row_number=n, field="marketing_consent", reason=CONSENT_NOT_RESTORED)
             for n in result.consent_not_restored[: max(room, 0)]
         )
-        if result.consents_recorded:
+        if result.consents_recorded or result.traits_changed:
             self.notify()
 
     async def _write(
@@ -435,6 +435,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         profile = await self.store.set_traits(
             tenant, request.profile_id, request.source, traits, self.clock.now()
         )
+        self.notify()
         return profile_pb2.SetTraitsResponse(profile=profile_proto(profile, ALL_FIELDS))
 
     async def MergeProfiles(

@@ -16,7 +16,13 @@ from services.profile.store.imports import ImportInFlight, ImportResult, ImportS
 from services.profile.store.ingest import IngestStore
 from services.profile.store.ingest_batch import EventMessages, TrackResult
 from services.profile.store.reads import ProfileReads
-from services.profile.store.rows import ConsentMessage, Definitions, MergedMessage, SegmentRuleSource
+from services.profile.store.rows import (
+    ConsentMessage,
+    Definitions,
+    MergedMessage,
+    SegmentRuleSource,
+    TraitsMessages,
+)
 from services.profile.store.traits import TraitStore
 
 __all__ = ["EventMessages", "ImportInFlight", "ImportResult", "ProfileStore", "TrackResult"]
@@ -31,6 +37,7 @@ class ProfileStore:
         engine: AsyncEngine,
         consent_message: ConsentMessage,
         merged_message: MergedMessage,
+        traits_message: TraitsMessages,
         definitions: Definitions,
         segment_rules: SegmentRuleSource,
         *,
@@ -39,11 +46,11 @@ class ProfileStore:
         self.engine = engine
         reads = ProfileReads(engine, definitions)
         consents = ConsentStore(engine, consent_message, reads)
-        identify = IdentifyStore(engine, definitions, merged_message, reads, consents)
+        identify = IdentifyStore(engine, definitions, merged_message, traits_message, reads, consents)
         # `track` runs on `ingest_engine` (see create_engine's lookups_only); the rest on `engine`.
         ingest = IngestStore(ingest_engine or engine, definitions, segment_rules)
-        imports = ImportStore(engine, consent_message)
-        traits = TraitStore(engine, reads)
+        imports = ImportStore(engine, consent_message, traits_message)
+        traits = TraitStore(engine, traits_message, reads)
 
         self.track = ingest.track
         self.identify = identify.identify

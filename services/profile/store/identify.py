@@ -36,6 +36,7 @@ from services.profile.store.rows import (
     Definitions,
     EnrichedRow,
     MergedMessage,
+    TraitsMessages,
     lock_row,
     resolve,
     transaction,
@@ -50,7 +51,13 @@ from services.profile.store.tables import (
     profiles,
     segment_members,
 )
-from services.profile.store.traits import refresh_traits, write_traits
+from services.profile.store.traits import (
+    IDENTIFY_SOURCE,
+    MERGE_SOURCE,
+    refresh_traits,
+    traits_messages,
+    write_traits,
+)
 
 _ATTACH = sa.text("""
 INSERT INTO identities (tenant_id, kind, value, profile_id, created_at)
@@ -107,12 +114,14 @@ class IdentifyStore:
         engine: AsyncEngine,
         definitions: Definitions,
         merged_message: MergedMessage,
+        traits_message: TraitsMessages,
         reads: ProfileReads,
         consents: ConsentStore,
     ) -> None:
         self.engine = engine
         self.definitions = definitions
         self.merged_message = merged_message
+        self.traits_message = traits_message
         self.reads = reads
         self.consents = consents
 
@@ -121,7 +130,8 @@ class IdentifyStore:
     ) -> tuple[Profile, bool]:
         """Find or create the known profile, merge the anonymous id's shadow profile into it (and
         the other known profile when customer_id and email were bound to two: see domain/merge.py),
-        set the first name and record consents. Returns the profile and whether it was created."""
+        set the first name and record consents and declared traits. Returns the profile and whether
+        it was created."""
 
         async def work(conn: AsyncConnection) -> tuple[Profile, bool]:
             bound = await resolve(conn, tenant, command.identifiers(), lock=True)
@@ -189,7 +199,8 @@ class IdentifyStore:
                 given = ()  # an erased person's identifier: consent is not restored (README, GDPR)
             outbox_msgs += await self.consents.record(conn, tenant, pid, given)
             if command.traits:
-                await write_traits(conn, tenant, pid, DECLARED, command.traits, now)
+                changes = await write_traits(conn, tenant, pid, DECLARED, command.traits, now)
+                outbox_msgs += traits_messages(self.traits_message, tenant, changes, now, IDENTIFY_SOURCE)
             await enqueue(conn, outbox, outbox_msgs, now)
             [profile] = await self.reads.load(conn, tenant, [pid], now)
             return profile, plan.created
@@ -210,7 +221,8 @@ class IdentifyStore:
         identities, events, consent ledger, tags and traits, take over its consent decisions that
         are more recent than the survivor's, take its first name if the survivor has none, mark it
         merged (with the profiles merged into it before), record the merge and enqueue
-        ProfileMerged (and ConsentChanged for each decision taken over)."""
+        ProfileMerged (and ConsentChanged for each decision taken over, TraitsChanged when the
+        survivor's effective traits changed)."""
         ids = {"tenant": tenant, "from_id": from_id, "to_id": to_id}
         for table in (identities, events, consent_ledger):
             await conn.execute(
@@ -229,7 +241,7 @@ class IdentifyStore:
         await conn.execute(_MERGE_TAGS, ids)
         await conn.execute(_MERGE_TRAITS, ids)
         await conn.execute(_MERGE_PROFILES, {**ids, "now": now})
-        await refresh_traits(conn, tenant, [to_id])
+        changes = await refresh_traits(conn, tenant, [to_id])
         await self._merge_enrichment(conn, tenant, from_id, to_id, now)
         await conn.execute(
             profiles.update()
@@ -252,6 +264,7 @@ class IdentifyStore:
         return [
             *(OutboxMessage(CONSENT_SUBJECT, self.consents.consent_message(tenant, to_id, c)) for c in taken),
             OutboxMessage(MERGED_SUBJECT, self.merged_message(tenant, to_id, from_id, now, reason)),
+            *traits_messages(self.traits_message, tenant, changes, now, MERGE_SOURCE),
         ]
 
     async def _merge_enrichment(

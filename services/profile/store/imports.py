@@ -30,9 +30,10 @@ from services.profile.domain.imports import (
     drop_unchanged,
     plan_import,
 )
+from services.profile.domain.traits import TraitChange
 from services.profile.store.consents import CONSENT_SUBJECT
-from services.profile.store.rows import Conflict, ConsentMessage, transaction
-from services.profile.store.traits import refresh_traits
+from services.profile.store.rows import Conflict, ConsentMessage, TraitsMessages, transaction
+from services.profile.store.traits import IMPORT_SOURCE, TRAITS_SUBJECT, refresh_traits
 
 # Import: one statement writes a batch's profiles, tags and backend traits, each set passed as one
 # JSON parameter (an array of arrays; asyncpg encodes one string much faster than many array
@@ -192,6 +193,14 @@ INSERT INTO outbox (subject, payload, created_at)
 SELECT d.subject, d.payload, :now FROM d ORDER BY d.ord
 """)
 
+# A batch's TraitsChanged messages, in one statement.
+_IMPORT_TRAIT_MESSAGES = sa.text(f"""
+INSERT INTO outbox (subject, payload, created_at)
+SELECT '{TRAITS_SUBJECT}', m.payload, :now
+FROM unnest(CAST(:payloads AS bytea[])) WITH ORDINALITY AS m(payload, ord)
+ORDER BY m.ord
+""")
+
 _CURRENT_STATUSES = sa.text("""
 SELECT profile_id, purpose, channel, status FROM consents
 WHERE tenant_id = :tenant AND profile_id = ANY(CAST(:ids AS text[]))
@@ -219,14 +228,19 @@ class ImportResult:
     consents_recorded: int
     # Rows whose consent was ignored because one of their identifiers was erased (GDPR).
     consent_not_restored: list[int] = dataclasses.field(default_factory=list)
+    # Profiles whose effective traits changed (and TraitsChanged messages enqueued).
+    traits_changed: int = 0
 
 
 class ImportStore:
     """ImportProfiles' writes: one transaction per batch of rows."""
 
-    def __init__(self, engine: AsyncEngine, consent_message: ConsentMessage) -> None:
+    def __init__(
+        self, engine: AsyncEngine, consent_message: ConsentMessage, traits_message: TraitsMessages
+    ) -> None:
         self.engine = engine
         self.consent_message = consent_message
+        self.traits_message = traits_message
 
     async def import_rows(
         self,
@@ -240,7 +254,8 @@ class ImportStore:
         held: ImportInFlight | None = None,
     ) -> ImportResult:
         """Upsert the valid rows of one batch in one transaction (see `plan_import`): profiles by
-        customer_id, else email; tags; backend traits; consent decisions that change the current
+        customer_id, else email; tags; backend traits, with a TraitsChanged message for each
+        profile whose effective traits they change; consent decisions that change the current
         view go to the ledger with a ConsentChanged message, unchanged ones are skipped.
 
         The batch's profiles are read first, in one statement; an existing profile the batch
@@ -285,13 +300,16 @@ class ImportStore:
                     held.keys.update(((kind, value), (number, done)) for kind, value, _ in plan.bind)
                 claimed()
 
-            await self._write_import(conn, tenant, plan, now, claim)
+            traits = await self._write_import(conn, tenant, plan, now, claim)
+            if traits:
+                payloads = self.traits_message(tenant, traits, now, IMPORT_SOURCE)
+                await conn.execute(_IMPORT_TRAIT_MESSAGES, {"now": now, "payloads": payloads})
             changes = await _consent_changes(conn, tenant, plan, new)
             if changes:
                 await self._write_import_consents(conn, tenant, changes, new, now)
             if before_commit is not None:
                 await before_commit()
-            return ImportResult(len(rows), plan.created, len(changes), not_restored)
+            return ImportResult(len(rows), plan.created, len(changes), not_restored, len(traits))
 
         try:
             return await transaction(self.engine, work)
@@ -341,7 +359,9 @@ class ImportStore:
 
     async def _write_import(
         self, conn: AsyncConnection, tenant: str, plan: ImportPlan, now: datetime, claimed: Callable[[], None]
-    ) -> None:
+    ) -> list[TraitChange]:
+        """Write the batch's profiles, tags and traits (see `_IMPORT_WRITE`); the changes of
+        their effective traits, the new profiles' first."""
         if plan.bind:
             won = await conn.scalar(
                 _IMPORT_BIND, {"tenant": tenant, "now": now, "bind": orjson.dumps(plan.bind).decode()}
@@ -351,7 +371,7 @@ class ImportStore:
         claimed()
         ps = plan.profiles
         if not ps:
-            return
+            return []
         new_traits: dict[str, dict[str, str]] = {p.profile_id: {} for p in ps if p.new}
         traits: tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]] = ([], [])
         for (pid, name), value in plan.traits.items():
@@ -388,8 +408,9 @@ class ImportStore:
                 "traits": orjson.dumps(traits[False]).decode(),
             },
         )
-        # (a new profile got its effective traits with its insert)
-        await refresh_traits(conn, tenant, [r.profile_id for r in changed])
+        # (a new profile got its effective traits with its insert: all of them are new)
+        created = [TraitChange(pid, t, {}, tuple(sorted(t))) for pid, t in new_traits.items() if t]
+        return created + await refresh_traits(conn, tenant, [r.profile_id for r in changed])
 
 
 # ---- the phases of `ImportStore.import_rows`, in order ------------------------------------------

@@ -30,6 +30,7 @@ from services.profile.domain.enrichment import (
     state_view,
 )
 from services.profile.domain.identity import Enriched
+from services.profile.domain.traits import TraitChange
 from services.profile.store.signals import SegmentRule
 
 T = TypeVar("T")
@@ -38,6 +39,8 @@ MAX_ATTEMPTS = 8
 
 # (tenant, profile id, consent) -> ConsentChanged payload
 ConsentMessage = Callable[[str, str, Consent], bytes]
+# (tenant, changes, change time, source) -> a TraitsChanged payload per change, in order
+TraitsMessages = Callable[[str, Sequence[TraitChange], datetime, str], list[bytes]]
 # (tenant, surviving profile id, merged profile id, merge time, reason) -> ProfileMerged payload
 MergedMessage = Callable[[str, str, str, datetime, str], bytes]
 # (connection, tenant) -> the tenant's enrichment definitions (see store/enrichment.py).

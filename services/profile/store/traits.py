@@ -1,21 +1,31 @@
-"""A profile's traits by source (declared, backend, behavioural) and the effective ones."""
+"""A profile's traits by source (declared, backend, behavioural) and the effective ones, and the
+TraitsChanged messages of their changes."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.db import json_value
+from relevans.kit.outbox import OutboxMessage, enqueue
 from services.profile.domain import Profile
-from services.profile.domain.traits import PRECEDENCE, TraitScalar
+from services.profile.domain.traits import PRECEDENCE, TraitChange, TraitScalar, trait_change
 from services.profile.store.reads import ProfileReads
-from services.profile.store.rows import lock_existing, transaction
-from services.profile.store.tables import profile_traits, profiles
+from services.profile.store.rows import TraitsMessages, lock_existing, transaction
+from services.profile.store.tables import outbox, profile_traits, profiles
 
+# TraitsChanged, published whenever a write changes a profile's effective traits (the `traits` of
+# GetProfile), in the write's transaction: SetTraits, Identify's declared traits, an import, a
+# merge (each a `source` below). Not when ingest computes behavioural traits from events: those
+# travel inside each EnrichedEvent's profile (rv.events.<partition>).
+TRAITS_SUBJECT = "rv.profile.traits"
+SET_TRAITS_SOURCE, IDENTIFY_SOURCE, IMPORT_SOURCE, MERGE_SOURCE = "set_traits", "identify", "import", "merge"
+
+# (The row `old` is the profile as the statement found it: its effective traits before.)
 _REFRESH_TRAITS = sa.text("""
 UPDATE profiles p
 SET traits = coalesce((
@@ -25,22 +35,32 @@ SET traits = coalesce((
           WHERE t.tenant_id = p.tenant_id AND t.profile_id = p.profile_id
           ORDER BY t.name, array_position(CAST(:precedence AS text[]), t.source)) e
 ), '{}'::jsonb)
+FROM profiles old
 WHERE p.tenant_id = :tenant AND p.profile_id = ANY(CAST(:ids AS text[]))
-RETURNING p.profile_id, p.traits
+  AND old.tenant_id = p.tenant_id AND old.profile_id = p.profile_id
+RETURNING p.profile_id, old.traits AS before, p.traits
 """)
 
 
-async def refresh_traits(conn: AsyncConnection, tenant: str, profile_ids: Sequence[str]) -> dict[str, Any]:
+async def refresh_traits(conn: AsyncConnection, tenant: str, profile_ids: Sequence[str]) -> list[TraitChange]:
     """Recompute the effective traits (`profiles.traits`) of profiles whose profile_traits rows
-    changed; call it in the same transaction after every write to profile_traits. Returns the
-    new effective traits by profile id."""
+    changed; call it in the same transaction after every write to profile_traits (the profiles
+    locked). Returns the changes of the effective traits, in profile id order."""
     if not profile_ids:
-        return {}
+        return []
     rows = await conn.execute(
         _REFRESH_TRAITS,
         {"tenant": tenant, "ids": sorted(set(profile_ids)), "precedence": list(PRECEDENCE)},
     )
-    return {r.profile_id: r.traits for r in rows}
+    found = (trait_change(r.profile_id, json_value(r.before) or {}, json_value(r.traits) or {}) for r in rows)
+    return sorted(filter(None, found), key=lambda c: c.profile_id)
+
+
+def traits_messages(
+    build: TraitsMessages, tenant: str, changes: Sequence[TraitChange], now: datetime, source: str
+) -> list[OutboxMessage]:
+    """The TraitsChanged outbox messages of some changes."""
+    return [OutboxMessage(TRAITS_SUBJECT, payload) for payload in build(tenant, changes, now, source)]
 
 
 # One source's values of traits, for any number of (profile, name) pairs; returns nothing.
@@ -62,9 +82,9 @@ async def write_traits(
     source: str,
     traits: Mapping[str, TraitScalar | None],
     now: datetime,
-) -> None:
+) -> list[TraitChange]:
     """Set (or, for None, remove) one source's values of a profile's traits; refresh the
-    effective ones."""
+    effective ones and return their change (none when they stay as they were)."""
     setting = {k: v for k, v in traits.items() if v is not None}
     removing = [k for k, v in traits.items() if v is None]
     if setting:
@@ -88,14 +108,15 @@ async def write_traits(
                 profile_traits.c.name.in_(removing),
             )
         )
-    await refresh_traits(conn, tenant, [profile_id])
+    return await refresh_traits(conn, tenant, [profile_id])
 
 
 class TraitStore:
-    """Declared and backend traits set through the API."""
+    """Declared and backend traits set through the API, with their TraitsChanged message."""
 
-    def __init__(self, engine: AsyncEngine, reads: ProfileReads) -> None:
+    def __init__(self, engine: AsyncEngine, traits_message: TraitsMessages, reads: ProfileReads) -> None:
         self.engine = engine
+        self.traits_message = traits_message
         self.reads = reads
 
     async def set_traits(
@@ -110,7 +131,13 @@ class TraitStore:
 
         async def work(conn: AsyncConnection) -> Profile:
             target = await lock_existing(conn, tenant, profile_id)
-            await write_traits(conn, tenant, target, source, traits, now)
+            changes = await write_traits(conn, tenant, target, source, traits, now)
+            await enqueue(
+                conn,
+                outbox,
+                traits_messages(self.traits_message, tenant, changes, now, SET_TRAITS_SOURCE),
+                now,
+            )
             await conn.execute(
                 profiles.update()
                 .where(profiles.c.tenant_id == tenant, profiles.c.profile_id == target)
