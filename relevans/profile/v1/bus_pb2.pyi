@@ -291,8 +291,9 @@ Global___ThresholdCrossed: _TypeAlias = ThresholdCrossed  # noqa: Y015
 @_typing.final
 class TraitsChanged(_message.Message):
     """TraitsChanged is published on rv.profile.traits when a profile's effective traits change
-    (SetTraits, Identify, ImportProfiles): what date and trait-change triggers and the trigger
-    service's knowledge of time zones follow.
+    (SetTraits, Identify, ImportProfiles, a merge): what date and trait-change triggers and the
+    trigger service's knowledge of time zones follow. Behavioural traits computed at ingest travel
+    inside each EnrichedEvent instead.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -350,7 +351,7 @@ class TraitsChanged(_message.Message):
     tenant_id: _builtins.str
     profile_id: _builtins.str
     source: _builtins.str
-    """set_traits, identify or import."""
+    """set_traits, identify, import or merge."""
     change_id: _builtins.str
     """Unique per change, for the consumers' idempotency."""
     @_builtins.property
