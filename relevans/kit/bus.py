@@ -11,7 +11,6 @@ import functools
 import hashlib
 import itertools
 import json
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -58,6 +57,9 @@ def event_partition(tenant_id: str, profile_id: str, partitions: int) -> int:
 def event_subject(tenant_id: str, profile_id: str, partitions: int) -> str:
     return f"rv.events.{event_partition(tenant_id, profile_id, partitions)}"
 
+
+# How long a stopping consumer waits for what its last pull request may still deliver.
+_PULL_SETTLE_S = 0.05
 
 BatchHandler = Callable[[Sequence[Msg]], Awaitable[None]]
 
@@ -240,11 +242,11 @@ class Consumer:
     The handler commits its own transaction; an exception means nothing was
     committed, so the batch is retried message by message and a message that
     keeps failing is nak'ed with a delay, then terminated after `max_attempts`
-    with an error log (never dropped silently).
+    with an error log (never dropped silently). When it stops, it handles what its last pull
+    still delivered, so it leaves no message of its own unacked (see `_leftovers`).
 
-    `in_order` makes consumers of one durable in several processes hand its messages to their
-    handlers one batch after another, in stream order (see `_wait_turn`); `partitioned` builds
-    one such consumer per partition subject.
+    In-order consumption of a partition across processes is `partitioned` with
+    `relevans.kit.partitions.PartitionLeases`: one process at a time runs a partition's loop.
     """
 
     def __init__(
@@ -260,7 +262,6 @@ class Consumer:
         max_attempts: int = 20,
         ack_wait_s: float = 30.0,
         max_ack_pending: int | None = None,
-        in_order: bool = False,
     ) -> None:
         self.bus = bus
         self.service = service
@@ -272,9 +273,6 @@ class Consumer:
         self.max_attempts = max_attempts
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending or batch * 10
-        self.in_order = in_order
-        self._stuck_floor: tuple[int, float] | None = None  # see `_wait_turn`
-        self._turn_misses = 0
 
     def config(self, start_seq: int | None = None) -> ConsumerConfig:
         """The durable's configuration; from stream sequence `start_seq` if given, else from the start."""
@@ -304,9 +302,6 @@ class Consumer:
                 log.exception("fetch failed", consumer=self.durable)
                 await asyncio.sleep(0.5)
                 continue
-            if msgs and self.in_order and not await self._wait_turn(sub, msgs):
-                await asyncio.gather(*(m.nak() for m in msgs))
-                msgs = []
             if msgs:
                 await self._handle(msgs)
             since_lag += 1
@@ -314,47 +309,27 @@ class Consumer:
                 since_lag = 0
                 await self._record_lag(sub)
         try:
+            leftovers = await self._leftovers(sub)
+            if leftovers:
+                await self._handle(leftovers)
             await sub.unsubscribe()
         except Exception:
             log.debug("unsubscribe after stop failed", consumer=self.durable)
 
-    async def _wait_turn(self, sub: JetStreamContext.PullSubscription, msgs: list[Msg]) -> bool:
-        """Wait until `msgs` are all the durable has outstanding, then sort them in stream order:
-        every earlier message was then committed and acked, whichever process fetched it.
-
-        JetStream alone does not keep that order: the server spreads a durable's messages over
-        the pull requests waiting in several processes, so two processes can hold interleaved
-        parts of one stretch. False after a short random wait, growing while it keeps failing:
-        the caller naks the batch, so the other holder (or, after `ack_wait_s`, the redelivery of
-        a dead process's batch) gets everything. True as well when the ack floor has not moved for
-        twice `ack_wait_s`: a message that keeps failing (nak'ed with a delay, see `_handle`)
-        stays outstanding, and its partition moves on past it, the one case where order is not kept.
-        """
-        loop = asyncio.get_running_loop()
-        self._turn_misses += 1
-        deadline = loop.time() + random.uniform(0.02, 0.1) * min(2**self._turn_misses, 2 * self.ack_wait_s)
-        pause = 0.002
-        while True:
-            try:
-                info = await sub.consumer_info()
-            except Exception:
-                log.debug("consumer info unavailable", consumer=self.durable)
-            else:
-                floor = info.ack_floor.consumer_seq if info.ack_floor else 0
-                if self._stuck_floor is None or self._stuck_floor[0] != floor:
-                    self._stuck_floor = (floor, loop.time())
-                if info.num_ack_pending == len(msgs):
-                    break
-                if loop.time() - self._stuck_floor[1] >= 2 * self.ack_wait_s:
-                    log.warning("an earlier message is stuck; handling out of order", consumer=self.durable)
-                    break
-            if loop.time() >= deadline:
-                return False
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.02)
-        self._turn_misses = 0
-        msgs.sort(key=lambda m: m.metadata.sequence.stream)
-        return True
+    @staticmethod
+    async def _leftovers(sub: JetStreamContext.PullSubscription) -> list[Msg]:
+        """Messages a pull delivered after `fetch` returned (a pull request can outlive the client's
+        timeout by moments). Left in the subscription, they would stay unacked until `ack_wait`
+        and then reach the partition's next holder after newer messages. Reads the pinned
+        nats-py's queue, as `fetch` itself does."""
+        await asyncio.sleep(_PULL_SETTLE_S)
+        queue = sub._sub._pending_queue
+        out: list[Msg] = []
+        while not queue.empty():
+            msg = queue.get_nowait()
+            if not JetStreamContext.is_status_msg(msg):
+                out.append(msg)
+        return out
 
     async def _record_lag(self, sub: JetStreamContext.PullSubscription) -> None:
         try:
@@ -408,12 +383,16 @@ def partitioned(
     handler: BatchHandler,
     batch: int = 200,
 ) -> list[Consumer]:
-    """One in-order consumer per partition: durable `<durable>-<p>` on subject `<subject>.<p>`.
+    """One consumer per partition: durable `<durable>-<p>` on subject `<subject>.<p>`.
 
-    Every process runs all of them on the shared durables, so partitions spread over the
-    processes by themselves, and each partition (hence each profile, see `event_partition`) is
-    handled one batch after another in stream order. `max_ack_pending` equal to the batch keeps
-    a process from fetching far ahead of a partition's batch in progress elsewhere.
+    Run each only while this process holds its partition (`PartitionLeases` in
+    `relevans.kit.partitions`): one process at a time consumes a partition, so its messages (hence
+    a profile's, see `event_partition`) are handled one batch after another in stream order.
+    A holder that gives a partition up stops after acking everything it fetched, so the next one
+    starts right after it. `max_ack_pending` equal to the batch bounds how far a partition runs
+    ahead of messages left unacked: a message that keeps failing (retried with a delay), or the
+    batch of a holder that died (redelivered after `ack_wait`), comes after at most one batch of
+    newer ones, the cases where order is not kept.
     """
     return [
         Consumer(
@@ -425,10 +404,20 @@ def partitioned(
             handler=handler,
             batch=batch,
             max_ack_pending=batch,
-            in_order=True,
         )
         for p in range(partitions)
     ]
+
+
+async def ensure_durables(bus: Bus, consumers: Sequence[Consumer], start_seq: int | None = None) -> None:
+    """Create the durables of `consumers` that do not exist yet (from stream sequence `start_seq`
+    if given), so they exist, and keep their messages, before any process runs them: partition
+    consumers run only where their partition is held (`partitioned`)."""
+    for consumer in consumers:
+        try:
+            await bus.js.consumer_info(consumer.stream, consumer.durable)
+        except nats.js.errors.NotFoundError:
+            await bus.js.add_consumer(consumer.stream, consumer.config(start_seq))
 
 
 async def take_over(bus: Bus, legacy: str, consumers: Sequence[Consumer]) -> None:
@@ -444,11 +433,7 @@ async def take_over(bus: Bus, legacy: str, consumers: Sequence[Consumer]) -> Non
     except nats.js.errors.NotFoundError:
         return
     start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
-    for consumer in consumers:
-        try:
-            await bus.js.consumer_info(stream, consumer.durable)
-        except nats.js.errors.NotFoundError:
-            await bus.js.add_consumer(stream, consumer.config(start))
+    await ensure_durables(bus, consumers, start)
     with contextlib.suppress(nats.js.errors.NotFoundError):  # another process took over first
         await bus.js.delete_consumer(stream, legacy)
     log.info("durable taken over", legacy=legacy, start_seq=start, consumers=len(consumers))

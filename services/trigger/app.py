@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from relevans.kit.bus import take_over
+from relevans.kit.bus import ensure_durables, take_over
 from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
@@ -13,6 +13,7 @@ from services.trigger.consumers import (
     LEGACY_DURABLE,
     delivery_status_consumer,
     event_consumers,
+    event_leases,
     profile_change_consumer,
 )
 from services.trigger.servicer import TriggerServicer, binding
@@ -31,8 +32,10 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     timers = TimerWorker(store, clock, rt.relay.notify)
     events = event_consumers(rt.bus, store, clock, settings.event_partitions, timers.wake)
     await take_over(rt.bus, LEGACY_DURABLE, events)
-    for consumer in events:
-        host.add_worker(consumer.durable, consumer.run)
+    await ensure_durables(rt.bus, events)
+    leases = event_leases(rt.engine, events)
+    host.add_worker("trigger-event-partitions", leases.run)
+    host.add_closer(leases.close)  # before the engine's dispose, which leaves a checked-out connection open
     host.add_worker("trigger-profile-changes", profile_change_consumer(rt.bus, store, clock, timers.wake).run)
     host.add_worker("trigger-delivery-status", delivery_status_consumer(rt.bus, store, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)

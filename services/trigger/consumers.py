@@ -22,6 +22,7 @@ from datetime import datetime
 import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
@@ -29,6 +30,7 @@ from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer, partitioned
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
+from relevans.kit.partitions import PartitionLeases
 from relevans.kit.proto import from_struct, from_timestamp, from_value
 from relevans.profile.v1 import bus_pb2
 from services.trigger.domain import EventFacts, Plan, SegmentChange, TraitChange
@@ -117,10 +119,9 @@ def _wake_if_due(plan: Plan, now: datetime, wake: Callable[[], None]) -> None:
 def event_consumers(
     bus: Bus, store: TriggerStore, clock: Clock, partitions: int, wake: Callable[[], None] = lambda: None
 ) -> list[Consumer]:
-    """One in-order consumer per event partition, shared by every trigger process: one
-    profile's events are handled one batch after another, in the order profile published them.
-    A message that keeps failing is retried later while its partition moves on past it: the
-    one case where a profile's events are not handled in order."""
+    """One consumer per event partition; run them under `event_leases`, so one trigger process at a
+    time consumes a partition and a profile's events are handled in the order profile published
+    them (the exceptions: `partitioned`)."""
     handler = EventConsumer(store, clock, wake)
     return partitioned(
         bus,
@@ -130,6 +131,24 @@ def event_consumers(
         subject=SUBJECT,
         partitions=partitions,
         handler=handler.handle,
+    )
+
+
+# Advisory lock namespaces of the event partitions and of the processes sharing them, apart from
+# the store's PROFILE_LOCK_NAMESPACE ("RVTG").
+EVENT_PARTITION_LOCK_NAMESPACE = 0x52565045  # "RVPE"
+EVENT_MEMBER_LOCK_NAMESPACE = 0x5256504D  # "RVPM"
+
+
+def event_leases(engine: AsyncEngine, consumers: Sequence[Consumer]) -> PartitionLeases:
+    """The trigger processes' shares of the event partitions: `consumers[p]` runs while this
+    process holds partition p."""
+    return PartitionLeases(
+        engine,
+        [c.run for c in consumers],
+        namespace=EVENT_PARTITION_LOCK_NAMESPACE,
+        member_namespace=EVENT_MEMBER_LOCK_NAMESPACE,
+        name="trigger-events",
     )
 
 
