@@ -16,19 +16,16 @@ from relevans.kit.enums import enum_name, enum_value
 from relevans.kit.errors import Violations, check_count
 from relevans.kit.proto import checked_duration, to_duration, to_timestamp
 from relevans.trigger.v1 import trigger_pb2
-from services.trigger.domain.policies import (
+from services.trigger.domain.policies import QuietHours, TenantPolicy, TriggerPolicy, quiet_hours_text
+from services.trigger.domain.policy_validation import (
     BAD_DURATION,
     MAX_CAPS,
-    QuietHours,
     RawCap,
     RawDuration,
     RawQuietHours,
     RawReentry,
     RawTenantPolicy,
     RawTriggerPolicy,
-    TenantPolicy,
-    TriggerPolicy,
-    quiet_hours_text,
     validate_tenant_policy,
     validate_trigger_policy,
 )

@@ -14,7 +14,8 @@ from typing import ClassVar, Protocol
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token
 from relevans.kit.resource_ids import RESOURCE_ID_RE, resource_id_problem
-from services.trigger.domain.policies import RawTriggerPolicy, TriggerPolicy
+from services.trigger.domain.policies import TriggerPolicy
+from services.trigger.domain.policy_validation import RawTriggerPolicy
 
 
 class Condition(Protocol):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from relevans.kit.errors import Violations
 from relevans.kit.resource_ids import resource_id_problem
 from services.trigger.domain.kinds import KINDS
-from services.trigger.domain.policies import TriggerPolicy, validate_trigger_policy
+from services.trigger.domain.policies import TriggerPolicy
+from services.trigger.domain.policy_validation import validate_trigger_policy
 from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, validate_trigger_id
 
 MAX_DISPLAY_NAME_CHARS = 200
