@@ -21,6 +21,12 @@ Fields are dotted paths into a `ProfileView`:
 | `score`                        | number    | eq ne lt le gt ge in                       |
 | `consent.<purpose>.<channel>`  | status    | eq ne in exists                            |
 | `last_seen.<event_type>`       | datetime  | eq ne lt le gt ge exists                   |
+| `event.<property>`             | any       | as traits (trigger conditions only)        |
+
+`event.<property>` is a property of the event a trigger condition is evaluated on: the property of
+that exact name first, else the dotted path into nested objects (`event.page.url`). Segments have no
+event, so `parse_condition` refuses it unless `trigger=True`; a trigger condition in turn refuses
+`count` (the trigger service has no counters to answer it from; a threshold trigger counts events).
 
 A value that is missing (no such trait, counter, consent or last-seen time, or a trait of another type)
 compares false, except that `ne` is then true and `exists` is what it says.
@@ -62,6 +68,7 @@ from .fields import (
     COUNTER,
     COUNTER_NAME_RE,
     EQ,
+    EVENT,
     EVENT_TYPE_RE,
     EXISTS,
     FIELD_HELP,
@@ -97,6 +104,7 @@ from .nodes import (
     Not,
     Scalar,
     iter_nodes,
+    needs_profile,
     window_counts_needed,
 )
 from .parsing import (
@@ -124,6 +132,7 @@ __all__ = [
     "COUNT_KEYS",
     "COUNT_OPS",
     "EQ",
+    "EVENT",
     "EVENT_TYPE_RE",
     "EXISTS",
     "FIELD_HELP",
@@ -167,6 +176,7 @@ __all__ = [
     "evaluate",
     "field_help",
     "iter_nodes",
+    "needs_profile",
     "parse_condition",
     "split_field",
     "to_dict",

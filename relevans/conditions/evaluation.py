@@ -15,6 +15,7 @@ from .fields import (
     CONTAINS,
     COUNTER,
     EQ,
+    EVENT,
     EXISTS,
     FIELD_OPS,
     GE,
@@ -42,7 +43,8 @@ def _no_window_counts(event_type: str, window: timedelta, prop: str | None, valu
 @dataclass(frozen=True, slots=True)
 class ProfileView:
     """What a condition sees of one profile. Datetimes are tz-aware; `consents` maps
-    (purpose, channel) to the current status; `window_counts` answers `CountInWindow` from counters."""
+    (purpose, channel) to the current status; `window_counts` answers `CountInWindow` from counters;
+    `event` is the properties of the event a trigger condition is evaluated on (empty for segments)."""
 
     traits: Mapping[str, object] = field(default_factory=dict)
     tags: frozenset[str] = frozenset()
@@ -51,6 +53,7 @@ class ProfileView:
     consents: Mapping[tuple[str, str], str] = field(default_factory=dict)
     last_seen: Mapping[str, datetime] = field(default_factory=dict)
     window_counts: WindowCounts = _no_window_counts
+    event: Mapping[str, object] = field(default_factory=dict)
 
 
 Predicate: TypeAlias = Callable[[ProfileView], bool]
@@ -85,6 +88,8 @@ def _getter(kind: str, keys: tuple[str, ...]) -> Callable[[ProfileView], object]
             return _MISSING if value is None else value
 
         return trait
+    if kind == EVENT:
+        return _event_getter(keys[0])
     if kind == COUNTER:
         (name,) = keys
         return lambda view: view.counters.get(name, _MISSING)
@@ -97,6 +102,31 @@ def _getter(kind: str, keys: tuple[str, ...]) -> Callable[[ProfileView], object]
         (event_type,) = keys
         return lambda view: view.last_seen.get(event_type, _MISSING)
     raise ValueError(f"no getter for {kind}")
+
+
+def _event_getter(name: str) -> Callable[[ProfileView], object]:
+    """`event.<name>`: the property of that exact name first ("page.url" as one key), else the
+    dotted path into nested objects ({"page": {"url": ...}})."""
+    parts = tuple(name.split("."))
+    if len(parts) == 1:
+
+        def flat(view: ProfileView) -> object:
+            value = view.event.get(name, _MISSING)
+            return _MISSING if value is None else value
+
+        return flat
+
+    def nested(view: ProfileView) -> object:
+        value = view.event.get(name, _MISSING)
+        if value is _MISSING:
+            value = view.event
+            for part in parts:
+                if not isinstance(value, Mapping):
+                    return _MISSING
+                value = value.get(part, _MISSING)
+        return _MISSING if value is None else value
+
+    return nested
 
 
 def _compile_compare(cond: Compare) -> Predicate:
@@ -125,7 +155,7 @@ def _compile_compare(cond: Compare) -> Predicate:
             return kind != "?" and (kind, value) in members  # lists, dicts: unhashable, never "in"
 
         return is_in
-    if op == CONTAINS:  # traits only: a substring of a string, a member of a list
+    if op == CONTAINS:  # traits and event properties: a substring of a string, a member of a list
         target_kind = _kind(target)
 
         def contains(view: ProfileView) -> bool:
@@ -143,7 +173,7 @@ def _compile_compare(cond: Compare) -> Predicate:
         if op == NE:
             return lambda view: (value := get(view)) is missing or compare(value, target)
         return lambda view: (value := get(view)) is not missing and compare(value, target)
-    # Traits: any JSON scalar; compare only like with like.
+    # Traits and event properties: any JSON value; compare only like with like.
     target_kind = _kind(target)
     if op == NE:
 

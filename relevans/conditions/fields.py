@@ -23,11 +23,14 @@ OPS = (EQ, NE, LT, LE, GT, GE, IN, CONTAINS, EXISTS)
 ORDER_OPS = (LT, LE, GT, GE)
 COUNT_OPS = (EQ, NE, LT, LE, GT, GE)
 
-# Field kinds and the ops each allows.
+# Field kinds and the ops each allows. `event` (the event's properties) exists only in trigger
+# conditions: a segment has no event.
 TRAIT, TAG, COUNTER, SCORE, CONSENT, LAST_SEEN = "trait", "tag", "counter", "score", "consent", "last_seen"
+EVENT = "event"
 FIELD_OPS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
         TRAIT: OPS,
+        EVENT: OPS,
         TAG: (CONTAINS, IN),
         COUNTER: (EQ, NE, LT, LE, GT, GE, IN, EXISTS),
         SCORE: (EQ, NE, LT, LE, GT, GE, IN),
@@ -53,6 +56,8 @@ def split_field(path: str) -> tuple[str, tuple[str, ...]] | None:
         return (COUNTER, (rest,))
     if head == LAST_SEEN and EVENT_TYPE_RE.match(rest):
         return (LAST_SEEN, (rest,))
+    if head == EVENT and PROPERTY_NAME_RE.fullmatch(rest):
+        return (EVENT, (rest,))
     if head == CONSENT:
         purpose, dot2, channel = rest.partition(".")
         if dot2 and purpose in PURPOSES and channel in CHANNELS:
@@ -75,6 +80,8 @@ def field_help(path: object) -> str:
             return f"the counter name must match {COUNTER_NAME_RE.pattern}"
         if head == LAST_SEEN:
             return f"the event type must match {EVENT_TYPE_RE.pattern}"
+        if head == EVENT:
+            return f"the property name must match {PROPERTY_NAME_RE.pattern}"
         if head == CONSENT:
             return f"must be consent.<{'|'.join(PURPOSES)}>.<{'|'.join(CHANNELS)}>"
     return FIELD_HELP

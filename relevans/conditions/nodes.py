@@ -76,3 +76,12 @@ def window_counts_needed(cond: Condition) -> frozenset[tuple[str, timedelta, str
         for node in iter_nodes(cond)
         if isinstance(node, CountInWindow)
     )
+
+
+def needs_profile(cond: Condition) -> bool:
+    """Whether the condition looks at the profile at all (a trigger condition only on `event.*`
+    fields does not, and spares decoding the profile)."""
+    return any(
+        isinstance(node, CountInWindow) or (isinstance(node, Compare) and not node.field.startswith("event."))
+        for node in iter_nodes(cond)
+    )

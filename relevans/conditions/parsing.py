@@ -12,6 +12,7 @@ from .fields import (
     CONSENT,
     COUNT_OPS,
     COUNTER,
+    EVENT,
     EVENT_TYPE_RE,
     EXISTS,
     FIELD_OPS,
@@ -51,9 +52,14 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, str | bool) or _is_number(value)
 
 
+EVENT_FIELD_PROBLEM = "event fields exist only in trigger conditions"
+TRIGGER_COUNT_PROBLEM = "count is not available in trigger conditions; use a threshold trigger"
+
+
 class _Parser:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, trigger: bool) -> None:
         self.root = root
+        self.trigger = trigger
         self.violations = Violations()
         self.nodes = 0
         self.too_deep = False
@@ -126,6 +132,9 @@ class _Parser:
             split = split_field(field_path)  # type: ignore[arg-type]
             if split is None:
                 self.violations.add(f"{path}.field", field_help(field_path))
+            elif split[0] == EVENT and not self.trigger:
+                self.violations.add(f"{path}.field", EVENT_FIELD_PROBLEM)
+                split = None
         op_ok = False
         if op is None or op == "":
             self.violations.add(f"{path}.op", "is required")
@@ -163,7 +172,7 @@ class _Parser:
         add = self.violations.add
         if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
             add(path, f"must be at most {MAX_STRING_CHARS} characters")
-        elif kind == TRAIT:
+        elif kind in (TRAIT, EVENT):
             if op in ORDER_OPS:
                 if not _is_number(value):
                     add(path, f"must be a number for {op}")
@@ -200,6 +209,9 @@ class _Parser:
 
     def count(self, body: object, path: str) -> Condition:
         placeholder: Condition = All(())
+        if self.trigger:  # the trigger service has no counter definitions to answer it from
+            self.violations.add(path, TRIGGER_COUNT_PROBLEM)
+            return placeholder
         obj = self._object(body, path, COUNT_KEYS)
         if obj is None:
             return placeholder
@@ -255,15 +267,16 @@ class _Parser:
         )
 
 
-def parse_condition(data: object, path: str = "condition") -> Condition:
+def parse_condition(data: object, path: str = "condition", *, trigger: bool = False) -> Condition:
     """The condition a JSON-like dict describes; raises InvalidArgument naming every offending path
-    under `path` (e.g. "condition.all[1].count.window_days")."""
-    parser = _Parser(path)
+    under `path` (e.g. "condition.all[1].count.window_days"). A trigger's condition (`trigger`) may
+    name `event.<property>` and may not `count`; a segment's the other way round."""
+    parser = _Parser(path, trigger)
     result = parser.node(data, path, 1)
     parser.violations.raise_if_any()
     return result
 
 
-def check_condition(cond: Condition, path: str = "condition") -> None:
+def check_condition(cond: Condition, path: str = "condition", *, trigger: bool = False) -> None:
     """Validates a tree built in code as parse_condition would; raises InvalidArgument."""
-    parse_condition(to_dict(cond), path)
+    parse_condition(to_dict(cond), path, trigger=trigger)

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import itertools
 import json
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -240,6 +241,10 @@ class Consumer:
     committed, so the batch is retried message by message and a message that
     keeps failing is nak'ed with a delay, then terminated after `max_attempts`
     with an error log (never dropped silently).
+
+    `in_order` makes consumers of one durable in several processes hand its messages to their
+    handlers one batch after another, in stream order (see `_wait_turn`); `partitioned` builds
+    one such consumer per partition subject.
     """
 
     def __init__(
@@ -254,6 +259,8 @@ class Consumer:
         batch: int = 200,
         max_attempts: int = 20,
         ack_wait_s: float = 30.0,
+        max_ack_pending: int | None = None,
+        in_order: bool = False,
     ) -> None:
         self.bus = bus
         self.service = service
@@ -264,18 +271,26 @@ class Consumer:
         self.batch = batch
         self.max_attempts = max_attempts
         self.ack_wait_s = ack_wait_s
+        self.max_ack_pending = max_ack_pending or batch * 10
+        self.in_order = in_order
+        self._stuck_floor: tuple[int, float] | None = None  # see `_wait_turn`
+        self._turn_misses = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        config = ConsumerConfig(
+    def config(self, start_seq: int | None = None) -> ConsumerConfig:
+        """The durable's configuration; from stream sequence `start_seq` if given, else from the start."""
+        return ConsumerConfig(
             durable_name=self.durable,
             ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
             ack_wait=self.ack_wait_s,
-            max_ack_pending=self.batch * 10,
+            max_ack_pending=self.max_ack_pending,
             filter_subject=self.filter_subject,
         )
+
+    async def run(self, stop: asyncio.Event) -> None:
         sub = await self.bus.js.pull_subscribe(
-            self.filter_subject, durable=self.durable, stream=self.stream, config=config
+            self.filter_subject, durable=self.durable, stream=self.stream, config=self.config()
         )
         lag_every, since_lag = 50, 50
         while not stop.is_set():
@@ -289,6 +304,9 @@ class Consumer:
                 log.exception("fetch failed", consumer=self.durable)
                 await asyncio.sleep(0.5)
                 continue
+            if msgs and self.in_order and not await self._wait_turn(sub, msgs):
+                await asyncio.gather(*(m.nak() for m in msgs))
+                msgs = []
             if msgs:
                 await self._handle(msgs)
             since_lag += 1
@@ -299,6 +317,44 @@ class Consumer:
             await sub.unsubscribe()
         except Exception:
             log.debug("unsubscribe after stop failed", consumer=self.durable)
+
+    async def _wait_turn(self, sub: JetStreamContext.PullSubscription, msgs: list[Msg]) -> bool:
+        """Wait until `msgs` are all the durable has outstanding, then sort them in stream order:
+        every earlier message was then committed and acked, whichever process fetched it.
+
+        JetStream alone does not keep that order: the server spreads a durable's messages over
+        the pull requests waiting in several processes, so two processes can hold interleaved
+        parts of one stretch. False after a short random wait, growing while it keeps failing:
+        the caller naks the batch, so the other holder (or, after `ack_wait_s`, the redelivery of
+        a dead process's batch) gets everything. True as well when the ack floor has not moved for
+        twice `ack_wait_s`: a message that keeps failing (nak'ed with a delay, see `_handle`)
+        stays outstanding, and its partition moves on past it, the one case where order is not kept.
+        """
+        loop = asyncio.get_running_loop()
+        self._turn_misses += 1
+        deadline = loop.time() + random.uniform(0.02, 0.1) * min(2**self._turn_misses, 2 * self.ack_wait_s)
+        pause = 0.002
+        while True:
+            try:
+                info = await sub.consumer_info()
+            except Exception:
+                log.debug("consumer info unavailable", consumer=self.durable)
+            else:
+                floor = info.ack_floor.consumer_seq if info.ack_floor else 0
+                if self._stuck_floor is None or self._stuck_floor[0] != floor:
+                    self._stuck_floor = (floor, loop.time())
+                if info.num_ack_pending == len(msgs):
+                    break
+                if loop.time() - self._stuck_floor[1] >= 2 * self.ack_wait_s:
+                    log.warning("an earlier message is stuck; handling out of order", consumer=self.durable)
+                    break
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.02)
+        self._turn_misses = 0
+        msgs.sort(key=lambda m: m.metadata.sequence.stream)
+        return True
 
     async def _record_lag(self, sub: JetStreamContext.PullSubscription) -> None:
         try:
@@ -339,3 +395,60 @@ class Consumer:
             else:
                 await msg.ack()
                 counter.labels(self.service, self.durable, "ok").inc()
+
+
+def partitioned(
+    bus: Bus,
+    *,
+    service: str,
+    stream: str,
+    durable: str,
+    subject: str,
+    partitions: int,
+    handler: BatchHandler,
+    batch: int = 200,
+) -> list[Consumer]:
+    """One in-order consumer per partition: durable `<durable>-<p>` on subject `<subject>.<p>`.
+
+    Every process runs all of them on the shared durables, so partitions spread over the
+    processes by themselves, and each partition (hence each profile, see `event_partition`) is
+    handled one batch after another in stream order. `max_ack_pending` equal to the batch keeps
+    a process from fetching far ahead of a partition's batch in progress elsewhere.
+    """
+    return [
+        Consumer(
+            bus,
+            service=service,
+            stream=stream,
+            durable=f"{durable}-{p}",
+            filter_subject=f"{subject}.{p}",
+            handler=handler,
+            batch=batch,
+            max_ack_pending=batch,
+            in_order=True,
+        )
+        for p in range(partitions)
+    ]
+
+
+async def take_over(bus: Bus, legacy: str, consumers: Sequence[Consumer]) -> None:
+    """Replace durable `legacy` by `consumers`: each that does not exist yet starts right after the
+    legacy's ack floor, so no message is skipped (the legacy's unacked ones are delivered again,
+    and handlers apply a message twice harmlessly), then the legacy is deleted. Nothing to do when
+    `legacy` does not exist. Run before the consumers, with the legacy's processes stopped."""
+    if not consumers:
+        return
+    stream = consumers[0].stream
+    try:
+        info = await bus.js.consumer_info(stream, legacy)
+    except nats.js.errors.NotFoundError:
+        return
+    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+    for consumer in consumers:
+        try:
+            await bus.js.consumer_info(stream, consumer.durable)
+        except nats.js.errors.NotFoundError:
+            await bus.js.add_consumer(stream, consumer.config(start))
+    with contextlib.suppress(nats.js.errors.NotFoundError):  # another process took over first
+        await bus.js.delete_consumer(stream, legacy)
+    log.info("durable taken over", legacy=legacy, start_seq=start, consumers=len(consumers))

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from relevans.kit.bus import take_over
 from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.trigger.consumers import delivery_status_consumer, event_consumer, profile_change_consumer
+from services.trigger.consumers import (
+    LEGACY_DURABLE,
+    delivery_status_consumer,
+    event_consumers,
+    profile_change_consumer,
+)
 from services.trigger.servicer import TriggerServicer, binding
 from services.trigger.store import TriggerStore
 from services.trigger.tables import outbox
@@ -23,7 +29,10 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     timers = TimerWorker(store, clock, rt.relay.notify)
-    host.add_worker("trigger-events", event_consumer(rt.bus, store, clock, timers.wake).run)
+    events = event_consumers(rt.bus, store, clock, settings.event_partitions, timers.wake)
+    await take_over(rt.bus, LEGACY_DURABLE, events)
+    for consumer in events:
+        host.add_worker(consumer.durable, consumer.run)
     host.add_worker("trigger-profile-changes", profile_change_consumer(rt.bus, store, clock, timers.wake).run)
     host.add_worker("trigger-delivery-status", delivery_status_consumer(rt.bus, store, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.bus import Bus, Consumer
+from relevans.kit.bus import Bus, Consumer, partitioned
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
 from relevans.kit.proto import from_struct, from_timestamp, from_value
@@ -40,8 +40,9 @@ from services.trigger.trace import DeliveryOutcome
 log = structlog.get_logger(__name__)
 
 STREAM = "RV_EVENTS"
-DURABLE = "trigger-events"
-FILTER_SUBJECT = "rv.events.>"
+DURABLE = "trigger-events"  # one durable per partition: trigger-events-<p> on rv.events.<p>
+SUBJECT = "rv.events"
+LEGACY_DURABLE = "trigger-events"  # the one durable on rv.events.> before partitioned consumers
 
 
 def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
@@ -113,16 +114,21 @@ def _wake_if_due(plan: Plan, now: datetime, wake: Callable[[], None]) -> None:
         wake()
 
 
-def event_consumer(
-    bus: Bus, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None
-) -> Consumer:
+def event_consumers(
+    bus: Bus, store: TriggerStore, clock: Clock, partitions: int, wake: Callable[[], None] = lambda: None
+) -> list[Consumer]:
+    """One in-order consumer per event partition, shared by every trigger process: one
+    profile's events are handled one batch after another, in the order profile published them.
+    A message that keeps failing is retried later while its partition moves on past it: the
+    one case where a profile's events are not handled in order."""
     handler = EventConsumer(store, clock, wake)
-    return Consumer(
+    return partitioned(
         bus,
         service="trigger",
         stream=STREAM,
         durable=DURABLE,
-        filter_subject=FILTER_SUBJECT,
+        subject=SUBJECT,
+        partitions=partitions,
         handler=handler.handle,
     )
 

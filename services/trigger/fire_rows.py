@@ -30,7 +30,7 @@ from relevans.kit.outbox import OutboxMessage, enqueue
 from services.trigger import person_rows, timer_rows, trace
 from services.trigger.domain import TriggerDef
 from services.trigger.domain.firing import DueTimer, Firing, Settled, settle_person
-from services.trigger.domain.policies import Sent, TenantPolicy
+from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
 from services.trigger.tables import PENDING, firings, outbox, timers, triggers
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
@@ -107,16 +107,19 @@ async def due_timers(
     return out
 
 
-async def history(conn: AsyncConnection, people: Sequence[Person]) -> dict[Person, list[Sent]]:
-    """The messages already handed to delivery for these people (what caps and re-entry count)."""
+async def history(
+    conn: AsyncConnection, people: Sequence[Person], since: datetime | None
+) -> dict[Person, list[Sent]]:
+    """The messages handed to delivery for these people since `since` (None: ever): what caps and
+    re-entry count."""
     f = firings
-    rows = await conn.execute(
-        sa.select(
-            f.c.tenant_id, f.c.profile_id, f.c.trigger_id, f.c.channel, f.c.purpose, f.c.fired_at
-        ).where(sa.tuple_(f.c.tenant_id, f.c.profile_id).in_(list(people)))
-    )
+    query = sa.select(
+        f.c.tenant_id, f.c.profile_id, f.c.trigger_id, f.c.channel, f.c.purpose, f.c.fired_at
+    ).where(sa.tuple_(f.c.tenant_id, f.c.profile_id).in_(list(people)))
+    if since is not None:
+        query = query.where(f.c.fired_at > since)
     out: dict[Person, list[Sent]] = {}
-    for r in rows:
+    for r in await conn.execute(query):
         out.setdefault((r.tenant_id, r.profile_id), []).append(
             Sent(r.trigger_id, r.channel, r.purpose, r.fired_at)
         )
@@ -134,7 +137,12 @@ async def settle(
     """Steps 4-5 for the locked people's due timers; returns (decided, handed)."""
     if not due:
         return 0, 0
-    sent = await history(conn, people)
+    horizons = [
+        history_horizon(policies.get(tenant, TenantPolicy()), [d.trigger.policy for d in due if d.trigger])
+        for tenant in {d.tenant_id for d in due}
+    ]
+    since = None if None in horizons else now - max(h for h in horizons if h is not None)
+    sent = await history(conn, people, since)
     known = await person_rows.load(conn, people)
     by_person: dict[Person, list[DueTimer]] = {}
     for d in due:

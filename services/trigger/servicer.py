@@ -10,7 +10,7 @@ import grpc
 from relevans.common.v1 import common_pb2
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name, enum_value
-from relevans.kit.errors import Violations
+from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token, encode_page_token, refuse_other_listing
 from relevans.kit.proto import to_timestamp
 from relevans.kit.server import ServiceBinding, principal
@@ -25,7 +25,12 @@ from services.trigger.domain import (
     validate_trigger,
 )
 from services.trigger.domain.triggers import validate_trigger_id
-from services.trigger.policy_protos import policy_proto, tenant_policy, trigger_policy_proto
+from services.trigger.policy_protos import (
+    policy_message,
+    raw_trigger_policy,
+    tenant_policy,
+    trigger_policy_message,
+)
 from services.trigger.store import TriggerStore
 from services.trigger.trace import DecisionRow
 
@@ -54,7 +59,7 @@ def raw_trigger(t: trigger_pb2.Trigger) -> RawTrigger:
         channel=enum_name(common_pb2.Channel, t.channel, "CHANNEL_"),
         purpose=enum_name(common_pb2.Purpose, t.purpose, "PURPOSE_"),
         template_id=t.template_id,
-        policy=t.policy if t.HasField("policy") else None,
+        policy=raw_trigger_policy(t.policy) if t.HasField("policy") else None,
     )
 
 
@@ -67,7 +72,7 @@ def trigger_proto(d: TriggerDef) -> trigger_pb2.Trigger:
         purpose=common_pb2.Purpose.Value("PURPOSE_" + d.purpose.upper()),
         template_id=d.template_id,
         create_time=to_timestamp(d.created_at),
-        policy=trigger_policy_proto(d.policy),
+        policy=trigger_policy_message(d.policy),
     )
 
 
@@ -137,15 +142,17 @@ class TriggerServicer(trigger_pb2_grpc.TriggerServiceServicer):
         self, request: trigger_pb2.GetPolicyRequest, context: Context
     ) -> trigger_pb2.GetPolicyResponse:
         policy = await self.store.get_policy(principal().tenant_id)
-        return trigger_pb2.GetPolicyResponse(policy=policy_proto(policy))
+        return trigger_pb2.GetPolicyResponse(policy=policy_message(policy))
 
     async def SetPolicy(
         self, request: trigger_pb2.SetPolicyRequest, context: Context
     ) -> trigger_pb2.SetPolicyResponse:
         tenant = principal().tenant_id
-        wanted = tenant_policy(request.policy if request.HasField("policy") else None)
+        if not request.HasField("policy"):
+            raise InvalidArgument(FieldViolation("policy", "is required"))
+        wanted = tenant_policy(request.policy)
         stored = await self.store.set_policy(tenant, wanted, self.clock.now())
-        return trigger_pb2.SetPolicyResponse(policy=policy_proto(stored))
+        return trigger_pb2.SetPolicyResponse(policy=policy_message(stored))
 
     async def ExplainDecisions(
         self, request: trigger_pb2.ExplainDecisionsRequest, context: Context

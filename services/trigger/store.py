@@ -134,9 +134,9 @@ class TriggerStore:
     # ---- GDPR ---------------------------------------------------------------------------------
 
     async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
-        """Delete the timers, trigger states, firings, decision trace and known traits of erased people and of the ids merged into
-        them (in the caller's transaction), under their advisory locks so no event of theirs is
-        applied meanwhile."""
+        """Delete the timers, trigger states, firings, decision trace and known traits of erased
+        people and of the ids merged into them (in the caller's transaction), under their advisory
+        locks so no fact of theirs is applied meanwhile."""
         persons = sorted({(e.tenant_id, e.profile_id) for e in erased})
         await self._lock_people(conn, persons)
         await conn.execute(
@@ -391,7 +391,11 @@ class TriggerStore:
         if not tenants:
             return Plan([], {}, [])
         by_tenant = await self._active_triggers(conn, tenants)
-        relevant = relevant_facts(by_tenant, facts)
+        if not by_tenant:
+            return Plan([], {}, [])
+        tenant_policies = await self._policies(conn, tenants)
+        contexts = {t: context(tenant_policies.get(t, TenantPolicy()), now) for t in tenants}
+        relevant = relevant_facts(by_tenant, facts, contexts)
         if not relevant:
             return Plan([], {}, [])
         survivors = await surviving_ids(
@@ -414,8 +418,6 @@ class TriggerStore:
                 return Plan([], {}, [])
         kinds = {t: {d.trigger_id: d.condition.kind for d in ds} for t, ds in by_tenant.items()}
         states = await self._states(conn, persons, kinds)
-        tenant_policies = await self._policies(conn, tenants)
-        contexts = {t: context(tenant_policies.get(t, TenantPolicy()), now) for t in tenants}
         plan = plan_facts(by_tenant, relevant, states, contexts)
         await self._apply(conn, plan, kinds, now)
         return plan

@@ -114,7 +114,12 @@ async def cancel_timers(conn: AsyncConnection, cancels: Sequence[CancelTimers], 
                 t.c.profile_id == c.profile_id,
                 PENDING,
                 t.c.started_at <= c.until,
-                *(started[name] == sa.cast(sa.literal(json.dumps(value)), JSONB) for name, value in c.match),
+                # A start without the property matches a cancel whose value is null.
+                *(
+                    sa.func.coalesce(started[name], sa.cast(sa.literal("null"), JSONB))
+                    == sa.cast(sa.literal(json.dumps(value)), JSONB)
+                    for name, value in c.match
+                ),
             )
             .values(status="cancelled", cancelled_at=now, reason=c.reason)
         )

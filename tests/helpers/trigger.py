@@ -122,8 +122,11 @@ class Harness:
 
     async def consumed(self) -> bool:
         """True when the trigger service has processed and acked every published event."""
-        info = await self.js.consumer_info("RV_EVENTS", "trigger-events")
-        return not info.num_pending and not info.num_ack_pending
+        for p in range(self.settings.event_partitions):
+            info = await self.js.consumer_info("RV_EVENTS", f"trigger-events-{p}")
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
 
     async def requests(self) -> list[delivery_bus_pb2.DeliveryRequest]:
         """Every delivery request received so far (reading and acking what has arrived)."""

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
-from relevans.kit.bus import event_subject
+from relevans.kit.bus import event_partition, event_subject
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from relevans.profile.v1 import profile_pb2
 from tests.helpers import eventually
@@ -229,7 +229,8 @@ async def test_late_events_and_requests_of_an_erased_person_leave_no_trace(syste
         await js.publish("rv.delivery.requests", request.SerializeToString())
 
         async def consumed() -> bool:
-            events = await js.consumer_info("RV_EVENTS", "trigger-events")
+            partition = event_partition(A, pid, system.settings.event_partitions)
+            events = await js.consumer_info("RV_EVENTS", f"trigger-events-{partition}")
             requests = await js.consumer_info("RV_DELIVERY_REQUESTS", "delivery-requests")
             return not (events.num_pending or events.num_ack_pending or requests.num_pending) and not (
                 requests.num_ack_pending

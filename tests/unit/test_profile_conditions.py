@@ -686,3 +686,92 @@ def test_trees_past_the_depth_limit_are_rejected(cond: Condition) -> None:
 def test_tag_values_are_case_folded_like_stored_tags() -> None:
     parsed = c.parse_condition({"compare": {"field": "tag", "op": "in", "value": ["VIP", "Show:Hamlet"]}})
     assert parsed == Compare("tag", "in", ("vip", "show:hamlet"))
+
+
+# ---------------------------------------------------------------------------------------------- event fields
+
+
+def trigger_violations(data: object) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as caught:
+        parse_condition(data, "trigger.event.condition", trigger=True)
+    return {v.field: v.description for v in caught.value.violations}
+
+
+def test_event_fields_parse_only_in_trigger_conditions() -> None:
+    data = {"compare": {"field": "event.amount", "op": "gt", "value": 10_000}}
+    assert parse_condition(data, trigger=True) == Compare("event.amount", "gt", 10_000)
+    assert violations(data) == {"condition.compare.field": "event fields exist only in trigger conditions"}
+
+
+def test_count_is_refused_in_trigger_conditions_and_kept_in_segments() -> None:
+    assert trigger_violations(STORY_2) == {
+        "trigger.event.condition.all[1].count": (
+            "count is not available in trigger conditions; use a threshold trigger"
+        )
+    }
+    assert isinstance(parse_condition(STORY_2), All)
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "description"),
+    [
+        ({"compare": {"field": "event.", "op": "eq", "value": 1}}, "compare.field", ANY_TEXT),
+        ({"compare": {"field": "event.9lives", "op": "eq", "value": 1}}, "compare.field", ANY_TEXT),
+        ({"compare": {"field": "event.a\n", "op": "eq", "value": 1}}, "compare.field", ANY_TEXT),
+        (
+            {"compare": {"field": "event.amount", "op": "gt", "value": "x"}},
+            "compare.value",
+            "must be a number for gt",
+        ),
+        ({"compare": {"field": "event.tags", "op": "eq", "value": [1]}}, "compare.value", ANY_TEXT),
+    ],
+)
+def test_bad_event_fields_are_named(data: object, path: str, description: str) -> None:
+    got = trigger_violations(data)
+    assert set(got) == {f"trigger.event.condition.{path}"}
+    if description is not ANY_TEXT:
+        assert got[f"trigger.event.condition.{path}"] == description
+
+
+def test_event_fields_read_the_exact_key_then_the_dotted_path() -> None:
+    url = compile_condition(Compare("event.page.url", "eq", "/toys"))
+    assert url(view(event={"page.url": "/toys"}))
+    assert url(view(event={"page": {"url": "/toys"}}))
+    assert not url(view(event={"page.url": "/cars", "page": {"url": "/toys"}}))  # the exact key wins
+    assert not url(view(event={"page": "/toys"}))
+    assert not url(view(event={}))
+    exists = compile_condition(Compare("event.page.url", "exists"))
+    assert not exists(view(event={"page": {"url": None}}))
+    assert exists(view(event={"page": {"url": ""}}))
+
+
+def test_event_fields_compare_like_traits() -> None:
+    assert evaluate(Compare("event.amount", "gt", 10_000), view(event={"amount": 12_500.5}))
+    assert not evaluate(Compare("event.amount", "gt", 10_000), view(event={"amount": "12500"}))
+    assert not evaluate(Compare("event.gift", "eq", 1), view(event={"gift": True}))
+    assert evaluate(Compare("event.gift", "ne", 1), view(event={"gift": True}))
+    assert evaluate(Compare("event.category", "in", ("toys", "games")), view(event={"category": "toys"}))
+    assert evaluate(Compare("event.skus", "contains", "A1"), view(event={"skus": ["A1", "B2"]}))
+    assert evaluate(Compare("event.title", "contains", "paper"), view(event={"title": "white paper"}))
+    # A segment's view has no event: an event field is simply missing there.
+    assert evaluate(Compare("event.x", "ne", 1), view())
+
+
+def test_needs_profile_tells_event_only_conditions_apart() -> None:
+    assert not c.needs_profile(All((Compare("event.a", "eq", 1), Not(Compare("event.b", "exists")))))
+    assert c.needs_profile(Any((Compare("event.a", "eq", 1), Compare("score", "gt", 1))))
+    assert c.needs_profile(CountInWindow("page_view", timedelta(days=7), "ge", 1))
+
+
+def test_event_conditions_round_trip_through_the_json_form() -> None:
+    data = {
+        "all": [
+            {"compare": {"field": "event.cart.total", "op": "ge", "value": 100}},
+            {"compare": {"field": "tag", "op": "contains", "value": "vip"}},
+        ]
+    }
+    tree = parse_condition(data, trigger=True)
+    assert to_dict(tree) == data
+    c.check_condition(tree, trigger=True)
+    with pytest.raises(InvalidArgument):
+        c.check_condition(tree)

@@ -1,4 +1,4 @@
-"""The trigger service's pure domain: validation, absence decisions (incl. out of order), firing."""
+"""The trigger service's pure domain: validation, the planner (routing, order, state, notes), firing."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from relevans.conditions import ProfileView
 from relevans.kit.errors import AlreadyExists, InvalidArgument
 from relevans.kit.paging import encode_page_token
 from services.trigger.domain import (
     TRIGGER_PAGES,
     CancelTimers,
+    Context,
     DueTimer,
     EventFacts,
     Plan,
@@ -22,11 +24,17 @@ from services.trigger.domain import (
     check_trigger_id,
     fire,
     page_after,
-    plan_events,
+    plan_facts,
+    relevant_facts,
     resolve_create,
     validate_trigger,
 )
+from services.trigger.domain.events import SegmentChange
 from services.trigger.domain.kinds.absence import Absence, RawAbsence, TriggerState
+from services.trigger.domain.kinds.common import INVALID_DURATION
+from services.trigger.domain.kinds.event import Event
+from services.trigger.domain.kinds.segment import Segment
+from services.trigger.domain.kinds.threshold import ProfileValue, Threshold
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 DELAY = timedelta(hours=4)
@@ -85,7 +93,6 @@ def test_missing_trigger_is_named() -> None:
         ({"trigger_id": "Abandoned"}, "trigger.trigger_id"),
         ({"trigger_id": "-cart"}, "trigger.trigger_id"),
         ({"trigger_id": "a" * 64}, "trigger.trigger_id"),
-        ({"condition": None}, "trigger.absence"),
         ({"condition": RawAbsence("", "purchase", DELAY)}, "trigger.absence.start_event_type"),
         ({"condition": RawAbsence("add_to_cart", "", DELAY)}, "trigger.absence.cancel_event_type"),
         ({"condition": RawAbsence("add_to_cart", "add_to_cart", DELAY)}, "trigger.absence.cancel_event_type"),
@@ -96,13 +103,13 @@ def test_missing_trigger_is_named() -> None:
             "trigger.absence.delay",
         ),
         (
-            {"condition": RawAbsence("add_to_cart", "purchase", timedelta(days=90, seconds=1))},
+            {"condition": RawAbsence("add_to_cart", "purchase", timedelta(days=365, seconds=1))},
             "trigger.absence.delay",
         ),
         ({"condition": RawAbsence("add_to_cart", "purchase", -DELAY)}, "trigger.absence.delay"),
-        ({"condition": RawAbsence("add_to_cart", "purchase", None, bad_delay=True)}, "trigger.absence.delay"),
+        ({"condition": RawAbsence("add_to_cart", "purchase", INVALID_DURATION)}, "trigger.absence.delay"),
+        ({"condition": RawAbsence("add_to_cart\n", "purchase", DELAY)}, "trigger.absence.start_event_type"),
         ({"channel": "unspecified"}, "trigger.channel"),
-        ({"channel": "sms"}, "trigger.channel"),
         ({"channel": "42"}, "trigger.channel"),
         ({"purpose": "unspecified"}, "trigger.purpose"),
         ({"purpose": "profiling"}, "trigger.purpose"),
@@ -118,8 +125,13 @@ def test_each_invalid_field_is_named(overrides: dict[str, object], field: str) -
     assert set(violations(raw(**overrides))) == {field}
 
 
+@pytest.mark.parametrize("channel", ["email", "sms", "webhook", "web"])
+def test_every_channel_is_supported(channel: str) -> None:
+    assert validate_trigger(raw(channel=channel)).channel == channel
+
+
 def test_delay_bounds_are_inclusive() -> None:
-    for delay in (timedelta(seconds=1), timedelta(days=90)):
+    for delay in (timedelta(seconds=1), timedelta(days=365)):
         assert (
             validate_trigger(raw(condition=RawAbsence("add_to_cart", "purchase", delay))).condition.delay
             == delay
@@ -176,7 +188,9 @@ def test_page_size_and_tokens() -> None:
         assert caught.value.violations[0].field == "page_token"
 
 
-# ---- absence decisions --------------------------------------------------------------------------
+# ---- the planner (with absence decisions) -------------------------------------------------------
+
+CTX = Context(now=T0 + timedelta(hours=3))
 
 
 def plan(
@@ -184,7 +198,9 @@ def plan(
     states: dict[StateKey, TriggerState] | None = None,
     triggers: list[TriggerDef] | None = None,
 ) -> Plan:
-    return plan_events({TENANT: triggers if triggers is not None else [CART]}, events, states or {})
+    return plan_facts(
+        {TENANT: triggers if triggers is not None else [CART]}, events, states or {}, {TENANT: CTX}
+    )
 
 
 def test_start_event_schedules_a_timer_with_the_event_as_variables() -> None:
@@ -198,6 +214,7 @@ def test_start_event_schedules_a_timer_with_the_event_as_variables() -> None:
             occurrence="e1",
             started_at=at,
             due_at=at + DELAY,
+            supersede=True,
             variables={
                 "event": {"product_name": "Shoes", "price": 89.0},
                 "event_type": "add_to_cart",
@@ -206,29 +223,41 @@ def test_start_event_schedules_a_timer_with_the_event_as_variables() -> None:
             },
         )
     ]
-    assert p.states == {(TENANT, "abandoned-cart", "p1"): TriggerState(at, "e1", None)}
+    assert p.states == {(TENANT, "abandoned-cart", "p1"): TriggerState(at, "e1")}
+    assert [(n.trigger_id, n.outcome, n.reason_code) for n in p.notes] == [
+        ("abandoned-cart", "fired", "start_event")
+    ]
 
 
-def test_unrelated_events_other_tenants_and_history_are_ignored() -> None:
+def test_unrelated_events_and_other_tenants_are_ignored() -> None:
     assert plan([ev("page_view", T0, "e1")]).intents == []
     other = EventFacts("other", "e2", "p1", "add_to_cart", T0, {})
     assert plan([other]).intents == []
-    assert plan([ev("add_to_cart", T0 - timedelta(seconds=1), "e3")]).intents == []
-    assert plan([ev("purchase", T0 - timedelta(seconds=1), "e4")]).intents == []
-    assert plan([ev("add_to_cart", T0, "e5")]).schedules  # at the creation time counts
+    assert relevant_facts({TENANT: [CART]}, [ev("page_view", T0, "e1"), other], {TENANT: CTX}) == []
+
+
+def test_events_from_before_the_trigger_was_created_count_the_late_rule_decides() -> None:
+    # A backfill right after creating a trigger is handled like any other events.
+    assert plan([ev("add_to_cart", T0 - timedelta(hours=1), "e3")]).schedules
+    p = plan([ev("add_to_cart", T0 - timedelta(days=3), "e4")])
+    assert p.schedules == []
+    assert [(n.outcome, n.reason_code) for n in p.notes] == [("not_fired", "late_event")]
 
 
 def test_cancel_event_cancels_timers_started_at_or_before_it_and_is_remembered() -> None:
     at = T0 + timedelta(hours=1)
     p = plan([ev("purchase", at, "e9")])
     assert p.intents == [CancelTimers(TENANT, "abandoned-cart", "p1", at, "cancelled by purchase e9")]
-    assert p.states[(TENANT, "abandoned-cart", "p1")].last_cancel_at == at
+    assert p.states[(TENANT, "abandoned-cart", "p1")].cancels == (((), at),)
 
 
 def test_start_then_cancel_in_one_batch() -> None:
     p = plan([ev("add_to_cart", T0, "e1"), ev("purchase", T0 + timedelta(hours=1), "e2")])
     assert [type(i) for i in p.intents] == [ScheduleTimer, CancelTimers]
-    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(T0, "e1", T0 + timedelta(hours=1))
+    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(
+        T0, "e1", (), (((), T0 + timedelta(hours=1)),)
+    )
+    assert [n.outcome for n in p.notes] == ["fired", "cancelled"]
 
 
 def test_out_of_order_cancel_prevents_an_earlier_start_from_being_scheduled() -> None:
@@ -237,7 +266,7 @@ def test_out_of_order_cancel_prevents_an_earlier_start_from_being_scheduled() ->
     p = plan([ev("purchase", cancel_at, "e2"), ev("add_to_cart", T0 + timedelta(hours=1), "e1")])
     assert p.schedules == []
     # Same across batches, through the stored state.
-    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(last_cancel_at=cancel_at)}
+    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(cancels=(((), cancel_at),))}
     assert plan([ev("add_to_cart", T0 + timedelta(hours=1), "e1")], state).intents == []
     assert plan([ev("add_to_cart", cancel_at, "e1")], state).intents == []  # same instant: cancelled
     later = plan([ev("add_to_cart", cancel_at + timedelta(seconds=1), "e3")], state)
@@ -245,7 +274,7 @@ def test_out_of_order_cancel_prevents_an_earlier_start_from_being_scheduled() ->
 
 
 def test_an_older_cancel_does_not_move_the_remembered_cancel_back() -> None:
-    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(last_cancel_at=T0 + timedelta(hours=3))}
+    state = {(TENANT, "abandoned-cart", "p1"): TriggerState(cancels=(((), T0 + timedelta(hours=3)),))}
     p = plan([ev("purchase", T0 + timedelta(hours=1), "e2")], state)
     assert p.cancels and p.states == {}
 
@@ -254,7 +283,7 @@ def test_a_newer_start_supersedes_and_an_older_one_arriving_late_is_ignored() ->
     first, second = T0 + timedelta(minutes=1), T0 + timedelta(minutes=10)
     p = plan([ev("add_to_cart", first, "e1"), ev("add_to_cart", second, "e2")])
     assert [i.occurrence for i in p.schedules] == ["e1", "e2"]
-    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(second, "e2", None)
+    assert p.states[(TENANT, "abandoned-cart", "p1")] == TriggerState(second, "e2")
     late = plan(
         [ev("add_to_cart", first, "e1")], {(TENANT, "abandoned-cart", "p1"): TriggerState(second, "e2")}
     )
@@ -292,6 +321,30 @@ def test_profiles_and_triggers_are_independent() -> None:
         ("CancelTimers", "abandoned-cart", "p2"),
         ("CancelTimers", "no-activation", "p2"),
     ]
+
+
+def test_every_event_reaches_event_star_triggers_once_in_trigger_order() -> None:
+    score = replace(CART, trigger_id="score", condition=Threshold(ProfileValue("score", 10)))
+    purchase = replace(CART, trigger_id="purchase", condition=Event("add_to_cart"))
+    e = EventFacts(
+        TENANT,
+        "e1",
+        "p1",
+        "add_to_cart",
+        T0,
+        {},
+        lambda: ProfileView(score=50),
+    )
+    p = plan_facts({TENANT: [score, CART, purchase]}, [e], {}, {TENANT: CTX})
+    assert [i.trigger_id for i in p.intents] == ["score", "abandoned-cart", "purchase"]
+    assert relevant_facts({TENANT: [score]}, [ev("page_view", T0, "x")], {TENANT: CTX})
+
+
+def test_segment_changes_reach_segment_triggers_only() -> None:
+    vip = replace(CART, trigger_id="vip", condition=Segment("vips", "entered"))
+    change = SegmentChange(TENANT, "p1", "vips", True, "e1", T0)
+    p = plan_facts({TENANT: [CART, vip]}, [change, ev("add_to_cart", T0, "e2")], {}, {TENANT: CTX})
+    assert [i.trigger_id for i in p.intents] == ["vip", "abandoned-cart"]
 
 
 # ---- firing -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 from services.trigger.domain.intents import Note, ScheduleTimer
 from services.trigger.domain.kinds import KINDS
 from services.trigger.domain.kinds.contract import Context, FiredTimer
-from services.trigger.domain.policies import DueMessage, Sent, TenantPolicy, decide_due, person_zone
+from services.trigger.domain.policies import HANDED, DueMessage, Sent, TenantPolicy, decide_due, person_zone
 from services.trigger.domain.triggers import TriggerDef
 
 
@@ -123,7 +123,7 @@ def settle_person(
         t = live[(verdict.message.trigger_id, verdict.message.occurrence)]
         trigger = t.trigger
         assert trigger is not None
-        if verdict.outcome == "handed_to_delivery":
+        if verdict.outcome == HANDED:
             firing = fire(t, trigger)
             out.handed.append((t, firing))
             _note(

@@ -1,18 +1,19 @@
-"""What a batch of events, or a merge of two profiles, means for a tenant's triggers, as pure functions.
+"""What a batch of facts, or a merge of two profiles, means for a tenant's triggers, as pure functions.
 
-`plan_events` takes the tenants' trigger definitions, a batch of events and the
-stored per (tenant, trigger, profile) state, and returns the intents the store
-applies in one transaction, plus the state to write back. What an event means for
-one trigger is its condition kind's decision (`kinds`); the planner only routes:
+`plan_facts` takes the tenants' trigger definitions, a batch of facts (events, segment changes,
+trait changes), the stored per (tenant, trigger, profile) state and each tenant's decision
+context, and returns the intents the store applies in one transaction, the state to write back
+and the notes for the decision trace. What a fact means for one trigger is its condition kind's
+decision (`kinds`); the planner only routes:
 
-- an event reaches the triggers of its tenant whose kind reacts to its type;
-- events that happened before the trigger was created are ignored: creating a
-  trigger does not reach back into history (a replayed stream stays quiet);
-- events are applied in the order given, the state each decision leaves carried
-  to the next, so the result is the same whether a batch holds one event or many.
+- a fact reaches the triggers of its tenant whose kind lists its route key (`event:<type>`,
+  `segment:<id>`, `trait:<name>`), and every event reaches those that list `event:*`;
+- facts are applied in the order given, the state each decision leaves carried to the next, so
+  the result is the same whether a batch holds one fact or many;
+- how old a fact may be is each kind's late rule (`Context.is_late`): an event from before the
+  trigger was created counts like any other.
 
-`plan_merge` settles two profiles' states and pending timers the same way, each
-trigger by its kind.
+`plan_merge` settles two profiles' states and pending timers the same way, each trigger by its kind.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.trigger.domain.events import EventFacts
+from services.trigger.domain.events import EventFacts, Fact
 from services.trigger.domain.intents import (
     CancelTimers,
     Intent,
     MergePlan,
+    Note,
     PendingTimer,
     ScheduleTimer,
     StateKey,
 )
 from services.trigger.domain.kinds import KINDS
+from services.trigger.domain.kinds.contract import EVERY_EVENT, ConditionKind, Context
 from services.trigger.domain.triggers import TriggerDef
 
 
@@ -39,6 +42,7 @@ class Plan:
     intents: list[Intent]
     # The state to write back, only for the keys the batch changed.
     states: dict[StateKey, Any]
+    notes: list[Note]
 
     @property
     def schedules(self) -> list[ScheduleTimer]:
@@ -49,45 +53,77 @@ class Plan:
         return [i for i in self.intents if isinstance(i, CancelTimers)]
 
 
-def event_types(trigger: TriggerDef) -> frozenset[str]:
-    """The event types a trigger reacts to, as its kind says."""
-    return KINDS[trigger.condition.kind].event_types(trigger.condition)
+def routes(trigger: TriggerDef, ctx: Context) -> frozenset[str]:
+    """The route keys of the facts a trigger reacts to, as its kind says."""
+    return KINDS[trigger.condition.kind].routes(trigger.condition, ctx)
 
 
-def relevant_events(
-    triggers_by_tenant: Mapping[str, Sequence[TriggerDef]], events: Sequence[EventFacts]
-) -> list[EventFacts]:
-    """The events some trigger of their tenant reacts to."""
-    types = {tenant: set().union(*map(event_types, ts)) for tenant, ts in triggers_by_tenant.items()}
-    return [e for e in events if e.event_type in types.get(e.tenant_id, ())]
+class _Router:
+    """One tenant's triggers by route key, in the order given; built once per batch."""
+
+    def __init__(self, triggers: Sequence[TriggerDef], ctx: Context) -> None:
+        self.by_route: dict[str, list[int]] = {}
+        self.triggers = [(t, KINDS[t.condition.kind]) for t in triggers]
+        for i, t in enumerate(triggers):
+            for route in routes(t, ctx):
+                self.by_route.setdefault(route, []).append(i)
+        self.cache: dict[str, list[tuple[TriggerDef, ConditionKind]]] = {}
+
+    def reacting(self, fact: Fact) -> list[tuple[TriggerDef, ConditionKind]]:
+        route = fact.route
+        found = self.cache.get(route)
+        if found is None:
+            indices = set(self.by_route.get(route, ()))
+            if isinstance(fact, EventFacts):
+                indices.update(self.by_route.get(EVERY_EVENT, ()))
+            found = self.cache[route] = [self.triggers[i] for i in sorted(indices)]
+        return found
 
 
-def plan_events(
-    triggers_by_tenant: Mapping[str, Sequence[TriggerDef]],
-    events: Sequence[EventFacts],
-    states: Mapping[StateKey, Any],
-) -> Plan:
-    """The intents for a batch of events, applied in order, and the resulting state."""
-    reacting = {
-        tenant: [(t, KINDS[t.condition.kind], event_types(t)) for t in ts]
-        for tenant, ts in triggers_by_tenant.items()
+def _routers(
+    triggers_by_tenant: Mapping[str, Sequence[TriggerDef]], contexts_by_tenant: Mapping[str, Context]
+) -> dict[str, _Router]:
+    return {
+        tenant: _Router(ts, contexts_by_tenant[tenant]) for tenant, ts in triggers_by_tenant.items() if ts
     }
+
+
+def relevant_facts(
+    triggers_by_tenant: Mapping[str, Sequence[TriggerDef]],
+    facts: Sequence[Fact],
+    contexts_by_tenant: Mapping[str, Context],
+) -> list[Fact]:
+    """The facts some trigger of their tenant reacts to (the store reads state only for these)."""
+    routers = _routers(triggers_by_tenant, contexts_by_tenant)
+    return [f for f in facts if (r := routers.get(f.tenant_id)) is not None and r.reacting(f)]
+
+
+def plan_facts(
+    triggers_by_tenant: Mapping[str, Sequence[TriggerDef]],
+    facts: Sequence[Fact],
+    states: Mapping[StateKey, Any],
+    contexts_by_tenant: Mapping[str, Context],
+) -> Plan:
+    """The intents and notes for a batch of facts, applied in order, and the resulting state.
+    `contexts_by_tenant` holds a context for every tenant with triggers."""
+    routers = _routers(triggers_by_tenant, contexts_by_tenant)
     current: dict[StateKey, Any] = dict(states)
     changed: dict[StateKey, Any] = {}
     intents: list[Intent] = []
-    for event in events:
-        for trigger, kind, types in reacting.get(event.tenant_id, ()):
-            if event.event_type not in types:
-                continue
-            if trigger.created_at is not None and event.occurred_at < trigger.created_at:
-                continue
-            key = (event.tenant_id, trigger.trigger_id, event.profile_id)
-            decision = kind.decide(trigger, event, current.get(key))
-            if decision.intent is not None:
-                intents.append(decision.intent)
+    notes: list[Note] = []
+    for fact in facts:
+        router = routers.get(fact.tenant_id)
+        if router is None:
+            continue
+        ctx = contexts_by_tenant[fact.tenant_id]
+        for trigger, kind in router.reacting(fact):
+            key = (fact.tenant_id, trigger.trigger_id, fact.profile_id)
+            decision = kind.decide(trigger, fact, current.get(key), ctx)
+            intents.extend(decision.intents)
+            notes.extend(decision.notes)
             if decision.state is not None:
                 current[key] = changed[key] = decision.state
-    return Plan(intents, changed)
+    return Plan(intents, changed, notes)
 
 
 def plan_merge(

@@ -14,7 +14,7 @@ from typing import ClassVar, Protocol
 from relevans.kit.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 from relevans.kit.paging import PageSize, decode_page_token
 from relevans.kit.resource_ids import RESOURCE_ID_RE, resource_id_problem
-from services.trigger.domain.policies import TriggerPolicy
+from services.trigger.domain.policies import RawTriggerPolicy, TriggerPolicy
 
 
 class Condition(Protocol):
@@ -40,7 +40,7 @@ class RawTrigger:
     purpose: str = "unspecified"
     template_id: str = ""
     # None: the defaults. Validated by `validation` into a `TriggerPolicy`.
-    policy: object = None
+    policy: RawTriggerPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from relevans.kit.errors import Violations
 from relevans.kit.resource_ids import resource_id_problem
 from services.trigger.domain.kinds import KINDS
+from services.trigger.domain.policies import TriggerPolicy, validate_trigger_policy
 from services.trigger.domain.triggers import Condition, RawTrigger, TriggerDef, validate_trigger_id
 
 MAX_DISPLAY_NAME_CHARS = 200
 
 # Channels and purposes by their proto enum names without prefix, lower-case ("email", "marketing").
-SUPPORTED_CHANNELS = ("email",)
+SUPPORTED_CHANNELS = ("email", "sms", "webhook", "web")
 SENDING_PURPOSES = ("marketing", "transactional")
 
 
@@ -33,7 +34,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
     if raw.channel == "unspecified":
         v.add("trigger.channel", "is required")
     elif raw.channel not in SUPPORTED_CHANNELS:
-        v.add("trigger.channel", "only CHANNEL_EMAIL is supported for now")
+        v.add("trigger.channel", "must be CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WEBHOOK or CHANNEL_WEB")
     if raw.purpose == "unspecified":
         v.add("trigger.purpose", "is required")
     elif raw.purpose not in SENDING_PURPOSES:
@@ -44,6 +45,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
     problem = resource_id_problem(template_id)
     if problem:
         v.add("trigger.template_id", problem)
+    policy = validate_trigger_policy(raw.policy, "trigger.policy", v)
     v.raise_if_any()
     assert condition is not None
     return TriggerDef(
@@ -53,6 +55,7 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
         channel=raw.channel,
         purpose=raw.purpose,
         template_id=template_id,
+        policy=policy or TriggerPolicy(),
     )
 
 

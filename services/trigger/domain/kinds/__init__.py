@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from services.trigger.domain.kinds.absence import ABSENCE
 from services.trigger.domain.kinds.contract import ConditionKind
+from services.trigger.domain.kinds.date import DATE
+from services.trigger.domain.kinds.event import EVENT
+from services.trigger.domain.kinds.inactivity import INACTIVITY
+from services.trigger.domain.kinds.segment import SEGMENT
+from services.trigger.domain.kinds.threshold import THRESHOLD
+from services.trigger.domain.kinds.trait_change import TRAIT_CHANGE
 
-KINDS: dict[str, ConditionKind] = {kind.name: kind for kind in (ABSENCE,)}
+KINDS: dict[str, ConditionKind] = {
+    kind.name: kind for kind in (ABSENCE, EVENT, THRESHOLD, INACTIVITY, DATE, SEGMENT, TRAIT_CHANGE)
+}
 
 
 class UnknownConditionKind(LookupError):

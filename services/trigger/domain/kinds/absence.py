@@ -2,38 +2,65 @@
 
 What each event means for an absence trigger and one person:
 
-- a **start** event schedules a timer due at `event time + delay`, keyed by the
-  start event's id (the occurrence), so a redelivered event schedules nothing new;
-  it supersedes the profile's older pending timers of the same trigger (one
-  reminder per trigger and person at a time, counted from the latest start);
-- a **cancel** event cancels the profile's pending timers of that trigger that
-  started at or before it, and is remembered, so a start event that arrives
-  later but happened at or before the cancel is not scheduled (out-of-order
-  delivery).
+- a **start** event schedules a timer due at `event time + delay`, keyed by the start event's id
+  (the occurrence), carrying the start event's properties (`event.<property>` in the template); it
+  supersedes the profile's older pending timers of the trigger (one reminder per trigger and person
+  at a time, for the newest start). A start older than the newest one scheduled is ignored;
+- a **cancel** event (matching `cancel_condition`, when set; one that does not is ignored) cancels
+  the pending timers that started at or before it; with `match_properties` (["cart_id"]) only those
+  whose start event had the same values of those properties (a missing property counts as null).
+  It is remembered per match key, so a start that arrives later but happened at or before a cancel
+  for its key is not scheduled (out-of-order delivery). The memory keeps the
+  `MAX_REMEMBERED_CANCELS` latest keys;
+- a late start (older than the late-event window) whose reminder would already be due schedules
+  nothing; a late cancel still cancels.
 
-The state kept per (tenant, trigger, profile) is the latest start scheduled and
-the latest cancel seen (`TriggerState`, the columns of `trigger_states`).
+The state kept per (tenant, trigger, profile) is `TriggerState`: the latest start scheduled and
+the latest cancel seen per match key.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
+from relevans.conditions import PROPERTY_NAME_RE
 from relevans.kit.errors import Violations
 from services.trigger.domain.durations import duration_text, parse_duration
-from services.trigger.domain.events import EventFacts, timer_variables
-from services.trigger.domain.intents import CancelTimers, MergePlan, PendingTimer, RetireTimer, ScheduleTimer
-from services.trigger.domain.kinds.contract import NOTHING, Decision
+from services.trigger.domain.events import EventFacts, Fact, event_route, timer_variables
+from services.trigger.domain.intents import (
+    CancelTimers,
+    MergePlan,
+    Note,
+    PendingTimer,
+    RetireTimer,
+    ScheduleTimer,
+)
+from services.trigger.domain.kinds.common import (
+    CANCELLED,
+    FIRED,
+    Matcher,
+    RawDuration,
+    check_duration,
+    check_event_type,
+    check_matcher,
+    late_note,
+    matcher_from_json,
+    matcher_to_json,
+    note,
+    parse_time,
+    time_text,
+)
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
-# The event types the profile service accepts; a trigger on any other type could never fire.
-EVENT_TYPE_RE = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
-MIN_DELAY = timedelta(seconds=1)
-MAX_DELAY = timedelta(days=90)
+MAX_MATCH_PROPERTIES = 10
+MAX_REMEMBERED_CANCELS = 32
+
+# The values of the match properties of an event, in the order the definition names them.
+Key = tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,29 +69,36 @@ class RawAbsence:
 
     start_event_type: str = ""
     cancel_event_type: str = ""
-    delay: timedelta | None = None
-    # True when the client sent a Duration that is not a valid duration (mixed signs, nanos overflow).
-    bad_delay: bool = False
+    delay: RawDuration = None
+    cancel_condition: dict[str, Any] | None = None
+    match_properties: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class Absence:
-    """`start_event_type` not followed by `cancel_event_type` within `delay` (the abandoned cart)."""
+    """`start_event_type` not followed by a matching `cancel_event_type` within `delay`."""
 
     kind: ClassVar[str] = "absence"
 
     start_event_type: str
     cancel_event_type: str
     delay: timedelta
+    cancel_condition: Matcher | None = None
+    match_properties: tuple[str, ...] = ()
+
+    def key(self, event: EventFacts) -> Key:
+        return tuple(event.properties.get(p) for p in self.match_properties)
 
 
 @dataclass(frozen=True, slots=True)
 class TriggerState:
-    """Per (tenant, trigger, profile): the latest start scheduled and the latest cancel seen."""
+    """Per (tenant, trigger, profile): the latest start scheduled (with its match key) and the
+    latest cancel seen per match key, oldest first."""
 
     last_start_at: datetime | None = None
     last_start_occurrence: str | None = None
-    last_cancel_at: datetime | None = None
+    last_start_key: Key = ()
+    cancels: tuple[tuple[Key, datetime], ...] = ()
 
     def start_is_newer(self, at: datetime, occurrence: str) -> bool:
         """True unless a later start (or this very one) has already been scheduled."""
@@ -72,55 +106,16 @@ class TriggerState:
             return True
         return (at, occurrence) >= (self.last_start_at, self.last_start_occurrence)
 
-    def cancelled_at_or_after(self, at: datetime) -> bool:
-        return self.last_cancel_at is not None and at <= self.last_cancel_at
+    def cancelled_at_or_after(self, at: datetime, key: Key) -> bool:
+        return any(k == key and at <= when for k, when in self.cancels)
 
-
-# ---- definition ----------------------------------------------------------------------------------
-
-
-def _event_type(value: str, field: str, v: Violations) -> None:
-    if not value:
-        v.add(field, "is required")
-    elif not EVENT_TYPE_RE.match(value):
-        v.add(field, f"must be an event type matching {EVENT_TYPE_RE.pattern}")
-
-
-def validate(raw: RawCondition, field: str, v: Violations) -> Absence | None:
-    """A normalised absence, or None with every problem added to `v`."""
-    assert isinstance(raw, RawAbsence)
-    before = len(v.items)
-    _event_type(raw.start_event_type, f"{field}.start_event_type", v)
-    _event_type(raw.cancel_event_type, f"{field}.cancel_event_type", v)
-    if raw.start_event_type and raw.start_event_type == raw.cancel_event_type:
-        v.add(f"{field}.cancel_event_type", "must differ from start_event_type")
-    if raw.bad_delay:
-        v.add(f"{field}.delay", "is not a valid duration")
-    elif raw.delay is None:
-        v.add(f"{field}.delay", "is required")
-    elif not MIN_DELAY <= raw.delay <= MAX_DELAY:
-        v.add(f"{field}.delay", "must be between 1 second and 90 days")
-    if len(v.items) > before or raw.delay is None:
-        return None
-    return Absence(raw.start_event_type, raw.cancel_event_type, raw.delay)
-
-
-def to_json(condition: Condition) -> dict[str, Any]:
-    a = _absence(condition)
-    return {
-        "start_event_type": a.start_event_type,
-        "cancel_event_type": a.cancel_event_type,
-        "delay": duration_text(a.delay),
-    }
-
-
-def from_json(data: Mapping[str, Any]) -> Absence:
-    return Absence(data["start_event_type"], data["cancel_event_type"], parse_duration(data["delay"]))
-
-
-def event_types(condition: Condition) -> frozenset[str]:
-    a = _absence(condition)
-    return frozenset((a.start_event_type, a.cancel_event_type))
+    def with_cancel(self, key: Key, at: datetime) -> TriggerState:
+        """This state remembering a cancel (the later of it and one already seen for its key)."""
+        kept = [(k, when) for k, when in self.cancels if k != key]
+        latest = max([at, *(when for k, when in self.cancels if k == key)])
+        kept.append((key, latest))
+        kept.sort(key=lambda c: c[1])
+        return replace(self, cancels=tuple(kept[-MAX_REMEMBERED_CANCELS:]))
 
 
 def _absence(condition: Condition) -> Absence:
@@ -128,119 +123,225 @@ def _absence(condition: Condition) -> Absence:
     return condition
 
 
-# ---- events --------------------------------------------------------------------------------------
-
-
-def decide(trigger: TriggerDef, event: EventFacts, stored: Any | None) -> Decision:
-    """A start schedules (unless a cancel at or after it, or a newer start, was seen); a cancel cancels."""
-    a = _absence(trigger.condition)
-    state: TriggerState = stored or TriggerState()
-    if event.event_type == a.start_event_type:
-        if state.cancelled_at_or_after(event.occurred_at):
-            return NOTHING
-        if not state.start_is_newer(event.occurred_at, event.event_id):
-            return NOTHING
-        schedule = ScheduleTimer(
-            tenant_id=event.tenant_id,
-            trigger_id=trigger.trigger_id,
-            profile_id=event.profile_id,
-            occurrence=event.event_id,
-            started_at=event.occurred_at,
-            due_at=event.occurred_at + a.delay,
-            variables=timer_variables(event),
-        )
-        if (state.last_start_at, state.last_start_occurrence) == (event.occurred_at, event.event_id):
-            return Decision(schedule)
-        return Decision(
-            schedule, replace(state, last_start_at=event.occurred_at, last_start_occurrence=event.event_id)
-        )
-    cancel = CancelTimers(
-        tenant_id=event.tenant_id,
-        trigger_id=trigger.trigger_id,
-        profile_id=event.profile_id,
-        until=event.occurred_at,
-        reason=f"cancelled by {event.event_type} {event.event_id}",
-    )
-    if state.cancelled_at_or_after(event.occurred_at):
-        return Decision(cancel)
-    return Decision(cancel, replace(state, last_cancel_at=event.occurred_at))
-
-
-# ---- profile merges ------------------------------------------------------------------------------
-
-
 def merge_states(a: TriggerState, b: TriggerState) -> TriggerState:
-    """One person's state from two profiles' states: the latest start and the latest cancel of either."""
+    """One person's state from two profiles' states: the latest start and every key's latest cancel."""
     start = a
     b_start, b_occurrence = b.last_start_at, b.last_start_occurrence
     if b_start is not None and b_occurrence is not None and a.start_is_newer(b_start, b_occurrence):
         start = b
-    cancels = [s.last_cancel_at for s in (a, b) if s.last_cancel_at is not None]
-    return TriggerState(
-        last_start_at=start.last_start_at,
-        last_start_occurrence=start.last_start_occurrence,
-        last_cancel_at=max(cancels) if cancels else None,
-    )
-
-
-def plan_merge(
-    survivor: Mapping[str, TriggerState],
-    merged: Mapping[str, TriggerState],
-    pending: Sequence[PendingTimer],
-    *,
-    merged_profile_id: str,
-) -> MergePlan:
-    """What merging a profile into another means for their absence triggers (keyed by trigger id).
-
-    The merged state is what one profile would hold had it seen both profiles' events, and the
-    pending timers (the survivor's and the moved ones) are settled by the rules events follow:
-    a timer that started at or before the latest cancel of either profile is cancelled, and of
-    the rest only the newest start (by start time, then occurrence) stays pending, the others are
-    superseded — at most one reminder per trigger and person, for the newest cart.
-    """
-    why = f"merge of {merged_profile_id}"
-    states = {
-        t: merge_states(survivor.get(t, TriggerState()), merged.get(t, TriggerState()))
-        for t in sorted({*survivor, *merged})
-    }
-    retire: list[RetireTimer] = []
-    by_trigger: dict[str, list[PendingTimer]] = {}
-    for p in pending:
-        by_trigger.setdefault(p.trigger_id, []).append(p)
-    for trigger_id, timers in by_trigger.items():
-        state = states.get(trigger_id, TriggerState())
-        live: list[PendingTimer] = []
-        for t in timers:
-            if state.cancelled_at_or_after(t.started_at):
-                retire.append(RetireTimer(trigger_id, t.occurrence, "cancelled", f"cancelled on {why}"))
-            else:
-                live.append(t)
-        if not live:
-            continue
-        newest = max(live, key=lambda t: (t.started_at, t.occurrence))
-        if state.start_is_newer(newest.started_at, newest.occurrence):
-            state = replace(state, last_start_at=newest.started_at, last_start_occurrence=newest.occurrence)
-            states[trigger_id] = state
-        winner = state.last_start_occurrence
-        retire += [
-            RetireTimer(trigger_id, t.occurrence, "superseded", f"superseded by {winner} on {why}")
-            for t in live
-            if t.occurrence != winner
-        ]
-    return MergePlan(states, retire)
+    out = TriggerState(start.last_start_at, start.last_start_occurrence, start.last_start_key)
+    for key, at in (*a.cancels, *b.cancels):
+        out = out.with_cancel(key, at)
+    return out
 
 
 class AbsenceKind:
-    """The absence kind behind the registry's contract (its functions are this module's)."""
-
     name = "absence"
 
-    validate = staticmethod(validate)
-    to_json = staticmethod(to_json)
-    from_json = staticmethod(from_json)
-    event_types = staticmethod(event_types)
-    decide = staticmethod(decide)
-    plan_merge = staticmethod(plan_merge)
+    def validate(self, raw: RawCondition, field: str, v: Violations) -> Absence | None:
+        assert isinstance(raw, RawAbsence)
+        before = len(v.items)
+        check_event_type(raw.start_event_type, f"{field}.start_event_type", v)
+        check_event_type(raw.cancel_event_type, f"{field}.cancel_event_type", v)
+        if raw.start_event_type and raw.start_event_type == raw.cancel_event_type:
+            v.add(f"{field}.cancel_event_type", "must differ from start_event_type")
+        delay = check_duration(raw.delay, f"{field}.delay", v)
+        cancel_condition = check_matcher(raw.cancel_condition, f"{field}.cancel_condition", v)
+        if len(raw.match_properties) > MAX_MATCH_PROPERTIES:
+            v.add(f"{field}.match_properties", f"must have at most {MAX_MATCH_PROPERTIES} names")
+        else:
+            for i, name in enumerate(raw.match_properties):
+                if not PROPERTY_NAME_RE.fullmatch(name):
+                    v.add(f"{field}.match_properties[{i}]", f"must match {PROPERTY_NAME_RE.pattern}")
+                elif name in raw.match_properties[:i]:
+                    v.add(f"{field}.match_properties[{i}]", "is named twice")
+        if len(v.items) > before or delay is None:
+            return None
+        return Absence(
+            raw.start_event_type, raw.cancel_event_type, delay, cancel_condition, tuple(raw.match_properties)
+        )
+
+    def to_json(self, condition: Condition) -> dict[str, Any]:
+        a = _absence(condition)
+        return {
+            "start_event_type": a.start_event_type,
+            "cancel_event_type": a.cancel_event_type,
+            "delay": duration_text(a.delay),
+            "cancel_condition": matcher_to_json(a.cancel_condition),
+            "match_properties": list(a.match_properties),
+        }
+
+    def from_json(self, data: Mapping[str, Any]) -> Absence:
+        return Absence(
+            data["start_event_type"],
+            data["cancel_event_type"],
+            parse_duration(data["delay"]),
+            matcher_from_json(data.get("cancel_condition")),
+            tuple(data.get("match_properties", ())),
+        )
+
+    def routes(self, condition: Condition, ctx: Context) -> frozenset[str]:
+        a = _absence(condition)
+        return frozenset((event_route(a.start_event_type), event_route(a.cancel_event_type)))
+
+    def decide(self, trigger: TriggerDef, fact: Fact, state: Any | None, ctx: Context) -> Decision:
+        a = _absence(trigger.condition)
+        if not isinstance(fact, EventFacts):
+            return NOTHING
+        current: TriggerState = state or TriggerState()
+        if fact.event_type == a.start_event_type:
+            return self._start(trigger, a, fact, current, ctx)
+        return self._cancel(trigger, a, fact, current, ctx)
+
+    def _start(
+        self, trigger: TriggerDef, a: Absence, e: EventFacts, state: TriggerState, ctx: Context
+    ) -> Decision:
+        key = a.key(e)
+        if state.cancelled_at_or_after(e.occurred_at, key):
+            reason = f"a {a.cancel_event_type} event at or after it was seen first"
+            return Decision(
+                notes=(note(trigger, e, ctx, CANCELLED, "cancel_event", reason, occurrence=e.event_id),)
+            )
+        if not state.start_is_newer(e.occurred_at, e.event_id):
+            return NOTHING
+        redelivered = (state.last_start_at, state.last_start_occurrence) == (e.occurred_at, e.event_id)
+        new_state = (
+            None
+            if redelivered
+            else replace(
+                state, last_start_at=e.occurred_at, last_start_occurrence=e.event_id, last_start_key=key
+            )
+        )
+        due = e.occurred_at + a.delay
+        if ctx.is_late(e.occurred_at) and due <= ctx.now:
+            return Decision(state=new_state, notes=(late_note(trigger, e, ctx, occurrence=e.event_id),))
+        schedule = ScheduleTimer(
+            tenant_id=e.tenant_id,
+            trigger_id=trigger.trigger_id,
+            profile_id=e.profile_id,
+            occurrence=e.event_id,
+            started_at=e.occurred_at,
+            due_at=due,
+            variables=timer_variables(e),
+            supersede=True,
+        )
+        if redelivered:  # the first delivery's note is in the trace already
+            return Decision((schedule,))
+        reason = f"{a.start_event_type} with no {a.cancel_event_type} within {duration_text(a.delay)} yet"
+        fired = note(trigger, e, ctx, FIRED, "start_event", reason, occurrence=e.event_id, until=due)
+        return Decision((schedule,), new_state, (fired,))
+
+    def _cancel(
+        self, trigger: TriggerDef, a: Absence, e: EventFacts, state: TriggerState, ctx: Context
+    ) -> Decision:
+        if a.cancel_condition is not None and not a.cancel_condition.matches(e):
+            return NOTHING
+        key = a.key(e)
+        cancel = CancelTimers(
+            tenant_id=e.tenant_id,
+            trigger_id=trigger.trigger_id,
+            profile_id=e.profile_id,
+            until=e.occurred_at,
+            reason=f"cancelled by {e.event_type} {e.event_id}",
+            match=tuple(zip(a.match_properties, key, strict=True)),
+        )
+        notes: tuple[Note, ...] = ()
+        start_at, occurrence = state.last_start_at, state.last_start_occurrence
+        if (
+            start_at is not None
+            and occurrence is not None
+            and state.last_start_key == key
+            and start_at <= e.occurred_at
+            and start_at + a.delay > max(e.occurred_at, ctx.now)
+            and not state.cancelled_at_or_after(start_at, key)
+        ):
+            reason = f"{e.event_type} {e.event_id} came before the reminder was due"
+            notes = (note(trigger, e, ctx, CANCELLED, "cancel_event", reason, occurrence=occurrence),)
+        if state.cancelled_at_or_after(e.occurred_at, key):
+            return Decision((cancel,), None, notes)
+        return Decision((cancel,), state.with_cancel(key, e.occurred_at), notes)
+
+    def state_to_json(self, state: Any) -> dict[str, Any]:
+        assert isinstance(state, TriggerState)
+        return {
+            "last_start_at": time_text(state.last_start_at),
+            "last_start_occurrence": state.last_start_occurrence,
+            "last_start_key": list(state.last_start_key),
+            "cancels": [{"key": list(key), "at": at.isoformat()} for key, at in state.cancels],
+        }
+
+    def state_from_json(self, data: Mapping[str, Any]) -> TriggerState:
+        return TriggerState(
+            last_start_at=parse_time(data.get("last_start_at")),
+            last_start_occurrence=data.get("last_start_occurrence"),
+            last_start_key=tuple(data.get("last_start_key", ())),
+            cancels=tuple(
+                (tuple(c["key"]), datetime.fromisoformat(c["at"])) for c in data.get("cancels", ())
+            ),
+        )
+
+    def arming_trait(self, condition: Condition) -> str | None:
+        return None
+
+    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
+        return None
+
+    def plan_merge(
+        self,
+        survivor: Mapping[str, Any],
+        merged: Mapping[str, Any],
+        pending: Sequence[PendingTimer],
+        *,
+        merged_profile_id: str,
+    ) -> MergePlan:
+        """What merging a profile into another means for their absence triggers (keyed by trigger id).
+
+        The merged state is what one profile would hold had it seen both profiles' events, and the
+        pending timers (the survivor's and the moved ones) are settled by the rules events follow:
+        of the pending timers only the newest start (by start time, then occurrence) stays, the
+        others are superseded — at most one reminder per trigger and person, for the newest start —
+        and it is cancelled when a cancel for its key (known from the state that scheduled it)
+        happened at or after it.
+        """
+        why = f"merge of {merged_profile_id}"
+        states = {
+            t: merge_states(survivor.get(t, TriggerState()), merged.get(t, TriggerState()))
+            for t in sorted({*survivor, *merged})
+        }
+        retire: list[RetireTimer] = []
+        by_trigger: dict[str, list[PendingTimer]] = {}
+        for p in pending:
+            by_trigger.setdefault(p.trigger_id, []).append(p)
+        for trigger_id, timers in by_trigger.items():
+            state = states.get(trigger_id, TriggerState())
+            newest = max(timers, key=lambda t: (t.started_at, t.occurrence))
+            if state.start_is_newer(newest.started_at, newest.occurrence):
+                key = next(
+                    (
+                        s.last_start_key
+                        for s in (survivor.get(trigger_id), merged.get(trigger_id))
+                        if s is not None and s.last_start_occurrence == newest.occurrence
+                    ),
+                    state.last_start_key,
+                )
+                state = replace(
+                    state,
+                    last_start_at=newest.started_at,
+                    last_start_occurrence=newest.occurrence,
+                    last_start_key=key,
+                )
+                states[trigger_id] = state
+            winner = state.last_start_occurrence
+            for t in timers:
+                if t.occurrence != winner:
+                    retire.append(
+                        RetireTimer(
+                            trigger_id, t.occurrence, "superseded", f"superseded by {winner} on {why}"
+                        )
+                    )
+                elif state.cancelled_at_or_after(t.started_at, state.last_start_key):
+                    retire.append(RetireTimer(trigger_id, t.occurrence, "cancelled", f"cancelled on {why}"))
+        return MergePlan(states, retire)
 
 
 ABSENCE = AbsenceKind()

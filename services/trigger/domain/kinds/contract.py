@@ -1,7 +1,7 @@
 """The contract every trigger condition kind implements, and what it answers with.
 
 A kind is one module holding its definition (validated from what the client sent, stored as
-JSON), the facts it reacts to (route keys: `event:<type>`, `segment:<id>`, `trait:<name>`),
+JSON), the facts it reacts to (route keys: `event:<type>`, `event:*`, `segment:<id>`, `trait:<name>`),
 what a fact means for a trigger of that kind and the trigger's state for the fact's person, how
 its state is stored, what follows a firing (a yearly date schedules the next year), and how two
 profiles' states combine when they turn out to be one person. The planner, the validation, the
@@ -25,6 +25,9 @@ from services.trigger.domain.intents import Intent, MergePlan, Note, PendingTime
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 DEFAULT_LATE_EVENT_WINDOW = timedelta(hours=24)
+
+# The route of a kind that must see every event (a threshold on the lead score).
+EVERY_EVENT = "event:*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +84,9 @@ class ConditionKind(Protocol):
 
     def from_json(self, data: Mapping[str, Any]) -> Condition: ...
 
-    def routes(self, condition: Condition) -> frozenset[str]:
-        """The route keys of the facts a trigger of this kind reacts to; it sees no others."""
+    def routes(self, condition: Condition, ctx: Context) -> frozenset[str]:
+        """The route keys of the facts a trigger of this kind reacts to; it sees no others
+        (`event:*`: every event). `ctx` for what the tenant's settings name (the time zone trait)."""
 
     def decide(self, trigger: TriggerDef, fact: Fact, state: Any | None, ctx: Context) -> Decision:
         """What `fact` (on one of `routes`) means, given the trigger's stored state for the

@@ -1,7 +1,8 @@
 """Every condition kind's state, sending policies and the decision trace.
 
 - `trigger_states.state` holds each kind's per-person state as the kind stores it (JSON); the
-  absence kind's columns are folded into it and dropped.
+  absence kind's columns are folded into it (its cancels become the one of the empty match key)
+  and dropped.
 - `triggers.policy`: the trigger's part in the tenant's policy (priority, re-entry, capped
   action, expiry, quiet hours), JSON as `domain.policies` writes it; `{}` is the defaults.
 - `policies`: one sending policy per tenant (caps, quiet hours, time zone, expiry, late window).
@@ -36,11 +37,14 @@ def upgrade() -> None:
     op.add_column("trigger_states", sa.Column("state", JSONB))
     op.execute(
         """
-        UPDATE trigger_states SET state = jsonb_strip_nulls(jsonb_build_object(
+        UPDATE trigger_states SET state = jsonb_build_object(
             'last_start_at', to_jsonb(last_start_at),
             'last_start_occurrence', to_jsonb(last_start_occurrence),
-            'last_cancel_at', to_jsonb(last_cancel_at)
-        ))
+            'last_start_key', '[]'::jsonb,
+            'cancels', CASE WHEN last_cancel_at IS NULL THEN '[]'::jsonb
+                ELSE jsonb_build_array(jsonb_build_object('key', '[]'::jsonb, 'at', to_jsonb(last_cancel_at)))
+            END
+        )
         """
     )
     op.alter_column("trigger_states", "state", nullable=False)
@@ -147,7 +151,9 @@ def downgrade() -> None:
         UPDATE trigger_states SET
             last_start_at = CAST(state ->> 'last_start_at' AS timestamptz),
             last_start_occurrence = state ->> 'last_start_occurrence',
-            last_cancel_at = CAST(state ->> 'last_cancel_at' AS timestamptz)
+            last_cancel_at = (
+                SELECT max(CAST(c ->> 'at' AS timestamptz)) FROM jsonb_array_elements(state -> 'cancels') AS c
+            )
         """
     )
     op.drop_column("trigger_states", "state")
