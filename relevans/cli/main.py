@@ -1,4 +1,4 @@
-"""The `relevans` command: up, serve, migrate, health, demo, import, token.
+"""The `relevans` command: up, serve, migrate, health, demo, import, token, triggers, policy.
 
 Every command reads the settings the same way (relevans/cli/stack.py): its flags first, then
 `RELEVANS_*` variables, then what a running `relevans up` recorded in the data folder.
@@ -10,18 +10,19 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-from relevans.cli import commands
-from relevans.cli.console import fail
+from relevans.cli import commands, triggers
+from relevans.cli.console import fail, say
 from relevans.cli.stack import Stack, stack_settings
+from relevans.cli.triggers_file import FileError, load_policy_file, load_triggers_file
 from relevans.kit.auth import DEFAULT_TOKEN_LIFETIME, PUBLISHED_SECRETS
 from relevans.kit.clock import SystemClock
 from relevans.kit.db import migrate
@@ -31,11 +32,13 @@ from relevans.kit.settings import SERVICES, Settings, SettingsError, env_name
 from relevans.local import missing_local_packages
 
 Service = Enum("Service", {s: s for s in SERVICES}, type=str)  # type: ignore[misc]
+TriggerWork = Callable[[triggers.Triggers], Awaitable[int]]
 Scope = Enum("Scope", {s: s for s in ("ingest", "read", "admin")}, type=str)  # type: ignore[misc]
 
 app = typer.Typer(
     name="relevans",
-    help="relevans: run the local stack, serve a service, migrate, import, mint tokens.\n\n"
+    help="relevans: run the local stack, serve a service, migrate, import, mint tokens, apply triggers "
+    "and the sending policy, explain decisions.\n\n"
     "Every command finds the stack the same way: its flags first, then RELEVANS_* variables, then "
     "what a running `relevans up` recorded in its data folder (`--data-dir`, default `.relevans`).",
     no_args_is_help=True,
@@ -45,6 +48,18 @@ app = typer.Typer(
 )
 token_app = typer.Typer(help="Bearer tokens.", no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(token_app, name="token")
+triggers_app = typer.Typer(
+    help="Triggers: apply a file of them, list, delete, and explain the decisions about a person.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(triggers_app, name="triggers")
+policy_app = typer.Typer(
+    help="The tenant's sending policy: frequency caps, quiet hours, time zone, expiry, late events.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(policy_app, name="policy")
 
 DataDir = Annotated[
     Path,
@@ -53,6 +68,22 @@ DataDir = Annotated[
         envvar=env_name("data_dir"),
         show_envvar=True,
         help="the data folder of `relevans up`: its token secret, and the running stack's addresses",
+    ),
+]
+TenantToken = Annotated[
+    str | None,
+    typer.Option(
+        "--tenant-token",
+        help="bearer token of the tenant (read scope to look, admin to change)",
+        show_default="RELEVANS_TOKEN, else the dev token of the running `relevans up`",
+    ),
+]
+TriggerTarget = Annotated[
+    str | None,
+    typer.Option(
+        "--target",
+        help="trigger's address",
+        show_default="RELEVANS_TRIGGER_LISTEN, else the running `relevans up`'s, else 127.0.0.1:50152",
     ),
 ]
 
@@ -254,6 +285,147 @@ def token_create(
     `relevans up` uses). Prints the token on stdout and what it grants on stderr."""
     stack = _stack("token create", data_dir)
     commands.create_token(stack, tenant, [s.value for s in scopes], ttl, allow_dev_secret)
+
+
+def _on_trigger(
+    command: str, data_dir: Path, tenant_token: str | None, target: str | None, work: TriggerWork
+) -> NoReturn:
+    """Runs `work` against the trigger service the flags, RELEVANS_* or `relevans up` name."""
+    stack = _stack(command, data_dir)
+    token = tenant_token or os.environ.get("RELEVANS_TOKEN", "") or stack.token
+    if not token:
+        fail(
+            command,
+            "needs a token: --tenant-token TOKEN, RELEVANS_TOKEN, or a running `relevans up` (its dev token)",
+        )
+    raise typer.Exit(triggers.run(command, target or stack.local_address("trigger"), token, work))
+
+
+@triggers_app.command("apply")
+def triggers_apply(
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE.yaml", help="`policy:` and `triggers:` (see examples/triggers.yaml)"),
+    ],
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="delete and create again a trigger whose definition changed (its pending timers are "
+            "cancelled)",
+        ),
+    ] = False,
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Make the trigger service hold what a file says: set its policy, create its triggers. Applying it
+    again changes nothing; a trigger whose definition changed is reported and left alone unless
+    --replace. Nothing is applied when the file does not parse. Exit status 0 when everything applied,
+    1 when something was refused or left alone, 2 when it could not run."""
+    try:
+        parsed = load_triggers_file(str(file))
+    except FileError as exc:
+        for problem in exc.problems:
+            say(problem)
+        fail("triggers apply", f"{file}: nothing was applied")
+
+    async def work(service: triggers.Triggers) -> int:
+        status, _ = await triggers.apply(service, parsed, str(file), replace, sys.stdout)
+        return status
+
+    _on_trigger("triggers apply", data_dir, tenant_token, target, work)
+
+
+@triggers_app.command("list")
+def triggers_list(
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """The tenant's triggers: id, kind, channel, purpose, template and priority."""
+    _on_trigger(
+        "triggers list", data_dir, tenant_token, target, lambda s: triggers.list_triggers(s, sys.stdout)
+    )
+
+
+@triggers_app.command("delete")
+def triggers_delete(
+    trigger_id: Annotated[str, typer.Argument(metavar="ID", help="the trigger's id", show_default=False)],
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Delete a trigger; its pending timers are cancelled. Exit status 1 when there is no such trigger."""
+    _on_trigger(
+        "triggers delete",
+        data_dir,
+        tenant_token,
+        target,
+        lambda s: triggers.delete(s, trigger_id, sys.stdout),
+    )
+
+
+@triggers_app.command("explain")
+def triggers_explain(
+    profile_id: Annotated[
+        str, typer.Argument(metavar="PROFILE_ID", help="the person's profile id", show_default=False)
+    ],
+    trigger_id: Annotated[
+        str | None, typer.Option("--trigger", metavar="ID", help="only this trigger's decisions")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="how many decisions to show, newest first")] = 50,
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Why a person got, or did not get, a message: the decisions about them, newest first (time,
+    trigger, outcome, reason, until when it was deferred, how many evaluations the row stands for)."""
+    _on_trigger(
+        "triggers explain",
+        data_dir,
+        tenant_token,
+        target,
+        lambda s: triggers.explain(s, profile_id, trigger_id or "", limit, sys.stdout),
+    )
+
+
+@policy_app.command("show")
+def policy_show(
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """The tenant's policy as YAML, the form `relevans policy set` reads (and `policy:` of a triggers
+    file holds)."""
+    _on_trigger("policy show", data_dir, tenant_token, target, lambda s: triggers.show_policy(s, sys.stdout))
+
+
+@policy_app.command("set")
+def policy_set(
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE.yaml", help="the policy mapping, as `relevans policy show` prints it"),
+    ],
+    tenant_token: TenantToken = None,
+    target: TriggerTarget = None,
+    data_dir: DataDir = Path(Settings.data_dir),
+) -> None:
+    """Replace the tenant's policy with a file's; prints the policy stored. Exit status 1 when the service
+    refused it (each field named), 2 when it could not run."""
+    try:
+        policy = load_policy_file(str(file))
+    except FileError as exc:
+        for problem in exc.problems:
+            say(problem)
+        fail("policy set", f"{file}: nothing was set")
+    _on_trigger(
+        "policy set",
+        data_dir,
+        tenant_token,
+        target,
+        lambda s: triggers.set_policy(s, policy, str(file), sys.stdout),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

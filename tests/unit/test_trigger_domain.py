@@ -14,7 +14,6 @@ from services.trigger.domain import (
     TRIGGER_PAGES,
     CancelTimers,
     Context,
-    DueTimer,
     EventFacts,
     Plan,
     RawTrigger,
@@ -22,7 +21,6 @@ from services.trigger.domain import (
     StateKey,
     TriggerDef,
     check_trigger_id,
-    fire,
     page_after,
     plan_facts,
     relevant_facts,
@@ -345,20 +343,3 @@ def test_segment_changes_reach_segment_triggers_only() -> None:
     change = SegmentChange(TENANT, "p1", "vips", True, "e1", T0)
     p = plan_facts({TENANT: [CART, vip]}, [change, ev("add_to_cart", T0, "e2")], {}, {TENANT: CTX})
     assert [i.trigger_id for i in p.intents] == ["vip", "abandoned-cart"]
-
-
-# ---- firing -------------------------------------------------------------------------------------
-
-
-def test_firing_is_keyed_by_trigger_profile_and_occurrence() -> None:
-    due = DueTimer(TENANT, "abandoned-cart", "p1", "e1", {"event": {"x": 1}}, "email", "marketing", "cart")
-    f = fire(due)
-    assert f is not None
-    assert f.idempotency_key == "abandoned-cart:p1:e1"
-    assert (f.channel, f.purpose, f.template_id, f.variables) == (
-        "email",
-        "marketing",
-        "cart",
-        {"event": {"x": 1}},
-    )
-    assert fire(replace(due, channel=None, purpose=None, template_id=None)) is None

@@ -60,10 +60,9 @@ def validate_trigger(raw: RawTrigger | None) -> TriggerDef:
 
 
 def _condition(raw: RawTrigger, v: Violations) -> Condition | None:
-    """The condition checked by its kind. None set: each kind's field is named, since any would do."""
+    """The condition checked by its kind. None set: the oneof `condition` is named, with its kinds."""
     if raw.condition is None:
-        for name in KINDS:
-            v.add(f"trigger.{name}", f"a condition is required: one of {', '.join(KINDS)}")
+        v.add("trigger.condition", f"is required: set one of {', '.join(KINDS)}")
         return None
     kind = KINDS.get(raw.condition.kind)
     if kind is None:
