@@ -44,11 +44,12 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/ingest.py
 
-## bench-all: every benchmark (ingest, single Track, segment counts, 500k import); about 10 minutes
+## bench-all: every benchmark (ingest, single Track, segment counts, 500k import, triggers)
 bench-all: bench
 	$(BIN)/python bench/track.py
 	$(BIN)/python bench/segments.py --profiles 500000
 	$(BIN)/python bench/import_profiles.py --rows 500000
+	$(BIN)/python bench/triggers.py --part all
 
 clean:
 	rm -rf $(VENV) .relevans .pytest_cache .mypy_cache .ruff_cache

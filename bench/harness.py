@@ -1,13 +1,14 @@
 """What every benchmark starts the same way: embedded PostgreSQL and NATS in a temp folder, the
-profile database migrated, and `relevans serve profile` in its own process on a free port."""
+services' databases migrated, and `relevans serve <service>` in its own process on a free port."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,17 @@ class Stack:
     server: str
     nats_url: str
 
+    def database(self, service: str) -> str:
+        """A service's database, as a plain PostgreSQL URL (for asyncpg)."""
+        return f"{self.server}/relevans_{service}"
+
     @property
     def profile_db(self) -> str:
-        return f"{self.server}/relevans_profile"
+        return self.database("profile")
+
+    @property
+    def trigger_db(self) -> str:
+        return self.database("trigger")
 
 
 @dataclass(frozen=True)
@@ -38,18 +47,20 @@ class Service:
 
 
 @asynccontextmanager
-async def embedded_stack(folder: Path) -> AsyncIterator[Stack]:
+async def embedded_stack(folder: Path, services: Sequence[str] = ("profile",)) -> AsyncIterator[Stack]:
+    """The stack with the databases of `services` migrated."""
     async with EmbeddedPostgres(folder / "pg") as pg, EmbeddedNats(folder / "nats") as ns:
         server = pg.url.rsplit("/", 1)[0]
         settings = Settings(postgres_url=server, nats_url=ns.url)
-        await migrate("profile", settings.database_url("profile"))
+        for service in services:
+            await migrate(service, settings.database_url(service))
         yield Stack(folder, server, ns.url)
 
 
 @asynccontextmanager
-async def profile_service(stack: Stack, secret: str) -> AsyncIterator[Service]:
-    """The profile service as `relevans serve profile` (RELEVANS_PROFILE_PROCESSES etc. from the
-    environment apply), stopped with SIGTERM at the end."""
+async def service_process(stack: Stack, service: str, secret: str) -> AsyncIterator[Service]:
+    """`relevans serve <service>` on a free port (RELEVANS_<SERVICE>_PROCESSES etc. from the
+    environment apply), stopped with SIGTERM at the end; its database is migrated already."""
     port = free_port()
     env = dict(os.environ)
     env.update(
@@ -57,16 +68,16 @@ async def profile_service(stack: Stack, secret: str) -> AsyncIterator[Service]:
             env_name("postgres_url"): stack.server,
             env_name("nats_url"): stack.nats_url,
             env_name("token_secret"): secret,
-            env_name("profile_listen"): f"127.0.0.1:{port}",
-            env_name("profile_metrics_port"): "0",
+            env_name(f"{service}_listen"): f"127.0.0.1:{port}",
+            env_name(f"{service}_metrics_port"): "0",
             env_name("log_level"): os.environ.get("RELEVANS_LOG_LEVEL", "warning"),
         }
     )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relevans.cli.main", "serve", "profile", env=env
+        sys.executable, "-m", "relevans.cli.main", "serve", service, env=env
     )
     try:
-        await wait_port(port)
+        await wait_port(port, proc, service)
         yield Service(f"127.0.0.1:{port}", proc)
     finally:
         if proc.returncode is None:
@@ -74,16 +85,26 @@ async def profile_service(stack: Stack, secret: str) -> AsyncIterator[Service]:
         await proc.wait()
 
 
-async def wait_port(port: int, timeout: float = 30) -> None:
+def profile_service(stack: Stack, secret: str) -> contextlib.AbstractAsyncContextManager[Service]:
+    return service_process(stack, "profile", secret)
+
+
+def trigger_service(stack: Stack, secret: str) -> contextlib.AbstractAsyncContextManager[Service]:
+    """`relevans serve trigger`; the stack must have migrated its database
+    (`embedded_stack(folder, ("profile", "trigger"))`)."""
+    return service_process(stack, "trigger", secret)
+
+
+async def wait_port(port: int, proc: asyncio.subprocess.Process, service: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.returncode is None:
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
             return
         except OSError:
             await asyncio.sleep(0.1)
-    raise RuntimeError("profile service did not start")
+    raise RuntimeError(f"{service} service did not start (exit status {proc.returncode})")
 
 
 class CpuWatch:
@@ -166,3 +187,32 @@ def stack_processes(stack: Stack, service: Service) -> dict[str, list[psutil.Pro
         "postgres": process_roots(str(stack.folder / "pg")),
         "nats": process_roots(str(stack.folder / "nats")),
     }
+
+
+class PeakRss:
+    """The largest resident set a service's processes reach while it runs, sampled every `every`
+    seconds in the background (`largest_rss_mb` at the end would miss a peak that has passed)."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every = every
+        self.peak_mb = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def watch(self, pid: int) -> None:
+        """Sample the service whose first process is `pid` until it exits or `stop`."""
+        self._tasks.append(asyncio.create_task(self._sample(pid)))
+
+    async def _sample(self, pid: int) -> None:
+        while True:
+            try:
+                self.peak_mb = max(self.peak_mb, largest_rss_mb(pid))
+            except psutil.NoSuchProcess:  # the service, or one of its workers, exited meanwhile
+                if not psutil.pid_exists(pid):
+                    return
+            await asyncio.sleep(self.every)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
