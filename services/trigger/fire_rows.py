@@ -203,28 +203,32 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
         await enqueue(conn, outbox, [message_for(f, now) for f in new], now)
 
 
+# Rows as executemany parameters of a statement built once (see `timer_rows.insert_timers`).
+_RECORD_FIRINGS = (
+    pg_insert(firings)
+    .on_conflict_do_nothing()
+    .returning(firings.c.tenant_id, firings.c.trigger_id, firings.c.profile_id, firings.c.occurrence)
+)
+
+
 async def record_firings(conn: AsyncConnection, to_fire: Sequence[Firing], now: datetime) -> list[Firing]:
     """Record the firings; return those not recorded before (only they are sent)."""
     inserted = (
         await conn.execute(
-            pg_insert(firings)
-            .values(
-                [
-                    {
-                        "tenant_id": f.tenant_id,
-                        "trigger_id": f.trigger_id,
-                        "profile_id": f.profile_id,
-                        "occurrence": f.occurrence,
-                        "idempotency_key": f.idempotency_key,
-                        "fired_at": now,
-                        "channel": f.channel,
-                        "purpose": f.purpose,
-                    }
-                    for f in to_fire
-                ]
-            )
-            .on_conflict_do_nothing()
-            .returning(firings.c.tenant_id, firings.c.trigger_id, firings.c.profile_id, firings.c.occurrence)
+            _RECORD_FIRINGS,
+            [
+                {
+                    "tenant_id": f.tenant_id,
+                    "trigger_id": f.trigger_id,
+                    "profile_id": f.profile_id,
+                    "occurrence": f.occurrence,
+                    "idempotency_key": f.idempotency_key,
+                    "fired_at": now,
+                    "channel": f.channel,
+                    "purpose": f.purpose,
+                }
+                for f in to_fire
+            ],
         )
     ).all()
     fresh = {tuple(r) for r in inserted}

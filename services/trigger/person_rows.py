@@ -71,6 +71,15 @@ async def load(
     return out
 
 
+_TRAITS = pg_insert(people)
+# Rows as executemany parameters of a statement built once (see `timer_rows.insert_timers`).
+_SET_TRAITS = _TRAITS.on_conflict_do_update(
+    index_elements=["tenant_id", "profile_id"],
+    set_={"traits": _TRAITS.excluded.traits, "updated_at": _TRAITS.excluded.updated_at},
+    where=people.c.updated_at <= _TRAITS.excluded.updated_at,
+)
+
+
 async def remember(conn: AsyncConnection, changes: ProfileChanges, survivor: dict[Person, str]) -> None:
     """Write the batch's traits (the latest snapshot per person wins, also against what is stored)
     and consents, under the surviving ids."""
@@ -80,7 +89,8 @@ async def remember(conn: AsyncConnection, changes: ProfileChanges, survivor: dic
         if person not in latest or latest[person].at <= t.at:
             latest[person] = t
     if latest:
-        insert = pg_insert(people).values(
+        await conn.execute(
+            _SET_TRAITS,
             [
                 {
                     "tenant_id": p[0],
@@ -90,14 +100,7 @@ async def remember(conn: AsyncConnection, changes: ProfileChanges, survivor: dic
                     "updated_at": t.at,
                 }
                 for p, t in latest.items()
-            ]
-        )
-        await conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["tenant_id", "profile_id"],
-                set_={"traits": insert.excluded.traits, "updated_at": insert.excluded.updated_at},
-                where=people.c.updated_at <= insert.excluded.updated_at,
-            )
+            ],
         )
     for c in changes.consents:
         person = (c.tenant_id, survivor.get((c.tenant_id, c.profile_id), c.profile_id))

@@ -74,6 +74,13 @@ from services.trigger.tables import (
     triggers,
 )
 
+_STATES = pg_insert(trigger_states)
+# Rows as executemany parameters of a statement built once (see `timer_rows.insert_timers`).
+_UPSERT_STATES = _STATES.on_conflict_do_update(
+    index_elements=["tenant_id", "trigger_id", "profile_id"],
+    set_={"state": _STATES.excluded.state, "updated_at": _STATES.excluded.updated_at},
+)
+
 # People armed per statement batch when a trigger keyed on a trait is created.
 ARM_BATCH = 5_000
 
@@ -542,7 +549,8 @@ class TriggerStore:
     ) -> None:
         if not states:
             return
-        insert = pg_insert(trigger_states).values(
+        await conn.execute(
+            _UPSERT_STATES,
             [
                 {
                     "tenant_id": tenant,
@@ -552,13 +560,7 @@ class TriggerStore:
                     "updated_at": now,
                 }
                 for (tenant, trigger, profile), st in states.items()
-            ]
-        )
-        await conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["tenant_id", "trigger_id", "profile_id"],
-                set_={"state": insert.excluded.state, "updated_at": insert.excluded.updated_at},
-            )
+            ],
         )
 
     # ---- timers --------------------------------------------------------------------------------

@@ -56,6 +56,23 @@ class DeliveryOutcome:
     at: datetime
 
 
+_COLLAPSING = pg_insert(decisions)
+# Rows go as executemany parameters of statements built once (see `timer_rows.insert_timers`).
+_COLLAPSE = _COLLAPSING.on_conflict_do_update(
+    index_elements=["tenant_id", "collapse_key"],
+    index_where=decisions.c.collapse_key.is_not(None),
+    set_={
+        "count": decisions.c.count + _COLLAPSING.excluded.count,
+        "decided_at": sa.func.greatest(decisions.c.decided_at, _COLLAPSING.excluded.decided_at),
+        "event_id": _COLLAPSING.excluded.event_id,
+        "reason": _COLLAPSING.excluded.reason,
+    },
+)
+_DEDUPED = pg_insert(decisions).on_conflict_do_nothing(
+    index_elements=["tenant_id", "dedupe_key"], index_where=decisions.c.dedupe_key.is_not(None)
+)
+
+
 def _values(n: Note, idempotency_key: str = "") -> dict[str, Any]:
     return {
         "tenant_id": n.tenant_id,
@@ -93,20 +110,7 @@ async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[st
     if plain:
         await conn.execute(decisions.insert(), plain)
     if collapsed:
-        insert = pg_insert(decisions).values(list(collapsed.values()))
-        x = insert.excluded
-        await conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=["tenant_id", "collapse_key"],
-                index_where=decisions.c.collapse_key.is_not(None),
-                set_={
-                    "count": decisions.c.count + x.count,
-                    "decided_at": sa.func.greatest(decisions.c.decided_at, x.decided_at),
-                    "event_id": x.event_id,
-                    "reason": x.reason,
-                },
-            )
-        )
+        await conn.execute(_COLLAPSE, list(collapsed.values()))
 
 
 async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
@@ -127,13 +131,7 @@ async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutc
         }
         for o in outcomes
     ]
-    await conn.execute(
-        pg_insert(decisions)
-        .values(rows)
-        .on_conflict_do_nothing(
-            index_elements=["tenant_id", "dedupe_key"], index_where=decisions.c.dedupe_key.is_not(None)
-        )
-    )
+    await conn.execute(_DEDUPED, rows)
 
 
 def occurrence_of(idempotency_key: str, trigger_id: str, profile_id: str) -> str:
