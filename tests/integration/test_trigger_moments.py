@@ -537,3 +537,24 @@ async def test_decisions_older_than_the_retention_are_pruned(harness: Harness) -
     assert await pruner.prune() == 2
     assert not await harness.explain("old")
     assert len(await harness.explain("recent")) == 2
+
+
+async def test_re_entry_once_ever_and_a_minimum_interval_hold_back_and_say_so(harness: Harness) -> None:
+    once = trigger_pb2.TriggerPolicy(reentry=trigger_pb2.ReentryRule(mode=trigger_pb2.REENTRY_MODE_ONCE_EVER))
+    spaced = trigger_pb2.TriggerPolicy(
+        reentry=trigger_pb2.ReentryRule(mode=trigger_pb2.REENTRY_MODE_EVERY_TIME, period=duration(DAY))
+    )
+    await harness.create(trigger=on_event("welcome", "visit", policy=once))
+    await harness.create(trigger=on_event("daily-tip", "visit", policy=spaced))
+    await harness.publish(harness.enriched("visit"))
+    await eventually(lambda: _count_at_least(harness, 2))
+    await harness.clock.advance(timedelta(hours=2))
+    await harness.publish(harness.enriched("visit"))
+    decisions = await eventually(lambda: _decided(harness, "p1", 8))
+    assert ("welcome", "held_back", "reentry_once_ever") in decisions
+    assert ("daily-tip", "held_back", "reentry_min_interval") in decisions
+    await harness.clock.advance(DAY)
+    await harness.publish(harness.enriched("visit"))
+    sent = await eventually(lambda: _count_at_least(harness, 3))
+    await stays(lambda: _count_at_least(harness, 4), duration=0.4)
+    assert sorted(r.trigger_id for r in sent) == ["daily-tip", "daily-tip", "welcome"]
