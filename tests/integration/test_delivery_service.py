@@ -155,6 +155,25 @@ async def test_a_placeholder_first_name_is_not_printed(harness: Harness) -> None
     assert body_of(mail).startswith("Hi there,\n")
 
 
+async def test_a_null_first_name_falls_back_instead_of_blocking_the_message(harness: Harness) -> None:
+    """ "None None" once failed the output check (render_failed: output contains 'None')."""
+    profile_id = await harness.customer(first_name="None None")
+    await harness.put_template()
+    key = await harness.request(profile_id)
+    assert (await harness.final(key)).status == delivery_pb2.MESSAGE_STATUS_SENT
+    [mail] = await eventually(harness.some_mail)
+    assert body_of(mail).startswith("Hi there,\n")
+    assert mail["Subject"] == "Hello, your cart is waiting"
+
+
+async def test_a_first_name_is_printed_as_the_person_wrote_it(harness: Harness) -> None:
+    profile_id = await harness.customer(first_name="de la Cruz")
+    await harness.put_template()
+    await harness.request(profile_id)
+    [mail] = await eventually(harness.some_mail)
+    assert body_of(mail).startswith("Hi de la Cruz,\n")
+
+
 async def test_a_template_using_an_undefined_variable_is_not_sent(harness: Harness) -> None:
     profile_id = await harness.customer()
     await harness.put_template(body="Hi {{ first_name | fallback('there') }}, use code {{ coupon_code }}.\n")
@@ -356,8 +375,8 @@ async def test_templates_are_stored_previewed_and_need_admin_to_change(harness: 
         metadata=token(TENANT, "read"),
     )
     assert (preview.subject, preview.body_text) == (
-        "Ada, your cart is waiting",
-        "Hi Ada,\nyou left Shoes in your cart.\n",
+        "ADA, your cart is waiting",
+        "Hi ADA,\nyou left Shoes in your cart.\n",
     )
 
     err = await rpc_error(
