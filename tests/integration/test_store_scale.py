@@ -98,14 +98,15 @@ async def test_a_merge_moves_a_persons_timers_and_firings_without_reading_everyo
 ) -> None:
     """Merges come with every anonymous visitor who signs in; each moves that person's timers and
     firings, found among the tenant's (hundreds of triggers, many people, months of history)."""
-    timer = """INSERT INTO timers (tenant_id, trigger_id, profile_id, occurrence, started_at, due_at, status,
-                   variables, created_at)
+    timer = """INSERT INTO timers (tenant_id, trigger_id, profile_id, occurrence, started_at, due_at,
+                   first_due_at, status, variables, created_at)
                SELECT :tenant, 'trigger-' || mod(n, 400), :who || mod(n, :people), 'o-' || n, :now, :now,
-                      :status, '{}', :now
+                      :now, :status, '{}', :now
                FROM generate_series(1, :n) AS n"""
-    firing = """INSERT INTO firings (tenant_id, trigger_id, profile_id, occurrence, idempotency_key, fired_at)
+    firing = """INSERT INTO firings (tenant_id, trigger_id, profile_id, occurrence, idempotency_key, fired_at,
+                   channel, purpose)
                 SELECT :tenant, 'trigger-' || mod(n, 400), :who || mod(n, :people), 'o-' || n,
-                       'k-' || :who || n, :now
+                       'k-' || :who || n, :now, 'email', 'marketing'
                 FROM generate_series(1, :n) AS n"""
     common = {"tenant": TENANT, "now": NOW}
     async with trigger_engine.begin() as conn:
