@@ -559,3 +559,23 @@ async def test_re_entry_once_ever_and_a_minimum_interval_hold_back_and_say_so(ha
     sent = await eventually(lambda: _count_at_least(harness, 3))
     await stays(lambda: _count_at_least(harness, 4), duration=0.4)
     assert sorted(r.trigger_id for r in sent) == ["daily-tip", "daily-tip", "welcome"]
+
+
+async def test_a_date_trigger_created_after_the_dates_were_known_arms_every_person(harness: Harness) -> None:
+    await harness.create(
+        trigger=on_segment("placeholder", "nobody")
+    )  # the service follows traits from the start
+    for person, day in (("p1", "1990-03-01"), ("p2", "1985-11-20")):
+        await harness.publish_traits(person, {"birthday": day})
+    await eventually(lambda: _people_known(harness, 2))
+    await harness.create(trigger=on_date("birthday", "birthday", "10:00", yearly=True))
+    due = {t.profile_id: t.due_at for t in await harness.pending()}
+    assert due == {
+        "p1": datetime(2026, 3, 1, 10, tzinfo=UTC),
+        "p2": datetime(2026, 11, 20, 10, tzinfo=UTC),
+    }
+
+
+async def _people_known(h: Harness, n: int) -> bool:
+    async with h.engine.connect() as conn:
+        return (await conn.execute(sa.text("SELECT count(*) FROM people"))).scalar() == n
