@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.kit.db import DriverStatement
+from services.trigger.arrays import run, unnest
 from services.trigger.domain.intents import Note
 from services.trigger.tables import decisions
 
@@ -56,37 +58,53 @@ class DeliveryOutcome:
     at: datetime
 
 
-_COLLAPSING = pg_insert(decisions)
-# Rows go as executemany parameters of statements built once (see `timer_rows.insert_timers`).
-_COLLAPSE = _COLLAPSING.on_conflict_do_update(
-    index_elements=["tenant_id", "collapse_key"],
-    index_where=decisions.c.collapse_key.is_not(None),
-    set_={
-        "count": decisions.c.count + _COLLAPSING.excluded.count,
-        "decided_at": sa.func.greatest(decisions.c.decided_at, _COLLAPSING.excluded.decided_at),
-        "event_id": _COLLAPSING.excluded.event_id,
-        "reason": _COLLAPSING.excluded.reason,
-    },
+_NOTE_COLUMNS = (
+    ("tenant_id", "text"),
+    ("profile_id", "text"),
+    ("trigger_id", "text"),
+    ("outcome", "text"),
+    ("reason_code", "text"),
+    ("reason", "text"),
+    ("decided_at", "timestamptz"),
+    ("event_id", "text"),
+    ("occurrence", "text"),
+    ("until", "timestamptz"),
+    ("idempotency_key", "text"),
 )
+_NOTES = ", ".join(name for name, _ in _NOTE_COLUMNS)
+# Rows in the order of the notes: the decision ids (which order rows of one instant) follow it.
+_INSERT = DriverStatement(f"""
+INSERT INTO decisions ({_NOTES})
+SELECT {_NOTES} FROM {unnest("u", _NOTE_COLUMNS)} ORDER BY ord
+""")
+_COLLAPSE = DriverStatement(f"""
+INSERT INTO decisions ({_NOTES}, count, collapse_key)
+SELECT {_NOTES}, count, collapse_key
+FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+ON CONFLICT (tenant_id, collapse_key) WHERE collapse_key IS NOT NULL DO UPDATE SET
+    count = decisions.count + excluded.count,
+    decided_at = greatest(decisions.decided_at, excluded.decided_at),
+    event_id = excluded.event_id,
+    reason = excluded.reason
+""")
 _DEDUPED = pg_insert(decisions).on_conflict_do_nothing(
     index_elements=["tenant_id", "dedupe_key"], index_where=decisions.c.dedupe_key.is_not(None)
 )
 
 
-def _values(n: Note, idempotency_key: str = "") -> dict[str, Any]:
+def _columns(notes: Sequence[Note], keys: Sequence[str]) -> dict[str, list[Any]]:
     return {
-        "tenant_id": n.tenant_id,
-        "profile_id": n.profile_id,
-        "trigger_id": n.trigger_id,
-        "outcome": n.outcome,
-        "reason_code": n.reason_code,
-        "reason": n.reason,
-        "decided_at": n.at,
-        "event_id": n.event_id,
-        "occurrence": n.occurrence,
-        "until": n.until,
-        "idempotency_key": idempotency_key,
-        "count": 1,
+        "tenant_id": [n.tenant_id for n in notes],
+        "profile_id": [n.profile_id for n in notes],
+        "trigger_id": [n.trigger_id for n in notes],
+        "outcome": [n.outcome for n in notes],
+        "reason_code": [n.reason_code for n in notes],
+        "reason": [n.reason for n in notes],
+        "decided_at": [n.at for n in notes],
+        "event_id": [n.event_id for n in notes],
+        "occurrence": [n.occurrence for n in notes],
+        "until": [n.until for n in notes],
+        "idempotency_key": list(keys),
     }
 
 
@@ -94,23 +112,27 @@ async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[st
     """Write notes (with the idempotency key of each, where one was handed to delivery)."""
     if not notes:
         return
-    plain: list[dict[str, Any]] = []
-    collapsed: dict[tuple[str, str], dict[str, Any]] = {}
+    plain: list[Note] = []
+    plain_keys: list[str] = []
+    # (tenant, collapse key) -> the latest note, its idempotency key and how many it stands for.
+    collapsed: dict[tuple[str, str], tuple[Note, str, int]] = {}
     for i, n in enumerate(notes):
-        values = _values(n, keys[i] if i < len(keys) else "")
+        key = keys[i] if i < len(keys) else ""
         if (n.outcome, n.reason_code) in COLLAPSED:
-            key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
-            seen = collapsed.get((n.tenant_id, key))
-            values["collapse_key"] = key
-            if seen is not None:
-                values["count"] = seen["count"] + 1
-            collapsed[(n.tenant_id, key)] = values
+            collapse_key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
+            seen = collapsed.get((n.tenant_id, collapse_key))
+            collapsed[(n.tenant_id, collapse_key)] = (n, key, 1 if seen is None else seen[2] + 1)
         else:
-            plain.append(values)
+            plain.append(n)
+            plain_keys.append(key)
     if plain:
-        await conn.execute(decisions.insert(), plain)
+        await run(conn, _INSERT, _columns(plain, plain_keys))
     if collapsed:
-        await conn.execute(_COLLAPSE, list(collapsed.values()))
+        latest = list(collapsed.values())
+        params = _columns([n for n, _, _ in latest], [k for _, k, _ in latest])
+        params["count"] = [c for _, _, c in latest]
+        params["collapse_key"] = [k for _, k in collapsed]
+        await run(conn, _COLLAPSE, params)
 
 
 async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
