@@ -211,12 +211,3 @@ async def move(conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, s
         .values(profile_id=survivor)
     )
     await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
-
-
-async def set_timers(conn: AsyncConnection, keys: list[TimerKey], **values: Any) -> None:
-    t = timers
-    await conn.execute(
-        t.update()
-        .where(sa.tuple_(t.c.tenant_id, t.c.trigger_id, t.c.profile_id, t.c.occurrence).in_(keys))
-        .values(**values)
-    )

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -72,12 +71,9 @@ _NOTE_COLUMNS = (
     ("idempotency_key", "text"),
 )
 _NOTES = ", ".join(name for name, _ in _NOTE_COLUMNS)
-# Rows in the order of the notes: the decision ids (which order rows of one instant) follow it.
-_INSERT = DriverStatement(f"""
-INSERT INTO decisions ({_NOTES})
-SELECT {_NOTES} FROM {unnest("u", _NOTE_COLUMNS)} ORDER BY ord
-""")
-_COLLAPSE = DriverStatement(f"""
+# One row per note in the order of the notes (the decision ids, which order the rows of one instant,
+# follow it); a collapsed row (`collapse_key`) adds its count to the stored one, if there is one.
+_RECORD = DriverStatement(f"""
 INSERT INTO decisions ({_NOTES}, count, collapse_key)
 SELECT {_NOTES}, count, collapse_key
 FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
@@ -92,47 +88,49 @@ _DEDUPED = pg_insert(decisions).on_conflict_do_nothing(
 )
 
 
-def _columns(notes: Sequence[Note], keys: Sequence[str]) -> dict[str, list[Any]]:
-    return {
-        "tenant_id": [n.tenant_id for n in notes],
-        "profile_id": [n.profile_id for n in notes],
-        "trigger_id": [n.trigger_id for n in notes],
-        "outcome": [n.outcome for n in notes],
-        "reason_code": [n.reason_code for n in notes],
-        "reason": [n.reason for n in notes],
-        "decided_at": [n.at for n in notes],
-        "event_id": [n.event_id for n in notes],
-        "occurrence": [n.occurrence for n in notes],
-        "until": [n.until for n in notes],
-        "idempotency_key": list(keys),
-    }
-
-
 async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[str] = ()) -> None:
-    """Write notes (with the idempotency key of each, where one was handed to delivery)."""
+    """Write notes (with the idempotency key of each, where one was handed to delivery). The
+    condition-false notes of a trigger for a person in the batch are one row, the latest, at its
+    place."""
     if not notes:
         return
-    plain: list[Note] = []
-    plain_keys: list[str] = []
-    # (tenant, collapse key) -> the latest note, its idempotency key and how many it stands for.
-    collapsed: dict[tuple[str, str], tuple[Note, str, int]] = {}
+    # (note, idempotency key, count, collapse key); the collapsed rows a later note took are `gone`.
+    rows: list[tuple[Note, str, int, str | None]] = []
+    gone: set[int] = set()
+    at: dict[tuple[str, str], int] = {}  # (tenant, collapse key) -> its row
     for i, n in enumerate(notes):
         key = keys[i] if i < len(keys) else ""
         if (n.outcome, n.reason_code) in COLLAPSED:
             collapse_key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
-            seen = collapsed.get((n.tenant_id, collapse_key))
-            collapsed[(n.tenant_id, collapse_key)] = (n, key, 1 if seen is None else seen[2] + 1)
+            count = 1
+            seen = at.get((n.tenant_id, collapse_key))
+            if seen is not None:
+                count += rows[seen][2]
+                gone.add(seen)
+            at[(n.tenant_id, collapse_key)] = len(rows)
+            rows.append((n, key, count, collapse_key))
         else:
-            plain.append(n)
-            plain_keys.append(key)
-    if plain:
-        await run(conn, _INSERT, _columns(plain, plain_keys))
-    if collapsed:
-        latest = list(collapsed.values())
-        params = _columns([n for n, _, _ in latest], [k for _, k, _ in latest])
-        params["count"] = [c for _, _, c in latest]
-        params["collapse_key"] = [k for _, k in collapsed]
-        await run(conn, _COLLAPSE, params)
+            rows.append((n, key, 1, None))
+    kept = [r for i, r in enumerate(rows) if i not in gone] if gone else rows
+    await run(
+        conn,
+        _RECORD,
+        {
+            "tenant_id": [n.tenant_id for n, _, _, _ in kept],
+            "profile_id": [n.profile_id for n, _, _, _ in kept],
+            "trigger_id": [n.trigger_id for n, _, _, _ in kept],
+            "outcome": [n.outcome for n, _, _, _ in kept],
+            "reason_code": [n.reason_code for n, _, _, _ in kept],
+            "reason": [n.reason for n, _, _, _ in kept],
+            "decided_at": [n.at for n, _, _, _ in kept],
+            "event_id": [n.event_id for n, _, _, _ in kept],
+            "occurrence": [n.occurrence for n, _, _, _ in kept],
+            "until": [n.until for n, _, _, _ in kept],
+            "idempotency_key": [k for _, k, _, _ in kept],
+            "count": [c for _, _, c, _ in kept],
+            "collapse_key": [c for _, _, _, c in kept],
+        },
+    )
 
 
 async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
