@@ -13,9 +13,10 @@ from typing import Any
 
 import asyncpg
 import orjson
+import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement, driver_connection
+from relevans.kit.db import DriverStatement
 
 
 def unnest(alias: str, columns: Sequence[tuple[str, str]]) -> str:
@@ -33,5 +34,8 @@ def json_text(value: object) -> str:
 async def run(
     conn: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
 ) -> list[asyncpg.Record]:
-    """Run `statement` in `conn`'s transaction (which has run a statement already)."""
-    return await statement.fetch(await driver_connection(conn), params)
+    """Run `statement` in `conn`'s transaction, begun through SQLAlchemy if it has not run one yet."""
+    driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+    if not driver.is_in_transaction():
+        await conn.execute(sa.text("SELECT 1"))
+    return await statement.fetch(driver, params)

@@ -91,6 +91,29 @@ CROSS JOIN LATERAL (
 ) s
 """)
 
+_PERSONS = arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
+_SURVIVORS = DriverStatement(f"""
+SELECT m.tenant_id, m.profile_id, m.surviving_profile_id FROM {_PERSONS}
+JOIN merged_profiles m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
+""")
+# After the people's locks: which of them a merge retired or an erasure removed meanwhile.
+_GONE = DriverStatement(f"""
+SELECT u.tenant_id, u.profile_id,
+       EXISTS (SELECT 1 FROM merged_profiles m
+               WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id) AS merged
+FROM {_PERSONS}
+WHERE EXISTS (SELECT 1 FROM merged_profiles m WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id)
+   OR EXISTS (SELECT 1 FROM erased_profiles e WHERE e.tenant_id = u.tenant_id AND e.profile_id = u.profile_id)
+""")
+_POLICIES = DriverStatement(
+    "SELECT tenant_id, policy, updated_at FROM policies WHERE tenant_id = ANY(CAST(:tenants AS text[]))"
+)
+
+
+def _persons(persons: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    return {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
+
+
 # People armed per statement batch when a trigger keyed on a trait is created.
 ARM_BATCH = 5_000
 
@@ -395,13 +418,12 @@ class TriggerStore:
 
     @staticmethod
     async def _policies(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantPolicy]:
-        rows = await conn.execute(
-            sa.select(policies.c.tenant_id, policies.c.policy, policies.c.updated_at).where(
-                policies.c.tenant_id.in_(list(tenants))
-            )
-        )
+        rows = await arrays.run(conn, _POLICIES, {"tenants": list(tenants)})
         return {
-            r.tenant_id: replace(tenant_policy_from_json(r.policy), updated_at=r.updated_at) for r in rows
+            r["tenant_id"]: replace(
+                tenant_policy_from_json(json_value(r["policy"])), updated_at=r["updated_at"]
+            )
+            for r in rows
         }
 
     # ---- facts: events, segment and trait changes ------------------------------------------------
@@ -423,9 +445,12 @@ class TriggerStore:
         relevant = relevant_facts(by_tenant, facts, contexts)
         if not relevant:
             return Plan([], {}, [])
-        survivors = await surviving_ids(
-            conn, merged_profiles, {(f.tenant_id, f.profile_id) for f in relevant}
-        )
+        survivors = {
+            (r["tenant_id"], r["profile_id"]): r["surviving_profile_id"]
+            for r in await arrays.run(
+                conn, _SURVIVORS, _persons(sorted({(f.tenant_id, f.profile_id) for f in relevant}))
+            )
+        }
         if survivors:
             relevant = [
                 replace(f, profile_id=survivors.get((f.tenant_id, f.profile_id), f.profile_id))
@@ -433,10 +458,11 @@ class TriggerStore:
             ]
         persons = sorted({(f.tenant_id, f.profile_id) for f in relevant})
         await self._lock_people(conn, persons)
-        if await surviving_ids(conn, merged_profiles, persons):
+        gone = await arrays.run(conn, _GONE, _persons(persons))
+        if any(r["merged"] for r in gone):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
-        erased = await self._erased(conn, persons)
-        if erased:
+        if gone:
+            erased = {(r["tenant_id"], r["profile_id"]) for r in gone}
             relevant = [f for f in relevant if (f.tenant_id, f.profile_id) not in erased]
             persons = [p for p in persons if p not in erased]
             if not relevant:
@@ -481,6 +507,7 @@ class TriggerStore:
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]
     ) -> dict[str, list[TriggerDef]]:
+        # Through SQLAlchemy: the first statement of the batch's transaction begins it.
         rows = (
             await conn.execute(
                 sa.select(triggers)
