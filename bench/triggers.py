@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import inspect
 import json
 import statistics
 import sys
@@ -76,6 +75,7 @@ from relevans.kit.proto import to_struct, to_value
 from relevans.kit.settings import Settings
 from relevans.profile.v1 import bus_pb2, profile_pb2
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
+from services.trigger.consumers import EVENT_BATCH
 from services.trigger.timers import DEFAULT_BATCH as TIMER_BATCH
 
 SECRET = "bench-secret"
@@ -84,8 +84,8 @@ EVENT_TYPE = "page_view"  # every event of the latency load; bench-probe fires o
 PROBE = "bench-probe"
 TRACK = "/relevans.profile.v1.ProfileService/Track"
 CATEGORIES = ("toys", "books", "garden", "kitchen", "sports")
-# The kit's Consumer's batch: what the trigger service's event consumers fetch at a time.
-CONSUMER_BATCH: int = inspect.signature(Consumer).parameters["batch"].default
+# What the trigger service's event consumers fetch at a time.
+CONSUMER_BATCH = EVENT_BATCH
 EVENT_CONSUMERS = "trigger-events"  # one durable, or one per partition (trigger-events-<p>)
 
 

@@ -17,21 +17,22 @@ send past a cap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.kit.db import DriverStatement, json_value
 from relevans.kit.locks import lock_key32
 from relevans.kit.outbox import OutboxMessage, enqueue
 from services.trigger import person_rows, timer_rows, trace
+from services.trigger.arrays import run, unnest
 from services.trigger.domain import TriggerDef
 from services.trigger.domain.firing import DueTimer, Firing, Settled, settle_person
 from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
-from services.trigger.tables import PENDING, firings, outbox, timers, triggers
+from services.trigger.tables import PENDING, outbox, timers
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
 Person = tuple[str, str]
@@ -64,47 +65,60 @@ async def claim_people(conn: AsyncConnection, now: datetime, limit: int, namespa
     return [people[i - 1] for (i,) in got]
 
 
+_PEOPLE = unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
+_DUE = DriverStatement(f"""
+SELECT t.tenant_id, t.trigger_id, t.profile_id, t.occurrence, t.variables, t.due_at, t.first_due_at
+FROM {_PEOPLE} CROSS JOIN LATERAL (
+    SELECT * FROM timers t
+    WHERE t.tenant_id = u.tenant_id AND t.profile_id = u.profile_id AND t.status = 'pending'
+      AND t.due_at <= CAST(:now AS timestamptz)
+    FOR UPDATE
+) t
+ORDER BY t.due_at
+""")
+_TRIGGERS = DriverStatement(f"""
+SELECT tr.* FROM {unnest("u", (("tenant_id", "text"), ("trigger_id", "text")))}
+JOIN triggers tr ON tr.tenant_id = u.tenant_id AND tr.trigger_id = u.trigger_id
+""")
+
+
+def _people(people: Sequence[Person]) -> dict[str, Any]:
+    return {"tenant_id": [t for t, _ in people], "profile_id": [p for _, p in people]}
+
+
 async def due_timers(
     conn: AsyncConnection, people: Sequence[Person], now: datetime, trigger_def: Callable[[Any], TriggerDef]
 ) -> list[DueTimer]:
     """Step 3: every due pending timer of these people, with its trigger (None when deleted)."""
-    t, tr = timers, triggers
-    rows = await conn.execute(
-        sa.select(
-            t.c.tenant_id,
-            t.c.trigger_id,
-            t.c.profile_id,
-            t.c.occurrence,
-            t.c.variables,
-            t.c.due_at,
-            t.c.first_due_at,
-            *(c.label(f"tr_{c.name}") for c in tr.c),
-        )
-        .select_from(
-            t.outerjoin(tr, sa.and_(tr.c.tenant_id == t.c.tenant_id, tr.c.trigger_id == t.c.trigger_id))
-        )
-        .where(sa.tuple_(t.c.tenant_id, t.c.profile_id).in_(list(people)), PENDING, t.c.due_at <= now)
-        .order_by(t.c.due_at)
-        .with_for_update(of=t)
+    rows = await run(conn, _DUE, {**_people(people), "now": now})
+    wanted = sorted({(r["tenant_id"], r["trigger_id"]) for r in rows})
+    found = await run(
+        conn, _TRIGGERS, {"tenant_id": [t for t, _ in wanted], "trigger_id": [i for _, i in wanted]}
     )
-    out = []
-    for r in rows:
-        trigger = None
-        if r.tr_trigger_id is not None:
-            trigger = trigger_def({c.name: getattr(r, f"tr_{c.name}") for c in tr.c})
-        out.append(
-            DueTimer(
-                tenant_id=r.tenant_id,
-                trigger_id=r.trigger_id,
-                profile_id=r.profile_id,
-                occurrence=r.occurrence,
-                variables=r.variables,
-                due_at=r.due_at,
-                first_due_at=r.first_due_at,
-                trigger=trigger,
-            )
+    defs = {(r["tenant_id"], r["trigger_id"]): trigger_def(r) for r in found}
+    return [
+        DueTimer(
+            tenant_id=r["tenant_id"],
+            trigger_id=r["trigger_id"],
+            profile_id=r["profile_id"],
+            occurrence=r["occurrence"],
+            variables=json_value(r["variables"]),
+            due_at=r["due_at"],
+            first_due_at=r["first_due_at"],
+            trigger=defs.get((r["tenant_id"], r["trigger_id"])),
         )
-    return out
+        for r in rows
+    ]
+
+
+_HISTORY = DriverStatement(f"""
+SELECT f.tenant_id, f.profile_id, f.trigger_id, f.channel, f.purpose, f.fired_at
+FROM {_PEOPLE} CROSS JOIN LATERAL (
+    SELECT * FROM firings f
+    WHERE f.tenant_id = u.tenant_id AND f.profile_id = u.profile_id
+      AND (CAST(:since AS timestamptz) IS NULL OR f.fired_at > CAST(:since AS timestamptz))
+) f
+""")
 
 
 async def history(
@@ -112,16 +126,10 @@ async def history(
 ) -> dict[Person, list[Sent]]:
     """The messages handed to delivery for these people since `since` (None: ever): what caps and
     re-entry count."""
-    f = firings
-    query = sa.select(
-        f.c.tenant_id, f.c.profile_id, f.c.trigger_id, f.c.channel, f.c.purpose, f.c.fired_at
-    ).where(sa.tuple_(f.c.tenant_id, f.c.profile_id).in_(list(people)))
-    if since is not None:
-        query = query.where(f.c.fired_at > since)
     out: dict[Person, list[Sent]] = {}
-    for r in await conn.execute(query):
-        out.setdefault((r.tenant_id, r.profile_id), []).append(
-            Sent(r.trigger_id, r.channel, r.purpose, r.fired_at)
+    for r in await run(conn, _HISTORY, {**_people(people), "since": since}):
+        out.setdefault((r["tenant_id"], r["profile_id"]), []).append(
+            Sent(r["trigger_id"], r["channel"], r["purpose"], r["fired_at"])
         )
     return out
 
@@ -167,35 +175,20 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
     new: list[Firing] = []
     if s.handed:
         new = await record_firings(conn, [f for _, f in s.handed], now)
-        await timer_rows.set_timers(
-            conn, [timer_rows.timer_key(f) for _, f in s.handed], status="fired", fired_at=now
+        await run(conn, _FIRED, {**_keys(f for _, f in s.handed), "now": now})
+    if s.retired:
+        await run(
+            conn,
+            _RETIRED,
+            {
+                **_keys(t for t, _, _ in s.retired),
+                "status": [status for _, status, _ in s.retired],
+                "reason": [reason for _, _, reason in s.retired],
+                "now": now,
+            },
         )
-    for status in ("cancelled", "dropped"):
-        for reason in sorted({r for _, st, r in s.retired if st == status}):
-            keys = [timer_rows.timer_key(t) for t, st, r in s.retired if st == status and r == reason]
-            await timer_rows.set_timers(conn, keys, status=status, cancelled_at=now, reason=reason)
     if s.deferred:
-        t = timers
-        await conn.execute(
-            t.update()
-            .where(
-                t.c.tenant_id == sa.bindparam("b_tenant"),
-                t.c.trigger_id == sa.bindparam("b_trigger"),
-                t.c.profile_id == sa.bindparam("b_profile"),
-                t.c.occurrence == sa.bindparam("b_occurrence"),
-            )
-            .values(due_at=sa.bindparam("b_until")),
-            [
-                {
-                    "b_tenant": d.tenant_id,
-                    "b_trigger": d.trigger_id,
-                    "b_profile": d.profile_id,
-                    "b_occurrence": d.occurrence,
-                    "b_until": until,
-                }
-                for d, until in s.deferred
-            ],
-        )
+        await run(conn, _DEFERRED, {**_keys(d for d, _ in s.deferred), "until": [u for _, u in s.deferred]})
     if s.follow_ups:
         await timer_rows.insert_timers(conn, s.follow_ups, now)
     await trace.record(conn, s.notes, s.note_keys)
@@ -203,33 +196,55 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
         await enqueue(conn, outbox, [message_for(f, now) for f in new], now)
 
 
-# Rows as executemany parameters of a statement built once (see `timer_rows.insert_timers`).
-_RECORD_FIRINGS = (
-    pg_insert(firings)
-    .on_conflict_do_nothing()
-    .returning(firings.c.tenant_id, firings.c.trigger_id, firings.c.profile_id, firings.c.occurrence)
-)
+_KEY = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"), ("occurrence", "text"))
+_OF_KEY = """t.tenant_id = u.tenant_id AND t.trigger_id = u.trigger_id AND t.profile_id = u.profile_id
+    AND t.occurrence = u.occurrence"""
+_FIRED = DriverStatement(f"""
+UPDATE timers t SET status = 'fired', fired_at = CAST(:now AS timestamptz)
+FROM {unnest("u", _KEY)} WHERE {_OF_KEY}
+""")
+_RETIRED = DriverStatement(f"""
+UPDATE timers t SET status = u.status, cancelled_at = CAST(:now AS timestamptz), reason = u.reason
+FROM {unnest("u", (*_KEY, ("status", "text"), ("reason", "text")))} WHERE {_OF_KEY}
+""")
+_DEFERRED = DriverStatement(f"""
+UPDATE timers t SET due_at = u.until
+FROM {unnest("u", (*_KEY, ("until", "timestamptz")))} WHERE {_OF_KEY}
+""")
+_RECORD_FIRINGS = DriverStatement(f"""
+INSERT INTO firings (tenant_id, trigger_id, profile_id, occurrence, idempotency_key, fired_at,
+                     channel, purpose)
+SELECT tenant_id, trigger_id, profile_id, occurrence, idempotency_key, CAST(:now AS timestamptz),
+       channel, purpose
+FROM {unnest("u", (*_KEY, ("idempotency_key", "text"), ("channel", "text"), ("purpose", "text")))}
+ORDER BY ord
+ON CONFLICT DO NOTHING
+RETURNING tenant_id, trigger_id, profile_id, occurrence
+""")
+
+
+def _keys(timers: Iterable[Firing | DueTimer]) -> dict[str, list[str]]:
+    keys = [timer_rows.timer_key(t) for t in timers]
+    return {
+        "tenant_id": [k[0] for k in keys],
+        "trigger_id": [k[1] for k in keys],
+        "profile_id": [k[2] for k in keys],
+        "occurrence": [k[3] for k in keys],
+    }
 
 
 async def record_firings(conn: AsyncConnection, to_fire: Sequence[Firing], now: datetime) -> list[Firing]:
     """Record the firings; return those not recorded before (only they are sent)."""
-    inserted = (
-        await conn.execute(
-            _RECORD_FIRINGS,
-            [
-                {
-                    "tenant_id": f.tenant_id,
-                    "trigger_id": f.trigger_id,
-                    "profile_id": f.profile_id,
-                    "occurrence": f.occurrence,
-                    "idempotency_key": f.idempotency_key,
-                    "fired_at": now,
-                    "channel": f.channel,
-                    "purpose": f.purpose,
-                }
-                for f in to_fire
-            ],
-        )
-    ).all()
+    inserted = await run(
+        conn,
+        _RECORD_FIRINGS,
+        {
+            **_keys(to_fire),
+            "idempotency_key": [f.idempotency_key for f in to_fire],
+            "channel": [f.channel for f in to_fire],
+            "purpose": [f.purpose for f in to_fire],
+            "now": now,
+        },
+    )
     fresh = {tuple(r) for r in inserted}
     return [f for f in to_fire if timer_rows.timer_key(f) in fresh]

@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.kit.db import DriverStatement, json_value
+from services.trigger.arrays import run, unnest
 from services.trigger.tables import people
 
 Person = tuple[str, str]
@@ -52,22 +54,26 @@ class ProfileChanges:
         return bool(self.traits or self.consents or self.facts)
 
 
+_LOAD = DriverStatement(f"""
+SELECT p.tenant_id, p.profile_id, p.traits, p.consents
+FROM {unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
+JOIN people p ON p.tenant_id = u.tenant_id AND p.profile_id = u.profile_id
+""")
+
+
 async def load(
     conn: AsyncConnection, persons: Sequence[Person]
 ) -> dict[Person, tuple[dict[str, Any], Consents]]:
-    p = people
-    rows = await conn.execute(
-        sa.select(p.c.tenant_id, p.c.profile_id, p.c.traits, p.c.consents).where(
-            sa.tuple_(p.c.tenant_id, p.c.profile_id).in_(list(persons))
-        )
+    rows = await run(
+        conn, _LOAD, {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
     )
     out: dict[Person, tuple[dict[str, Any], Consents]] = {}
     for r in rows:
         consents: Consents = {}
-        for key, status in r.consents.items():
+        for key, status in json_value(r["consents"]).items():
             purpose, _, channel = key.partition(".")
             consents[(purpose, channel)] = status
-        out[(r.tenant_id, r.profile_id)] = (dict(r.traits), consents)
+        out[(r["tenant_id"], r["profile_id"])] = (dict(json_value(r["traits"])), consents)
     return out
 
 

@@ -35,11 +35,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from relevans.kit.db import DriverStatement, json_value
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from services.trigger import fire_rows, person_rows, timer_rows, trace
+from services.trigger import arrays, fire_rows, person_rows, timer_rows, trace
 from services.trigger.domain import (
     Fact,
     PendingTimer,
@@ -74,12 +75,44 @@ from services.trigger.tables import (
     triggers,
 )
 
-_STATES = pg_insert(trigger_states)
-# Rows as executemany parameters of a statement built once (see `timer_rows.insert_timers`).
-_UPSERT_STATES = _STATES.on_conflict_do_update(
-    index_elements=["tenant_id", "trigger_id", "profile_id"],
-    set_={"state": _STATES.excluded.state, "updated_at": _STATES.excluded.updated_at},
+_STATE_OF = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"))
+_WRITE_STATES = DriverStatement(f"""
+INSERT INTO trigger_states (tenant_id, trigger_id, profile_id, state, updated_at)
+SELECT tenant_id, trigger_id, profile_id, CAST(state AS jsonb), CAST(:now AS timestamptz)
+FROM {arrays.unnest("u", (*_STATE_OF, ("state", "text")))} ORDER BY ord
+ON CONFLICT (tenant_id, trigger_id, profile_id) DO UPDATE SET
+    state = excluded.state, updated_at = excluded.updated_at
+""")
+_READ_STATES = DriverStatement(f"""
+SELECT s.tenant_id, s.trigger_id, s.profile_id, s.state
+FROM {arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
+CROSS JOIN LATERAL (
+    SELECT * FROM trigger_states s WHERE s.tenant_id = u.tenant_id AND s.profile_id = u.profile_id
+) s
+""")
+
+_PERSONS = arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
+_SURVIVORS = DriverStatement(f"""
+SELECT m.tenant_id, m.profile_id, m.surviving_profile_id FROM {_PERSONS}
+JOIN merged_profiles m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
+""")
+# After the people's locks: which of them a merge retired or an erasure removed meanwhile.
+_GONE = DriverStatement(f"""
+SELECT u.tenant_id, u.profile_id,
+       EXISTS (SELECT 1 FROM merged_profiles m
+               WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id) AS merged
+FROM {_PERSONS}
+WHERE EXISTS (SELECT 1 FROM merged_profiles m WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id)
+   OR EXISTS (SELECT 1 FROM erased_profiles e WHERE e.tenant_id = u.tenant_id AND e.profile_id = u.profile_id)
+""")
+_POLICIES = DriverStatement(
+    "SELECT tenant_id, policy, updated_at FROM policies WHERE tenant_id = ANY(CAST(:tenants AS text[]))"
 )
+
+
+def _persons(persons: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    return {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
+
 
 # People armed per statement batch when a trigger keyed on a trait is created.
 ARM_BATCH = 5_000
@@ -385,13 +418,12 @@ class TriggerStore:
 
     @staticmethod
     async def _policies(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantPolicy]:
-        rows = await conn.execute(
-            sa.select(policies.c.tenant_id, policies.c.policy, policies.c.updated_at).where(
-                policies.c.tenant_id.in_(list(tenants))
-            )
-        )
+        rows = await arrays.run(conn, _POLICIES, {"tenants": list(tenants)})
         return {
-            r.tenant_id: replace(tenant_policy_from_json(r.policy), updated_at=r.updated_at) for r in rows
+            r["tenant_id"]: replace(
+                tenant_policy_from_json(json_value(r["policy"])), updated_at=r["updated_at"]
+            )
+            for r in rows
         }
 
     # ---- facts: events, segment and trait changes ------------------------------------------------
@@ -413,9 +445,12 @@ class TriggerStore:
         relevant = relevant_facts(by_tenant, facts, contexts)
         if not relevant:
             return Plan([], {}, [])
-        survivors = await surviving_ids(
-            conn, merged_profiles, {(f.tenant_id, f.profile_id) for f in relevant}
-        )
+        survivors = {
+            (r["tenant_id"], r["profile_id"]): r["surviving_profile_id"]
+            for r in await arrays.run(
+                conn, _SURVIVORS, _persons(sorted({(f.tenant_id, f.profile_id) for f in relevant}))
+            )
+        }
         if survivors:
             relevant = [
                 replace(f, profile_id=survivors.get((f.tenant_id, f.profile_id), f.profile_id))
@@ -423,10 +458,11 @@ class TriggerStore:
             ]
         persons = sorted({(f.tenant_id, f.profile_id) for f in relevant})
         await self._lock_people(conn, persons)
-        if await surviving_ids(conn, merged_profiles, persons):
+        gone = await arrays.run(conn, _GONE, _persons(persons))
+        if any(r["merged"] for r in gone):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
-        erased = await self._erased(conn, persons)
-        if erased:
+        if gone:
+            erased = {(r["tenant_id"], r["profile_id"]) for r in gone}
             relevant = [f for f in relevant if (f.tenant_id, f.profile_id) not in erased]
             persons = [p for p in persons if p not in erased]
             if not relevant:
@@ -471,6 +507,7 @@ class TriggerStore:
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]
     ) -> dict[str, list[TriggerDef]]:
+        # Through SQLAlchemy: the first statement of the batch's transaction begins it.
         rows = (
             await conn.execute(
                 sa.select(triggers)
@@ -512,17 +549,17 @@ class TriggerStore:
         kinds: Mapping[str, Mapping[str, str]],
     ) -> dict[StateKey, Any]:
         """The stored states of these people's triggers that exist (`kinds`: tenant -> trigger -> kind)."""
-        s = trigger_states
-        rows = (
-            await conn.execute(
-                sa.select(s).where(sa.tuple_(s.c.tenant_id, s.c.profile_id).in_(list(persons)))
-            )
-        ).all()
+        rows = await arrays.run(
+            conn,
+            _READ_STATES,
+            {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]},
+        )
         out: dict[StateKey, Any] = {}
         for r in rows:
-            kind = kinds.get(r.tenant_id, {}).get(r.trigger_id)
+            kind = kinds.get(r["tenant_id"], {}).get(r["trigger_id"])
             if kind is not None:
-                out[(r.tenant_id, r.trigger_id, r.profile_id)] = kind_named(kind).state_from_json(r.state)
+                key = (r["tenant_id"], r["trigger_id"], r["profile_id"])
+                out[key] = kind_named(kind).state_from_json(json_value(r["state"]))
         return out
 
     async def _apply(
@@ -549,18 +586,19 @@ class TriggerStore:
     ) -> None:
         if not states:
             return
-        await conn.execute(
-            _UPSERT_STATES,
-            [
-                {
-                    "tenant_id": tenant,
-                    "trigger_id": trigger,
-                    "profile_id": profile,
-                    "state": kind_named(kinds[tenant][trigger]).state_to_json(st),
-                    "updated_at": now,
-                }
-                for (tenant, trigger, profile), st in states.items()
-            ],
+        await arrays.run(
+            conn,
+            _WRITE_STATES,
+            {
+                "tenant_id": [tenant for tenant, _, _ in states],
+                "trigger_id": [trigger for _, trigger, _ in states],
+                "profile_id": [profile for _, _, profile in states],
+                "state": [
+                    arrays.json_text(kind_named(kinds[tenant][trigger]).state_to_json(st))
+                    for (tenant, trigger, _), st in states.items()
+                ],
+                "now": now,
+            },
         )
 
     # ---- timers --------------------------------------------------------------------------------

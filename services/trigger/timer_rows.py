@@ -13,13 +13,13 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.kit.db import DriverStatement
+from services.trigger.arrays import json_text, run, unnest
 from services.trigger.domain import CancelTimers, RetireTimer, ScheduleTimer
 from services.trigger.domain.firing import DueTimer, Firing
-from services.trigger.tables import PENDING, TIMER_KEY, TZ, timers
+from services.trigger.tables import PENDING, timers
 
 # (tenant_id, trigger_id, profile_id, occurrence): one timer, one firing.
 TimerKey = tuple[str, str, str, str]
@@ -29,105 +29,117 @@ def timer_key(t: Firing | DueTimer) -> TimerKey:
     return (t.tenant_id, t.trigger_id, t.profile_id, t.occurrence)
 
 
-def _timer_row(i: ScheduleTimer, now: datetime) -> dict[str, Any]:
-    return {
-        "tenant_id": i.tenant_id,
-        "trigger_id": i.trigger_id,
-        "profile_id": i.profile_id,
-        "occurrence": i.occurrence,
-        "started_at": i.started_at,
-        "due_at": i.due_at,
-        "first_due_at": i.due_at,
-        "status": "pending",
-        "variables": i.variables,
-        "created_at": now,
-    }
-
-
-_INSERT_TIMERS = pg_insert(timers).on_conflict_do_nothing(index_elements=TIMER_KEY)
-_MOVING = pg_insert(timers)
-_MOVE_TIMERS = _MOVING.on_conflict_do_update(
-    index_elements=TIMER_KEY,
-    set_={
-        "started_at": _MOVING.excluded.started_at,
-        "due_at": _MOVING.excluded.due_at,
-        "first_due_at": _MOVING.excluded.due_at,
-        "variables": _MOVING.excluded.variables,
-    },
-    where=PENDING,
+_SCHEDULE_COLUMNS = (
+    ("tenant_id", "text"),
+    ("trigger_id", "text"),
+    ("profile_id", "text"),
+    ("occurrence", "text"),
+    ("started_at", "timestamptz"),
+    ("due_at", "timestamptz"),
+    ("variables", "text"),
+)
+_INSERT = f"""
+INSERT INTO timers (tenant_id, trigger_id, profile_id, occurrence, started_at, due_at, first_due_at,
+                    status, variables, created_at)
+SELECT tenant_id, trigger_id, profile_id, occurrence, started_at, due_at, due_at,
+       'pending', CAST(variables AS jsonb), CAST(:now AS timestamptz)
+FROM {unnest("u", _SCHEDULE_COLUMNS)} ORDER BY ord
+ON CONFLICT (tenant_id, trigger_id, profile_id, occurrence) DO
+"""
+_INSERT_TIMERS = DriverStatement(_INSERT + "NOTHING")
+_MOVE_TIMERS = DriverStatement(
+    _INSERT
+    + """UPDATE SET started_at = excluded.started_at, due_at = excluded.due_at,
+    first_due_at = excluded.due_at, variables = excluded.variables
+WHERE timers.status = 'pending'"""
 )
 
 
-async def insert_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer], now: datetime) -> None:
-    """A pending timer per schedule. One already there (a redelivered start) stays as it is, unless
-    the schedule moves it and it is still pending: then it takes the new times and variables.
+def _schedule_columns(schedules: Sequence[ScheduleTimer], now: datetime) -> dict[str, Any]:
+    return {
+        "tenant_id": [i.tenant_id for i in schedules],
+        "trigger_id": [i.trigger_id for i in schedules],
+        "profile_id": [i.profile_id for i in schedules],
+        "occurrence": [i.occurrence for i in schedules],
+        "started_at": [i.started_at for i in schedules],
+        "due_at": [i.due_at for i in schedules],
+        "variables": [json_text(i.variables) for i in schedules],
+        "now": now,
+    }
 
-    Rows go as parameters of one statement built once (executemany), never as a VALUES list built
-    per batch: SQLAlchemy compiles a list of values anew for every batch size, at a cost per bound
-    value far above the insert's own."""
-    fixed = [_timer_row(i, now) for i in schedules if not i.move]
+
+async def insert_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer], now: datetime) -> None:
+    """A pending timer per schedule. One already there (a redelivered start, or an earlier schedule
+    of the batch) stays as it is, unless the schedule moves it and it is still pending: then it
+    takes the new times and variables (of the batch's last schedule that moves it)."""
+    fixed = [i for i in schedules if not i.move]
     if fixed:
-        await conn.execute(_INSERT_TIMERS, fixed)
-    moving = {timer_key_of(i): _timer_row(i, now) for i in schedules if i.move}
+        await run(conn, _INSERT_TIMERS, _schedule_columns(fixed, now))
+    moving = {timer_key_of(i): i for i in schedules if i.move}
     if moving:
-        await conn.execute(_MOVE_TIMERS, list(moving.values()))
+        await run(conn, _MOVE_TIMERS, _schedule_columns(list(moving.values()), now))
 
 
 def timer_key_of(i: ScheduleTimer) -> TimerKey:
     return (i.tenant_id, i.trigger_id, i.profile_id, i.occurrence)
 
 
+# Each pending timer a cancel (or supersede) of the batch covers, with the first in the batch's order
+# that covers it: applied one by one, that one would have retired it and the rest found it retired.
+_RETIRE = """
+WITH hit AS (
+    SELECT DISTINCT ON (t.ctid) t.ctid, u.reason
+    FROM {unnest} CROSS JOIN LATERAL (
+        SELECT t.ctid FROM timers t
+        WHERE t.tenant_id = u.tenant_id AND t.trigger_id = u.trigger_id AND t.profile_id = u.profile_id
+          AND t.status = 'pending' AND {covers}
+    ) t
+    ORDER BY t.ctid, u.ord
+)
+UPDATE timers t SET status = '{status}', cancelled_at = CAST(:now AS timestamptz), reason = hit.reason
+FROM hit WHERE t.ctid = hit.ctid AND t.status = 'pending'
+"""
+_OF_PERSON = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"))
+# `match`: [[property, value], ...] of the start event's properties; a start without the property
+# matches a value of null.
+_CANCEL = DriverStatement(
+    _RETIRE.format(
+        unnest=unnest("u", (*_OF_PERSON, ("until", "timestamptz"), ("reason", "text"), ("match", "text"))),
+        covers="""t.started_at <= u.until AND NOT EXISTS (
+            SELECT 1 FROM jsonb_array_elements(CAST(u.match AS jsonb)) AS m(pair)
+            WHERE coalesce(t.variables -> 'event' -> (m.pair ->> 0), CAST('null' AS jsonb)) <> m.pair -> 1
+        )""",
+        status="cancelled",
+    )
+)
+_SUPERSEDE = DriverStatement(
+    _RETIRE.format(
+        unnest=unnest(
+            "u", (*_OF_PERSON, ("started_at", "timestamptz"), ("occurrence", "text"), ("reason", "text"))
+        ),
+        covers="(t.started_at, t.occurrence) < (u.started_at, u.occurrence)",
+        status="superseded",
+    )
+)
+
+
 async def cancel_timers(conn: AsyncConnection, cancels: Sequence[CancelTimers], now: datetime) -> None:
-    t = timers
-    plain = [c for c in cancels if not c.match]
-    if plain:
-        await conn.execute(
-            t.update()
-            .where(
-                t.c.tenant_id == sa.bindparam("b_tenant"),
-                t.c.trigger_id == sa.bindparam("b_trigger"),
-                t.c.profile_id == sa.bindparam("b_profile"),
-                PENDING,
-                t.c.started_at <= sa.bindparam("b_until", type_=TZ),
-            )
-            .values(
-                status="cancelled",
-                cancelled_at=sa.bindparam("b_now", type_=TZ),
-                reason=sa.bindparam("b_reason"),
-            ),
-            [
-                {
-                    "b_tenant": c.tenant_id,
-                    "b_trigger": c.trigger_id,
-                    "b_profile": c.profile_id,
-                    "b_until": c.until,
-                    "b_now": now,
-                    "b_reason": c.reason,
-                }
-                for c in plain
-            ],
-        )
-    for c in cancels:
-        if not c.match:
-            continue
-        started = t.c.variables["event"]
-        await conn.execute(
-            t.update()
-            .where(
-                t.c.tenant_id == c.tenant_id,
-                t.c.trigger_id == c.trigger_id,
-                t.c.profile_id == c.profile_id,
-                PENDING,
-                t.c.started_at <= c.until,
-                # A start without the property matches a cancel whose value is null.
-                *(
-                    sa.func.coalesce(started[name], sa.cast(sa.literal("null"), JSONB))
-                    == sa.cast(sa.literal(json.dumps(value)), JSONB)
-                    for name, value in c.match
-                ),
-            )
-            .values(status="cancelled", cancelled_at=now, reason=c.reason)
-        )
+    """Cancel the pending timers each cancel covers, as if applied one by one: those without a
+    `match` first, then those with one, each in the order given."""
+    ordered = [c for c in cancels if not c.match] + [c for c in cancels if c.match]
+    await run(
+        conn,
+        _CANCEL,
+        {
+            "tenant_id": [c.tenant_id for c in ordered],
+            "trigger_id": [c.trigger_id for c in ordered],
+            "profile_id": [c.profile_id for c in ordered],
+            "until": [c.until for c in ordered],
+            "reason": [c.reason for c in ordered],
+            "match": [json.dumps([[name, value] for name, value in c.match]) for c in ordered],
+            "now": now,
+        },
+    )
 
 
 async def supersede_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer], now: datetime) -> None:
@@ -135,34 +147,18 @@ async def supersede_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTi
     schedules = [i for i in schedules if i.supersede]
     if not schedules:
         return
-    t = timers
-    await conn.execute(
-        t.update()
-        .where(
-            t.c.tenant_id == sa.bindparam("b_tenant"),
-            t.c.trigger_id == sa.bindparam("b_trigger"),
-            t.c.profile_id == sa.bindparam("b_profile"),
-            PENDING,
-            sa.tuple_(t.c.started_at, t.c.occurrence)
-            < sa.tuple_(sa.bindparam("b_started", type_=TZ), sa.bindparam("b_occurrence")),
-        )
-        .values(
-            status="superseded",
-            cancelled_at=sa.bindparam("b_now", type_=TZ),
-            reason=sa.bindparam("b_reason"),
-        ),
-        [
-            {
-                "b_tenant": i.tenant_id,
-                "b_trigger": i.trigger_id,
-                "b_profile": i.profile_id,
-                "b_started": i.started_at,
-                "b_occurrence": i.occurrence,
-                "b_now": now,
-                "b_reason": f"superseded by {i.occurrence}",
-            }
-            for i in schedules
-        ],
+    await run(
+        conn,
+        _SUPERSEDE,
+        {
+            "tenant_id": [i.tenant_id for i in schedules],
+            "trigger_id": [i.trigger_id for i in schedules],
+            "profile_id": [i.profile_id for i in schedules],
+            "started_at": [i.started_at for i in schedules],
+            "occurrence": [i.occurrence for i in schedules],
+            "reason": [f"superseded by {i.occurrence}" for i in schedules],
+            "now": now,
+        },
     )
 
 
@@ -215,12 +211,3 @@ async def move(conn: AsyncConnection, table: sa.Table, tenant: str, gone: str, s
         .values(profile_id=survivor)
     )
     await conn.execute(table.delete().where(table.c.tenant_id == tenant, table.c.profile_id == gone))
-
-
-async def set_timers(conn: AsyncConnection, keys: list[TimerKey], **values: Any) -> None:
-    t = timers
-    await conn.execute(
-        t.update()
-        .where(sa.tuple_(t.c.tenant_id, t.c.trigger_id, t.c.profile_id, t.c.occurrence).in_(keys))
-        .values(**values)
-    )

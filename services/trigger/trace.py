@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from relevans.kit.db import DriverStatement
+from services.trigger.arrays import run, unnest
 from services.trigger.domain.intents import Note
 from services.trigger.tables import decisions
 
@@ -56,61 +57,80 @@ class DeliveryOutcome:
     at: datetime
 
 
-_COLLAPSING = pg_insert(decisions)
-# Rows go as executemany parameters of statements built once (see `timer_rows.insert_timers`).
-_COLLAPSE = _COLLAPSING.on_conflict_do_update(
-    index_elements=["tenant_id", "collapse_key"],
-    index_where=decisions.c.collapse_key.is_not(None),
-    set_={
-        "count": decisions.c.count + _COLLAPSING.excluded.count,
-        "decided_at": sa.func.greatest(decisions.c.decided_at, _COLLAPSING.excluded.decided_at),
-        "event_id": _COLLAPSING.excluded.event_id,
-        "reason": _COLLAPSING.excluded.reason,
-    },
+_NOTE_COLUMNS = (
+    ("tenant_id", "text"),
+    ("profile_id", "text"),
+    ("trigger_id", "text"),
+    ("outcome", "text"),
+    ("reason_code", "text"),
+    ("reason", "text"),
+    ("decided_at", "timestamptz"),
+    ("event_id", "text"),
+    ("occurrence", "text"),
+    ("until", "timestamptz"),
+    ("idempotency_key", "text"),
 )
+_NOTES = ", ".join(name for name, _ in _NOTE_COLUMNS)
+# One row per note in the order of the notes (the decision ids, which order the rows of one instant,
+# follow it); a collapsed row (`collapse_key`) adds its count to the stored one, if there is one.
+_RECORD = DriverStatement(f"""
+INSERT INTO decisions ({_NOTES}, count, collapse_key)
+SELECT {_NOTES}, count, collapse_key
+FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+ON CONFLICT (tenant_id, collapse_key) WHERE collapse_key IS NOT NULL DO UPDATE SET
+    count = decisions.count + excluded.count,
+    decided_at = greatest(decisions.decided_at, excluded.decided_at),
+    event_id = excluded.event_id,
+    reason = excluded.reason
+""")
 _DEDUPED = pg_insert(decisions).on_conflict_do_nothing(
     index_elements=["tenant_id", "dedupe_key"], index_where=decisions.c.dedupe_key.is_not(None)
 )
 
 
-def _values(n: Note, idempotency_key: str = "") -> dict[str, Any]:
-    return {
-        "tenant_id": n.tenant_id,
-        "profile_id": n.profile_id,
-        "trigger_id": n.trigger_id,
-        "outcome": n.outcome,
-        "reason_code": n.reason_code,
-        "reason": n.reason,
-        "decided_at": n.at,
-        "event_id": n.event_id,
-        "occurrence": n.occurrence,
-        "until": n.until,
-        "idempotency_key": idempotency_key,
-        "count": 1,
-    }
-
-
 async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[str] = ()) -> None:
-    """Write notes (with the idempotency key of each, where one was handed to delivery)."""
+    """Write notes (with the idempotency key of each, where one was handed to delivery). The
+    condition-false notes of a trigger for a person in the batch are one row, the latest, at its
+    place."""
     if not notes:
         return
-    plain: list[dict[str, Any]] = []
-    collapsed: dict[tuple[str, str], dict[str, Any]] = {}
+    # (note, idempotency key, count, collapse key); the collapsed rows a later note took are `gone`.
+    rows: list[tuple[Note, str, int, str | None]] = []
+    gone: set[int] = set()
+    at: dict[tuple[str, str], int] = {}  # (tenant, collapse key) -> its row
     for i, n in enumerate(notes):
-        values = _values(n, keys[i] if i < len(keys) else "")
+        key = keys[i] if i < len(keys) else ""
         if (n.outcome, n.reason_code) in COLLAPSED:
-            key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
-            seen = collapsed.get((n.tenant_id, key))
-            values["collapse_key"] = key
+            collapse_key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
+            count = 1
+            seen = at.get((n.tenant_id, collapse_key))
             if seen is not None:
-                values["count"] = seen["count"] + 1
-            collapsed[(n.tenant_id, key)] = values
+                count += rows[seen][2]
+                gone.add(seen)
+            at[(n.tenant_id, collapse_key)] = len(rows)
+            rows.append((n, key, count, collapse_key))
         else:
-            plain.append(values)
-    if plain:
-        await conn.execute(decisions.insert(), plain)
-    if collapsed:
-        await conn.execute(_COLLAPSE, list(collapsed.values()))
+            rows.append((n, key, 1, None))
+    kept = [r for i, r in enumerate(rows) if i not in gone] if gone else rows
+    await run(
+        conn,
+        _RECORD,
+        {
+            "tenant_id": [n.tenant_id for n, _, _, _ in kept],
+            "profile_id": [n.profile_id for n, _, _, _ in kept],
+            "trigger_id": [n.trigger_id for n, _, _, _ in kept],
+            "outcome": [n.outcome for n, _, _, _ in kept],
+            "reason_code": [n.reason_code for n, _, _, _ in kept],
+            "reason": [n.reason for n, _, _, _ in kept],
+            "decided_at": [n.at for n, _, _, _ in kept],
+            "event_id": [n.event_id for n, _, _, _ in kept],
+            "occurrence": [n.occurrence for n, _, _, _ in kept],
+            "until": [n.until for n, _, _, _ in kept],
+            "idempotency_key": [k for _, k, _, _ in kept],
+            "count": [c for _, _, c, _ in kept],
+            "collapse_key": [c for _, _, _, c in kept],
+        },
+    )
 
 
 async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:
