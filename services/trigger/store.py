@@ -26,7 +26,7 @@ on an id a merge just retired.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -178,6 +178,8 @@ def context(policy: TenantPolicy, now: datetime) -> Context:
 class TriggerStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        # The condition-false entries this process wrote lately (`trace.CollapsedNotes`).
+        self.collapsed = trace.CollapsedNotes()
 
     # ---- GDPR ---------------------------------------------------------------------------------
 
@@ -430,10 +432,17 @@ class TriggerStore:
 
     async def apply_facts(self, facts: Sequence[Fact], now: datetime) -> Plan:
         """Decide and apply what a batch of facts means, in one transaction; return the plan."""
+        committed: list[Callable[[], None]] = []
         async with self.engine.begin() as conn:
-            return await self.apply_facts_in(conn, facts, now)
+            plan = await self.apply_facts_in(conn, facts, now, committed)
+        for done in committed:
+            done()
+        return plan
 
-    async def apply_facts_in(self, conn: AsyncConnection, facts: Sequence[Fact], now: datetime) -> Plan:
+    async def apply_facts_in(
+        self, conn: AsyncConnection, facts: Sequence[Fact], now: datetime, committed: list[Callable[[], None]]
+    ) -> Plan:
+        """`apply_facts` in the caller's transaction; `committed` gets what to do once it commits."""
         tenants = sorted({f.tenant_id for f in facts})
         if not tenants:
             return Plan([], {}, [])
@@ -470,12 +479,13 @@ class TriggerStore:
         kinds = {t: {d.trigger_id: d.condition.kind for d in ds} for t, ds in by_tenant.items()}
         states = await self._states(conn, persons, kinds)
         plan = plan_facts(by_tenant, relevant, states, contexts)
-        await self._apply(conn, plan, kinds, now)
+        committed.append(await self._apply(conn, plan, kinds, now))
         return plan
 
     async def apply_profile_changes(self, changes: person_rows.ProfileChanges, now: datetime) -> Plan:
         """Remember people's traits and consents and decide what segment and trait changes mean,
         in one transaction (erased people are neither remembered nor decided)."""
+        committed: list[Callable[[], None]] = []
         async with self.engine.begin() as conn:
             remembered: list[person_rows.KnownTraits | person_rows.KnownConsent] = [
                 *changes.traits,
@@ -494,7 +504,10 @@ class TriggerStore:
                 changes.facts,
             )
             await person_rows.remember(conn, kept, survivor)
-            return await self.apply_facts_in(conn, changes.facts, now)
+            plan = await self.apply_facts_in(conn, changes.facts, now, committed)
+        for done in committed:
+            done()
+        return plan
 
     async def _erased(self, conn: AsyncConnection, people: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         rows = await conn.execute(
@@ -564,9 +577,10 @@ class TriggerStore:
 
     async def _apply(
         self, conn: AsyncConnection, plan: Plan, kinds: Mapping[str, Mapping[str, str]], now: datetime
-    ) -> None:
-        """Write a plan. Inserts, then cancels, then supersedes: the domain never schedules a start
-        that an earlier cancel covers, so this order gives the same result as applying in sequence."""
+    ) -> Callable[[], None]:
+        """Write a plan; return what to do once its transaction commits. Inserts, then cancels,
+        then supersedes: the domain never schedules a start that an earlier cancel covers, so this
+        order gives the same result as applying in sequence."""
         schedules, cancels = plan.schedules, plan.cancels
         if schedules:
             await timer_rows.insert_timers(conn, schedules, now)
@@ -575,7 +589,7 @@ class TriggerStore:
         if schedules:
             await timer_rows.supersede_timers(conn, schedules, now)
         await self._write_states(conn, plan.states, kinds, now)
-        await trace.record(conn, plan.notes)
+        return await trace.record(conn, plan.notes, collapsed=self.collapsed)
 
     @staticmethod
     async def _write_states(

@@ -3,16 +3,21 @@
 Notes of the domain (`intents.Note`) become `decisions` rows in the transaction that made
 them. A trigger's condition-false evaluations for a person are one row (`collapse_key`): the
 latest, with how many it stands for — every page view a condition turns down would otherwise be
-a row. Delivery's outcomes, read from rv.delivery.status.*, are rows keyed by the message and
-status (`dedupe_key`), so a redelivered status changes nothing. Rows older than the retention
+a row. Even so, rewriting that row for every event was most of the database's work per event, so
+a process writes it again at most once per `CONDITION_FALSE_REFRESH` per trigger and person
+(`CollapsedNotes`): the evaluations between are counted in memory and added at the next write;
+a process that stops loses at most that count, never a decision that changed something.
+Delivery's outcomes, read from rv.delivery.status.*, are rows keyed by the message and status
+(`dedupe_key`), so a redelivered status changes nothing. Rows older than the retention
 are pruned; an erasure deletes the person's rows with the rest of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -25,6 +30,51 @@ from services.trigger.tables import decisions
 
 # Condition-false evaluations collapse into one row per (trigger, person).
 COLLAPSED = frozenset({("not_fired", "condition_false")})
+CONDITION_FALSE_REFRESH = timedelta(hours=1)
+# (tenant, collapse key) pairs a process remembers; the least recently written are forgotten first
+# (and written again at their next evaluation).
+COLLAPSED_CAPACITY = 100_000
+
+CollapsedKey = tuple[str, str]
+
+
+class CollapsedNotes:
+    """The condition-false rows this process wrote lately (by the time of their notes), and the
+    evaluations counted since. Only what a committed transaction wrote is remembered
+    (`record` returns the update to make once it commits)."""
+
+    def __init__(
+        self, refresh: timedelta = CONDITION_FALSE_REFRESH, capacity: int = COLLAPSED_CAPACITY
+    ) -> None:
+        self.refresh = refresh
+        self.capacity = capacity
+        self._written: OrderedDict[CollapsedKey, datetime] = OrderedDict()
+        self._counted: dict[CollapsedKey, int] = {}
+
+    def due(self, key: CollapsedKey, at: datetime) -> bool:
+        last = self._written.get(key)
+        return last is None or at - last >= self.refresh
+
+    def counted(self, key: CollapsedKey) -> int:
+        return self._counted.get(key, 0)
+
+    def settle(
+        self, written: Sequence[tuple[CollapsedKey, datetime]], held: Sequence[tuple[CollapsedKey, int]]
+    ) -> None:
+        for key, at in written:
+            self._written[key] = at
+            self._written.move_to_end(key)
+            self._counted.pop(key, None)
+        for key, count in held:
+            if key in self._written:
+                self._counted[key] = self._counted.get(key, 0) + count
+        while len(self._written) > self.capacity:
+            gone, _ = self._written.popitem(last=False)
+            self._counted.pop(gone, None)
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +138,18 @@ _DEDUPED = pg_insert(decisions).on_conflict_do_nothing(
 )
 
 
-async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[str] = ()) -> None:
+async def record(
+    conn: AsyncConnection,
+    notes: Sequence[Note],
+    keys: Sequence[str] = (),
+    collapsed: CollapsedNotes | None = None,
+) -> Callable[[], None]:
     """Write notes (with the idempotency key of each, where one was handed to delivery). The
     condition-false notes of a trigger for a person in the batch are one row, the latest, at its
-    place."""
+    place — unless `collapsed` says this process wrote that row lately: then they are only
+    counted. Returns what to tell `collapsed` once the transaction has committed."""
     if not notes:
-        return
+        return _nothing
     # (note, idempotency key, count, collapse key); the collapsed rows a later note took are `gone`.
     rows: list[tuple[Note, str, int, str | None]] = []
     gone: set[int] = set()
@@ -112,6 +168,21 @@ async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[st
         else:
             rows.append((n, key, 1, None))
     kept = [r for i, r in enumerate(rows) if i not in gone] if gone else rows
+    written: list[tuple[CollapsedKey, datetime]] = []
+    held: list[tuple[CollapsedKey, int]] = []
+    if collapsed is not None:
+        due: list[tuple[Note, str, int, str | None]] = []
+        for n, key, count, row_key in kept:
+            if row_key is None:
+                due.append((n, key, count, row_key))
+            elif collapsed.due((n.tenant_id, row_key), n.at):
+                written.append(((n.tenant_id, row_key), n.at))
+                due.append((n, key, count + collapsed.counted((n.tenant_id, row_key)), row_key))
+            else:
+                held.append(((n.tenant_id, row_key), count))
+        kept = due
+    if not kept:
+        return _nothing if collapsed is None else lambda: collapsed.settle(written, held)
     await run(
         conn,
         _RECORD,
@@ -131,6 +202,9 @@ async def record(conn: AsyncConnection, notes: Sequence[Note], keys: Sequence[st
             "collapse_key": [c for _, _, _, c in kept],
         },
     )
+    if collapsed is None:
+        return _nothing
+    return lambda: collapsed.settle(written, held)
 
 
 async def record_delivery(conn: AsyncConnection, outcomes: Sequence[DeliveryOutcome]) -> None:

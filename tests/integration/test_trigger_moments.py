@@ -441,8 +441,16 @@ async def test_explain_is_tenant_scoped_and_pages_newest_first(harness: Harness)
         await harness.publish(harness.enriched("visit", n=n))
         await harness.clock.advance(timedelta(minutes=1))
     await eventually(lambda: _decided(harness, "p1", 11))
-    collapsed = [d for d in await harness.explain("p1", "seen")]
-    assert [(d.reason_code, d.count) for d in collapsed] == [("condition_false", 5)]
+    # Condition-false evaluations are one entry, written again at most hourly with the count since.
+    [collapsed] = await harness.explain("p1", "seen")
+    assert (collapsed.reason_code, collapsed.count) == ("condition_false", 1)
+    await harness.clock.advance(timedelta(hours=1))
+    last = harness.enriched("visit", n=5)
+    await harness.publish(last)
+    await eventually(lambda: _counted(harness, "seen", 6))
+    [collapsed] = await harness.explain("p1", "seen")
+    assert collapsed.event_id == last.event_id
+    assert collapsed.decide_time.ToDatetime(UTC) == harness.clock.now()
     first = await harness.stub.ExplainDecisions(
         trigger_pb2.ExplainDecisionsRequest(profile_id="p1", page_size=3), metadata=token("shop")
     )
@@ -512,6 +520,10 @@ async def test_a_withdrawn_consent_suppresses_marketing_and_an_erasure_takes_the
     erased = profile_bus_pb2.ProfileErased(tenant_id="shop", profile_id="p1", erasure_id="e1")
     await harness.js.publish("rv.profile.erased", erased.SerializeToString())
     await eventually(lambda: _no_decisions(harness, "p1"))
+
+
+async def _counted(h: Harness, trigger_id: str, count: int) -> bool:
+    return [d.count for d in await h.explain("p1", trigger_id)] == [count]
 
 
 async def _consents_known(h: Harness, profile_id: str) -> bool:
