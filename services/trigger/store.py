@@ -25,11 +25,9 @@ on an id a merge just retired.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -40,12 +38,12 @@ from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from services.trigger import arrays, fire_rows, person_rows, timer_rows, trace
+from services.trigger import arrays, fire_rows, person_rows, state_rows, timer_rows, trace
+from services.trigger.definitions import context, trigger_def
 from services.trigger.domain import (
     Fact,
     PendingTimer,
     Plan,
-    StateKey,
     TriggerDef,
     plan_facts,
     plan_merge,
@@ -54,12 +52,10 @@ from services.trigger.domain import (
 )
 from services.trigger.domain.events import TraitChange
 from services.trigger.domain.kinds import kind_named
-from services.trigger.domain.kinds.contract import Context
 from services.trigger.domain.policies import (
     TenantPolicy,
     tenant_policy_from_json,
     tenant_policy_to_json,
-    trigger_policy_from_json,
     trigger_policy_to_json,
 )
 from services.trigger.tables import (
@@ -75,43 +71,9 @@ from services.trigger.tables import (
     triggers,
 )
 
-_STATE_OF = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"))
-_WRITE_STATES = DriverStatement(f"""
-INSERT INTO trigger_states (tenant_id, trigger_id, profile_id, state, updated_at)
-SELECT tenant_id, trigger_id, profile_id, CAST(state AS jsonb), CAST(:now AS timestamptz)
-FROM {arrays.unnest("u", (*_STATE_OF, ("state", "text")))} ORDER BY ord
-ON CONFLICT (tenant_id, trigger_id, profile_id) DO UPDATE SET
-    state = excluded.state, updated_at = excluded.updated_at
-""")
-_READ_STATES = DriverStatement(f"""
-SELECT s.tenant_id, s.trigger_id, s.profile_id, s.state
-FROM {arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
-CROSS JOIN LATERAL (
-    SELECT * FROM trigger_states s WHERE s.tenant_id = u.tenant_id AND s.profile_id = u.profile_id
-) s
-""")
-
-_PERSONS = arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
-_SURVIVORS = DriverStatement(f"""
-SELECT m.tenant_id, m.profile_id, m.surviving_profile_id FROM {_PERSONS}
-JOIN merged_profiles m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
-""")
-# After the people's locks: which of them a merge retired or an erasure removed meanwhile.
-_GONE = DriverStatement(f"""
-SELECT u.tenant_id, u.profile_id,
-       EXISTS (SELECT 1 FROM merged_profiles m
-               WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id) AS merged
-FROM {_PERSONS}
-WHERE EXISTS (SELECT 1 FROM merged_profiles m WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id)
-   OR EXISTS (SELECT 1 FROM erased_profiles e WHERE e.tenant_id = u.tenant_id AND e.profile_id = u.profile_id)
-""")
 _POLICIES = DriverStatement(
     "SELECT tenant_id, policy, updated_at FROM policies WHERE tenant_id = ANY(CAST(:tenants AS text[]))"
 )
-
-
-def _persons(persons: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
-    return {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
 
 
 # People armed per statement batch when a trigger keyed on a trait is created.
@@ -131,48 +93,6 @@ class MergedMeanwhile(Exception):
 class FireResult:
     claimed: int
     fired: int
-
-
-# A parsed definition (its conditions compiled) is kept by its stored row: a trigger deleted and
-# created again under its id (even at the same instant) is another row, and parsed again.
-_DEFINITIONS: dict[tuple[Any, ...], TriggerDef] = {}
-_MAX_DEFINITIONS = 10_000
-
-
-def _definition_key(row: Mapping[Any, Any]) -> tuple[Any, ...]:
-    return tuple(
-        json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
-        for value in (row[c.name] for c in triggers.c)
-    )
-
-
-def _trigger_def(row: Mapping[Any, Any]) -> TriggerDef:
-    key = _definition_key(row)
-    found = _DEFINITIONS.get(key)
-    if found is None:
-        found = TriggerDef(
-            trigger_id=row["trigger_id"],
-            display_name=row["display_name"],
-            condition=kind_named(row["condition_kind"]).from_json(row["condition"]),
-            channel=row["channel"],
-            purpose=row["purpose"],
-            template_id=row["template_id"],
-            policy=trigger_policy_from_json(row["policy"]),
-            created_at=row["created_at"],
-        )
-        if len(_DEFINITIONS) >= _MAX_DEFINITIONS:
-            _DEFINITIONS.clear()
-        _DEFINITIONS[key] = found
-    return found
-
-
-def context(policy: TenantPolicy, now: datetime) -> Context:
-    return Context(
-        now=now,
-        late_event_window=policy.late_event_window,
-        default_time_zone=policy.default_time_zone,
-        time_zone_trait=policy.time_zone_trait,
-    )
 
 
 class TriggerStore:
@@ -252,7 +172,7 @@ class TriggerStore:
         await trace.move(conn, tenant, gone, survivor)
         await conn.execute(people.delete().where(people.c.tenant_id == tenant, people.c.profile_id == gone))
         kinds = await self._condition_kinds(conn, tenant, None)
-        states = await self._states(conn, [(tenant, survivor), (tenant, gone)], {tenant: kinds})
+        states = await state_rows.read_states(conn, [(tenant, survivor), (tenant, gone)], {tenant: kinds})
         t = timers
         pending = (
             await conn.execute(
@@ -274,7 +194,7 @@ class TriggerStore:
                 trigger_states.c.tenant_id == tenant, trigger_states.c.profile_id == gone
             )
         )
-        await self._write_states(
+        await state_rows.write_states(
             conn,
             {(tenant, trigger, survivor): st for trigger, st in plan.states.items()},
             {tenant: kinds},
@@ -311,7 +231,7 @@ class TriggerStore:
                     )
                 ).first()
                 if inserted is not None:
-                    created = _trigger_def(inserted._mapping)
+                    created = trigger_def(inserted._mapping)
                     await self._arm(conn, tenant_id, created, now)
                     return created
                 existing = await self._get(conn, tenant_id, requested.trigger_id)
@@ -353,7 +273,7 @@ class TriggerStore:
                 )
             )
         ).first()
-        return None if row is None else _trigger_def(row._mapping)
+        return None if row is None else trigger_def(row._mapping)
 
     async def get_trigger(self, tenant_id: str, trigger_id: str) -> TriggerDef:
         async with self.engine.connect() as conn:
@@ -369,7 +289,7 @@ class TriggerStore:
             query = query.where(triggers.c.trigger_id > after)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.order_by(triggers.c.trigger_id).limit(limit))).all()
-        return [_trigger_def(r._mapping) for r in rows]
+        return [trigger_def(r._mapping) for r in rows]
 
     async def delete_trigger(self, tenant_id: str, trigger_id: str, now: datetime) -> int:
         """Delete a trigger and cancel its pending timers; return how many were cancelled."""
@@ -457,7 +377,9 @@ class TriggerStore:
         survivors = {
             (r["tenant_id"], r["profile_id"]): r["surviving_profile_id"]
             for r in await arrays.run(
-                conn, _SURVIVORS, _persons(sorted({(f.tenant_id, f.profile_id) for f in relevant}))
+                conn,
+                state_rows.SURVIVORS,
+                state_rows.persons_params(sorted({(f.tenant_id, f.profile_id) for f in relevant})),
             )
         }
         if survivors:
@@ -467,7 +389,7 @@ class TriggerStore:
             ]
         persons = sorted({(f.tenant_id, f.profile_id) for f in relevant})
         await self._lock_people(conn, persons)
-        gone = await arrays.run(conn, _GONE, _persons(persons))
+        gone = await arrays.run(conn, state_rows.GONE, state_rows.persons_params(persons))
         if any(r["merged"] for r in gone):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
         if gone:
@@ -477,7 +399,7 @@ class TriggerStore:
             if not relevant:
                 return Plan([], {}, [])
         kinds = {t: {d.trigger_id: d.condition.kind for d in ds} for t, ds in by_tenant.items()}
-        states = await self._states(conn, persons, kinds)
+        states = await state_rows.read_states(conn, persons, kinds)
         plan = plan_facts(by_tenant, relevant, states, contexts)
         committed.append(await self._apply(conn, plan, kinds, now))
         return plan
@@ -530,7 +452,7 @@ class TriggerStore:
         ).all()
         out: dict[str, list[TriggerDef]] = {}
         for r in rows:
-            out.setdefault(r.tenant_id, []).append(_trigger_def(r._mapping))
+            out.setdefault(r.tenant_id, []).append(trigger_def(r._mapping))
         return out
 
     @staticmethod
@@ -555,26 +477,6 @@ class TriggerStore:
             {"ns": PROFILE_LOCK_NAMESPACE, "keys": keys},
         )
 
-    async def _states(
-        self,
-        conn: AsyncConnection,
-        persons: Sequence[tuple[str, str]],
-        kinds: Mapping[str, Mapping[str, str]],
-    ) -> dict[StateKey, Any]:
-        """The stored states of these people's triggers that exist (`kinds`: tenant -> trigger -> kind)."""
-        rows = await arrays.run(
-            conn,
-            _READ_STATES,
-            {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]},
-        )
-        out: dict[StateKey, Any] = {}
-        for r in rows:
-            kind = kinds.get(r["tenant_id"], {}).get(r["trigger_id"])
-            if kind is not None:
-                key = (r["tenant_id"], r["trigger_id"], r["profile_id"])
-                out[key] = kind_named(kind).state_from_json(json_value(r["state"]))
-        return out
-
     async def _apply(
         self, conn: AsyncConnection, plan: Plan, kinds: Mapping[str, Mapping[str, str]], now: datetime
     ) -> Callable[[], None]:
@@ -588,32 +490,8 @@ class TriggerStore:
             await timer_rows.cancel_timers(conn, cancels, now)
         if schedules:
             await timer_rows.supersede_timers(conn, schedules, now)
-        await self._write_states(conn, plan.states, kinds, now)
+        await state_rows.write_states(conn, plan.states, kinds, now)
         return await trace.record(conn, plan.notes, collapsed=self.collapsed)
-
-    @staticmethod
-    async def _write_states(
-        conn: AsyncConnection,
-        states: Mapping[StateKey, Any],
-        kinds: Mapping[str, Mapping[str, str]],
-        now: datetime,
-    ) -> None:
-        if not states:
-            return
-        await arrays.run(
-            conn,
-            _WRITE_STATES,
-            {
-                "tenant_id": [tenant for tenant, _, _ in states],
-                "trigger_id": [trigger for _, trigger, _ in states],
-                "profile_id": [profile for _, _, profile in states],
-                "state": [
-                    arrays.json_text(kind_named(kinds[tenant][trigger]).state_to_json(st))
-                    for (tenant, trigger, _), st in states.items()
-                ],
-                "now": now,
-            },
-        )
 
     # ---- timers --------------------------------------------------------------------------------
 
@@ -624,7 +502,7 @@ class TriggerStore:
             persons = await fire_rows.claim_people(conn, now, limit, PROFILE_LOCK_NAMESPACE)
             if not persons:
                 return FireResult(0, 0)
-            due = await fire_rows.due_timers(conn, persons, now, _trigger_def)
+            due = await fire_rows.due_timers(conn, persons, now, trigger_def)
             tenant_policies = await self._policies(conn, sorted({t for t, _ in persons}))
             decided, handed = await fire_rows.settle(conn, persons, due, tenant_policies, now, message_for)
         return FireResult(decided, handed)

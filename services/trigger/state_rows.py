@@ -1,0 +1,96 @@
+"""Per-person trigger state (`trigger_states`) and the people checks of a batch, as one driver
+statement each with one array per column (`arrays`): read the states of a batch's people, write
+back what changed, find merged-away ids and, after the people's locks, who was merged or erased
+meanwhile."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from relevans.kit.db import DriverStatement, json_value
+from services.trigger import arrays
+from services.trigger.domain import StateKey
+from services.trigger.domain.kinds import kind_named
+
+_STATE_OF = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"))
+_WRITE_STATES = DriverStatement(f"""
+INSERT INTO trigger_states (tenant_id, trigger_id, profile_id, state, updated_at)
+SELECT tenant_id, trigger_id, profile_id, CAST(state AS jsonb), CAST(:now AS timestamptz)
+FROM {arrays.unnest("u", (*_STATE_OF, ("state", "text")))} ORDER BY ord
+ON CONFLICT (tenant_id, trigger_id, profile_id) DO UPDATE SET
+    state = excluded.state, updated_at = excluded.updated_at
+""")
+_READ_STATES = DriverStatement(f"""
+SELECT s.tenant_id, s.trigger_id, s.profile_id, s.state
+FROM {arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
+CROSS JOIN LATERAL (
+    SELECT * FROM trigger_states s WHERE s.tenant_id = u.tenant_id AND s.profile_id = u.profile_id
+) s
+""")
+
+_PERSONS = arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
+SURVIVORS = DriverStatement(f"""
+SELECT m.tenant_id, m.profile_id, m.surviving_profile_id FROM {_PERSONS}
+JOIN merged_profiles m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
+""")
+# After the people's locks: which of them a merge retired or an erasure removed meanwhile.
+GONE = DriverStatement(f"""
+SELECT u.tenant_id, u.profile_id,
+       EXISTS (SELECT 1 FROM merged_profiles m
+               WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id) AS merged
+FROM {_PERSONS}
+WHERE EXISTS (SELECT 1 FROM merged_profiles m WHERE m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id)
+   OR EXISTS (SELECT 1 FROM erased_profiles e WHERE e.tenant_id = u.tenant_id AND e.profile_id = u.profile_id)
+""")
+
+
+def persons_params(persons: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
+    return {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
+
+
+async def read_states(
+    conn: AsyncConnection,
+    persons: Sequence[tuple[str, str]],
+    kinds: Mapping[str, Mapping[str, str]],
+) -> dict[StateKey, Any]:
+    """The stored states of these people's triggers that exist (`kinds`: tenant -> trigger -> kind)."""
+    rows = await arrays.run(
+        conn,
+        _READ_STATES,
+        {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]},
+    )
+    out: dict[StateKey, Any] = {}
+    for r in rows:
+        kind = kinds.get(r["tenant_id"], {}).get(r["trigger_id"])
+        if kind is not None:
+            key = (r["tenant_id"], r["trigger_id"], r["profile_id"])
+            out[key] = kind_named(kind).state_from_json(json_value(r["state"]))
+    return out
+
+
+async def write_states(
+    conn: AsyncConnection,
+    states: Mapping[StateKey, Any],
+    kinds: Mapping[str, Mapping[str, str]],
+    now: datetime,
+) -> None:
+    if not states:
+        return
+    await arrays.run(
+        conn,
+        _WRITE_STATES,
+        {
+            "tenant_id": [tenant for tenant, _, _ in states],
+            "trigger_id": [trigger for _, trigger, _ in states],
+            "profile_id": [profile for _, _, profile in states],
+            "state": [
+                arrays.json_text(kind_named(kinds[tenant][trigger]).state_to_json(st))
+                for (tenant, trigger, _), st in states.items()
+            ],
+            "now": now,
+        },
+    )
