@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -202,3 +202,31 @@ def run_migrations_from_env() -> None:
     context.configure(connection=connection, target_metadata=None, transaction_per_migration=False)
     with context.begin_transaction():
         context.run_migrations()
+
+
+# ---- many rows as one statement on the driver ---------------------------------------------------
+# A hot path's batch as one `DriverStatement` whose every column is an array parameter, unnested
+# server-side: one round trip and one bound value per column, where an executemany through
+# SQLAlchemy converted and sent each row's values one by one (figures: bench/README.md, "Trigger").
+
+
+def unnest(alias: str, columns: Sequence[tuple[str, str]]) -> str:
+    """`unnest(CAST(:a AS t[]), ...) WITH ORDINALITY AS alias(a, ..., ord)` for (name, type) columns:
+    the parameter of each column is named as the column."""
+    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+    return f"unnest({arrays}) WITH ORDINALITY AS {alias}({', '.join(n for n, _ in columns)}, ord)"
+
+
+def json_text(value: object) -> str:
+    """A JSON(B) value as text, for a text[] parameter cast to jsonb in the statement."""
+    return orjson.dumps(value).decode()
+
+
+async def fetch_on_driver(
+    conn: AsyncConnection, statement: DriverStatement, params: Mapping[str, Any]
+) -> list[asyncpg.Record]:
+    """Run `statement` in `conn`'s transaction, begun through SQLAlchemy if it has not run one yet."""
+    driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
+    if not driver.is_in_transaction():
+        await conn.execute(text("SELECT 1"))
+    return await statement.fetch(driver, params)

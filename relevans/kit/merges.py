@@ -6,6 +6,7 @@ another; trigger and delivery move what they keep under the merged-away id to th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
+from relevans.kit.db import DriverStatement, fetch_on_driver, unnest
 from relevans.kit.proto import from_timestamp
 from relevans.profile.v1 import bus_pb2
 
@@ -110,12 +112,23 @@ async def surviving_ids(
     wanted = sorted(set(people))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        sa.select(table.c.tenant_id, table.c.profile_id, table.c.surviving_profile_id).where(
-            sa.tuple_(table.c.tenant_id, table.c.profile_id).in_(wanted)
-        )
+    rows = await fetch_on_driver(
+        conn,
+        _survivors(table.name),
+        {"tenant_id": [t for t, _ in wanted], "profile_id": [p for _, p in wanted]},
     )
-    return {(r.tenant_id, r.profile_id): r.surviving_profile_id for r in rows}
+    return {(r["tenant_id"], r["profile_id"]): r["surviving_profile_id"] for r in rows}
+
+
+@functools.cache
+def _survivors(table: str) -> DriverStatement:
+    """The merged-away ids among a batch and their survivors: one statement whatever the batch size
+    (it runs for every batch of events a service handles)."""
+    return DriverStatement(f"""
+SELECT m.tenant_id, m.profile_id, m.surviving_profile_id
+FROM {unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
+JOIN {table} m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
+""")
 
 
 async def record_alias(

@@ -24,11 +24,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement, json_value
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_value, unnest
 from relevans.kit.locks import lock_key32
 from relevans.kit.outbox import OutboxMessage, enqueue
 from services.trigger import person_rows, timer_rows, trace
-from services.trigger.arrays import run, unnest
 from services.trigger.domain import TriggerDef
 from services.trigger.domain.firing import DueTimer, Firing, Settled, settle_person
 from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
@@ -90,9 +89,9 @@ async def due_timers(
     conn: AsyncConnection, people: Sequence[Person], now: datetime, trigger_def: Callable[[Any], TriggerDef]
 ) -> list[DueTimer]:
     """Step 3: every due pending timer of these people, with its trigger (None when deleted)."""
-    rows = await run(conn, _DUE, {**_people(people), "now": now})
+    rows = await fetch_on_driver(conn, _DUE, {**_people(people), "now": now})
     wanted = sorted({(r["tenant_id"], r["trigger_id"]) for r in rows})
-    found = await run(
+    found = await fetch_on_driver(
         conn, _TRIGGERS, {"tenant_id": [t for t, _ in wanted], "trigger_id": [i for _, i in wanted]}
     )
     defs = {(r["tenant_id"], r["trigger_id"]): trigger_def(r) for r in found}
@@ -127,7 +126,7 @@ async def history(
     """The messages handed to delivery for these people since `since` (None: ever): what caps and
     re-entry count."""
     out: dict[Person, list[Sent]] = {}
-    for r in await run(conn, _HISTORY, {**_people(people), "since": since}):
+    for r in await fetch_on_driver(conn, _HISTORY, {**_people(people), "since": since}):
         out.setdefault((r["tenant_id"], r["profile_id"]), []).append(
             Sent(r["trigger_id"], r["channel"], r["purpose"], r["fired_at"])
         )
@@ -175,9 +174,9 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
     new: list[Firing] = []
     if s.handed:
         new = await record_firings(conn, [f for _, f in s.handed], now)
-        await run(conn, _FIRED, {**_keys(f for _, f in s.handed), "now": now})
+        await fetch_on_driver(conn, _FIRED, {**_keys(f for _, f in s.handed), "now": now})
     if s.retired:
-        await run(
+        await fetch_on_driver(
             conn,
             _RETIRED,
             {
@@ -188,7 +187,8 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
             },
         )
     if s.deferred:
-        await run(conn, _DEFERRED, {**_keys(d for d, _ in s.deferred), "until": [u for _, u in s.deferred]})
+        deferred = {**_keys(d for d, _ in s.deferred), "until": [u for _, u in s.deferred]}
+        await fetch_on_driver(conn, _DEFERRED, deferred)
     if s.follow_ups:
         await timer_rows.insert_timers(conn, s.follow_ups, now)
     await trace.record(conn, s.notes, s.note_keys)
@@ -235,7 +235,7 @@ def _keys(timers: Iterable[Firing | DueTimer]) -> dict[str, list[str]]:
 
 async def record_firings(conn: AsyncConnection, to_fire: Sequence[Firing], now: datetime) -> list[Firing]:
     """Record the firings; return those not recorded before (only they are sent)."""
-    inserted = await run(
+    inserted = await fetch_on_driver(
         conn,
         _RECORD_FIRINGS,
         {

@@ -13,8 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement, json_value
-from services.trigger.arrays import run, unnest
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_value, unnest
 from services.trigger.tables import people
 
 Person = tuple[str, str]
@@ -64,7 +63,7 @@ JOIN people p ON p.tenant_id = u.tenant_id AND p.profile_id = u.profile_id
 async def load(
     conn: AsyncConnection, persons: Sequence[Person]
 ) -> dict[Person, tuple[dict[str, Any], Consents]]:
-    rows = await run(
+    rows = await fetch_on_driver(
         conn, _LOAD, {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]}
     )
     out: dict[Person, tuple[dict[str, Any], Consents]] = {}

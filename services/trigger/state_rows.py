@@ -1,5 +1,5 @@
 """Per-person trigger state (`trigger_states`) and the people checks of a batch, as one driver
-statement each with one array per column (`arrays`): read the states of a batch's people, write
+statement each with one array per column (`relevans.kit.db.unnest`): read the states of a batch's people, write
 back what changed, find merged-away ids and, after the people's locks, who was merged or erased
 meanwhile."""
 
@@ -11,8 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement, json_value
-from services.trigger import arrays
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_text, json_value, unnest
 from services.trigger.domain import StateKey
 from services.trigger.domain.kinds import kind_named
 
@@ -20,23 +19,19 @@ _STATE_OF = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text
 _WRITE_STATES = DriverStatement(f"""
 INSERT INTO trigger_states (tenant_id, trigger_id, profile_id, state, updated_at)
 SELECT tenant_id, trigger_id, profile_id, CAST(state AS jsonb), CAST(:now AS timestamptz)
-FROM {arrays.unnest("u", (*_STATE_OF, ("state", "text")))} ORDER BY ord
+FROM {unnest("u", (*_STATE_OF, ("state", "text")))} ORDER BY ord
 ON CONFLICT (tenant_id, trigger_id, profile_id) DO UPDATE SET
     state = excluded.state, updated_at = excluded.updated_at
 """)
 _READ_STATES = DriverStatement(f"""
 SELECT s.tenant_id, s.trigger_id, s.profile_id, s.state
-FROM {arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
+FROM {unnest("u", (("tenant_id", "text"), ("profile_id", "text")))}
 CROSS JOIN LATERAL (
     SELECT * FROM trigger_states s WHERE s.tenant_id = u.tenant_id AND s.profile_id = u.profile_id
 ) s
 """)
 
-_PERSONS = arrays.unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
-SURVIVORS = DriverStatement(f"""
-SELECT m.tenant_id, m.profile_id, m.surviving_profile_id FROM {_PERSONS}
-JOIN merged_profiles m ON m.tenant_id = u.tenant_id AND m.profile_id = u.profile_id
-""")
+_PERSONS = unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
 # After the people's locks: which of them a merge retired or an erasure removed meanwhile.
 GONE = DriverStatement(f"""
 SELECT u.tenant_id, u.profile_id,
@@ -58,7 +53,7 @@ async def read_states(
     kinds: Mapping[str, Mapping[str, str]],
 ) -> dict[StateKey, Any]:
     """The stored states of these people's triggers that exist (`kinds`: tenant -> trigger -> kind)."""
-    rows = await arrays.run(
+    rows = await fetch_on_driver(
         conn,
         _READ_STATES,
         {"tenant_id": [t for t, _ in persons], "profile_id": [p for _, p in persons]},
@@ -80,7 +75,7 @@ async def write_states(
 ) -> None:
     if not states:
         return
-    await arrays.run(
+    await fetch_on_driver(
         conn,
         _WRITE_STATES,
         {
@@ -88,7 +83,7 @@ async def write_states(
             "trigger_id": [trigger for _, trigger, _ in states],
             "profile_id": [profile for _, _, profile in states],
             "state": [
-                arrays.json_text(kind_named(kinds[tenant][trigger]).state_to_json(st))
+                json_text(kind_named(kinds[tenant][trigger]).state_to_json(st))
                 for (tenant, trigger, _), st in states.items()
             ],
             "now": now,

@@ -33,12 +33,12 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import DriverStatement, json_value
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_value
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from services.trigger import arrays, fire_rows, person_rows, state_rows, timer_rows, trace
+from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace
 from services.trigger.definitions import context, trigger_def
 from services.trigger.domain import (
     Fact,
@@ -340,7 +340,7 @@ class TriggerStore:
 
     @staticmethod
     async def _policies(conn: AsyncConnection, tenants: Sequence[str]) -> dict[str, TenantPolicy]:
-        rows = await arrays.run(conn, _POLICIES, {"tenants": list(tenants)})
+        rows = await fetch_on_driver(conn, _POLICIES, {"tenants": list(tenants)})
         return {
             r["tenant_id"]: replace(
                 tenant_policy_from_json(json_value(r["policy"])), updated_at=r["updated_at"]
@@ -374,14 +374,9 @@ class TriggerStore:
         relevant = relevant_facts(by_tenant, facts, contexts)
         if not relevant:
             return Plan([], {}, [])
-        survivors = {
-            (r["tenant_id"], r["profile_id"]): r["surviving_profile_id"]
-            for r in await arrays.run(
-                conn,
-                state_rows.SURVIVORS,
-                state_rows.persons_params(sorted({(f.tenant_id, f.profile_id) for f in relevant})),
-            )
-        }
+        survivors = await surviving_ids(
+            conn, merged_profiles, {(f.tenant_id, f.profile_id) for f in relevant}
+        )
         if survivors:
             relevant = [
                 replace(f, profile_id=survivors.get((f.tenant_id, f.profile_id), f.profile_id))
@@ -389,7 +384,7 @@ class TriggerStore:
             ]
         persons = sorted({(f.tenant_id, f.profile_id) for f in relevant})
         await self._lock_people(conn, persons)
-        gone = await arrays.run(conn, state_rows.GONE, state_rows.persons_params(persons))
+        gone = await fetch_on_driver(conn, state_rows.GONE, state_rows.persons_params(persons))
         if any(r["merged"] for r in gone):
             raise MergedMeanwhile("a profile of the batch was merged while its lock was awaited")
         if gone:

@@ -15,8 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement
-from services.trigger.arrays import json_text, run, unnest
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_text, unnest
 from services.trigger.domain import CancelTimers, RetireTimer, ScheduleTimer
 from services.trigger.domain.firing import DueTimer, Firing
 from services.trigger.tables import PENDING, timers
@@ -74,10 +73,10 @@ async def insert_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTimer
     takes the new times and variables (of the batch's last schedule that moves it)."""
     fixed = [i for i in schedules if not i.move]
     if fixed:
-        await run(conn, _INSERT_TIMERS, _schedule_columns(fixed, now))
+        await fetch_on_driver(conn, _INSERT_TIMERS, _schedule_columns(fixed, now))
     moving = {timer_key_of(i): i for i in schedules if i.move}
     if moving:
-        await run(conn, _MOVE_TIMERS, _schedule_columns(list(moving.values()), now))
+        await fetch_on_driver(conn, _MOVE_TIMERS, _schedule_columns(list(moving.values()), now))
 
 
 def timer_key_of(i: ScheduleTimer) -> TimerKey:
@@ -127,7 +126,7 @@ async def cancel_timers(conn: AsyncConnection, cancels: Sequence[CancelTimers], 
     """Cancel the pending timers each cancel covers, as if applied one by one: those without a
     `match` first, then those with one, each in the order given."""
     ordered = [c for c in cancels if not c.match] + [c for c in cancels if c.match]
-    await run(
+    await fetch_on_driver(
         conn,
         _CANCEL,
         {
@@ -147,7 +146,7 @@ async def supersede_timers(conn: AsyncConnection, schedules: Sequence[ScheduleTi
     schedules = [i for i in schedules if i.supersede]
     if not schedules:
         return
-    await run(
+    await fetch_on_driver(
         conn,
         _SUPERSEDE,
         {

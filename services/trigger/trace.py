@@ -23,8 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from relevans.kit.db import DriverStatement
-from services.trigger.arrays import run, unnest
+from relevans.kit.db import DriverStatement, fetch_on_driver, unnest
 from services.trigger.domain.intents import Note
 from services.trigger.tables import decisions
 
@@ -183,7 +182,7 @@ async def record(
         kept = due
     if not kept:
         return _nothing if collapsed is None else lambda: collapsed.settle(written, held)
-    await run(
+    await fetch_on_driver(
         conn,
         _RECORD,
         {

@@ -4,6 +4,8 @@ timers, and the events of the profile service it consumes, published by the test
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,20 @@ class Harness:
         self._nc: Any = None
         self._js: JetStreamContext | None = None
         self._requests: JetStreamContext.PullSubscription | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def running(
+        cls, settings: Settings, clock: ManualClock, nats_url: str, instances: int = 1
+    ) -> AsyncIterator[Harness]:
+        """`instances` trigger services started, all stopped at the end (a test's fixture)."""
+        h = cls(settings, clock, nats_url)
+        try:
+            for _ in range(instances):
+                await h.start()
+            yield h
+        finally:
+            await h.close()
 
     async def start(self) -> ServiceHost:
         """Build and start one more instance; gRPC calls go to the newest one."""

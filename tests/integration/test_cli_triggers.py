@@ -26,12 +26,8 @@ EXAMPLE_IDS = ["abandoned-cart", "toy-interest", "lapsing-member", "birthday", "
 
 @pytest_asyncio.fixture
 async def harness(settings: Settings, clock: ManualClock, nats_url: str) -> AsyncIterator[Harness]:
-    h = Harness(settings, clock, nats_url)
-    try:
-        await h.start()
+    async with Harness.running(settings, clock, nats_url) as h:
         yield h
-    finally:
-        await h.close()
 
 
 class Cli:

@@ -46,12 +46,8 @@ TOYS = equals("event.category", "toys")
 
 @pytest_asyncio.fixture
 async def harness(settings: Settings, clock: ManualClock, nats_url: str) -> AsyncIterator[Harness]:
-    h = Harness(settings, clock, nats_url)
-    try:
-        await h.start()
+    async with Harness.running(settings, clock, nats_url) as h:
         yield h
-    finally:
-        await h.close()
 
 
 async def _requests_of(h: Harness, trigger_id: str) -> list[delivery_bus_pb2.DeliveryRequest]:

@@ -19,13 +19,8 @@ PROFILES = 200
 
 @pytest_asyncio.fixture
 async def two(settings: Settings, clock: ManualClock, nats_url: str) -> AsyncIterator[Harness]:
-    h = Harness(settings, clock, nats_url)
-    try:
-        await h.start()
-        await h.start()
+    async with Harness.running(settings, clock, nats_url, instances=2) as h:
         yield h
-    finally:
-        await h.close()
 
 
 async def test_two_processes_share_the_partitions_and_fire_each_absence_timer_once(two: Harness) -> None:

@@ -42,6 +42,7 @@ from services.trigger.domain.kinds.common import (
     CANCELLED,
     FIRED,
     Matcher,
+    OneShotTimers,
     RawDuration,
     check_duration,
     check_event_type,
@@ -53,7 +54,7 @@ from services.trigger.domain.kinds.common import (
     parse_time,
     time_text,
 )
-from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 MAX_MATCH_PROPERTIES = 10
@@ -135,7 +136,7 @@ def merge_states(a: TriggerState, b: TriggerState) -> TriggerState:
     return out
 
 
-class AbsenceKind:
+class AbsenceKind(OneShotTimers):
     name = "absence"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> Absence | None:
@@ -279,12 +280,6 @@ class AbsenceKind:
                 (tuple(c["key"]), datetime.fromisoformat(c["at"])) for c in data.get("cancels", ())
             ),
         )
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
 
     def plan_merge(
         self,

@@ -3,6 +3,7 @@ timestamps and durations in stored JSON, and notes for the decision trace."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,8 +20,9 @@ from relevans.conditions import (
 )
 from relevans.kit.errors import InvalidArgument, Violations
 from services.trigger.domain.events import EventFacts, Fact, SegmentChange
-from services.trigger.domain.intents import Note
-from services.trigger.domain.kinds.contract import Context
+from services.trigger.domain.intents import MergePlan, Note, PendingTimer, ScheduleTimer
+from services.trigger.domain.kinds.contract import Context, FiredTimer
+from services.trigger.domain.triggers import Condition as Definition
 from services.trigger.domain.triggers import TriggerDef
 
 MIN_DURATION = timedelta(seconds=1)
@@ -189,3 +191,34 @@ def late_note(trigger: TriggerDef, fact: Fact, ctx: Context, *, occurrence: str 
         f"late-event window of {in_words(ctx.late_event_window)}: it counts, but fires nothing",
         occurrence=occurrence,
     )
+
+
+class OneShotTimers:
+    """What most kinds answer: no timer is armed when a trigger is created, none follows a firing."""
+
+    def arming_trait(self, condition: Definition) -> str | None:
+        return None
+
+    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
+        return None
+
+
+class Stateless(OneShotTimers):
+    """A kind whose facts each fire on their own: no per-person state, nothing to settle on a merge
+    (each fact is its own occurrence)."""
+
+    def state_to_json(self, state: Any) -> dict[str, Any]:
+        return {}
+
+    def state_from_json(self, data: Mapping[str, Any]) -> Any:
+        return None
+
+    def plan_merge(
+        self,
+        survivor: Mapping[str, Any],
+        merged: Mapping[str, Any],
+        pending: Sequence[PendingTimer],
+        *,
+        merged_profile_id: str,
+    ) -> MergePlan:
+        return MergePlan({}, [])

@@ -9,18 +9,19 @@ A late event (older than the tenant's late-event window) fires nothing. No state
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from relevans.kit.errors import Violations
 from services.trigger.domain.events import EventFacts, Fact, event_route, timer_variables
-from services.trigger.domain.intents import MergePlan, PendingTimer, ScheduleTimer
+from services.trigger.domain.intents import ScheduleTimer
 from services.trigger.domain.kinds.common import (
     CONDITION_FALSE,
     FIRED,
     NOT_FIRED,
     Matcher,
+    Stateless,
     check_event_type,
     check_matcher,
     late_note,
@@ -28,7 +29,7 @@ from services.trigger.domain.kinds.common import (
     matcher_to_json,
     note,
 )
-from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 
@@ -85,7 +86,7 @@ def fired(trigger: TriggerDef, event: EventFacts, ctx: Context, reason_code: str
     )
 
 
-class EventKind:
+class EventKind(Stateless):
     name = "event"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> Event | None:
@@ -115,29 +116,6 @@ class EventKind:
             reason = f"the {fact.event_type} event did not match the condition"
             return Decision(notes=(note(trigger, fact, ctx, NOT_FIRED, CONDITION_FALSE, reason),))
         return fired(trigger, fact, ctx, "event_matched", f"a matching {fact.event_type} event")
-
-    def state_to_json(self, state: Any) -> dict[str, Any]:
-        return {}
-
-    def state_from_json(self, data: Mapping[str, Any]) -> Any:
-        return None
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
-
-    def plan_merge(
-        self,
-        survivor: Mapping[str, Any],
-        merged: Mapping[str, Any],
-        pending: Sequence[PendingTimer],
-        *,
-        merged_profile_id: str,
-    ) -> MergePlan:
-        """Nothing to settle: each event's firing is its own occurrence."""
-        return MergePlan({}, [])
 
 
 EVENT = EventKind()

@@ -24,6 +24,7 @@ from services.trigger.domain.events import EventFacts, Fact, event_route, timer_
 from services.trigger.domain.intents import MergePlan, PendingTimer, RetireTimer, ScheduleTimer
 from services.trigger.domain.kinds.common import (
     FIRED,
+    OneShotTimers,
     RawDuration,
     check_duration,
     check_event_type,
@@ -31,7 +32,7 @@ from services.trigger.domain.kinds.common import (
     late_note,
     note,
 )
-from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 MAX_EVENT_TYPES = 20
@@ -65,7 +66,7 @@ def _inactivity(condition: Condition) -> Inactivity:
     return condition
 
 
-class InactivityKind:
+class InactivityKind(OneShotTimers):
     name = "inactivity"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> Inactivity | None:
@@ -135,12 +136,6 @@ class InactivityKind:
 
     def state_from_json(self, data: Mapping[str, Any]) -> InactivityState:
         return InactivityState(datetime.fromisoformat(data["last_at"]), data["occurrence"])
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
 
     def plan_merge(
         self,

@@ -6,16 +6,16 @@ causing event), so a redelivered change sends nothing new. A late change fires n
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from relevans.kit.errors import Violations
 from relevans.kit.resource_ids import resource_id_problem
 from services.trigger.domain.events import Fact, SegmentChange, segment_route
-from services.trigger.domain.intents import MergePlan, PendingTimer, ScheduleTimer
-from services.trigger.domain.kinds.common import FIRED, late_note, note
-from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.intents import ScheduleTimer
+from services.trigger.domain.kinds.common import FIRED, Stateless, late_note, note
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 ENTERED, EXITED = "entered", "exited"
@@ -43,7 +43,7 @@ def _segment(condition: Condition) -> Segment:
     return condition
 
 
-class SegmentKind:
+class SegmentKind(Stateless):
     name = "segment"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> Segment | None:
@@ -97,29 +97,6 @@ class SegmentKind:
             until=fact.occurred_at,
         )
         return Decision((schedule,), notes=(fired,))
-
-    def state_to_json(self, state: Any) -> dict[str, Any]:
-        return {}
-
-    def state_from_json(self, data: Mapping[str, Any]) -> Any:
-        return None
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
-
-    def plan_merge(
-        self,
-        survivor: Mapping[str, Any],
-        merged: Mapping[str, Any],
-        pending: Sequence[PendingTimer],
-        *,
-        merged_profile_id: str,
-    ) -> MergePlan:
-        """Nothing to settle: each change is its own occurrence."""
-        return MergePlan({}, [])
 
 
 SEGMENT = SegmentKind()

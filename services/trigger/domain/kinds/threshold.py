@@ -32,11 +32,12 @@ from relevans.conditions import COUNTER_NAME_RE
 from relevans.kit.errors import Violations
 from services.trigger.domain.durations import duration_text, parse_duration
 from services.trigger.domain.events import EventFacts, Fact, event_route
-from services.trigger.domain.intents import MergePlan, PendingTimer, ScheduleTimer
+from services.trigger.domain.intents import MergePlan, PendingTimer
 from services.trigger.domain.kinds.common import (
     CONDITION_FALSE,
     NOT_FIRED,
     Matcher,
+    OneShotTimers,
     RawDuration,
     check_duration,
     check_event_type,
@@ -46,7 +47,7 @@ from services.trigger.domain.kinds.common import (
     matcher_to_json,
     note,
 )
-from services.trigger.domain.kinds.contract import EVERY_EVENT, NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.kinds.contract import EVERY_EVENT, NOTHING, Context, Decision
 from services.trigger.domain.kinds.event import fired
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
@@ -148,7 +149,7 @@ def _validate_value(raw: RawProfileValue, field: str, v: Violations) -> ProfileV
     return ProfileValue(raw.field, raw.value)
 
 
-class ThresholdKind:
+class ThresholdKind(OneShotTimers):
     name = "threshold"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> Threshold | None:
@@ -214,12 +215,6 @@ class ThresholdKind:
                 tuple((datetime.fromisoformat(at), event_id) for at, event_id in data["events"])
             )
         return ValueState(bool(data["above"]))
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
 
     def plan_merge(
         self,

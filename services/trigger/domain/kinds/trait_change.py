@@ -9,7 +9,7 @@ change sends nothing new. A late change fires nothing. No state.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,9 +23,9 @@ from relevans.conditions import (
 )
 from relevans.kit.errors import Violations
 from services.trigger.domain.events import Fact, TraitChange, trait_route
-from services.trigger.domain.intents import MergePlan, PendingTimer, ScheduleTimer
-from services.trigger.domain.kinds.common import FIRED, late_note, note
-from services.trigger.domain.kinds.contract import NOTHING, Context, Decision, FiredTimer
+from services.trigger.domain.intents import ScheduleTimer
+from services.trigger.domain.kinds.common import FIRED, Stateless, late_note, note
+from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 TAKES, LEAVES, CHANGED = "takes", "leaves", "changed"
@@ -81,7 +81,7 @@ def _trait_change(condition: Condition) -> TraitChangeCondition:
     return condition
 
 
-class TraitChangeKind:
+class TraitChangeKind(Stateless):
     name = "trait_change"
 
     def validate(self, raw: RawCondition, field: str, v: Violations) -> TraitChangeCondition | None:
@@ -138,29 +138,6 @@ class TraitChangeKind:
         reason = f"{c.trait_name} changed from {fact.before!r} to {fact.after!r}"
         fired = note(trigger, fact, ctx, FIRED, code, reason, occurrence=fact.fact_id, until=fact.occurred_at)
         return Decision((schedule,), notes=(fired,))
-
-    def state_to_json(self, state: Any) -> dict[str, Any]:
-        return {}
-
-    def state_from_json(self, data: Mapping[str, Any]) -> Any:
-        return None
-
-    def arming_trait(self, condition: Condition) -> str | None:
-        return None
-
-    def after_fire(self, trigger: TriggerDef, fired: FiredTimer, ctx: Context) -> ScheduleTimer | None:
-        return None
-
-    def plan_merge(
-        self,
-        survivor: Mapping[str, Any],
-        merged: Mapping[str, Any],
-        pending: Sequence[PendingTimer],
-        *,
-        merged_profile_id: str,
-    ) -> MergePlan:
-        """Nothing to settle: each change is its own occurrence."""
-        return MergePlan({}, [])
 
 
 TRAIT_CHANGE = TraitChangeKind()
