@@ -1,7 +1,6 @@
-"""Per-person trigger state (`trigger_states`) and the people checks of a batch, as one driver
-statement each with one array per column (`relevans.kit.db.unnest`): read the states of a batch's people, write
-back what changed, find merged-away ids and, after the people's locks, who was merged or erased
-meanwhile."""
+"""Per-person trigger state (`trigger_states`) and the after-lock check of a batch's people, one
+driver statement each with one array per column (`relevans.kit.db.unnest`): read the states of a
+batch's people, write back what changed, and find who a merge or an erasure took meanwhile."""
 
 from __future__ import annotations
 
