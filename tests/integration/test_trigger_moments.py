@@ -433,9 +433,12 @@ async def test_explain_is_tenant_scoped_and_pages_newest_first(harness: Harness)
         trigger=on_event("seen", "visit", {"compare": {"field": "event.n", "op": "gt", "value": 100}})
     )
     await harness.create(trigger=on_event("every", "visit"))
-    for n in range(5):
-        await harness.publish(harness.enriched("visit", n=n))
+    # The first evaluation is decided alone (a batch's evaluations of one person are one row).
+    await harness.publish(harness.enriched("visit", n=0))
+    await eventually(lambda: _decided(harness, "p1", 3))
+    for n in range(1, 5):
         await harness.clock.advance(timedelta(minutes=1))
+        await harness.publish(harness.enriched("visit", n=n))
     await eventually(lambda: _decided(harness, "p1", 11))
     # Condition-false evaluations are one entry, written again at most hourly with the count since.
     [collapsed] = await harness.explain("p1", "seen")
