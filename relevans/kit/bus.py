@@ -39,7 +39,7 @@ class StreamSpec:
 STREAMS = (
     StreamSpec("RV_EVENTS", ("rv.events.>",)),
     StreamSpec("RV_PROFILE", ("rv.profile.>",)),
-    StreamSpec("RV_DELIVERY_REQUESTS", ("rv.delivery.requests",), work_queue=True),
+    StreamSpec("RV_DELIVERY_REQUESTS", ("rv.delivery.requests", "rv.delivery.withdrawals"), work_queue=True),
     StreamSpec("RV_DELIVERY_STATUS", ("rv.delivery.status.>",)),
 )
 

@@ -22,6 +22,9 @@ from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.domain import ProfileView
 
 TOKEN_LIFETIME = timedelta(minutes=5)
+# The traits delivery reads besides the profile's fields.
+PHONE_TRAIT = "phone"
+LOCALE_TRAIT = "locale"
 MAX_IDS_PER_CALL = 1000
 
 
@@ -37,7 +40,20 @@ def profile_view(p: profile_pb2.Profile) -> ProfileView:
         ): enum_name(common_pb2.ConsentStatus, c.status, "CONSENT_STATUS_")
         for c in p.consents
     }
-    return ProfileView(profile_id=p.profile_id, email=p.email, first_name=p.first_name, consents=consents)
+    return ProfileView(
+        profile_id=p.profile_id,
+        email=p.email,
+        first_name=p.first_name,
+        consents=consents,
+        phone=_text_trait(p, PHONE_TRAIT),
+        locale=_text_trait(p, LOCALE_TRAIT),
+        anonymous_ids=tuple(p.anonymous_ids),
+    )
+
+
+def _text_trait(p: profile_pb2.Profile, name: str) -> str:
+    value = p.traits.get(name)
+    return value.string_value if value is not None and value.HasField("string_value") else ""
 
 
 class ProfileClient:

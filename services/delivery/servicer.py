@@ -163,6 +163,25 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             else "",
         )
 
+    # Contract placeholders while issue 19 is built (each helper replaces its own).
+    async def SendTest(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
+    async def GetBanner(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
+    async def PutWebhookEndpoint(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
+    async def GetWebhookEndpoint(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
+    async def GetSettings(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
+    async def UpdateSettings(self, request: Any, context: Context) -> Any:
+        raise NotImplementedError
+
 
 def binding(servicer: DeliveryServicer) -> ServiceBinding:
     return ServiceBinding(

@@ -28,7 +28,7 @@ from relevans.common.v1 import common_pb2 as relevans_dot_common_dot_v1_dot_comm
 from relevans.delivery.v1 import delivery_pb2 as relevans_dot_delivery_dot_v1_dot_delivery__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erelevans/delivery/v1/bus.proto\x12\x14relevans.delivery.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\x1a#relevans/delivery/v1/delivery.proto\"\xb4\x02\n\x0f\x44\x65liveryRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x12\n\ntrigger_id\x18\x04 \x01(\t\x12,\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12,\n\x07purpose\x18\x06 \x01(\x0e\x32\x1b.relevans.common.v1.Purpose\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12*\n\tvariables\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0crequest_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x01\n\x15\x44\x65liveryStatusChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nprofile_id\x18\x04 \x01(\t\x12\x12\n\ntrigger_id\x18\x05 \x01(\t\x12\x33\n\x06status\x18\x06 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1erelevans/delivery/v1/bus.proto\x12\x14relevans.delivery.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\x1a#relevans/delivery/v1/delivery.proto\"\xf7\x02\n\x0f\x44\x65liveryRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x12\n\ntrigger_id\x18\x04 \x01(\t\x12,\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12,\n\x07purpose\x18\x06 \x01(\x0e\x32\x1b.relevans.common.v1.Purpose\x12\x13\n\x0btemplate_id\x18\x07 \x01(\t\x12*\n\tvariables\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0crequest_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\n \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\x12\x44\x65liveryWithdrawal\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x12\n\ntrigger_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x31\n\rwithdraw_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xee\x01\n\x15\x44\x65liveryStatusChanged\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\nprofile_id\x18\x04 \x01(\t\x12\x12\n\ntrigger_id\x18\x05 \x01(\t\x12\x33\n\x06status\x18\x06 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relevans.delivery.v1.bus_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DELIVERYREQUEST']._serialized_start=190
-  _globals['_DELIVERYREQUEST']._serialized_end=498
-  _globals['_DELIVERYSTATUSCHANGED']._serialized_start=501
-  _globals['_DELIVERYSTATUSCHANGED']._serialized_end=739
+  _globals['_DELIVERYREQUEST']._serialized_end=565
+  _globals['_DELIVERYWITHDRAWAL']._serialized_start=568
+  _globals['_DELIVERYWITHDRAWAL']._serialized_end=714
+  _globals['_DELIVERYSTATUSCHANGED']._serialized_start=717
+  _globals['_DELIVERYSTATUSCHANGED']._serialized_end=955
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,8 @@ class DeliveryRequest(_message.Message):
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     REQUEST_TIME_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Sent at most once per key: trigger/profile/occurrence."""
     tenant_id: _builtins.str
@@ -43,12 +45,20 @@ class DeliveryRequest(_message.Message):
     channel: _common_pb2.Channel.ValueType
     purpose: _common_pb2.Purpose.ValueType
     template_id: _builtins.str
+    priority: _builtins.int
+    """The trigger's priority (higher first): which banner shows when a person has several."""
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:
         """Variables for the template, e.g. event: {product_name: ...}."""
 
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the moment has passed: a banner is withdrawn then; unset means the template's
+        banner_lifetime alone decides.
+        """
+
     def __init__(
         self,
         *,
@@ -61,18 +71,61 @@ class DeliveryRequest(_message.Message):
         template_id: _builtins.str = ...,
         variables: _struct_pb2.Struct | None = ...,
         request_time: _timestamp_pb2.Timestamp | None = ...,
+        priority: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["request_time", b"request_time", "variables", b"variables"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "request_time", b"request_time", "variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "idempotency_key", b"idempotency_key", "profile_id", b"profile_id", "purpose", b"purpose", "request_time", b"request_time", "template_id", b"template_id", "tenant_id", b"tenant_id", "trigger_id", b"trigger_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "priority", b"priority", "profile_id", b"profile_id", "purpose", b"purpose", "request_time", b"request_time", "template_id", b"template_id", "tenant_id", b"tenant_id", "trigger_id", b"trigger_id", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryRequest: _TypeAlias = DeliveryRequest  # noqa: Y015
 
 @_typing.final
+class DeliveryWithdrawal(_message.Message):
+    """DeliveryWithdrawal is published by trigger on rv.delivery.withdrawals when a moment a message
+    was placed for has passed (the purchase after an abandoned cart): delivery withdraws the
+    person's banners of that trigger that are still waiting.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    WITHDRAW_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    profile_id: _builtins.str
+    trigger_id: _builtins.str
+    reason: _builtins.str
+    """Why, as a stable code, e.g. "cancelled"."""
+    @_builtins.property
+    def withdraw_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        trigger_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        withdraw_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["withdraw_time", b"withdraw_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_id", b"profile_id", "reason", b"reason", "tenant_id", b"tenant_id", "trigger_id", b"trigger_id", "withdraw_time", b"withdraw_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryWithdrawal: _TypeAlias = DeliveryWithdrawal  # noqa: Y015
+
+@_typing.final
 class DeliveryStatusChanged(_message.Message):
-    """DeliveryStatusChanged is published on rv.delivery.status.<status>."""
+    """DeliveryStatusChanged is published on rv.delivery.status.<status>, <status> the lower-case name
+    of the MessageStatus (sent, failed, suppressed, bounced, opened, clicked, unsubscribed,
+    withdrawn).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

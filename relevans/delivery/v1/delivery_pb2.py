@@ -22,46 +22,77 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from relevans.common.v1 import common_pb2 as relevans_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#relevans/delivery/v1/delivery.proto\x12\x14relevans.delivery.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\"\xb2\x01\n\x08Template\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12,\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x11\n\tbody_text\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"F\n\x12PutTemplateRequest\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\"G\n\x13PutTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\")\n\x12GetTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\"G\n\x13GetTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\"Y\n\x16PreviewTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"=\n\x17PreviewTemplateResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\tbody_text\x18\x02 \x01(\t\"}\n\x0cStatusChange\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf0\x02\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x12\n\ntrigger_id\x18\x04 \x01(\t\x12,\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x11\n\trecipient\x18\t \x01(\t\x12\x0f\n\x07subject\x18\n \x01(\t\x12\x33\n\x07history\x18\x0b \x03(\x0b\x32\".relevans.delivery.v1.StatusChange\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"D\n\x12GetMessageResponse\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.relevans.delivery.v1.Message\"P\n\x13ListMessagesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x14ListMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.relevans.delivery.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9e\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x17\n\x13MESSAGE_STATUS_SENT\x10\x02\x12\x1d\n\x19MESSAGE_STATUS_SUPPRESSED\x10\x03\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x04\x32\x91\x04\n\x0f\x44\x65liveryService\x12\x62\n\x0bPutTemplate\x12(.relevans.delivery.v1.PutTemplateRequest\x1a).relevans.delivery.v1.PutTemplateResponse\x12\x62\n\x0bGetTemplate\x12(.relevans.delivery.v1.GetTemplateRequest\x1a).relevans.delivery.v1.GetTemplateResponse\x12n\n\x0fPreviewTemplate\x12,.relevans.delivery.v1.PreviewTemplateRequest\x1a-.relevans.delivery.v1.PreviewTemplateResponse\x12_\n\nGetMessage\x12\'.relevans.delivery.v1.GetMessageRequest\x1a(.relevans.delivery.v1.GetMessageResponse\x12\x65\n\x0cListMessages\x12).relevans.delivery.v1.ListMessagesRequest\x1a*.relevans.delivery.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#relevans/delivery/v1/delivery.proto\x12\x14relevans.delivery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1frelevans/common/v1/common.proto\"\xa8\x02\n\x08Template\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12,\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12\x0f\n\x07subject\x18\x04 \x01(\t\x12\x11\n\tbody_text\x18\x05 \x01(\t\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13webhook_endpoint_id\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x32\n\x0f\x62\x61nner_lifetime\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08link_url\x18\n \x01(\t\"F\n\x12PutTemplateRequest\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\"G\n\x13PutTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\")\n\x12GetTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\"G\n\x13GetTemplateResponse\x12\x30\n\x08template\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Template\"}\n\x16PreviewTemplateRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12*\n\tvariables\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x0e\n\x06locale\x18\x04 \x01(\t\"u\n\x17PreviewTemplateResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x11\n\tbody_text\x18\x02 \x01(\t\x12\x0e\n\x06locale\x18\x03 \x01(\t\x12\x14\n\x0csms_segments\x18\x04 \x01(\x05\x12\x10\n\x08link_url\x18\x05 \x01(\t\"\x89\x01\n\x0fSendTestRequest\x12\x13\n\x0btemplate_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12*\n\tvariables\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nprofile_id\x18\x04 \x01(\t\x12\x0e\n\x06locale\x18\x05 \x01(\t\"B\n\x10SendTestResponse\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.relevans.delivery.v1.Message\"O\n\x10GetBannerRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61nonymous_id\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\"A\n\x11GetBannerResponse\x12,\n\x06\x62\x61nner\x18\x01 \x01(\x0b\x32\x1c.relevans.delivery.v1.Banner\"\xba\x01\n\x06\x42\x61nner\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x12\n\ntrigger_id\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x11\n\tbody_text\x18\x05 \x01(\t\x12\x10\n\x08link_url\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x01\n\x0fWebhookEndpoint\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06secret\x18\x03 \x01(\t\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x19PutWebhookEndpointRequest\x12\x37\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32%.relevans.delivery.v1.WebhookEndpoint\x12\x15\n\rrotate_secret\x18\x02 \x01(\x08\"U\n\x1aPutWebhookEndpointResponse\x12\x37\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32%.relevans.delivery.v1.WebhookEndpoint\"0\n\x19GetWebhookEndpointRequest\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\"U\n\x1aGetWebhookEndpointResponse\x12\x37\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32%.relevans.delivery.v1.WebhookEndpoint\"S\n\x08Settings\x12\x16\n\x0e\x64\x65\x66\x61ult_locale\x18\x01 \x01(\t\x12/\n\x0bupdate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12GetSettingsRequest\"G\n\x13GetSettingsResponse\x12\x30\n\x08settings\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Settings\"I\n\x15UpdateSettingsRequest\x12\x30\n\x08settings\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Settings\"J\n\x16UpdateSettingsResponse\x12\x30\n\x08settings\x18\x01 \x01(\x0b\x32\x1e.relevans.delivery.v1.Settings\"}\n\x0cStatusChange\x12\x33\n\x06status\x18\x01 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb6\x03\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12\x12\n\ntrigger_id\x18\x04 \x01(\t\x12,\n\x07\x63hannel\x18\x05 \x01(\x0e\x32\x1b.relevans.common.v1.Channel\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x33\n\x06status\x18\x07 \x01(\x0e\x32#.relevans.delivery.v1.MessageStatus\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x11\n\trecipient\x18\t \x01(\t\x12\x0f\n\x07subject\x18\n \x01(\t\x12\x33\n\x07history\x18\x0b \x03(\x0b\x32\".relevans.delivery.v1.StatusChange\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04test\x18\r \x01(\x08\x12\x0e\n\x06locale\x18\x0e \x01(\t\x12\x14\n\x0csms_segments\x18\x0f \x01(\x05\x12\x10\n\x08\x61ttempts\x18\x10 \x01(\x05\"\'\n\x11GetMessageRequest\x12\x12\n\nmessage_id\x18\x01 \x01(\t\"D\n\x12GetMessageResponse\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.relevans.delivery.v1.Message\"P\n\x13ListMessagesRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x14ListMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.relevans.delivery.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb0\x02\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16MESSAGE_STATUS_PENDING\x10\x01\x12\x17\n\x13MESSAGE_STATUS_SENT\x10\x02\x12\x1d\n\x19MESSAGE_STATUS_SUPPRESSED\x10\x03\x12\x19\n\x15MESSAGE_STATUS_FAILED\x10\x04\x12\x1a\n\x16MESSAGE_STATUS_BOUNCED\x10\x05\x12\x19\n\x15MESSAGE_STATUS_OPENED\x10\x06\x12\x1a\n\x16MESSAGE_STATUS_CLICKED\x10\x07\x12\x1f\n\x1bMESSAGE_STATUS_UNSUBSCRIBED\x10\x08\x12\x1c\n\x18MESSAGE_STATUS_WITHDRAWN\x10\t2\x8d\t\n\x0f\x44\x65liveryService\x12\x62\n\x0bPutTemplate\x12(.relevans.delivery.v1.PutTemplateRequest\x1a).relevans.delivery.v1.PutTemplateResponse\x12\x62\n\x0bGetTemplate\x12(.relevans.delivery.v1.GetTemplateRequest\x1a).relevans.delivery.v1.GetTemplateResponse\x12n\n\x0fPreviewTemplate\x12,.relevans.delivery.v1.PreviewTemplateRequest\x1a-.relevans.delivery.v1.PreviewTemplateResponse\x12Y\n\x08SendTest\x12%.relevans.delivery.v1.SendTestRequest\x1a&.relevans.delivery.v1.SendTestResponse\x12\\\n\tGetBanner\x12&.relevans.delivery.v1.GetBannerRequest\x1a\'.relevans.delivery.v1.GetBannerResponse\x12w\n\x12PutWebhookEndpoint\x12/.relevans.delivery.v1.PutWebhookEndpointRequest\x1a\x30.relevans.delivery.v1.PutWebhookEndpointResponse\x12w\n\x12GetWebhookEndpoint\x12/.relevans.delivery.v1.GetWebhookEndpointRequest\x1a\x30.relevans.delivery.v1.GetWebhookEndpointResponse\x12\x62\n\x0bGetSettings\x12(.relevans.delivery.v1.GetSettingsRequest\x1a).relevans.delivery.v1.GetSettingsResponse\x12k\n\x0eUpdateSettings\x12+.relevans.delivery.v1.UpdateSettingsRequest\x1a,.relevans.delivery.v1.UpdateSettingsResponse\x12_\n\nGetMessage\x12\'.relevans.delivery.v1.GetMessageRequest\x1a(.relevans.delivery.v1.GetMessageResponse\x12\x65\n\x0cListMessages\x12).relevans.delivery.v1.ListMessagesRequest\x1a*.relevans.delivery.v1.ListMessagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'relevans.delivery.v1.delivery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGESTATUS']._serialized_start=1543
-  _globals['_MESSAGESTATUS']._serialized_end=1701
-  _globals['_TEMPLATE']._serialized_start=158
-  _globals['_TEMPLATE']._serialized_end=336
-  _globals['_PUTTEMPLATEREQUEST']._serialized_start=338
-  _globals['_PUTTEMPLATEREQUEST']._serialized_end=408
-  _globals['_PUTTEMPLATERESPONSE']._serialized_start=410
-  _globals['_PUTTEMPLATERESPONSE']._serialized_end=481
-  _globals['_GETTEMPLATEREQUEST']._serialized_start=483
-  _globals['_GETTEMPLATEREQUEST']._serialized_end=524
-  _globals['_GETTEMPLATERESPONSE']._serialized_start=526
-  _globals['_GETTEMPLATERESPONSE']._serialized_end=597
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=599
-  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=688
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=690
-  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=751
-  _globals['_STATUSCHANGE']._serialized_start=753
-  _globals['_STATUSCHANGE']._serialized_end=878
-  _globals['_MESSAGE']._serialized_start=881
-  _globals['_MESSAGE']._serialized_end=1249
-  _globals['_GETMESSAGEREQUEST']._serialized_start=1251
-  _globals['_GETMESSAGEREQUEST']._serialized_end=1290
-  _globals['_GETMESSAGERESPONSE']._serialized_start=1292
-  _globals['_GETMESSAGERESPONSE']._serialized_end=1360
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1362
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1442
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1444
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1540
-  _globals['_DELIVERYSERVICE']._serialized_start=1704
-  _globals['_DELIVERYSERVICE']._serialized_end=2233
+  _globals['_MESSAGESTATUS']._serialized_start=3227
+  _globals['_MESSAGESTATUS']._serialized_end=3531
+  _globals['_TEMPLATE']._serialized_start=190
+  _globals['_TEMPLATE']._serialized_end=486
+  _globals['_PUTTEMPLATEREQUEST']._serialized_start=488
+  _globals['_PUTTEMPLATEREQUEST']._serialized_end=558
+  _globals['_PUTTEMPLATERESPONSE']._serialized_start=560
+  _globals['_PUTTEMPLATERESPONSE']._serialized_end=631
+  _globals['_GETTEMPLATEREQUEST']._serialized_start=633
+  _globals['_GETTEMPLATEREQUEST']._serialized_end=674
+  _globals['_GETTEMPLATERESPONSE']._serialized_start=676
+  _globals['_GETTEMPLATERESPONSE']._serialized_end=747
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_start=749
+  _globals['_PREVIEWTEMPLATEREQUEST']._serialized_end=874
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_start=876
+  _globals['_PREVIEWTEMPLATERESPONSE']._serialized_end=993
+  _globals['_SENDTESTREQUEST']._serialized_start=996
+  _globals['_SENDTESTREQUEST']._serialized_end=1133
+  _globals['_SENDTESTRESPONSE']._serialized_start=1135
+  _globals['_SENDTESTRESPONSE']._serialized_end=1201
+  _globals['_GETBANNERREQUEST']._serialized_start=1203
+  _globals['_GETBANNERREQUEST']._serialized_end=1282
+  _globals['_GETBANNERRESPONSE']._serialized_start=1284
+  _globals['_GETBANNERRESPONSE']._serialized_end=1349
+  _globals['_BANNER']._serialized_start=1352
+  _globals['_BANNER']._serialized_end=1538
+  _globals['_WEBHOOKENDPOINT']._serialized_start=1541
+  _globals['_WEBHOOKENDPOINT']._serialized_end=1701
+  _globals['_PUTWEBHOOKENDPOINTREQUEST']._serialized_start=1703
+  _globals['_PUTWEBHOOKENDPOINTREQUEST']._serialized_end=1810
+  _globals['_PUTWEBHOOKENDPOINTRESPONSE']._serialized_start=1812
+  _globals['_PUTWEBHOOKENDPOINTRESPONSE']._serialized_end=1897
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_start=1899
+  _globals['_GETWEBHOOKENDPOINTREQUEST']._serialized_end=1947
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_start=1949
+  _globals['_GETWEBHOOKENDPOINTRESPONSE']._serialized_end=2034
+  _globals['_SETTINGS']._serialized_start=2036
+  _globals['_SETTINGS']._serialized_end=2119
+  _globals['_GETSETTINGSREQUEST']._serialized_start=2121
+  _globals['_GETSETTINGSREQUEST']._serialized_end=2141
+  _globals['_GETSETTINGSRESPONSE']._serialized_start=2143
+  _globals['_GETSETTINGSRESPONSE']._serialized_end=2214
+  _globals['_UPDATESETTINGSREQUEST']._serialized_start=2216
+  _globals['_UPDATESETTINGSREQUEST']._serialized_end=2289
+  _globals['_UPDATESETTINGSRESPONSE']._serialized_start=2291
+  _globals['_UPDATESETTINGSRESPONSE']._serialized_end=2365
+  _globals['_STATUSCHANGE']._serialized_start=2367
+  _globals['_STATUSCHANGE']._serialized_end=2492
+  _globals['_MESSAGE']._serialized_start=2495
+  _globals['_MESSAGE']._serialized_end=2933
+  _globals['_GETMESSAGEREQUEST']._serialized_start=2935
+  _globals['_GETMESSAGEREQUEST']._serialized_end=2974
+  _globals['_GETMESSAGERESPONSE']._serialized_start=2976
+  _globals['_GETMESSAGERESPONSE']._serialized_end=3044
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=3046
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=3126
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=3128
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=3224
+  _globals['_DELIVERYSERVICE']._serialized_start=3534
+  _globals['_DELIVERYSERVICE']._serialized_end=4699
 # @@protoc_insertion_point(module_scope)

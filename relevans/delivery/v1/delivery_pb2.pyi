@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -37,6 +38,20 @@ class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Message
     """Not sent on purpose: no consent, no address, unsafe to render."""
     MESSAGE_STATUS_FAILED: _MessageStatus.ValueType  # 4
     """Not sent: the provider refused it or retries ran out."""
+    MESSAGE_STATUS_BOUNCED: _MessageStatus.ValueType  # 5
+    """Not sent: the provider refused the address for good (a hard bounce); the address is
+    suppressed for the channel from now on.
+    """
+    MESSAGE_STATUS_OPENED: _MessageStatus.ValueType  # 6
+    """Engagement after sending (history entries and bus messages; the message stays SENT):
+    the email was opened (pixel) or the banner shown.
+    """
+    MESSAGE_STATUS_CLICKED: _MessageStatus.ValueType  # 7
+    """A tracked link of the message was followed."""
+    MESSAGE_STATUS_UNSUBSCRIBED: _MessageStatus.ValueType  # 8
+    """The person unsubscribed through the message."""
+    MESSAGE_STATUS_WITHDRAWN: _MessageStatus.ValueType  # 9
+    """Web: the banner was withdrawn (its moment passed) or expired before it was shown."""
 
 class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper):
     """MessageStatus is where a message is in its life."""
@@ -50,11 +65,28 @@ MESSAGE_STATUS_SUPPRESSED: MessageStatus.ValueType  # 3
 """Not sent on purpose: no consent, no address, unsafe to render."""
 MESSAGE_STATUS_FAILED: MessageStatus.ValueType  # 4
 """Not sent: the provider refused it or retries ran out."""
+MESSAGE_STATUS_BOUNCED: MessageStatus.ValueType  # 5
+"""Not sent: the provider refused the address for good (a hard bounce); the address is
+suppressed for the channel from now on.
+"""
+MESSAGE_STATUS_OPENED: MessageStatus.ValueType  # 6
+"""Engagement after sending (history entries and bus messages; the message stays SENT):
+the email was opened (pixel) or the banner shown.
+"""
+MESSAGE_STATUS_CLICKED: MessageStatus.ValueType  # 7
+"""A tracked link of the message was followed."""
+MESSAGE_STATUS_UNSUBSCRIBED: MessageStatus.ValueType  # 8
+"""The person unsubscribed through the message."""
+MESSAGE_STATUS_WITHDRAWN: MessageStatus.ValueType  # 9
+"""Web: the banner was withdrawn (its moment passed) or expired before it was shown."""
 Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
 
 @_typing.final
 class Template(_message.Message):
-    """Template is what a message says, per channel and locale."""
+    """Template is what a message says, per channel and locale: one template id holds a variant per
+    locale (all of one channel), and a message takes the variant of the person's locale by the
+    fallback chain in the README ("Templates and names").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -64,17 +96,31 @@ class Template(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     BODY_TEXT_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    BANNER_LIFETIME_FIELD_NUMBER: _builtins.int
+    LINK_URL_FIELD_NUMBER: _builtins.int
     template_id: _builtins.str
     """Lower-case letters, digits, - and _; at most 63 characters."""
     channel: _common_pb2.Channel.ValueType
     locale: _builtins.str
-    """BCP 47 tag, e.g. en, de-CH. Defaults to en."""
+    """BCP 47 tag, e.g. en, de-CH. Defaults to the tenant's default locale."""
     subject: _builtins.str
-    """Jinja2 source of the subject line (email)."""
+    """Jinja2 source of the subject line (email) or the banner's title (web)."""
     body_text: _builtins.str
-    """Jinja2 source of the plain-text body."""
+    """Jinja2 source of the plain-text body (email, SMS, web banner, webhook text)."""
+    webhook_endpoint_id: _builtins.str
+    """Webhook templates: the endpoint the message is posted to."""
+    placement: _builtins.str
+    """Web (banner) templates: the page slot the banner shows in, e.g. "cart-reminder"."""
+    link_url: _builtins.str
+    """Web (banner) templates: Jinja2 source of the URL the banner links to (click-tracked)."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def banner_lifetime(self) -> _duration_pb2.Duration:
+        """Web (banner) templates: how long a placed banner stays eligible."""
+
     def __init__(
         self,
         *,
@@ -84,10 +130,14 @@ class Template(_message.Message):
         subject: _builtins.str = ...,
         body_text: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        webhook_endpoint_id: _builtins.str = ...,
+        placement: _builtins.str = ...,
+        banner_lifetime: _duration_pb2.Duration | None = ...,
+        link_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["banner_lifetime", b"banner_lifetime", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_text", b"body_text", "channel", b"channel", "locale", b"locale", "subject", b"subject", "template_id", b"template_id", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["banner_lifetime", b"banner_lifetime", "body_text", b"body_text", "channel", b"channel", "link_url", b"link_url", "locale", b"locale", "placement", b"placement", "subject", b"subject", "template_id", b"template_id", "update_time", b"update_time", "webhook_endpoint_id", b"webhook_endpoint_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -178,7 +228,15 @@ class PreviewTemplateRequest(_message.Message):
 
     TEMPLATE_ID_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
     template_id: _builtins.str
+    profile_id: _builtins.str
+    """When set, render what this person would get now: their locale's variant, their name and
+    address; `variables` add the rest (event, ...).
+    """
+    locale: _builtins.str
+    """The variant to render when no profile is given; empty means the tenant's default locale."""
     @_builtins.property
     def variables(self) -> _struct_pb2.Struct:
         """Variables as the sender would supply them: first_name, event, ..."""
@@ -188,10 +246,12 @@ class PreviewTemplateRequest(_message.Message):
         *,
         template_id: _builtins.str = ...,
         variables: _struct_pb2.Struct | None = ...,
+        profile_id: _builtins.str = ...,
+        locale: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locale", b"locale", "profile_id", b"profile_id", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,21 +263,408 @@ class PreviewTemplateResponse(_message.Message):
 
     SUBJECT_FIELD_NUMBER: _builtins.int
     BODY_TEXT_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    SMS_SEGMENTS_FIELD_NUMBER: _builtins.int
+    LINK_URL_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     body_text: _builtins.str
+    locale: _builtins.str
+    """The variant rendered."""
+    sms_segments: _builtins.int
+    """SMS: the message's segment count."""
+    link_url: _builtins.str
+    """Web: the rendered link."""
     def __init__(
         self,
         *,
         subject: _builtins.str = ...,
         body_text: _builtins.str = ...,
+        locale: _builtins.str = ...,
+        sms_segments: _builtins.int = ...,
+        link_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_text", b"body_text", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_text", b"body_text", "link_url", b"link_url", "locale", b"locale", "sms_segments", b"sms_segments", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PreviewTemplateResponse: _TypeAlias = PreviewTemplateResponse  # noqa: Y015
+
+@_typing.final
+class SendTestRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    RECIPIENT_FIELD_NUMBER: _builtins.int
+    VARIABLES_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    template_id: _builtins.str
+    recipient: _builtins.str
+    """Where the test goes: an email address, an E.164 phone number; a webhook test goes to the
+    template's endpoint and this is left empty.
+    """
+    profile_id: _builtins.str
+    """Render for this person (as PreviewTemplate does), sending to `recipient`."""
+    locale: _builtins.str
+    @_builtins.property
+    def variables(self) -> _struct_pb2.Struct: ...
+    def __init__(
+        self,
+        *,
+        template_id: _builtins.str = ...,
+        recipient: _builtins.str = ...,
+        variables: _struct_pb2.Struct | None = ...,
+        profile_id: _builtins.str = ...,
+        locale: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["variables", b"variables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["locale", b"locale", "profile_id", b"profile_id", "recipient", b"recipient", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestRequest: _TypeAlias = SendTestRequest  # noqa: Y015
+
+@_typing.final
+class SendTestResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def message(self) -> Global___Message: ...
+    def __init__(
+        self,
+        *,
+        message: Global___Message | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestResponse: _TypeAlias = SendTestResponse  # noqa: Y015
+
+@_typing.final
+class GetBannerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    """The person: their profile id, or an anonymous id of theirs."""
+    anonymous_id: _builtins.str
+    placement: _builtins.str
+    """The page slot asking, e.g. "cart-reminder"."""
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        anonymous_id: _builtins.str = ...,
+        placement: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "placement", b"placement", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBannerRequest: _TypeAlias = GetBannerRequest  # noqa: Y015
+
+@_typing.final
+class GetBannerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BANNER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def banner(self) -> Global___Banner:
+        """Unset when the person has no eligible banner for the placement."""
+
+    def __init__(
+        self,
+        *,
+        banner: Global___Banner | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["banner", b"banner"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["banner", b"banner"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetBannerResponse: _TypeAlias = GetBannerResponse  # noqa: Y015
+
+@_typing.final
+class Banner(_message.Message):
+    """Banner is an on-site message waiting in a person's inbox."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    BODY_TEXT_FIELD_NUMBER: _builtins.int
+    LINK_URL_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    trigger_id: _builtins.str
+    placement: _builtins.str
+    title: _builtins.str
+    body_text: _builtins.str
+    link_url: _builtins.str
+    """The click-tracked link."""
+    priority: _builtins.int
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        trigger_id: _builtins.str = ...,
+        placement: _builtins.str = ...,
+        title: _builtins.str = ...,
+        body_text: _builtins.str = ...,
+        link_url: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body_text", b"body_text", "expire_time", b"expire_time", "link_url", b"link_url", "message_id", b"message_id", "placement", b"placement", "priority", b"priority", "title", b"title", "trigger_id", b"trigger_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Banner: _TypeAlias = Banner  # noqa: Y015
+
+@_typing.final
+class WebhookEndpoint(_message.Message):
+    """WebhookEndpoint is where webhook messages are posted, signed per the Standard Webhooks scheme."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """Lower-case letters, digits, - and _; at most 63 characters."""
+    url: _builtins.str
+    """https (http only where RELEVANS_WEBHOOK_ALLOW_INSECURE is set), no credentials, and
+    resolving to a public address unless RELEVANS_WEBHOOK_ALLOW_PRIVATE is set.
+    """
+    secret: _builtins.str
+    """"whsec_" + base64 of the key; only in the response that created or rotated it."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Per-request timeout; 0 means 10 s, at most 30 s."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        secret: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "secret", b"secret", "timeout", b"timeout", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookEndpoint: _TypeAlias = WebhookEndpoint  # noqa: Y015
+
+@_typing.final
+class PutWebhookEndpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    ROTATE_SECRET_FIELD_NUMBER: _builtins.int
+    rotate_secret: _builtins.bool
+    """Generate a new secret for an existing endpoint."""
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint: ...
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+        rotate_secret: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "rotate_secret", b"rotate_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutWebhookEndpointRequest: _TypeAlias = PutWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class PutWebhookEndpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint: ...
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutWebhookEndpointResponse: _TypeAlias = PutWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookEndpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookEndpointRequest: _TypeAlias = GetWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class GetWebhookEndpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint: ...
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookEndpointResponse: _TypeAlias = GetWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class Settings(_message.Message):
+    """Settings are one tenant's delivery settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_LOCALE_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    default_locale: _builtins.str
+    """The last locale of every template's fallback chain; empty means en."""
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        default_locale: _builtins.str = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_locale", b"default_locale", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Settings: _TypeAlias = Settings  # noqa: Y015
+
+@_typing.final
+class GetSettingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettingsRequest: _TypeAlias = GetSettingsRequest  # noqa: Y015
+
+@_typing.final
+class GetSettingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___Settings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___Settings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSettingsResponse: _TypeAlias = GetSettingsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSettingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___Settings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___Settings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettingsRequest: _TypeAlias = UpdateSettingsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSettingsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___Settings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___Settings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSettingsResponse: _TypeAlias = UpdateSettingsResponse  # noqa: Y015
 
 @_typing.final
 class StatusChange(_message.Message):
@@ -266,6 +713,10 @@ class Message(_message.Message):
     SUBJECT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    TEST_FIELD_NUMBER: _builtins.int
+    LOCALE_FIELD_NUMBER: _builtins.int
+    SMS_SEGMENTS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
     idempotency_key: _builtins.str
     profile_id: _builtins.str
@@ -276,6 +727,14 @@ class Message(_message.Message):
     reason: _builtins.str
     recipient: _builtins.str
     subject: _builtins.str
+    test: _builtins.bool
+    """Sent by SendTest: not part of any trigger, not counted anywhere."""
+    locale: _builtins.str
+    """The template variant used."""
+    sms_segments: _builtins.int
+    """SMS: the segment count of the body (GSM-7 or UCS-2)."""
+    attempts: _builtins.int
+    """Send attempts so far (each also in the history)."""
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___StatusChange]: ...
     @_builtins.property
@@ -295,10 +754,14 @@ class Message(_message.Message):
         subject: _builtins.str = ...,
         history: _abc.Iterable[Global___StatusChange] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        test: _builtins.bool = ...,
+        locale: _builtins.str = ...,
+        sms_segments: _builtins.int = ...,
+        attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "create_time", b"create_time", "history", b"history", "idempotency_key", b"idempotency_key", "message_id", b"message_id", "profile_id", b"profile_id", "reason", b"reason", "recipient", b"recipient", "status", b"status", "subject", b"subject", "template_id", b"template_id", "trigger_id", b"trigger_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "channel", b"channel", "create_time", b"create_time", "history", b"history", "idempotency_key", b"idempotency_key", "locale", b"locale", "message_id", b"message_id", "profile_id", b"profile_id", "reason", b"reason", "recipient", b"recipient", "sms_segments", b"sms_segments", "status", b"status", "subject", b"subject", "template_id", b"template_id", "test", b"test", "trigger_id", b"trigger_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

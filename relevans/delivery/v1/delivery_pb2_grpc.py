@@ -50,6 +50,36 @@ class DeliveryServiceStub:
                 request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateRequest.SerializeToString,
                 response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateResponse.FromString,
                 _registered_method=True)
+        self.SendTest = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/SendTest',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestResponse.FromString,
+                _registered_method=True)
+        self.GetBanner = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/GetBanner',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerResponse.FromString,
+                _registered_method=True)
+        self.PutWebhookEndpoint = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/PutWebhookEndpoint',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookEndpoint = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/GetWebhookEndpoint',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.GetSettings = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/GetSettings',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsResponse.FromString,
+                _registered_method=True)
+        self.UpdateSettings = channel.unary_unary(
+                '/relevans.delivery.v1.DeliveryService/UpdateSettings',
+                request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsRequest.SerializeToString,
+                response_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsResponse.FromString,
+                _registered_method=True)
         self.GetMessage = channel.unary_unary(
                 '/relevans.delivery.v1.DeliveryService/GetMessage',
                 request_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetMessageRequest.SerializeToString,
@@ -81,7 +111,52 @@ class DeliveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PreviewTemplate(self, request, context):
-        """PreviewTemplate renders a template with the given variables, sending nothing.
+        """PreviewTemplate renders a template with the given variables, or for a real profile (what the
+        person would get now), sending nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendTest(self, request, context):
+        """SendTest sends a rendered template to a given address, marked as a test.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBanner(self, request, context):
+        """GetBanner answers with the person's best eligible on-site banner for a placement, or none.
+        Answered from memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutWebhookEndpoint(self, request, context):
+        """PutWebhookEndpoint creates or replaces where webhook messages go; the signing secret is
+        generated on creation and returned only then (or when rotate_secret is set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookEndpoint(self, request, context):
+        """GetWebhookEndpoint returns one endpoint, without its secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSettings(self, request, context):
+        """GetSettings returns the tenant's delivery settings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSettings(self, request, context):
+        """UpdateSettings replaces the tenant's delivery settings.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,6 +193,36 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
                     servicer.PreviewTemplate,
                     request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateRequest.FromString,
                     response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateResponse.SerializeToString,
+            ),
+            'SendTest': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTest,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestResponse.SerializeToString,
+            ),
+            'GetBanner': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBanner,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerResponse.SerializeToString,
+            ),
+            'PutWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutWebhookEndpoint,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointResponse.SerializeToString,
+            ),
+            'GetWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookEndpoint,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointResponse.SerializeToString,
+            ),
+            'GetSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettings,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsResponse.SerializeToString,
+            ),
+            'UpdateSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSettings,
+                    request_deserializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsRequest.FromString,
+                    response_serializer=relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsResponse.SerializeToString,
             ),
             'GetMessage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMessage,
@@ -212,6 +317,168 @@ class DeliveryService:
             '/relevans.delivery.v1.DeliveryService/PreviewTemplate',
             relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateRequest.SerializeToString,
             relevans_dot_delivery_dot_v1_dot_delivery__pb2.PreviewTemplateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/SendTest',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.SendTestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBanner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/GetBanner',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetBannerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/PutWebhookEndpoint',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.PutWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/GetWebhookEndpoint',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/GetSettings',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.GetSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/relevans.delivery.v1.DeliveryService/UpdateSettings',
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsRequest.SerializeToString,
+            relevans_dot_delivery_dot_v1_dot_delivery__pb2.UpdateSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,7 +38,25 @@ class DeliveryServiceStub:
     GetTemplate: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateRequest, _delivery_pb2.GetTemplateResponse]
     """GetTemplate returns one template."""
     PreviewTemplate: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.PreviewTemplateRequest, _delivery_pb2.PreviewTemplateResponse]
-    """PreviewTemplate renders a template with the given variables, sending nothing."""
+    """PreviewTemplate renders a template with the given variables, or for a real profile (what the
+    person would get now), sending nothing.
+    """
+    SendTest: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.SendTestRequest, _delivery_pb2.SendTestResponse]
+    """SendTest sends a rendered template to a given address, marked as a test."""
+    GetBanner: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetBannerRequest, _delivery_pb2.GetBannerResponse]
+    """GetBanner answers with the person's best eligible on-site banner for a placement, or none.
+    Answered from memory.
+    """
+    PutWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.PutWebhookEndpointRequest, _delivery_pb2.PutWebhookEndpointResponse]
+    """PutWebhookEndpoint creates or replaces where webhook messages go; the signing secret is
+    generated on creation and returned only then (or when rotate_secret is set).
+    """
+    GetWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetWebhookEndpointRequest, _delivery_pb2.GetWebhookEndpointResponse]
+    """GetWebhookEndpoint returns one endpoint, without its secret."""
+    GetSettings: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetSettingsRequest, _delivery_pb2.GetSettingsResponse]
+    """GetSettings returns the tenant's delivery settings."""
+    UpdateSettings: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.UpdateSettingsRequest, _delivery_pb2.UpdateSettingsResponse]
+    """UpdateSettings replaces the tenant's delivery settings."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.GetMessageRequest, _delivery_pb2.GetMessageResponse]
     """GetMessage returns one message with its status history."""
     ListMessages: _grpc.UnaryUnaryMultiCallable[_delivery_pb2.ListMessagesRequest, _delivery_pb2.ListMessagesResponse]
@@ -54,7 +72,25 @@ class DeliveryServiceAsyncStub(DeliveryServiceStub):
     GetTemplate: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetTemplateRequest, _delivery_pb2.GetTemplateResponse]  # type: ignore[assignment]
     """GetTemplate returns one template."""
     PreviewTemplate: _aio.UnaryUnaryMultiCallable[_delivery_pb2.PreviewTemplateRequest, _delivery_pb2.PreviewTemplateResponse]  # type: ignore[assignment]
-    """PreviewTemplate renders a template with the given variables, sending nothing."""
+    """PreviewTemplate renders a template with the given variables, or for a real profile (what the
+    person would get now), sending nothing.
+    """
+    SendTest: _aio.UnaryUnaryMultiCallable[_delivery_pb2.SendTestRequest, _delivery_pb2.SendTestResponse]  # type: ignore[assignment]
+    """SendTest sends a rendered template to a given address, marked as a test."""
+    GetBanner: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetBannerRequest, _delivery_pb2.GetBannerResponse]  # type: ignore[assignment]
+    """GetBanner answers with the person's best eligible on-site banner for a placement, or none.
+    Answered from memory.
+    """
+    PutWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_delivery_pb2.PutWebhookEndpointRequest, _delivery_pb2.PutWebhookEndpointResponse]  # type: ignore[assignment]
+    """PutWebhookEndpoint creates or replaces where webhook messages go; the signing secret is
+    generated on creation and returned only then (or when rotate_secret is set).
+    """
+    GetWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetWebhookEndpointRequest, _delivery_pb2.GetWebhookEndpointResponse]  # type: ignore[assignment]
+    """GetWebhookEndpoint returns one endpoint, without its secret."""
+    GetSettings: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetSettingsRequest, _delivery_pb2.GetSettingsResponse]  # type: ignore[assignment]
+    """GetSettings returns the tenant's delivery settings."""
+    UpdateSettings: _aio.UnaryUnaryMultiCallable[_delivery_pb2.UpdateSettingsRequest, _delivery_pb2.UpdateSettingsResponse]  # type: ignore[assignment]
+    """UpdateSettings replaces the tenant's delivery settings."""
     GetMessage: _aio.UnaryUnaryMultiCallable[_delivery_pb2.GetMessageRequest, _delivery_pb2.GetMessageResponse]  # type: ignore[assignment]
     """GetMessage returns one message with its status history."""
     ListMessages: _aio.UnaryUnaryMultiCallable[_delivery_pb2.ListMessagesRequest, _delivery_pb2.ListMessagesResponse]  # type: ignore[assignment]
@@ -85,7 +121,61 @@ class DeliveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _delivery_pb2.PreviewTemplateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_delivery_pb2.PreviewTemplateResponse, _abc.Awaitable[_delivery_pb2.PreviewTemplateResponse]]:
-        """PreviewTemplate renders a template with the given variables, sending nothing."""
+        """PreviewTemplate renders a template with the given variables, or for a real profile (what the
+        person would get now), sending nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def SendTest(
+        self,
+        request: _delivery_pb2.SendTestRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.SendTestResponse, _abc.Awaitable[_delivery_pb2.SendTestResponse]]:
+        """SendTest sends a rendered template to a given address, marked as a test."""
+
+    @_abc_1.abstractmethod
+    def GetBanner(
+        self,
+        request: _delivery_pb2.GetBannerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.GetBannerResponse, _abc.Awaitable[_delivery_pb2.GetBannerResponse]]:
+        """GetBanner answers with the person's best eligible on-site banner for a placement, or none.
+        Answered from memory.
+        """
+
+    @_abc_1.abstractmethod
+    def PutWebhookEndpoint(
+        self,
+        request: _delivery_pb2.PutWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.PutWebhookEndpointResponse, _abc.Awaitable[_delivery_pb2.PutWebhookEndpointResponse]]:
+        """PutWebhookEndpoint creates or replaces where webhook messages go; the signing secret is
+        generated on creation and returned only then (or when rotate_secret is set).
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookEndpoint(
+        self,
+        request: _delivery_pb2.GetWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.GetWebhookEndpointResponse, _abc.Awaitable[_delivery_pb2.GetWebhookEndpointResponse]]:
+        """GetWebhookEndpoint returns one endpoint, without its secret."""
+
+    @_abc_1.abstractmethod
+    def GetSettings(
+        self,
+        request: _delivery_pb2.GetSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.GetSettingsResponse, _abc.Awaitable[_delivery_pb2.GetSettingsResponse]]:
+        """GetSettings returns the tenant's delivery settings."""
+
+    @_abc_1.abstractmethod
+    def UpdateSettings(
+        self,
+        request: _delivery_pb2.UpdateSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_delivery_pb2.UpdateSettingsResponse, _abc.Awaitable[_delivery_pb2.UpdateSettingsResponse]]:
+        """UpdateSettings replaces the tenant's delivery settings."""
 
     @_abc_1.abstractmethod
     def GetMessage(

@@ -49,6 +49,12 @@ class ProfileView:
     first_name: str = ""
     # (purpose, channel) -> status, lower-case enum names: ("marketing", "email") -> "granted".
     consents: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # The `phone` trait as the person gave it (the SMS channel checks it is E.164).
+    phone: str = ""
+    # The `locale` trait (BCP 47), "" when unknown: which template variant the person gets.
+    locale: str = ""
+    # The person's anonymous ids (a banner asked for by one of them is theirs).
+    anonymous_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
