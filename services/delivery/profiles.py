@@ -22,7 +22,8 @@ from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.domain import ProfileView
 
 TOKEN_LIFETIME = timedelta(minutes=5)
-# The traits delivery reads besides the profile's fields.
+# The traits delivery reads besides the profile's fields (the `phone` trait when the profile has no
+# imported phone).
 PHONE_TRAIT = "phone"
 LOCALE_TRAIT = "locale"
 MAX_IDS_PER_CALL = 1000
@@ -45,7 +46,7 @@ def profile_view(p: profile_pb2.Profile) -> ProfileView:
         email=p.email,
         first_name=p.first_name,
         consents=consents,
-        phone=_text_trait(p, PHONE_TRAIT),
+        phone=p.phone or _text_trait(p, PHONE_TRAIT),
         locale=_text_trait(p, LOCALE_TRAIT),
         anonymous_ids=tuple(p.anonymous_ids),
     )

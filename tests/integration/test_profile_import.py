@@ -119,7 +119,7 @@ async def test_an_import_upserts_profiles_with_tags_traits_and_consent(
     anna = (
         await stub.GetProfile(profile_pb2.GetProfileRequest(email="anna.berg@example.com"), metadata=token())
     ).profile
-    assert anna.first_name == "Anna"
+    assert (anna.first_name, anna.phone) == ("Anna", "+46701234567")
     [c] = anna.consents
     assert (c.purpose, c.channel, c.status, c.source) == (
         common_pb2.PURPOSE_MARKETING,

@@ -282,12 +282,15 @@ class Profile(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     customer_id: _builtins.str
     email: _builtins.str
     first_name: _builtins.str
     score: _builtins.float
     """Lead score now: decayed event points plus trait points."""
+    phone: _builtins.str
+    """E.164, as imported (ImportRow.phone); empty when unknown. The SMS channel sends to it."""
     @_builtins.property
     def anonymous_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -336,10 +339,11 @@ class Profile(_message.Message):
         counters: _abc.Iterable[Global___CounterValue] | None = ...,
         score: _builtins.float = ...,
         last_seen: _abc.Mapping[_builtins.str, _timestamp_pb2.Timestamp] | None = ...,
+        phone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_ids", b"anonymous_ids", "consents", b"consents", "counters", b"counters", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "last_seen", b"last_seen", "last_seen_time", b"last_seen_time", "profile_id", b"profile_id", "score", b"score", "tags", b"tags", "trait_sources", b"trait_sources", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_ids", b"anonymous_ids", "consents", b"consents", "counters", b"counters", "create_time", b"create_time", "customer_id", b"customer_id", "email", b"email", "first_name", b"first_name", "last_seen", b"last_seen", "last_seen_time", b"last_seen_time", "phone", b"phone", "profile_id", b"profile_id", "score", b"score", "tags", b"tags", "trait_sources", b"trait_sources", "traits", b"traits", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,7 +49,7 @@ class ProfileView:
     first_name: str = ""
     # (purpose, channel) -> status, lower-case enum names: ("marketing", "email") -> "granted".
     consents: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    # The `phone` trait as the person gave it (the SMS channel checks it is E.164).
+    # The profile's phone (imported, E.164) or else its `phone` trait (the SMS channel checks it).
     phone: str = ""
     # The `locale` trait (BCP 47), "" when unknown: which template variant the person gets.
     locale: str = ""

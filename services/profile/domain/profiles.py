@@ -29,6 +29,8 @@ class Profile:
     enriched: Enriched = field(default_factory=Enriched)
     # Every source's value of every trait; loaded only when asked for.
     trait_sources: tuple[TraitValue, ...] = ()
+    # E.164 (imports normalise it).
+    phone: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ PROFILE_FIELDS = (
     "counters",
     "score",
     "last_seen",
+    "phone",
 )
 # What an empty read mask returns: every field but the per-source trait values.
 DEFAULT_FIELDS = frozenset(PROFILE_FIELDS) - {"trait_sources"}

@@ -119,6 +119,7 @@ def profile_proto(p: Profile, fields: frozenset[str] = DEFAULT_FIELDS) -> profil
         update_time=to_timestamp(p.updated_at),
         last_seen_time=to_timestamp(p.last_seen_at),
         trait_sources=[trait_proto(t) for t in p.trait_sources],
+        phone=p.phone or "",
         **enriched_fields(p.enriched),
     )
     for name in PROFILE_FIELDS:

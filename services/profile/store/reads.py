@@ -22,7 +22,7 @@ ORDER BY profile_id, name, array_position(CAST(:precedence AS text[]), source)
 """)
 
 _LOAD = sa.text(f"""
-SELECT q.profile_id AS requested, p.profile_id, p.customer_id, p.email, p.first_name,
+SELECT q.profile_id AS requested, p.profile_id, p.customer_id, p.email, p.first_name, p.phone,
        p.created_at, p.updated_at, p.last_seen_at,
        p.traits, p.counters, p.last_seen_types, p.score, p.score_at, {TAGS_ARRAY} AS tags,
        {CONSENTS_JSON} AS consents,
@@ -91,6 +91,7 @@ class ProfileReads:
                 last_seen_at=r.last_seen_at,
                 enriched=enriched_of(r, definitions, now),
                 trait_sources=tuple(sources.get(r.profile_id, ())),
+                phone=r.phone,
             )
         return list(out.values())
 
