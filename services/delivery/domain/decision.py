@@ -84,8 +84,9 @@ class Send:
     body_text: str
     # What the message answers and what it was rendered from, for transports whose message
     # carries more than the text (a webhook's payload and endpoint).
-    request: DeliveryRequest | None = None
-    template: Template | None = None
+    # (Not part of a Send's equality: two sends of the same content are the same message.)
+    request: DeliveryRequest | None = field(default=None, compare=False)
+    template: Template | None = field(default=None, compare=False)
 
 
 Decision = Send | Final
