@@ -5,7 +5,8 @@ their data under the data folder, migrates, runs the three services as child
 processes (`relevans serve <name>`, restarted when one dies), an SMTP sink that
 stores each mail as a file and a webhook receiver that checks and stores each webhook
 (allowed to delivery by `RELEVANS_WEBHOOK_ALLOW_ADDRESSES`, it alone on loopback), records
-the addresses and a dev token in the data folder (relevans/cli/stack.py) and prints them, and stops everything on Ctrl-C.
+the addresses and a dev token in the data folder (relevans/cli/stack.py) and prints them,
+and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
