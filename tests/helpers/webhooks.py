@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +106,19 @@ async def start_system(
 
 
 async def put_endpoint(
-    system: System, endpoint_id: str, url: str, *, rotate: bool = False, tenant: str = TENANT
+    system: System,
+    endpoint_id: str,
+    url: str,
+    *,
+    rotate: bool = False,
+    timeout: timedelta | None = None,
+    tenant: str = TENANT,
 ) -> delivery_pb2.WebhookEndpoint:
+    endpoint = delivery_pb2.WebhookEndpoint(endpoint_id=endpoint_id, url=url)
+    if timeout is not None:
+        endpoint.timeout.FromTimedelta(timeout)
     reply = await system.delivery.PutWebhookEndpoint(
-        delivery_pb2.PutWebhookEndpointRequest(
-            endpoint=delivery_pb2.WebhookEndpoint(endpoint_id=endpoint_id, url=url), rotate_secret=rotate
-        ),
+        delivery_pb2.PutWebhookEndpointRequest(endpoint=endpoint, rotate_secret=rotate),
         metadata=token(tenant, "admin"),
     )
     return reply.endpoint

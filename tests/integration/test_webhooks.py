@@ -3,9 +3,10 @@ connector injected, so no test connects to anything but loopback (tests/helpers/
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,7 @@ from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.settings import Settings
+from relevans.local.embedded import free_port
 from relevans.local.webhook_receiver import WebhookReceiver
 from relevans.profile.v1 import profile_pb2
 from relevans.trigger.v1 import trigger_pb2
@@ -219,18 +221,24 @@ async def test_private_metadata_and_loopback_addresses_are_refused_before_any_co
 @pytest_asyncio.fixture
 async def redirector() -> AsyncIterator[tuple[str, list[str]]]:
     """An HTTP server on loopback: /private redirects (307) to a name that resolves privately,
-    /moved to /final on itself (308), /found answers 302, /gone 404; it records each path hit."""
+    /moved to /final on itself (308), /found answers 302, /gone 404, /busy-once 503 the first
+    time, /hang never answers; it records each path hit."""
     hits: list[str] = []
+    release = asyncio.Event()
 
     async def handle(request: web.Request) -> web.Response:
         hits.append(request.path)
+        if request.path == "/busy-once" and hits.count("/busy-once") == 1:
+            return web.Response(status=503)
+        if request.path == "/hang":
+            await release.wait()
         if request.path == "/private":
             raise web.HTTPTemporaryRedirect("https://internal.example/hook")
         if request.path == "/moved":
             raise web.HTTPPermanentRedirect("/final")
         if request.path == "/found":
             raise web.HTTPFound("/final")
-        if request.path == "/final":
+        if request.path in ("/final", "/busy-once"):
             return web.Response(status=204)
         return web.Response(status=404)
 
@@ -243,6 +251,7 @@ async def redirector() -> AsyncIterator[tuple[str, list[str]]]:
     try:
         yield f"127.0.0.1:{site.port}", hits
     finally:
+        release.set()
         await runner.cleanup()
 
 
@@ -380,3 +389,43 @@ async def test_a_name_is_resolved_once_and_the_connection_goes_to_the_checked_ad
     assert [d["verified"] for d in hooks.deliveries("crm")] == [True]
     assert net.asked == ["crm.test"]  # the connection asked the pinned answer, not DNS again
     assert net.connects == [("crm.test", hooks.port)]
+
+
+async def test_what_nothing_reached_is_retried_and_what_may_have_arrived_is_not_posted_again(
+    start: Start, redirector: tuple[str, list[str]]
+) -> None:
+    address, hits = redirector
+    system = await start(webhook_allow_private=True, webhook_allow_insecure=True)
+    closed_port = free_port()
+    await put_endpoint(system, "busy", f"http://{address}/busy-once")
+    await put_endpoint(system, "hang", f"http://{address}/hang", timeout=timedelta(milliseconds=300))
+    await put_endpoint(system, "closed", f"http://127.0.0.1:{closed_port}/hook")
+    person = await lead(system)
+    keys = {}
+    for endpoint_id in ("busy", "hang", "closed"):
+        await put_template(system, f"to-{endpoint_id}", endpoint_id)
+        keys[endpoint_id] = await request(system, person, f"to-{endpoint_id}")
+
+    sent = await eventually(lambda: final_message(system, keys["busy"]), timeout=20)
+    assert sent.status == delivery_pb2.MESSAGE_STATUS_SENT
+    assert [h.reason for h in sent.history][-2:] == [
+        "retrying: webhook: 503 Service Unavailable",
+        "webhook: 204 No Content",
+    ]
+    hung = await eventually(lambda: final_message(system, keys["hang"]))
+    assert hung.status == delivery_pb2.MESSAGE_STATUS_FAILED
+    assert hung.reason.startswith("outcome_unknown: "), hung.reason
+    closed = await eventually(lambda: _retrying(system, keys["closed"]))
+    assert "Cannot connect to host 127.0.0.1:" in closed.reason
+    await stays(lambda: _hit_twice(hits, "/hang"), duration=0.5)
+
+
+async def _retrying(system: System, key: str) -> delivery_pb2.Message | None:
+    for m in await messages(system):
+        if m.idempotency_key == key and m.reason.startswith("retrying: webhook: "):
+            return m
+    return None
+
+
+async def _hit_twice(hits: list[str], path: str) -> bool:
+    return hits.count(path) > 1
