@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -33,12 +32,7 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
-from services.delivery.domain.webhooks import (
-    DEFAULT_TIMEOUT,
-    WebhookEndpoint,
-    check_endpoint_fields,
-    new_secret,
-)
+from services.delivery.domain.webhooks import WebhookEndpoint
 from services.delivery.store import DeliveryStore
 from services.delivery.webhook_rows import WebhookRows
 
@@ -217,17 +211,9 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         if not request.HasField("endpoint"):
             raise InvalidArgument(FieldViolation("endpoint", "is required"))
         e = request.endpoint
-        timeout = e.timeout.ToTimedelta() if e.HasField("timeout") else timedelta(0)
-        rules = self.address_guard.rules
-        v = check_endpoint_fields(
-            e.endpoint_id, e.url, timeout, allow_insecure=rules.allow_insecure, exempt=rules.exempt
+        endpoint = await self.address_guard.endpoint_to_save(
+            e.endpoint_id, e.url, e.timeout.seconds + e.timeout.nanos / 1e9
         )
-        if not any(item.field == "endpoint.url" for item in v.items):
-            refusal = await self.address_guard.refusal(e.url)
-            if refusal:
-                v.add("endpoint.url", refusal)
-        v.raise_if_any()
-        endpoint = WebhookEndpoint(e.endpoint_id, e.url, new_secret(), timeout or DEFAULT_TIMEOUT)
         stored, fresh_secret = await self.webhooks.put(
             tenant, endpoint, self.clock.now(), rotate_secret=request.rotate_secret
         )

@@ -328,6 +328,16 @@ async def test_put_webhook_endpoint_names_each_bad_field(start: Start, net: Fake
         )
     )
     assert field_violations(err) == {"endpoint": "is required"}
+    for seconds in (10**15, -1):
+        huge = delivery_pb2.WebhookEndpoint(
+            endpoint_id="crm", url="https://crm.example.com/", timeout=duration_pb2.Duration(seconds=seconds)
+        )
+        err = await rpc_error(
+            system.delivery.PutWebhookEndpoint(
+                delivery_pb2.PutWebhookEndpointRequest(endpoint=huge), metadata=token(TENANT, "admin")
+            )
+        )
+        assert set(field_violations(err)) == {"endpoint.timeout"}
 
 
 async def test_the_secret_is_shown_on_creation_and_rotation_only(start: Start, net: FakeNet) -> None:

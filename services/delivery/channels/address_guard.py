@@ -24,7 +24,17 @@ from urllib.parse import urlsplit
 
 from relevans.kit.settings import Settings
 from services.delivery.domain.addresses import address_problem, parse_address
-from services.delivery.domain.webhooks import ADDRESS_BLOCKED, host_port, url_host, url_port, url_problem
+from services.delivery.domain.webhooks import (
+    ADDRESS_BLOCKED,
+    WebhookEndpoint,
+    check_endpoint_fields,
+    endpoint_timeout,
+    host_port,
+    new_secret,
+    url_host,
+    url_port,
+    url_problem,
+)
 
 # host -> its IP addresses; raises OSError when the name does not resolve.
 Resolver = Callable[[str], Awaitable[Sequence[str]]]
@@ -104,6 +114,23 @@ class AddressGuard:
                     )
                     raise AddressRefused(f"{ADDRESS_BLOCKED}: {said}")
         return CheckedTarget(url=url, host=host, port=port, addresses=addresses)
+
+    async def endpoint_to_save(self, endpoint_id: str, url: str, timeout_s: float) -> WebhookEndpoint:
+        """The endpoint to save (with a new secret, kept only if it is created or rotated), or
+        InvalidArgument naming each bad field; the URL is resolved and checked as a send would."""
+        v = check_endpoint_fields(
+            endpoint_id,
+            url,
+            timeout_s,
+            allow_insecure=self.rules.allow_insecure,
+            exempt=self.rules.exempt,
+        )
+        if not any(item.field == "endpoint.url" for item in v.items):
+            refusal = await self.refusal(url)
+            if refusal:
+                v.add("endpoint.url", refusal)
+        v.raise_if_any()
+        return WebhookEndpoint(endpoint_id, url, new_secret(), endpoint_timeout(timeout_s))
 
     async def refusal(self, url: str) -> str | None:
         """Why `url` may not be saved as a webhook URL now (for `endpoint.url`), or None."""

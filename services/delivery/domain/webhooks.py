@@ -187,16 +187,21 @@ def url_problem(url: str, *, allow_insecure: bool, exempt: frozenset[str] = froz
     return None
 
 
-def timeout_problem(timeout: timedelta) -> str | None:
-    if timeout < timedelta(0):
+def timeout_problem(timeout_s: float) -> str | None:
+    if timeout_s < 0:
         return "must not be negative"
-    if timeout > MAX_TIMEOUT:
+    if timeout_s > MAX_TIMEOUT.total_seconds():
         return f"must be at most {int(MAX_TIMEOUT.total_seconds())} s"
     return None
 
 
+def endpoint_timeout(timeout_s: float) -> timedelta:
+    """The timeout of a valid `timeout_s`: 0 means the default."""
+    return timedelta(seconds=timeout_s) if timeout_s else DEFAULT_TIMEOUT
+
+
 def check_endpoint_fields(
-    endpoint_id: str, url: str, timeout: timedelta, *, allow_insecure: bool, exempt: frozenset[str]
+    endpoint_id: str, url: str, timeout_s: float, *, allow_insecure: bool, exempt: frozenset[str]
 ) -> Violations:
     """The field violations of an endpoint before its host is resolved (`endpoint.url`, ...)."""
     v = Violations()
@@ -206,7 +211,7 @@ def check_endpoint_fields(
     problem = url_problem(url, allow_insecure=allow_insecure, exempt=exempt)
     if problem:
         v.add("endpoint.url", problem)
-    problem = timeout_problem(timeout)
+    problem = timeout_problem(timeout_s)
     if problem:
         v.add("endpoint.timeout", problem)
     return v
