@@ -147,7 +147,7 @@ class AddressGuard:
             return (host,)
         try:
             found = await asyncio.wait_for(self.resolve(host), RESOLVE_TIMEOUT_S)
-        except (OSError, UnicodeError, TimeoutError) as exc:
+        except Exception as exc:  # OSError (no such name), TimeoutError, whatever the resolver raises
             raise NameUnresolved(f"{host} does not resolve: {exc}") from None
         if not found:
             raise NameUnresolved(f"{host} does not resolve")

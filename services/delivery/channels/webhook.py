@@ -3,9 +3,10 @@ connected only to addresses the address guard checked.
 
 For each message, in order: the endpoint is loaded; its URL passes the address guard (else
 the message fails "address_blocked: ..." and nothing is claimed or sent; a name that does
-not resolve is retried later); the message is claimed; the request is signed at the clock's
-now and posted. The connection's resolver answers aiohttp with the checked addresses and
-nothing else, so there is no second DNS lookup between the check and the connection.
+not resolve is retried later); the request is signed at the clock's now; the message is
+claimed; the request is posted. The connection's resolver answers aiohttp with the checked
+addresses and nothing else, so there is no second DNS lookup between the check and the
+connection.
 
 Redirects are never followed by aiohttp. A 307 or 308 (which keep the method and body by
 definition) is followed by hand, at most `MAX_REDIRECTS` times, each target passing the
@@ -44,6 +45,7 @@ from services.delivery.domain.channels.webhook import STAGE_CONNECT, STAGE_SENT,
 from services.delivery.domain.webhooks import (
     ENDPOINT_NOT_FOUND,
     REDIRECT_NOT_FOLLOWED,
+    SECRET_UNUSABLE,
     WEBHOOK_REJECTED,
     WebhookEndpoint,
     payload,
@@ -210,9 +212,12 @@ class WebhookTransport:
             return SendOutcome("permanent", str(exc))
         except NameUnresolved as exc:
             return SendOutcome("transient", str(exc))
+        try:
+            headers = signed_headers(endpoint.secret, hook.message_id, self.clock.now(), hook.content)
+        except ValueError as exc:  # a secret not written by new_secret()
+            return SendOutcome("permanent", f"{SECRET_UNUSABLE}: {exc}")
         if not await handover.claim(index):
             return None
-        headers = signed_headers(endpoint.secret, hook.message_id, self.clock.now(), hook.content)
         timeout = aiohttp.ClientTimeout(total=endpoint.timeout.total_seconds())
         return await self._post(session, resolver, target, headers, hook.content, timeout)
 

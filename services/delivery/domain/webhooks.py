@@ -41,6 +41,7 @@ ADDRESS_BLOCKED = "address_blocked"
 ENDPOINT_NOT_FOUND = "webhook_endpoint_not_found"
 WEBHOOK_REJECTED = "webhook_rejected"
 REDIRECT_NOT_FOLLOWED = "redirect_not_followed"
+SECRET_UNUSABLE = "webhook_secret_unusable"
 
 
 @dataclass(frozen=True, slots=True)
