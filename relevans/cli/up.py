@@ -2,9 +2,11 @@
 
 Starts a real PostgreSQL and NATS JetStream from pip-installed binaries with
 their data under the data folder, migrates, runs the three services as child
-processes (`relevans serve <name>`, restarted when one dies) and an SMTP sink that
-stores each mail as a file, records the addresses and a dev token in the data
-folder (relevans/cli/stack.py) and prints them, and stops everything on Ctrl-C.
+processes (`relevans serve <name>`, restarted when one dies), an SMTP sink that
+stores each mail as a file and a webhook receiver that checks and stores each webhook
+(allowed to delivery by `RELEVANS_WEBHOOK_ALLOW_ADDRESSES`, it alone on loopback), records
+the addresses and a dev token in the data folder (relevans/cli/stack.py) and prints them,
+and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from relevans.kit.db import migrate
 from relevans.kit.settings import SERVICES, Settings, env_name
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 from relevans.local.smtp_sink import SmtpSink
+from relevans.local.webhook_receiver import WebhookReceiver
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -76,6 +79,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "delivery_metrics_port",
         "smtp_host",
         "smtp_port",
+        "webhook_allow_addresses",
         "event_partitions",
         "log_level",
     ):
@@ -136,6 +140,13 @@ def _point_at_embedded(
     return settings, listen
 
 
+def _allow_receiver(settings: Settings, receiver: WebhookReceiver) -> Settings:
+    """The settings with the demo webhook receiver (plain http on loopback) allowed, and only it."""
+    receiver_address = f"{receiver.host}:{receiver.port}"
+    allowed = [a for a in settings.webhook_allow_addresses.split(",") if a.strip()]
+    return replace(settings, webhook_allow_addresses=",".join([*allowed, receiver_address]))
+
+
 def _spawner(settings: Settings, logs: Path) -> Spawn:
     """Starts `relevans serve <name>`, appending its output to logs/<name>.log."""
     env = _child_env(settings)
@@ -154,7 +165,13 @@ def _spawner(settings: Settings, logs: Path) -> Spawn:
 
 
 def _announce(
-    data_dir: Path, settings: Settings, listen: dict[str, str], sink: SmtpSink, logs: Path, ports: PortChooser
+    data_dir: Path,
+    settings: Settings,
+    listen: dict[str, str],
+    sink: SmtpSink,
+    receiver: WebhookReceiver,
+    logs: Path,
+    ports: PortChooser,
 ) -> None:
     """Writes the state file the other commands read (addresses, a dev token) and prints the same."""
     token = mint_token(settings.token_secret, DEV_TENANT, ["admin"])
@@ -166,6 +183,8 @@ def _announce(
         "postgres": settings.postgres_url,
         "nats": settings.nats_url,
         "smtp_port": sink.port,
+        "webhook_receiver": f"http://{receiver.host}:{receiver.port}/hooks/",
+        "webhook_dir": str(receiver.root),
         **{f"{s}_metrics_port": settings.metrics_port(s) for s in SERVICES},
         "moved": ports.notes,
         "pid": os.getpid(),
@@ -179,6 +198,7 @@ def _announce(
         f"  postgres  {settings.postgres_url}\n"
         f"  nats      {settings.nats_url}\n"
         f"  smtp sink 127.0.0.1:{sink.port} -> {sink.mail_dir}\n"
+        f"  webhooks  http://{receiver.host}:{receiver.port}/hooks/<name> -> {receiver.root}\n"
         f"  logs      {logs}\n"
         f"  recorded  {data_dir / STATE_FILE} (the other commands read it)\n"
         f"  dev token (tenant {DEV_TENANT!r}, admin):\n    {token}\n\n"
@@ -215,13 +235,16 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
     pg = EmbeddedPostgres(data_dir / "postgres", port=pg_port)
     nats_server = EmbeddedNats(data_dir / "nats", port=ports.choose(_port_of(settings.nats_url), "NATS"))
     sink = SmtpSink(data_dir / "mail", port=ports.choose(settings.smtp_port, "SMTP sink"))
+    receiver = WebhookReceiver(data_dir / "webhooks")
     supervisor: Supervisor | None = None
     try:
         print("starting PostgreSQL and NATS …", flush=True)
         await pg.start()
         await nats_server.start()
         await sink.start()
+        await receiver.start()
         settings, listen = _point_at_embedded(settings, pg, nats_server, sink, ports)
+        settings = _allow_receiver(settings, receiver)
         for service in SERVICES:
             await migrate(service, settings.database_url(service))
         logs = data_dir / "logs"
@@ -232,7 +255,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
 
         supervisor = Supervisor(_spawner(settings, logs), ready, lambda line: print(line, flush=True))
         await supervisor.start(SERVICES)
-        _announce(data_dir, settings, listen, sink, logs, ports)
+        _announce(data_dir, settings, listen, sink, receiver, logs, ports)
         await supervisor.run_until(stop)
         return 0
     finally:
@@ -241,6 +264,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
             await _stop_children(list(supervisor.children.values()), settings.shutdown_grace + 5)
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         await sink.stop()
+        await receiver.stop()
         await nats_server.stop()
         await pg.stop()
         print("stopped; data kept in", data_dir, flush=True)

@@ -62,6 +62,13 @@ class Settings:
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_sender: str = "relevans <no-reply@relevans.local>"
+    # Webhook URLs may be plain http (else https only).
+    webhook_allow_insecure: bool = False
+    # Webhooks may go to loopback, private, link-local and CGNAT addresses (never to metadata ones).
+    webhook_allow_private: bool = False
+    # Comma-separated host:port pairs exempt from the address check and the https rule, e.g.
+    # "127.0.0.1:8090,[::1]:8090" (`relevans up` adds its demo webhook receiver).
+    webhook_allow_addresses: str = ""
     # Seconds in-flight calls get to finish on shutdown.
     shutdown_grace: float = 5.0
     # Default deadline, in seconds, for calls one service makes to another.

@@ -9,12 +9,15 @@ from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.delivery.channels import open_transports
+from services.delivery.channels.address_guard import AddressGuard, AddressRules
+from services.delivery.channels.webhook import WebhookNetwork
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
 from services.delivery.profiles import ProfileClient
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
+from services.delivery.webhook_rows import WebhookRows
 from services.delivery.worker import DeliveryWorker
 
 SERVICE = "delivery"
@@ -24,8 +27,11 @@ def new_message_id() -> str:
     return str(uuid.uuid4())
 
 
-async def build(settings: Settings, clock: Clock) -> ServiceHost:
-    """The delivery service, not yet started; the caller migrates its database first."""
+async def build(
+    settings: Settings, clock: Clock, *, webhook_network: WebhookNetwork | None = None
+) -> ServiceHost:
+    """The delivery service, not yet started; the caller migrates its database first.
+    `webhook_network`: how webhooks resolve names and connect (tests inject it)."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     store = DeliveryStore(rt.engine)
     renderer = Renderer()
@@ -38,13 +44,21 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings),
+        open_transports(settings, engine=rt.engine, clock=clock, webhook_network=webhook_network),
         renderer,
         clock,
         make_id=new_message_id,
         notify=rt.relay.notify,
     )
-    host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
+    network = webhook_network or WebhookNetwork()
+    servicer = DeliveryServicer(
+        store,
+        renderer,
+        clock,
+        webhooks=WebhookRows(rt.engine),
+        address_guard=AddressGuard(AddressRules.from_settings(settings), network.resolve),
+    )
+    host = rt.host([binding(servicer)])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)

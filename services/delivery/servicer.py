@@ -14,6 +14,7 @@ from relevans.kit.errors import FailedPrecondition, FieldViolation, InvalidArgum
 from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
+from services.delivery.channels.address_guard import AddressGuard
 from services.delivery.domain import (
     FAILED,
     MESSAGE_PAGES,
@@ -31,7 +32,9 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
+from services.delivery.domain.webhooks import WebhookEndpoint
 from services.delivery.store import DeliveryStore
+from services.delivery.webhook_rows import WebhookRows
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
 SCOPES = {
@@ -40,6 +43,8 @@ SCOPES = {
     "PreviewTemplate": "read",
     "GetMessage": "read",
     "ListMessages": "read",
+    "PutWebhookEndpoint": "admin",
+    "GetWebhookEndpoint": "read",
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -62,6 +67,7 @@ def raw_template(t: delivery_pb2.Template) -> RawTemplate:
         locale=t.locale,
         subject=t.subject,
         body_text=t.body_text,
+        webhook_endpoint_id=t.webhook_endpoint_id,
     )
 
 
@@ -73,7 +79,19 @@ def template_proto(t: Template) -> delivery_pb2.Template:
         subject=t.subject,
         body_text=t.body_text,
         update_time=to_timestamp(t.updated_at),
+        webhook_endpoint_id=t.webhook_endpoint_id,
     )
+
+
+def endpoint_proto(e: WebhookEndpoint, *, with_secret: bool) -> delivery_pb2.WebhookEndpoint:
+    proto = delivery_pb2.WebhookEndpoint(
+        endpoint_id=e.endpoint_id,
+        url=e.url,
+        secret=e.secret if with_secret else "",
+        update_time=to_timestamp(e.updated_at),
+    )
+    proto.timeout.FromTimedelta(e.timeout)
+    return proto
 
 
 def message_proto(m: MessageRecord) -> delivery_pb2.Message:
@@ -104,10 +122,20 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
 
 
 class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
-    def __init__(self, store: DeliveryStore, renderer: Renderer, clock: Clock) -> None:
+    def __init__(
+        self,
+        store: DeliveryStore,
+        renderer: Renderer,
+        clock: Clock,
+        *,
+        webhooks: WebhookRows,
+        address_guard: AddressGuard,
+    ) -> None:
         self.store = store
         self.renderer = renderer
         self.clock = clock
+        self.webhooks = webhooks
+        self.address_guard = address_guard
 
     async def PutTemplate(
         self, request: delivery_pb2.PutTemplateRequest, context: Context
@@ -115,6 +143,12 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         tenant = principal().tenant_id
         raw = raw_template(request.template) if request.HasField("template") else None
         template = validate_template(raw, self.renderer)
+        if template.webhook_endpoint_id:
+            found = await self.webhooks.load([(tenant, template.webhook_endpoint_id)])
+            if not found:
+                raise InvalidArgument(
+                    FieldViolation("template.webhook_endpoint_id", "no such webhook endpoint")
+                )
         stored = await self.store.put_template(tenant, template, self.clock.now())
         return delivery_pb2.PutTemplateResponse(template=template_proto(stored))
 
@@ -170,11 +204,29 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     async def GetBanner(self, request: Any, context: Context) -> Any:
         raise NotImplementedError
 
-    async def PutWebhookEndpoint(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
+    async def PutWebhookEndpoint(
+        self, request: delivery_pb2.PutWebhookEndpointRequest, context: Context
+    ) -> delivery_pb2.PutWebhookEndpointResponse:
+        tenant = principal().tenant_id
+        if not request.HasField("endpoint"):
+            raise InvalidArgument(FieldViolation("endpoint", "is required"))
+        e = request.endpoint
+        endpoint = await self.address_guard.endpoint_to_save(
+            e.endpoint_id, e.url, e.timeout.seconds + e.timeout.nanos / 1e9
+        )
+        stored, fresh_secret = await self.webhooks.put(
+            tenant, endpoint, self.clock.now(), rotate_secret=request.rotate_secret
+        )
+        return delivery_pb2.PutWebhookEndpointResponse(
+            endpoint=endpoint_proto(stored, with_secret=fresh_secret)
+        )
 
-    async def GetWebhookEndpoint(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
+    async def GetWebhookEndpoint(
+        self, request: delivery_pb2.GetWebhookEndpointRequest, context: Context
+    ) -> delivery_pb2.GetWebhookEndpointResponse:
+        tenant = principal().tenant_id
+        found = await self.webhooks.get(tenant, check_template_id(request.endpoint_id, "endpoint_id"))
+        return delivery_pb2.GetWebhookEndpointResponse(endpoint=endpoint_proto(found, with_secret=False))
 
     async def GetSettings(self, request: Any, context: Context) -> Any:
         raise NotImplementedError

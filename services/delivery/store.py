@@ -123,6 +123,7 @@ def _template(row: sa.Row[Any]) -> Template:
         subject=row.subject,
         body_text=row.body_text,
         updated_at=row.updated_at,
+        webhook_endpoint_id=row.webhook_endpoint_id,
     )
 
 
@@ -311,13 +312,17 @@ class DeliveryStore:
             "locale": t.locale,
             "subject": t.subject,
             "body_text": t.body_text,
+            "webhook_endpoint_id": t.webhook_endpoint_id,
             "created_at": now,
             "updated_at": now,
         }
         insert = pg_insert(templates).values(values)
         stmt = insert.on_conflict_do_update(
             index_elements=[templates.c.tenant_id, templates.c.template_id],
-            set_={k: insert.excluded[k] for k in ("channel", "locale", "subject", "body_text", "updated_at")},
+            set_={
+                k: insert.excluded[k]
+                for k in ("channel", "locale", "subject", "body_text", "webhook_endpoint_id", "updated_at")
+            },
         ).returning(*templates.c)
         async with self.engine.begin() as conn:
             row = (await conn.execute(stmt)).one()

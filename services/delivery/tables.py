@@ -30,6 +30,8 @@ templates = sa.Table(
     sa.Column("body_text", sa.Text, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
+    # Webhook templates: the endpoint their messages are posted to ("" for other channels).
+    sa.Column("webhook_endpoint_id", sa.Text, nullable=False, server_default=""),
 )
 
 messages = sa.Table(

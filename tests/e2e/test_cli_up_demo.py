@@ -10,9 +10,10 @@ from pathlib import Path
 
 import grpc
 
+from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.grpc_client import bearer
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
-from tests.helpers import eventually
+from tests.helpers import eventually, field_violations
 from tests.helpers.local_stack import up_env
 
 
@@ -54,6 +55,22 @@ async def _trigger_ids(state: dict[str, str]) -> list[str]:
     return [t.trigger_id for t in reply.triggers]
 
 
+async def _put_endpoint(state: dict[str, str], url: str) -> grpc.aio.AioRpcError | None:
+    """PutWebhookEndpoint on the running stack; the error, or None when it was saved."""
+    async with grpc.aio.insecure_channel(state["delivery"]) as channel:
+        try:
+            await delivery_pb2_grpc.DeliveryServiceStub(channel).PutWebhookEndpoint(
+                delivery_pb2.PutWebhookEndpointRequest(
+                    endpoint=delivery_pb2.WebhookEndpoint(endpoint_id="crm", url=url)
+                ),
+                metadata=bearer(state["token"]),
+                timeout=5,
+            )
+        except grpc.aio.AioRpcError as err:
+            return err
+    return None
+
+
 async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
     data_dir = server_tmp / "data"
     env = up_env()
@@ -77,6 +94,12 @@ async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
         assert demo.returncode == 0, text
         assert "Hi Ada," in text and "Blue running shoes" in text
         assert "demo passed" in text
+
+        # The demo webhook receiver, on loopback over http, is allowed; nothing else on loopback is.
+        state = json.loads((data_dir / "up.json").read_text())
+        assert await _put_endpoint(state, state["webhook_receiver"] + "crm") is None
+        refused = await _put_endpoint(state, "http://127.0.0.1:9/hooks/crm")
+        assert refused is not None and set(field_violations(refused)) == {"endpoint.url"}
     finally:
         printed = await _stop(up)
     assert "relevans is up" in printed and "dev token" in printed

@@ -39,7 +39,7 @@ EMAIL = EmailChannel()
 
 
 def test_supported_channels_are_the_registered_ones() -> None:
-    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email"}
+    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email", "webhook"}
     for name, channel in CHANNELS.items():
         assert isinstance(channel, Channel)
         assert channel.name == name
@@ -61,7 +61,7 @@ def test_an_unregistered_channel_is_refused_everywhere() -> None:
     with pytest.raises(InvalidArgument) as caught:
         validate_template(raw, renderer)
     assert [(v.field, v.description) for v in caught.value.violations] == [
-        ("template.channel", "only CHANNEL_EMAIL templates are supported")
+        ("template.channel", "only CHANNEL_EMAIL, CHANNEL_WEBHOOK templates are supported")
     ]
     assert recipient_check("marketing", "sms", ProfileView("p1", email="ann@example.com")) == Final(
         FAILED, "channel_unsupported: sms"

@@ -6,14 +6,36 @@ when a registered channel has none.
 
 from __future__ import annotations
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from relevans.kit.clock import Clock, SystemClock
+from relevans.kit.db import create_engine
 from relevans.kit.settings import Settings
+from services.delivery.channels.address_guard import AddressRules
 from services.delivery.channels.base import Transport
 from services.delivery.channels.email import SmtpTransport
+from services.delivery.channels.webhook import WebhookNetwork, WebhookTransport
 from services.delivery.domain.channels.email import EmailChannel
+from services.delivery.domain.channels.webhook import WebhookChannel
+from services.delivery.webhook_rows import WebhookRows
 
 
-def open_transports(settings: Settings) -> dict[str, Transport]:
-    """One transport per registered channel, by channel name."""
+def open_transports(
+    settings: Settings,
+    *,
+    engine: AsyncEngine | None = None,
+    clock: Clock | None = None,
+    webhook_network: WebhookNetwork | None = None,
+) -> dict[str, Transport]:
+    """One transport per registered channel, by channel name. `engine` is the delivery
+    database's (webhook endpoints are read there; by default an engine of its own);
+    `webhook_network` the resolver and connector of webhooks (tests inject them)."""
     return {
         EmailChannel.name: SmtpTransport(settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender),
+        WebhookChannel.name: WebhookTransport(
+            WebhookRows(engine or create_engine(settings.database_url("delivery"), pool_size=2)),
+            AddressRules.from_settings(settings),
+            clock or SystemClock(),
+            webhook_network,
+        ),
     }

@@ -82,6 +82,11 @@ class Send:
     recipient: str
     subject: str
     body_text: str
+    # What the message answers and what it was rendered from, for transports whose message
+    # carries more than the text (a webhook's payload and endpoint).
+    # (Not part of a Send's equality: two sends of the same content are the same message.)
+    request: DeliveryRequest | None = field(default=None, compare=False)
+    template: Template | None = field(default=None, compare=False)
 
 
 Decision = Send | Final
@@ -169,4 +174,10 @@ def decide(
         )
     except RenderError as exc:
         return Final(SUPPRESSED, exc.reason)
-    return Send(recipient=channel.address(profile), subject=rendered.subject, body_text=rendered.body_text)
+    return Send(
+        recipient=channel.address(profile),
+        subject=rendered.subject,
+        body_text=rendered.body_text,
+        request=request,
+        template=template,
+    )

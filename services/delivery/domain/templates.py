@@ -25,6 +25,7 @@ class RawTemplate:
     locale: str = ""
     subject: str = ""
     body_text: str = ""
+    webhook_endpoint_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class Template:
     subject: str
     body_text: str
     updated_at: datetime | None = None
+    # Webhook templates: the endpoint their messages are posted to.
+    webhook_endpoint_id: str = ""
 
 
 def check_template_id(template_id: str, field: str = "template_id") -> str:
@@ -77,6 +80,10 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
         error = renderer.check(source)
         if error:
             v.add(name, f"does not compile: {error}")
+    if raw.channel == "webhook":
+        problem = resource_id_problem(raw.webhook_endpoint_id)
+        if problem:
+            v.add("template.webhook_endpoint_id", problem)
     v.raise_if_any()
     return Template(
         template_id=raw.template_id,
@@ -84,4 +91,5 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
         locale=locale,
         subject=raw.subject,
         body_text=raw.body_text,
+        webhook_endpoint_id=raw.webhook_endpoint_id if raw.channel == "webhook" else "",
     )
