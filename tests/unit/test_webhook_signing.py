@@ -126,7 +126,7 @@ def test_the_webhook_channel_is_registered_and_addresses_the_profile() -> None:
     ("failure", "kind"),
     [
         (SendFailure(STAGE_CONNECT, None), "transient"),
-        (SendFailure(STAGE_SENT, None), "unknown"),
+        (SendFailure(STAGE_SENT, None), "transient"),
         (SendFailure(STAGE_SENT, 429), "transient"),
         (SendFailure(STAGE_SENT, 500), "transient"),
         (SendFailure(STAGE_SENT, 503), "transient"),

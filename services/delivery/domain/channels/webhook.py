@@ -8,8 +8,13 @@ HTTP attempt ends the message:
 - nothing sent yet (the name did not resolve, no connection): transient, retried;
 - 429 or 5xx: transient, retried;
 - the address check refused the URL or a redirect, another 3xx, any other 4xx: permanent;
-- the connection broke or timed out after the request went out: unknown — the receiver may
-  have taken it, so it is not posted again.
+- the connection broke or timed out after the request went out: transient, retried with the
+  same `webhook-id` (the message id). Unlike a mail or a text, a webhook carries an id the
+  receiver deduplicates by (the Standard Webhooks contract), so a repeat of a request whose
+  answer was lost is safe, where giving up would lose the hand-over.
+
+A message claimed and never answered because delivery itself died is still `outcome_unknown`
+(states.py): that is the worker's rule for every channel, not an HTTP outcome.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ class WebhookChannel(Channel):
             return "permanent"
         if failure.code is not None:
             return "transient" if failure.code == 429 or failure.code >= 500 else "permanent"
-        return "unknown" if failure.stage == STAGE_SENT else "transient"
+        return "transient"
 
     def final(self, outcome: SendOutcome, attempt: int) -> Final:
         """The transport's details of a failure start with their reason code
