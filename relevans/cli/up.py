@@ -2,9 +2,10 @@
 
 Starts a real PostgreSQL and NATS JetStream from pip-installed binaries with
 their data under the data folder, migrates, runs the three services as child
-processes (`relevans serve <name>`, restarted when one dies) and an SMTP sink that
-stores each mail as a file, records the addresses and a dev token in the data
-folder (relevans/cli/stack.py) and prints them, and stops everything on Ctrl-C.
+processes (`relevans serve <name>`, restarted when one dies), an SMTP sink that
+stores each mail as a file and an SMS sink (an HTTP provider) that stores each text
+message as one, records the addresses and a dev token in the data folder
+(relevans/cli/stack.py) and prints them, and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +29,7 @@ from relevans.kit.auth import PUBLISHED_SECRETS, mint_token
 from relevans.kit.db import migrate
 from relevans.kit.settings import SERVICES, Settings, env_name
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from relevans.local.sms_sink import SmsSink
 from relevans.local.smtp_sink import SmtpSink
 
 
@@ -76,6 +79,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "delivery_metrics_port",
         "smtp_host",
         "smtp_port",
+        "sms_provider_url",
         "event_partitions",
         "log_level",
     ):
@@ -154,7 +158,13 @@ def _spawner(settings: Settings, logs: Path) -> Spawn:
 
 
 def _announce(
-    data_dir: Path, settings: Settings, listen: dict[str, str], sink: SmtpSink, logs: Path, ports: PortChooser
+    data_dir: Path,
+    settings: Settings,
+    listen: dict[str, str],
+    sink: SmtpSink,
+    sms_sink: SmsSink,
+    logs: Path,
+    ports: PortChooser,
 ) -> None:
     """Writes the state file the other commands read (addresses, a dev token) and prints the same."""
     token = mint_token(settings.token_secret, DEV_TENANT, ["admin"])
@@ -166,6 +176,8 @@ def _announce(
         "postgres": settings.postgres_url,
         "nats": settings.nats_url,
         "smtp_port": sink.port,
+        "sms_dir": str(sms_sink.sms_dir),
+        "sms_port": sms_sink.port,
         **{f"{s}_metrics_port": settings.metrics_port(s) for s in SERVICES},
         "moved": ports.notes,
         "pid": os.getpid(),
@@ -179,6 +191,7 @@ def _announce(
         f"  postgres  {settings.postgres_url}\n"
         f"  nats      {settings.nats_url}\n"
         f"  smtp sink 127.0.0.1:{sink.port} -> {sink.mail_dir}\n"
+        f"  sms sink  {sms_sink.url} -> {sms_sink.sms_dir}\n"
         f"  logs      {logs}\n"
         f"  recorded  {data_dir / STATE_FILE} (the other commands read it)\n"
         f"  dev token (tenant {DEV_TENANT!r}, admin):\n    {token}\n\n"
@@ -215,13 +228,17 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
     pg = EmbeddedPostgres(data_dir / "postgres", port=pg_port)
     nats_server = EmbeddedNats(data_dir / "nats", port=ports.choose(_port_of(settings.nats_url), "NATS"))
     sink = SmtpSink(data_dir / "mail", port=ports.choose(settings.smtp_port, "SMTP sink"))
+    sms_port = urlsplit(settings.sms_provider_url).port or 0
+    sms_sink = SmsSink(data_dir / "sms", port=ports.choose(sms_port, "SMS sink"))
     supervisor: Supervisor | None = None
     try:
         print("starting PostgreSQL and NATS …", flush=True)
         await pg.start()
         await nats_server.start()
         await sink.start()
+        await sms_sink.start()
         settings, listen = _point_at_embedded(settings, pg, nats_server, sink, ports)
+        settings = replace(settings, sms_provider_url=sms_sink.url)
         for service in SERVICES:
             await migrate(service, settings.database_url(service))
         logs = data_dir / "logs"
@@ -232,7 +249,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
 
         supervisor = Supervisor(_spawner(settings, logs), ready, lambda line: print(line, flush=True))
         await supervisor.start(SERVICES)
-        _announce(data_dir, settings, listen, sink, logs, ports)
+        _announce(data_dir, settings, listen, sink, sms_sink, logs, ports)
         await supervisor.run_until(stop)
         return 0
     finally:
@@ -241,6 +258,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
             await _stop_children(list(supervisor.children.values()), settings.shutdown_grace + 5)
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         await sink.stop()
+        await sms_sink.stop()
         await nats_server.stop()
         await pg.stop()
         print("stopped; data kept in", data_dir, flush=True)

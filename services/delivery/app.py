@@ -9,6 +9,7 @@ from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.delivery.channels import open_transports
+from services.delivery.channels.base import Closing
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
 from services.delivery.profiles import ProfileClient
@@ -35,10 +36,11 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         secret=settings.token_secret,
         clock=clock,
     )
+    transports = open_transports(settings)
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings),
+        transports,
         renderer,
         clock,
         make_id=new_message_id,
@@ -48,4 +50,7 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)
+    for transport in transports.values():
+        if isinstance(transport, Closing):
+            host.add_closer(transport.close)
     return host

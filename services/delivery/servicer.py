@@ -97,6 +97,7 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
             for c in m.history
         ],
         create_time=to_timestamp(m.created_at),
+        sms_segments=m.sms_segments,
     )
 
 
