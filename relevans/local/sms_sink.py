@@ -110,9 +110,9 @@ class SmsSink:
         self.sms_dir.mkdir(parents=True, exist_ok=True)
         app = web.Application()
         app.router.add_post(MESSAGES_PATH, self._create_message)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, self.host, self.port, shutdown_timeout=1.0).start()
+        await web.TCPSite(runner, self.host, self.port).start()
         self._runner = runner
         self.port = runner.addresses[0][1]
         log.info("sms sink listening", port=self.port, sms_dir=str(self.sms_dir))
