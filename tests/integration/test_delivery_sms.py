@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest_asyncio
+from google.protobuf.struct_pb2 import Struct
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2
@@ -141,6 +142,18 @@ async def test_an_sms_template_names_a_subject_it_cannot_have(harness: Harness) 
         )
     )
     assert field_violations(err) == {"template.subject": "must be empty: sms messages have no subject"}
+
+
+async def test_a_preview_of_an_sms_template_counts_its_segments(harness: Harness) -> None:
+    await harness.put_sms_template("Hi {{ first_name | fallback('there') }} 😀 {{ note }}")
+    variables = Struct()
+    variables.update({"first_name": "Ada", "note": "x" * 70})
+    reply = await harness.delivery.PreviewTemplate(
+        delivery_pb2.PreviewTemplateRequest(template_id="cart-sms", variables=variables),
+        metadata=token(TENANT, "read"),
+    )
+    assert (reply.subject, reply.body_text) == ("", "Hi Ada 😀 " + "x" * 70)
+    assert reply.sms_segments == 2
 
 
 # ---- provider answers ---------------------------------------------------------------------------
