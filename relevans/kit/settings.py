@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 SERVICES = ("profile", "trigger", "delivery")
 
@@ -96,6 +97,13 @@ class Settings:
             )
         if not 1 <= self.sms_max_segments <= 10:
             raise SettingsError(f"RELEVANS_SMS_MAX_SEGMENTS={self.sms_max_segments} must be from 1 to 10")
+        provider = urlsplit(self.sms_provider_url)
+        if provider.scheme not in ("http", "https") or not provider.hostname:
+            raise SettingsError(
+                f"RELEVANS_SMS_PROVIDER_URL={self.sms_provider_url!r} must be an http:// or https:// URL"
+            )
+        if self.sms_timeout <= 0:
+            raise SettingsError(f"RELEVANS_SMS_TIMEOUT={self.sms_timeout} must be more than 0 seconds")
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -258,9 +258,14 @@ def test_the_transport_composes_the_request_and_counts_segments() -> None:
     assert refused.value.reason == "sms_too_long: 3 segments > 2"
 
 
-def test_the_segment_limit_setting_is_checked() -> None:
+def test_the_sms_settings_are_checked() -> None:
     assert Settings().sms_max_segments == 4
     assert Settings.from_env({"RELEVANS_SMS_MAX_SEGMENTS": "10"}).sms_max_segments == 10
     for bad in ("0", "11"):
         with pytest.raises(SettingsError, match="RELEVANS_SMS_MAX_SEGMENTS"):
             Settings.from_env({"RELEVANS_SMS_MAX_SEGMENTS": bad})
+    for url in ("api.twilio.com", "ftp://api.twilio.com", "https://"):
+        with pytest.raises(SettingsError, match="RELEVANS_SMS_PROVIDER_URL"):
+            Settings.from_env({"RELEVANS_SMS_PROVIDER_URL": url})
+    with pytest.raises(SettingsError, match="RELEVANS_SMS_TIMEOUT"):
+        Settings.from_env({"RELEVANS_SMS_TIMEOUT": "0"})
