@@ -1,6 +1,6 @@
-"""An SMS provider that answers as a test scripts it: given statuses first (429, 500, 400 ...), or a
-connection dropped after the request arrived, then 201 for everything after. A plain asyncio HTTP/1.1
-server, so it can misbehave in ways a web framework would not let it."""
+"""An SMS provider that answers as a test scripts it: given statuses first (429, 500, 400 ...), a
+connection dropped after the request arrived, or no answer at all, then 201 for everything after.
+A plain asyncio HTTP/1.1 server, so it can misbehave in ways a web framework would not let it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from urllib.parse import parse_qs
 
 # Close the connection once the request has arrived, without answering.
 DROP = "drop"
+# Keep the connection open without answering, until the client gives up.
+HANG = "hang"
 
 _CONTENT_LENGTH = re.compile(rb"(?im)^content-length:\s*(\d+)\s*$")
 _ERRORS = {
@@ -54,6 +56,9 @@ class ScriptedProvider:
                 self.requests.append({k: v[0] for k, v in parse_qs(body.decode()).items()})
                 answer = self.script.pop(0) if self.script else 201
                 if answer == DROP:
+                    return
+                if answer == HANG:
+                    await reader.read()  # until the client closes the connection
                     return
                 status = int(answer)
                 reply = {"sid": f"SM{len(self.requests)}"} if status < 300 else _ERRORS.get(status, {})

@@ -4,6 +4,7 @@ the phone and consent, the delivery service posts to the local SMS sink (or a sc
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest_asyncio
@@ -17,7 +18,7 @@ from relevans.local.embedded import free_port
 from relevans.local.sms_sink import SmsSink, StoredSms
 from tests.helpers import eventually, field_violations, rpc_error, stays
 from tests.helpers.delivery import TENANT, Harness, token
-from tests.helpers.sms import DROP, ScriptedProvider
+from tests.helpers.sms import DROP, HANG, ScriptedProvider
 
 PHONE = "+41 44 668 18 00"
 E164 = "+41446681800"
@@ -225,6 +226,26 @@ async def test_a_connection_lost_after_the_request_is_an_unknown_outcome_never_r
             message = await h.final(key)
             assert message.status == STATUS.MESSAGE_STATUS_FAILED
             assert message.reason.startswith("outcome_unknown: ServerDisconnectedError")
+            await eventually(h.requests_done)
+            assert len(provider.requests) == 1
+        finally:
+            await h.close()
+
+
+async def test_no_answer_within_the_timeout_is_an_unknown_outcome_never_resent(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    # The transport's own read timeout on the network, not domain time: kept short.
+    async with ScriptedProvider([HANG]) as provider:
+        h = await _with_provider(replace(settings, sms_timeout=0.3), clock, nats_url, tmp_path, provider)
+        try:
+            profile_id = await h.sms_customer(PHONE)
+            await h.put_sms_template(BODY)
+            key = await h.request(profile_id, template_id="cart-sms", channel=SMS)
+
+            message = await h.final(key)
+            assert message.status == STATUS.MESSAGE_STATUS_FAILED
+            assert message.reason.startswith("outcome_unknown: SocketTimeoutError")
             await eventually(h.requests_done)
             assert len(provider.requests) == 1
         finally:
