@@ -70,7 +70,8 @@ class Settings:
     sms_account_sid: str = "relevans-dev"
     sms_auth_token: str = "dev-sms-token-change-me"
     sms_sender: str = "relevans"
-    # Segments an SMS may take (1-10); a longer body is not sent (suppressed "sms_too_long").
+    # Segments an SMS may take (1-10: providers join at most 10 parts); a longer body is not sent
+    # (suppressed "sms_too_long").
     sms_max_segments: int = 4
     # Seconds to connect to the SMS provider, and to wait for its answer once the request is sent.
     sms_timeout: float = 10.0

@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 SMS_TOO_LONG = "sms_too_long"
 SMS_REJECTED = "sms_rejected"
 
-DEFAULT_MAX_SEGMENTS = 4
-# Providers join at most 10 parts (Twilio's Body stops at 1,600 characters).
-MOST_SEGMENTS = 10
 # Stages of an attempt (`SendFailure.stage`): before the request went out, or after.
 CONNECT = "connect"
 REQUEST = "request"
