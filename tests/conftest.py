@@ -28,6 +28,7 @@ from relevans.kit.db import migrate
 from relevans.kit.logging import configure_logging
 from relevans.kit.settings import SERVICES, Settings
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres
+from relevans.local.sms_sink import SmsSink
 from relevans.local.smtp_sink import SmtpSink
 from tests.helpers.auth import TEST_SECRET
 from tests.helpers.system import System
@@ -156,10 +157,20 @@ def clock() -> ManualClock:
 
 @pytest_asyncio.fixture
 async def system(settings: Settings, clock: ManualClock, tmp_path: Path) -> AsyncIterator[System]:
-    """The three services started, mail going to an SMTP sink (tests/helpers/system.py)."""
+    """The three services started, mail going to an SMTP sink and text messages to an SMS sink
+    (tests/helpers/system.py)."""
     sink = SmtpSink(tmp_path / "mail")
     await sink.start()
-    sys_ = System(replace(settings, smtp_port=sink.port), clock, sink, {}, {})
+    sms_sink = SmsSink(tmp_path / "sms")
+    await sms_sink.start()
+    sys_ = System(
+        replace(settings, smtp_port=sink.port, sms_provider_url=sms_sink.url),
+        clock,
+        sink,
+        {},
+        {},
+        sms_sink=sms_sink,
+    )
     try:
         for service in ("profile", "trigger", "delivery"):
             await sys_.start(service)

@@ -3,10 +3,11 @@
 Starts a real PostgreSQL and NATS JetStream from pip-installed binaries with
 their data under the data folder, migrates, runs the three services as child
 processes (`relevans serve <name>`, restarted when one dies), an SMTP sink that
-stores each mail as a file and a webhook receiver that checks and stores each webhook
-(allowed to delivery by `RELEVANS_WEBHOOK_ALLOW_ADDRESSES`, it alone on loopback), records
-the addresses and a dev token in the data folder (relevans/cli/stack.py) and prints them,
-and stops everything on Ctrl-C.
+stores each mail as a file, an SMS sink (an HTTP provider) that stores each text message as
+one and a webhook receiver that checks and stores each webhook (allowed to delivery by
+`RELEVANS_WEBHOOK_ALLOW_ADDRESSES`, it alone on loopback), records the addresses and a dev
+token in the data folder (relevans/cli/stack.py) and prints them, and stops everything on
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,7 @@ from relevans.kit.auth import PUBLISHED_SECRETS, mint_token
 from relevans.kit.db import migrate
 from relevans.kit.settings import SERVICES, Settings, env_name
 from relevans.local.embedded import EmbeddedNats, EmbeddedPostgres, free_port
+from relevans.local.sms_sink import SmsSink
 from relevans.local.smtp_sink import SmtpSink
 from relevans.local.webhook_receiver import WebhookReceiver
 
@@ -80,6 +83,7 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "smtp_host",
         "smtp_port",
         "webhook_allow_addresses",
+        "sms_provider_url",
         "event_partitions",
         "log_level",
     ):
@@ -170,6 +174,7 @@ def _announce(
     listen: dict[str, str],
     sink: SmtpSink,
     receiver: WebhookReceiver,
+    sms_sink: SmsSink,
     logs: Path,
     ports: PortChooser,
 ) -> None:
@@ -185,6 +190,8 @@ def _announce(
         "smtp_port": sink.port,
         "webhook_receiver": f"http://{receiver.host}:{receiver.port}/hooks/",
         "webhook_dir": str(receiver.root),
+        "sms_dir": str(sms_sink.sms_dir),
+        "sms_port": sms_sink.port,
         **{f"{s}_metrics_port": settings.metrics_port(s) for s in SERVICES},
         "moved": ports.notes,
         "pid": os.getpid(),
@@ -199,6 +206,7 @@ def _announce(
         f"  nats      {settings.nats_url}\n"
         f"  smtp sink 127.0.0.1:{sink.port} -> {sink.mail_dir}\n"
         f"  webhooks  http://{receiver.host}:{receiver.port}/hooks/<name> -> {receiver.root}\n"
+        f"  sms sink  {sms_sink.url} -> {sms_sink.sms_dir}\n"
         f"  logs      {logs}\n"
         f"  recorded  {data_dir / STATE_FILE} (the other commands read it)\n"
         f"  dev token (tenant {DEV_TENANT!r}, admin):\n    {token}\n\n"
@@ -236,6 +244,8 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
     nats_server = EmbeddedNats(data_dir / "nats", port=ports.choose(_port_of(settings.nats_url), "NATS"))
     sink = SmtpSink(data_dir / "mail", port=ports.choose(settings.smtp_port, "SMTP sink"))
     receiver = WebhookReceiver(data_dir / "webhooks")
+    sms_port = urlsplit(settings.sms_provider_url).port or 0
+    sms_sink = SmsSink(data_dir / "sms", port=ports.choose(sms_port, "SMS sink"))
     supervisor: Supervisor | None = None
     try:
         print("starting PostgreSQL and NATS …", flush=True)
@@ -243,8 +253,9 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
         await nats_server.start()
         await sink.start()
         await receiver.start()
+        await sms_sink.start()
         settings, listen = _point_at_embedded(settings, pg, nats_server, sink, ports)
-        settings = _allow_receiver(settings, receiver)
+        settings = replace(_allow_receiver(settings, receiver), sms_provider_url=sms_sink.url)
         for service in SERVICES:
             await migrate(service, settings.database_url(service))
         logs = data_dir / "logs"
@@ -255,7 +266,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
 
         supervisor = Supervisor(_spawner(settings, logs), ready, lambda line: print(line, flush=True))
         await supervisor.start(SERVICES)
-        _announce(data_dir, settings, listen, sink, receiver, logs, ports)
+        _announce(data_dir, settings, listen, sink, receiver, sms_sink, logs, ports)
         await supervisor.run_until(stop)
         return 0
     finally:
@@ -265,6 +276,7 @@ async def run_up(settings: Settings, data_dir: Path) -> int:
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         await sink.stop()
         await receiver.stop()
+        await sms_sink.stop()
         await nats_server.stop()
         await pg.stop()
         print("stopped; data kept in", data_dir, flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 SERVICES = ("profile", "trigger", "delivery")
 
@@ -69,6 +70,18 @@ class Settings:
     # Comma-separated host:port pairs exempt from the address check and the https rule, e.g.
     # "127.0.0.1:8090,[::1]:8090" (`relevans up` adds its demo webhook receiver).
     webhook_allow_addresses: str = ""
+    # The SMS provider (the Twilio Messages API shape; `relevans up` points it at its SMS sink):
+    # its base URL, account SID and auth token (HTTP basic auth), and the sender (a number in
+    # E.164 or an alphanumeric sender id).
+    sms_provider_url: str = "http://127.0.0.1:2526"
+    sms_account_sid: str = "relevans-dev"
+    sms_auth_token: str = "dev-sms-token-change-me"
+    sms_sender: str = "relevans"
+    # Segments an SMS may take (1-10: providers join at most 10 parts); a longer body is not sent
+    # (suppressed "sms_too_long").
+    sms_max_segments: int = 4
+    # Seconds to connect to the SMS provider, and to wait for its answer once the request is sent.
+    sms_timeout: float = 10.0
     # Seconds in-flight calls get to finish on shutdown.
     shutdown_grace: float = 5.0
     # Default deadline, in seconds, for calls one service makes to another.
@@ -90,6 +103,15 @@ class Settings:
                 f"RELEVANS_TRIGGER_DECISION_RETENTION_DAYS={self.trigger_decision_retention_days} "
                 "must be at least 1"
             )
+        if not 1 <= self.sms_max_segments <= 10:
+            raise SettingsError(f"RELEVANS_SMS_MAX_SEGMENTS={self.sms_max_segments} must be from 1 to 10")
+        provider = urlsplit(self.sms_provider_url)
+        if provider.scheme not in ("http", "https") or not provider.hostname:
+            raise SettingsError(
+                f"RELEVANS_SMS_PROVIDER_URL={self.sms_provider_url!r} must be an http:// or https:// URL"
+            )
+        if self.sms_timeout <= 0:
+            raise SettingsError(f"RELEVANS_SMS_TIMEOUT={self.sms_timeout} must be more than 0 seconds")
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

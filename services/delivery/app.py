@@ -10,6 +10,7 @@ from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from services.delivery.channels import open_transports
 from services.delivery.channels.address_guard import AddressGuard, AddressRules
+from services.delivery.channels.base import Closing
 from services.delivery.channels.webhook import WebhookNetwork
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
@@ -41,10 +42,11 @@ async def build(
         secret=settings.token_secret,
         clock=clock,
     )
+    transports = open_transports(settings, engine=rt.engine, clock=clock, webhook_network=webhook_network)
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings, engine=rt.engine, clock=clock, webhook_network=webhook_network),
+        transports,
         renderer,
         clock,
         make_id=new_message_id,
@@ -62,4 +64,7 @@ async def build(
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)
+    for transport in transports.values():
+        if isinstance(transport, Closing):
+            host.add_closer(transport.close)
     return host

@@ -16,6 +16,7 @@ from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from services.delivery.channels.address_guard import AddressGuard
 from services.delivery.domain import (
+    CHANNELS,
     FAILED,
     MESSAGE_PAGES,
     PENDING,
@@ -32,6 +33,7 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
+from services.delivery.domain.channels.sms import SmsChannel, sms_segments
 from services.delivery.domain.webhooks import WebhookEndpoint
 from services.delivery.store import DeliveryStore
 from services.delivery.webhook_rows import WebhookRows
@@ -115,6 +117,7 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
             for c in m.history
         ],
         create_time=to_timestamp(m.created_at),
+        sms_segments=m.sms_segments,
     )
 
 
@@ -166,10 +169,15 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         found = await self.store.get_template(tenant, check_template_id(request.template_id))
         variables = template_variables(from_struct(request.variables))
         try:
-            rendered = self.renderer.render(found.subject, found.body_text, variables)
+            rendered = self.renderer.render(
+                found.subject, found.body_text, variables, CHANNELS[found.channel].limits
+            )
         except RenderError as exc:
             raise FailedPrecondition(exc.reason) from None
-        return delivery_pb2.PreviewTemplateResponse(subject=rendered.subject, body_text=rendered.body_text)
+        segments = sms_segments(rendered.body_text).count if found.channel == SmsChannel.name else 0
+        return delivery_pb2.PreviewTemplateResponse(
+            subject=rendered.subject, body_text=rendered.body_text, sms_segments=segments
+        )
 
     async def GetMessage(
         self, request: delivery_pb2.GetMessageRequest, context: Context

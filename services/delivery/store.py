@@ -113,6 +113,7 @@ class Claim:
     row: MessageRow
     recipient: str
     subject: str
+    sms_segments: int = 0
 
 
 def _template(row: sa.Row[Any]) -> Template:
@@ -156,9 +157,10 @@ WITH outcome AS (
 ), claimed AS (
     UPDATE messages AS m
     SET status = :sending, reason = '', recipient = c.recipient, subject = c.subject,
-        updated_at = CAST(:now AS timestamptz)
+        sms_segments = c.sms_segments, updated_at = CAST(:now AS timestamptz)
     FROM unnest(CAST(:c_tenants AS text[]), CAST(:c_ids AS text[]), CAST(:c_recipients AS text[]),
-                CAST(:c_subjects AS text[])) AS c(tenant_id, message_id, recipient, subject)
+                CAST(:c_subjects AS text[]), CAST(:c_sms_segments AS integer[]))
+        AS c(tenant_id, message_id, recipient, subject, sms_segments)
     WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending
     RETURNING m.tenant_id, m.message_id
 )
@@ -541,6 +543,7 @@ class DeliveryStore:
                         "c_ids": [c.row.message_id for c in claims],
                         "c_recipients": [c.recipient for c in claims],
                         "c_subjects": [c.subject for c in claims],
+                        "c_sms_segments": [c.sms_segments for c in claims],
                         "sending": SENDING,
                         "pending": PENDING,
                         "now": now,
@@ -608,5 +611,6 @@ def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecor
         subject=row.subject,
         created_at=row.created_at,
         seq=row.seq,
+        sms_segments=row.sms_segments,
         history=changes,
     )

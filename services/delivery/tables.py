@@ -54,6 +54,8 @@ messages = sa.Table(
     sa.Column("subject", sa.Text, nullable=False),
     # Deliveries of the request that ended in a failure worth retrying.
     sa.Column("attempts", sa.Integer, nullable=False),
+    # SMS: the segments the body was sent in, recorded with the claim (0 for other channels).
+    sa.Column("sms_segments", sa.Integer, nullable=False, server_default="0"),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.UniqueConstraint("tenant_id", "idempotency_key", name="messages_idempotency"),

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relevans.kit import metrics
 from relevans.kit.clock import Clock
 from relevans.kit.merges import Person
-from services.delivery.channels.base import Outgoing, Transport
+from services.delivery.channels.base import Outgoing, Refused, Transport
 from services.delivery.domain import (
     CHANNELS,
     FAILED,
@@ -115,7 +115,8 @@ class _Handover:
 
     async def claim(self, index: int) -> bool:
         s = self.sends[index]
-        return await self.journal.claim(Claim(s.row, s.outgoing.recipient, s.subject))
+        claim = Claim(s.row, s.outgoing.recipient, s.subject, sms_segments=s.outgoing.sms_segments)
+        return await self.journal.claim(claim)
 
     def report(self, index: int, outcome: SendOutcome) -> None:
         s = self.sends[index]
@@ -325,6 +326,8 @@ class DeliveryWorker:
         nothing can fail mid-send."""
         try:
             return self.transports[channel].compose(row.message_id, send, now)
+        except Refused as exc:
+            return Final(SUPPRESSED, exc.reason)
         except (ValueError, TypeError, LookupError) as exc:
             return Final(FAILED, f"{COMPOSE_FAILED}: {exc}")
 

@@ -103,6 +103,7 @@ async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
     finally:
         printed = await _stop(up)
     assert "relevans is up" in printed and "dev token" in printed
+    assert f"sms sink  {env['RELEVANS_SMS_PROVIDER_URL']} -> {data_dir / 'sms'}" in printed
     assert not (data_dir / "up.json").exists()
     mails = list((data_dir / "mail").glob("*.eml"))
     assert len(mails) == 1

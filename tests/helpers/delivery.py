@@ -1,5 +1,6 @@
 """The delivery service running for a test, with the profile service it asks for addresses and
-consent, an SMTP sink that keeps what it receives, and delivery requests published by the test."""
+consent, an SMTP sink and an SMS sink that keep what they receive, and delivery requests published
+by the test."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.local.embedded import free_port
+from relevans.local.sms_sink import SmsSink, StoredSms
 from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build
@@ -41,7 +43,7 @@ token = Tokens(TENANT)
 
 
 class Harness:
-    """The profile service, an SMTP sink, the delivery service and a JetStream client."""
+    """The profile service, an SMTP sink, an SMS sink, the delivery service and a JetStream client."""
 
     def __init__(self, settings: Settings, clock: ManualClock, nats_url: str, mail_dir: Path) -> None:
         self.settings = settings
@@ -51,6 +53,7 @@ class Harness:
         self.hosts: list[ServiceHost] = []
         self.channels: list[grpc.aio.Channel] = []
         self.sink: SmtpSink | None = None
+        self.sms_sink: SmsSink | None = None
         self.smtp_servers: list[asyncio.Server] = []
         self.engine: AsyncEngine = create_engine(settings.database_url("delivery"), pool_size=2)
         self._nc: Any = None
@@ -58,7 +61,11 @@ class Harness:
         self.profiles: ProfileServiceAsyncStub
         self.delivery: DeliveryServiceAsyncStub
 
-    async def start(self, *, smtp_port: int | None = None, sink: bool = True) -> None:
+    async def start(
+        self, *, smtp_port: int | None = None, sink: bool = True, sms_provider_url: str | None = None
+    ) -> None:
+        """With an SMTP sink unless `sink` is False, and an SMS sink unless `sms_provider_url` names
+        another provider."""
         profile_host = await build_profile(self.settings, self.clock)
         await profile_host.start()
         self.hosts.append(profile_host)
@@ -66,10 +73,15 @@ class Harness:
             self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0)
             await self.sink.start()
             smtp_port = self.sink.port
+        if sms_provider_url is None:
+            self.sms_sink = SmsSink(self.mail_dir.with_name(self.mail_dir.name + "-sms"))
+            await self.sms_sink.start()
+            sms_provider_url = self.sms_sink.url
         self.settings = replace(
             self.settings,
             profile_target=f"127.0.0.1:{profile_host.port}",
             smtp_port=smtp_port or free_port(),
+            sms_provider_url=sms_provider_url,
         )
         delivery_host = await build(self.settings, self.clock)
         await delivery_host.start()
@@ -93,6 +105,8 @@ class Harness:
             await host.stop()
         if self.sink is not None:
             await self.sink.stop()
+        if self.sms_sink is not None:
+            await self.sms_sink.stop()
         for server in self.smtp_servers:
             server.close()
             await server.wait_closed()
@@ -144,6 +158,36 @@ class Harness:
             metadata=token(TENANT, "ingest"),
         )
 
+    async def sms_customer(
+        self, phone: str, first_name: str = "Ada", consent: int = common_pb2.CONSENT_STATUS_GRANTED
+    ) -> str:
+        """A person with a `phone` trait and marketing consent for SMS (none when `consent` is 0)."""
+        consents = [
+            profile_pb2.ConsentInput(
+                purpose=common_pb2.PURPOSE_MARKETING,
+                channel=common_pb2.CHANNEL_SMS,
+                status=consent,  # type: ignore[arg-type]
+                source="signup_form",
+            )
+        ]
+        request = profile_pb2.IdentifyRequest(
+            customer_id=f"c-{uuid.uuid4().hex}", first_name=first_name, consents=consents if consent else []
+        )
+        request.traits.update({"phone": phone})
+        reply = await self.profiles.Identify(request, metadata=token(TENANT, "ingest"))
+        return str(reply.profile.profile_id)
+
+    async def put_sms_template(self, body: str, template_id: str = "cart-sms") -> delivery_pb2.Template:
+        reply = await self.delivery.PutTemplate(
+            delivery_pb2.PutTemplateRequest(
+                template=delivery_pb2.Template(
+                    template_id=template_id, channel=common_pb2.CHANNEL_SMS, body_text=body
+                )
+            ),
+            metadata=token(TENANT, "admin"),
+        )
+        return reply.template
+
     async def put_template(
         self, template_id: str = TEMPLATE_ID, subject: str = SUBJECT, body: str = BODY, tenant: str = TENANT
     ) -> delivery_pb2.Template:
@@ -167,6 +211,7 @@ class Harness:
         template_id: str = TEMPLATE_ID,
         purpose: int = common_pb2.PURPOSE_MARKETING,
         tenant: str = TENANT,
+        channel: int = common_pb2.CHANNEL_EMAIL,
         **variables: Any,
     ) -> str:
         key = key or f"abandoned-cart:{profile_id}:{uuid.uuid4().hex}"
@@ -175,7 +220,7 @@ class Harness:
             tenant_id=tenant,
             profile_id=profile_id,
             trigger_id="abandoned-cart",
-            channel=common_pb2.CHANNEL_EMAIL,
+            channel=channel,  # type: ignore[arg-type]
             purpose=purpose,  # type: ignore[arg-type]
             template_id=template_id,
             variables=to_struct(variables or {"event": {"product_name": "Blue running shoes"}}),
@@ -208,6 +253,9 @@ class Harness:
 
     def mails(self) -> list[EmailMessage]:
         return self.sink.messages() if self.sink is not None else []
+
+    def texts(self) -> list[StoredSms]:
+        return self.sms_sink.messages() if self.sms_sink is not None else []
 
     async def some_mail(self) -> list[EmailMessage]:
         return self.mails()

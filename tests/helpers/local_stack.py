@@ -17,6 +17,7 @@ def up_env(profile_port: int | None = None) -> dict[str, str]:
             "RELEVANS_POSTGRES_URL": f"postgresql://postgres@127.0.0.1:{free_port()}",
             "RELEVANS_NATS_URL": f"nats://127.0.0.1:{free_port()}",
             "RELEVANS_SMTP_PORT": str(free_port()),
+            "RELEVANS_SMS_PROVIDER_URL": f"http://127.0.0.1:{free_port()}",
             "RELEVANS_PROFILE_LISTEN": f"127.0.0.1:{profile_port or free_port()}",
             "RELEVANS_TRIGGER_LISTEN": f"127.0.0.1:{free_port()}",
             "RELEVANS_DELIVERY_LISTEN": f"127.0.0.1:{free_port()}",

@@ -1,5 +1,5 @@
 """The whole system in the test process: three real services over real PostgreSQL and NATS, an SMTP
-sink and a manual clock, and what a test does with them as a shop would. The `system` fixture
+sink, an SMS sink and a manual clock, and what a test does with them as a shop would. The `system` fixture
 (tests/conftest.py) starts it."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
+from relevans.local.sms_sink import SmsSink, StoredSms
 from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
@@ -35,6 +36,7 @@ class System:
     sink: SmtpSink
     hosts: dict[str, ServiceHost]
     channels: dict[str, grpc.aio.Channel]
+    sms_sink: SmsSink | None = None
 
     token = staticmethod(token)
 
@@ -71,6 +73,8 @@ class System:
         for host in reversed(list(self.hosts.values())):
             await host.stop()
         await self.sink.stop()
+        if self.sms_sink is not None:
+            await self.sms_sink.stop()
 
     async def erasure_done(self, tenant: str, erasure_id: str) -> profile_pb2.GetErasureResponse | None:
         """The erasure's state once every service has done its part, else None."""
@@ -99,6 +103,9 @@ class System:
 
     def mails_to(self, address: str) -> list:  # type: ignore[type-arg]
         return [m for m in self.sink.messages() if address in str(m["To"])]
+
+    def texts_to(self, phone: str) -> list[StoredSms]:
+        return [t for t in (self.sms_sink.messages() if self.sms_sink else []) if t.to == phone]
 
     async def setup_abandoned_cart(self, tenant: str, delay: timedelta = DELAY) -> None:
         md = self.token(tenant, "admin")

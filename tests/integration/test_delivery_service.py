@@ -350,7 +350,7 @@ async def test_bad_put_template_names_the_field_and_line(harness: Harness) -> No
         harness.delivery.PutTemplate(
             delivery_pb2.PutTemplateRequest(
                 template=delivery_pb2.Template(
-                    template_id="sms", channel=common_pb2.CHANNEL_SMS, subject="s", body_text="b"
+                    template_id="nowhere", channel=common_pb2.CHANNEL_UNSPECIFIED, subject="s", body_text="b"
                 )
             ),
             metadata=token(TENANT, "admin"),

@@ -435,4 +435,3 @@ async def _retrying(system: System, key: str) -> delivery_pb2.Message | None:
         if m.idempotency_key == key and m.reason.startswith("retrying: webhook: "):
             return m
     return None
-

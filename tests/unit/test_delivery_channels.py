@@ -39,7 +39,7 @@ EMAIL = EmailChannel()
 
 
 def test_supported_channels_are_the_registered_ones() -> None:
-    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email", "webhook"}
+    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email", "sms", "webhook"}
     for name, channel in CHANNELS.items():
         assert isinstance(channel, Channel)
         assert channel.name == name
@@ -57,14 +57,14 @@ def test_the_worker_refuses_to_start_without_a_transport_for_a_registered_channe
 
 def test_an_unregistered_channel_is_refused_everywhere() -> None:
     renderer = Renderer()
-    raw = RawTemplate(template_id="t", channel="sms", subject="s", body_text="b")
+    raw = RawTemplate(template_id="t", channel="fax", subject="s", body_text="b")
     with pytest.raises(InvalidArgument) as caught:
         validate_template(raw, renderer)
     assert [(v.field, v.description) for v in caught.value.violations] == [
-        ("template.channel", "only CHANNEL_EMAIL, CHANNEL_WEBHOOK templates are supported")
+        ("template.channel", "only CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WEBHOOK templates are supported")
     ]
-    assert recipient_check("marketing", "sms", ProfileView("p1", email="ann@example.com")) == Final(
-        FAILED, "channel_unsupported: sms"
+    assert recipient_check("marketing", "fax", ProfileView("p1", email="ann@example.com")) == Final(
+        FAILED, "channel_unsupported: fax"
     )
 
 

@@ -220,7 +220,7 @@ def test_syntax_error_names_the_field_and_line(renderer: Renderer) -> None:
 def test_every_bad_field_is_reported(renderer: Renderer) -> None:
     found = violations(
         raw_template(
-            template_id="Bad Id", channel="sms", locale="english!", subject="x" * 1025, body_text=""
+            template_id="Bad Id", channel="fax", locale="english!", subject="x" * 1025, body_text=""
         ),
         renderer,
     )
@@ -293,7 +293,7 @@ def test_bad_requests_fail(renderer: Renderer) -> None:
         (request(profile_id=""), "invalid_request: profile_id is required"),
         (request(template_id=""), "invalid_request: template_id is required"),
         (request(purpose="unspecified"), "invalid_request: purpose is required"),
-        (request(channel="sms"), "channel_unsupported: sms"),
+        (request(channel="fax"), "channel_unsupported: fax"),
     ]:
         assert decide(bad, profile(), TEMPLATE, renderer) == Final(FAILED, reason)
 

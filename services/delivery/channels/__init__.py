@@ -14,8 +14,10 @@ from relevans.kit.settings import Settings
 from services.delivery.channels.address_guard import AddressRules
 from services.delivery.channels.base import Transport
 from services.delivery.channels.email import SmtpTransport
+from services.delivery.channels.sms import SmsTransport, TwilioProvider
 from services.delivery.channels.webhook import WebhookNetwork, WebhookTransport
 from services.delivery.domain.channels.email import EmailChannel
+from services.delivery.domain.channels.sms import SmsChannel
 from services.delivery.domain.channels.webhook import WebhookChannel
 from services.delivery.webhook_rows import WebhookRows
 
@@ -37,5 +39,15 @@ def open_transports(
             AddressRules.from_settings(settings),
             clock or SystemClock(),
             webhook_network,
+        ),
+        SmsChannel.name: SmsTransport(
+            TwilioProvider(
+                settings.sms_provider_url,
+                settings.sms_account_sid,
+                settings.sms_auth_token,
+                settings.sms_sender,
+            ),
+            max_segments=settings.sms_max_segments,
+            timeout_s=settings.sms_timeout,
         ),
     }

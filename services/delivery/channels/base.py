@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from services.delivery.domain import Send, SendOutcome
 
@@ -21,6 +21,24 @@ class Outgoing:
     recipient: str
     # The whole message as it goes over the wire (for email: domain.channels.email.email_bytes).
     content: bytes
+    # SMS: the segments the body goes out in (recorded on the message with its claim).
+    sms_segments: int = 0
+
+
+class Refused(ValueError):
+    """Raised by `Transport.compose` for a message its channel will not send as rendered (an SMS
+    over the segment limit): the message is suppressed with `reason`; no provider is asked."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@runtime_checkable
+class Closing(Protocol):
+    """A transport that keeps connections between batches (an HTTP session): closed on shutdown."""
+
+    async def close(self) -> None: ...
 
 
 class Handover(Protocol):

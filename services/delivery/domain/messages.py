@@ -33,6 +33,8 @@ class MessageRecord:
     created_at: datetime
     seq: int = 0
     history: tuple[StatusChange, ...] = field(default_factory=tuple)
+    # SMS: the segments the body was sent in (0 for other channels).
+    sms_segments: int = 0
 
     @property
     def public_status(self) -> str:

@@ -67,8 +67,13 @@ class RenderLimits:
     body_source_bytes: int
     # Subject and body together, rendered; never more than the renderer's own `max_output_bytes`.
     output_bytes: int
-    # The rendered subject, which is always one line.
+    # The rendered subject, which is always one line; 0 for a channel without one (SMS).
     subject_chars: int
+
+    @property
+    def has_subject(self) -> bool:
+        """False for a channel whose messages have no subject: its templates leave it empty."""
+        return self.subject_chars > 0
 
 
 # The limits above, which every template had before channels brought their own.
@@ -511,7 +516,7 @@ class Renderer:
         rendered_subject = " ".join(self._render_part("subject", subject, context, budget).split())
         budget.max_chars = max_output_bytes - len(rendered_subject.encode())
         rendered_body = self._render_part("body_text", body_text, context, budget)
-        if not rendered_subject:
+        if not rendered_subject and limits.has_subject:
             raise RenderError("subject: rendered empty")
         if len(rendered_subject) > limits.subject_chars:
             raise RenderError(f"subject: longer than {limits.subject_chars} characters")

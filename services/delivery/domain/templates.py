@@ -71,6 +71,10 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
         ("body_text", raw.body_text, limits.body_source_bytes),
     ):
         name = f"template.{field}"
+        if field == "subject" and not limits.has_subject:
+            if source:
+                v.add(name, f"must be empty: {raw.channel} messages have no subject")
+            continue
         if not source.strip():
             v.add(name, "is required")
             continue

@@ -20,9 +20,12 @@ from services.delivery.domain.channels.base import (
     SendOutcome,
 )
 from services.delivery.domain.channels.email import EmailChannel
+from services.delivery.domain.channels.sms import SmsChannel
 from services.delivery.domain.channels.webhook import WebhookChannel
 
-CHANNELS: Mapping[str, Channel] = MappingProxyType({c.name: c for c in (EmailChannel(), WebhookChannel())})
+CHANNELS: Mapping[str, Channel] = MappingProxyType(
+    {c.name: c for c in (EmailChannel(), SmsChannel(), WebhookChannel())}
+)
 SUPPORTED_CHANNELS = frozenset(CHANNELS)
 
 __all__ = [

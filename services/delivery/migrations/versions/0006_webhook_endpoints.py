@@ -1,8 +1,8 @@
 """Webhook endpoints (where webhook messages are posted, with their signing secret), and the
 endpoint of each webhook template.
 
-Revision ID: 0007_webhook_endpoints
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_webhook_endpoints"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
