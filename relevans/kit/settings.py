@@ -62,6 +62,12 @@ class Settings:
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 2525
     smtp_sender: str = "relevans <no-reply@relevans.local>"
+    # Mails per second one delivery process hands to the SMTP server; 0 = unlimited.
+    smtp_rate_limit: float = 0.0
+    # Seconds before the first retry of a transiently failed send (doubling each retry, half of
+    # each wait random), and the longest wait between two attempts.
+    delivery_retry_delay: float = 30.0
+    delivery_retry_max_delay: float = 3600.0
     # Seconds in-flight calls get to finish on shutdown.
     shutdown_grace: float = 5.0
     # Default deadline, in seconds, for calls one service makes to another.

@@ -8,10 +8,11 @@ from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.delivery.channels import open_transports
+from services.delivery.channels import open_transports, rate_limits
 from services.delivery.consumers import DURABLE, request_consumer
-from services.delivery.domain import Renderer
+from services.delivery.domain import Renderer, RetryPolicy
 from services.delivery.profiles import ProfileClient
+from services.delivery.retries import RetrySchedule, RetryWorker
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
@@ -43,9 +44,12 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         clock,
         make_id=new_message_id,
         notify=rt.relay.notify,
+        retry_policy=RetryPolicy(settings.delivery_retry_delay, settings.delivery_retry_max_delay),
+        rate_limits=rate_limits(settings),
     )
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
+    host.add_worker("delivery-retries", RetryWorker(RetrySchedule(rt.engine), worker, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)
     return host

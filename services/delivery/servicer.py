@@ -15,6 +15,7 @@ from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from services.delivery.domain import (
+    BOUNCED,
     FAILED,
     MESSAGE_PAGES,
     PENDING,
@@ -50,6 +51,7 @@ _STATUS = {
     SENT: delivery_pb2.MESSAGE_STATUS_SENT,
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+    BOUNCED: delivery_pb2.MESSAGE_STATUS_BOUNCED,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------
@@ -97,6 +99,7 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
             for c in m.history
         ],
         create_time=to_timestamp(m.created_at),
+        attempts=m.attempts,
     )
 
 

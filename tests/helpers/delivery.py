@@ -23,7 +23,7 @@ from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.local.embedded import free_port
-from relevans.local.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpScript, SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build
 from services.profile.app import build as build_profile
@@ -58,12 +58,15 @@ class Harness:
         self.profiles: ProfileServiceAsyncStub
         self.delivery: DeliveryServiceAsyncStub
 
-    async def start(self, *, smtp_port: int | None = None, sink: bool = True) -> None:
+    async def start(
+        self, *, smtp_port: int | None = None, sink: bool = True, script: SmtpScript | None = None
+    ) -> None:
+        """Start the services; the SMTP sink (unless `sink` is False) answers as `script` says."""
         profile_host = await build_profile(self.settings, self.clock)
         await profile_host.start()
         self.hosts.append(profile_host)
         if sink:
-            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0)
+            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0, script=script)
             await self.sink.start()
             smtp_port = self.sink.port
         self.settings = replace(
@@ -201,6 +204,7 @@ class Harness:
             delivery_pb2.MESSAGE_STATUS_SENT,
             delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
             delivery_pb2.MESSAGE_STATUS_FAILED,
+            delivery_pb2.MESSAGE_STATUS_BOUNCED,
         )
         found = await eventually(lambda: self.message(key, *final))
         assert found is not None
