@@ -53,11 +53,18 @@ async def _attempts(h: Harness, key: str, n: int) -> delivery_pb2.Message | None
     return m if m is not None and m.attempts >= n else None
 
 
+async def _attempted(h: Harness, key: str, n: int) -> delivery_pb2.Message:
+    """Wait until `n` attempts at sending the message are recorded."""
+    found = await eventually(lambda: _attempts(h, key, n))
+    assert found is not None
+    return found
+
+
 async def _next_attempt(h: Harness, key: str, made: int) -> delivery_pb2.Message:
     """Move the clock past the back-off after attempt `made`, and wait for attempt `made + 1`."""
-    await eventually(lambda: _attempts(h, key, made))
+    await _attempted(h, key, made)
     await h.clock.advance(timedelta(seconds=RetryPolicy().delay_s(made, 0.999999)))
-    return await eventually(lambda: _attempts(h, key, made + 1))
+    return await _attempted(h, key, made + 1)
 
 
 async def test_451_twice_then_250_sends_one_mail_after_three_attempts_each_in_the_history(
@@ -69,7 +76,7 @@ async def test_451_twice_then_250_sends_one_mail_after_three_attempts_each_in_th
     await h.put_template()
     key = await h.request(profile_id)
 
-    first = await eventually(lambda: _attempts(h, key, 1))
+    first = await _attempted(h, key, 1)
     assert (first.status, first.reason) == (
         delivery_pb2.MESSAGE_STATUS_PENDING,
         f"retrying: attempt 1: smtp: {GREYLISTED}",
@@ -132,7 +139,7 @@ async def test_550_bounces_without_retry_and_suppresses_the_address_for_the_next
     await h.put_template(tenant="other-shop")
     elsewhere = await h.request(other, tenant="other-shop")
     found = await eventually(lambda: _final_in(h, "other-shop", elsewhere))
-    assert found.status == delivery_pb2.MESSAGE_STATUS_BOUNCED
+    assert found is not None and found.status == delivery_pb2.MESSAGE_STATUS_BOUNCED
     assert h.sink.rcpt_attempts(BOUNCING) == 2
 
 
@@ -175,7 +182,7 @@ async def test_consent_is_asked_for_again_at_each_attempt(
     profile_id = await h.customer()
     await h.put_template()
     key = await h.request(profile_id)
-    await eventually(lambda: _attempts(h, key, 1))
+    await _attempted(h, key, 1)
 
     await h.set_consent(profile_id, common_pb2.CONSENT_STATUS_WITHDRAWN)
     await h.clock.advance(timedelta(seconds=FIRST_RETRY_MAX_S))
