@@ -25,6 +25,7 @@ from services.delivery.rate_limits import RateLimiter
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
 EMAIL = EmailChannel()
+NO_SUCH_USER = "550 5.1.1 no such mailbox"
 
 
 # ---- back-off -----------------------------------------------------------------------------------
@@ -123,3 +124,21 @@ async def test_lanes_sharing_a_limiter_send_at_most_the_rate_in_any_clock_second
     assert max(per_second.values()) == rate
     # and not slower than the rate: 96 sends at 10/s take under 10 clock seconds
     assert max(per_second) == (lanes * per_lane - 1) // rate
+
+
+def test_a_bounce_closes_the_triggers_decision_trace_as_not_delivered() -> None:
+    from relevans.delivery.v1 import bus_pb2, delivery_pb2
+    from services.trigger.consumers import delivery_outcome
+
+    bounced = bus_pb2.DeliveryStatusChanged(
+        tenant_id="shop",
+        message_id="m1",
+        idempotency_key="cart:p1:e1",
+        profile_id="p1",
+        trigger_id="cart",
+        status=delivery_pb2.MESSAGE_STATUS_BOUNCED,
+        reason=f"hard_bounce: smtp: {NO_SUCH_USER}",
+    )
+    found = delivery_outcome(bounced, NOW)
+    assert found is not None
+    assert (found.outcome, found.reason) == ("delivery_failed", f"hard_bounce: smtp: {NO_SUCH_USER}")
