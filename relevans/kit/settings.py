@@ -89,6 +89,16 @@ class Settings:
                 f"RELEVANS_TRIGGER_DECISION_RETENTION_DAYS={self.trigger_decision_retention_days} "
                 "must be at least 1"
             )
+        if self.smtp_rate_limit < 0:
+            raise SettingsError(
+                f"RELEVANS_SMTP_RATE_LIMIT={self.smtp_rate_limit} must be 0 (unlimited) or more"
+            )
+        if not 0 < self.delivery_retry_delay <= self.delivery_retry_max_delay:
+            raise SettingsError(
+                "RELEVANS_DELIVERY_RETRY_DELAY must be more than 0 and at most "
+                f"RELEVANS_DELIVERY_RETRY_MAX_DELAY (got {self.delivery_retry_delay} and "
+                f"{self.delivery_retry_max_delay})"
+            )
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -5,6 +5,7 @@ ManualClock: each retry is due only once the test moves the clock past its back-
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -191,3 +192,29 @@ async def test_consent_is_asked_for_again_at_each_attempt(
     assert (message.status, message.reason) == (delivery_pb2.MESSAGE_STATUS_SUPPRESSED, "consent_withdrawn")
     assert h.mails() == []
     assert h.sink.rcpt_attempts(EMAIL) == 1
+
+
+async def test_the_smtp_rate_limit_holds_mails_until_the_clock_lets_them_go(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    h = Harness(replace(settings, smtp_rate_limit=1.0), clock, nats_url, tmp_path / "mail")
+    try:
+        await h.start()
+        profile_id = await h.customer()
+        await h.put_template()
+        keys = [await h.request(profile_id) for _ in range(3)]
+        await eventually(h.some_mail)
+        await stays(h.more_than_one_mail, duration=0.3)  # 1 a second, and the clock stands still
+        await clock.advance(timedelta(seconds=1))
+        await eventually(lambda: _mail_count(h, 2))
+        await stays(lambda: _mail_count(h, 3), duration=0.3)
+        await clock.advance(timedelta(seconds=1))
+        await eventually(lambda: _mail_count(h, 3))
+        for key in keys:
+            assert (await h.final(key)).status == delivery_pb2.MESSAGE_STATUS_SENT
+    finally:
+        await h.close()
+
+
+async def _mail_count(h: Harness, n: int) -> bool:
+    return len(h.mails()) >= n

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from relevans.kit.clock import ManualClock
+from relevans.kit.settings import Settings, SettingsError
 from services.delivery.domain import (
     BOUNCED,
     MAX_ATTEMPTS,
@@ -142,3 +143,17 @@ def test_a_bounce_closes_the_triggers_decision_trace_as_not_delivered() -> None:
     found = delivery_outcome(bounced, NOW)
     assert found is not None
     assert (found.outcome, found.reason) == ("delivery_failed", f"hard_bounce: smtp: {NO_SUCH_USER}")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"RELEVANS_SMTP_RATE_LIMIT": "-1"}, "RELEVANS_SMTP_RATE_LIMIT"),
+        ({"RELEVANS_DELIVERY_RETRY_DELAY": "0"}, "RELEVANS_DELIVERY_RETRY_DELAY"),
+        ({"RELEVANS_DELIVERY_RETRY_DELAY": "60", "RELEVANS_DELIVERY_RETRY_MAX_DELAY": "30"}, "MAX_DELAY"),
+    ],
+)
+def test_bad_retry_and_rate_settings_name_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+    assert Settings.from_env({"RELEVANS_SMTP_RATE_LIMIT": "12.5"}).smtp_rate_limit == 12.5
