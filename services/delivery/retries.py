@@ -114,22 +114,24 @@ class RetryWorker:
         """Look at the schedule now (the worker sets this itself when it schedules a retry)."""
         self.worker.retries_scheduled.set()
 
-    async def retry_due(self) -> int:
-        """One round: hand up to `batch` due messages to the worker; return how many were due."""
+    async def retry_due(self) -> bool:
+        """One round: hand up to `batch` due messages to the worker; return whether more may be due
+        now (a full batch, all of it handled here: not held by another worker)."""
         due = await self.schedule.due(self.clock.now(), self.batch)
-        if due:
-            log.info("retrying due messages", count=len(due))
-            left = await self.worker.process(due)
-            if left:
-                log.info("some due messages are left for later", why="; ".join(sorted(set(left))))
-        return len(due)
+        if not due:
+            return False
+        log.info("retrying due messages", count=len(due))
+        left = await self.worker.process(due)
+        if left:
+            log.info("some due messages are left for later", why="; ".join(sorted(set(left))))
+        return len(due) >= self.batch and not left
 
     async def run(self, stop: asyncio.Event) -> None:
         scheduled = self.worker.retries_scheduled
         while not stop.is_set():
             scheduled.clear()  # a retry scheduled from here on wakes the wait below
             try:
-                if await self.retry_due() >= self.batch:
+                if await self.retry_due():
                     continue
                 next_due = await self.schedule.next_due(self.clock.now())
             except Exception:

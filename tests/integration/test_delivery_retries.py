@@ -4,6 +4,7 @@ ManualClock: each retry is due only once the test moves the clock past its back-
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -16,6 +17,7 @@ from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
 from relevans.kit.settings import Settings
 from relevans.local.smtp_sink import SmtpScript
+from services.delivery.app import build
 from services.delivery.domain import MAX_ATTEMPTS, RetryPolicy
 from tests.helpers import eventually, stays
 from tests.helpers.delivery import EMAIL, Harness
@@ -218,3 +220,35 @@ async def test_the_smtp_rate_limit_holds_mails_until_the_clock_lets_them_go(
 
 async def _mail_count(h: Harness, n: int) -> bool:
     return len(h.mails()) >= n
+
+
+async def test_two_delivery_processes_make_each_retry_once(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    """Both processes' retry workers see every due message; each retry is still made once: the
+    message is read under its lock, and one retried a moment ago is no longer due."""
+    h = Harness(settings, clock, nats_url, tmp_path / "mail")
+    try:
+        await h.start(script=SmtpScript(data=[GREYLISTED]))  # every message's first DATA: 451
+        second = await build(h.settings, clock)
+        await second.start()
+        h.hosts.append(second)
+        profile_id = await h.customer()
+        await h.put_template()
+        keys = [await h.request(profile_id) for _ in range(30)]
+        for key in keys:
+            await _attempted(h, key, 1)
+        await clock.advance(timedelta(seconds=FIRST_RETRY_MAX_S))
+        finals = [await h.final(key) for key in keys]
+
+        assert {(m.status, m.attempts) for m in finals} == {(delivery_pb2.MESSAGE_STATUS_SENT, 2)}
+        for m in finals:
+            assert [c.reason for c in m.history] == [
+                "accepted",
+                f"retrying: attempt 1: smtp: {GREYLISTED}",
+                "smtp: 250 OK",
+            ]
+        mails = Counter(str(mail["Message-ID"]) for mail in h.mails())
+        assert len(mails) == 30 and set(mails.values()) == {1}
+    finally:
+        await h.close()
