@@ -81,8 +81,8 @@ from services.delivery.suppressions import Suppression, suppression_reasons
 log = structlog.get_logger(__name__)
 
 COMPOSE_FAILED = "compose_failed"
-DEFAULT_RETRY_POLICY = RetryPolicy()
 CLAIMS_NOT_WRITTEN = "database unavailable: messages not claimed"
+DEFAULT_RETRY_POLICY = RetryPolicy()
 
 # ---- outcomes -----------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
-"""Delivery's retries and hard bounces end to end: real PostgreSQL, NATS, the profile service and an
-SMTP sink that answers as it is scripted to (451 greylisting, 550 no such mailbox). Time is the
-ManualClock: each retry is due only once the test moves the clock past its back-off."""
+"""Delivery's retries, hard bounces and rate limit end to end: real PostgreSQL, NATS, the profile
+service and an SMTP sink that answers as it is scripted to (451 greylisting, 550 no such mailbox).
+Time is the ManualClock: each retry is due, and each rate-limited mail may go, only once the test
+moves the clock. Also: the migration that adds bounces goes down and up."""
 
 from __future__ import annotations
 
@@ -11,14 +12,20 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest_asyncio
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy import Connection
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.clock import ManualClock
+from relevans.kit.db import alembic_config, create_engine
 from relevans.kit.settings import Settings
 from relevans.local.smtp_sink import SmtpScript
 from services.delivery.app import build
 from services.delivery.domain import MAX_ATTEMPTS, RetryPolicy
+from services.delivery.suppressions import Suppression, suppress, suppression_reasons
+from services.delivery.tables import messages
 from tests.helpers import eventually, stays
 from tests.helpers.delivery import EMAIL, Harness
 
@@ -252,3 +259,53 @@ async def test_two_delivery_processes_make_each_retry_once(
         assert len(mails) == 30 and set(mails.values()) == {1}
     finally:
         await h.close()
+
+
+def _alembic(conn: Connection, direction: str, revision: str) -> None:
+    cfg = alembic_config("delivery")
+    cfg.attributes["connection"] = conn
+    getattr(command, direction)(cfg, revision)
+
+
+async def test_the_bounce_migration_goes_down_and_up_again(settings: Settings, clock: ManualClock) -> None:
+    engine = create_engine(settings.database_url("delivery"))
+    now = clock.now()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                messages.insert().values(
+                    tenant_id="shop",
+                    message_id="m1",
+                    idempotency_key="k1",
+                    profile_id="p1",
+                    trigger_id="t",
+                    channel="email",
+                    purpose="marketing",
+                    template_id="cart",
+                    variables={},
+                    status="bounced",
+                    reason=f"hard_bounce: smtp: {NO_SUCH_USER}",
+                    recipient=BOUNCING,
+                    subject="",
+                    attempts=1,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            await suppress(
+                conn,
+                [
+                    Suppression("shop", "email", BOUNCING, "address_bounced"),
+                    Suppression("shop", "", "erased@example.com", "erased"),
+                ],
+                now,
+            )
+            await conn.run_sync(_alembic, "downgrade", "0004")
+            status = await conn.scalar(sa.text("SELECT status FROM messages"))
+            kept = await conn.scalars(sa.text("SELECT reason FROM suppressions"))
+            assert (status, list(kept)) == ("failed", ["erased"])
+            await conn.run_sync(_alembic, "upgrade", "head")
+            found = await suppression_reasons(conn, [("shop", "email", "Erased@example.com ")])
+            assert found == {("shop", "email", "Erased@example.com "): "erased"}
+    finally:
+        await engine.dispose()
