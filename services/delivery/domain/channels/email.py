@@ -100,9 +100,8 @@ class EmailChannel(Channel):
         """A reply is transient when it is 4xx or came while connecting (a busy server turning
         the session away), permanent when it is 5xx, and a hard bounce when it refuses the
         recipient for good (550/551/553 to RCPT, or an enhanced status 5.1.x of the recipient
-        to RCPT or DATA);
-        without a reply the session broke, which is of unknown outcome once the content was on
-        the wire (stage "data")."""
+        to RCPT or DATA); without a reply the session broke, which is of unknown outcome once
+        the content was on the wire (stage "data")."""
         if failure.code is None:
             return "unknown" if failure.stage == "data" else "transient"
         if failure.stage == "connect" or failure.code < 500:
