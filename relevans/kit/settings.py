@@ -82,6 +82,15 @@ class Settings:
     sms_max_segments: int = 4
     # Seconds to connect to the SMS provider, and to wait for its answer once the request is sent.
     sms_timeout: float = 10.0
+    # Messages per second one delivery process hands to the SMTP server, the SMS provider and
+    # webhook receivers (all endpoints together); 0 = unlimited.
+    smtp_rate_limit: float = 0.0
+    sms_rate_limit: float = 0.0
+    webhook_rate_limit: float = 0.0
+    # Seconds before the first retry of a transiently failed send (doubling each retry, half of
+    # each wait random), and the longest wait between two attempts.
+    delivery_retry_delay: float = 30.0
+    delivery_retry_max_delay: float = 3600.0
     # Seconds in-flight calls get to finish on shutdown.
     shutdown_grace: float = 5.0
     # Default deadline, in seconds, for calls one service makes to another.
@@ -112,6 +121,15 @@ class Settings:
             )
         if self.sms_timeout <= 0:
             raise SettingsError(f"RELEVANS_SMS_TIMEOUT={self.sms_timeout} must be more than 0 seconds")
+        for name in ("smtp_rate_limit", "sms_rate_limit", "webhook_rate_limit"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)} must be 0 (unlimited) or more")
+        if not 0 < self.delivery_retry_delay <= self.delivery_retry_max_delay:
+            raise SettingsError(
+                "RELEVANS_DELIVERY_RETRY_DELAY must be more than 0 and at most "
+                f"RELEVANS_DELIVERY_RETRY_MAX_DELAY (got {self.delivery_retry_delay} and "
+                f"{self.delivery_retry_max_delay})"
+            )
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -3,6 +3,10 @@
 The delivery service sends real SMTP; in `relevans up` and in the tests this sink
 receives it, so a person (or `relevans demo`, from another process) can read the
 mails from a folder. It runs on the caller's event loop, not in a thread.
+
+Given an `SmtpScript`, it answers as a real server sometimes does instead of accepting:
+a recipient's first RCPTs refused (451 greylisting, 550 no such mailbox), or each
+message's first DATA answered 451, so retries and bounces can be tested end to end.
 """
 
 from __future__ import annotations
@@ -10,7 +14,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import weakref
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -44,17 +52,56 @@ def _write_atomically(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-class _StoreHandler:
-    """aiosmtpd handler: one file per accepted DATA, written before the 250 reply."""
+_MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
 
-    def __init__(self, mail_dir: Path) -> None:
+
+@dataclass(frozen=True)
+class SmtpScript:
+    """Replies the sink gives instead of accepting, attempt by attempt; once a list runs out it
+    accepts. `rcpt`: per recipient address (lower case), the replies to its successive RCPT
+    commands, e.g. ["451 4.7.1 greylisted", "451 4.7.1 greylisted"] or ["550 5.1.1 no such
+    user"] * 100; `data`: the replies to the successive DATA of each message (told apart by its
+    Message-ID header), the same for every message."""
+
+    rcpt: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    data: Sequence[str] = ()
+
+
+class _StoreHandler:
+    """aiosmtpd handler: one file per accepted DATA, written before the 250 reply; the script's
+    replies instead, while it has some for the recipient or message."""
+
+    def __init__(self, mail_dir: Path, script: SmtpScript) -> None:
         self.mail_dir = mail_dir
+        self.script = script
         self._counter = itertools.count(1)
+        # RCPT commands per recipient and DATA commands per Message-ID seen so far.
+        self.rcpt_attempts: Counter[str] = Counter()
+        self.data_attempts: Counter[bytes] = Counter()
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        key = address.lower()
+        replies = self.script.rcpt.get(key, ())
+        attempt = self.rcpt_attempts[key]
+        self.rcpt_attempts[key] += 1
+        if attempt < len(replies):
+            return replies[attempt]
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         content = envelope.content
         if isinstance(content, str):
             content = content.encode("utf-8", errors="surrogateescape")
+        if self.script.data:
+            found = _MESSAGE_ID.search(content or b"")
+            message_id = found.group(1) if found else b""
+            attempt = self.data_attempts[message_id]
+            self.data_attempts[message_id] += 1
+            if attempt < len(self.script.data):
+                return self.script.data[attempt]
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = self.mail_dir / f"{stamp}-{next(self._counter):06d}.eml"
         await asyncio.to_thread(_write_atomically, path, content or b"")
@@ -63,13 +110,16 @@ class _StoreHandler:
 
 
 class SmtpSink:
-    """SMTP server on `host:port` (0 picks a free port, see `port` after start) storing mail in `mail_dir`."""
+    """SMTP server on `host:port` (0 picks a free port, see `port` after start) storing mail in
+    `mail_dir`, answering as `script` says first."""
 
-    def __init__(self, mail_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, mail_dir: Path, host: str = "127.0.0.1", port: int = 0, script: SmtpScript | None = None
+    ) -> None:
         self.mail_dir = Path(mail_dir)
         self.host = host
         self.port = port
-        self._handler = _StoreHandler(self.mail_dir)
+        self._handler = _StoreHandler(self.mail_dir, script or SmtpScript())
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()  # open connections
 
@@ -110,3 +160,7 @@ class SmtpSink:
 
     def messages(self) -> list[EmailMessage]:
         return read_mail_dir(self.mail_dir)
+
+    def rcpt_attempts(self, address: str) -> int:
+        """How many RCPT commands named `address` so far."""
+        return self._handler.rcpt_attempts[address.lower()]

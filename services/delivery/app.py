@@ -8,13 +8,14 @@ from relevans.kit.clock import Clock
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.delivery.channels import open_transports
+from services.delivery.channels import open_transports, rate_limits
 from services.delivery.channels.address_guard import AddressGuard, AddressRules
 from services.delivery.channels.base import Closing
 from services.delivery.channels.webhook import WebhookNetwork
 from services.delivery.consumers import DURABLE, request_consumer
-from services.delivery.domain import Renderer
+from services.delivery.domain import Renderer, RetryPolicy
 from services.delivery.profiles import ProfileClient
+from services.delivery.retries import RetrySchedule, RetryWorker
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
@@ -51,6 +52,8 @@ async def build(
         clock,
         make_id=new_message_id,
         notify=rt.relay.notify,
+        retry_policy=RetryPolicy(settings.delivery_retry_delay, settings.delivery_retry_max_delay),
+        rate_limits=rate_limits(settings),
     )
     network = webhook_network or WebhookNetwork()
     servicer = DeliveryServicer(
@@ -62,6 +65,7 @@ async def build(
     )
     host = rt.host([binding(servicer)])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
+    host.add_worker("delivery-retries", RetryWorker(RetrySchedule(rt.engine), worker, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)
     for transport in transports.values():

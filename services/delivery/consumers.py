@@ -1,7 +1,9 @@
 """Bus messages -> domain: the delivery requests on the RV_DELIVERY_REQUESTS work queue.
 
-Each batch is decoded here and handed to the `DeliveryWorker` (worker.py). Requests
-that must be tried again make the handler raise after everything else is committed,
+Each batch is decoded here and handed to the `DeliveryWorker` (worker.py). A transient
+failure of a send is the worker's to retry (a scheduled row, retries.py) and the request is
+acked; only requests that could not be recorded at all (another worker holds them, the
+database could not be written) make the handler raise after everything else is committed,
 so the kit's consumer naks them for a later redelivery.
 """
 
@@ -35,7 +37,7 @@ class RetryLater(Exception):
     """Some requests of the batch could not be finished now; the bus redelivers them later."""
 
 
-def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
+def decode_request(data: bytes) -> DeliveryRequest | None:
     """The request, or None when it cannot even be recorded (no tenant or idempotency key)."""
     try:
         m = bus_pb2.DeliveryRequest.FromString(data)
@@ -54,22 +56,14 @@ def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
         purpose=enum_name(common_pb2.Purpose, m.purpose, "PURPOSE_"),
         template_id=m.template_id,
         variables=from_struct(m.variables),
-        attempt=max(1, attempt),
     )
-
-
-def _attempt(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.num_delivered or 1)
-    except Exception:  # not a JetStream message (no metadata in its reply subject)
-        return 1
 
 
 def decode_batch(msgs: Sequence[Msg]) -> list[DeliveryRequest]:
     """The batch's requests; one that cannot even be recorded is logged and dropped."""
     requests: list[DeliveryRequest] = []
     for m in msgs:
-        request = decode_request(m.data, _attempt(m))
+        request = decode_request(m.data)
         if request is None:
             log.error("unusable delivery request dropped", subject=m.subject, size=len(m.data))
             continue

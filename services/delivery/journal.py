@@ -31,8 +31,9 @@ from relevans.kit import metrics
 from relevans.kit.clock import Clock
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_timestamp
-from services.delivery.domain import FAILED, FINAL_STATUSES, PENDING, SENDING, SENT, SUPPRESSED
+from services.delivery.domain import BOUNCED, FAILED, FINAL_STATUSES, PENDING, SENDING, SENT, SUPPRESSED
 from services.delivery.store import Claim, DeliveryStore, MessageRow, StatusUpdate
+from services.delivery.suppressions import Suppression
 
 log = structlog.get_logger(__name__)
 
@@ -46,16 +47,19 @@ _STATUS_ENUM = {
     SENT: delivery_pb2.MESSAGE_STATUS_SENT,
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+    BOUNCED: delivery_pb2.MESSAGE_STATUS_BOUNCED,
 }
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """A message's next state, with the channel it counts under."""
+    """A message's next state, with the channel it counts under and the address it suppresses
+    from now on (a hard bounce)."""
 
     row: MessageRow
     channel: str
     update: StatusUpdate
+    suppress: Suppression | None = None
 
 
 def status_changed(row: MessageRow, status: str, reason: str, now: datetime) -> OutboxMessage:
@@ -81,11 +85,16 @@ def _published(outcomes: Sequence[Outcome], now: datetime) -> list[OutboxMessage
     ]
 
 
+def _suppressed(outcomes: Sequence[Outcome]) -> list[Suppression]:
+    return [o.suppress for o in outcomes if o.suppress is not None]
+
+
 async def write_outcomes(
     store: DeliveryStore, conn: AsyncConnection, outcomes: Sequence[Outcome], now: datetime
 ) -> None:
     """The outcomes and the status messages of the final ones, in the caller's transaction."""
-    await store.apply(conn, [o.update for o in outcomes], now, _published(outcomes, now))
+    updates = [o.update for o in outcomes]
+    await store.apply(conn, updates, now, _published(outcomes, now), _suppressed(outcomes))
 
 
 @dataclass(slots=True)
@@ -183,5 +192,9 @@ class SendJournal:
     async def _write(self, claims: Sequence[_Waiting], outcomes: Sequence[Outcome]) -> set[tuple[str, str]]:
         now = self.clock.now()
         return await self.store.record_sends(
-            [w.claim for w in claims], [o.update for o in outcomes], _published(outcomes, now), now
+            [w.claim for w in claims],
+            [o.update for o in outcomes],
+            _published(outcomes, now),
+            now,
+            _suppressed(outcomes),
         )

@@ -16,6 +16,7 @@ from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from services.delivery.channels.address_guard import AddressGuard
 from services.delivery.domain import (
+    BOUNCED,
     CHANNELS,
     FAILED,
     MESSAGE_PAGES,
@@ -57,6 +58,7 @@ _STATUS = {
     SENT: delivery_pb2.MESSAGE_STATUS_SENT,
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+    BOUNCED: delivery_pb2.MESSAGE_STATUS_BOUNCED,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------
@@ -118,6 +120,7 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
         ],
         create_time=to_timestamp(m.created_at),
         sms_segments=m.sms_segments,
+        attempts=m.attempts,
     )
 
 

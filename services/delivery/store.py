@@ -35,7 +35,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from relevans.kit.db import DriverStatement
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
-from relevans.kit.identifiers import identifier_hash
 from relevans.kit.locks import lock_key32, lock_key64
 from relevans.kit.merges import (
     Person,
@@ -55,6 +54,7 @@ from services.delivery.domain import (
     Template,
 )
 from services.delivery.domain.decision import ERASED
+from services.delivery.suppressions import Suppression, suppress
 from services.delivery.tables import (
     TZ,
     erased_profiles,
@@ -87,6 +87,7 @@ class MessageRow:
     trigger_id: str
     status: str
     attempts: int
+    next_attempt_at: datetime | None = None
 
     @property
     def key(self) -> Key:
@@ -95,7 +96,8 @@ class MessageRow:
 
 @dataclass(frozen=True, slots=True)
 class StatusUpdate:
-    """Move one message to `status`; `recipient`/`subject` kept when None, attempts never decrease."""
+    """Move one message to `status`; `recipient`/`subject` kept when None, attempts never decrease;
+    `next_attempt_at` when a pending message's next attempt is due (None: not scheduled)."""
 
     tenant_id: str
     message_id: str
@@ -104,6 +106,7 @@ class StatusUpdate:
     recipient: str | None = None
     subject: str | None = None
     attempts: int = 0
+    next_attempt_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +135,22 @@ _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:k
 _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
 
 # What a delivery worker's sends came to, in one statement (its own transaction, one round trip:
-# the writes of every send run through it, so it is kept cheap): the outcomes with their history
-# and outbox messages, and the claims. A claim takes only a message still pending: one another
+# the writes of every send run through it, so it is kept cheap): the outcomes with their history,
+# outbox messages and the addresses they suppress (a hard bounce), and the claims. A claim keeps
+# the message's `next_attempt_at`, so the retry worker sees a retry whose sender died mid-send.
+# A claim takes only a message still pending: one another
 # worker claimed or finished is left to it. A message's claim and outcome are never in the same
 # statement (the outcome is known only once the claim is committed).
 _RECORD_SENDS = DriverStatement("""
 WITH outcome AS (
     SELECT * FROM unnest(CAST(:o_tenants AS text[]), CAST(:o_ids AS text[]), CAST(:o_statuses AS text[]),
-                         CAST(:o_reasons AS text[]), CAST(:o_attempts AS integer[]))
-        AS o(tenant_id, message_id, status, reason, attempts)
+                         CAST(:o_reasons AS text[]), CAST(:o_attempts AS integer[]),
+                         CAST(:o_recipients AS text[]), CAST(:o_next AS timestamptz[]))
+        AS o(tenant_id, message_id, status, reason, attempts, recipient, next_attempt_at)
 ), recorded AS (
     UPDATE messages AS m
     SET status = o.status, reason = o.reason, attempts = greatest(m.attempts, o.attempts),
+        recipient = coalesce(o.recipient, m.recipient), next_attempt_at = o.next_attempt_at,
         updated_at = CAST(:now AS timestamptz)
     FROM outcome AS o
     WHERE m.tenant_id = o.tenant_id AND m.message_id = o.message_id
@@ -154,6 +161,12 @@ WITH outcome AS (
     INSERT INTO outbox (subject, payload, created_at)
     SELECT subject, payload, CAST(:now AS timestamptz)
     FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[])) AS p(subject, payload)
+), suppressed AS (
+    INSERT INTO suppressions (tenant_id, channel, value_hash, reason, created_at)
+    SELECT tenant_id, channel, value_hash, reason, CAST(:now AS timestamptz)
+    FROM unnest(CAST(:s_tenants AS text[]), CAST(:s_channels AS text[]), CAST(:s_hashes AS text[]),
+                CAST(:s_reasons AS text[])) AS s(tenant_id, channel, value_hash, reason)
+    ON CONFLICT DO NOTHING
 ), claimed AS (
     UPDATE messages AS m
     SET status = :sending, reason = '', recipient = c.recipient, subject = c.subject,
@@ -185,6 +198,7 @@ _UPDATE_STATUS = (
         recipient=sa.func.coalesce(sa.bindparam("b_recipient", type_=sa.Text), messages.c.recipient),
         subject=sa.func.coalesce(sa.bindparam("b_subject", type_=sa.Text), messages.c.subject),
         attempts=sa.func.greatest(messages.c.attempts, sa.bindparam("b_attempts", type_=sa.Integer)),
+        next_attempt_at=sa.bindparam("b_next", type_=TZ),
         updated_at=sa.bindparam("b_now", type_=TZ),
     )
 )
@@ -289,20 +303,6 @@ class DeliveryStore:
             )
         )
         return {(r.tenant_id, r.profile_id) for r in rows}
-
-    async def suppressed(
-        self, conn: AsyncConnection, addresses: Iterable[tuple[str, str]]
-    ) -> set[tuple[str, str]]:
-        """The (tenant, address) pairs whose address belongs to an erased person."""
-        wanted = {(t, identifier_hash(a)): (t, a) for t, a in addresses}
-        if not wanted:
-            return set()
-        rows = await conn.execute(
-            sa.select(suppressions.c.tenant_id, suppressions.c.value_hash).where(
-                sa.tuple_(suppressions.c.tenant_id, suppressions.c.value_hash).in_(sorted(wanted))
-            )
-        )
-        return {wanted[(r.tenant_id, r.value_hash)] for r in rows}
 
     # ---- templates ----------------------------------------------------------------------------
 
@@ -501,6 +501,7 @@ class DeliveryStore:
                 messages.c.trigger_id,
                 messages.c.status,
                 messages.c.attempts,
+                messages.c.next_attempt_at,
             ).where(sa.tuple_(messages.c.tenant_id, messages.c.idempotency_key).in_(list(keys)))
         )
         return {
@@ -512,6 +513,7 @@ class DeliveryStore:
                 trigger_id=r.trigger_id,
                 status=r.status,
                 attempts=r.attempts,
+                next_attempt_at=r.next_attempt_at,
             )
             for r in rows
         }
@@ -522,10 +524,12 @@ class DeliveryStore:
         updates: Sequence[StatusUpdate],
         published: Sequence[OutboxMessage],
         now: datetime,
+        suppressed: Sequence[Suppression] = (),
     ) -> set[tuple[str, str]]:
-        """Write send outcomes (with their history and outbox messages) and mark the claims'
-        messages `sending` where they are still pending (`sending` is internal: not in the
-        history), all or nothing; return the (tenant, message id) of the messages claimed."""
+        """Write send outcomes (with their history, outbox messages and the addresses they
+        suppress) and mark the claims' messages `sending` where they are still pending (`sending`
+        is internal: not in the history), all or nothing; return the (tenant, message id) of the
+        messages claimed."""
         async with self.engine.connect() as conn:
             driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
             try:
@@ -537,8 +541,14 @@ class DeliveryStore:
                         "o_statuses": [u.status for u in updates],
                         "o_reasons": [u.reason for u in updates],
                         "o_attempts": [u.attempts for u in updates],
+                        "o_recipients": [u.recipient for u in updates],
+                        "o_next": [u.next_attempt_at for u in updates],
                         "subjects": [m.subject for m in published],
                         "payloads": [m.payload for m in published],
+                        "s_tenants": [x.tenant_id for x in suppressed],
+                        "s_channels": [x.channel for x in suppressed],
+                        "s_hashes": [x.value_hash for x in suppressed],
+                        "s_reasons": [x.reason for x in suppressed],
                         "c_tenants": [c.row.tenant_id for c in claims],
                         "c_ids": [c.row.message_id for c in claims],
                         "c_recipients": [c.recipient for c in claims],
@@ -561,9 +571,11 @@ class DeliveryStore:
         updates: Sequence[StatusUpdate],
         now: datetime,
         published: Sequence[OutboxMessage] = (),
+        suppressed: Sequence[Suppression] = (),
     ) -> None:
-        """Write status changes, their history (`sending` is internal and not recorded) and the
-        outbox messages announcing them, inside the caller's transaction."""
+        """Write status changes, their history (`sending` is internal and not recorded), the
+        outbox messages announcing them and the addresses they suppress, inside the caller's
+        transaction."""
         if updates:
             await conn.execute(
                 _UPDATE_STATUS,
@@ -576,6 +588,7 @@ class DeliveryStore:
                         "b_recipient": u.recipient,
                         "b_subject": u.subject,
                         "b_attempts": u.attempts,
+                        "b_next": u.next_attempt_at,
                         "b_now": now,
                     }
                     for u in updates
@@ -595,6 +608,7 @@ class DeliveryStore:
             if changes:
                 await conn.execute(history.insert(), changes)
         await enqueue(conn, outbox, published, now)
+        await suppress(conn, suppressed, now)
 
 
 def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecord:
@@ -610,6 +624,7 @@ def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecor
         recipient=row.recipient,
         subject=row.subject,
         created_at=row.created_at,
+        attempts=row.attempts,
         seq=row.seq,
         sms_segments=row.sms_segments,
         history=changes,

@@ -52,16 +52,21 @@ messages = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("recipient", sa.Text, nullable=False),
     sa.Column("subject", sa.Text, nullable=False),
-    # Deliveries of the request that ended in a failure worth retrying.
+    # Attempts at sending the message so far.
     sa.Column("attempts", sa.Integer, nullable=False),
     # SMS: the segments the body was sent in, recorded with the claim (0 for other channels).
     sa.Column("sms_segments", sa.Integer, nullable=False, server_default="0"),
+    # When a pending message's next attempt is due (after a transient failure), else NULL.
+    sa.Column("next_attempt_at", TZ, nullable=True),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.UniqueConstraint("tenant_id", "idempotency_key", name="messages_idempotency"),
     sa.CheckConstraint(_STATUS_CHECK, name="messages_status"),
     sa.Index("messages_tenant_seq", "tenant_id", "seq"),
     sa.Index("messages_profile_seq", "tenant_id", "profile_id", "seq"),
+    sa.Index(
+        "messages_next_attempt", "next_attempt_at", postgresql_where=sa.text("next_attempt_at IS NOT NULL")
+    ),
 )
 
 history = sa.Table(
@@ -75,12 +80,14 @@ history = sa.Table(
     sa.Column("at", TZ, nullable=False),
 )
 
-# GDPR: the sha256 hex of each identifier of an erased person; a message to one is suppressed.
+# Addresses never sent to again, by the sha256 hex of the identifier (`identifier_hash`): an erased
+# person's identifiers on every channel (channel ""), an address that bounced on its channel.
 suppressions = sa.Table(
     "suppressions",
     metadata,
     sa.Column("tenant_id", sa.Text, primary_key=True),
     sa.Column("value_hash", sa.Text, primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True, server_default=sa.text("''")),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
 )

@@ -6,20 +6,28 @@ these phases on one database connection:
 1. lock: takes the request's advisory lock (held until the batch is done; a key another
    live worker holds is retried later) and reads its message row, if any: already final
    -> nothing to do; left in `sending` by a worker that died mid-send -> failed
-   "outcome_unknown", never sent a second time; `pending` -> decided again. A request for
-   a profile that was merged away is handled as the survivor's; one for an erased person
-   is dropped;
+   "outcome_unknown", never sent a second time; `pending` and due -> decided again as its
+   next attempt; `pending` with a retry scheduled later -> left to the retry worker
+   (retries.py). A request for a profile that was merged away is handled as the survivor's;
+   one for an erased person is dropped;
 2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
    is now) and loads the templates;
 3. decide: in ONE transaction inserts the new messages (pending, unique per idempotency
-   key), decides each (consent, address, template, render), and records the suppressed and
-   failed ones with their `DeliveryStatusChanged` outbox messages; the ones to send stay
-   pending;
+   key), decides each (consent, address, template, render, suppressed addresses), and records
+   the suppressed and failed ones with their `DeliveryStatusChanged` outbox messages; the
+   ones to send stay pending;
 4. send: hands the messages to their channel's transport, which claims each one (`sending`,
-   committed) right before its content goes out, and records each outcome as soon as it
-   is known — sent, failed (refused, outcome unknown, retries exhausted), or pending again
-   for a transient failure — through the `SendJournal` (journal.py): one message in flight
-   per SMTP connection, outcomes retried until written.
+   committed) right before its content goes out — after waiting for the channel's rate
+   limit — and records each outcome as soon as it is known — sent, failed (refused, outcome
+   unknown, retries exhausted), bounced (the address is suppressed with it), or pending
+   again with its next attempt scheduled for a transient failure — through the
+   `SendJournal` (journal.py): one message in flight per SMTP connection, outcomes retried
+   until written.
+
+A transient failure is not left to the bus: the message's next attempt is a row
+(`next_attempt_at`, after `RetryPolicy`'s back-off), the request is acked, and the retry
+worker hands the message back to `process` when it is due; `retries_scheduled` tells it a
+new one was written.
 
 How these steps make each effect happen once: docs/architecture.md, "Guarantees",
 "Effects happen once" and "Consent at send time".
@@ -28,6 +36,7 @@ How these steps make each effect happen once: docs/architecture.md, "Guarantees"
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -40,6 +49,8 @@ from relevans.kit.clock import Clock
 from relevans.kit.merges import Person
 from services.delivery.channels.base import Outgoing, Refused, Transport
 from services.delivery.domain import (
+    ADDRESS_BOUNCED,
+    BOUNCED,
     CHANNELS,
     FAILED,
     FINAL_STATUSES,
@@ -51,6 +62,7 @@ from services.delivery.domain import (
     Final,
     ProfileView,
     Renderer,
+    RetryPolicy,
     Send,
     SendOutcome,
     Template,
@@ -59,15 +71,18 @@ from services.delivery.domain import (
     redelivery,
     request_problem,
 )
-from services.delivery.domain.decision import ERASED, Decision
+from services.delivery.domain.decision import Decision
 from services.delivery.journal import Outcome, SendJournal, write_outcomes
 from services.delivery.profiles import ProfileClient, ProfileLookupError
+from services.delivery.rate_limits import RateLimiter
 from services.delivery.store import Claim, DeliveryStore, Key, MessageRow, StatusUpdate, TemplateKey
+from services.delivery.suppressions import Suppression, suppression_reasons
 
 log = structlog.get_logger(__name__)
 
 COMPOSE_FAILED = "compose_failed"
 CLAIMS_NOT_WRITTEN = "database unavailable: messages not claimed"
+DEFAULT_RETRY_POLICY = RetryPolicy()
 
 # ---- outcomes -----------------------------------------------------------------------------------
 
@@ -91,7 +106,16 @@ class _LookedUp:
     templates: dict[TemplateKey, Template]
 
 
-def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0) -> Outcome:
+def _outcome(
+    row: MessageRow,
+    channel: str,
+    final: Final,
+    attempts: int = 0,
+    *,
+    next_attempt_at: datetime | None = None,
+    recipient: str | None = None,
+    suppress: Suppression | None = None,
+) -> Outcome:
     return Outcome(
         row,
         channel,
@@ -100,36 +124,39 @@ def _outcome(row: MessageRow, channel: str, final: Final, attempts: int = 0) -> 
             message_id=row.message_id,
             status=final.status,
             reason=final.reason,
+            recipient=recipient,
             attempts=attempts,
+            next_attempt_at=next_attempt_at,
         ),
+        suppress,
     )
 
 
 class _Handover:
-    """One channel's sends of a batch: each claimed and its outcome recorded through the journal."""
+    """One channel's sends of a batch: each claimed (once the channel's rate limit lets it go) and
+    its outcome recorded through the journal."""
 
-    def __init__(self, sends: Sequence[_Sending], journal: SendJournal) -> None:
+    def __init__(
+        self,
+        sends: Sequence[_Sending],
+        journal: SendJournal,
+        settle: Callable[[_Sending, SendOutcome], Outcome],
+        limiter: RateLimiter | None,
+    ) -> None:
         self.sends = sends
         self.journal = journal
-        self.results: list[Outcome] = []
+        self.settle = settle
+        self.limiter = limiter
 
     async def claim(self, index: int) -> bool:
         s = self.sends[index]
+        if self.limiter is not None:
+            await self.limiter.acquire()
         claim = Claim(s.row, s.outgoing.recipient, s.subject, sms_segments=s.outgoing.sms_segments)
         return await self.journal.claim(claim)
 
     def report(self, index: int, outcome: SendOutcome) -> None:
-        s = self.sends[index]
-        final = CHANNELS[s.request.channel].final(outcome, s.request.attempt)
-        attempts = s.request.attempt if outcome.kind == "transient" else 0
-        result = _outcome(s.row, s.request.channel, final, attempts=attempts)
-        self.results.append(result)
-        self.journal.record(result)
-
-
-def _retries(outcomes: Sequence[Outcome]) -> list[str]:
-    """Why the messages left pending must be tried again."""
-    return [o.update.reason for o in outcomes if o.update.status == PENDING]
+        self.journal.record(self.settle(self.sends[index], outcome))
 
 
 # ---- the worker ---------------------------------------------------------------------------------
@@ -146,6 +173,9 @@ class DeliveryWorker:
         *,
         make_id: Callable[[], str],
         notify: Callable[[], None] = lambda: None,
+        retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY,
+        rate_limits: Mapping[str, float] | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         missing = SUPPORTED_CHANNELS - transports.keys()
         if missing:
@@ -157,6 +187,13 @@ class DeliveryWorker:
         self.clock = clock
         self.make_id = make_id
         self.notify = notify
+        self.retry_policy = retry_policy
+        self.rand = rand
+        # Messages per second per channel (one bucket per process, shared by every lane); a
+        # channel without a positive rate is not limited.
+        self.limiters = {c: RateLimiter(rate, clock) for c, rate in (rate_limits or {}).items() if rate > 0}
+        # Set when a retry was scheduled, so the retry worker looks at its next due time again.
+        self.retries_scheduled = asyncio.Event()
 
     async def process(self, requests: Sequence[DeliveryRequest]) -> list[str]:
         """Handle decoded requests; return why some must be retried (empty when all are done)."""
@@ -171,8 +208,7 @@ class DeliveryWorker:
                 return retry
             todo, new, done = await self._left_to_do(conn, mine)
             looked_up = await self._look_up(conn, [r for r in todo if request_problem(r) is None])
-            decided, sends = await self._decide(conn, todo, new, done, looked_up)
-            retry += _retries(decided)
+            sends = await self._decide(conn, todo, new, done, looked_up)
             if sends:
                 retry += await self._send(sends)
         return retry
@@ -190,10 +226,11 @@ class DeliveryWorker:
     async def _left_to_do(
         self, conn: AsyncConnection, mine: Sequence[DeliveryRequest]
     ) -> tuple[list[DeliveryRequest], set[Key], list[Outcome]]:
-        """The requests still to decide (and which of them have no message row yet), and the
-        rows a dead worker left mid-send, failed "outcome_unknown". A request for a merged-away
-        profile becomes the survivor's (trigger may not know of the merge yet); one for an
-        erased person is dropped; a request whose message is final is done."""
+        """The requests still to decide (and which of them have no message row yet), each as its
+        message's next attempt, and the rows a dead worker left mid-send, failed
+        "outcome_unknown". A request for a merged-away profile becomes the survivor's (trigger
+        may not know of the merge yet); one for an erased person is dropped; a request whose
+        message is final, or whose next attempt is not yet due, is done for now."""
         async with conn.begin():
             existing = await self.store.load_rows(conn, [r.key for r in mine])
             survivors = await self.store.survivors(conn, [(r.tenant_id, r.profile_id) for r in mine])
@@ -207,11 +244,12 @@ class DeliveryWorker:
             mine = kept
         done: list[Outcome] = []
         todo: list[DeliveryRequest] = []
+        now = self.clock.now()
         for r in mine:
             row = existing.get(r.key)
-            action = "process" if row is None else redelivery(row.status)
+            action = "process" if row is None else redelivery(row.status, row.next_attempt_at, now)
             if action == "process":
-                todo.append(r)
+                todo.append(replace(r, attempt=1 if row is None else row.attempts + 1))
             elif action == "outcome_unknown" and row is not None:
                 log.warning("message found mid-send; not sending it again", key=r.idempotency_key)
                 done.append(_outcome(row, r.channel, Final(FAILED, OUTCOME_UNKNOWN)))
@@ -258,9 +296,9 @@ class DeliveryWorker:
         new: set[Key],
         done: Sequence[Outcome],
         looked_up: _LookedUp,
-    ) -> tuple[list[Outcome], list[_Sending]]:
+    ) -> list[_Sending]:
         """In one transaction: record the new requests, decide each, and write the decisions
-        (with `done`); return the decisions and the sends, which stay pending until claimed."""
+        (with `done`); return the sends, which stay pending until claimed."""
         now = self.clock.now()
         async with conn.begin():
             fresh = [r for r in todo if r.key in new]
@@ -269,13 +307,18 @@ class DeliveryWorker:
             )
             rows = await self.store.load_rows(conn, [r.key for r in todo])
             decisions = self._decisions(todo, looked_up)
-            erased = await self.store.suppressed(
-                conn, {(k[0], d.recipient) for k, d in decisions.items() if isinstance(d, Send)}
+            suppressed = await suppression_reasons(
+                conn,
+                {
+                    (r.tenant_id, r.channel, d.recipient)
+                    for r in todo
+                    if isinstance(d := decisions.get(r.key), Send)
+                },
             )
-            decided, sends = self._claims(todo, rows, decisions, erased, looked_up.unavailable, now)
+            decided, sends = self._claims(todo, rows, decisions, suppressed, looked_up.unavailable, now)
             await write_outcomes(self.store, conn, [*done, *decided], now)
         self._committed([*done, *decided])
-        return decided, sends
+        return sends
 
     def _decisions(self, todo: Sequence[DeliveryRequest], looked_up: _LookedUp) -> dict[Key, Decision]:
         """Each request's decision; none for a valid request whose tenant's profiles are unavailable."""
@@ -296,7 +339,7 @@ class DeliveryWorker:
         todo: Sequence[DeliveryRequest],
         rows: Mapping[Key, MessageRow],
         decisions: Mapping[Key, Decision],
-        erased: set[tuple[str, str]],
+        suppressed: Mapping[tuple[str, str, str], str],
         unavailable: Mapping[str, str],
         now: datetime,
     ) -> tuple[list[Outcome], list[_Sending]]:
@@ -307,11 +350,11 @@ class DeliveryWorker:
         for r in todo:
             row = rows[r.key]
             if r.key not in decisions:
-                decided.append(self._transient(r, row, unavailable[r.tenant_id]))
+                decided.append(self._transient(r, row, unavailable[r.tenant_id], now))
                 continue
             decision = decisions[r.key]
-            if isinstance(decision, Send) and (r.tenant_id, decision.recipient) in erased:
-                decision = Final(SUPPRESSED, ERASED)
+            if isinstance(decision, Send) and (r.tenant_id, r.channel, decision.recipient) in suppressed:
+                decision = Final(SUPPRESSED, suppressed[(r.tenant_id, r.channel, decision.recipient)])
             if isinstance(decision, Send):
                 outgoing = self._compose(r.channel, row, decision, now)
                 if isinstance(outgoing, Outgoing):
@@ -331,28 +374,56 @@ class DeliveryWorker:
         except (ValueError, TypeError, LookupError) as exc:
             return Final(FAILED, f"{COMPOSE_FAILED}: {exc}")
 
-    def _transient(self, r: DeliveryRequest, row: MessageRow, why: str) -> Outcome:
-        return _outcome(row, r.channel, after_transient(r.attempt, why), attempts=r.attempt)
+    def _transient(self, r: DeliveryRequest, row: MessageRow, why: str, now: datetime) -> Outcome:
+        return self._after_attempt(r, row, after_transient(r.attempt, why), now)
+
+    def _after_attempt(
+        self, r: DeliveryRequest, row: MessageRow, final: Final, now: datetime, recipient: str | None = None
+    ) -> Outcome:
+        """The outcome of the request's attempt: counted, its next attempt scheduled when it is to be
+        tried again, the address suppressed on the channel when it bounced."""
+        next_at = None
+        if final.status == PENDING:
+            next_at = self.retry_policy.next_attempt_at(r.attempt, now, self.rand())
+        suppress = None
+        if final.status == BOUNCED and recipient:
+            suppress = Suppression(r.tenant_id, r.channel, recipient, ADDRESS_BOUNCED)
+        return _outcome(
+            row,
+            r.channel,
+            final,
+            r.attempt,
+            next_attempt_at=next_at,
+            recipient=recipient if final.status == BOUNCED else None,
+            suppress=suppress,
+        )
+
+    def _settle(self, s: _Sending, outcome: SendOutcome) -> Outcome:
+        """What a send's outcome makes of its message (the channel's rules, then the retry policy)."""
+        final = CHANNELS[s.request.channel].final(outcome, s.request.attempt)
+        return self._after_attempt(s.request, s.row, final, self.clock.now(), s.outgoing.recipient)
 
     # ---- 4. send --------------------------------------------------------------------------------
 
     async def _send(self, sends: Sequence[_Sending]) -> list[str]:
         """Hand the messages to their channels' transports (the channels side by side), each one
         claimed right before it goes out and its outcome written as soon as it is known; return
-        why some must be retried. Returns once every outcome is written."""
+        why some must be handled again (claims that could not be written). Returns once every
+        outcome is written."""
         by_channel: dict[str, list[_Sending]] = {}
         for s in sends:
             by_channel.setdefault(s.request.channel, []).append(s)
         async with SendJournal(self.store, self.clock, self._committed) as journal:
-            handovers = {c: _Handover(group, journal) for c, group in by_channel.items()}
             await asyncio.gather(
                 *(
-                    self.transports[c].send_many([s.outgoing for s in group], handovers[c])
+                    self.transports[c].send_many(
+                        [s.outgoing for s in group],
+                        _Handover(group, journal, self._settle, self.limiters.get(c)),
+                    )
                     for c, group in by_channel.items()
                 )
             )
-        retry = [why for h in handovers.values() for why in _retries(h.results)]
-        return [*retry, CLAIMS_NOT_WRITTEN] if journal.unwritten_claims else retry
+        return [CLAIMS_NOT_WRITTEN] if journal.unwritten_claims else []
 
     def _committed(self, outcomes: Sequence[Outcome]) -> None:
         finals = [o for o in outcomes if o.update.status in FINAL_STATUSES]
@@ -360,3 +431,5 @@ class DeliveryWorker:
             metrics.MESSAGES_BY_STATUS.labels(o.update.status, o.channel).inc()
         if finals:
             self.notify()
+        if any(o.update.next_attempt_at is not None for o in outcomes):
+            self.retries_scheduled.set()

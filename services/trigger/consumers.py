@@ -267,6 +267,8 @@ _OUTCOMES = {
     delivery_pb2.MESSAGE_STATUS_SENT: "delivery_sent",
     delivery_pb2.MESSAGE_STATUS_SUPPRESSED: "delivery_suppressed",
     delivery_pb2.MESSAGE_STATUS_FAILED: "delivery_failed",
+    # a hard bounce: not sent, the reason says so ("hard_bounce: ...")
+    delivery_pb2.MESSAGE_STATUS_BOUNCED: "delivery_failed",
 }
 
 

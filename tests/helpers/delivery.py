@@ -25,7 +25,7 @@ from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
 from relevans.local.embedded import free_port
 from relevans.local.sms_sink import SmsSink, StoredSms
-from relevans.local.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpScript, SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.app import build
 from services.profile.app import build as build_profile
@@ -62,15 +62,20 @@ class Harness:
         self.delivery: DeliveryServiceAsyncStub
 
     async def start(
-        self, *, smtp_port: int | None = None, sink: bool = True, sms_provider_url: str | None = None
+        self,
+        *,
+        smtp_port: int | None = None,
+        sink: bool = True,
+        script: SmtpScript | None = None,
+        sms_provider_url: str | None = None,
     ) -> None:
-        """With an SMTP sink unless `sink` is False, and an SMS sink unless `sms_provider_url` names
-        another provider."""
+        """Start the services: an SMTP sink unless `sink` is False (answering as `script` says), and
+        an SMS sink unless `sms_provider_url` names another provider."""
         profile_host = await build_profile(self.settings, self.clock)
         await profile_host.start()
         self.hosts.append(profile_host)
         if sink:
-            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0)
+            self.sink = SmtpSink(self.mail_dir, port=smtp_port or 0, script=script)
             await self.sink.start()
             smtp_port = self.sink.port
         if sms_provider_url is None:
@@ -246,6 +251,7 @@ class Harness:
             delivery_pb2.MESSAGE_STATUS_SENT,
             delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
             delivery_pb2.MESSAGE_STATUS_FAILED,
+            delivery_pb2.MESSAGE_STATUS_BOUNCED,
         )
         found = await eventually(lambda: self.message(key, *final))
         assert found is not None

@@ -1,10 +1,11 @@
-"""Delivery under faults: `kill -9` of the delivery process in the middle of thousands of sends, and
-PostgreSQL going away right after the SMTP server accepted a mail.
+"""Delivery under faults: `kill -9` of the delivery process in the middle of thousands of sends and
+in the middle of retries, and PostgreSQL going away right after the SMTP server accepted a mail.
 
 What must hold (docs/architecture.md, "Effects happen once"): every mail is sent at most once; a
 message whose outcome cannot be known after a kill is recorded `outcome_unknown`, and there are at
-most as many of those as messages were in flight (one per SMTP connection of the worker); an
-outcome the server accepted is written once PostgreSQL is back, never dropped, never re-sent.
+most as many of those as messages were in flight (one per SMTP connection of each sending loop:
+the request consumer's and the retry worker's); a scheduled retry survives the kill; an outcome
+the server accepted is written once PostgreSQL is back, never dropped, never re-sent.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
-from relevans.local.smtp_sink import SmtpSink
+from relevans.local.smtp_sink import SmtpScript, SmtpSink
 from services.delivery.channels.email import SMTP_CONNECTIONS
 from services.delivery.consumers import DURABLE, FILTER_SUBJECT, STREAM
 from services.profile.app import build as build_profile
@@ -57,7 +58,9 @@ def _dsn(settings: Settings) -> str:
 class DeliveryProcess:
     """`relevans serve delivery` as its own process, started again after each kill."""
 
-    def __init__(self, settings: Settings, profile_target: str, smtp_port: int) -> None:
+    def __init__(
+        self, settings: Settings, profile_target: str, smtp_port: int, *, retry_delay_s: float = 30.0
+    ) -> None:
         self.target = f"127.0.0.1:{free_port()}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RELEVANS_")}
         self.env.update(
@@ -71,6 +74,7 @@ class DeliveryProcess:
                 env_name("smtp_port"): str(smtp_port),
                 env_name("shutdown_grace"): "1",
                 env_name("log_level"): "error",
+                env_name("delivery_retry_delay"): str(retry_delay_s),
             }
         )
         self.proc: asyncio.subprocess.Process | None = None
@@ -127,9 +131,10 @@ async def _put_template(target: str) -> None:
         )
 
 
-async def _publish_requests(settings: Settings, profile_id: str) -> None:
-    """SENDS transactional requests (no consent needed), request n asking for mail "mail n"; the
-    consumer is made first with a short ack wait, so what a killed process held comes back soon."""
+async def _publish_requests(settings: Settings, profile_id: str, sends: int = SENDS) -> None:
+    """`sends` transactional requests (no consent needed), request n (key "crash-n") asking for mail
+    "mail n"; the consumer is made first with a short ack wait, so what a killed process held comes
+    back soon."""
     bus = Bus(settings.nats_url, "test")
     await bus.connect()
     try:
@@ -160,9 +165,9 @@ async def _publish_requests(settings: Settings, profile_id: str) -> None:
                 ).SerializeToString(),
                 f"crash-{n}",
             )
-            for n in range(SENDS)
+            for n in range(sends)
         ]
-        for i in range(0, SENDS, 500):
+        for i in range(0, sends, 500):
             await bus.publish_batch(requests[i : i + 500])
     finally:
         await bus.close()
@@ -229,6 +234,107 @@ async def test_kill_9_during_2000_sends_sends_none_twice_and_loses_at_most_the_i
     lost = {f"crash-{n}" for n in range(SENDS)} - {f"crash-{n}" for n in mailed}
     assert lost <= unknown, f"lost without being recorded outcome_unknown {note}"
     assert len(unknown) <= KILLS * IN_FLIGHT, f"{len(unknown)} outcome_unknown, {len(lost)} lost {note}"
+
+
+# ---- kill -9 during retries ----------------------------------------------------------------------
+
+GREYLISTED = "451 4.7.1 greylisted, try again later"
+# Real seconds (the process runs on the system clock): the first retry comes 1-2 s after the first
+# attempt, the second 2-4 s after that.
+RETRY_DELAY_S = 2.0
+
+
+async def _attempts(settings: Settings, key: str) -> tuple[str, str, int] | None:
+    conn = await asyncpg.connect(_dsn(settings))
+    try:
+        row = await conn.fetchrow(
+            "SELECT status, reason, attempts FROM messages WHERE idempotency_key = $1", key
+        )
+    finally:
+        await conn.close()
+    return None if row is None else (row["status"], row["reason"], row["attempts"])
+
+
+async def test_kill_9_between_retries_still_sends_exactly_one_mail(
+    settings: Settings, profile_host: ServiceHost, tmp_path: Path
+) -> None:
+    script = SmtpScript(rcpt={"ada@example.com": [GREYLISTED, GREYLISTED]})
+    async with SmtpSink(tmp_path / "mail", script=script) as sink:
+        delivery = DeliveryProcess(
+            settings, f"127.0.0.1:{profile_host.port}", sink.port, retry_delay_s=RETRY_DELAY_S
+        )
+        try:
+            await delivery.start()
+            await _put_template(delivery.target)
+            await _publish_requests(settings, await _customer(f"127.0.0.1:{profile_host.port}"), sends=1)
+            for made in (1, 2):
+                # killed while the retry after attempt `made` is scheduled (or, at the latest, once
+                # that retry was made): the next process takes the schedule from the row
+                async def retrying(n: int = made) -> bool:
+                    found = await _attempts(settings, "crash-0")
+                    return found is not None and found[2] >= n
+
+                await eventually(retrying, timeout=30, interval=0.02)
+                await delivery.kill()
+                await delivery.start()
+
+            async def sent() -> tuple[str, str, int] | None:
+                found = await _attempts(settings, "crash-0")
+                return found if found is not None and found[0] == "sent" else None
+
+            found = await eventually(sent, timeout=60, interval=0.1)
+            await stays(lambda: _async(len(sink.messages()) > 1), duration=0.5)
+        finally:
+            await delivery.stop()
+        assert len(sink.messages()) == 1
+        assert sink.rcpt_attempts("ada@example.com") == 3
+    assert found == ("sent", "smtp: 250 OK", 3)
+
+
+RETRIED_SENDS = 300
+
+
+async def test_kill_9_while_retries_are_being_sent_sends_none_twice(
+    settings: Settings, profile_host: ServiceHost, tmp_path: Path
+) -> None:
+    """Every message's first DATA is answered 451, so every mail that arrives is a retry, sent by the
+    retry worker; the process is killed while it sends them. A retry claimed when the process died
+    has no bus message left to redeliver: the next process's retry worker finds it `sending` and
+    records it `outcome_unknown`."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    script = SmtpScript(data=[GREYLISTED])
+    async with SmtpSink(tmp_path / "mail", script=script) as sink:
+        delivery = DeliveryProcess(settings, f"127.0.0.1:{profile_host.port}", sink.port, retry_delay_s=0.5)
+        try:
+            await delivery.start()
+            await _put_template(delivery.target)
+            profile_id = await _customer(f"127.0.0.1:{profile_host.port}")
+            await _publish_requests(settings, profile_id, sends=RETRIED_SENDS)
+            for _ in range(2):
+                await eventually(_more_mail(sink.mail_dir, rng.randint(10, 60)), timeout=60, interval=0.005)
+                await delivery.kill()
+                await delivery.start()
+
+            async def all_final() -> dict[str, tuple[str, str]]:
+                found = await _statuses(settings)
+                done = [s for s, _ in found.values() if s in ("sent", "failed")]
+                return found if len(done) == RETRIED_SENDS else {}
+
+            statuses = await eventually(all_final, timeout=90, interval=0.2)
+        finally:
+            await delivery.stop()
+        mails = Counter(str(m["Subject"]) for m in sink.messages())
+
+    note = f"(random seed {seed})"
+    assert [s for s, n in mails.items() if n > 1] == [], f"mails sent twice {note}"
+    mailed = {f"crash-{int(s.removeprefix('mail '))}" for s in mails}
+    unknown = {k for k, (s, why) in statuses.items() if s == "failed" and why.startswith("outcome_unknown")}
+    sent = {k for k, (status, _) in statuses.items() if status == "sent"}
+    assert sent | unknown == set(statuses), f"other outcomes: {set(statuses.values())} {note}"
+    assert mailed >= sent, f"recorded sent but never arrived {note}"
+    assert set(statuses) - mailed <= unknown, f"lost without being recorded outcome_unknown {note}"
+    assert len(unknown) <= 2 * 2 * IN_FLIGHT, f"{len(unknown)} outcome_unknown {note}"
 
 
 async def _async(value: Any) -> Any:

@@ -73,13 +73,15 @@ def test_an_unregistered_channel_is_refused_everywhere() -> None:
     [
         ("connect", 421, "transient"),
         ("connect", 554, "transient"),  # turned away before a session: try again later
-        ("envelope", 450, "transient"),
-        ("envelope", 451, "transient"),
-        ("envelope", 550, "permanent"),
+        ("mail", 450, "transient"),
+        ("rcpt", 451, "transient"),
+        ("mail", 550, "permanent"),  # the sender refused: not the recipient's fault
+        ("rcpt", 552, "permanent"),
         ("data", 452, "transient"),
         ("data", 552, "permanent"),
+        ("data", 550, "permanent"),  # content refused (spam, policy): not the address
         ("connect", None, "transient"),  # cannot connect: nothing was handed over
-        ("envelope", None, "transient"),
+        ("rcpt", None, "transient"),
         ("data", None, "unknown"),  # broke with the content on the wire: maybe delivered
     ],
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -313,17 +313,21 @@ def test_variables_get_the_profiles_name_and_address_not_the_requests() -> None:
     assert template_variables({"first_name": "n/a"}) == {}
 
 
-def test_redelivery_sends_at_most_once() -> None:
-    assert redelivery("pending") == "process"
-    assert redelivery("sending") == "outcome_unknown"
-    for final in ("sent", "suppressed", "failed"):
-        assert redelivery(final) == "skip"
+def test_redelivery_sends_at_most_once_and_not_before_the_retry_is_due() -> None:
+    later = NOW + timedelta(seconds=30)
+    assert redelivery("pending", None, NOW) == "process"
+    assert redelivery("pending", NOW, NOW) == "process"
+    assert redelivery("pending", later, NOW) == "skip"
+    assert redelivery("sending", None, NOW) == "outcome_unknown"
+    assert redelivery("sending", NOW, later) == "outcome_unknown"
+    for final in ("sent", "suppressed", "failed", "bounced"):
+        assert redelivery(final, None, NOW) == "skip"
 
 
 def test_transient_failures_retry_until_attempts_run_out() -> None:
-    assert after_transient(1, "smtp: 421 busy") == Final(PENDING, "retrying: smtp: 421 busy")
+    assert after_transient(1, "smtp: 421 busy") == Final(PENDING, "retrying: attempt 1: smtp: 421 busy")
     assert after_transient(MAX_ATTEMPTS, "smtp: 421 busy") == Final(
-        FAILED, "retries_exhausted: smtp: 421 busy"
+        FAILED, f"retries_exhausted: {MAX_ATTEMPTS} attempts: smtp: 421 busy"
     )
     assert smtp_final(SendOutcome("sent", "250 OK"), 1) == Final(SENT, "smtp: 250 OK")
     assert smtp_final(SendOutcome("permanent", "550 no such user"), 1) == Final(
@@ -411,9 +415,9 @@ def test_decoding_requests() -> None:
         template_id="t",
         variables=to_struct({"event": {"qty": 2, "price": 9.5}}),
     ).SerializeToString()
-    r = decode_request(payload, attempt=3)
+    r = decode_request(payload)
     assert r is not None
-    assert (r.channel, r.purpose, r.attempt) == ("email", "transactional", 3)
+    assert (r.channel, r.purpose, r.attempt) == ("email", "transactional", 1)
     assert r.variables == {"event": {"qty": 2, "price": 9.5}}
     assert from_struct(to_struct({"n": 1.0}))["n"] == 1
     assert from_struct(to_struct({"n": float("nan")}))["n"] is None

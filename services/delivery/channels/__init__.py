@@ -1,7 +1,8 @@
 """The transports of the registered channels (`services.delivery.domain.channels.CHANNELS`).
 
 Each channel's transport is opened here from the settings; the worker refuses to start
-when a registered channel has none.
+when a registered channel has none. Each channel's provider rate limit (messages per second
+per process, 0 = unlimited) is read here too.
 """
 
 from __future__ import annotations
@@ -50,4 +51,13 @@ def open_transports(
             max_segments=settings.sms_max_segments,
             timeout_s=settings.sms_timeout,
         ),
+    }
+
+
+def rate_limits(settings: Settings) -> dict[str, float]:
+    """Messages per second per channel name (0: unlimited)."""
+    return {
+        EmailChannel.name: settings.smtp_rate_limit,
+        SmsChannel.name: settings.sms_rate_limit,
+        WebhookChannel.name: settings.webhook_rate_limit,
     }

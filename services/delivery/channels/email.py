@@ -6,6 +6,8 @@ is safe (the rules are `EmailChannel.classify` in the domain):
 - `sent`: the server answered 250 to the end of DATA;
 - `transient`: nothing was handed over (cannot connect, a 4xx reply): retry later;
 - `permanent`: the server refused with a 5xx reply: never retry;
+- `bounced`: the server refused the recipient for good (550/551/553 to RCPT, or an enhanced
+  status 5.1.x): never retry, and the address is suppressed;
 - `unknown`: the connection broke or timed out after the content was on the wire;
   the server may have accepted it, so the message is not sent again.
 
@@ -98,8 +100,9 @@ class SmtpTransport:
                     local_hostname=self.local_hostname,
                 )
                 await client.connect()
-            stage = "envelope"
+            stage = "mail"
             await client.mail(self.envelope_from)
+            stage = "rcpt"
             await client.rcpt(mail.recipient)
             if not await handover.claim(index):
                 return await self._reset(client)
@@ -109,9 +112,8 @@ class SmtpTransport:
             return client
         except aiosmtplib.SMTPResponseException as exc:
             # The server answered with an error code: it did not take the message.
-            handover.report(
-                index, SendOutcome(self.rules.classify(SendFailure(stage, exc.code)), _reply(exc))
-            )
+            failure = SendFailure(stage, exc.code, exc.message)
+            handover.report(index, SendOutcome(self.rules.classify(failure), _reply(exc)))
             return await self._reset(client)
         except UnicodeError as exc:
             # An address that is not ASCII needs SMTPUTF8; this mail can never be sent as is.

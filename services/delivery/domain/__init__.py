@@ -41,6 +41,7 @@ from services.delivery.domain.messages import (
     page_before,
 )
 from services.delivery.domain.names import clean_first_name, is_placeholder
+from services.delivery.domain.rate_limit import TokenBucket
 from services.delivery.domain.rendering import (
     MAX_BODY_SOURCE_BYTES,
     MAX_OUTPUT_BYTES,
@@ -54,6 +55,8 @@ from services.delivery.domain.rendering import (
     unsafe_output,
 )
 from services.delivery.domain.states import (
+    ADDRESS_BOUNCED,
+    BOUNCED,
     FAILED,
     FINAL_STATUSES,
     MAX_ATTEMPTS,
@@ -65,6 +68,7 @@ from services.delivery.domain.states import (
     STATUSES,
     SUPPRESSED,
     Final,
+    RetryPolicy,
     after_transient,
     redelivery,
 )
@@ -78,6 +82,8 @@ from services.delivery.domain.templates import (
 
 __all__ = [
     "ACCEPTED",
+    "ADDRESS_BOUNCED",
+    "BOUNCED",
     "CHANNELS",
     "CONSENT_MISSING",
     "CONSENT_WITHDRAWN",
@@ -114,11 +120,13 @@ __all__ = [
     "RenderLimits",
     "Rendered",
     "Renderer",
+    "RetryPolicy",
     "Send",
     "SendFailure",
     "SendOutcome",
     "StatusChange",
     "Template",
+    "TokenBucket",
     "after_transient",
     "check_template_id",
     "clean_first_name",

@@ -69,7 +69,7 @@ class DeliveryRequest:
     purpose: str
     template_id: str
     variables: Mapping[str, Any] = field(default_factory=dict)
-    # Which delivery of the bus message this is (1 = first).
+    # Which attempt at sending the message this is (1 = first); the worker counts them on the row.
     attempt: int = 1
 
     @property

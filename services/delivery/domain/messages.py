@@ -31,6 +31,8 @@ class MessageRecord:
     recipient: str
     subject: str
     created_at: datetime
+    # Attempts at sending it so far.
+    attempts: int = 0
     seq: int = 0
     history: tuple[StatusChange, ...] = field(default_factory=tuple)
     # SMS: the segments the body was sent in (0 for other channels).

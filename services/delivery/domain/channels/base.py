@@ -26,9 +26,11 @@ INVALID_ADDRESS = "invalid_address"
 # - `sent`: the other side took the message;
 # - `transient`: nothing was handed over, or the other side asked to try later: retry;
 # - `permanent`: the other side refused the message: never retry;
+# - `bounced`: the other side refused the address for good (a hard bounce): never retry,
+#   and send nothing more to that address on this channel;
 # - `unknown`: it broke after the message was on its way; it may have arrived, so it is
 #   not sent again.
-OutcomeKind = Literal["sent", "transient", "permanent", "unknown"]
+OutcomeKind = Literal["sent", "transient", "permanent", "bounced", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +44,13 @@ class SendFailure:
     """A send attempt that did not succeed, as the transport saw it.
 
     `stage` is the channel's own name for how far the attempt got ("connect", "data", ...);
-    `code` is the other side's answer (an SMTP reply, an HTTP status), None when there was none.
+    `code` is the other side's answer (an SMTP reply, an HTTP status), None when there was none;
+    `detail` the rest of the answer (an SMTP enhanced status code and text), "" when none.
     """
 
     stage: str
     code: int | None
+    detail: str = ""
 
 
 class Channel(ABC):
@@ -66,7 +70,8 @@ class Channel(ABC):
 
     @abstractmethod
     def classify(self, failure: SendFailure) -> OutcomeKind:
-        """Whether a failed attempt is transient, permanent, or of unknown outcome."""
+        """Whether a failed attempt is transient, permanent (of the message, or `bounced`: of the
+        address), or of unknown outcome."""
 
     @abstractmethod
     def final(self, outcome: SendOutcome, attempt: int) -> Final:

@@ -30,7 +30,15 @@ from services.delivery.domain.channels.base import (
     SendOutcome,
 )
 from services.delivery.domain.rendering import DEFAULT_LIMITS
-from services.delivery.domain.states import FAILED, OUTCOME_UNKNOWN, SENT, Final, after_transient
+from services.delivery.domain.states import (
+    BOUNCED,
+    FAILED,
+    HARD_BOUNCE,
+    OUTCOME_UNKNOWN,
+    SENT,
+    Final,
+    after_transient,
+)
 
 if TYPE_CHECKING:
     from services.delivery.domain.decision import ProfileView
@@ -42,6 +50,14 @@ MAX_LINE = 998  # RFC 5322 line length limit, without CRLF
 MAX_ADDRESS_CHARS = 320
 # The server refused the message (a 5xx reply).
 SMTP_REJECTED = "smtp_rejected"
+
+# Replies to RCPT that refuse the mailbox itself (RFC 5321 4.2.3): no such user, not local,
+# mailbox name not allowed.
+ADDRESS_REFUSED_CODES = frozenset({550, 551, 553})
+# RFC 3463 enhanced status "5.1.x": a permanent failure of the addressing (bad mailbox, bad
+# domain, ...), after RCPT or DATA whatever the basic code; but 5.1.7 and 5.1.8 are the
+# sender's address.
+_BAD_ADDRESS_STATUS = re.compile(r"^\s*5\.1\.(?!7\b|8\b)\d{1,3}\b")
 
 _ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]+@[^@\s<>,;:\"()\[\]\\]+$")
 
@@ -59,6 +75,8 @@ def smtp_final(outcome: SendOutcome, attempt: int) -> Final:
         return Final(SENT, f"smtp: {outcome.detail}")
     if outcome.kind == "permanent":
         return Final(FAILED, f"{SMTP_REJECTED}: {outcome.detail}")
+    if outcome.kind == "bounced":
+        return Final(BOUNCED, f"{HARD_BOUNCE}: smtp: {outcome.detail}")
     if outcome.kind == "unknown":
         return Final(FAILED, f"{OUTCOME_UNKNOWN}: {outcome.detail}")
     return after_transient(attempt, f"smtp: {outcome.detail}")
@@ -80,11 +98,19 @@ class EmailChannel(Channel):
 
     def classify(self, failure: SendFailure) -> OutcomeKind:
         """A reply is transient when it is 4xx or came while connecting (a busy server turning
-        the session away), permanent when it is 5xx; without a reply the session broke, which
-        is of unknown outcome once the content was on the wire (stage "data")."""
-        if failure.code is not None:
-            return "transient" if failure.stage == "connect" or failure.code < 500 else "permanent"
-        return "unknown" if failure.stage == "data" else "transient"
+        the session away), permanent when it is 5xx, and a hard bounce when it refuses the
+        recipient for good (550/551/553 to RCPT, or an enhanced status 5.1.x of the recipient
+        to RCPT or DATA); without a reply the session broke, which is of unknown outcome once
+        the content was on the wire (stage "data")."""
+        if failure.code is None:
+            return "unknown" if failure.stage == "data" else "transient"
+        if failure.stage == "connect" or failure.code < 500:
+            return "transient"
+        if failure.stage == "rcpt" and failure.code in ADDRESS_REFUSED_CODES:
+            return "bounced"
+        if failure.stage in ("rcpt", "data") and _BAD_ADDRESS_STATUS.match(failure.detail):
+            return "bounced"
+        return "permanent"
 
     def final(self, outcome: SendOutcome, attempt: int) -> Final:
         return smtp_final(outcome, attempt)
