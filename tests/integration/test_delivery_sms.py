@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest_asyncio
@@ -16,6 +17,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.settings import Settings
 from relevans.local.embedded import free_port
 from relevans.local.sms_sink import SmsSink, StoredSms
+from services.delivery.domain import RetryPolicy
 from tests.helpers import eventually, field_violations, rpc_error, stays
 from tests.helpers.delivery import TENANT, Harness, token
 from tests.helpers.sms import DROP, HANG, ScriptedProvider
@@ -25,6 +27,8 @@ E164 = "+41446681800"
 BODY = "Hi {{ first_name | fallback('there') }}, you left {{ event.product_name }} in your cart."
 SMS = common_pb2.CHANNEL_SMS
 STATUS = delivery_pb2
+# The longest wait before the retry after the first attempt (the back-off doubles after each).
+RETRY_WAIT = timedelta(seconds=RetryPolicy().delay_s(1, 0.999999))
 
 
 @pytest_asyncio.fixture
@@ -178,14 +182,21 @@ async def test_429_and_500_are_retried_until_the_provider_takes_the_message(
             await h.put_sms_template(BODY)
             key = await h.request(profile_id, template_id="cart-sms", channel=SMS)
 
-            waiting = await eventually(lambda: _reason(h, key, "retrying: sms: 429 20429 Too Many Requests"))
+            waiting = await eventually(
+                lambda: _reason(h, key, "retrying: attempt 1: sms: 429 20429 Too Many Requests")
+            )
             assert waiting is not None and waiting.status == STATUS.MESSAGE_STATUS_PENDING
+            await h.clock.advance(RETRY_WAIT)
+            await eventually(
+                lambda: _reason(h, key, "retrying: attempt 2: sms: 500 20500 Internal Server Error")
+            )
+            await h.clock.advance(RETRY_WAIT * 2)
             sent = await eventually(lambda: h.message(key, STATUS.MESSAGE_STATUS_SENT))
             assert sent is not None
             assert [c.reason for c in sent.history] == [
                 "accepted",
-                "retrying: sms: 429 20429 Too Many Requests",
-                "retrying: sms: 500 20500 Internal Server Error",
+                "retrying: attempt 1: sms: 429 20429 Too Many Requests",
+                "retrying: attempt 2: sms: 500 20500 Internal Server Error",
                 "sms: 201 SM3",
             ]
             assert sent.sms_segments == 1
@@ -263,10 +274,11 @@ async def test_a_provider_that_cannot_be_reached_is_retried_until_it_is_back(
         await h.put_sms_template(BODY)
         key = await h.request(profile_id, template_id="cart-sms", channel=SMS)
 
-        waiting = await eventually(lambda: _reason(h, key, "retrying: sms: ClientConnectorError"))
+        waiting = await eventually(lambda: _reason(h, key, "retrying: attempt 1: sms: ClientConnectorError"))
         assert waiting is not None and waiting.status == STATUS.MESSAGE_STATUS_PENDING
         h.sms_sink = SmsSink(tmp_path / "sms", port=port)
         await h.sms_sink.start()
+        await h.clock.advance(RETRY_WAIT)
         [text] = await eventually(lambda: _texts(h), timeout=30)
         assert text.to == E164
         assert (await h.final(key)).status == STATUS.MESSAGE_STATUS_SENT

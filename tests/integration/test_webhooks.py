@@ -26,6 +26,7 @@ from relevans.local.embedded import free_port
 from relevans.local.webhook_receiver import WebhookReceiver
 from relevans.profile.v1 import profile_pb2
 from relevans.trigger.v1 import trigger_pb2
+from services.delivery.domain import RetryPolicy
 from services.delivery.domain.webhooks import WebhookEndpoint, new_secret
 from services.delivery.webhook_rows import WebhookRows
 from tests.helpers import eventually, field_violations, rpc_error, stays
@@ -416,22 +417,24 @@ async def test_failures_worth_retrying_are_retried_and_a_timeout_too(
         await put_template(system, f"to-{endpoint_id}", endpoint_id)
         keys[endpoint_id] = await request(system, person, f"to-{endpoint_id}")
 
-    sent = await eventually(lambda: final_message(system, keys["busy"]), timeout=20)
-    assert sent.status == delivery_pb2.MESSAGE_STATUS_SENT
-    assert [h.reason for h in sent.history][-2:] == [
-        "retrying: webhook: 503 Service Unavailable",
-        "webhook: 204 No Content",
-    ]
     # A timeout after the request went out is retried: the receiver deduplicates by webhook-id.
     hung = await eventually(lambda: _retrying(system, keys["hang"]))
     assert "Timeout" in hung.reason, hung.reason
     assert "/hang" in hits
     closed = await eventually(lambda: _retrying(system, keys["closed"]))
     assert "Cannot connect to host 127.0.0.1:" in closed.reason
+    await eventually(lambda: _retrying(system, keys["busy"]))
+    await system.clock.advance(timedelta(seconds=RetryPolicy().delay_s(1, 0.999999)))
+    sent = await eventually(lambda: final_message(system, keys["busy"]), timeout=20)
+    assert sent.status == delivery_pb2.MESSAGE_STATUS_SENT
+    assert [h.reason for h in sent.history][-2:] == [
+        "retrying: attempt 1: webhook: 503 Service Unavailable",
+        "webhook: 204 No Content",
+    ]
 
 
 async def _retrying(system: System, key: str) -> delivery_pb2.Message | None:
     for m in await messages(system):
-        if m.idempotency_key == key and m.reason.startswith("retrying: webhook: "):
+        if m.idempotency_key == key and m.reason.startswith("retrying: attempt 1: webhook: "):
             return m
     return None

@@ -173,8 +173,10 @@ def test_sms_final_states_follow_the_outcome() -> None:
     assert SMS.final(SendOutcome("unknown", "ServerDisconnectedError"), 1) == Final(
         FAILED, "outcome_unknown: ServerDisconnectedError"
     )
-    assert SMS.final(SendOutcome("transient", "429 slow"), 1) == Final(PENDING, "retrying: sms: 429 slow")
-    assert SMS.final(SendOutcome("transient", "500"), 8).reason == "retries_exhausted: sms: 500"
+    assert SMS.final(SendOutcome("transient", "429 slow"), 1) == Final(
+        PENDING, "retrying: attempt 1: sms: 429 slow"
+    )
+    assert SMS.final(SendOutcome("transient", "500"), 8).reason == "retries_exhausted: 8 attempts: sms: 500"
 
 
 # ---- templates and the decision -----------------------------------------------------------------
