@@ -83,6 +83,9 @@ class Settings:
                 f"RELEVANS_TRIGGER_DECISION_RETENTION_DAYS={self.trigger_decision_retention_days} "
                 "must be at least 1"
             )
+        if "\r" in self.smtp_sender or "\n" in self.smtp_sender:
+            # it becomes the From header: a line break would start headers of its own
+            raise SettingsError("RELEVANS_SMTP_SENDER must be one line (no CR or LF)")
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -11,10 +11,13 @@ from relevans.kit.settings import Settings
 from services.delivery.channels import open_transports
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
+from services.delivery.previews import Previews
 from services.delivery.profiles import ProfileClient
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
+from services.delivery.template_rows import TemplateRows
+from services.delivery.test_sends import SendTestHandler
 from services.delivery.worker import DeliveryWorker
 
 SERVICE = "delivery"
@@ -35,16 +38,21 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         secret=settings.token_secret,
         clock=clock,
     )
+    transports = open_transports(settings)
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings),
+        transports,
         renderer,
         clock,
         make_id=new_message_id,
         notify=rt.relay.notify,
     )
-    host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
+    templates = TemplateRows(rt.engine)
+    previews = Previews(templates, profiles, renderer)
+    test_sends = SendTestHandler(store, previews, transports, clock, make_id=new_message_id)
+    servicer = DeliveryServicer(store, templates, previews, test_sends, renderer, clock)
+    host = rt.host([binding(servicer)])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_closer(profiles.close)

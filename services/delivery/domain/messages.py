@@ -33,6 +33,10 @@ class MessageRecord:
     created_at: datetime
     seq: int = 0
     history: tuple[StatusChange, ...] = field(default_factory=tuple)
+    # Sent by SendTest.
+    test: bool = False
+    # The template variant used ("" until one was picked).
+    locale: str = ""
 
     @property
     def public_status(self) -> str:
