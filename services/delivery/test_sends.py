@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.kit.clock import Clock
@@ -43,14 +42,12 @@ from services.delivery.journal import Outcome, SendJournal, write_outcomes
 from services.delivery.previews import Previews
 from services.delivery.store import Claim, DeliveryStore, MessageRow, StatusUpdate
 from services.delivery.tables import history, messages
-
-log = structlog.get_logger(__name__)
+from services.delivery.worker import COMPOSE_FAILED
 
 TEST_SUBJECT_PREFIX = "[TEST] "
 TEST_PURPOSE = "test"
 # A test send is not retried: a transient failure ends it with this reason.
 TEST_NOT_RETRIED = "test_not_retried"
-COMPOSE_FAILED = "compose_failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +145,9 @@ class SendTestHandler:
         outgoing = self._compose(channel_name, message_id, send, now)
         async with self.store.engine.begin() as conn:
             await _insert(conn, row, channel_name, request, send, preview.template.locale, now)
-            erased = await self.store.suppressed(conn, [(tenant, recipient)])
-            ended = Final(SUPPRESSED, ERASED) if erased else outgoing if isinstance(outgoing, Final) else None
+            ended = outgoing if isinstance(outgoing, Final) else None
+            if await self.store.suppressed(conn, [(tenant, recipient)]):
+                ended = Final(SUPPRESSED, ERASED)
             if ended is not None:
                 await write_outcomes(self.store, conn, [_outcome(row, channel_name, ended)], now)
         if ended is None and isinstance(outgoing, Outgoing):

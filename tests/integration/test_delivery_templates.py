@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest_asyncio
+import sqlalchemy as sa
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2
@@ -18,6 +19,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.proto import to_struct
 from relevans.kit.settings import Settings
 from relevans.profile.v1 import profile_pb2
+from services.delivery.tables import suppressions
 from tests.helpers import eventually, field_violations, rpc_error
 from tests.helpers.cart import BODY, SUBJECT, TEMPLATE_ID
 from tests.helpers.delivery import TENANT, Harness, token
@@ -315,6 +317,40 @@ async def test_send_test_refuses_bad_recipients_and_needs_admin(harness: Harness
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert await harness.messages() == []
     assert harness.mails() == []
+
+
+async def test_a_test_send_is_not_retried_and_never_goes_to_an_erased_persons_address(
+    settings: Settings, clock: ManualClock, nats_url: str, tmp_path: Path
+) -> None:
+    harness = Harness(settings, clock, nats_url, tmp_path / "mail")
+    try:
+        await harness.start(sink=False)  # nothing listens on the SMTP port
+        await put_variant(harness, "en")
+        down = await send_test(harness, recipient="qa@example.com", variables=to_struct(CART))
+        assert down.message.status == delivery_pb2.MESSAGE_STATUS_FAILED
+        assert down.message.reason.startswith("test_not_retried: ")
+        assert [c.status for c in down.message.history] == [
+            delivery_pb2.MESSAGE_STATUS_PENDING,
+            delivery_pb2.MESSAGE_STATUS_FAILED,
+        ]
+
+        gone = await person(harness, "gone@example.com", "Gone")
+        await harness.profiles.EraseProfile(
+            profile_pb2.EraseProfileRequest(profile_id=gone), metadata=token(TENANT, "admin")
+        )
+        await eventually(lambda: _suppressions(harness))
+        erased = await send_test(harness, recipient="gone@example.com", variables=to_struct(CART))
+        assert (erased.message.status, erased.message.reason) == (
+            delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
+            "erased",
+        )
+    finally:
+        await harness.close()
+
+
+async def _suppressions(harness: Harness) -> int:
+    async with harness.engine.connect() as conn:
+        return int((await conn.execute(sa.select(sa.func.count()).select_from(suppressions))).scalar_one())
 
 
 # ---- settings ---------------------------------------------------------------------------------------
