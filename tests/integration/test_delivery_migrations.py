@@ -21,8 +21,8 @@ TEMPLATE_ROW = """INSERT INTO templates (tenant_id, template_id, channel, locale
                                         created_at, updated_at)
                   VALUES ('shop', 'cart-reminder', 'email', :locale, :subject, 'Hi', :at, :at)"""
 MESSAGE_ROW = """INSERT INTO messages (tenant_id, message_id, idempotency_key, profile_id, trigger_id,
-                                      channel, purpose, template_id, variables, status, reason, recipient, subject,
-                                      attempts, created_at, updated_at)
+                                      channel, purpose, template_id, variables, status, reason,
+                                      recipient, subject, attempts, created_at, updated_at)
                  VALUES ('shop', 'm-1', 'k-1', 'p-1', 't', 'email', 'marketing', 'cart-reminder', '{}',
                          'sent', '', 'ada@example.com', 'Hi', 0, :at, :at)"""
 
