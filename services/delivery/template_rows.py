@@ -141,33 +141,26 @@ class TemplateRows:
 
 async def load_variants(
     conn: AsyncConnection, keys: Iterable[TemplateKey]
-) -> dict[TemplateKey, list[Template]]:
-    """Every variant of each template, in locale order."""
+) -> tuple[dict[TemplateKey, list[Template]], dict[str, str]]:
+    """Every variant of each template, in locale order, and the default locale of each tenant that
+    has a variant ("" when it set none), in one statement."""
     wanted = sorted(set(keys))
     if not wanted:
-        return {}
+        return {}, {}
     rows = await conn.execute(
-        sa.select(templates)
+        sa.select(templates, delivery_settings.c.default_locale)
+        .select_from(
+            templates.outerjoin(delivery_settings, delivery_settings.c.tenant_id == templates.c.tenant_id)
+        )
         .where(sa.tuple_(templates.c.tenant_id, templates.c.template_id).in_(wanted))
         .order_by(templates.c.tenant_id, templates.c.template_id, templates.c.locale)
     )
-    out: dict[TemplateKey, list[Template]] = {}
+    variants: dict[TemplateKey, list[Template]] = {}
+    defaults: dict[str, str] = {}
     for r in rows:
-        out.setdefault((r.tenant_id, r.template_id), []).append(_template(r))
-    return out
-
-
-async def default_locales(conn: AsyncConnection, tenants: Iterable[str]) -> dict[str, str]:
-    """Each tenant's default locale ("" when it set none)."""
-    wanted = sorted(set(tenants))
-    if not wanted:
-        return {}
-    rows = await conn.execute(
-        sa.select(delivery_settings.c.tenant_id, delivery_settings.c.default_locale).where(
-            delivery_settings.c.tenant_id.in_(wanted)
-        )
-    )
-    return {r.tenant_id: r.default_locale for r in rows}
+        variants.setdefault((r.tenant_id, r.template_id), []).append(_template(r))
+        defaults[r.tenant_id] = r.default_locale or ""
+    return variants, defaults
 
 
 async def pick_templates(
@@ -175,10 +168,7 @@ async def pick_templates(
 ) -> dict[RequestKey, Template]:
     """The template variant each request's person gets (by their locale and the tenant's default);
     absent when the template has no variant. A person not found gets the tenant default's variant."""
-    variants = await load_variants(conn, {(r.tenant_id, r.template_id) for r in requests})
-    if not variants:
-        return {}
-    defaults = await default_locales(conn, {r.tenant_id for r in requests})
+    variants, defaults = await load_variants(conn, {(r.tenant_id, r.template_id) for r in requests})
     picked: dict[RequestKey, Template] = {}
     for r in requests:
         view = views.get((r.tenant_id, r.profile_id))
