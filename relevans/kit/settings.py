@@ -130,6 +130,9 @@ class Settings:
                 f"RELEVANS_DELIVERY_RETRY_MAX_DELAY (got {self.delivery_retry_delay} and "
                 f"{self.delivery_retry_max_delay})"
             )
+        if "\r" in self.smtp_sender or "\n" in self.smtp_sender:
+            # it becomes the From header: a line break would start headers of its own
+            raise SettingsError("RELEVANS_SMTP_SENDER must be one line (no CR or LF)")
         if self.event_loop not in EVENT_LOOPS:
             raise SettingsError(
                 f"RELEVANS_EVENT_LOOP={self.event_loop!r} must be one of {', '.join(EVENT_LOOPS)}"

@@ -14,11 +14,14 @@ from services.delivery.channels.base import Closing
 from services.delivery.channels.webhook import WebhookNetwork
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer, RetryPolicy
+from services.delivery.previews import Previews
 from services.delivery.profiles import ProfileClient
 from services.delivery.retries import RetrySchedule, RetryWorker
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
+from services.delivery.template_rows import TemplateRows
+from services.delivery.test_sends import SendTestHandler
 from services.delivery.webhook_rows import WebhookRows
 from services.delivery.worker import DeliveryWorker
 
@@ -56,8 +59,14 @@ async def build(
         rate_limits=rate_limits(settings),
     )
     network = webhook_network or WebhookNetwork()
+    templates = TemplateRows(rt.engine)
+    previews = Previews(templates, profiles, renderer)
+    test_sends = SendTestHandler(store, previews, transports, clock, make_id=new_message_id)
     servicer = DeliveryServicer(
         store,
+        templates,
+        previews,
+        test_sends,
         renderer,
         clock,
         webhooks=WebhookRows(rt.engine),

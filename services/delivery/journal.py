@@ -60,6 +60,8 @@ class Outcome:
     channel: str
     update: StatusUpdate
     suppress: Suppression | None = None
+    # Published as a DeliveryStatusChanged when final; a test message (SendTest) is not.
+    announce: bool = True
 
 
 def status_changed(row: MessageRow, status: str, reason: str, now: datetime) -> OutboxMessage:
@@ -81,7 +83,7 @@ def _published(outcomes: Sequence[Outcome], now: datetime) -> list[OutboxMessage
     return [
         status_changed(o.row, o.update.status, o.update.reason, now)
         for o in outcomes
-        if o.update.status in FINAL_STATUSES
+        if o.update.status in FINAL_STATUSES and o.announce
     ]
 
 

@@ -88,5 +88,9 @@ class ProfileClient:
                     found[requested] = views[survivor]
         return found
 
+    async def get_one(self, tenant: str, profile_id: str) -> ProfileView | None:
+        """One profile (a merged-away id answers with its survivor's), None when unknown or erased."""
+        return (await self.batch_get(tenant, [profile_id])).get(profile_id)
+
     async def close(self) -> None:
         await self.channel.close(None)

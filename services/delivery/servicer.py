@@ -10,14 +10,13 @@ from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name, enum_value
-from relevans.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from relevans.kit.errors import FieldViolation, InvalidArgument
 from relevans.kit.paging import encode_page_token
 from relevans.kit.proto import from_struct, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
 from services.delivery.channels.address_guard import AddressGuard
 from services.delivery.domain import (
     BOUNCED,
-    CHANNELS,
     FAILED,
     MESSAGE_PAGES,
     PENDING,
@@ -27,16 +26,19 @@ from services.delivery.domain import (
     MessageRecord,
     RawTemplate,
     Renderer,
-    RenderError,
     Template,
     check_template_id,
     page_before,
-    template_variables,
     validate_template,
 )
 from services.delivery.domain.channels.sms import SmsChannel, sms_segments
+from services.delivery.domain.settings import TenantSettings, validate_settings
+from services.delivery.domain.templates import pick_variant
 from services.delivery.domain.webhooks import WebhookEndpoint
+from services.delivery.previews import Previews
 from services.delivery.store import DeliveryStore
+from services.delivery.template_rows import TemplateRows
+from services.delivery.test_sends import SendTestHandler, SendTestInput
 from services.delivery.webhook_rows import WebhookRows
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
@@ -44,6 +46,9 @@ SCOPES = {
     "PutTemplate": "admin",
     "GetTemplate": "read",
     "PreviewTemplate": "read",
+    "SendTest": "admin",
+    "GetSettings": "read",
+    "UpdateSettings": "admin",
     "GetMessage": "read",
     "ListMessages": "read",
     "PutWebhookEndpoint": "admin",
@@ -121,7 +126,13 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
         create_time=to_timestamp(m.created_at),
         sms_segments=m.sms_segments,
         attempts=m.attempts,
+        test=m.test,
+        locale=m.locale,
     )
+
+
+def settings_proto(s: TenantSettings) -> delivery_pb2.Settings:
+    return delivery_pb2.Settings(default_locale=s.default_locale, update_time=to_timestamp(s.updated_at))
 
 
 # ---- servicer -----------------------------------------------------------------------------------
@@ -131,6 +142,9 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     def __init__(
         self,
         store: DeliveryStore,
+        templates: TemplateRows,
+        previews: Previews,
+        test_sends: SendTestHandler,
         renderer: Renderer,
         clock: Clock,
         *,
@@ -138,6 +152,9 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         address_guard: AddressGuard,
     ) -> None:
         self.store = store
+        self.templates = templates
+        self.previews = previews
+        self.test_sends = test_sends
         self.renderer = renderer
         self.clock = clock
         self.webhooks = webhooks
@@ -148,39 +165,80 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
     ) -> delivery_pb2.PutTemplateResponse:
         tenant = principal().tenant_id
         raw = raw_template(request.template) if request.HasField("template") else None
-        template = validate_template(raw, self.renderer)
+        settings = await self.templates.settings(tenant)
+        template = validate_template(raw, self.renderer, settings.default_locale)
         if template.webhook_endpoint_id:
             found = await self.webhooks.load([(tenant, template.webhook_endpoint_id)])
             if not found:
                 raise InvalidArgument(
                     FieldViolation("template.webhook_endpoint_id", "no such webhook endpoint")
                 )
-        stored = await self.store.put_template(tenant, template, self.clock.now())
+        stored = await self.templates.put(tenant, template, self.clock.now())
         return delivery_pb2.PutTemplateResponse(template=template_proto(stored))
 
     async def GetTemplate(
         self, request: delivery_pb2.GetTemplateRequest, context: Context
     ) -> delivery_pb2.GetTemplateResponse:
         tenant = principal().tenant_id
-        found = await self.store.get_template(tenant, check_template_id(request.template_id))
+        variants = await self.templates.variants(tenant, check_template_id(request.template_id))
+        settings = await self.templates.settings(tenant)
+        found = pick_variant(variants, "", settings.default_locale) or variants[0]
         return delivery_pb2.GetTemplateResponse(template=template_proto(found))
 
     async def PreviewTemplate(
         self, request: delivery_pb2.PreviewTemplateRequest, context: Context
     ) -> delivery_pb2.PreviewTemplateResponse:
         tenant = principal().tenant_id
-        found = await self.store.get_template(tenant, check_template_id(request.template_id))
-        variables = template_variables(from_struct(request.variables))
-        try:
-            rendered = self.renderer.render(
-                found.subject, found.body_text, variables, CHANNELS[found.channel].limits
-            )
-        except RenderError as exc:
-            raise FailedPrecondition(exc.reason) from None
-        segments = sms_segments(rendered.body_text).count if found.channel == SmsChannel.name else 0
-        return delivery_pb2.PreviewTemplateResponse(
-            subject=rendered.subject, body_text=rendered.body_text, sms_segments=segments
+        template_id = check_template_id(request.template_id)
+        self.previews.check(request.profile_id, request.locale)
+        variants = await self.previews.variants(tenant, template_id)
+        person = await self.previews.person(tenant, request.profile_id)
+        preview = await self.previews.render(
+            tenant, variants, from_struct(request.variables), profile=person, locale=request.locale
         )
+        body = preview.rendered.body_text
+        segments = sms_segments(body).count if preview.template.channel == SmsChannel.name else 0
+        return delivery_pb2.PreviewTemplateResponse(
+            subject=preview.rendered.subject,
+            body_text=body,
+            locale=preview.template.locale,
+            sms_segments=segments,
+        )
+
+    async def SendTest(
+        self, request: delivery_pb2.SendTestRequest, context: Context
+    ) -> delivery_pb2.SendTestResponse:
+        tenant = principal().tenant_id
+        sent = await self.test_sends.send(
+            tenant,
+            SendTestInput(
+                template_id=request.template_id,
+                recipient=request.recipient,
+                variables=from_struct(request.variables),
+                profile_id=request.profile_id,
+                locale=request.locale,
+            ),
+        )
+        return delivery_pb2.SendTestResponse(message=message_proto(sent))
+
+    async def GetSettings(
+        self, request: delivery_pb2.GetSettingsRequest, context: Context
+    ) -> delivery_pb2.GetSettingsResponse:
+        tenant = principal().tenant_id
+        found = await self.templates.settings(tenant)
+        return delivery_pb2.GetSettingsResponse(settings=settings_proto(found))
+
+    async def UpdateSettings(
+        self, request: delivery_pb2.UpdateSettingsRequest, context: Context
+    ) -> delivery_pb2.UpdateSettingsResponse:
+        tenant = principal().tenant_id
+        wanted = (
+            TenantSettings(default_locale=request.settings.default_locale)
+            if request.HasField("settings")
+            else None
+        )
+        stored = await self.templates.update_settings(tenant, validate_settings(wanted), self.clock.now())
+        return delivery_pb2.UpdateSettingsResponse(settings=settings_proto(stored))
 
     async def GetMessage(
         self, request: delivery_pb2.GetMessageRequest, context: Context
@@ -209,9 +267,6 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         )
 
     # Contract placeholders while issue 19 is built (each helper replaces its own).
-    async def SendTest(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
-
     async def GetBanner(self, request: Any, context: Context) -> Any:
         raise NotImplementedError
 
@@ -238,12 +293,6 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         tenant = principal().tenant_id
         found = await self.webhooks.get(tenant, check_template_id(request.endpoint_id, "endpoint_id"))
         return delivery_pb2.GetWebhookEndpointResponse(endpoint=endpoint_proto(found, with_secret=False))
-
-    async def GetSettings(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
-
-    async def UpdateSettings(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
 
 
 def binding(servicer: DeliveryServicer) -> ServiceBinding:

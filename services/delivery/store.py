@@ -51,7 +51,6 @@ from services.delivery.domain import (
     DeliveryRequest,
     MessageRecord,
     StatusChange,
-    Template,
 )
 from services.delivery.domain.decision import ERASED
 from services.delivery.suppressions import Suppression, suppress
@@ -63,7 +62,6 @@ from services.delivery.tables import (
     messages,
     outbox,
     suppressions,
-    templates,
 )
 
 log = structlog.get_logger(__name__)
@@ -73,7 +71,6 @@ MERGE_LOCK_NAMESPACE = 0x5256444D  # "RVDM"
 
 
 Key = tuple[str, str]  # (tenant_id, idempotency_key)
-TemplateKey = tuple[str, str]  # (tenant_id, template_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,18 +114,6 @@ class Claim:
     recipient: str
     subject: str
     sms_segments: int = 0
-
-
-def _template(row: sa.Row[Any]) -> Template:
-    return Template(
-        template_id=row.template_id,
-        channel=row.channel,
-        locale=row.locale,
-        subject=row.subject,
-        body_text=row.body_text,
-        updated_at=row.updated_at,
-        webhook_endpoint_id=row.webhook_endpoint_id,
-    )
 
 
 _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
@@ -303,56 +288,6 @@ class DeliveryStore:
             )
         )
         return {(r.tenant_id, r.profile_id) for r in rows}
-
-    # ---- templates ----------------------------------------------------------------------------
-
-    async def put_template(self, tenant: str, t: Template, now: datetime) -> Template:
-        values = {
-            "tenant_id": tenant,
-            "template_id": t.template_id,
-            "channel": t.channel,
-            "locale": t.locale,
-            "subject": t.subject,
-            "body_text": t.body_text,
-            "webhook_endpoint_id": t.webhook_endpoint_id,
-            "created_at": now,
-            "updated_at": now,
-        }
-        insert = pg_insert(templates).values(values)
-        stmt = insert.on_conflict_do_update(
-            index_elements=[templates.c.tenant_id, templates.c.template_id],
-            set_={
-                k: insert.excluded[k]
-                for k in ("channel", "locale", "subject", "body_text", "webhook_endpoint_id", "updated_at")
-            },
-        ).returning(*templates.c)
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(stmt)).one()
-        return _template(row)
-
-    async def get_template(self, tenant: str, template_id: str) -> Template:
-        async with self.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(templates).where(
-                        templates.c.tenant_id == tenant, templates.c.template_id == template_id
-                    )
-                )
-            ).one_or_none()
-        if row is None:
-            raise NotFound(f"no template {template_id!r}")
-        return _template(row)
-
-    async def load_templates(
-        self, conn: AsyncConnection, keys: Iterable[TemplateKey]
-    ) -> dict[TemplateKey, Template]:
-        wanted = sorted(set(keys))
-        if not wanted:
-            return {}
-        rows = await conn.execute(
-            sa.select(templates).where(sa.tuple_(templates.c.tenant_id, templates.c.template_id).in_(wanted))
-        )
-        return {(r.tenant_id, r.template_id): _template(r) for r in rows}
 
     # ---- messages: the API's reads -------------------------------------------------------------
 
@@ -628,4 +563,6 @@ def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecor
         seq=row.seq,
         sms_segments=row.sms_segments,
         history=changes,
+        test=row.test,
+        locale=row.locale,
     )

@@ -19,13 +19,14 @@ _STATUS_CHECK = "status IN (" + ", ".join(f"'{s}'" for s in STATUSES) + ")"
 
 metadata = sa.MetaData()
 
+# One row per variant: a template id holds a variant per locale, all of one channel.
 templates = sa.Table(
     "templates",
     metadata,
     sa.Column("tenant_id", sa.Text, primary_key=True),
     sa.Column("template_id", sa.Text, primary_key=True),
+    sa.Column("locale", sa.Text, primary_key=True),
     sa.Column("channel", sa.Text, nullable=False),
-    sa.Column("locale", sa.Text, nullable=False),
     sa.Column("subject", sa.Text, nullable=False),
     sa.Column("body_text", sa.Text, nullable=False),
     sa.Column("created_at", TZ, nullable=False),
@@ -58,6 +59,10 @@ messages = sa.Table(
     sa.Column("sms_segments", sa.Integer, nullable=False, server_default="0"),
     # When a pending message's next attempt is due (after a transient failure), else NULL.
     sa.Column("next_attempt_at", TZ, nullable=True),
+    # The template variant used ("" until one was picked).
+    sa.Column("locale", sa.Text, nullable=False, server_default=""),
+    # Sent by SendTest: not part of any trigger, not counted anywhere.
+    sa.Column("test", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("created_at", TZ, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.UniqueConstraint("tenant_id", "idempotency_key", name="messages_idempotency"),
@@ -78,6 +83,16 @@ history = sa.Table(
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("at", TZ, nullable=False),
+)
+
+# One tenant's delivery settings; a tenant without a row has the defaults.
+delivery_settings = sa.Table(
+    "delivery_settings",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    # The last locale of every template's fallback chain before en; "" means en.
+    sa.Column("default_locale", sa.Text, nullable=False),
+    sa.Column("updated_at", TZ, nullable=False),
 )
 
 # Addresses never sent to again, by the sha256 hex of the identifier (`identifier_hash`): an erased

@@ -11,7 +11,7 @@ these phases on one database connection:
    (retries.py). A request for a profile that was merged away is handled as the survivor's;
    one for an erased person is dropped;
 2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
-   is now) and loads the templates;
+   is now) and loads the templates, picking each person's locale's variant;
 3. decide: in ONE transaction inserts the new messages (pending, unique per idempotency
    key), decides each (consent, address, template, render, suppressed addresses), and records
    the suppressed and failed ones with their `DeliveryStatusChanged` outbox messages; the
@@ -75,8 +75,9 @@ from services.delivery.domain.decision import Decision
 from services.delivery.journal import Outcome, SendJournal, write_outcomes
 from services.delivery.profiles import ProfileClient, ProfileLookupError
 from services.delivery.rate_limits import RateLimiter
-from services.delivery.store import Claim, DeliveryStore, Key, MessageRow, StatusUpdate, TemplateKey
+from services.delivery.store import Claim, DeliveryStore, Key, MessageRow, StatusUpdate
 from services.delivery.suppressions import Suppression, suppression_reasons
+from services.delivery.template_rows import pick_templates, record_locales
 
 log = structlog.get_logger(__name__)
 
@@ -99,11 +100,12 @@ class _Sending:
 
 @dataclass(frozen=True, slots=True)
 class _LookedUp:
-    """What the decisions need besides the requests: people, why a tenant's lookup failed, templates."""
+    """What the decisions need besides the requests: people, why a tenant's lookup failed, and each
+    request's template variant (the person's locale's)."""
 
     views: dict[Person, ProfileView]
     unavailable: dict[str, str]
-    templates: dict[TemplateKey, Template]
+    templates: dict[Key, Template]
 
 
 def _outcome(
@@ -261,7 +263,7 @@ class DeliveryWorker:
         """The people (with their consent now) and the templates, before any row changes."""
         views, unavailable = await self._profiles(valid)
         async with conn.begin():
-            templates = await self.store.load_templates(conn, {(r.tenant_id, r.template_id) for r in valid})
+            templates = await pick_templates(conn, valid, views)
         return _LookedUp(views, unavailable, templates)
 
     async def _profiles(
@@ -306,6 +308,10 @@ class DeliveryWorker:
                 conn, [(r, self.make_id()) for r in fresh], [dict(r.variables) for r in fresh], now
             )
             rows = await self.store.load_rows(conn, [r.key for r in todo])
+            await record_locales(
+                conn,
+                {(k[0], rows[k].message_id): t.locale for k, t in looked_up.templates.items() if k in rows},
+            )
             decisions = self._decisions(todo, looked_up)
             suppressed = await suppression_reasons(
                 conn,
@@ -329,7 +335,7 @@ class DeliveryWorker:
             decisions[r.key] = decide(
                 r,
                 looked_up.views.get((r.tenant_id, r.profile_id)),
-                looked_up.templates.get((r.tenant_id, r.template_id)),
+                looked_up.templates.get(r.key),
                 self.renderer,
             )
         return decisions

@@ -300,7 +300,7 @@ async def test_the_bounce_migration_goes_down_and_up_again(settings: Settings, c
                 ],
                 now,
             )
-            await conn.run_sync(_alembic, "downgrade", "0004")
+            await conn.run_sync(_alembic, "downgrade", "0006")
             status = await conn.scalar(sa.text("SELECT status FROM messages"))
             kept = await conn.scalars(sa.text("SELECT reason FROM suppressions"))
             assert (status, list(kept)) == ("failed", ["erased"])

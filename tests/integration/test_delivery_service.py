@@ -177,7 +177,7 @@ async def test_a_first_name_is_printed_as_the_person_wrote_it(harness: Harness) 
 
 async def test_a_template_using_an_undefined_variable_is_not_sent(harness: Harness) -> None:
     profile_id = await harness.customer()
-    await harness.put_template(body="Hi {{ first_name | fallback('there') }}, use code {{ coupon_code }}.\n")
+    await harness.put_template(body="Hi {{ first_name | fallback('you') }}, code {{ event.coupon_code }}.\n")
     key = await harness.request(profile_id)
     message = await harness.final(key)
     assert message.status == delivery_pb2.MESSAGE_STATUS_SUPPRESSED

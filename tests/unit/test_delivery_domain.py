@@ -159,9 +159,16 @@ def test_output_size_is_limited() -> None:
     assert "larger than" in caught.value.why
 
 
-def test_subject_is_one_line(renderer: Renderer) -> None:
-    out = renderer.render("Hello\n{{ x }}\r\nthere", "body", {"x": "you"})
+def test_subject_runs_of_spaces_and_tabs_become_one_space(renderer: Renderer) -> None:
+    out = renderer.render("Hello \t {{ x }}   there", "body", {"x": "you"})
     assert out.subject == "Hello you there"
+
+
+@pytest.mark.parametrize("value", ["you\nBcc: everyone@example.com", "you\r\nX-Evil: 1", "you\r"])
+def test_a_subject_a_variable_breaks_into_lines_is_refused_not_folded(renderer: Renderer, value: str) -> None:
+    with pytest.raises(RenderError) as caught:
+        renderer.render("Hello {{ x }}", "body", {"x": value})
+    assert caught.value.why == "subject: contains a line break (CR or LF)"
 
 
 @pytest.mark.parametrize(

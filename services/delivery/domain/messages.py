@@ -37,6 +37,10 @@ class MessageRecord:
     history: tuple[StatusChange, ...] = field(default_factory=tuple)
     # SMS: the segments the body was sent in (0 for other channels).
     sms_segments: int = 0
+    # Sent by SendTest.
+    test: bool = False
+    # The template variant used ("" until one was picked).
+    locale: str = ""
 
     @property
     def public_status(self) -> str:

@@ -12,7 +12,9 @@ Limits (documented in the README's "Templates" section; a channel may set its ow
 
 - source: subject at most 1 KiB, body at most 64 KiB (checked when saved);
 - output: subject and body together at most 256 KiB; the subject is one line of at most
-  998 characters;
+  998 characters: a rendered subject holding a CR or LF is refused (not folded: it goes into
+  a mail header, where a line break would start headers of its own), other runs of
+  whitespace become one space;
 - time: a render may use at most `RENDER_TIME_LIMIT_S` seconds of CPU (thread time, so a
   busy machine does not fail a render that is merely waiting), checked at every loop
   step, call, operator and output chunk; `range()` yields at most 10,000 items;
@@ -513,7 +515,11 @@ class Renderer:
         max_output_bytes = min(self.max_output_bytes, limits.output_bytes)
         budget = _Budget(self.timer, self.time_limit_s, max_output_bytes)
         context = {k: v for k, v in variables.items() if v is not None}
-        rendered_subject = " ".join(self._render_part("subject", subject, context, budget).split())
+        raw_subject = self._render_part("subject", subject, context, budget)
+        if "\r" in raw_subject or "\n" in raw_subject:
+            # refused, not folded: a line break that came from a variable is an attempt to add headers
+            raise RenderError("subject: contains a line break (CR or LF)")
+        rendered_subject = " ".join(raw_subject.split())
         budget.max_chars = max_output_bytes - len(rendered_subject.encode())
         rendered_body = self._render_part("body_text", body_text, context, budget)
         if not rendered_subject and limits.has_subject:

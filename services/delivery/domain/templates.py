@@ -1,19 +1,29 @@
-"""Templates: what a message says, per channel and locale, validated when saved."""
+"""Templates: what a message says, per channel and locale, validated when saved.
+
+Besides compiling, a template is refused when saved when
+- its subject holds a CR or LF: the subject becomes a mail header, and a line break there
+  would let the text after it become headers of its own (header injection);
+- it uses a top-level variable its channel never has (`Channel.variables`): such a template
+  could never render. What is below a top-level name (`event.product_name`) is the sender's
+  and stays free-form.
+"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from jinja2 import TemplateSyntaxError, meta
+
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
 from relevans.kit.resource_ids import resource_id_problem
-from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
+from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS, Channel
+from services.delivery.domain.locales import FALLBACK_LOCALE, canonical_locale, locale_problem, pick_locale
 from services.delivery.domain.rendering import DEFAULT_LIMITS, Renderer
 
-# BCP 47 in the shape people use: en, de-CH, zh-Hant-TW, es-419.
-LOCALE_RE = re.compile(r"^[A-Za-z]{2,3}(?:-[A-Za-z0-9]{2,8})*$")
-DEFAULT_LOCALE = "en"
+DEFAULT_LOCALE = FALLBACK_LOCALE
+LINE_BREAK_PROBLEM = "must be one line: a CR or LF would end the mail header it goes into"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +57,24 @@ def check_template_id(template_id: str, field: str = "template_id") -> str:
     return template_id
 
 
-def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
-    """The template to store, or InvalidArgument naming every bad field (`template.body_text`, ...)."""
+def has_line_break(value: str) -> bool:
+    return "\r" in value or "\n" in value
+
+
+def unknown_variables(source: str, channel: Channel, renderer: Renderer) -> list[str]:
+    """The top-level variables `source` reads that `channel` never has, in name order."""
+    try:
+        used = meta.find_undeclared_variables(renderer.parse(source))
+    except TemplateSyntaxError:
+        return []  # reported as a compile error
+    return sorted(used - channel.variables)
+
+
+def validate_template(
+    raw: RawTemplate | None, renderer: Renderer, default_locale: str = DEFAULT_LOCALE
+) -> Template:
+    """The template to store, or InvalidArgument naming every bad field (`template.body_text`, ...).
+    A template without a locale is the `default_locale` variant."""
     if raw is None:
         raise InvalidArgument(FieldViolation("template", "is required"))
     v = Violations()
@@ -60,12 +86,14 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
     elif raw.channel not in SUPPORTED_CHANNELS:
         names = ", ".join(f"CHANNEL_{c.upper()}" for c in sorted(SUPPORTED_CHANNELS))
         v.add("template.channel", f"only {names} templates are supported")
-    locale = raw.locale or DEFAULT_LOCALE
-    if not LOCALE_RE.match(locale):
-        v.add("template.locale", "must be a BCP 47 language tag such as en or de-CH")
+    locale = raw.locale or default_locale or DEFAULT_LOCALE
+    problem = locale_problem(locale)
+    if problem:
+        v.add("template.locale", problem)
+    channel = CHANNELS.get(raw.channel)
     # A template for an unknown channel is refused above; its sizes are still checked, against
     # the limits templates had before channels brought their own.
-    limits = CHANNELS[raw.channel].limits if raw.channel in CHANNELS else DEFAULT_LIMITS
+    limits = channel.limits if channel is not None else DEFAULT_LIMITS
     for field, source, limit in (
         ("subject", raw.subject, limits.subject_source_bytes),
         ("body_text", raw.body_text, limits.body_source_bytes),
@@ -81,9 +109,18 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
         if len(source.encode()) > limit:
             v.add(name, f"must be at most {limit} bytes")
             continue
+        if field == "subject" and has_line_break(source):
+            v.add(name, LINE_BREAK_PROBLEM)
+            continue
         error = renderer.check(source)
         if error:
             v.add(name, f"does not compile: {error}")
+            continue
+        unknown = unknown_variables(source, channel, renderer) if channel is not None else []
+        if unknown:
+            names = ", ".join(unknown)
+            offered = ", ".join(sorted(channel.variables)) if channel is not None else ""
+            v.add(name, f"uses {names}, which {raw.channel} messages never have (they have {offered})")
     if raw.channel == "webhook":
         problem = resource_id_problem(raw.webhook_endpoint_id)
         if problem:
@@ -92,8 +129,16 @@ def validate_template(raw: RawTemplate | None, renderer: Renderer) -> Template:
     return Template(
         template_id=raw.template_id,
         channel=raw.channel,
-        locale=locale,
+        locale=canonical_locale(locale),
         subject=raw.subject,
         body_text=raw.body_text,
         webhook_endpoint_id=raw.webhook_endpoint_id if raw.channel == "webhook" else "",
     )
+
+
+def pick_variant(variants: Sequence[Template], wanted: str, tenant_default: str) -> Template | None:
+    """The variant a person whose locale is `wanted` gets (the chain in `locales.py`); None when
+    there are no variants."""
+    by_locale = {t.locale: t for t in variants}
+    chosen = pick_locale(list(by_locale), wanted, tenant_default)
+    return by_locale[chosen] if chosen is not None else None

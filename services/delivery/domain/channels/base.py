@@ -22,6 +22,29 @@ if TYPE_CHECKING:  # decision.py imports the channel registry, so the view is on
 NO_ADDRESS = "no_address"
 INVALID_ADDRESS = "invalid_address"
 
+# The top-level template variables every channel has. Delivery sets the person's (`first_name`,
+# sanitized by the name rules, only when there is a usable one: templates say what to print
+# instead with `fallback`); the trigger sets the moment's, each kind its own (the event's
+# `event`, `event_type`, `event_id`, `event_time`; a date's `date`, `target_date`, `time_zone`;
+# a trait change's `trait`, `before`, `after`; a segment's `segment_id`, `transition`).
+PERSON_VARIABLES = frozenset({"first_name"})
+MOMENT_VARIABLES = frozenset(
+    {
+        "event",
+        "event_type",
+        "event_id",
+        "event_time",
+        "date",
+        "target_date",
+        "time_zone",
+        "trait",
+        "before",
+        "after",
+        "segment_id",
+        "transition",
+    }
+)
+
 # What one send attempt came to:
 # - `sent`: the other side took the message;
 # - `transient`: nothing was handed over, or the other side asked to try later: retry;
@@ -59,6 +82,9 @@ class Channel(ABC):
     # The lower-case enum name of `relevans.common.v1.Channel` ("email" for CHANNEL_EMAIL).
     name: ClassVar[str]
     limits: ClassVar[RenderLimits]
+    # The top-level variables its templates may use; a template using any other is refused
+    # when saved. A channel adds the address it sends to (email: `email`).
+    variables: ClassVar[frozenset[str]] = PERSON_VARIABLES | MOMENT_VARIABLES
 
     @abstractmethod
     def address(self, profile: ProfileView) -> str:

@@ -23,7 +23,9 @@ from urllib.parse import quote
 
 from services.delivery.domain.channels.base import (
     INVALID_ADDRESS,
+    MOMENT_VARIABLES,
     NO_ADDRESS,
+    PERSON_VARIABLES,
     Channel,
     OutcomeKind,
     SendFailure,
@@ -85,6 +87,7 @@ def smtp_final(outcome: SendOutcome, attempt: int) -> Final:
 class EmailChannel(Channel):
     name = "email"
     limits = DEFAULT_LIMITS
+    variables = PERSON_VARIABLES | MOMENT_VARIABLES | {"email"}
 
     def address(self, profile: ProfileView) -> str:
         return profile.email.strip()
@@ -142,24 +145,27 @@ def list_unsubscribe(message_id: str, sender: str) -> str:
     return f"<{mailto}>, <{unsubscribe_url(message_id)}>"
 
 
-def _one_line(value: str) -> str:
+def _one_line(name: str, value: str) -> str:
+    """A header value on one line; a CR or LF in it is refused (ValueError), never folded away:
+    text after a line break would become headers of its own."""
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"the {name} header would hold a line break (CR or LF)")
     return " ".join(value.split())
 
 
-def _text_header(value: str) -> str:
+def _text_header(name: str, value: str) -> str:
     """An unstructured header value: as is when short ASCII, else RFC 2047 encoded words."""
-    value = _one_line(value)
+    value = _one_line(name, value)
     if value.isascii() and len(value) <= 900:
         return value
     return Header(value, "utf-8", maxlinelen=76).encode(linesep="\r\n")
 
 
-def _address_header(value: str) -> str:
+def _address_header(header: str, value: str) -> str:
+    value = _one_line(header, value)
     name, address = parseaddr(value)
-    if not address:
-        return _one_line(value)
-    if value.isascii():
-        return _one_line(value)
+    if not address or value.isascii():
+        return value
     return formataddr((name, address), charset="utf-8")
 
 
@@ -175,12 +181,12 @@ def _body(text: str) -> tuple[str, bytes]:
 def email_bytes(
     *, message_id: str, sender: str, recipient: str, subject: str, body_text: str, now: datetime
 ) -> bytes:
-    """The whole message as it goes over the wire."""
+    """The whole message as it goes over the wire; ValueError when a header value holds a line break."""
     encoding, body = _body(body_text)
     headers = (
-        ("From", _address_header(sender)),
-        ("To", _one_line(recipient)),
-        ("Subject", _text_header(subject)),
+        ("From", _address_header("From", sender)),
+        ("To", _one_line("To", recipient)),
+        ("Subject", _text_header("Subject", subject)),
         ("Date", format_datetime(now)),
         ("Message-ID", message_id_header(message_id, sender)),
         ("List-Unsubscribe", list_unsubscribe(message_id, sender)),
