@@ -81,9 +81,9 @@ async def test_an_sms_arrives_at_the_sink_in_e164_with_its_segments_recorded(har
 
 async def test_text_with_an_emoji_goes_as_ucs2_and_counts_its_segments(harness: Harness) -> None:
     profile_id = await harness.sms_customer(PHONE)
-    await harness.put_sms_template("Hi {{ first_name }} 😀 {{ note }}")
+    await harness.put_sms_template("Hi {{ first_name }} 😀 {{ event.note }}")
     # "Hi Ada 😀 " is 10 UTF-16 code units (the emoji 2), then 70: 80 > 70, so two parts of 67.
-    key = await harness.request(profile_id, template_id="cart-sms", channel=SMS, note="x" * 70)
+    key = await harness.request(profile_id, template_id="cart-sms", channel=SMS, event={"note": "x" * 70})
 
     [text] = await eventually(lambda: _texts(harness))
     assert text.body == "Hi Ada 😀 " + "x" * 70
@@ -94,8 +94,10 @@ async def test_text_with_an_emoji_goes_as_ucs2_and_counts_its_segments(harness: 
 
 async def test_a_long_gsm7_text_counts_153_septets_a_part(harness: Harness) -> None:
     profile_id = await harness.sms_customer(PHONE)
-    await harness.put_sms_template("{{ note }}")
-    key = await harness.request(profile_id, template_id="cart-sms", channel=SMS, note="€" * 100 + "a" * 200)
+    await harness.put_sms_template("{{ event.note }}")
+    key = await harness.request(
+        profile_id, template_id="cart-sms", channel=SMS, event={"note": "€" * 100 + "a" * 200}
+    )
     await eventually(lambda: _texts(harness))
     message = await harness.final(key)
     assert message.sms_segments == 3  # 400 septets: 152 (no € split) + 153 + 95
@@ -124,8 +126,8 @@ async def test_a_person_without_a_phone_or_sms_consent_gets_no_sms(harness: Harn
 
 async def test_a_body_over_the_segment_limit_is_refused_with_the_count(harness: Harness) -> None:
     profile_id = await harness.sms_customer(PHONE)
-    await harness.put_sms_template("{{ note }}")
-    key = await harness.request(profile_id, template_id="cart-sms", channel=SMS, note="a" * 613)
+    await harness.put_sms_template("{{ event.note }}")
+    key = await harness.request(profile_id, template_id="cart-sms", channel=SMS, event={"note": "a" * 613})
 
     message = await harness.final(key)
     assert message.status == STATUS.MESSAGE_STATUS_SUPPRESSED
@@ -150,9 +152,9 @@ async def test_an_sms_template_names_a_subject_it_cannot_have(harness: Harness) 
 
 
 async def test_a_preview_of_an_sms_template_counts_its_segments(harness: Harness) -> None:
-    await harness.put_sms_template("Hi {{ first_name | fallback('there') }} 😀 {{ note }}")
+    await harness.put_sms_template("Hi {{ first_name | fallback('there') }} 😀 {{ event.note }}")
     variables = Struct()
-    variables.update({"first_name": "Ada", "note": "x" * 70})
+    variables.update({"first_name": "Ada", "event": {"note": "x" * 70}})
     reply = await harness.delivery.PreviewTemplate(
         delivery_pb2.PreviewTemplateRequest(template_id="cart-sms", variables=variables),
         metadata=token(TENANT, "read"),

@@ -184,7 +184,9 @@ def test_sms_final_states_follow_the_outcome() -> None:
 
 def test_sms_templates_have_no_subject_and_a_small_body() -> None:
     renderer = Renderer()
-    ok = validate_template(RawTemplate(template_id="t", channel="sms", body_text="Hi {{ x }}"), renderer)
+    ok = validate_template(
+        RawTemplate(template_id="t", channel="sms", body_text="Hi {{ event.x }}"), renderer
+    )
     assert (ok.channel, ok.subject) == ("sms", "")
     with pytest.raises(InvalidArgument) as caught:
         validate_template(
