@@ -31,6 +31,7 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
+from services.delivery.domain.tracking import CLICKED, OPENED, UNSUBSCRIBED
 from services.delivery.store import DeliveryStore
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
@@ -50,6 +51,9 @@ _STATUS = {
     SENT: delivery_pb2.MESSAGE_STATUS_SENT,
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+    OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
+    CLICKED: delivery_pb2.MESSAGE_STATUS_CLICKED,
+    UNSUBSCRIBED: delivery_pb2.MESSAGE_STATUS_UNSUBSCRIBED,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------

@@ -82,6 +82,8 @@ class Send:
     recipient: str
     subject: str
     body_text: str
+    # Whose message it is: its tracking links name the tenant.
+    tenant_id: str = ""
 
 
 Decision = Send | Final
@@ -169,4 +171,9 @@ def decide(
         )
     except RenderError as exc:
         return Final(SUPPRESSED, exc.reason)
-    return Send(recipient=channel.address(profile), subject=rendered.subject, body_text=rendered.body_text)
+    return Send(
+        recipient=channel.address(profile),
+        subject=rendered.subject,
+        body_text=rendered.body_text,
+        tenant_id=request.tenant_id,
+    )

@@ -1,0 +1,228 @@
+"""Delivery's small HTTP endpoint (aiohttp): the links its messages carry.
+
+- `POST /u/<token>` with the RFC 8058 body `List-Unsubscribe=One-Click` unsubscribes: recorded
+  durably first (see engagements.py), then the consent withdrawn in profile before the answer
+  where profile answers in time; once recorded the answer is 200 whatever profile does (the
+  withdrawal is retried until profile takes it). Repeats change nothing. Database away: 503, so
+  the mail client tries again.
+- `GET /u/<token>` only shows a page with a button that makes that POST: mail scanners follow
+  links, and a GET changes nothing.
+- `GET /o/<token>` answers a 1x1 GIF and records an open; `GET /c/<token>` records a click and
+  redirects (302) to the URL the message carried, which the token holds under its signature.
+- A token that is forged, altered or for another route changes nothing and answers 400.
+
+The socket is bound when the endpoint is built, so a port in use stops the service from starting
+and the public URL can name the port the OS chose; it serves while the service runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from html import escape
+from urllib.parse import quote
+
+import structlog
+from aiohttp import web
+
+from relevans.kit.clock import Clock
+from services.delivery.domain.tracking import (
+    CLICK,
+    ONE_CLICK_BODY,
+    OPEN,
+    PIXEL_GIF,
+    ROUTES,
+    UNSUBSCRIBE,
+    ForgedToken,
+    LinkSigner,
+    LinkToken,
+)
+from services.delivery.engagements import EngagementStore, ProfileReporter
+
+log = structlog.get_logger(__name__)
+
+# Bodies larger than this are refused (a one-click POST is 26 bytes).
+MAX_BODY_BYTES = 16 * 1024
+RETRY_AFTER_S = "30"
+# What a URL may hold as it is (reserved characters, and % of an existing escape).
+_URL_SAFE = ":/?#[]@!$&'()*+,;=%~"
+_FIELD, _VALUE = ONE_CLICK_BODY.split("=")
+_SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "no-referrer",
+    "X-Robots-Tag": "noindex, nofollow",
+    "X-Content-Type-Options": "nosniff",
+}
+_PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+
+
+def bind(listen: str) -> socket.socket:
+    """A socket bound to `listen` (host:port; port 0 lets the OS choose), not yet listening."""
+    host, _, port = listen.rpartition(":")
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host.strip("[]") or None, int(port), type=socket.SOCK_STREAM
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"delivery: cannot listen for HTTP on {listen}: {exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def public_url(sock: socket.socket) -> str:
+    """The base URL of a bound socket, for when no public URL is configured."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _page(title: str, text: str, status: int = 200, form: str = "") -> web.Response:
+    body = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width">'
+        f"<title>{escape(title)}</title></head>\n"
+        '<body style="font-family:sans-serif;max-width:32em;margin:3em auto">'
+        f"<h1>{escape(title)}</h1><p>{escape(text)}</p>{form}</body></html>\n"
+    )
+    return web.Response(
+        text=body,
+        status=status,
+        content_type="text/html",
+        headers={**_SECURITY_HEADERS, "Content-Security-Policy": _PAGE_CSP},
+    )
+
+
+def _forged() -> web.Response:
+    return _page("This link is not valid", "It was not made by us or was altered. Nothing was changed.", 400)
+
+
+def _unknown() -> web.Response:
+    return _page("This link no longer works", "The message it came with is no longer on record.", 404)
+
+
+def _unavailable() -> web.Response:
+    page = _page("Please try again", "We could not record this just now. Nothing was changed.", 503)
+    page.headers["Retry-After"] = RETRY_AFTER_S
+    return page
+
+
+class TrackingEndpoint:
+    """The HTTP endpoint of one delivery process."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        signer: LinkSigner,
+        store: EngagementStore,
+        reporter: ProfileReporter,
+        clock: Clock,
+        grace_s: float,
+    ) -> None:
+        self.sock = sock
+        self.signer = signer
+        self.store = store
+        self.reporter = reporter
+        self.clock = clock
+        self.grace_s = grace_s
+        self.port: int = sock.getsockname()[1]
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES)
+        self.app.router.add_get(f"/{ROUTES[UNSUBSCRIBE]}/{{token}}", self.confirm, allow_head=False)
+        self.app.router.add_post(f"/{ROUTES[UNSUBSCRIBE]}/{{token}}", self.unsubscribe)
+        self.app.router.add_get(f"/{ROUTES[OPEN]}/{{token}}", self.opened, allow_head=False)
+        self.app.router.add_get(f"/{ROUTES[CLICK]}/{{token}}", self.clicked, allow_head=False)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then let requests under way finish within the grace period."""
+        runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=self.grace_s)
+        await runner.setup()
+        try:
+            await web.SockSite(runner, self.sock).start()
+            log.info("delivery HTTP endpoint serving", port=self.port)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    async def close(self) -> None:
+        """Release the socket (when the service stops before or after serving on it)."""
+        self.sock.close()
+
+    # ---- routes ---------------------------------------------------------------------------------
+
+    def _token(self, request: web.Request, kind: str) -> LinkToken | None:
+        try:
+            return self.signer.verify(request.match_info["token"], kind)
+        except ForgedToken as exc:
+            log.info("link token refused", kind=kind, why=str(exc))
+            return None
+
+    async def confirm(self, request: web.Request) -> web.Response:
+        """The unsubscribe link opened in a browser (or by a scanner): a button, no change."""
+        if self._token(request, UNSUBSCRIBE) is None:
+            return _forged()
+        form = (
+            f'<form method="post"><input type="hidden" name="{_FIELD}" value="{_VALUE}">'
+            '<button type="submit">Unsubscribe</button></form>'
+        )
+        return _page("Unsubscribe?", "You will get no more messages like this one.", form=form)
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        token = self._token(request, UNSUBSCRIBE)
+        if token is None:
+            return _forged()
+        try:
+            form = await request.post()
+        except (ValueError, web.HTTPException):
+            form = None
+        if form is None or form.get(_FIELD) != _VALUE:
+            return _page("Not an unsubscribe request", f"Expected the body {ONE_CLICK_BODY}.", 400)
+        try:
+            engaged = await self.store.record(token, self.clock.now())
+        except Exception:
+            log.exception("unsubscribe not recorded")
+            return _unavailable()
+        if engaged is None:
+            return _unknown()
+        if not engaged.first:
+            return _page("You are unsubscribed", "You had already unsubscribed with this link.")
+        try:
+            left = await self.reporter.report(token.tenant_id, token.message_id)
+        except Exception:
+            log.exception("unsubscribe recorded; reporting it to profile failed")
+            left = 1
+        if left:
+            self.reporter.notify()
+            return _page("You are unsubscribed", "We recorded it; it takes effect within minutes.")
+        return _page("You are unsubscribed", "You will get no more messages like this one.")
+
+    async def opened(self, request: web.Request) -> web.Response:
+        token = self._token(request, OPEN)
+        if token is None:
+            return _forged()
+        await self._record(token)
+        return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=_SECURITY_HEADERS)
+
+    async def clicked(self, request: web.Request) -> web.Response:
+        token = self._token(request, CLICK)
+        if token is None or not token.url.lower().startswith(("https://", "http://")):
+            return _forged()
+        await self._record(token)
+        # percent-encoded where not ASCII (a header cannot carry it); nothing else changed
+        location = quote(token.url, safe=_URL_SAFE)
+        return web.Response(status=302, headers={**_SECURITY_HEADERS, "Location": location})
+
+    async def _record(self, token: LinkToken) -> None:
+        """Record an open or click; the person gets the pixel or their page even when that fails."""
+        try:
+            engaged = await self.store.record(token, self.clock.now())
+        except Exception:
+            log.exception("engagement not recorded", kind=token.kind)
+            return
+        if engaged is not None and engaged.first:
+            self.reporter.notify()
