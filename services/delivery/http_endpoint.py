@@ -74,8 +74,11 @@ def bind(listen: str) -> socket.socket:
 
 
 def public_url(sock: socket.socket) -> str:
-    """The base URL of a bound socket, for when no public URL is configured."""
+    """The base URL of a bound socket, for when no public URL is configured: its address, or
+    localhost for a socket on every address."""
     host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "localhost"
     shown = f"[{host}]" if ":" in host else host
     return f"http://{shown}:{port}"
 

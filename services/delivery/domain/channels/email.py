@@ -180,14 +180,15 @@ def email_bytes(
     if links is None:
         return head + _part("text/plain", body_text)
     # Never in a part: quoted-printable never writes "=_", and no rendered text knows the message id.
+    # The line break before a boundary belongs to it, so each part's own last one is kept.
     boundary = f"=_rv_{message_id}"
     return (
         head
         + f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'.encode()
         + _part("text/plain", tracked_text(body_text, links))
-        + f"--{boundary}\r\n".encode()
+        + f"\r\n--{boundary}\r\n".encode()
         + _part("text/html", tracked_html(body_text, links))
-        + f"--{boundary}--\r\n".encode()
+        + f"\r\n--{boundary}--\r\n".encode()
     )
 
 
