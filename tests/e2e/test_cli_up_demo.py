@@ -8,9 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from relevans.kit.grpc_client import bearer
+from relevans.local.smtp_sink import read_mail_dir
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers import eventually
 from tests.helpers.local_stack import up_env
@@ -54,6 +56,18 @@ async def _trigger_ids(state: dict[str, str]) -> list[str]:
     return [t.trigger_id for t in reply.triggers]
 
 
+async def _unsubscribe_page_answers(data_dir: Path) -> None:
+    """The demo mail's one-click link is served by the delivery process `up` started, at the address
+    it announced."""
+    state = json.loads((data_dir / "up.json").read_text())
+    [mail] = read_mail_dir(data_dir / "mail")
+    [link] = [p.strip(" <>") for p in str(mail["List-Unsubscribe"]).split(",") if "/u/" in p]
+    assert link.startswith(state["delivery_http"] + "/u/")
+    async with aiohttp.ClientSession() as http, http.get(link) as page:
+        assert page.status == 200
+        assert "Unsubscribe" in await page.text()
+
+
 async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
     data_dir = server_tmp / "data"
     env = up_env()
@@ -77,9 +91,11 @@ async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
         assert demo.returncode == 0, text
         assert "Hi Ada," in text and "Blue running shoes" in text
         assert "demo passed" in text
+        await _unsubscribe_page_answers(data_dir)
     finally:
         printed = await _stop(up)
     assert "relevans is up" in printed and "dev token" in printed
+    assert "(unsubscribe, open and click links)" in printed
     assert not (data_dir / "up.json").exists()
     mails = list((data_dir / "mail").glob("*.eml"))
     assert len(mails) == 1
