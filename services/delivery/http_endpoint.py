@@ -113,6 +113,17 @@ def _unavailable() -> web.Response:
     return page
 
 
+async def _is_one_click(request: web.Request) -> bool:
+    """Whether the POST's body is RFC 8058's `List-Unsubscribe=One-Click`: as a form (urlencoded
+    or multipart, as the RFC has it), or as bare text from a client that named no form type."""
+    try:
+        if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            return (await request.post()).get(_FIELD) == _VALUE
+        return (await request.text()).strip() == ONE_CLICK_BODY
+    except (ValueError, web.HTTPException):
+        return False
+
+
 class TrackingEndpoint:
     """The HTTP endpoint of one delivery process."""
 
@@ -179,11 +190,7 @@ class TrackingEndpoint:
         token = self._token(request, UNSUBSCRIBE)
         if token is None:
             return _forged()
-        try:
-            form = await request.post()
-        except (ValueError, web.HTTPException):
-            form = None
-        if form is None or form.get(_FIELD) != _VALUE:
+        if not await _is_one_click(request):
             return _page("Not an unsubscribe request", f"Expected the body {ONE_CLICK_BODY}.", 400)
         try:
             engaged = await self.store.record(token, self.clock.now())

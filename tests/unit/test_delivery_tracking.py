@@ -4,6 +4,7 @@ domain/channels/email.py)."""
 from __future__ import annotations
 
 import base64
+import socket
 import time
 from datetime import UTC, datetime
 from email import policy
@@ -28,6 +29,7 @@ from services.delivery.domain.tracking import (
     tracking_key,
     withdrawn_purpose,
 )
+from services.delivery.http_endpoint import bind, public_url
 
 SECRET = "test-secret-0123456789"
 BASE = "https://links.example.com"
@@ -160,3 +162,22 @@ def test_tracking_keeps_email_bytes_fast() -> None:
     for i in range(n):
         email_bytes(**kwargs, links=LinkMaker(signer, BASE).for_message("shop", f"m-{i}"))  # type: ignore[arg-type]
     assert (time.perf_counter() - started) / n < 0.0005
+
+
+def test_the_endpoint_refuses_a_port_in_use_and_names_its_own_port_in_links() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"cannot listen for HTTP on 127.0.0.1:{port}"):
+            bind(f"127.0.0.1:{port}")
+    sock = bind("127.0.0.1:0")
+    try:
+        assert public_url(sock) == f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+    everywhere = bind("0.0.0.0:0")
+    try:
+        assert public_url(everywhere) == f"http://localhost:{everywhere.getsockname()[1]}"
+    finally:
+        everywhere.close()
