@@ -13,9 +13,8 @@ from services.delivery.channels import open_transports
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
 from services.delivery.domain.tracking import LinkMaker, LinkSigner, tracking_key
-from services.delivery.engagements import EngagementStore, ProfileReporter
+from services.delivery.engagements import EngagementStore, ProfileReporter, UnsubscribeAwareProfiles
 from services.delivery.http_endpoint import TrackingEndpoint, bind, public_url
-from services.delivery.profiles import ProfileClient
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
@@ -33,11 +32,12 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     store = DeliveryStore(rt.engine)
     renderer = Renderer()
-    profiles = ProfileClient(
+    profiles = UnsubscribeAwareProfiles(
         settings.profile_target,
         deadline_s=settings.call_deadline,
         secret=settings.token_secret,
         clock=clock,
+        engine=rt.engine,
     )
     http_socket = bind(settings.delivery_http_listen)
     signer = LinkSigner(tracking_key(settings.token_secret))

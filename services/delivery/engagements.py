@@ -9,13 +9,17 @@ message's purpose and channel; for every engagement, `Track` of an `email_unsubs
 engagement, so a report repeated after a failure is stored once — and deletes the row once
 profile took it. A row profile could not take waits with a back-off on the injectable clock and
 is tried again, however long profile is away: an unsubscribe recorded is never lost.
+
+Until profile has taken an unsubscribe, delivery applies it itself: `UnsubscribeAwareProfiles`
+answers the send decisions' profile lookups with the withdrawals still waiting in
+`profile_reports`, so once the POST is answered no message needing that consent goes out.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -33,6 +37,7 @@ from relevans.kit.grpc_client import bearer
 from relevans.kit.outbox import enqueue
 from relevans.kit.proto import to_timestamp
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.delivery.domain import ProfileView
 from services.delivery.domain.tracking import (
     CLICK,
     ENGAGEMENT_EVENT,
@@ -45,6 +50,7 @@ from services.delivery.domain.tracking import (
     withdrawn_purpose,
 )
 from services.delivery.journal import status_changed
+from services.delivery.profiles import ProfileClient, ProfileLookupError
 from services.delivery.store import MessageRow
 from services.delivery.tables import engagements, history, messages, outbox, profile_reports
 
@@ -58,6 +64,7 @@ POLL_S = 0.5
 TOKEN_LIFETIME = timedelta(minutes=5)
 # Profile's answers that no repeat of the same report can change.
 _PERMANENT = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND})
+WITHDRAWN = "withdrawn"
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,9 +191,9 @@ class ProfileReporter:
             stopping.cancel()
             woken.cancel()
 
-    async def report(self, tenant_id: str = "", message_id: str = "") -> int:
-        """Report the engagements due (only one message's when it is named) that no other reporter
-        has in hand; return how many profile did not take this time."""
+    async def report(self, tenant_id: str = "", message_id: str = "") -> None:
+        """Report the engagements due (only one message's, due or not, when it is named) that no
+        other reporter has in hand; the ones profile does not take wait for their next try."""
         now = self.clock.now()
         r, m = profile_reports, messages
         query = (
@@ -226,7 +233,6 @@ class ProfileReporter:
                 await conn.execute(r.delete().where(r.c.id.in_(done)))
         if failed:
             log.warning("profile did not take engagement reports; retrying later", count=failed)
-        return failed
 
     async def _report(self, row: Any) -> None:
         metadata = bearer(
@@ -294,3 +300,48 @@ class ProfileReporter:
         if row.kind == CLICK:
             event.properties["url"] = row.url
         return event
+
+
+class UnsubscribeAwareProfiles(ProfileClient):
+    """The profile service as the send decisions see it, with the unsubscribes it has not taken
+    yet applied: their consent shows as withdrawn."""
+
+    def __init__(
+        self, target: str, *, deadline_s: float, secret: str, clock: Clock, engine: AsyncEngine
+    ) -> None:
+        super().__init__(target, deadline_s=deadline_s, secret=secret, clock=clock)
+        self.engine = engine
+
+    async def batch_get(self, tenant: str, profile_ids: Sequence[str]) -> dict[str, ProfileView]:
+        found = await super().batch_get(tenant, profile_ids)
+        if not found:
+            return found
+        people = sorted({*found, *(v.profile_id for v in found.values())})
+        try:
+            withdrawn = await self._waiting(tenant, people)
+        except Exception as exc:  # the decisions cannot be made without them: retried later
+            raise ProfileLookupError(f"pending unsubscribes unreadable: {exc}") from exc
+        if not withdrawn:
+            return found
+        out = {}
+        for requested, view in found.items():
+            mine = withdrawn.get(requested, set()) | withdrawn.get(view.profile_id, set())
+            if mine:
+                view = replace(view, consents={**view.consents, **dict.fromkeys(mine, WITHDRAWN)})
+            out[requested] = view
+        return out
+
+    async def _waiting(self, tenant: str, people: Sequence[str]) -> dict[str, set[tuple[str, str]]]:
+        """(purpose, channel) of each person's unsubscribes profile has not taken yet."""
+        r, m = profile_reports, messages
+        query = (
+            sa.select(m.c.profile_id, m.c.purpose, m.c.channel)
+            .join(m, sa.and_(m.c.tenant_id == r.c.tenant_id, m.c.message_id == r.c.message_id))
+            .where(r.c.tenant_id == tenant, r.c.kind == UNSUBSCRIBE, m.c.profile_id.in_(people))
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        waiting: dict[str, set[tuple[str, str]]] = {}
+        for row in rows:
+            waiting.setdefault(row.profile_id, set()).add((withdrawn_purpose(row.purpose), row.channel))
+        return waiting

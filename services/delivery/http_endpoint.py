@@ -1,10 +1,10 @@
 """Delivery's small HTTP endpoint (aiohttp): the links its messages carry.
 
 - `POST /u/<token>` with the RFC 8058 body `List-Unsubscribe=One-Click` unsubscribes: recorded
-  durably first (see engagements.py), then the consent withdrawn in profile before the answer
-  where profile answers in time; once recorded the answer is 200 whatever profile does (the
-  withdrawal is retried until profile takes it). Repeats change nothing. Database away: 503, so
-  the mail client tries again.
+  durably first, and from then on applied by delivery's own send decisions; then the consent is
+  withdrawn in profile before the answer where profile answers in time, else retried until it
+  does (see engagements.py). Once recorded the answer is 200 whatever profile does. Repeats
+  change nothing. Database away: 503, so the mail client tries again.
 - `GET /u/<token>` only shows a page with a button that makes that POST: mail scanners follow
   links, and a GET changes nothing.
 - `GET /o/<token>` answers a 1x1 GIF and records an open; `GET /c/<token>` records a click and
@@ -201,14 +201,11 @@ class TrackingEndpoint:
             return _unknown()
         if not engaged.first:
             return _page("You are unsubscribed", "You had already unsubscribed with this link.")
+        # Profile told at once where it answers; delivery applies the withdrawal itself until then.
         try:
-            left = await self.reporter.report(token.tenant_id, token.message_id)
+            await self.reporter.report(token.tenant_id, token.message_id)
         except Exception:
             log.exception("unsubscribe recorded; reporting it to profile failed")
-            left = 1
-        if left:
-            self.reporter.notify()
-            return _page("You are unsubscribed", "We recorded it; it takes effect within minutes.")
         return _page("You are unsubscribed", "You will get no more messages like this one.")
 
     async def opened(self, request: web.Request) -> web.Response:
