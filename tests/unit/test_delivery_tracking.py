@@ -25,7 +25,7 @@ from services.delivery.domain.tracking import (
     LinkToken,
     event_id,
     links_in,
-    tracked_html,
+    tracked_parts,
     tracking_key,
     withdrawn_purpose,
 )
@@ -90,7 +90,7 @@ def test_links_are_found_in_plain_text_without_trailing_punctuation() -> None:
 
 
 def test_the_html_alternative_escapes_the_text_and_tracks_links_and_opens() -> None:
-    html = tracked_html("Hi <b>Ada</b> & co\nhttps://shop.example/?a=1&b=2\n", links)
+    _, html = tracked_parts("Hi <b>Ada</b> & co\nhttps://shop.example/?a=1&b=2\n", links)
     assert "Hi &lt;b&gt;Ada&lt;/b&gt; &amp; co" in html
     assert "https://shop.example/?a=1&amp;b=2</a>" in html
     assert f'href="{BASE}/c/' in html

@@ -16,7 +16,6 @@ import binascii
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 from typing import Final
@@ -165,36 +164,27 @@ def links_in(text: str) -> list[tuple[int, int]]:
     return found
 
 
-def _rewrite(text: str, plain: Callable[[str], str], link: Callable[[str], str]) -> str:
-    spans = links_in(text) if "://" in text else []
-    out: list[str] = []
+def tracked_parts(text: str, links: MessageLinks) -> tuple[str, str]:
+    """The plain text with each link replaced by its click link, and the HTML alternative: the
+    text escaped, its line breaks kept, each link a click link, and the open pixel. One pass, one
+    signature per link (this is on the send path)."""
+    plain: list[str] = []
+    html: list[str] = []
     at = 0
-    for start, end in spans:
-        out.append(plain(text[at:start]))
-        out.append(link(text[start:end]))
+    for start, end in links_in(text) if "://" in text else ():
+        url, before = text[start:end], text[at:start]
+        click = links.click(url)
+        plain += (before, click)
+        html += (escape(before), f'<a href="{escape(click)}">{escape(url)}</a>')
         at = end
-    out.append(plain(text[at:]))
-    return "".join(out)
-
-
-def tracked_text(text: str, links: MessageLinks) -> str:
-    """The plain text with each link replaced by its click link."""
-    return _rewrite(text, str, links.click)
-
-
-def tracked_html(text: str, links: MessageLinks) -> str:
-    """The HTML alternative of a plain text: the text escaped, its line breaks kept, each link a
-    click link, and the open pixel."""
-    body = _rewrite(
-        text,
-        escape,
-        lambda url: f'<a href="{escape(links.click(url))}">{escape(url)}</a>',
-    )
+    plain.append(text[at:])
+    html.append(escape(text[at:]))
     pixel = f'<img src="{escape(links.pixel)}" width="1" height="1" alt="" style="border:0">'
-    return (
+    page = (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head>\n'
-        f'<body><div style="white-space:pre-wrap">{body}</div>\n{pixel}</body></html>\n'
+        f'<body><div style="white-space:pre-wrap">{"".join(html)}</div>\n{pixel}</body></html>\n'
     )
+    return "".join(plain), page
 
 
 # ---- what an engagement records -----------------------------------------------------------------

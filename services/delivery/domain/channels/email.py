@@ -36,7 +36,7 @@ from services.delivery.domain.channels.base import (
 )
 from services.delivery.domain.rendering import DEFAULT_LIMITS
 from services.delivery.domain.states import FAILED, OUTCOME_UNKNOWN, SENT, Final, after_transient
-from services.delivery.domain.tracking import ONE_CLICK_BODY, MessageLinks, tracked_html, tracked_text
+from services.delivery.domain.tracking import ONE_CLICK_BODY, MessageLinks, tracked_parts
 
 if TYPE_CHECKING:
     from services.delivery.domain.decision import ProfileView
@@ -181,13 +181,14 @@ def email_bytes(
         return head + _part("text/plain", body_text)
     # Never in a part: quoted-printable never writes "=_", and no rendered text knows the message id.
     # The line break before a boundary belongs to it, so each part's own last one is kept.
+    plain, html = tracked_parts(body_text, links)
     boundary = f"=_rv_{message_id}"
     return (
         head
         + f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'.encode()
-        + _part("text/plain", tracked_text(body_text, links))
+        + _part("text/plain", plain)
         + f"\r\n--{boundary}\r\n".encode()
-        + _part("text/html", tracked_html(body_text, links))
+        + _part("text/html", html)
         + f"\r\n--{boundary}--\r\n".encode()
     )
 
