@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest_asyncio
+import sqlalchemy as sa
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import delivery_pb2
@@ -338,3 +339,36 @@ async def test_a_click_redirects_only_to_the_url_in_the_message(
     assert delivery_pb2.MESSAGE_STATUS_CLICKED not in [s for s, _ in await history(harness, message_id)]
     async with http.get(click, allow_redirects=False) as redirect:
         assert redirect.headers["Location"] == SHOP_URL
+
+
+async def test_an_erased_persons_engagements_go_with_their_messages(
+    harness: Harness, http: aiohttp.ClientSession
+) -> None:
+    ada = await harness.customer()
+    message_id = await sent_message(harness, ada)
+    mail = await mail_to(harness, "ada@example.com")
+    [click] = click_links(mail)
+    async with http.get(click, allow_redirects=False) as redirect:
+        assert redirect.status == 302
+    await eventually(lambda: profile_events(harness, "link_clicked"))
+    assert await harness_rows(harness, message_id) == [("click", SHOP_URL, 1)]
+
+    await harness.profiles.EraseProfile(
+        profile_pb2.EraseProfileRequest(profile_id=ada), metadata=token(TENANT, "admin")
+    )
+
+    async def gone() -> bool:
+        return not await harness.messages(profile_id=ada)
+
+    await eventually(gone)
+    assert await harness_rows(harness, message_id) == []
+    # the links still lead where they did, and record nothing
+    async with http.get(click, allow_redirects=False) as redirect:
+        assert redirect.headers["Location"] == SHOP_URL
+    async with http.get(pixel_link(mail)) as pixel:
+        assert pixel.status == 200
+    async with http.post(unsubscribe_link(mail), data=ONE_CLICK) as answer:
+        assert answer.status == 404
+    assert await harness_rows(harness, message_id) == []
+    async with harness.engine.connect() as conn:
+        assert await conn.scalar(sa.text("SELECT count(*) FROM profile_reports")) == 0
