@@ -184,7 +184,7 @@ class TrackingEndpoint:
             f'<form method="post"><input type="hidden" name="{_FIELD}" value="{_VALUE}">'
             '<button type="submit">Unsubscribe</button></form>'
         )
-        return _page("Unsubscribe?", "You will get no more messages like this one.", form=form)
+        return _page("Unsubscribe?", "Press the button to get no more messages like this one.", form=form)
 
     async def unsubscribe(self, request: web.Request) -> web.Response:
         token = self._token(request, UNSUBSCRIBE)
