@@ -12,9 +12,8 @@ from relevans.kit.settings import Settings
 from services.delivery.channels import open_transports
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
-from services.delivery.domain.tracking import LinkMaker, LinkSigner, tracking_key
-from services.delivery.engagements import EngagementStore, ProfileReporter, UnsubscribeAwareProfiles
-from services.delivery.http_endpoint import TrackingEndpoint, bind, public_url
+from services.delivery.engagements import UnsubscribeAwareProfiles
+from services.delivery.http_endpoint import open_tracking
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
@@ -39,28 +38,11 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         clock=clock,
         engine=rt.engine,
     )
-    http_socket = bind(settings.delivery_http_listen)
-    signer = LinkSigner(tracking_key(settings.token_secret))
-    links = LinkMaker(signer, settings.delivery_public_url or public_url(http_socket))
-    reporter = ProfileReporter(
-        rt.engine,
-        profiles.channel,
-        secret=settings.token_secret,
-        clock=clock,
-        deadline_s=settings.call_deadline,
-    )
-    endpoint = TrackingEndpoint(
-        http_socket,
-        signer=signer,
-        store=EngagementStore(rt.engine, notify_relay=rt.relay.notify),
-        reporter=reporter,
-        clock=clock,
-        grace_s=settings.shutdown_grace,
-    )
+    tracking = open_tracking(settings, rt.engine, profiles.channel, clock, notify_relay=rt.relay.notify)
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings, links),
+        open_transports(settings, tracking.links),
         renderer,
         clock,
         make_id=new_message_id,
@@ -69,8 +51,6 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
-    host.add_worker("tracking-http", endpoint.serve)
-    host.add_worker("profile-reports", reporter.run)
+    tracking.attach(host)
     host.add_closer(profiles.close)
-    host.add_closer(endpoint.close)
     return host

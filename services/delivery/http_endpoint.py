@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from html import escape
 from urllib.parse import quote
 
+import grpc
 import structlog
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.clock import Clock
+from relevans.kit.server import ServiceHost
+from relevans.kit.settings import Settings
 from services.delivery.domain.tracking import (
     CLICK,
     ONE_CLICK_BODY,
@@ -34,8 +39,10 @@ from services.delivery.domain.tracking import (
     ROUTES,
     UNSUBSCRIBE,
     ForgedToken,
+    LinkMaker,
     LinkSigner,
     LinkToken,
+    tracking_key,
 )
 from services.delivery.engagements import EngagementStore, ProfileReporter
 
@@ -124,6 +131,32 @@ async def _is_one_click(request: web.Request) -> bool:
         return False
 
 
+def open_tracking(
+    settings: Settings,
+    engine: AsyncEngine,
+    profile_channel: grpc.aio.Channel,
+    clock: Clock,
+    *,
+    notify_relay: Callable[[], None],
+) -> TrackingEndpoint:
+    """The endpoint of `settings`, its socket bound, with the links it serves (`.links`, for the
+    transports) and the reporter of engagements to profile; `attach` it to the service's host."""
+    sock = bind(settings.delivery_http_listen)
+    signer = LinkSigner(tracking_key(settings.token_secret))
+    reporter = ProfileReporter(
+        engine, profile_channel, secret=settings.token_secret, clock=clock, deadline_s=settings.call_deadline
+    )
+    return TrackingEndpoint(
+        sock,
+        links=LinkMaker(signer, settings.delivery_public_url or public_url(sock)),
+        signer=signer,
+        store=EngagementStore(engine, notify_relay=notify_relay),
+        reporter=reporter,
+        clock=clock,
+        grace_s=settings.shutdown_grace,
+    )
+
+
 class TrackingEndpoint:
     """The HTTP endpoint of one delivery process."""
 
@@ -131,6 +164,7 @@ class TrackingEndpoint:
         self,
         sock: socket.socket,
         *,
+        links: LinkMaker,
         signer: LinkSigner,
         store: EngagementStore,
         reporter: ProfileReporter,
@@ -138,6 +172,7 @@ class TrackingEndpoint:
         grace_s: float,
     ) -> None:
         self.sock = sock
+        self.links = links
         self.signer = signer
         self.store = store
         self.reporter = reporter
@@ -162,6 +197,12 @@ class TrackingEndpoint:
             await stop.wait()
         finally:
             await runner.cleanup()
+
+    def attach(self, host: ServiceHost) -> None:
+        """Serve, and report engagements to profile, while `host` runs."""
+        host.add_worker("tracking-http", self.serve)
+        host.add_worker("profile-reports", self.reporter.run)
+        host.add_closer(self.close)
 
     async def close(self) -> None:
         """Release the socket (when the service stops before or after serving on it)."""
