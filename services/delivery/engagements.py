@@ -27,7 +27,7 @@ import grpc
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.kit.auth import mint_token
@@ -70,10 +70,9 @@ WITHDRAWN = "withdrawn"
 @dataclass(frozen=True, slots=True)
 class Engaged:
     """What recording an engagement came to: whether it was the first of its kind (and link) for
-    the message, and how often it has happened."""
+    the message (a repeat is only counted)."""
 
     first: bool
-    count: int
 
 
 def _reason(kind: str, url: str, purpose: str, channel: str) -> str:
@@ -123,9 +122,9 @@ class EngagementStore:
                 await self._first(conn, m, token, now)
         if count == 1:
             self.notify_relay()
-        return Engaged(first=count == 1, count=count)
+        return Engaged(first=count == 1)
 
-    async def _first(self, conn: Any, m: Any, token: LinkToken, now: datetime) -> None:
+    async def _first(self, conn: AsyncConnection, m: sa.Row[Any], token: LinkToken, now: datetime) -> None:
         """The history entry, bus message and profile report of a first engagement."""
         status = ENGAGEMENT_STATUS[token.kind]
         reason = _reason(token.kind, token.url, m.purpose, m.channel)
@@ -219,6 +218,7 @@ class ProfileReporter:
                     log.warning("engagement report dropped", message_id=row.message_id, why=str(exc))
                     done.append(row.id)
                 except grpc.aio.AioRpcError as exc:
+                    # profile is away or busy: this one backs off, the rest wait for the next round
                     failed += 1
                     await conn.execute(
                         r.update()
@@ -229,6 +229,7 @@ class ProfileReporter:
                             last_error=f"{exc.code().name}: {exc.details()}"[:500],
                         )
                     )
+                    break
             if done:
                 await conn.execute(r.delete().where(r.c.id.in_(done)))
         if failed:
