@@ -139,6 +139,7 @@ async def settings(
         profile_listen="127.0.0.1:0",
         trigger_listen="127.0.0.1:0",
         delivery_listen="127.0.0.1:0",
+        delivery_http_listen="127.0.0.1:0",
         profile_metrics_port=0,
         trigger_metrics_port=0,
         delivery_metrics_port=0,

@@ -76,6 +76,8 @@ def _child_env(settings: Settings) -> dict[str, str]:
         "profile_listen",
         "trigger_listen",
         "delivery_listen",
+        "delivery_http_listen",
+        "delivery_public_url",
         "profile_target",
         "profile_metrics_port",
         "trigger_metrics_port",
@@ -130,8 +132,10 @@ def _point_at_embedded(
     metrics: dict[str, Any] = {
         f"{s}_metrics_port": ports.choose(settings.metrics_port(s), f"{s} metrics") for s in SERVICES
     }
+    http_port = ports.choose(_port_of(settings.delivery_http_listen), "delivery HTTP")
     settings = replace(
         settings,
+        delivery_http_listen=f"127.0.0.1:{http_port}",
         postgres_url=pg.url.rsplit("/", 1)[0],
         nats_url=nats_server.url,
         profile_listen=listen["profile"],
@@ -180,6 +184,7 @@ def _announce(
 ) -> None:
     """Writes the state file the other commands read (addresses, a dev token) and prints the same."""
     token = mint_token(settings.token_secret, DEV_TENANT, ["admin"])
+    links = settings.delivery_public_url or f"http://{settings.delivery_http_listen}"
     state = {
         **listen,
         "token": token,
@@ -192,6 +197,7 @@ def _announce(
         "webhook_dir": str(receiver.root),
         "sms_dir": str(sms_sink.sms_dir),
         "sms_port": sms_sink.port,
+        "delivery_http": links,
         **{f"{s}_metrics_port": settings.metrics_port(s) for s in SERVICES},
         "moved": ports.notes,
         "pid": os.getpid(),
@@ -202,6 +208,7 @@ def _announce(
         f"  profile   grpc://{listen['profile']}   metrics :{settings.profile_metrics_port}\n"
         f"  trigger   grpc://{listen['trigger']}   metrics :{settings.trigger_metrics_port}\n"
         f"  delivery  grpc://{listen['delivery']}   metrics :{settings.delivery_metrics_port}\n"
+        f"            {links}   (unsubscribe, open and click links)\n"
         f"  postgres  {settings.postgres_url}\n"
         f"  nats      {settings.nats_url}\n"
         f"  smtp sink 127.0.0.1:{sink.port} -> {sink.mail_dir}\n"

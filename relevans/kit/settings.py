@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 SERVICES = ("profile", "trigger", "delivery")
 
 DEFAULT_PORTS = {"profile": 50151, "trigger": 50152, "delivery": 50153}
+# Delivery's HTTP endpoint: one-click unsubscribe, the open pixel, click redirects.
+DEFAULT_DELIVERY_HTTP_PORT = 50154
 DEFAULT_METRICS_PORTS = {"profile": 9151, "trigger": 9152, "delivery": 9153}
 EVENT_LOOPS = ("uvloop", "asyncio")
 
@@ -39,6 +41,11 @@ class Settings:
     profile_listen: str = f"127.0.0.1:{DEFAULT_PORTS['profile']}"
     trigger_listen: str = f"127.0.0.1:{DEFAULT_PORTS['trigger']}"
     delivery_listen: str = f"127.0.0.1:{DEFAULT_PORTS['delivery']}"
+    # Where delivery's HTTP endpoint (unsubscribe and tracking links) listens.
+    delivery_http_listen: str = f"127.0.0.1:{DEFAULT_DELIVERY_HTTP_PORT}"
+    # The base URL the links in messages use, as the recipients reach the endpoint (https behind a
+    # proxy in production); empty means http://<delivery_http_listen>.
+    delivery_public_url: str = ""
     # Where delivery reaches profile for send-time consent.
     profile_target: str = f"127.0.0.1:{DEFAULT_PORTS['profile']}"
     # Prometheus /metrics address and ports; port 0 disables the endpoint.

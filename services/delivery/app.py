@@ -1,4 +1,5 @@
-"""Assembles the delivery service: database, bus, outbox relay, gRPC servicer, consumers."""
+"""Assembles the delivery service: database, bus, outbox relay, gRPC servicer, consumers, and the
+HTTP endpoint of the links in its messages."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from services.delivery.channels.base import Closing
 from services.delivery.channels.webhook import WebhookNetwork
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer, RetryPolicy
+from services.delivery.engagements import UnsubscribeAwareProfiles
+from services.delivery.http_endpoint import open_tracking
 from services.delivery.previews import Previews
-from services.delivery.profiles import ProfileClient
 from services.delivery.retries import RetrySchedule, RetryWorker
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
@@ -40,13 +42,17 @@ async def build(
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     store = DeliveryStore(rt.engine)
     renderer = Renderer()
-    profiles = ProfileClient(
+    profiles = UnsubscribeAwareProfiles(
         settings.profile_target,
         deadline_s=settings.call_deadline,
         secret=settings.token_secret,
         clock=clock,
+        engine=rt.engine,
     )
-    transports = open_transports(settings, engine=rt.engine, clock=clock, webhook_network=webhook_network)
+    tracking = open_tracking(settings, rt.engine, profiles.channel, clock, notify_relay=rt.relay.notify)
+    transports = open_transports(
+        settings, engine=rt.engine, clock=clock, webhook_network=webhook_network, links=tracking.links
+    )
     worker = DeliveryWorker(
         store,
         profiles,
@@ -76,6 +82,7 @@ async def build(
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     host.add_worker("delivery-retries", RetryWorker(RetrySchedule(rt.engine), worker, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
+    tracking.attach(host)
     host.add_closer(profiles.close)
     for transport in transports.values():
         if isinstance(transport, Closing):

@@ -32,6 +32,7 @@ from relevans.kit.clock import Clock
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_timestamp
 from services.delivery.domain import BOUNCED, FAILED, FINAL_STATUSES, PENDING, SENDING, SENT, SUPPRESSED
+from services.delivery.domain.tracking import CLICKED, OPENED, UNSUBSCRIBED
 from services.delivery.store import Claim, DeliveryStore, MessageRow, StatusUpdate
 from services.delivery.suppressions import Suppression
 
@@ -48,6 +49,9 @@ _STATUS_ENUM = {
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
     BOUNCED: delivery_pb2.MESSAGE_STATUS_BOUNCED,
+    OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
+    CLICKED: delivery_pb2.MESSAGE_STATUS_CLICKED,
+    UNSUBSCRIBED: delivery_pb2.MESSAGE_STATUS_UNSUBSCRIBED,
 }
 
 

@@ -34,6 +34,7 @@ from services.delivery.domain import (
 from services.delivery.domain.channels.sms import SmsChannel, sms_segments
 from services.delivery.domain.settings import TenantSettings, validate_settings
 from services.delivery.domain.templates import pick_variant
+from services.delivery.domain.tracking import CLICKED, OPENED, UNSUBSCRIBED
 from services.delivery.domain.webhooks import WebhookEndpoint
 from services.delivery.previews import Previews
 from services.delivery.store import DeliveryStore
@@ -64,6 +65,9 @@ _STATUS = {
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
     BOUNCED: delivery_pb2.MESSAGE_STATUS_BOUNCED,
+    OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
+    CLICKED: delivery_pb2.MESSAGE_STATUS_CLICKED,
+    UNSUBSCRIBED: delivery_pb2.MESSAGE_STATUS_UNSUBSCRIBED,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------

@@ -114,3 +114,41 @@ erased_profiles = erased_profiles_table(metadata)
 merged_profiles = merged_profiles_table(metadata)
 
 outbox = outbox_table(metadata)
+
+# Engagement through a message's signed links (services/delivery/engagements.py): one row per
+# message, kind and link (the URL for a click, "" otherwise), counting repeats. Goes with its message.
+engagements = sa.Table(
+    "engagements",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("message_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, primary_key=True),
+    sa.Column("link", sa.Text, primary_key=True),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("first_at", TZ, nullable=False),
+    sa.Column("last_at", TZ, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["tenant_id", "message_id"], ["messages.tenant_id", "messages.message_id"], ondelete="CASCADE"
+    ),
+)
+
+# Engagements not yet reported to profile (the consent an unsubscribe withdraws, the event each
+# becomes): written with the engagement, deleted once profile took it, retried until then.
+profile_reports = sa.Table(
+    "profile_reports",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("tenant_id", sa.Text, nullable=False),
+    sa.Column("message_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("at", TZ, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_at", TZ, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=False),
+    sa.ForeignKeyConstraint(
+        ["tenant_id", "message_id"], ["messages.tenant_id", "messages.message_id"], ondelete="CASCADE"
+    ),
+    sa.Index("profile_reports_due", "next_at"),
+    sa.Index("profile_reports_message", "tenant_id", "message_id"),
+)

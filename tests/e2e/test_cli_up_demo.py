@@ -8,10 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import grpc
 
 from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.grpc_client import bearer
+from relevans.local.smtp_sink import read_mail_dir
 from relevans.trigger.v1 import trigger_pb2, trigger_pb2_grpc
 from tests.helpers import eventually, field_violations
 from tests.helpers.local_stack import up_env
@@ -71,6 +73,18 @@ async def _put_endpoint(state: dict[str, str], url: str) -> grpc.aio.AioRpcError
     return None
 
 
+async def _unsubscribe_page_answers(data_dir: Path) -> None:
+    """The demo mail's one-click link is served by the delivery process `up` started, at the address
+    it announced."""
+    state = json.loads((data_dir / "up.json").read_text())
+    [mail] = read_mail_dir(data_dir / "mail")
+    [link] = [p.strip(" <>") for p in str(mail["List-Unsubscribe"]).split(",") if "/u/" in p]
+    assert link.startswith(state["delivery_http"] + "/u/")
+    async with aiohttp.ClientSession() as http, http.get(link) as page:
+        assert page.status == 200
+        assert "Unsubscribe" in await page.text()
+
+
 async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
     data_dir = server_tmp / "data"
     env = up_env()
@@ -94,6 +108,7 @@ async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
         assert demo.returncode == 0, text
         assert "Hi Ada," in text and "Blue running shoes" in text
         assert "demo passed" in text
+        await _unsubscribe_page_answers(data_dir)
 
         # The demo webhook receiver, on loopback over http, is allowed; nothing else on loopback is.
         state = json.loads((data_dir / "up.json").read_text())
@@ -104,6 +119,7 @@ async def test_up_demo_stop_and_restart_keeps_data(server_tmp: Path) -> None:
         printed = await _stop(up)
     assert "relevans is up" in printed and "dev token" in printed
     assert f"sms sink  {env['RELEVANS_SMS_PROVIDER_URL']} -> {data_dir / 'sms'}" in printed
+    assert "(unsubscribe, open and click links)" in printed
     assert not (data_dir / "up.json").exists()
     mails = list((data_dir / "mail").glob("*.eml"))
     assert len(mails) == 1

@@ -21,6 +21,7 @@ def up_env(profile_port: int | None = None) -> dict[str, str]:
             "RELEVANS_PROFILE_LISTEN": f"127.0.0.1:{profile_port or free_port()}",
             "RELEVANS_TRIGGER_LISTEN": f"127.0.0.1:{free_port()}",
             "RELEVANS_DELIVERY_LISTEN": f"127.0.0.1:{free_port()}",
+            "RELEVANS_DELIVERY_HTTP_LISTEN": f"127.0.0.1:{free_port()}",
             "RELEVANS_PROFILE_METRICS_PORT": "0",
             "RELEVANS_TRIGGER_METRICS_PORT": "0",
             "RELEVANS_DELIVERY_METRICS_PORT": "0",

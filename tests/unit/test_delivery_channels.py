@@ -135,5 +135,5 @@ def test_the_decision_sends_to_the_channels_address() -> None:
     )
     template = Template("t", "email", "en", "Hi", "Body", datetime(2026, 1, 1, tzinfo=UTC))
     decision = decide(request, ProfileView("p1", email=" ann@example.com "), template, Renderer())
-    assert decision == Send(recipient="ann@example.com", subject="Hi", body_text="Body")
+    assert decision == Send(recipient="ann@example.com", subject="Hi", body_text="Body", tenant_id="shop")
     assert decide(request, ProfileView("p1"), template, Renderer()) == Final(SUPPRESSED, "no_address")

@@ -20,6 +20,7 @@ from services.delivery.channels.webhook import WebhookNetwork, WebhookTransport
 from services.delivery.domain.channels.email import EmailChannel
 from services.delivery.domain.channels.sms import SmsChannel
 from services.delivery.domain.channels.webhook import WebhookChannel
+from services.delivery.domain.tracking import LinkMaker
 from services.delivery.webhook_rows import WebhookRows
 
 
@@ -29,12 +30,16 @@ def open_transports(
     engine: AsyncEngine | None = None,
     clock: Clock | None = None,
     webhook_network: WebhookNetwork | None = None,
+    links: LinkMaker | None = None,
 ) -> dict[str, Transport]:
     """One transport per registered channel, by channel name. `engine` is the delivery
     database's (webhook endpoints are read there; by default an engine of its own);
-    `webhook_network` the resolver and connector of webhooks (tests inject them)."""
+    `webhook_network` the resolver and connector of webhooks (tests inject them); `links` makes
+    the tracked links of the messages that carry them."""
     return {
-        EmailChannel.name: SmtpTransport(settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender),
+        EmailChannel.name: SmtpTransport(
+            settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender, links=links
+        ),
         WebhookChannel.name: WebhookTransport(
             WebhookRows(engine or create_engine(settings.database_url("delivery"), pool_size=2)),
             AddressRules.from_settings(settings),

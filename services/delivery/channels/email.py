@@ -28,6 +28,7 @@ import structlog
 from services.delivery.channels.base import Handover, Outgoing
 from services.delivery.domain import Send, SendFailure, SendOutcome
 from services.delivery.domain.channels.email import EmailChannel, email_bytes, envelope_sender, sender_domain
+from services.delivery.domain.tracking import LinkMaker
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,7 @@ class SmtpTransport:
         sender: str,
         timeout_s: float = 10.0,
         connections: int = SMTP_CONNECTIONS,
+        links: LinkMaker | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -58,6 +60,8 @@ class SmtpTransport:
         self.timeout_s = timeout_s
         self.connections = max(1, connections)
         self.rules = EmailChannel()
+        # Tracked mail (unsubscribe, open and click links) when delivery's HTTP endpoint serves them.
+        self.links = links
 
     def compose(self, message_id: str, send: Send, now: datetime) -> Outgoing:
         content = email_bytes(
@@ -67,6 +71,7 @@ class SmtpTransport:
             subject=send.subject,
             body_text=send.body_text,
             now=now,
+            links=self.links.for_message(send.tenant_id, message_id) if self.links else None,
         )
         return Outgoing(send.recipient, content)
 

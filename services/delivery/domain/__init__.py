@@ -17,7 +17,6 @@ from services.delivery.domain.channels.email import (
     email_bytes,
     envelope_sender,
     smtp_final,
-    unsubscribe_url,
 )
 from services.delivery.domain.decision import (
     ACCEPTED,
@@ -144,6 +143,5 @@ __all__ = [
     "smtp_final",
     "template_variables",
     "unsafe_output",
-    "unsubscribe_url",
     "validate_template",
 ]

@@ -87,6 +87,8 @@ class Send:
     # (Not part of a Send's equality: two sends of the same content are the same message.)
     request: DeliveryRequest | None = field(default=None, compare=False)
     template: Template | None = field(default=None, compare=False)
+    # Whose message it is: its tracking links name the tenant.
+    tenant_id: str = ""
 
 
 Decision = Send | Final
@@ -180,4 +182,5 @@ def decide(
         body_text=rendered.body_text,
         request=request,
         template=template,
+        tenant_id=request.tenant_id,
     )

@@ -1,5 +1,10 @@
 """The email channel: its rules (address, limits, how SMTP outcomes end a message) and the
-message itself, headers (incl. RFC 8058 one-click unsubscribe) and plain-text body.
+message itself, headers (incl. RFC 8058 one-click unsubscribe) and body.
+
+With the message's signed links (`MessageLinks`, served by delivery's HTTP endpoint) the mail
+carries the https one-click unsubscribe link beside the mailto one, its text's links lead through
+click links, and it gains an HTML alternative (the same text, escaped, with the open pixel).
+Without them it is plain text with the mailto unsubscribe only.
 
 `email_bytes` writes the message as it goes over SMTP (RFC 5322 + MIME, CRLF line
 endings). It is built by hand rather than with `email.message.EmailMessage`, whose
@@ -41,12 +46,11 @@ from services.delivery.domain.states import (
     Final,
     after_transient,
 )
+from services.delivery.domain.tracking import ONE_CLICK_BODY, MessageLinks, tracked_parts
 
 if TYPE_CHECKING:
     from services.delivery.domain.decision import ProfileView
 
-# Where one-click unsubscribe links point until the tracking endpoint serves them.
-UNSUBSCRIBE_BASE_URL = "https://relevans.local/u/"
 DEFAULT_DOMAIN = "relevans.local"
 MAX_LINE = 998  # RFC 5322 line length limit, without CRLF
 MAX_ADDRESS_CHARS = 320
@@ -132,17 +136,13 @@ def sender_domain(sender: str) -> str:
     return domain or DEFAULT_DOMAIN
 
 
-def unsubscribe_url(message_id: str) -> str:
-    return f"{UNSUBSCRIBE_BASE_URL}{quote(message_id, safe='')}"
-
-
 def message_id_header(message_id: str, sender: str) -> str:
     return f"<{message_id}@{sender_domain(sender)}>"
 
 
-def list_unsubscribe(message_id: str, sender: str) -> str:
-    mailto = f"mailto:unsubscribe@{sender_domain(sender)}?subject={quote('unsubscribe ' + message_id)}"
-    return f"<{mailto}>, <{unsubscribe_url(message_id)}>"
+def list_unsubscribe(message_id: str, sender: str, links: MessageLinks | None = None) -> str:
+    mailto = f"<mailto:unsubscribe@{sender_domain(sender)}?subject={quote('unsubscribe ' + message_id)}>"
+    return f"{mailto}, <{links.unsubscribe}>" if links is not None else mailto
 
 
 def _one_line(name: str, value: str) -> str:
@@ -178,31 +178,63 @@ def _body(text: str) -> tuple[str, bytes]:
     return "quoted-printable", encoded.replace(b"\n", b"\r\n")
 
 
+def _part(content_type: str, text: str) -> bytes:
+    encoding, body = _body(text)
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    head = f'Content-Type: {content_type}; charset="utf-8"\r\nContent-Transfer-Encoding: {encoding}\r\n\r\n'
+    return head.encode("ascii") + body
+
+
 def email_bytes(
-    *, message_id: str, sender: str, recipient: str, subject: str, body_text: str, now: datetime
+    *,
+    message_id: str,
+    sender: str,
+    recipient: str,
+    subject: str,
+    body_text: str,
+    now: datetime,
+    links: MessageLinks | None = None,
 ) -> bytes:
-    """The whole message as it goes over the wire; ValueError when a header value holds a line break."""
-    encoding, body = _body(body_text)
-    headers = (
+    """The whole message as it goes over the wire; with `links`, tracked (see the module's doc).
+    ValueError when a header value holds a line break."""
+    headers = [
         ("From", _address_header("From", sender)),
         ("To", _one_line("To", recipient)),
         ("Subject", _text_header("Subject", subject)),
         ("Date", format_datetime(now)),
         ("Message-ID", message_id_header(message_id, sender)),
-        ("List-Unsubscribe", list_unsubscribe(message_id, sender)),
-        ("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"),
-        ("MIME-Version", "1.0"),
-        ("Content-Type", 'text/plain; charset="utf-8"'),
-        ("Content-Transfer-Encoding", encoding),
+        ("List-Unsubscribe", list_unsubscribe(message_id, sender, links)),
+    ]
+    if links is not None:
+        headers.append(("List-Unsubscribe-Post", ONE_CLICK_BODY))
+    headers.append(("MIME-Version", "1.0"))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers).encode("utf-8")
+    if links is None:
+        return head + _part("text/plain", body_text)
+    # Never in a part: quoted-printable never writes "=_", and no rendered text knows the message id.
+    # The line break before a boundary belongs to it, so each part's own last one is kept.
+    plain, html = tracked_parts(body_text, links)
+    boundary = f"=_rv_{message_id}"
+    return (
+        head
+        + f'Content-Type: multipart/alternative; boundary="{boundary}"\r\n\r\n--{boundary}\r\n'.encode()
+        + _part("text/plain", plain)
+        + f"\r\n--{boundary}\r\n".encode()
+        + _part("text/html", html)
+        + f"\r\n--{boundary}--\r\n".encode()
     )
-    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
-    if not body.endswith(b"\r\n"):
-        body += b"\r\n"
-    return head.encode("utf-8") + b"\r\n" + body
 
 
 def compose_email(
-    *, message_id: str, sender: str, recipient: str, subject: str, body_text: str, now: datetime
+    *,
+    message_id: str,
+    sender: str,
+    recipient: str,
+    subject: str,
+    body_text: str,
+    now: datetime,
+    links: MessageLinks | None = None,
 ) -> EmailMessage:
     """The same message, parsed."""
     raw = email_bytes(
@@ -212,6 +244,7 @@ def compose_email(
         subject=subject,
         body_text=body_text,
         now=now,
+        links=links,
     )
     # Stored as a mail client keeps it: with the platform's "\n" line endings.
     parsed = BytesParser(policy=policy.default).parsebytes(raw.replace(b"\r\n", b"\n"))
