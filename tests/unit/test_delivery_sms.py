@@ -215,7 +215,9 @@ def test_the_decision_sends_an_sms_to_the_e164_phone() -> None:
     consent = {("marketing", "sms"): "granted"}
     ada = ProfileView("p1", first_name="Ada", phone="+41 44 668 18 00", consents=consent)
     renderer = Renderer()
-    assert decide(request, ada, template, renderer) == Send("+41446681800", "", "Hi Ada: Shoes")
+    assert decide(request, ada, template, renderer) == Send(
+        "+41446681800", "", "Hi Ada: Shoes", tenant_id="shop"
+    )
     national = ProfileView("p1", phone="044 668 18 00", consents=consent)
     assert decide(request, national, template, renderer) == Final(SUPPRESSED, "invalid_address")
     assert decide(request, ProfileView("p1", consents=consent), template, renderer) == Final(
