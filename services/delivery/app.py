@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.kit.clock import Clock
+from relevans.kit.erasure import Erased
+from relevans.kit.merges import ProfileMerge
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
+from services.delivery.banner_inbox import BannerBoard, Withdrawals, withdrawal_consumers
+from services.delivery.banner_rows import BannerRows
 from services.delivery.channels import open_transports
+from services.delivery.channels.web import WebTransport
 from services.delivery.consumers import DURABLE, request_consumer
 from services.delivery.domain import Renderer
+from services.delivery.domain.channels.web import WEB
 from services.delivery.profiles import ProfileClient
 from services.delivery.servicer import DeliveryServicer, binding
 from services.delivery.store import DeliveryStore
@@ -35,17 +45,35 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
         secret=settings.token_secret,
         clock=clock,
     )
+    banner_rows = BannerRows(rt.engine)
+    banners = BannerBoard(banner_rows, rt.bus, clock)
+    await banners.load()
+    transports = {**open_transports(settings), WEB: WebTransport(banner_rows, clock, rt.relay.notify)}
     worker = DeliveryWorker(
         store,
         profiles,
-        open_transports(settings),
+        transports,
         renderer,
         clock,
         make_id=new_message_id,
         notify=rt.relay.notify,
     )
-    host = rt.host([binding(DeliveryServicer(store, renderer, clock))])
+    host = rt.host([binding(DeliveryServicer(store, renderer, clock, banners))])
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
-    rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
+    host.add_worker("delivery-banners", banners.run)
+    host.add_worker("delivery-banner-shows", banners.flush_shows)
+    withdrawals = Withdrawals(rt.engine, banner_rows, clock, rt.relay.notify)
+    for consumer in withdrawal_consumers(rt.bus, withdrawals):
+        host.add_worker(consumer.durable, consumer.run)
+
+    async def merge_people(conn: AsyncConnection, merges: Sequence[ProfileMerge], now: datetime) -> None:
+        await store.merge_people(conn, merges, now)
+        await banner_rows.merge_people(conn, merges, now)
+
+    async def purge_people(conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
+        await store.purge_people(conn, erased, now)
+        await banner_rows.purge_people(conn, erased, now)
+
+    rt.follow_people(host, merge_people=merge_people, purge_people=purge_people)
     host.add_closer(profiles.close)
     return host

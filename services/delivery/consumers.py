@@ -8,6 +8,7 @@ so the kit's consumer naks them for a later redelivery.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import structlog
 from google.protobuf.message import DecodeError
@@ -18,7 +19,7 @@ from relevans.delivery.v1 import bus_pb2
 from relevans.kit.auth import TENANT_RE
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.enums import enum_name
-from relevans.kit.proto import from_struct
+from relevans.kit.proto import from_struct, from_timestamp
 from services.delivery.domain import DeliveryRequest
 from services.delivery.domain.decision import MAX_IDEMPOTENCY_KEY_CHARS
 from services.delivery.worker import DeliveryWorker
@@ -55,7 +56,19 @@ def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
         template_id=m.template_id,
         variables=from_struct(m.variables),
         attempt=max(1, attempt),
+        priority=m.priority,
+        expire_at=_expire_at(m),
     )
+
+
+def _expire_at(m: bus_pb2.DeliveryRequest) -> datetime | None:
+    """The moment's end, None when unset or not a valid time (the template's lifetime decides)."""
+    if not m.HasField("expire_time"):
+        return None
+    try:
+        return from_timestamp(m.expire_time)
+    except (ValueError, OverflowError):
+        return None
 
 
 def _attempt(msg: Msg) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -12,15 +13,18 @@ from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name, enum_value
 from relevans.kit.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from relevans.kit.paging import encode_page_token
-from relevans.kit.proto import from_struct, to_timestamp
+from relevans.kit.proto import checked_duration, from_struct, to_duration, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
+from services.delivery.banner_inbox import BannerBoard
 from services.delivery.domain import (
     FAILED,
     MESSAGE_PAGES,
+    OPENED,
     PENDING,
     SENDING,
     SENT,
     SUPPRESSED,
+    WITHDRAWN,
     MessageRecord,
     RawTemplate,
     Renderer,
@@ -31,6 +35,7 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
+from services.delivery.domain.banners import PlacedBanner, check_banner_request
 from services.delivery.store import DeliveryStore
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
@@ -40,6 +45,7 @@ SCOPES = {
     "PreviewTemplate": "read",
     "GetMessage": "read",
     "ListMessages": "read",
+    "GetBanner": "read",
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -50,6 +56,8 @@ _STATUS = {
     SENT: delivery_pb2.MESSAGE_STATUS_SENT,
     SUPPRESSED: delivery_pb2.MESSAGE_STATUS_SUPPRESSED,
     FAILED: delivery_pb2.MESSAGE_STATUS_FAILED,
+    OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
+    WITHDRAWN: delivery_pb2.MESSAGE_STATUS_WITHDRAWN,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------
@@ -62,7 +70,18 @@ def raw_template(t: delivery_pb2.Template) -> RawTemplate:
         locale=t.locale,
         subject=t.subject,
         body_text=t.body_text,
+        placement=t.placement,
+        banner_lifetime=_lifetime(t),
+        link_url=t.link_url,
     )
+
+
+def _lifetime(t: delivery_pb2.Template) -> timedelta | None:
+    """The banner lifetime; None when unset or not a valid duration."""
+    if not t.HasField("banner_lifetime"):
+        return None
+    lifetime, bad = checked_duration(t.banner_lifetime)
+    return None if bad else lifetime
 
 
 def template_proto(t: Template) -> delivery_pb2.Template:
@@ -73,6 +92,9 @@ def template_proto(t: Template) -> delivery_pb2.Template:
         subject=t.subject,
         body_text=t.body_text,
         update_time=to_timestamp(t.updated_at),
+        placement=t.placement,
+        banner_lifetime=to_duration(t.banner_lifetime) if t.banner_lifetime is not None else None,
+        link_url=t.link_url,
     )
 
 
@@ -100,14 +122,30 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
     )
 
 
+def banner_proto(b: PlacedBanner) -> delivery_pb2.Banner:
+    return delivery_pb2.Banner(
+        message_id=b.message_id,
+        trigger_id=b.trigger_id,
+        placement=b.placement,
+        title=b.title,
+        body_text=b.body_text,
+        link_url=b.link_url,
+        priority=b.priority,
+        expire_time=to_timestamp(b.expire_at),
+    )
+
+
 # ---- servicer -----------------------------------------------------------------------------------
 
 
 class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
-    def __init__(self, store: DeliveryStore, renderer: Renderer, clock: Clock) -> None:
+    def __init__(
+        self, store: DeliveryStore, renderer: Renderer, clock: Clock, banners: BannerBoard | None = None
+    ) -> None:
         self.store = store
         self.renderer = renderer
         self.clock = clock
+        self.banners = banners
 
     async def PutTemplate(
         self, request: delivery_pb2.PutTemplateRequest, context: Context
@@ -163,11 +201,20 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             else "",
         )
 
+    async def GetBanner(
+        self, request: delivery_pb2.GetBannerRequest, context: Context
+    ) -> delivery_pb2.GetBannerResponse:
+        """From this process's inbox alone: no database round trip."""
+        tenant = principal().tenant_id
+        check_banner_request(request.profile_id, request.anonymous_id, request.placement)
+        assert self.banners is not None, "the service was built without its banner inbox"
+        found = self.banners.banner_for(
+            tenant, request.placement, profile_id=request.profile_id, anonymous_id=request.anonymous_id
+        )
+        return delivery_pb2.GetBannerResponse(banner=banner_proto(found) if found is not None else None)
+
     # Contract placeholders while issue 19 is built (each helper replaces its own).
     async def SendTest(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
-
-    async def GetBanner(self, request: Any, context: Context) -> Any:
         raise NotImplementedError
 
     async def PutWebhookEndpoint(self, request: Any, context: Context) -> Any:

@@ -123,6 +123,9 @@ def _template(row: sa.Row[Any]) -> Template:
         subject=row.subject,
         body_text=row.body_text,
         updated_at=row.updated_at,
+        placement=row.placement,
+        banner_lifetime=row.banner_lifetime,
+        link_url=row.link_url,
     )
 
 
@@ -313,11 +316,24 @@ class DeliveryStore:
             "body_text": t.body_text,
             "created_at": now,
             "updated_at": now,
+            "placement": t.placement,
+            "banner_lifetime": t.banner_lifetime,
+            "link_url": t.link_url,
         }
         insert = pg_insert(templates).values(values)
+        replaced = (
+            "channel",
+            "locale",
+            "subject",
+            "body_text",
+            "updated_at",
+            "placement",
+            "banner_lifetime",
+            "link_url",
+        )
         stmt = insert.on_conflict_do_update(
             index_elements=[templates.c.tenant_id, templates.c.template_id],
-            set_={k: insert.excluded[k] for k in ("channel", "locale", "subject", "body_text", "updated_at")},
+            set_={k: insert.excluded[k] for k in replaced},
         ).returning(*templates.c)
         async with self.engine.begin() as conn:
             row = (await conn.execute(stmt)).one()

@@ -25,6 +25,10 @@ SUPPRESSED = "suppressed"
 FAILED = "failed"
 STATUSES = (PENDING, SENDING, SENT, SUPPRESSED, FAILED)
 FINAL_STATUSES = frozenset({SENT, SUPPRESSED, FAILED})
+# Steps after sending, in the history only (the message stays sent): a banner shown for the
+# first time, a banner withdrawn before it expired.
+OPENED = "opened"
+WITHDRAWN = "withdrawn"
 
 MAX_ATTEMPTS = 8
 

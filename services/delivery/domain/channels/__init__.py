@@ -20,8 +20,9 @@ from services.delivery.domain.channels.base import (
     SendOutcome,
 )
 from services.delivery.domain.channels.email import EmailChannel
+from services.delivery.domain.channels.web import WebChannel
 
-CHANNELS: Mapping[str, Channel] = MappingProxyType({c.name: c for c in (EmailChannel(),)})
+CHANNELS: Mapping[str, Channel] = MappingProxyType({c.name: c for c in (EmailChannel(), WebChannel())})
 SUPPORTED_CHANNELS = frozenset(CHANNELS)
 
 __all__ = [

@@ -1,0 +1,362 @@
+"""Queries of the on-site banners (table `banners`, tables.py): placing, loading, withdrawing,
+counting shows, following merges and erasures.
+
+Every change of a banner row enqueues, in the same transaction, a notice on `rv.delivery.banners`
+(a `DeliveryStatusChanged` naming the message): every delivery process reloads the rows it is
+told of and so keeps its inbox (banner_inbox.py) equal to the table. A notice says only "this
+banner changed"; the row says how, so notices may arrive twice or out of order.
+
+What the person sees in the message history: `opened` the first time the banner is shown (once,
+whichever process showed it), `withdrawn` with the reason when its moment passed or consent was
+withdrawn; each is published on `rv.delivery.status.<status>` through the outbox as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from relevans.delivery.v1 import bus_pb2, delivery_pb2
+from relevans.kit.erasure import Erased
+from relevans.kit.merges import ProfileMerge
+from relevans.kit.outbox import OutboxMessage, enqueue
+from relevans.kit.proto import to_timestamp
+from services.delivery.domain import OPENED, WITHDRAWN
+from services.delivery.domain.banners import PlacedBanner
+from services.delivery.tables import banners, history, merged_profiles, messages, outbox
+
+# Every delivery process follows this subject (stream RV_DELIVERY_BANNERS).
+BANNERS_SUBJECT = "rv.delivery.banners"
+STATUS_SUBJECT_PREFIX = "rv.delivery.status."
+# Rows read per round trip when a process loads the live banners at start.
+LOAD_CHUNK = 10_000
+
+BannerKey = tuple[str, str]  # (tenant id, message id)
+
+_STATUS = {
+    OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
+    WITHDRAWN: delivery_pb2.MESSAGE_STATUS_WITHDRAWN,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A banner to place, with the purpose of the message (a consent withdrawal of that purpose
+    on the web channel withdraws it)."""
+
+    banner: PlacedBanner
+    purpose: str
+
+
+def banner_notice(
+    tenant_id: str, message_id: str, profile_id: str = "", trigger_id: str = ""
+) -> OutboxMessage:
+    payload = bus_pb2.DeliveryStatusChanged(
+        tenant_id=tenant_id, message_id=message_id, profile_id=profile_id, trigger_id=trigger_id
+    )
+    return OutboxMessage(BANNERS_SUBJECT, payload.SerializeToString())
+
+
+def _banner(row: Any) -> PlacedBanner:
+    return PlacedBanner(
+        tenant_id=row.tenant_id,
+        message_id=row.message_id,
+        profile_id=row.profile_id,
+        trigger_id=row.trigger_id,
+        placement=row.placement,
+        title=row.title,
+        body_text=row.body_text,
+        link_url=row.link_url,
+        priority=row.priority,
+        placed_at=row.placed_at,
+        expire_at=row.expire_at,
+        anonymous_ids=tuple(row.anonymous_ids),
+        withdrawn=row.withdrawn_at is not None,
+    )
+
+
+_COLUMNS = (
+    banners.c.tenant_id,
+    banners.c.message_id,
+    banners.c.profile_id,
+    banners.c.trigger_id,
+    banners.c.placement,
+    banners.c.title,
+    banners.c.body_text,
+    banners.c.link_url,
+    banners.c.priority,
+    banners.c.placed_at,
+    banners.c.expire_at,
+    banners.c.anonymous_ids,
+    banners.c.withdrawn_at,
+)
+
+
+class BannerRows:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # ---- placing and loading ---------------------------------------------------------------------
+
+    async def place(self, placements: Sequence[Placement], now: datetime) -> None:
+        """Write the banners and their notices in one transaction; a banner already placed (the same
+        message) stays as it is."""
+        if not placements:
+            return
+        values = [
+            {
+                "tenant_id": p.banner.tenant_id,
+                "message_id": p.banner.message_id,
+                "profile_id": p.banner.profile_id,
+                "anonymous_ids": list(p.banner.anonymous_ids),
+                "trigger_id": p.banner.trigger_id,
+                "purpose": p.purpose,
+                "placement": p.banner.placement,
+                "title": p.banner.title,
+                "body_text": p.banner.body_text,
+                "link_url": p.banner.link_url,
+                "priority": p.banner.priority,
+                "placed_at": p.banner.placed_at,
+                "expire_at": p.banner.expire_at,
+            }
+            for p in placements
+        ]
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.dialects.postgresql.insert(banners).on_conflict_do_nothing(),
+                values,
+            )
+            notices = [
+                banner_notice(
+                    p.banner.tenant_id, p.banner.message_id, p.banner.profile_id, p.banner.trigger_id
+                )
+                for p in placements
+            ]
+            await enqueue(conn, outbox, notices, now)
+
+    async def live(self, now: datetime) -> AsyncIterator[list[PlacedBanner]]:
+        """Every banner that may still be shown, in chunks (one snapshot: one transaction)."""
+        query = (
+            sa.select(*_COLUMNS)
+            .where(banners.c.withdrawn_at.is_(None), banners.c.expire_at > now)
+            .execution_options(yield_per=LOAD_CHUNK)
+        )
+        async with self.engine.connect() as conn:
+            result = await conn.stream(query)
+            async for chunk in result.partitions(LOAD_CHUNK):
+                yield [_banner(r) for r in chunk]
+
+    async def load(self, keys: Iterable[BannerKey]) -> dict[BannerKey, PlacedBanner]:
+        """The banners of `keys` as the table holds them now (withdrawn ones too); absent: gone."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return {}
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                sa.select(*_COLUMNS).where(sa.tuple_(banners.c.tenant_id, banners.c.message_id).in_(wanted))
+            )
+            return {(r.tenant_id, r.message_id): _banner(r) for r in rows}
+
+    # ---- withdrawing ---------------------------------------------------------------------------
+
+    async def withdraw(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        profile_id: str,
+        reason: str,
+        now: datetime,
+        *,
+        trigger_id: str | None = None,
+        purpose: str | None = None,
+        placed_before: datetime | None = None,
+    ) -> list[str]:
+        """Withdraw the person's banners still waiting (of one trigger, or of one purpose; placed
+        no later than `placed_before`), in the caller's transaction: `withdrawn` in their history
+        and on the bus, and their notices. A merged-away id counts as its survivor. Returns the
+        message ids withdrawn."""
+        person = await self._survivor(conn, tenant_id, profile_id)
+        query = banners.update().where(
+            banners.c.tenant_id == tenant_id,
+            banners.c.profile_id == person,
+            banners.c.withdrawn_at.is_(None),
+            banners.c.expire_at > now,
+        )
+        if trigger_id is not None:
+            query = query.where(banners.c.trigger_id == trigger_id)
+        if purpose is not None:
+            query = query.where(banners.c.purpose == purpose)
+        if placed_before is not None:
+            query = query.where(banners.c.placed_at <= placed_before)
+        rows = (
+            await conn.execute(
+                query.values(withdrawn_at=now, withdraw_reason=reason).returning(
+                    banners.c.message_id, banners.c.trigger_id
+                )
+            )
+        ).all()
+        ids = [r.message_id for r in rows]
+        await self._record(conn, tenant_id, ids, WITHDRAWN, reason, now)
+        await enqueue(conn, outbox, [banner_notice(tenant_id, m) for m in ids], now)
+        return ids
+
+    async def _survivor(self, conn: AsyncConnection, tenant_id: str, profile_id: str) -> str:
+        found = await conn.scalar(
+            sa.select(merged_profiles.c.surviving_profile_id).where(
+                merged_profiles.c.tenant_id == tenant_id, merged_profiles.c.profile_id == profile_id
+            )
+        )
+        return str(found) if found else profile_id
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        message_ids: Sequence[str],
+        status: str,
+        reason: str,
+        now: datetime,
+    ) -> None:
+        """`status` in the history of each message, and its DeliveryStatusChanged on the bus."""
+        if not message_ids:
+            return
+        rows = (
+            await conn.execute(
+                sa.select(
+                    messages.c.message_id,
+                    messages.c.idempotency_key,
+                    messages.c.profile_id,
+                    messages.c.trigger_id,
+                ).where(messages.c.tenant_id == tenant_id, messages.c.message_id.in_(message_ids))
+            )
+        ).all()
+        await conn.execute(
+            history.insert(),
+            [
+                {
+                    "tenant_id": tenant_id,
+                    "message_id": r.message_id,
+                    "status": status,
+                    "reason": reason,
+                    "at": now,
+                }
+                for r in rows
+            ],
+        )
+        published = [
+            OutboxMessage(
+                STATUS_SUBJECT_PREFIX + status,
+                bus_pb2.DeliveryStatusChanged(
+                    tenant_id=tenant_id,
+                    message_id=r.message_id,
+                    idempotency_key=r.idempotency_key,
+                    profile_id=r.profile_id,
+                    trigger_id=r.trigger_id,
+                    status=_STATUS[status],
+                    reason=reason,
+                    time=to_timestamp(now),
+                ).SerializeToString(),
+            )
+            for r in rows
+        ]
+        await enqueue(conn, outbox, published, now)
+
+    # ---- shows -----------------------------------------------------------------------------------
+
+    async def record_shows(self, shows: Mapping[BannerKey, tuple[int, datetime]]) -> int:
+        """Add up shows ((tenant, message id) -> (count, when first shown here)) in one
+        transaction; a banner shown for the first time anywhere gets `opened` in its history and on
+        the bus, once. Returns how many were shown for the first time."""
+        if not shows:
+            return 0
+        keys = sorted(shows)
+        async with self.engine.begin() as conn:
+            first = (
+                await conn.execute(
+                    sa.text(
+                        "UPDATE banners AS b SET first_shown_at = s.at "
+                        "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), "
+                        "CAST(:ats AS timestamptz[])) AS s(tenant_id, message_id, at) "
+                        "WHERE b.tenant_id = s.tenant_id AND b.message_id = s.message_id "
+                        "AND b.first_shown_at IS NULL RETURNING b.tenant_id, b.message_id"
+                    ),
+                    {
+                        "tenants": [t for t, _ in keys],
+                        "ids": [m for _, m in keys],
+                        "ats": [shows[k][1] for k in keys],
+                    },
+                )
+            ).all()
+            await conn.execute(
+                sa.text(
+                    "UPDATE banners AS b SET shown_count = b.shown_count + s.n "
+                    "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:ns AS bigint[])) "
+                    "AS s(tenant_id, message_id, n) "
+                    "WHERE b.tenant_id = s.tenant_id AND b.message_id = s.message_id"
+                ),
+                {
+                    "tenants": [t for t, _ in keys],
+                    "ids": [m for _, m in keys],
+                    "ns": [shows[k][0] for k in keys],
+                },
+            )
+            by_tenant: dict[str, list[str]] = {}
+            for r in first:
+                by_tenant.setdefault(r.tenant_id, []).append(r.message_id)
+            for tenant_id, ids in sorted(by_tenant.items()):
+                await self._record(
+                    conn, tenant_id, ids, OPENED, "banner_shown", shows[(tenant_id, ids[0])][1]
+                )
+        return len(first)
+
+    # ---- people: merges and erasures -------------------------------------------------------------
+
+    async def merge_people(
+        self, conn: AsyncConnection, merges: Sequence[ProfileMerge], now: datetime
+    ) -> None:
+        """After the store applied the merges (aliases recorded): the banners under a merged-away
+        id move to the survivor, and every banner of the survivor answers to all their anonymous
+        ids; each moved or widened banner is announced."""
+        for m in merges:
+            survivor = await self._survivor(conn, m.tenant_id, m.merged_profile_id)
+            moved = (
+                await conn.execute(
+                    banners.update()
+                    .where(banners.c.tenant_id == m.tenant_id, banners.c.profile_id == m.merged_profile_id)
+                    .values(profile_id=survivor)
+                    .returning(banners.c.message_id)
+                )
+            ).all()
+            if not moved:
+                continue
+            widened = (
+                await conn.execute(
+                    sa.text(
+                        "UPDATE banners SET anonymous_ids = ("
+                        " SELECT coalesce(array_agg(DISTINCT a ORDER BY a), '{}') FROM banners o, "
+                        " unnest(o.anonymous_ids) AS a WHERE o.tenant_id = :t AND o.profile_id = :p) "
+                        "WHERE tenant_id = :t AND profile_id = :p RETURNING message_id"
+                    ),
+                    {"t": m.tenant_id, "p": survivor},
+                )
+            ).all()
+            notices = {r.message_id for r in (*moved, *widened)}
+            await enqueue(conn, outbox, [banner_notice(m.tenant_id, i) for i in sorted(notices)], now)
+
+    async def purge_people(self, conn: AsyncConnection, erased: Sequence[Erased], now: datetime) -> None:
+        """Delete the erased people's banners (the store already deleted their messages) and tell
+        every process to drop them."""
+        for e in erased:
+            gone = (
+                await conn.execute(
+                    banners.delete()
+                    .where(banners.c.tenant_id == e.tenant_id, banners.c.profile_id == e.profile_id)
+                    .returning(banners.c.message_id)
+                )
+            ).all()
+            await enqueue(conn, outbox, [banner_notice(e.tenant_id, r.message_id) for r in gone], now)
