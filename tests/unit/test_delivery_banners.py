@@ -1,0 +1,284 @@
+"""The banner domain: which banner a page is shown, the inbox of every person's banners, the web
+channel's rules and templates, and the banner a web message carries."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from relevans.kit.errors import InvalidArgument
+from services.delivery.domain import (
+    DeliveryRequest,
+    Final,
+    ProfileView,
+    RawTemplate,
+    Renderer,
+    Send,
+    SendOutcome,
+    decide,
+    validate_template,
+)
+from services.delivery.domain.banners import (
+    BannerContent,
+    BannerInbox,
+    PlacedBanner,
+    check_banner_request,
+    choose,
+)
+from services.delivery.domain.channels.web import WebChannel
+from services.delivery.domain.templates import Template
+
+NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+WEB = WebChannel()
+
+
+def banner(message_id: str = "m1", **fields: object) -> PlacedBanner:
+    values: dict[str, object] = {
+        "tenant_id": "shop",
+        "message_id": message_id,
+        "profile_id": "p1",
+        "trigger_id": "cart",
+        "placement": "cart-reminder",
+        "title": "Your cart",
+        "body_text": "is waiting",
+        "link_url": "",
+        "priority": 0,
+        "placed_at": NOW,
+        "expire_at": NOW + timedelta(hours=1),
+        "anonymous_ids": ("cookie-1",),
+    }
+    values.update(fields)
+    return PlacedBanner(**values)  # type: ignore[arg-type]
+
+
+# ---- choosing ------------------------------------------------------------------------------------------
+
+
+def test_the_highest_priority_wins_then_the_newest() -> None:
+    low_new = banner("a", priority=1, placed_at=NOW + timedelta(minutes=5))
+    high_old = banner("b", priority=5)
+    high_new = banner("c", priority=5, placed_at=NOW + timedelta(minutes=1))
+    assert choose([low_new, high_old, high_new], "cart-reminder", NOW + timedelta(minutes=6)) == high_new
+    assert choose([low_new, high_old], "cart-reminder", NOW + timedelta(minutes=6)) == high_old
+
+
+def test_only_the_asking_placement_is_considered() -> None:
+    footer = banner("a", placement="footer", priority=9)
+    cart = banner("b")
+    assert choose([footer, cart], "cart-reminder", NOW) == cart
+    assert choose([cart], "footer", NOW) is None
+
+
+def test_an_expired_banner_is_not_shown_from_its_expiry_on() -> None:
+    b = banner(expire_at=NOW + timedelta(minutes=10))
+    assert choose([b], "cart-reminder", NOW + timedelta(minutes=9, seconds=59)) == b
+    assert choose([b], "cart-reminder", NOW + timedelta(minutes=10)) is None
+
+
+def test_a_withdrawn_banner_is_not_shown() -> None:
+    assert choose([banner(withdrawn=True)], "cart-reminder", NOW) is None
+
+
+def test_a_banner_expires_at_the_moments_end_or_after_its_lifetime_whichever_is_first() -> None:
+    content = BannerContent(
+        tenant_id="shop",
+        trigger_id="cart",
+        placement="cart-reminder",
+        link_url="",
+        priority=0,
+        purpose="marketing",
+        lifetime=timedelta(hours=24),
+        expire_time=None,
+        anonymous_ids=(),
+    )
+    assert content.expire_at(NOW) == NOW + timedelta(hours=24)
+    soon = replace(content, expire_time=NOW + timedelta(hours=12))
+    assert soon.expire_at(NOW) == NOW + timedelta(hours=12)
+    late = replace(content, expire_time=NOW + timedelta(days=3))
+    assert late.expire_at(NOW) == NOW + timedelta(hours=24)
+
+
+# ---- the inbox -------------------------------------------------------------------------------------------
+
+
+def test_the_inbox_answers_by_profile_and_by_anonymous_id_per_tenant() -> None:
+    inbox = BannerInbox()
+    inbox.put(banner("m1"), NOW)
+    inbox.put(banner("m2", tenant_id="other", profile_id="p1", anonymous_ids=("cookie-9",)), NOW)
+    assert inbox.best("shop", "p1", "cart-reminder", NOW) == banner("m1")
+    assert inbox.person_of("shop", "cookie-1") == "p1"
+    assert inbox.person_of("other", "cookie-1") is None
+    assert inbox.best("other", "p1", "cart-reminder", NOW) == banner(
+        "m2", tenant_id="other", anonymous_ids=("cookie-9",)
+    )
+    assert len(inbox) == 2
+
+
+def test_a_withdrawn_or_expired_banner_leaves_the_inbox_with_its_anonymous_ids() -> None:
+    inbox = BannerInbox()
+    inbox.put(banner("m1"), NOW)
+    inbox.put(banner("m1", withdrawn=True), NOW)
+    assert len(inbox) == 0
+    assert inbox.person_of("shop", "cookie-1") is None
+    inbox.put(banner("m2", expire_at=NOW), NOW)
+    assert len(inbox) == 0
+
+
+def test_an_anonymous_id_stays_while_another_banner_of_the_person_carries_it() -> None:
+    inbox = BannerInbox()
+    inbox.put(banner("m1"), NOW)
+    inbox.put(banner("m2", trigger_id="toys"), NOW)
+    inbox.drop("shop", "m1")
+    assert inbox.person_of("shop", "cookie-1") == "p1"
+    inbox.drop("shop", "m2")
+    assert inbox.person_of("shop", "cookie-1") is None
+    inbox.drop("shop", "m2")  # dropping what is gone changes nothing
+
+
+def test_a_banner_moved_to_the_survivor_of_a_merge_answers_for_the_survivor() -> None:
+    inbox = BannerInbox()
+    inbox.put(banner("m1", profile_id="anon-profile"), NOW)
+    inbox.put(banner("m1", profile_id="p1", anonymous_ids=("cookie-1", "cookie-2")), NOW)
+    assert inbox.best("shop", "anon-profile", "cart-reminder", NOW) is None
+    assert inbox.best("shop", "p1", "cart-reminder", NOW) is not None
+    assert inbox.person_of("shop", "cookie-2") == "p1"
+    assert len(inbox) == 1
+
+
+def test_prune_drops_what_has_expired_by_now() -> None:
+    inbox = BannerInbox()
+    inbox.put(banner("m1", expire_at=NOW + timedelta(minutes=1)), NOW)
+    inbox.put(banner("m2", expire_at=NOW + timedelta(hours=1)), NOW)
+    assert inbox.prune(NOW + timedelta(minutes=1)) == 1
+    assert [b.message_id for b in inbox] == ["m2"]
+
+
+# ---- the question --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("profile_id", "anonymous_id", "placement", "fields"),
+    [
+        ("", "", "cart-reminder", {"profile_id"}),
+        ("p1", "cookie-1", "cart-reminder", {"anonymous_id"}),
+        ("p1", "", "", {"placement"}),
+        ("p1", "", "Cart Reminder", {"placement"}),
+        ("x" * 257, "", "cart-reminder", {"profile_id"}),
+        ("", "", "", {"profile_id", "placement"}),
+    ],
+)
+def test_a_banner_question_needs_exactly_one_person_and_a_placement(
+    profile_id: str, anonymous_id: str, placement: str, fields: set[str]
+) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        check_banner_request(profile_id, anonymous_id, placement)
+    assert {v.field for v in caught.value.violations} == fields
+
+
+def test_a_good_banner_question_passes() -> None:
+    check_banner_request("p1", "", "cart-reminder")
+    check_banner_request("", "cookie-1", "toys_2")
+
+
+# ---- the channel and its templates ---------------------------------------------------------------------
+
+
+def test_the_web_address_is_the_person_and_a_failed_placement_is_retried() -> None:
+    assert WEB.address(ProfileView("p1")) == "p1"
+    assert WEB.address_problem("") == "no_address"
+    assert WEB.address_problem("p1") is None
+    assert WEB.final(SendOutcome("sent", "cart-reminder"), 1).status == "sent"
+    assert WEB.final(SendOutcome("transient", "db down"), 1).status == "pending"
+
+
+def test_a_web_template_needs_a_placement_and_a_lifetime() -> None:
+    raw = RawTemplate(template_id="t", channel="web", subject="Hi", body_text="Body")
+    with pytest.raises(InvalidArgument) as caught:
+        validate_template(raw, Renderer())
+    assert {v.field for v in caught.value.violations} == {"template.placement", "template.banner_lifetime"}
+    too_long = replace(raw, placement="cart", banner_lifetime=timedelta(days=91))
+    with pytest.raises(InvalidArgument, match=r"template\.banner_lifetime"):
+        validate_template(too_long, Renderer())
+    ok = validate_template(replace(raw, placement="cart", banner_lifetime=timedelta(hours=1)), Renderer())
+    assert (ok.placement, ok.banner_lifetime) == ("cart", timedelta(hours=1))
+
+
+def test_an_email_template_keeps_no_banner_fields() -> None:
+    raw = RawTemplate(
+        template_id="t", channel="email", subject="Hi", body_text="Body", placement="cart", link_url="x"
+    )
+    t = validate_template(raw, Renderer())
+    assert (t.placement, t.banner_lifetime, t.link_url) == ("", None, "")
+
+
+def _web_template(**fields: object) -> Template:
+    values: dict[str, object] = {
+        "template_id": "cart-banner",
+        "channel": "web",
+        "locale": "en",
+        "subject": "{{ first_name | fallback('Hello') }}, your cart",
+        "body_text": "You left {{ event.product_name }}.",
+        "placement": "cart-reminder",
+        "banner_lifetime": timedelta(hours=24),
+        "link_url": "https://shop.example/cart?p={{ event.product_id }}",
+    }
+    values.update(fields)
+    return Template(**values)  # type: ignore[arg-type]
+
+
+def _request(**fields: object) -> DeliveryRequest:
+    values: dict[str, object] = {
+        "idempotency_key": "k",
+        "tenant_id": "shop",
+        "profile_id": "p1",
+        "trigger_id": "cart",
+        "channel": "web",
+        "purpose": "marketing",
+        "template_id": "cart-banner",
+        "variables": {"event": {"product_name": "shoes", "product_id": "sku 1"}},
+        "priority": 4,
+        "expire_at": NOW + timedelta(hours=2),
+    }
+    values.update(fields)
+    return DeliveryRequest(**values)  # type: ignore[arg-type]
+
+
+PERSON = ProfileView(
+    "p1", first_name="Ada", consents={("marketing", "web"): "granted"}, anonymous_ids=("cookie-1",)
+)
+
+
+def test_a_web_message_carries_its_banner() -> None:
+    decision = decide(_request(), PERSON, _web_template(), Renderer())
+    assert isinstance(decision, Send)
+    assert (decision.recipient, decision.subject, decision.body_text) == (
+        "p1",
+        "Ada, your cart",
+        "You left shoes.",
+    )
+    assert decision.banner == BannerContent(
+        tenant_id="shop",
+        trigger_id="cart",
+        placement="cart-reminder",
+        link_url="https://shop.example/cart?p=sku1",
+        priority=4,
+        purpose="marketing",
+        lifetime=timedelta(hours=24),
+        expire_time=NOW + timedelta(hours=2),
+        anonymous_ids=("cookie-1",),
+    )
+
+
+def test_web_consent_is_checked_and_a_banner_too_long_is_not_placed() -> None:
+    no_consent = replace(PERSON, consents={("marketing", "email"): "granted"})
+    assert decide(_request(), no_consent, _web_template(), Renderer()) == Final(
+        "suppressed", "consent_missing"
+    )
+    long_body = _web_template(body_text="x" * 1001)
+    decision = decide(_request(), PERSON, long_body, Renderer())
+    assert decision == Final("suppressed", "render_failed: body_text: longer than 1000 characters")
+    long_title = _web_template(subject="t" * 201)
+    decision = decide(_request(), PERSON, long_title, Renderer())
+    assert isinstance(decision, Final) and "subject: longer than 200 characters" in decision.reason
