@@ -28,10 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
+from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
-from relevans.kit.proto import from_timestamp
+from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from services.delivery.banner_rows import BANNERS_SUBJECT, BannerKey, BannerRows
 from services.delivery.domain.banners import BannerInbox, PlacedBanner
@@ -71,7 +72,7 @@ class BannerBoard:
 
     def banner_for(
         self, tenant_id: str, placement: str, *, profile_id: str = "", anonymous_id: str = ""
-    ) -> PlacedBanner | None:
+    ) -> delivery_pb2.Banner | None:
         """The person's best banner for `placement` now (counted as shown), or None."""
         person = profile_id or self.inbox.person_of(tenant_id, anonymous_id)
         if not person:
@@ -83,7 +84,8 @@ class BannerBoard:
             count, first = self._shows.get(key, (0, now))
             self._shows[key] = (count + 1, first)
             self._shown_wake.set()
-        return banner
+            return delivery_pb2.Banner.FromString(banner.payload)
+        return None
 
     # ---- keeping the inbox -----------------------------------------------------------------------
 
@@ -94,7 +96,7 @@ class BannerBoard:
         now = self.clock.now()
         async for chunk in self.rows.live(now):
             for banner in chunk:
-                self.inbox.put(banner, now)
+                self.inbox.put(banner, banner_payload(banner), now)
         self._pruned_at = now
         log.info("banners loaded", count=len(self.inbox), from_seq=self._next_seq)
         return len(self.inbox)
@@ -143,7 +145,7 @@ class BannerBoard:
             if banner is None:
                 self.inbox.drop(*key)
             else:
-                self.inbox.put(banner, now)
+                self.inbox.put(banner, banner_payload(banner), now)
 
     def _prune(self) -> None:
         now = self.clock.now()
@@ -180,6 +182,20 @@ class BannerBoard:
             for key, (count, first) in shows.items():
                 more, _ = self._shows.get(key, (0, first))
                 self._shows[key] = (count + more, first)
+
+
+def banner_payload(b: PlacedBanner) -> bytes:
+    """The answer GetBanner gives for a banner, serialized once when it enters the inbox."""
+    return delivery_pb2.Banner(
+        message_id=b.message_id,
+        trigger_id=b.trigger_id,
+        placement=b.placement,
+        title=b.title,
+        body_text=b.body_text,
+        link_url=b.link_url,
+        priority=b.priority,
+        expire_time=to_timestamp(b.expire_at),
+    ).SerializeToString()
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -235,6 +235,8 @@ class BannerRows:
                 ).where(messages.c.tenant_id == tenant_id, messages.c.message_id.in_(message_ids))
             )
         ).all()
+        if not rows:
+            return
         await conn.execute(
             history.insert(),
             [

@@ -35,7 +35,7 @@ from services.delivery.domain import (
     template_variables,
     validate_template,
 )
-from services.delivery.domain.banners import PlacedBanner, check_banner_request
+from services.delivery.domain.banners import check_banner_request
 from services.delivery.store import DeliveryStore
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
@@ -122,19 +122,6 @@ def message_proto(m: MessageRecord) -> delivery_pb2.Message:
     )
 
 
-def banner_proto(b: PlacedBanner) -> delivery_pb2.Banner:
-    return delivery_pb2.Banner(
-        message_id=b.message_id,
-        trigger_id=b.trigger_id,
-        placement=b.placement,
-        title=b.title,
-        body_text=b.body_text,
-        link_url=b.link_url,
-        priority=b.priority,
-        expire_time=to_timestamp(b.expire_at),
-    )
-
-
 # ---- servicer -----------------------------------------------------------------------------------
 
 
@@ -211,7 +198,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         found = self.banners.banner_for(
             tenant, request.placement, profile_id=request.profile_id, anonymous_id=request.anonymous_id
         )
-        return delivery_pb2.GetBannerResponse(banner=banner_proto(found) if found is not None else None)
+        return delivery_pb2.GetBannerResponse(banner=found)
 
     # Contract placeholders while issue 19 is built (each helper replaces its own).
     async def SendTest(self, request: Any, context: Context) -> Any:

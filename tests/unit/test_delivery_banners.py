@@ -23,6 +23,7 @@ from services.delivery.domain import (
 from services.delivery.domain.banners import (
     BannerContent,
     BannerInbox,
+    InboxEntry,
     PlacedBanner,
     check_banner_request,
     choose,
@@ -56,29 +57,44 @@ def banner(message_id: str = "m1", **fields: object) -> PlacedBanner:
 # ---- choosing ------------------------------------------------------------------------------------------
 
 
+def entry(b: PlacedBanner) -> InboxEntry:
+    return InboxEntry(
+        message_id=b.message_id,
+        placement=b.placement,
+        priority=b.priority,
+        placed_at=b.placed_at.timestamp(),
+        expire_at=b.expire_at.timestamp(),
+        anonymous_ids=b.anonymous_ids,
+        payload=b.message_id.encode(),
+    )
+
+
 def test_the_highest_priority_wins_then_the_newest() -> None:
-    low_new = banner("a", priority=1, placed_at=NOW + timedelta(minutes=5))
-    high_old = banner("b", priority=5)
-    high_new = banner("c", priority=5, placed_at=NOW + timedelta(minutes=1))
+    low_new = entry(banner("a", priority=1, placed_at=NOW + timedelta(minutes=5)))
+    high_old = entry(banner("b", priority=5))
+    high_new = entry(banner("c", priority=5, placed_at=NOW + timedelta(minutes=1)))
     assert choose([low_new, high_old, high_new], "cart-reminder", NOW + timedelta(minutes=6)) == high_new
     assert choose([low_new, high_old], "cart-reminder", NOW + timedelta(minutes=6)) == high_old
 
 
 def test_only_the_asking_placement_is_considered() -> None:
-    footer = banner("a", placement="footer", priority=9)
-    cart = banner("b")
+    footer = entry(banner("a", placement="footer", priority=9))
+    cart = entry(banner("b"))
     assert choose([footer, cart], "cart-reminder", NOW) == cart
     assert choose([cart], "footer", NOW) is None
 
 
 def test_an_expired_banner_is_not_shown_from_its_expiry_on() -> None:
-    b = banner(expire_at=NOW + timedelta(minutes=10))
+    b = entry(banner(expire_at=NOW + timedelta(minutes=10)))
     assert choose([b], "cart-reminder", NOW + timedelta(minutes=9, seconds=59)) == b
     assert choose([b], "cart-reminder", NOW + timedelta(minutes=10)) is None
 
 
-def test_a_withdrawn_banner_is_not_shown() -> None:
-    assert choose([banner(withdrawn=True)], "cart-reminder", NOW) is None
+def test_a_withdrawn_banner_never_enters_the_inbox() -> None:
+    inbox = BannerInbox()
+    put(inbox, banner(withdrawn=True))
+    assert inbox.best("shop", "p1", "cart-reminder", NOW) is None
+    assert len(inbox) == 0
 
 
 def test_a_banner_expires_at_the_moments_end_or_after_its_lifetime_whichever_is_first() -> None:
@@ -103,33 +119,45 @@ def test_a_banner_expires_at_the_moments_end_or_after_its_lifetime_whichever_is_
 # ---- the inbox -------------------------------------------------------------------------------------------
 
 
+def put(inbox: BannerInbox, b: PlacedBanner) -> None:
+    inbox.put(b, b.message_id.encode(), NOW)
+
+
+def shown(inbox: BannerInbox, tenant: str = "shop", profile_id: str = "p1") -> bytes | None:
+    found = inbox.best(tenant, profile_id, "cart-reminder", NOW)
+    return found.payload if found is not None else None
+
+
 def test_the_inbox_answers_by_profile_and_by_anonymous_id_per_tenant() -> None:
     inbox = BannerInbox()
-    inbox.put(banner("m1"), NOW)
-    inbox.put(banner("m2", tenant_id="other", profile_id="p1", anonymous_ids=("cookie-9",)), NOW)
-    assert inbox.best("shop", "p1", "cart-reminder", NOW) == banner("m1")
+    put(inbox, banner("m1"))
+    put(inbox, banner("m2", tenant_id="other", profile_id="p1", anonymous_ids=("cookie-9",)))
+    assert shown(inbox) == b"m1"
     assert inbox.person_of("shop", "cookie-1") == "p1"
     assert inbox.person_of("other", "cookie-1") is None
-    assert inbox.best("other", "p1", "cart-reminder", NOW) == banner(
-        "m2", tenant_id="other", anonymous_ids=("cookie-9",)
-    )
+    assert shown(inbox, "other") == b"m2"
+    assert shown(inbox, "nobody") is None
     assert len(inbox) == 2
 
 
 def test_a_withdrawn_or_expired_banner_leaves_the_inbox_with_its_anonymous_ids() -> None:
     inbox = BannerInbox()
-    inbox.put(banner("m1"), NOW)
-    inbox.put(banner("m1", withdrawn=True), NOW)
+    put(inbox, banner("m1"))
+    put(inbox, banner("m1", withdrawn=True))
     assert len(inbox) == 0
     assert inbox.person_of("shop", "cookie-1") is None
-    inbox.put(banner("m2", expire_at=NOW), NOW)
+    put(inbox, banner("m2", expire_at=NOW))
     assert len(inbox) == 0
 
 
 def test_an_anonymous_id_stays_while_another_banner_of_the_person_carries_it() -> None:
     inbox = BannerInbox()
-    inbox.put(banner("m1"), NOW)
-    inbox.put(banner("m2", trigger_id="toys"), NOW)
+    put(inbox, banner("m1"))
+    put(inbox, banner("m2", trigger_id="toys", priority=3))
+    assert shown(inbox) == b"m2"
+    inbox.drop("shop", "m2")
+    assert shown(inbox) == b"m1"
+    put(inbox, banner("m2", trigger_id="toys"))
     inbox.drop("shop", "m1")
     assert inbox.person_of("shop", "cookie-1") == "p1"
     inbox.drop("shop", "m2")
@@ -139,20 +167,20 @@ def test_an_anonymous_id_stays_while_another_banner_of_the_person_carries_it() -
 
 def test_a_banner_moved_to_the_survivor_of_a_merge_answers_for_the_survivor() -> None:
     inbox = BannerInbox()
-    inbox.put(banner("m1", profile_id="anon-profile"), NOW)
-    inbox.put(banner("m1", profile_id="p1", anonymous_ids=("cookie-1", "cookie-2")), NOW)
-    assert inbox.best("shop", "anon-profile", "cart-reminder", NOW) is None
-    assert inbox.best("shop", "p1", "cart-reminder", NOW) is not None
+    put(inbox, banner("m1", profile_id="anon-profile"))
+    put(inbox, banner("m1", profile_id="p1", anonymous_ids=("cookie-1", "cookie-2")))
+    assert shown(inbox, profile_id="anon-profile") is None
+    assert shown(inbox) == b"m1"
     assert inbox.person_of("shop", "cookie-2") == "p1"
     assert len(inbox) == 1
 
 
 def test_prune_drops_what_has_expired_by_now() -> None:
     inbox = BannerInbox()
-    inbox.put(banner("m1", expire_at=NOW + timedelta(minutes=1)), NOW)
-    inbox.put(banner("m2", expire_at=NOW + timedelta(hours=1)), NOW)
+    put(inbox, banner("m1", expire_at=NOW + timedelta(minutes=1)))
+    put(inbox, banner("m2", expire_at=NOW + timedelta(hours=1)))
     assert inbox.prune(NOW + timedelta(minutes=1)) == 1
-    assert [b.message_id for b in inbox] == ["m2"]
+    assert [(t, e.message_id) for t, e in inbox] == [("shop", "m2")]
 
 
 # ---- the question --------------------------------------------------------------------------------------

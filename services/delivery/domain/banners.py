@@ -10,14 +10,13 @@ out of the table, and so out of every inbox.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from relevans.kit.errors import FieldViolation, InvalidArgument
 from relevans.kit.resource_ids import resource_id_problem
-
-Person = tuple[str, str]  # (tenant id, profile id)
 
 MAX_PERSON_ID_CHARS = 256
 
@@ -84,76 +83,129 @@ class PlacedBanner:
         return not self.withdrawn and self.expire_at > now
 
 
-def _rank(b: PlacedBanner) -> tuple[int, datetime, str]:
-    return (b.priority, b.placed_at, b.message_id)
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """What an inbox keeps of a live banner: what choosing needs, and the answer as the caller
+    serialized it (one bytes object rather than a string per field: an inbox holds every
+    person's banners, and Python spends about 50 bytes on each object besides its content)."""
+
+    message_id: str
+    placement: str
+    priority: int
+    # Epoch seconds.
+    placed_at: float
+    expire_at: float
+    anonymous_ids: tuple[str, ...]
+    payload: bytes
 
 
-def choose(banners: Iterable[PlacedBanner], placement: str, now: datetime) -> PlacedBanner | None:
-    """The banner to show in `placement` now: live, highest priority, then newest; None if none."""
-    best: PlacedBanner | None = None
-    for b in banners:
-        if b.placement == placement and b.live(now) and (best is None or _rank(b) > _rank(best)):
-            best = b
+def _rank(e: InboxEntry) -> tuple[int, float, str]:
+    return (e.priority, e.placed_at, e.message_id)
+
+
+def choose(entries: Iterable[InboxEntry], placement: str, now: datetime) -> InboxEntry | None:
+    """The banner to show in `placement` now: not expired, highest priority, then newest (withdrawn
+    ones never enter an inbox); None if there is none."""
+    at = now.timestamp()
+    best: InboxEntry | None = None
+    for e in entries:
+        if e.placement == placement and e.expire_at > at and (best is None or _rank(e) > _rank(best)):
+            best = e
     return best
 
 
-class BannerInbox:
-    """Every person's live banners, by person, with the anonymous ids that stand for them.
+_Held = InboxEntry | tuple[InboxEntry, ...]  # a person's banners: most people have one
 
-    `put` takes a banner as the table now holds it (a withdrawn or expired one leaves the inbox;
-    one moved to another person by a merge moves), `drop` one that is gone from the table,
-    `prune` the ones expired by now: what is kept is what may still be shown.
+
+def _entries(held: _Held | None) -> tuple[InboxEntry, ...]:
+    if held is None:
+        return ()
+    return held if isinstance(held, tuple) else (held,)
+
+
+class BannerInbox:
+    """Every person's live banners, by tenant and person, with the anonymous ids that stand for them.
+
+    `put` takes a banner as the table now holds it with the answer to give for it (a withdrawn or
+    expired one leaves the inbox; one moved to another person by a merge moves), `drop` one that
+    is gone from the table, `prune` the ones expired by now: what is kept is what may be shown.
     """
 
     def __init__(self) -> None:
-        self._by_person: dict[Person, dict[str, PlacedBanner]] = {}
-        self._owner: dict[tuple[str, str], Person] = {}  # (tenant, message id) -> person
-        self._anonymous: dict[tuple[str, str], str] = {}  # (tenant, anonymous id) -> profile id
+        # tenant -> profile id -> banners; tenant -> message id -> profile id; tenant ->
+        # anonymous id -> profile id (per tenant, so no key is a tuple of its own)
+        self._people: dict[str, dict[str, _Held]] = {}
+        self._owner: dict[str, dict[str, str]] = {}
+        self._anonymous: dict[str, dict[str, str]] = {}
 
     def __len__(self) -> int:
-        return len(self._owner)
+        return sum(len(owned) for owned in self._owner.values())
 
-    def __iter__(self) -> Iterator[PlacedBanner]:
-        for banners in self._by_person.values():
-            yield from banners.values()
+    def __iter__(self) -> Iterator[tuple[str, InboxEntry]]:
+        """(tenant, banner) of every banner held."""
+        for tenant, people in self._people.items():
+            for held in people.values():
+                for e in _entries(held):
+                    yield tenant, e
 
-    def put(self, banner: PlacedBanner, now: datetime) -> None:
-        self.drop(banner.tenant_id, banner.message_id)
+    def put(self, banner: PlacedBanner, payload: bytes, now: datetime) -> None:
+        tenant = banner.tenant_id
+        self.drop(tenant, banner.message_id)
         if not banner.live(now):
             return
-        person = (banner.tenant_id, banner.profile_id)
-        self._by_person.setdefault(person, {})[banner.message_id] = banner
-        self._owner[(banner.tenant_id, banner.message_id)] = person
-        for anonymous_id in banner.anonymous_ids:
-            self._anonymous[(banner.tenant_id, anonymous_id)] = banner.profile_id
+        entry = InboxEntry(
+            message_id=banner.message_id,
+            placement=sys.intern(banner.placement),
+            priority=banner.priority,
+            placed_at=banner.placed_at.timestamp(),
+            expire_at=banner.expire_at.timestamp(),
+            anonymous_ids=banner.anonymous_ids,
+            payload=payload,
+        )
+        people = self._people.setdefault(sys.intern(tenant), {})
+        held = people.get(banner.profile_id)
+        people[banner.profile_id] = entry if held is None else (*_entries(held), entry)
+        self._owner.setdefault(tenant, {})[banner.message_id] = banner.profile_id
+        if banner.anonymous_ids:
+            anonymous = self._anonymous.setdefault(tenant, {})
+            for anonymous_id in banner.anonymous_ids:
+                anonymous[anonymous_id] = banner.profile_id
 
     def drop(self, tenant_id: str, message_id: str) -> None:
-        person = self._owner.pop((tenant_id, message_id), None)
-        if person is None:
+        owned = self._owner.get(tenant_id)
+        profile_id = owned.pop(message_id, None) if owned else None
+        if profile_id is None:
             return
-        banners = self._by_person[person]
-        gone = banners.pop(message_id)
-        if banners:
-            still = {a for b in banners.values() for a in b.anonymous_ids}
+        people = self._people[tenant_id]
+        held = _entries(people.get(profile_id))
+        gone = [e for e in held if e.message_id == message_id]
+        kept = tuple(e for e in held if e.message_id != message_id)
+        if not kept:
+            del people[profile_id]
         else:
-            del self._by_person[person]
-            still = set()
-        for anonymous_id in gone.anonymous_ids:
-            key = (tenant_id, anonymous_id)
-            if anonymous_id not in still and self._anonymous.get(key) == person[1]:
-                del self._anonymous[key]
+            people[profile_id] = kept[0] if len(kept) == 1 else kept
+        still = {a for e in kept for a in e.anonymous_ids}
+        anonymous = self._anonymous.get(tenant_id, {})
+        for anonymous_id in (a for e in gone for a in e.anonymous_ids):
+            if anonymous_id not in still and anonymous.get(anonymous_id) == profile_id:
+                del anonymous[anonymous_id]
 
     def person_of(self, tenant_id: str, anonymous_id: str) -> str | None:
         """The profile id an anonymous id stands for, when that person has banners."""
-        return self._anonymous.get((tenant_id, anonymous_id))
+        anonymous = self._anonymous.get(tenant_id)
+        return anonymous.get(anonymous_id) if anonymous else None
 
-    def best(self, tenant_id: str, profile_id: str, placement: str, now: datetime) -> PlacedBanner | None:
-        banners = self._by_person.get((tenant_id, profile_id))
-        return choose(banners.values(), placement, now) if banners else None
+    def best(self, tenant_id: str, profile_id: str, placement: str, now: datetime) -> InboxEntry | None:
+        people = self._people.get(tenant_id)
+        held = people.get(profile_id) if people else None
+        if held is None:
+            return None
+        return choose(_entries(held), placement, now)
 
     def prune(self, now: datetime) -> int:
         """Drop the banners expired by `now`; return how many."""
-        expired = [b for b in self if not b.live(now)]
-        for b in expired:
-            self.drop(b.tenant_id, b.message_id)
+        at = now.timestamp()
+        expired = [(t, e.message_id) for t, e in self if e.expire_at <= at]
+        for tenant, message_id in expired:
+            self.drop(tenant, message_id)
         return len(expired)
