@@ -68,6 +68,7 @@ async def write_banners(db_url: str, profiles: int) -> float:
             i % 5,
             now,
             now + timedelta(days=1),
+            now,
         )
         for i in range(profiles)
     ]
@@ -130,6 +131,7 @@ async def write_banners(db_url: str, profiles: int) -> float:
                 "priority",
                 "placed_at",
                 "expire_at",
+                "requested_at",
             ],
         )
         return time.perf_counter() - started

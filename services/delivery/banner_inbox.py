@@ -255,8 +255,15 @@ class Withdrawals:
         withdrawn = 0
         async with self.engine.begin() as conn:
             for w in found:
+                ended = _withdraw_time(w) or now
                 ids = await self.rows.withdraw(
-                    conn, w.tenant_id, w.profile_id, w.reason or MOMENT_PASSED, now, trigger_id=w.trigger_id
+                    conn,
+                    w.tenant_id,
+                    w.profile_id,
+                    w.reason or MOMENT_PASSED,
+                    now,
+                    trigger_id=w.trigger_id,
+                    moment_ended=ended,
                 )
                 withdrawn += len(ids)
         if withdrawn:
@@ -299,6 +306,15 @@ class Withdrawals:
                 withdrawn += len(ids)
         if withdrawn:
             self.notify()
+
+
+def _withdraw_time(w: delivery_bus_pb2.DeliveryWithdrawal) -> datetime | None:
+    if not w.HasField("withdraw_time"):
+        return None
+    try:
+        return from_timestamp(w.withdraw_time)
+    except (ValueError, OverflowError):
+        return None
 
 
 def withdrawal_consumers(bus: Bus, withdrawals: Withdrawals) -> list[Consumer]:

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.delivery.v1 import bus_pb2, delivery_pb2
@@ -28,7 +29,7 @@ from relevans.kit.outbox import OutboxMessage, enqueue
 from relevans.kit.proto import to_timestamp
 from services.delivery.domain import OPENED, WITHDRAWN
 from services.delivery.domain.banners import PlacedBanner
-from services.delivery.tables import banners, history, merged_profiles, messages, outbox
+from services.delivery.tables import banner_withdrawals, banners, history, merged_profiles, messages, outbox
 
 # Every delivery process follows this subject (stream RV_DELIVERY_BANNERS).
 BANNERS_SUBJECT = "rv.delivery.banners"
@@ -47,10 +48,12 @@ _STATUS = {
 @dataclass(frozen=True, slots=True)
 class Placement:
     """A banner to place, with the purpose of the message (a consent withdrawal of that purpose
-    on the web channel withdraws it)."""
+    on the web channel withdraws it) and when the trigger asked for it (a withdrawal of the
+    moment from then on withdraws it)."""
 
     banner: PlacedBanner
     purpose: str
+    requested_at: datetime
 
 
 def banner_notice(
@@ -105,7 +108,8 @@ class BannerRows:
 
     async def place(self, placements: Sequence[Placement], now: datetime) -> None:
         """Write the banners and their notices in one transaction; a banner already placed (the same
-        message) stays as it is."""
+        message) stays as it is. One whose moment was withdrawn after its request (the withdrawal
+        came first: the request was retried) is placed withdrawn."""
         if not placements:
             return
         values = [
@@ -123,12 +127,13 @@ class BannerRows:
                 "priority": p.banner.priority,
                 "placed_at": p.banner.placed_at,
                 "expire_at": p.banner.expire_at,
+                "requested_at": p.requested_at,
             }
             for p in placements
         ]
         async with self.engine.begin() as conn:
             await conn.execute(
-                sa.dialects.postgresql.insert(banners).on_conflict_do_nothing(),
+                pg_insert(banners).on_conflict_do_nothing(),
                 values,
             )
             notices = [
@@ -138,6 +143,33 @@ class BannerRows:
                 for p in placements
             ]
             await enqueue(conn, outbox, notices, now)
+            await self._withdrawn_before(conn, [p.banner for p in placements], now)
+
+    async def _withdrawn_before(
+        self, conn: AsyncConnection, placed: Sequence[PlacedBanner], now: datetime
+    ) -> None:
+        """Withdraw the banners among `placed` whose trigger's moment was withdrawn for the person at
+        or after their request."""
+        w = banner_withdrawals
+        rows = (
+            await conn.execute(
+                banners.update()
+                .where(
+                    sa.tuple_(banners.c.tenant_id, banners.c.message_id).in_(
+                        sorted({(b.tenant_id, b.message_id) for b in placed})
+                    ),
+                    banners.c.withdrawn_at.is_(None),
+                    w.c.tenant_id == banners.c.tenant_id,
+                    w.c.profile_id == banners.c.profile_id,
+                    w.c.trigger_id == banners.c.trigger_id,
+                    w.c.withdrawn_at >= banners.c.requested_at,
+                )
+                .values(withdrawn_at=now, withdraw_reason=w.c.reason)
+                .returning(banners.c.tenant_id, banners.c.message_id, banners.c.withdraw_reason)
+            )
+        ).all()
+        for r in rows:
+            await self._record(conn, r.tenant_id, [r.message_id], WITHDRAWN, r.withdraw_reason, now)
 
     async def live(self, now: datetime) -> AsyncIterator[list[PlacedBanner]]:
         """Every banner that may still be shown, in chunks (one snapshot: one transaction)."""
@@ -175,12 +207,33 @@ class BannerRows:
         trigger_id: str | None = None,
         purpose: str | None = None,
         placed_before: datetime | None = None,
+        moment_ended: datetime | None = None,
     ) -> list[str]:
         """Withdraw the person's banners still waiting (of one trigger, or of one purpose; placed
         no later than `placed_before`), in the caller's transaction: `withdrawn` in their history
         and on the bus, and their notices. A merged-away id counts as its survivor. Returns the
-        message ids withdrawn."""
+        message ids withdrawn. A trigger's withdrawal is remembered (as of `moment_ended`, else
+        now) for the banners of that moment placed later."""
         person = await self._survivor(conn, tenant_id, profile_id)
+        if trigger_id is not None:
+            remembered = pg_insert(banner_withdrawals).values(
+                tenant_id=tenant_id,
+                profile_id=person,
+                trigger_id=trigger_id,
+                withdrawn_at=moment_ended or now,
+                reason=reason,
+            )
+            await conn.execute(
+                remembered.on_conflict_do_update(
+                    index_elements=["tenant_id", "profile_id", "trigger_id"],
+                    set_={
+                        "withdrawn_at": sa.func.greatest(
+                            banner_withdrawals.c.withdrawn_at, remembered.excluded.withdrawn_at
+                        ),
+                        "reason": remembered.excluded.reason,
+                    },
+                )
+            )
         query = banners.update().where(
             banners.c.tenant_id == tenant_id,
             banners.c.profile_id == person,
@@ -361,4 +414,10 @@ class BannerRows:
                     .returning(banners.c.message_id)
                 )
             ).all()
+            await conn.execute(
+                banner_withdrawals.delete().where(
+                    banner_withdrawals.c.tenant_id == e.tenant_id,
+                    banner_withdrawals.c.profile_id == e.profile_id,
+                )
+            )
             await enqueue(conn, outbox, [banner_notice(e.tenant_id, r.message_id) for r in gone], now)

@@ -12,6 +12,7 @@ from datetime import datetime
 
 import structlog
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 
 from relevans.common.v1 import common_pb2
@@ -57,16 +58,15 @@ def decode_request(data: bytes, attempt: int = 1) -> DeliveryRequest | None:
         variables=from_struct(m.variables),
         attempt=max(1, attempt),
         priority=m.priority,
-        expire_at=_expire_at(m),
+        expire_at=_time(m.expire_time) if m.HasField("expire_time") else None,
+        requested_at=_time(m.request_time) if m.HasField("request_time") else None,
     )
 
 
-def _expire_at(m: bus_pb2.DeliveryRequest) -> datetime | None:
-    """The moment's end, None when unset or not a valid time (the template's lifetime decides)."""
-    if not m.HasField("expire_time"):
-        return None
+def _time(ts: Timestamp) -> datetime | None:
+    """A time of the request, None when it is not a valid time."""
     try:
-        return from_timestamp(m.expire_time)
+        return from_timestamp(ts)
     except (ValueError, OverflowError):
         return None
 

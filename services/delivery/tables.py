@@ -113,8 +113,22 @@ banners = sa.Table(
     sa.Column("withdraw_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("shown_count", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("first_shown_at", TZ, nullable=True),
+    # When the trigger asked for the message: a withdrawal of the moment from then on applies.
+    sa.Column("requested_at", TZ, nullable=False),
     sa.Index("banners_person", "tenant_id", "profile_id", "trigger_id"),
     sa.Index("banners_live", "expire_at", postgresql_where=sa.text("withdrawn_at IS NULL")),
+)
+
+# The last withdrawal of each person's trigger: a banner whose request came before it (placed late,
+# after a retry) is placed withdrawn.
+banner_withdrawals = sa.Table(
+    "banner_withdrawals",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("trigger_id", sa.Text, primary_key=True),
+    sa.Column("withdrawn_at", TZ, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
 )
 
 outbox = outbox_table(metadata)

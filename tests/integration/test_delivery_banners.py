@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sized
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -94,6 +94,7 @@ async def web_request(
     priority: int = 0,
     expire_in: timedelta | None = None,
     trigger: str = "cart",
+    requested: datetime | None = None,
 ) -> str:
     key = f"{trigger}:{profile_id}:{uuid.uuid4().hex}"
     msg = bus_pb2.DeliveryRequest(
@@ -107,6 +108,7 @@ async def web_request(
         variables=to_struct({"event": {"product_name": "Blue running shoes", "product_id": "sku-1"}}),
         priority=priority,
         expire_time=to_timestamp(h.clock.now() + expire_in) if expire_in else None,
+        request_time=to_timestamp(requested or h.clock.now()),
     )
     await h.js.publish("rv.delivery.requests", msg.SerializeToString())
     return key
@@ -264,6 +266,39 @@ async def test_a_withdrawal_removes_the_banner_and_records_withdrawn(harness: Ha
 
     await _withdraw(harness, profile_id, "cart")  # again: nothing left to withdraw
     await stays(lambda: _more_than(statuses(harness, "withdrawn"), 1), duration=0.3)
+
+
+async def test_a_withdrawal_that_came_before_the_request_was_placed_still_withdraws_it(
+    harness: Harness,
+) -> None:
+    profile_id = await web_customer(harness)
+    await put_web_template(harness)
+    fired = harness.clock.now()
+    await harness.clock.advance(60)
+    await _withdraw(harness, profile_id, "cart")  # the purchase, handled before the retried request
+    await eventually(lambda: _tombstone(harness, profile_id))
+
+    late = await harness.final(await web_request(harness, profile_id, requested=fired))
+    assert late.status == delivery_pb2.MESSAGE_STATUS_SENT
+    # withdrawn as it was placed (in the same transaction, so before the send's outcome is written)
+    assert (delivery_pb2.MESSAGE_STATUS_WITHDRAWN, "cancelled") in [
+        (c.status, c.reason) for c in late.history
+    ]
+    await stays(lambda: get_banner(harness.delivery, profile_id=profile_id), duration=0.3)
+
+    await harness.clock.advance(60)  # a new moment of the same trigger, after the withdrawal
+    key = await web_request(harness, profile_id)
+    assert (await eventually(lambda: get_banner(harness.delivery, profile_id=profile_id))).message_id == (
+        await harness.final(key)
+    ).message_id
+
+
+async def _tombstone(h: Harness, profile_id: str) -> int:
+    async with h.engine.connect() as conn:
+        found = await conn.scalar(
+            sa.text("SELECT count(*) FROM banner_withdrawals WHERE profile_id = :p"), {"p": profile_id}
+        )
+        return int(found or 0)
 
 
 async def test_a_banner_expires_with_its_lifetime_or_the_moments_end_on_the_clock(harness: Harness) -> None:

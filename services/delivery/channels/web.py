@@ -64,7 +64,9 @@ class WebTransport:
             anonymous_ids=content.anonymous_ids,
         )
         summary = f"{content.placement}: {send.subject}".encode()
-        return BannerOutgoing(send.recipient, summary, Placement(banner, content.purpose))
+        return BannerOutgoing(
+            send.recipient, summary, Placement(banner, content.purpose, content.requested_at or now)
+        )
 
     async def send_many(self, messages: Sequence[Outgoing], handover: Handover) -> None:
         for start in range(0, len(messages), PLACEMENT_CHUNK):

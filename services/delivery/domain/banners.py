@@ -54,6 +54,8 @@ class BannerContent:
     # The moment's own end (the request's expire_time), None when the lifetime alone decides.
     expire_time: datetime | None
     anonymous_ids: tuple[str, ...]
+    # When the trigger asked for the message; None when the request did not say.
+    requested_at: datetime | None = None
 
     def expire_at(self, placed_at: datetime) -> datetime:
         """A banner expires at min(the moment's end, placed + the template's banner_lifetime)."""

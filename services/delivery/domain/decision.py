@@ -78,6 +78,8 @@ class DeliveryRequest:
     priority: int = 0
     # When the moment passes (a banner expires then at the latest); None: the template decides.
     expire_at: datetime | None = None
+    # When the trigger asked (a withdrawal of the moment from then on withdraws its banner).
+    requested_at: datetime | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -210,4 +212,5 @@ def _banner(
         lifetime=template.banner_lifetime,
         expire_time=request.expire_at,
         anonymous_ids=profile.anonymous_ids,
+        requested_at=request.requested_at,
     )

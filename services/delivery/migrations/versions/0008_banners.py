@@ -1,4 +1,5 @@
-"""On-site banners: the banners placed by web messages, and the web fields of templates.
+"""On-site banners: the banners placed by web messages, the moments withdrawn, and the web
+fields of templates.
 
 Revision ID: 0008_banners
 Revises: 0004
@@ -41,7 +42,17 @@ def upgrade() -> None:
         sa.Column("withdraw_reason", sa.Text, nullable=False, server_default=""),
         sa.Column("shown_count", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("first_shown_at", TZ, nullable=True),
+        sa.Column("requested_at", TZ, nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "message_id"),
+    )
+    op.create_table(
+        "banner_withdrawals",
+        sa.Column("tenant_id", sa.Text, nullable=False),
+        sa.Column("profile_id", sa.Text, nullable=False),
+        sa.Column("trigger_id", sa.Text, nullable=False),
+        sa.Column("withdrawn_at", TZ, nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "profile_id", "trigger_id"),
     )
     op.create_index("banners_person", "banners", ["tenant_id", "profile_id", "trigger_id"])
     op.create_index(
@@ -50,6 +61,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("banner_withdrawals")
     op.drop_table("banners")
     for column in ("link_url", "banner_lifetime", "placement"):
         op.drop_column("templates", column)
