@@ -346,6 +346,58 @@ async def test_a_consent_withdrawal_hides_the_banner(harness: Harness) -> None:
     )
 
 
+# ---- people: merges and erasures ----------------------------------------
+
+
+async def test_a_shadows_banner_moves_to_the_known_person_on_a_merge_and_goes_with_an_erasure(
+    harness: Harness,
+) -> None:
+    known = await web_customer(harness, anonymous_id="cookie-known")
+    shadow = (
+        await harness.profiles.Track(
+            profile_pb2.TrackRequest(event=profile_pb2.Event(type="page_view", anonymous_id="cookie-shadow")),
+            metadata=token(TENANT, "ingest"),
+        )
+    ).profile_id
+    await harness.profiles.SetConsent(
+        profile_pb2.SetConsentRequest(
+            profile_id=shadow,
+            consent=profile_pb2.ConsentInput(
+                purpose=common_pb2.PURPOSE_MARKETING,
+                channel=common_pb2.CHANNEL_WEB,
+                status=common_pb2.CONSENT_STATUS_GRANTED,
+                source="cookie_banner",
+            ),
+        ),
+        metadata=token(TENANT, "ingest"),
+    )
+    await put_web_template(harness)
+    await web_request(harness, shadow)
+    message_id = await placed(harness, shadow)
+
+    # The visitor logs in: profile merges the shadow into the known person.
+    await harness.profiles.Identify(
+        profile_pb2.IdentifyRequest(email="ada@example.com", anonymous_id="cookie-shadow"),
+        metadata=token(TENANT, "ingest"),
+    )
+
+    async def the_persons() -> bool:
+        banner = await get_banner(harness.delivery, profile_id=known)
+        return banner is not None and banner.message_id == message_id
+
+    await eventually(the_persons)
+    assert await get_banner(harness.delivery, profile_id=shadow) is None
+    by_cookie = await get_banner(harness.delivery, anonymous_id="cookie-shadow")
+    assert by_cookie is not None and by_cookie.message_id == message_id
+
+    await harness.profiles.EraseProfile(
+        profile_pb2.EraseProfileRequest(profile_id=known, request_id="erase-1"),
+        metadata=token(TENANT, "admin"),
+    )
+    await eventually(lambda: _none(get_banner(harness.delivery, anonymous_id="cookie-shadow")))
+    assert await get_banner(harness.delivery, profile_id=known) is None
+
+
 # ---- every process, restarts ----------------------------------------
 
 
