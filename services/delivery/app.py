@@ -14,7 +14,7 @@ from relevans.kit.merges import ProfileMerge
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
-from services.delivery.banner_inbox import BannerBoard, Withdrawals, withdrawal_consumers
+from services.delivery.banner_inbox import BannerBoard, Expiry, Withdrawals, withdrawal_consumers
 from services.delivery.banner_rows import BannerRows
 from services.delivery.channels import open_transports
 from services.delivery.channels.web import WebTransport
@@ -62,6 +62,7 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     host.add_worker(DURABLE, request_consumer(rt.bus, worker).run)
     host.add_worker("delivery-banners", banners.run)
     host.add_worker("delivery-banner-shows", banners.flush_shows)
+    host.add_worker("delivery-banner-expiry", Expiry(banner_rows, clock, rt.relay.notify).run)
     withdrawals = Withdrawals(rt.engine, banner_rows, clock, rt.relay.notify)
     for consumer in withdrawal_consumers(rt.bus, withdrawals):
         host.add_worker(consumer.durable, consumer.run)

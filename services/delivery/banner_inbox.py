@@ -34,7 +34,7 @@ from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
 from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
-from services.delivery.banner_rows import BANNERS_SUBJECT, BannerKey, BannerRows
+from services.delivery.banner_rows import BANNERS_SUBJECT, EXPIRE_BATCH, BannerKey, BannerRows
 from services.delivery.domain.banners import BannerInbox, PlacedBanner
 from services.delivery.domain.channels.web import WEB
 from services.delivery.domain.decision import TRANSACTIONAL, WITHDRAWN_STATUSES
@@ -48,6 +48,8 @@ PRUNE_EVERY = timedelta(minutes=1)
 # Shows are written at most this often (seconds of real time: a batching delay, not a deadline).
 SHOWS_FLUSH_S = 0.5
 RETRY_S = 1.0
+# How often (real seconds) a process looks for banners the clock has passed.
+EXPIRY_POLL_S = 1.0
 
 # Reasons recorded on a withdrawn banner.
 CONSENT_WITHDRAWN = "consent_withdrawn"
@@ -306,6 +308,29 @@ class Withdrawals:
                 withdrawn += len(ids)
         if withdrawn:
             self.notify()
+
+
+class Expiry:
+    """Closes the banners whose time has passed, in the table (memory prunes them by the clock
+    alone): their row leaves the live index, one never shown is `withdrawn` "expired" in its
+    history; closed ones are deleted after `banner_rows.RETENTION`."""
+
+    def __init__(self, rows: BannerRows, clock: Clock, notify: Callable[[], None]) -> None:
+        self.rows = rows
+        self.clock = clock
+        self.notify = notify
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                closed = await self.rows.expire(self.clock.now())
+            except Exception:
+                log.warning("expired banners not closed; retrying", exc_info=True)
+                closed = 0
+            if closed:
+                self.notify()
+            if closed < EXPIRE_BATCH:
+                await _pause(stop, EXPIRY_POLL_S)
 
 
 def _withdraw_time(w: delivery_bus_pb2.DeliveryWithdrawal) -> datetime | None:

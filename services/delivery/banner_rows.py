@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -36,6 +36,11 @@ BANNERS_SUBJECT = "rv.delivery.banners"
 STATUS_SUBJECT_PREFIX = "rv.delivery.status."
 # Rows read per round trip when a process loads the live banners at start.
 LOAD_CHUNK = 10_000
+# Expired banners closed per transaction; how long closed banners are kept (their history stays).
+EXPIRE_BATCH = 1_000
+RETENTION = timedelta(days=30)
+# The reason recorded on a banner that expired before anyone saw it.
+EXPIRED = "expired"
 
 BannerKey = tuple[str, str]  # (tenant id, message id)
 
@@ -320,6 +325,40 @@ class BannerRows:
             for r in rows
         ]
         await enqueue(conn, outbox, published, now)
+
+    # ---- expiry and retention --------------------------------------------------------------------
+
+    async def expire(self, now: datetime, *, batch: int = EXPIRE_BATCH, keep: timedelta = RETENTION) -> int:
+        """Close up to `batch` banners whose time has passed (`withdrawn_at` = their expiry; one never
+        shown gets `withdrawn` "expired" in its history and on the bus), and delete closed ones older
+        than `keep`; return how many were closed. Any number of processes may run it: each row is
+        taken by one (SKIP LOCKED)."""
+        async with self.engine.begin() as conn:
+            closed = (
+                await conn.execute(
+                    sa.text(
+                        "UPDATE banners AS b SET withdrawn_at = b.expire_at, withdraw_reason = :reason "
+                        "FROM (SELECT tenant_id, message_id FROM banners "
+                        "      WHERE withdrawn_at IS NULL AND expire_at <= :now "
+                        "      ORDER BY expire_at LIMIT :batch FOR UPDATE SKIP LOCKED) AS due "
+                        "WHERE b.tenant_id = due.tenant_id AND b.message_id = due.message_id "
+                        "RETURNING b.tenant_id, b.message_id, b.first_shown_at IS NULL AS unseen"
+                    ),
+                    {"reason": EXPIRED, "now": now, "batch": batch},
+                )
+            ).all()
+            unseen: dict[str, list[str]] = {}
+            for r in closed:
+                if r.unseen:
+                    unseen.setdefault(r.tenant_id, []).append(r.message_id)
+            for tenant_id, ids in sorted(unseen.items()):
+                await self._record(conn, tenant_id, ids, WITHDRAWN, EXPIRED, now)
+            await conn.execute(
+                banners.delete().where(
+                    banners.c.withdrawn_at.is_not(None), banners.c.withdrawn_at < now - keep
+                )
+            )
+        return len(closed)
 
     # ---- shows -----------------------------------------------------------------------------------
 

@@ -319,6 +319,23 @@ async def test_a_banner_expires_with_its_lifetime_or_the_moments_end_on_the_cloc
     assert await get_banner(harness.delivery, profile_id=profile_id) is None
 
 
+async def test_a_banner_that_expires_unseen_is_recorded_withdrawn_expired(harness: Harness) -> None:
+    profile_id = await web_customer(harness)
+    await put_web_template(harness, web_template(lifetime=timedelta(hours=1)))
+    key = await web_request(harness, profile_id)
+    assert (await harness.final(key)).status == delivery_pb2.MESSAGE_STATUS_SENT
+
+    await harness.clock.advance(timedelta(hours=1))
+    [expired] = await eventually(lambda: statuses(harness, "withdrawn"))
+    assert (expired.idempotency_key, expired.reason) == (key, "expired")
+    message = await harness.final(key)
+    assert (message.history[-1].status, message.history[-1].reason) == (
+        delivery_pb2.MESSAGE_STATUS_WITHDRAWN,
+        "expired",
+    )
+    assert await get_banner(harness.delivery, profile_id=profile_id) is None
+
+
 async def test_a_consent_withdrawal_hides_the_banner(harness: Harness) -> None:
     profile_id = await web_customer(harness)
     await put_web_template(harness)
