@@ -1,5 +1,5 @@
 """Queries of the on-site banners (table `banners`, tables.py): placing, loading, withdrawing,
-counting shows, following merges and erasures.
+counting shows, closing expired ones, following merges and erasures.
 
 Every change of a banner row enqueues, in the same transaction, a notice on `rv.delivery.banners`
 (a `DeliveryStatusChanged` naming the message): every delivery process reloads the rows it is
@@ -7,8 +7,9 @@ told of and so keeps its inbox (banner_inbox.py) equal to the table. A notice sa
 banner changed"; the row says how, so notices may arrive twice or out of order.
 
 What the person sees in the message history: `opened` the first time the banner is shown (once,
-whichever process showed it), `withdrawn` with the reason when its moment passed or consent was
-withdrawn; each is published on `rv.delivery.status.<status>` through the outbox as well.
+whichever process showed it), `withdrawn` with the reason when its moment passed (`cancelled`, or
+the trigger's reason), consent was withdrawn (`consent_withdrawn`) or it expired unseen
+(`expired`); each is published on `rv.delivery.status.<status>` through the outbox as well.
 """
 
 from __future__ import annotations

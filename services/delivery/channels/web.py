@@ -32,7 +32,7 @@ PLACEMENT_CHUNK = 100
 class BannerOutgoing(Outgoing):
     """A web message as its transport hands it over: the banner to place."""
 
-    placement: Placement | None = None
+    placement: Placement
 
 
 class WebTransport:
@@ -80,7 +80,7 @@ class WebTransport:
         placements = []
         for i in mine:
             m = messages[i]
-            assert isinstance(m, BannerOutgoing) and m.placement is not None
+            assert isinstance(m, BannerOutgoing), "the web transport sends what it composed"
             placements.append(m.placement)
         if not placements:
             return
