@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 import structlog
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,7 +35,13 @@ from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
 from relevans.kit.proto import from_timestamp, to_timestamp
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
-from services.delivery.banner_rows import BANNERS_SUBJECT, EXPIRE_BATCH, BannerKey, BannerRows
+from services.delivery.banner_rows import (
+    BANNERS_SUBJECT,
+    CONSENT_WITHDRAWN,
+    EXPIRE_BATCH,
+    BannerKey,
+    BannerRows,
+)
 from services.delivery.domain.banners import BannerInbox, PlacedBanner
 from services.delivery.domain.channels.web import WEB
 from services.delivery.domain.decision import TRANSACTIONAL, WITHDRAWN_STATUSES
@@ -51,8 +58,7 @@ RETRY_S = 1.0
 # How often (real seconds) a process looks for banners the clock has passed.
 EXPIRY_POLL_S = 1.0
 
-# Reasons recorded on a withdrawn banner.
-CONSENT_WITHDRAWN = "consent_withdrawn"
+# The reason recorded on a banner whose moment passed, when the trigger gives none.
 MOMENT_PASSED = "cancelled"
 
 
@@ -257,7 +263,7 @@ class Withdrawals:
         withdrawn = 0
         async with self.engine.begin() as conn:
             for w in found:
-                ended = _withdraw_time(w) or now
+                ended = (_time(w.withdraw_time) if w.HasField("withdraw_time") else None) or now
                 ids = await self.rows.withdraw(
                     conn,
                     w.tenant_id,
@@ -272,9 +278,10 @@ class Withdrawals:
             self.notify()
 
     async def consents_withdrawn(self, msgs: Sequence[Msg]) -> None:
-        """`ConsentChanged` on the web channel to withdrawn or denied: the person's banners of that
-        purpose placed before the change go (transactional ones stay, as consent does not hold
-        them back)."""
+        """`ConsentChanged` on the web channel: remembered per person and purpose (a banner whose
+        placement races the change is checked against it), and when withdrawn or denied, the
+        person's banners of that purpose requested before the change go (transactional ones
+        stay, as consent does not hold them back)."""
         found = []
         for m in msgs:
             try:
@@ -285,27 +292,30 @@ class Withdrawals:
             if not (c.tenant_id and c.profile_id and c.HasField("consent")):
                 continue
             channel = enum_name(common_pb2.Channel, c.consent.channel, "CHANNEL_")
-            status = enum_name(common_pb2.ConsentStatus, c.consent.status, "CONSENT_STATUS_")
             purpose = enum_name(common_pb2.Purpose, c.consent.purpose, "PURPOSE_")
-            if channel == WEB and status in WITHDRAWN_STATUSES and purpose != TRANSACTIONAL:
-                at = from_timestamp(c.consent.update_time) if c.consent.HasField("update_time") else None
-                found.append((c.tenant_id, c.profile_id, purpose, at))
+            if channel == WEB and purpose != TRANSACTIONAL:
+                status = enum_name(common_pb2.ConsentStatus, c.consent.status, "CONSENT_STATUS_")
+                at = _time(c.consent.update_time) if c.consent.HasField("update_time") else None
+                found.append((c.tenant_id, c.profile_id, purpose, status, at))
         if not found:
             return
         now = self.clock.now()
         withdrawn = 0
         async with self.engine.begin() as conn:
-            for tenant_id, profile_id, purpose, at in found:
-                ids = await self.rows.withdraw(
-                    conn,
-                    tenant_id,
-                    profile_id,
-                    CONSENT_WITHDRAWN,
-                    now,
-                    purpose=purpose,
-                    placed_before=at or now,
-                )
-                withdrawn += len(ids)
+            for tenant_id, profile_id, purpose, status, at in found:
+                refused = status in WITHDRAWN_STATUSES
+                await self.rows.remember_consent(conn, tenant_id, profile_id, purpose, refused, at or now)
+                if refused:
+                    ids = await self.rows.withdraw(
+                        conn,
+                        tenant_id,
+                        profile_id,
+                        CONSENT_WITHDRAWN,
+                        now,
+                        purpose=purpose,
+                        requested_before=at or now,
+                    )
+                    withdrawn += len(ids)
         if withdrawn:
             self.notify()
 
@@ -333,11 +343,10 @@ class Expiry:
                 await _pause(stop, EXPIRY_POLL_S)
 
 
-def _withdraw_time(w: delivery_bus_pb2.DeliveryWithdrawal) -> datetime | None:
-    if not w.HasField("withdraw_time"):
-        return None
+def _time(ts: Timestamp) -> datetime | None:
+    """A time a bus message gives, None when it is not a valid one."""
     try:
-        return from_timestamp(w.withdraw_time)
+        return from_timestamp(ts)
     except (ValueError, OverflowError):
         return None
 

@@ -30,7 +30,15 @@ from relevans.kit.outbox import OutboxMessage, enqueue
 from relevans.kit.proto import to_timestamp
 from services.delivery.domain import OPENED, WITHDRAWN
 from services.delivery.domain.banners import PlacedBanner
-from services.delivery.tables import banner_withdrawals, banners, history, merged_profiles, messages, outbox
+from services.delivery.tables import (
+    banner_consents,
+    banner_withdrawals,
+    banners,
+    history,
+    merged_profiles,
+    messages,
+    outbox,
+)
 
 # Every delivery process follows this subject (stream RV_DELIVERY_BANNERS).
 BANNERS_SUBJECT = "rv.delivery.banners"
@@ -40,8 +48,9 @@ LOAD_CHUNK = 10_000
 # Expired banners closed per transaction; how long closed banners are kept (their history stays).
 EXPIRE_BATCH = 1_000
 RETENTION = timedelta(days=30)
-# The reason recorded on a banner that expired before anyone saw it.
+# Reasons recorded on a banner that expired before anyone saw it, or whose consent was withdrawn.
 EXPIRED = "expired"
+CONSENT_WITHDRAWN = "consent_withdrawn"
 
 BannerKey = tuple[str, str]  # (tenant id, message id)
 
@@ -114,8 +123,8 @@ class BannerRows:
 
     async def place(self, placements: Sequence[Placement], now: datetime) -> None:
         """Write the banners and their notices in one transaction; a banner already placed (the same
-        message) stays as it is. One whose moment was withdrawn after its request (the withdrawal
-        came first: the request was retried) is placed withdrawn."""
+        message) stays as it is. One whose moment was withdrawn, or whose web consent was refused,
+        after its request (the withdrawal was handled first) is placed withdrawn."""
         if not placements:
             return
         values = [
@@ -154,16 +163,42 @@ class BannerRows:
     async def _withdrawn_before(
         self, conn: AsyncConnection, placed: Sequence[PlacedBanner], now: datetime
     ) -> None:
-        """Withdraw the banners among `placed` whose trigger's moment was withdrawn for the person at
-        or after their request."""
+        """Withdraw the banners among `placed` whose trigger's moment was withdrawn for the person, or
+        whose web consent was refused, at or after their request (the withdrawal was handled before
+        the placement)."""
+        keys = sorted({(b.tenant_id, b.message_id) for b in placed})
+        c = banner_consents
+        refused = (
+            sa.select(sa.literal(1))
+            .where(
+                c.c.tenant_id == banners.c.tenant_id,
+                c.c.profile_id == banners.c.profile_id,
+                c.c.purpose == banners.c.purpose,
+                c.c.refused,
+                c.c.changed_at >= banners.c.requested_at,
+            )
+            .exists()
+        )
+        unwanted = (
+            await conn.execute(
+                banners.update()
+                .where(
+                    sa.tuple_(banners.c.tenant_id, banners.c.message_id).in_(keys),
+                    banners.c.withdrawn_at.is_(None),
+                    refused,
+                )
+                .values(withdrawn_at=now, withdraw_reason=CONSENT_WITHDRAWN)
+                .returning(banners.c.tenant_id, banners.c.message_id)
+            )
+        ).all()
+        for r in unwanted:
+            await self._record(conn, r.tenant_id, [r.message_id], WITHDRAWN, CONSENT_WITHDRAWN, now)
         w = banner_withdrawals
         rows = (
             await conn.execute(
                 banners.update()
                 .where(
-                    sa.tuple_(banners.c.tenant_id, banners.c.message_id).in_(
-                        sorted({(b.tenant_id, b.message_id) for b in placed})
-                    ),
+                    sa.tuple_(banners.c.tenant_id, banners.c.message_id).in_(keys),
                     banners.c.withdrawn_at.is_(None),
                     w.c.tenant_id == banners.c.tenant_id,
                     w.c.profile_id == banners.c.profile_id,
@@ -212,11 +247,11 @@ class BannerRows:
         *,
         trigger_id: str | None = None,
         purpose: str | None = None,
-        placed_before: datetime | None = None,
+        requested_before: datetime | None = None,
         moment_ended: datetime | None = None,
     ) -> list[str]:
-        """Withdraw the person's banners still waiting (of one trigger, or of one purpose; placed
-        no later than `placed_before`), in the caller's transaction: `withdrawn` in their history
+        """Withdraw the person's banners still waiting (of one trigger, or of one purpose; asked
+        for no later than `requested_before`), in the caller's transaction: `withdrawn` in their history
         and on the bus, and their notices. A merged-away id counts as its survivor. Returns the
         message ids withdrawn. A trigger's withdrawal is remembered (as of `moment_ended`, else
         now) for the banners of that moment placed later."""
@@ -250,8 +285,8 @@ class BannerRows:
             query = query.where(banners.c.trigger_id == trigger_id)
         if purpose is not None:
             query = query.where(banners.c.purpose == purpose)
-        if placed_before is not None:
-            query = query.where(banners.c.placed_at <= placed_before)
+        if requested_before is not None:
+            query = query.where(banners.c.requested_at <= requested_before)
         rows = (
             await conn.execute(
                 query.values(withdrawn_at=now, withdraw_reason=reason).returning(
@@ -263,6 +298,28 @@ class BannerRows:
         await self._record(conn, tenant_id, ids, WITHDRAWN, reason, now)
         await enqueue(conn, outbox, [banner_notice(tenant_id, m) for m in ids], now)
         return ids
+
+    async def remember_consent(
+        self,
+        conn: AsyncConnection,
+        tenant_id: str,
+        profile_id: str,
+        purpose: str,
+        refused: bool,
+        at: datetime,
+    ) -> None:
+        """The person's latest web consent decision for `purpose` (the later one wins)."""
+        person = await self._survivor(conn, tenant_id, profile_id)
+        decision = pg_insert(banner_consents).values(
+            tenant_id=tenant_id, profile_id=person, purpose=purpose, refused=refused, changed_at=at
+        )
+        await conn.execute(
+            decision.on_conflict_do_update(
+                index_elements=["tenant_id", "profile_id", "purpose"],
+                set_={"refused": decision.excluded.refused, "changed_at": decision.excluded.changed_at},
+                where=banner_consents.c.changed_at <= decision.excluded.changed_at,
+            )
+        )
 
     async def _survivor(self, conn: AsyncConnection, tenant_id: str, profile_id: str) -> str:
         found = await conn.scalar(

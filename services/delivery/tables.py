@@ -131,4 +131,16 @@ banner_withdrawals = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
 )
 
+# Each person's latest web consent decision per purpose, as followed from profile: a banner placed
+# while its withdrawal was being handled is placed withdrawn.
+banner_consents = sa.Table(
+    "banner_consents",
+    metadata,
+    sa.Column("tenant_id", sa.Text, primary_key=True),
+    sa.Column("profile_id", sa.Text, primary_key=True),
+    sa.Column("purpose", sa.Text, primary_key=True),
+    sa.Column("refused", sa.Boolean, nullable=False),
+    sa.Column("changed_at", TZ, nullable=False),
+)
+
 outbox = outbox_table(metadata)

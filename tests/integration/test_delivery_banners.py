@@ -363,6 +363,36 @@ async def test_a_consent_withdrawal_hides_the_banner(harness: Harness) -> None:
     )
 
 
+async def test_a_banner_placed_while_its_consent_withdrawal_was_handled_is_placed_withdrawn(
+    harness: Harness,
+) -> None:
+    profile_id = await web_customer(harness)
+    await put_web_template(harness)
+    fired = harness.clock.now()
+    await eventually(lambda: _consents_followed(harness, profile_id))  # the grant at signup
+    # The withdrawal reached delivery (and was remembered) after profile answered the send-time
+    # lookup: as if it happened between the lookup and the placement.
+    async with harness.engine.begin() as conn:
+        await conn.execute(
+            sa.text("UPDATE banner_consents SET refused = true, changed_at = :at WHERE profile_id = :p"),
+            {"p": profile_id, "at": fired},
+        )
+    key = await web_request(harness, profile_id, requested=fired)
+    message = await harness.final(key)
+    assert (delivery_pb2.MESSAGE_STATUS_WITHDRAWN, "consent_withdrawn") in [
+        (c.status, c.reason) for c in message.history
+    ]
+    await stays(lambda: get_banner(harness.delivery, profile_id=profile_id), duration=0.3)
+
+
+async def _consents_followed(h: Harness, profile_id: str) -> int:
+    async with h.engine.connect() as conn:
+        found = await conn.scalar(
+            sa.text("SELECT count(*) FROM banner_consents WHERE profile_id = :p"), {"p": profile_id}
+        )
+        return int(found or 0)
+
+
 # ---- people: merges and erasures ----------------------------------------
 
 

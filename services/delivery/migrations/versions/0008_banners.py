@@ -1,5 +1,5 @@
-"""On-site banners: the banners placed by web messages, the moments withdrawn, and the web
-fields of templates.
+"""On-site banners: the banners placed by web messages, the moments withdrawn, the web consents
+followed, and the web fields of templates.
 
 Revision ID: 0008_banners
 Revises: 0004
@@ -54,6 +54,15 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text, nullable=False),
         sa.PrimaryKeyConstraint("tenant_id", "profile_id", "trigger_id"),
     )
+    op.create_table(
+        "banner_consents",
+        sa.Column("tenant_id", sa.Text, nullable=False),
+        sa.Column("profile_id", sa.Text, nullable=False),
+        sa.Column("purpose", sa.Text, nullable=False),
+        sa.Column("refused", sa.Boolean, nullable=False),
+        sa.Column("changed_at", TZ, nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "profile_id", "purpose"),
+    )
     op.create_index("banners_person", "banners", ["tenant_id", "profile_id", "trigger_id"])
     op.create_index(
         "banners_live", "banners", ["expire_at"], postgresql_where=sa.text("withdrawn_at IS NULL")
@@ -61,6 +70,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("banner_consents")
     op.drop_table("banner_withdrawals")
     op.drop_table("banners")
     for column in ("link_url", "banner_lifetime", "placement"):
