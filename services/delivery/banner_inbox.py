@@ -92,7 +92,9 @@ class BannerBoard:
             count, first = self._shows.get(key, (0, now))
             self._shows[key] = (count + 1, first)
             self._shown_wake.set()
-            return delivery_pb2.Banner.FromString(banner.payload)
+            answer = delivery_pb2.Banner.FromString(banner.payload)
+            answer.message_id = banner.message_id
+            return answer
         return None
 
     # ---- keeping the inbox -----------------------------------------------------------------------
@@ -193,9 +195,9 @@ class BannerBoard:
 
 
 def banner_payload(b: PlacedBanner) -> bytes:
-    """The answer GetBanner gives for a banner, serialized once when it enters the inbox."""
+    """The answer GetBanner gives for a banner, serialized once when it enters the inbox (but its
+    message id, which the inbox keeps anyway)."""
     return delivery_pb2.Banner(
-        message_id=b.message_id,
         trigger_id=b.trigger_id,
         placement=b.placement,
         title=b.title,

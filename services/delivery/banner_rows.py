@@ -24,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from relevans.delivery.v1 import bus_pb2, delivery_pb2
+from relevans.kit.db import DriverStatement, fetch_on_driver
 from relevans.kit.erasure import Erased
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.outbox import OutboxMessage, enqueue
@@ -44,7 +45,7 @@ from services.delivery.tables import (
 BANNERS_SUBJECT = "rv.delivery.banners"
 STATUS_SUBJECT_PREFIX = "rv.delivery.status."
 # Rows read per round trip when a process loads the live banners at start.
-LOAD_CHUNK = 10_000
+LOAD_CHUNK = 2_000
 # Expired banners closed per transaction; how long closed banners are kept (their history stays).
 EXPIRE_BATCH = 1_000
 RETENTION = timedelta(days=30)
@@ -53,6 +54,40 @@ EXPIRED = "expired"
 CONSENT_WITHDRAWN = "consent_withdrawn"
 
 BannerKey = tuple[str, str]  # (tenant id, message id)
+
+# The reason of a banner's `opened`.
+SHOWN = "banner_shown"
+
+# The shown banners among a batch, locked (another process's first show of one waits here), with
+# whether this is their first show and what their status message needs.
+_LOCK_SHOWN = DriverStatement("""
+SELECT b.tenant_id, b.message_id, b.first_shown_at IS NULL AS first,
+       m.idempotency_key, m.profile_id, m.trigger_id
+FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[])) AS s(tenant_id, message_id)
+JOIN banners b ON b.tenant_id = s.tenant_id AND b.message_id = s.message_id
+LEFT JOIN messages m ON m.tenant_id = s.tenant_id AND m.message_id = s.message_id
+ORDER BY b.tenant_id, b.message_id
+FOR UPDATE OF b
+""")
+
+# The shows added up, and for the first ones `opened` in the history and on the bus.
+_COUNT_SHOWS = DriverStatement("""
+WITH s AS (
+    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:ns AS bigint[]),
+                         CAST(:ats AS timestamptz[]), CAST(:firsts AS boolean[]))
+        AS s(tenant_id, message_id, n, at, first)
+), counted AS (
+    UPDATE banners AS b
+    SET shown_count = b.shown_count + s.n, first_shown_at = coalesce(b.first_shown_at, s.at)
+    FROM s WHERE b.tenant_id = s.tenant_id AND b.message_id = s.message_id
+), opened AS (
+    INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
+    SELECT tenant_id, message_id, :opened, :reason, at FROM s WHERE first
+)
+INSERT INTO outbox (subject, payload, created_at)
+SELECT subject, payload, CAST(:now AS timestamptz)
+FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[])) AS p(subject, payload)
+""")
 
 _STATUS = {
     OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
@@ -69,6 +104,22 @@ class Placement:
     banner: PlacedBanner
     purpose: str
     requested_at: datetime
+
+
+def _status_changed(message: Mapping[Any, Any], status: str, reason: str, at: datetime) -> OutboxMessage:
+    """`DeliveryStatusChanged` of a banner's message (its row: tenant_id, message_id,
+    idempotency_key, profile_id, trigger_id) on rv.delivery.status.<status>."""
+    payload = bus_pb2.DeliveryStatusChanged(
+        tenant_id=message["tenant_id"],
+        message_id=message["message_id"],
+        idempotency_key=message["idempotency_key"],
+        profile_id=message["profile_id"],
+        trigger_id=message["trigger_id"],
+        status=_STATUS[status],
+        reason=reason,
+        time=to_timestamp(at),
+    )
+    return OutboxMessage(STATUS_SUBJECT_PREFIX + status, payload.SerializeToString())
 
 
 def banner_notice(
@@ -344,6 +395,7 @@ class BannerRows:
         rows = (
             await conn.execute(
                 sa.select(
+                    messages.c.tenant_id,
                     messages.c.message_id,
                     messages.c.idempotency_key,
                     messages.c.profile_id,
@@ -366,22 +418,7 @@ class BannerRows:
                 for r in rows
             ],
         )
-        published = [
-            OutboxMessage(
-                STATUS_SUBJECT_PREFIX + status,
-                bus_pb2.DeliveryStatusChanged(
-                    tenant_id=tenant_id,
-                    message_id=r.message_id,
-                    idempotency_key=r.idempotency_key,
-                    profile_id=r.profile_id,
-                    trigger_id=r.trigger_id,
-                    status=_STATUS[status],
-                    reason=reason,
-                    time=to_timestamp(now),
-                ).SerializeToString(),
-            )
-            for r in rows
-        ]
+        published = [_status_changed(r._mapping, status, reason, now) for r in rows]
         await enqueue(conn, outbox, published, now)
 
     # ---- expiry and retention --------------------------------------------------------------------
@@ -423,47 +460,39 @@ class BannerRows:
     async def record_shows(self, shows: Mapping[BannerKey, tuple[int, datetime]]) -> int:
         """Add up shows ((tenant, message id) -> (count, when first shown here)) in one
         transaction; a banner shown for the first time anywhere gets `opened` in its history and on
-        the bus, once. Returns how many were shown for the first time."""
+        the bus, once (its row is locked, so two processes' first shows make one). Two statements
+        on the driver, whatever the number of banners: this runs beside GetBanner in its process.
+        Returns how many were shown for the first time."""
         if not shows:
             return 0
         keys = sorted(shows)
         async with self.engine.begin() as conn:
-            first = (
-                await conn.execute(
-                    sa.text(
-                        "UPDATE banners AS b SET first_shown_at = s.at "
-                        "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), "
-                        "CAST(:ats AS timestamptz[])) AS s(tenant_id, message_id, at) "
-                        "WHERE b.tenant_id = s.tenant_id AND b.message_id = s.message_id "
-                        "AND b.first_shown_at IS NULL RETURNING b.tenant_id, b.message_id"
-                    ),
-                    {
-                        "tenants": [t for t, _ in keys],
-                        "ids": [m for _, m in keys],
-                        "ats": [shows[k][1] for k in keys],
-                    },
-                )
-            ).all()
-            await conn.execute(
-                sa.text(
-                    "UPDATE banners AS b SET shown_count = b.shown_count + s.n "
-                    "FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:ns AS bigint[])) "
-                    "AS s(tenant_id, message_id, n) "
-                    "WHERE b.tenant_id = s.tenant_id AND b.message_id = s.message_id"
-                ),
+            locked = await fetch_on_driver(
+                conn, _LOCK_SHOWN, {"tenants": [t for t, _ in keys], "ids": [m for _, m in keys]}
+            )
+            first = {(r["tenant_id"], r["message_id"]): r for r in locked if r["first"]}
+            counted = [k for k in keys if k in {(r["tenant_id"], r["message_id"]) for r in locked}]
+            published = [
+                _status_changed(r, OPENED, SHOWN, shows[k][1])
+                for k, r in first.items()
+                if r["idempotency_key"]
+            ]
+            await fetch_on_driver(
+                conn,
+                _COUNT_SHOWS,
                 {
-                    "tenants": [t for t, _ in keys],
-                    "ids": [m for _, m in keys],
-                    "ns": [shows[k][0] for k in keys],
+                    "tenants": [t for t, _ in counted],
+                    "ids": [m for _, m in counted],
+                    "ns": [shows[k][0] for k in counted],
+                    "ats": [shows[k][1] for k in counted],
+                    "firsts": [k in first and bool(first[k]["idempotency_key"]) for k in counted],
+                    "opened": OPENED,
+                    "reason": SHOWN,
+                    "subjects": [m.subject for m in published],
+                    "payloads": [m.payload for m in published],
+                    "now": max(at for _, at in shows.values()),
                 },
             )
-            by_tenant: dict[str, list[str]] = {}
-            for r in first:
-                by_tenant.setdefault(r.tenant_id, []).append(r.message_id)
-            for tenant_id, ids in sorted(by_tenant.items()):
-                await self._record(
-                    conn, tenant_id, ids, OPENED, "banner_shown", shows[(tenant_id, ids[0])][1]
-                )
         return len(first)
 
     # ---- people: merges and erasures -------------------------------------------------------------

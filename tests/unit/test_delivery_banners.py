@@ -64,7 +64,7 @@ def entry(b: PlacedBanner) -> InboxEntry:
         priority=b.priority,
         placed_at=b.placed_at.timestamp(),
         expire_at=b.expire_at.timestamp(),
-        anonymous_ids=b.anonymous_ids,
+        anonymous=b.anonymous_ids,
         payload=b.message_id.encode(),
     )
 

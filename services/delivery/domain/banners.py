@@ -89,7 +89,8 @@ class PlacedBanner:
 class InboxEntry:
     """What an inbox keeps of a live banner: what choosing needs, and the answer as the caller
     serialized it (one bytes object rather than a string per field: an inbox holds every
-    person's banners, and Python spends about 50 bytes on each object besides its content)."""
+    person's banners, and Python spends about 50 bytes on each object besides its content;
+    figures in bench/README.md)."""
 
     message_id: str
     placement: str
@@ -97,8 +98,14 @@ class InboxEntry:
     # Epoch seconds.
     placed_at: float
     expire_at: float
-    anonymous_ids: tuple[str, ...]
+    # One id as itself (most people have one cookie: a tuple would cost 56 bytes more).
+    anonymous: str | tuple[str, ...]
+    # The answer without its message_id (the caller sets it from `message_id`).
     payload: bytes
+
+    @property
+    def anonymous_ids(self) -> tuple[str, ...]:
+        return (self.anonymous,) if isinstance(self.anonymous, str) else self.anonymous
 
 
 def _rank(e: InboxEntry) -> tuple[int, float, str]:
@@ -161,7 +168,7 @@ class BannerInbox:
             priority=banner.priority,
             placed_at=banner.placed_at.timestamp(),
             expire_at=banner.expire_at.timestamp(),
-            anonymous_ids=banner.anonymous_ids,
+            anonymous=banner.anonymous_ids[0] if len(banner.anonymous_ids) == 1 else banner.anonymous_ids,
             payload=payload,
         )
         people = self._people.setdefault(sys.intern(tenant), {})
