@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import cast
 
 import pytest
 
+from relevans.kit.clock import ManualClock
 from relevans.kit.errors import InvalidArgument
+from services.delivery.banner_rows import BannerRows, Placement
+from services.delivery.channels.base import Outgoing
+from services.delivery.channels.web import PLACEMENT_CHUNK, BannerOutgoing, WebTransport
 from services.delivery.domain import (
     DeliveryRequest,
     Final,
@@ -310,3 +315,71 @@ def test_web_consent_is_checked_and_a_banner_too_long_is_not_placed() -> None:
     long_title = _web_template(subject="t" * 201)
     decision = decide(_request(), PERSON, long_title, Renderer())
     assert isinstance(decision, Final) and "subject: longer than 200 characters" in decision.reason
+
+
+# ---- the transport: claims, placing, outcomes -----------------------------------------------------------
+
+
+class _Rows:
+    """BannerRows' `place`, recording what was placed (or failing, like a database gone away)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.placed: list[list[str]] = []
+
+    async def place(self, placements: list[Placement], now: datetime) -> None:
+        if self.fail:
+            raise ConnectionError("database unavailable")
+        self.placed.append([p.banner.message_id for p in placements])
+
+
+class _Handover:
+    def __init__(self, refuse: frozenset[int] = frozenset()) -> None:
+        self.refuse = refuse
+        self.claimed: list[int] = []
+        self.reports: dict[int, SendOutcome] = {}
+
+    async def claim(self, index: int) -> bool:
+        self.claimed.append(index)
+        return index not in self.refuse
+
+    def report(self, index: int, outcome: SendOutcome) -> None:
+        self.reports[index] = outcome
+
+
+def _outgoing(transport: WebTransport, n: int) -> list[Outgoing]:
+    decision = decide(_request(), PERSON, _web_template(), Renderer())
+    assert isinstance(decision, Send)
+    return [transport.compose(f"m{i}", decision, NOW) for i in range(n)]
+
+
+async def test_the_web_transport_places_what_it_claimed_in_chunks_and_reports_it_sent() -> None:
+    rows = _Rows()
+    transport = WebTransport(cast(BannerRows, rows), ManualClock(NOW))
+    handover = _Handover(refuse=frozenset({3}))
+    await transport.send_many(_outgoing(transport, PLACEMENT_CHUNK + 5), handover)
+    assert len(rows.placed) == 2 and len(rows.placed[0]) == PLACEMENT_CHUNK - 1
+    assert "m3" not in rows.placed[0]
+    assert 3 not in handover.reports
+    assert {o.kind for o in handover.reports.values()} == {"sent"}
+    assert len(handover.reports) == PLACEMENT_CHUNK + 4
+
+
+async def test_banners_that_could_not_be_written_are_reported_for_a_retry() -> None:
+    transport = WebTransport(cast(BannerRows, _Rows(fail=True)), ManualClock(NOW))
+    handover = _Handover()
+    await transport.send_many(_outgoing(transport, 3), handover)
+    assert [o.kind for o in handover.reports.values()] == ["transient"] * 3
+    assert WEB.final(handover.reports[0], 1).status == "pending"
+
+
+def test_a_banner_is_composed_with_its_expiry_and_a_passed_moment_is_refused() -> None:
+    transport = WebTransport(cast(BannerRows, _Rows()), ManualClock(NOW))
+    [out] = _outgoing(transport, 1)
+    assert isinstance(out, BannerOutgoing)
+    assert out.placement.banner.expire_at == NOW + timedelta(hours=2)  # the moment's end comes first
+    assert out.placement.banner.anonymous_ids == ("cookie-1",)
+    passed = decide(_request(expire_at=NOW), PERSON, _web_template(), Renderer())
+    assert isinstance(passed, Send)
+    with pytest.raises(ValueError, match="moment has already passed"):
+        transport.compose("m9", passed, NOW)
