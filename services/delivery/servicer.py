@@ -36,6 +36,7 @@ from services.delivery.domain import (
     validate_template,
 )
 from services.delivery.domain.banners import check_banner_request
+from services.delivery.domain.channels.web import MAX_LINK_CHARS
 from services.delivery.store import DeliveryStore
 
 SERVICE_NAME = "relevans.delivery.v1.DeliveryService"
@@ -158,9 +159,16 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         variables = template_variables(from_struct(request.variables))
         try:
             rendered = self.renderer.render(found.subject, found.body_text, variables)
+            link = (
+                self.renderer.render_line("link_url", found.link_url, variables, MAX_LINK_CHARS)
+                if found.link_url
+                else ""
+            )
         except RenderError as exc:
             raise FailedPrecondition(exc.reason) from None
-        return delivery_pb2.PreviewTemplateResponse(subject=rendered.subject, body_text=rendered.body_text)
+        return delivery_pb2.PreviewTemplateResponse(
+            subject=rendered.subject, body_text=rendered.body_text, link_url=link
+        )
 
     async def GetMessage(
         self, request: delivery_pb2.GetMessageRequest, context: Context

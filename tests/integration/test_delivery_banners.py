@@ -537,6 +537,19 @@ async def test_a_web_template_needs_its_placement_and_lifetime(harness: Harness)
         delivery_pb2.GetTemplateRequest(template_id=TEMPLATE), metadata=token(TENANT, "read")
     )
     assert (stored.template.placement, stored.template.banner_lifetime.seconds) == (PLACEMENT, 86_400)
+    preview = await harness.delivery.PreviewTemplate(
+        delivery_pb2.PreviewTemplateRequest(
+            template_id=TEMPLATE,
+            variables=to_struct(
+                {"first_name": "Ada", "event": {"product_name": "shoes", "product_id": "sku-9"}}
+            ),
+        ),
+        metadata=token(TENANT, "read"),
+    )
+    assert (preview.subject, preview.link_url) == (
+        "Ada, your cart is waiting",
+        "https://shop.example/cart?p=sku-9",
+    )
 
 
 # ---- from a trigger firing ----------------------------------------
