@@ -6,7 +6,8 @@ these phases on one database connection:
 1. lock: takes the request's advisory lock (held until the batch is done; a key another
    live worker holds is retried later) and reads its message row, if any: already final
    -> nothing to do; left in `sending` by a worker that died mid-send -> failed
-   "outcome_unknown", never sent a second time; `pending` -> decided again. A request for
+   "outcome_unknown", never sent a second time (sent, when its channel can tell it went out:
+   `KnowsWhatWentOut`, the web channel's placed banners); `pending` -> decided again. A request for
    a profile that was merged away is handled as the survivor's; one for an erased person
    is dropped;
 2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
@@ -38,13 +39,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relevans.kit import metrics
 from relevans.kit.clock import Clock
 from relevans.kit.merges import Person
-from services.delivery.channels.base import Outgoing, Transport
+from services.delivery.channels.base import KnowsWhatWentOut, Outgoing, Transport
 from services.delivery.domain import (
     CHANNELS,
     FAILED,
     FINAL_STATUSES,
     OUTCOME_UNKNOWN,
     PENDING,
+    SENT,
     SUPPORTED_CHANNELS,
     SUPPRESSED,
     DeliveryRequest,
@@ -67,6 +69,8 @@ from services.delivery.store import Claim, DeliveryStore, Key, MessageRow, Statu
 log = structlog.get_logger(__name__)
 
 COMPOSE_FAILED = "compose_failed"
+# A message found mid-send whose channel saw it go out.
+WENT_OUT = "went_out_before_a_restart"
 CLAIMS_NOT_WRITTEN = "database unavailable: messages not claimed"
 
 # ---- outcomes -----------------------------------------------------------------------------------
@@ -206,6 +210,7 @@ class DeliveryWorker:
             mine = kept
         done: list[Outcome] = []
         todo: list[DeliveryRequest] = []
+        went_out = await self._went_out(mine, existing)
         for r in mine:
             row = existing.get(r.key)
             action = "process" if row is None else redelivery(row.status)
@@ -213,8 +218,29 @@ class DeliveryWorker:
                 todo.append(r)
             elif action == "outcome_unknown" and row is not None:
                 log.warning("message found mid-send; not sending it again", key=r.idempotency_key)
-                done.append(_outcome(row, r.channel, Final(FAILED, OUTCOME_UNKNOWN)))
+                final = Final(SENT, WENT_OUT) if r.key in went_out else Final(FAILED, OUTCOME_UNKNOWN)
+                done.append(_outcome(row, r.channel, final))
         return todo, {r.key for r in todo if r.key not in existing}, done
+
+    async def _went_out(
+        self, mine: Sequence[DeliveryRequest], existing: Mapping[Key, MessageRow]
+    ) -> set[Key]:
+        """Of the messages found mid-send, those whose channel can tell that they went out."""
+        found: set[Key] = set()
+        for channel, transport in self.transports.items():
+            if not isinstance(transport, KnowsWhatWentOut):
+                continue
+            rows = [
+                existing[r.key]
+                for r in mine
+                if r.channel == channel
+                and r.key in existing
+                and redelivery(existing[r.key].status) == "outcome_unknown"
+            ]
+            if rows:
+                out = await transport.went_out([(row.tenant_id, row.message_id) for row in rows])
+                found |= {row.key for row in rows if (row.tenant_id, row.message_id) in out}
+        return found
 
     # ---- 2. look up -----------------------------------------------------------------------------
 

@@ -445,6 +445,50 @@ async def test_a_shadows_banner_moves_to_the_known_person_on_a_merge_and_goes_wi
     assert await get_banner(harness.delivery, profile_id=known) is None
 
 
+async def test_a_web_message_left_mid_send_is_sent_if_its_banner_was_placed_else_failed(
+    harness: Harness,
+) -> None:
+    profile_id = await web_customer(harness)
+    await put_web_template(harness)
+    now = harness.clock.now()
+    async with harness.engine.begin() as conn:
+        for key in ("placed-then-crashed", "claimed-then-crashed"):
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO messages (tenant_id, message_id, idempotency_key, profile_id, trigger_id,"
+                    " channel, purpose, template_id, variables, status, reason, recipient, subject, attempts,"
+                    " created_at, updated_at) VALUES (:t, :m, :k, :p, 'cart', 'web', 'marketing', :tpl, '{}',"
+                    " 'sending', '', :p, 'Your cart', 0, :now, :now)"
+                ),
+                {"t": TENANT, "m": f"m-{key}", "k": key, "p": profile_id, "tpl": TEMPLATE, "now": now},
+            )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO banners (tenant_id, message_id, profile_id, anonymous_ids, trigger_id, purpose,"
+                " placement, title, body_text, link_url, priority, placed_at, expire_at, requested_at)"
+                " VALUES (:t, 'm-placed-then-crashed', :p, '{}', 'cart', 'marketing', :pl, 'Your cart',"
+                " 'is waiting', '', 0, :now, :later, :now)"
+            ),
+            {"t": TENANT, "p": profile_id, "pl": PLACEMENT, "now": now, "later": now + LIFETIME},
+        )
+    for key in ("placed-then-crashed", "claimed-then-crashed"):
+        msg = bus_pb2.DeliveryRequest(
+            idempotency_key=key,
+            tenant_id=TENANT,
+            profile_id=profile_id,
+            trigger_id="cart",
+            channel=common_pb2.CHANNEL_WEB,
+            purpose=common_pb2.PURPOSE_MARKETING,
+            template_id=TEMPLATE,
+        )
+        await harness.js.publish("rv.delivery.requests", msg.SerializeToString())
+
+    placed = await harness.final("placed-then-crashed")
+    assert (placed.status, placed.reason) == (delivery_pb2.MESSAGE_STATUS_SENT, "went_out_before_a_restart")
+    lost = await harness.final("claimed-then-crashed")
+    assert (lost.status, lost.reason) == (delivery_pb2.MESSAGE_STATUS_FAILED, "outcome_unknown")
+
+
 # ---- every process, restarts ----------------------------------------
 
 

@@ -4,7 +4,8 @@ delivery process then loads into its inbox (banner_inbox.py).
 Messages are claimed through the worker's `Handover` a chunk at a time, placed together in one
 transaction with their notices, and reported sent once that committed. A placement is keyed by
 message id, so a message claimed and then placed again changes nothing; at most a chunk is
-claimed and not yet reported at any moment.
+claimed and not yet reported at any moment. A message a dead worker left claimed is sent if its
+banner is in the table (`went_out`), else failed "outcome_unknown": nothing of it shows.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class WebTransport:
         return BannerOutgoing(
             send.recipient, summary, Placement(banner, content.purpose, content.requested_at or now)
         )
+
+    async def went_out(self, messages: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The messages whose banner was placed (a worker died before writing that it was)."""
+        return set(await self.rows.load(messages))
 
     async def send_many(self, messages: Sequence[Outgoing], handover: Handover) -> None:
         for start in range(0, len(messages), PLACEMENT_CHUNK):
