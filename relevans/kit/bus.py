@@ -34,6 +34,8 @@ class StreamSpec:
     name: str
     subjects: tuple[str, ...]
     work_queue: bool = False
+    # Limits streams: how long a message is kept (0: for ever).
+    max_age_s: float = 0.0
 
 
 STREAMS = (
@@ -41,6 +43,9 @@ STREAMS = (
     StreamSpec("RV_PROFILE", ("rv.profile.>",)),
     StreamSpec("RV_DELIVERY_REQUESTS", ("rv.delivery.requests", "rv.delivery.withdrawals"), work_queue=True),
     StreamSpec("RV_DELIVERY_STATUS", ("rv.delivery.status.>",)),
+    # Banner notices every delivery process follows from where its snapshot of the table ended
+    # (services/delivery/banner_inbox.py); a day covers any process's start.
+    StreamSpec("RV_DELIVERY_BANNERS", ("rv.delivery.banners",), max_age_s=86_400.0),
 )
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -159,6 +164,7 @@ class Bus:
                 subjects=list(spec.subjects),
                 retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
                 duplicate_window=DUPLICATE_WINDOW_S,
+                max_age=spec.max_age_s or None,
             )
             try:
                 await self.js.stream_info(spec.name)

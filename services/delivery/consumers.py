@@ -10,9 +10,11 @@ so the kit's consumer naks them for a later redelivery.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 import structlog
 from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
 from nats.aio.msg import Msg
 
 from relevans.common.v1 import common_pb2
@@ -20,7 +22,7 @@ from relevans.delivery.v1 import bus_pb2
 from relevans.kit.auth import TENANT_RE
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.enums import enum_name
-from relevans.kit.proto import from_struct
+from relevans.kit.proto import from_struct, from_timestamp
 from services.delivery.domain import DeliveryRequest
 from services.delivery.domain.decision import MAX_IDEMPOTENCY_KEY_CHARS
 from services.delivery.worker import DeliveryWorker
@@ -56,7 +58,18 @@ def decode_request(data: bytes) -> DeliveryRequest | None:
         purpose=enum_name(common_pb2.Purpose, m.purpose, "PURPOSE_"),
         template_id=m.template_id,
         variables=from_struct(m.variables),
+        priority=m.priority,
+        expire_at=_time(m.expire_time) if m.HasField("expire_time") else None,
+        requested_at=_time(m.request_time) if m.HasField("request_time") else None,
     )
+
+
+def _time(ts: Timestamp) -> datetime | None:
+    """A time of the request, None when it is not a valid time."""
+    try:
+        return from_timestamp(ts)
+    except (ValueError, OverflowError):
+        return None
 
 
 def decode_batch(msgs: Sequence[Msg]) -> list[DeliveryRequest]:

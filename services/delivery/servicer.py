@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -12,17 +13,22 @@ from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name, enum_value
 from relevans.kit.errors import FieldViolation, InvalidArgument
 from relevans.kit.paging import encode_page_token
-from relevans.kit.proto import from_struct, to_timestamp
+from relevans.kit.proto import checked_duration, from_struct, to_duration, to_timestamp
 from relevans.kit.server import ServiceBinding, principal
+from services.delivery.banner_inbox import BannerBoard
 from services.delivery.channels.address_guard import AddressGuard
 from services.delivery.domain import (
     BOUNCED,
+    CLICKED,
     FAILED,
     MESSAGE_PAGES,
+    OPENED,
     PENDING,
     SENDING,
     SENT,
     SUPPRESSED,
+    UNSUBSCRIBED,
+    WITHDRAWN,
     MessageRecord,
     RawTemplate,
     Renderer,
@@ -31,10 +37,10 @@ from services.delivery.domain import (
     page_before,
     validate_template,
 )
+from services.delivery.domain.banners import check_banner_request
 from services.delivery.domain.channels.sms import SmsChannel, sms_segments
 from services.delivery.domain.settings import TenantSettings, validate_settings
 from services.delivery.domain.templates import pick_variant
-from services.delivery.domain.tracking import CLICKED, OPENED, UNSUBSCRIBED
 from services.delivery.domain.webhooks import WebhookEndpoint
 from services.delivery.previews import Previews
 from services.delivery.store import DeliveryStore
@@ -54,6 +60,7 @@ SCOPES = {
     "ListMessages": "read",
     "PutWebhookEndpoint": "admin",
     "GetWebhookEndpoint": "read",
+    "GetBanner": "read",
 }
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -68,6 +75,7 @@ _STATUS = {
     OPENED: delivery_pb2.MESSAGE_STATUS_OPENED,
     CLICKED: delivery_pb2.MESSAGE_STATUS_CLICKED,
     UNSUBSCRIBED: delivery_pb2.MESSAGE_STATUS_UNSUBSCRIBED,
+    WITHDRAWN: delivery_pb2.MESSAGE_STATUS_WITHDRAWN,
 }
 
 # ---- proto <-> domain -------------------------------------------------------------------------
@@ -81,7 +89,18 @@ def raw_template(t: delivery_pb2.Template) -> RawTemplate:
         subject=t.subject,
         body_text=t.body_text,
         webhook_endpoint_id=t.webhook_endpoint_id,
+        placement=t.placement,
+        banner_lifetime=_lifetime(t),
+        link_url=t.link_url,
     )
+
+
+def _lifetime(t: delivery_pb2.Template) -> timedelta | None:
+    """The banner lifetime; None when unset or not a valid duration."""
+    if not t.HasField("banner_lifetime"):
+        return None
+    lifetime, bad = checked_duration(t.banner_lifetime)
+    return None if bad else lifetime
 
 
 def template_proto(t: Template) -> delivery_pb2.Template:
@@ -93,6 +112,9 @@ def template_proto(t: Template) -> delivery_pb2.Template:
         body_text=t.body_text,
         update_time=to_timestamp(t.updated_at),
         webhook_endpoint_id=t.webhook_endpoint_id,
+        placement=t.placement,
+        banner_lifetime=to_duration(t.banner_lifetime) if t.banner_lifetime is not None else None,
+        link_url=t.link_url,
     )
 
 
@@ -154,6 +176,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         *,
         webhooks: WebhookRows,
         address_guard: AddressGuard,
+        banners: BannerBoard,
     ) -> None:
         self.store = store
         self.templates = templates
@@ -163,6 +186,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
         self.clock = clock
         self.webhooks = webhooks
         self.address_guard = address_guard
+        self.banners = banners
 
     async def PutTemplate(
         self, request: delivery_pb2.PutTemplateRequest, context: Context
@@ -207,6 +231,7 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             body_text=body,
             locale=preview.template.locale,
             sms_segments=segments,
+            link_url=preview.link_url,
         )
 
     async def SendTest(
@@ -270,9 +295,16 @@ class DeliveryServicer(delivery_pb2_grpc.DeliveryServiceServicer):
             else "",
         )
 
-    # Contract placeholders while issue 19 is built (each helper replaces its own).
-    async def GetBanner(self, request: Any, context: Context) -> Any:
-        raise NotImplementedError
+    async def GetBanner(
+        self, request: delivery_pb2.GetBannerRequest, context: Context
+    ) -> delivery_pb2.GetBannerResponse:
+        """From this process's inbox alone: no database round trip."""
+        tenant = principal().tenant_id
+        check_banner_request(request.profile_id, request.anonymous_id, request.placement)
+        found = self.banners.banner_for(
+            tenant, request.placement, profile_id=request.profile_id, anonymous_id=request.anonymous_id
+        )
+        return delivery_pb2.GetBannerResponse(banner=found)
 
     async def PutWebhookEndpoint(
         self, request: delivery_pb2.PutWebhookEndpointRequest, context: Context

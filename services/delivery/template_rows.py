@@ -26,7 +26,16 @@ from services.delivery.tables import delivery_settings, templates
 
 TemplateKey = tuple[str, str]  # (tenant_id, template_id)
 # What saving a variant again replaces.
-_REPLACED = ("channel", "subject", "body_text", "webhook_endpoint_id", "updated_at")
+_REPLACED = (
+    "channel",
+    "subject",
+    "body_text",
+    "webhook_endpoint_id",
+    "placement",
+    "banner_lifetime",
+    "link_url",
+    "updated_at",
+)
 RequestKey = tuple[str, str]  # (tenant_id, idempotency_key)
 
 _RECORD_LOCALES = sa.text("""
@@ -46,6 +55,9 @@ def _template(row: sa.Row[Any]) -> Template:
         body_text=row.body_text,
         updated_at=row.updated_at,
         webhook_endpoint_id=row.webhook_endpoint_id,
+        placement=row.placement,
+        banner_lifetime=row.banner_lifetime,
+        link_url=row.link_url,
     )
 
 
@@ -72,6 +84,9 @@ class TemplateRows:
             "subject": t.subject,
             "body_text": t.body_text,
             "webhook_endpoint_id": t.webhook_endpoint_id,
+            "placement": t.placement,
+            "banner_lifetime": t.banner_lifetime,
+            "link_url": t.link_url,
             "created_at": now,
             "updated_at": now,
         }

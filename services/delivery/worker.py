@@ -6,8 +6,9 @@ these phases on one database connection:
 1. lock: takes the request's advisory lock (held until the batch is done; a key another
    live worker holds is retried later) and reads its message row, if any: already final
    -> nothing to do; left in `sending` by a worker that died mid-send -> failed
-   "outcome_unknown", never sent a second time; `pending` and due -> decided again as its
-   next attempt; `pending` with a retry scheduled later -> left to the retry worker
+   "outcome_unknown", never sent a second time (sent, when its channel can tell it went out:
+   `KnowsWhatWentOut`, the web channel's placed banners); `pending` and due -> decided again as
+   its next attempt; `pending` with a retry scheduled later -> left to the retry worker
    (retries.py). A request for a profile that was merged away is handled as the survivor's;
    one for an erased person is dropped;
 2. look up: asks profile for the people (one `BatchGetProfiles` per tenant, consent as it
@@ -47,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from relevans.kit import metrics
 from relevans.kit.clock import Clock
 from relevans.kit.merges import Person
-from services.delivery.channels.base import Outgoing, Refused, Transport
+from services.delivery.channels.base import KnowsWhatWentOut, Outgoing, Refused, Transport
 from services.delivery.domain import (
     ADDRESS_BOUNCED,
     BOUNCED,
@@ -56,6 +57,8 @@ from services.delivery.domain import (
     FINAL_STATUSES,
     OUTCOME_UNKNOWN,
     PENDING,
+    SENDING,
+    SENT,
     SUPPORTED_CHANNELS,
     SUPPRESSED,
     DeliveryRequest,
@@ -82,6 +85,8 @@ from services.delivery.template_rows import pick_templates, record_locales
 log = structlog.get_logger(__name__)
 
 COMPOSE_FAILED = "compose_failed"
+# A message found mid-send whose channel saw it go out.
+WENT_OUT = "went_out_before_a_restart"
 CLAIMS_NOT_WRITTEN = "database unavailable: messages not claimed"
 DEFAULT_RETRY_POLICY = RetryPolicy()
 
@@ -247,6 +252,7 @@ class DeliveryWorker:
         done: list[Outcome] = []
         todo: list[DeliveryRequest] = []
         now = self.clock.now()
+        went_out = await self._went_out(mine, existing)
         for r in mine:
             row = existing.get(r.key)
             action = "process" if row is None else redelivery(row.status, row.next_attempt_at, now)
@@ -254,8 +260,27 @@ class DeliveryWorker:
                 todo.append(replace(r, attempt=1 if row is None else row.attempts + 1))
             elif action == "outcome_unknown" and row is not None:
                 log.warning("message found mid-send; not sending it again", key=r.idempotency_key)
-                done.append(_outcome(row, r.channel, Final(FAILED, OUTCOME_UNKNOWN)))
+                final = Final(SENT, WENT_OUT) if r.key in went_out else Final(FAILED, OUTCOME_UNKNOWN)
+                done.append(_outcome(row, r.channel, final))
         return todo, {r.key for r in todo if r.key not in existing}, done
+
+    async def _went_out(
+        self, mine: Sequence[DeliveryRequest], existing: Mapping[Key, MessageRow]
+    ) -> set[Key]:
+        """Of the messages found mid-send, those whose channel can tell that they went out."""
+        found: set[Key] = set()
+        for channel, transport in self.transports.items():
+            if not isinstance(transport, KnowsWhatWentOut):
+                continue
+            rows = [
+                existing[r.key]
+                for r in mine
+                if r.channel == channel and r.key in existing and existing[r.key].status == SENDING
+            ]
+            if rows:
+                out = await transport.went_out([(row.tenant_id, row.message_id) for row in rows])
+                found |= {row.key for row in rows if (row.tenant_id, row.message_id) in out}
+        return found
 
     # ---- 2. look up -----------------------------------------------------------------------------
 

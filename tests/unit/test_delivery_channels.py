@@ -31,6 +31,7 @@ from services.delivery.domain import (
     validate_template,
 )
 from services.delivery.domain.channels.email import EmailChannel
+from services.delivery.domain.channels.web import WEB
 from services.delivery.domain.rendering import DEFAULT_LIMITS
 from services.delivery.domain.templates import Template
 from services.delivery.worker import DeliveryWorker
@@ -39,14 +40,15 @@ EMAIL = EmailChannel()
 
 
 def test_supported_channels_are_the_registered_ones() -> None:
-    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email", "sms", "webhook"}
+    assert frozenset(CHANNELS) == SUPPORTED_CHANNELS == {"email", "sms", "web", "webhook"}
     for name, channel in CHANNELS.items():
         assert isinstance(channel, Channel)
         assert channel.name == name
 
 
 def test_every_registered_channel_has_a_transport() -> None:
-    assert set(open_transports(Settings())) == SUPPORTED_CHANNELS
+    # The web transport writes delivery's own database: app.build opens it beside these.
+    assert set(open_transports(Settings())) | {WEB} == SUPPORTED_CHANNELS
 
 
 def test_the_worker_refuses_to_start_without_a_transport_for_a_registered_channel() -> None:
@@ -61,7 +63,10 @@ def test_an_unregistered_channel_is_refused_everywhere() -> None:
     with pytest.raises(InvalidArgument) as caught:
         validate_template(raw, renderer)
     assert [(v.field, v.description) for v in caught.value.violations] == [
-        ("template.channel", "only CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WEBHOOK templates are supported")
+        (
+            "template.channel",
+            "only CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_WEB, CHANNEL_WEBHOOK templates are supported",
+        )
     ]
     assert recipient_check("marketing", "fax", ProfileView("p1", email="ann@example.com")) == Final(
         FAILED, "channel_unsupported: fax"

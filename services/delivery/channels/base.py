@@ -68,3 +68,14 @@ class Transport(Protocol):
         raises for a message's failure. Each connection carries one message at a time, so at
         most as many are claimed and not yet reported as the transport has connections."""
         ...
+
+
+@runtime_checkable
+class KnowsWhatWentOut(Protocol):
+    """A transport whose sends leave a trace it can read (the web channel's banners are rows):
+    for a message a dead worker left `sending`, it says whether it went out, so the message ends
+    `sent` or, never handed over, failed `outcome_unknown` without a doubt."""
+
+    async def went_out(self, messages: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The (tenant id, message id) pairs among `messages` that went out."""
+        ...

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from relevans.kit.resource_ids import resource_id_problem
+from services.delivery.domain.banners import BannerContent
 from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS
+from services.delivery.domain.channels.web import MAX_BODY_CHARS, MAX_LINK_CHARS, WEB
 from services.delivery.domain.names import clean_first_name
-from services.delivery.domain.rendering import Renderer, RenderError
+from services.delivery.domain.rendering import Rendered, Renderer, RenderError
 from services.delivery.domain.states import FAILED, SUPPRESSED, Final
 from services.delivery.domain.templates import Template
 
@@ -71,6 +74,12 @@ class DeliveryRequest:
     variables: Mapping[str, Any] = field(default_factory=dict)
     # Which attempt at sending the message this is (1 = first); the worker counts them on the row.
     attempt: int = 1
+    # The trigger's priority (a banner of higher priority shows first).
+    priority: int = 0
+    # When the moment passes (a banner expires then at the latest); None: the template decides.
+    expire_at: datetime | None = None
+    # When the trigger asked (a withdrawal of the moment from then on withdraws its banner).
+    requested_at: datetime | None = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -89,6 +98,8 @@ class Send:
     template: Template | None = field(default=None, compare=False)
     # Whose message it is: its tracking links name the tenant.
     tenant_id: str = ""
+    # Web: where and how long the banner shows.
+    banner: BannerContent | None = None
 
 
 Decision = Send | Final
@@ -174,6 +185,7 @@ def decide(
             message_variables(request.variables, profile),
             channel.limits,
         )
+        banner = _banner(request, profile, template, rendered, renderer) if channel.name == WEB else None
     except RenderError as exc:
         return Final(SUPPRESSED, exc.reason)
     return Send(
@@ -183,4 +195,32 @@ def decide(
         request=request,
         template=template,
         tenant_id=request.tenant_id,
+        banner=banner,
+    )
+
+
+def _banner(
+    request: DeliveryRequest, profile: ProfileView, template: Template, rendered: Rendered, renderer: Renderer
+) -> BannerContent:
+    """A web message's banner: the template's placement, lifetime and rendered link, the
+    trigger's priority and the moment's end, and the person's anonymous ids (which ask for it too)."""
+    if len(rendered.body_text) > MAX_BODY_CHARS:
+        raise RenderError(f"body_text: longer than {MAX_BODY_CHARS} characters")
+    link = ""
+    if template.link_url:
+        variables = message_variables(request.variables, profile)
+        link = renderer.render_line("link_url", template.link_url, variables, MAX_LINK_CHARS)
+    if template.banner_lifetime is None:
+        raise RenderError("banner_lifetime: the template has none")
+    return BannerContent(
+        tenant_id=request.tenant_id,
+        trigger_id=request.trigger_id,
+        placement=template.placement,
+        link_url=link,
+        priority=request.priority,
+        purpose=request.purpose,
+        lifetime=template.banner_lifetime,
+        expire_time=request.expire_at,
+        anonymous_ids=profile.anonymous_ids,
+        requested_at=request.requested_at,
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.delivery.domain.channels import CHANNELS
+from services.delivery.domain.channels.web import MAX_LINK_CHARS
 from services.delivery.domain.decision import ProfileView, message_variables, template_variables
 from services.delivery.domain.rendering import DEFAULT_LIMITS, Rendered, Renderer
 from services.delivery.domain.templates import Template, pick_variant
@@ -24,6 +25,8 @@ class Preview:
     # The variant rendered.
     template: Template
     rendered: Rendered
+    # Web: the banner's link rendered ("" when the template has none).
+    link_url: str = ""
 
 
 def render_preview(
@@ -44,4 +47,10 @@ def render_preview(
     values = message_variables(variables, profile) if profile is not None else template_variables(variables)
     channel = CHANNELS.get(template.channel)
     limits = channel.limits if channel is not None else DEFAULT_LIMITS
-    return Preview(template, renderer.render(template.subject, template.body_text, values, limits))
+    rendered = renderer.render(template.subject, template.body_text, values, limits)
+    link = (
+        renderer.render_line("link_url", template.link_url, values, MAX_LINK_CHARS)
+        if template.link_url
+        else ""
+    )
+    return Preview(template, rendered, link)

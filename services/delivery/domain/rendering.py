@@ -536,6 +536,19 @@ class Renderer:
                 raise RenderError(f"{part}: {problem}")
         return Rendered(rendered_subject, rendered_body)
 
+    def render_line(self, part: str, source: str, variables: Mapping[str, Any], max_chars: int) -> str:
+        """One more part of a message (a banner's link), rendered as one line of at most `max_chars`
+        and checked as the subject is; RenderError names `part`."""
+        budget = _Budget(self.timer, self.time_limit_s, min(self.max_output_bytes, 4 * max_chars))
+        context = {k: v for k, v in variables.items() if v is not None}
+        line = "".join(self._render_part(part, source, context, budget).split())
+        if len(line) > max_chars:
+            raise RenderError(f"{part}: longer than {max_chars} characters")
+        problem = unsafe_output(line)
+        if problem:
+            raise RenderError(f"{part}: {problem}")
+        return line
+
     def _render_part(self, part: str, source: str, context: Mapping[str, Any], budget: _Budget) -> str:
         try:
             template = self.compile(source)

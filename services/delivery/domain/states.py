@@ -31,6 +31,13 @@ FAILED = "failed"
 BOUNCED = "bounced"
 STATUSES = (PENDING, SENDING, SENT, SUPPRESSED, FAILED, BOUNCED)
 FINAL_STATUSES = frozenset({SENT, SUPPRESSED, FAILED, BOUNCED})
+# Steps after sending, in the history and on rv.delivery.status.* only (the message stays sent):
+# an email opened or a banner shown for the first time, a tracked link followed, an unsubscribe
+# through the message, a banner withdrawn before it expired.
+OPENED = "opened"
+CLICKED = "clicked"
+UNSUBSCRIBED = "unsubscribed"
+WITHDRAWN = "withdrawn"
 
 # Attempts at sending one message before it ends failed "retries_exhausted".
 MAX_ATTEMPTS = 8

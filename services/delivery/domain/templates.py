@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from jinja2 import TemplateSyntaxError, meta
 
 from relevans.kit.errors import FieldViolation, InvalidArgument, Violations
 from relevans.kit.resource_ids import resource_id_problem
 from services.delivery.domain.channels import CHANNELS, SUPPORTED_CHANNELS, Channel
+from services.delivery.domain.channels.web import MAX_LINK_CHARS, WEB
 from services.delivery.domain.locales import FALLBACK_LOCALE, canonical_locale, locale_problem, pick_locale
 from services.delivery.domain.rendering import DEFAULT_LIMITS, Renderer
 
 DEFAULT_LOCALE = FALLBACK_LOCALE
 LINE_BREAK_PROBLEM = "must be one line: a CR or LF would end the mail header it goes into"
+# Web templates: how long a placed banner may stay eligible at most.
+MAX_BANNER_LIFETIME = timedelta(days=90)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,10 @@ class RawTemplate:
     subject: str = ""
     body_text: str = ""
     webhook_endpoint_id: str = ""
+    # Web (banner) templates; None when the lifetime is unset or not a valid duration.
+    placement: str = ""
+    banner_lifetime: timedelta | None = None
+    link_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,10 @@ class Template:
     updated_at: datetime | None = None
     # Webhook templates: the endpoint their messages are posted to.
     webhook_endpoint_id: str = ""
+    # Web (banner) templates.
+    placement: str = ""
+    banner_lifetime: timedelta | None = None
+    link_url: str = ""
 
 
 def check_template_id(template_id: str, field: str = "template_id") -> str:
@@ -125,6 +136,8 @@ def validate_template(
         problem = resource_id_problem(raw.webhook_endpoint_id)
         if problem:
             v.add("template.webhook_endpoint_id", problem)
+    if raw.channel == WEB:
+        _check_banner(raw, renderer, v)
     v.raise_if_any()
     return Template(
         template_id=raw.template_id,
@@ -133,6 +146,9 @@ def validate_template(
         subject=raw.subject,
         body_text=raw.body_text,
         webhook_endpoint_id=raw.webhook_endpoint_id if raw.channel == "webhook" else "",
+        placement=raw.placement if raw.channel == WEB else "",
+        banner_lifetime=raw.banner_lifetime if raw.channel == WEB else None,
+        link_url=raw.link_url if raw.channel == WEB else "",
     )
 
 
@@ -142,3 +158,22 @@ def pick_variant(variants: Sequence[Template], wanted: str, tenant_default: str)
     by_locale = {t.locale: t for t in variants}
     chosen = pick_locale(list(by_locale), wanted, tenant_default)
     return by_locale[chosen] if chosen is not None else None
+
+
+def _check_banner(raw: RawTemplate, renderer: Renderer, v: Violations) -> None:
+    """A banner needs the page slot it shows in and how long it stays; its link must compile."""
+    problem = resource_id_problem(raw.placement)
+    if problem:
+        v.add("template.placement", problem)
+    lifetime = raw.banner_lifetime
+    if lifetime is None:
+        v.add("template.banner_lifetime", "is required for CHANNEL_WEB templates (a positive duration)")
+    elif not timedelta(0) < lifetime <= MAX_BANNER_LIFETIME:
+        v.add("template.banner_lifetime", f"must be positive and at most {MAX_BANNER_LIFETIME.days} days")
+    if raw.link_url:
+        if len(raw.link_url) > MAX_LINK_CHARS:
+            v.add("template.link_url", f"must be at most {MAX_LINK_CHARS} characters")
+        else:
+            error = renderer.check(raw.link_url)
+            if error:
+                v.add("template.link_url", f"does not compile: {error}")

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from html import escape
 from typing import Final
 
+from services.delivery.domain.states import CLICKED, OPENED, UNSUBSCRIBED
+
 # The kinds of link and the route each is served on.
 UNSUBSCRIBE = "unsubscribe"
 OPEN = "open"
@@ -28,9 +30,6 @@ ROUTES = {UNSUBSCRIBE: "u", OPEN: "o", CLICK: "c"}
 _KINDS = {code: kind for kind, code in ROUTES.items()}
 
 # History entries and `rv.delivery.status.<status>` of an engagement (the message stays `sent`).
-OPENED = "opened"
-CLICKED = "clicked"
-UNSUBSCRIBED = "unsubscribed"
 ENGAGEMENT_STATUS = {OPEN: OPENED, CLICK: CLICKED, UNSUBSCRIBE: UNSUBSCRIBED}
 # The event each engagement becomes in profile.
 ENGAGEMENT_EVENT = {OPEN: "email_opened", CLICK: "link_clicked", UNSUBSCRIBE: "email_unsubscribed"}

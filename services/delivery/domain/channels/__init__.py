@@ -21,10 +21,11 @@ from services.delivery.domain.channels.base import (
 )
 from services.delivery.domain.channels.email import EmailChannel
 from services.delivery.domain.channels.sms import SmsChannel
+from services.delivery.domain.channels.web import WebChannel
 from services.delivery.domain.channels.webhook import WebhookChannel
 
 CHANNELS: Mapping[str, Channel] = MappingProxyType(
-    {c.name: c for c in (EmailChannel(), SmsChannel(), WebhookChannel())}
+    {c.name: c for c in (EmailChannel(), SmsChannel(), WebChannel(), WebhookChannel())}
 )
 SUPPORTED_CHANNELS = frozenset(CHANNELS)
 
