@@ -164,6 +164,7 @@ async def _put_templates(delivery: DeliveryServiceAsyncStub, receiver: str, webh
             template=delivery_pb2.Template(
                 template_id=LEAD_TEMPLATE_ID,
                 channel=common_pb2.CHANNEL_WEBHOOK,
+                subject="New lead",
                 body_text=LEAD_BODY,
                 webhook_endpoint_id=ENDPOINT_ID,
             )
@@ -192,8 +193,9 @@ async def _create_triggers(triggers: TriggerServiceAsyncStub, delay: timedelta) 
         ),
     )
     for trigger_id, channel, template_id, condition in wanted:
+        # The lead asked to be contacted: handing them to sales is what they asked for, not marketing.
         purpose = (
-            common_pb2.PURPOSE_PROFILING
+            common_pb2.PURPOSE_TRANSACTIONAL
             if channel == common_pb2.CHANNEL_WEBHOOK
             else common_pb2.PURPOSE_MARKETING
         )
@@ -216,12 +218,11 @@ async def _create_triggers(triggers: TriggerServiceAsyncStub, delay: timedelta) 
 
 
 async def _customer(profiles: ProfileServiceAsyncStub, email: str) -> str:
-    """A new customer (fresh address per run) with a first name, consent to marketing by email and
-    on the site, and to their profile going to the CRM."""
+    """A new customer (fresh address per run) with a first name and consent to marketing by email
+    and on the site."""
     granted = [
         (common_pb2.PURPOSE_MARKETING, common_pb2.CHANNEL_EMAIL),
         (common_pb2.PURPOSE_MARKETING, common_pb2.CHANNEL_WEB),
-        (common_pb2.PURPOSE_PROFILING, common_pb2.CHANNEL_WEBHOOK),
     ]
     reply = await profiles.Identify(
         profile_pb2.IdentifyRequest(

@@ -69,10 +69,6 @@ async def build(
         ),
         WEB: WebTransport(banner_rows, clock, rt.relay.notify),
     }
-    banner_rows = BannerRows(rt.engine)
-    banners = BannerBoard(banner_rows, rt.bus, clock)
-    await banners.load()
-    transports = {**open_transports(settings), WEB: WebTransport(banner_rows, clock, rt.relay.notify)}
     worker = DeliveryWorker(
         store,
         profiles,
