@@ -1,5 +1,14 @@
 """The delivery service vs the raw limits, each measured in the same run.
 
+dispatch    `--mails` (20,000) delivery requests for as many people (imported into
+            `relevans serve profile` with email-marketing consent) published on rv.delivery.requests
+            at `--dispatch-rate` (2,000/s) while `relevans serve delivery` sends them to an SMTP sink
+            (relevans/local/smtp_sink.py, a process of its own): each request's consent asked of
+            profile at send time, the mail rendered, claimed, sent and recorded. Throughput = mails
+            sent / (last `sent` - first publish); latency = the message's `sent` time in its history
+            minus the request's publish time (one machine, one clock).
+            Raw: the same number of mails, of the size delivery sends, from a plain aiosmtplib
+            client over as many connections as delivery uses, to the same sink: its intake rate.
 banner      `--profiles` (100,000) people each holding a banner (rows written with COPY into the
             delivery database, as web messages leave them), loaded by `relevans serve delivery` at
             start the way it always loads them; then `GetBanner` at `--rate` (2,000/s) for
@@ -10,6 +19,8 @@ banner      `--profiles` (100,000) people each holding a banner (rows written wi
             `Check`), measured in the same run: the ratio says what answering from the inbox adds.
 memory      the delivery process's peak RSS while it holds the banners and answers.
 
+    .venv/bin/python bench/delivery.py --part dispatch
+    .venv/bin/python bench/delivery.py --part dispatch --mails 4000
     .venv/bin/python bench/delivery.py --part banner
     .venv/bin/python bench/delivery.py --part banner --profiles 5000 --seconds 2
 """
@@ -20,6 +31,7 @@ import argparse
 import asyncio
 import functools
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,21 +41,35 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import asyncpg
+import grpc
+import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
 from h2grpc import CallError, Channel, request_headers
 from harness import CpuWatch, PeakRss, embedded_stack, service_process, stack_processes
 
-from relevans.delivery.v1 import delivery_pb2
+from relevans.common.v1 import common_pb2
+from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
 from relevans.kit.auth import mint_token
+from relevans.kit.bus import Bus
+from relevans.kit.settings import env_name
+from relevans.local.embedded import free_port
+from relevans.local.smtp_sink import SmtpSink
+from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
+from services.delivery.channels.email import SMTP_CONNECTIONS
+from services.delivery.consumers import FILTER_SUBJECT as DISPATCH_SUBJECT
+from services.delivery.domain.channels.email import email_bytes
 
 SECRET = "bench-secret"
 TENANT = "bench"
 PLACEMENT = "cart-reminder"
 GET_BANNER = "/relevans.delivery.v1.DeliveryService/GetBanner"
 CHECK = "/grpc.health.v1.Health/Check"
-PARTS = ("banner",)
+PARTS = ("dispatch", "banner")
+TEMPLATE_ID = "abandoned-cart"
+CART_BODY = "Hi {{ first_name | fallback('there') }},\n\nyou left {{ event.product_name }} in your cart.\n"
 
 
 # ---- the banners ------------------------------------------------------------------------------------
@@ -273,6 +299,228 @@ async def run_load(args: argparse.Namespace, target: str, mode: str, watch: CpuW
     )
 
 
+# ---- dispatch -------------------------------------------------------------------------------------
+
+
+_drains: set[asyncio.Task[bytes]] = set()
+
+
+async def sink_process(port: int, mail_dir: Path) -> asyncio.subprocess.Process:
+    """The SMTP sink in a process of its own (its CPU counted apart), serving until its stdin closes."""
+    child = await asyncio.create_subprocess_exec(
+        *(sys.executable, __file__, "--sink", str(port), "--mail-dir", str(mail_dir)),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    while (line := await child.stdout.readline()).strip() != b"ready":  # its log lines come first
+        if not line:
+            raise RuntimeError("the SMTP sink did not start")
+    # What it logs per mail must not fill the pipe and stop it.
+    _drains.add(asyncio.create_task(child.stdout.read()))
+    return child
+
+
+async def run_sink(port: int, mail_dir: Path) -> None:
+    async with SmtpSink(mail_dir, port=port):
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def raw_smtp(port: int, mails: int) -> tuple[float, float]:
+    """(mails/s, client CPU s): a plain aiosmtplib client sending `mails` of delivery's size over
+    as many connections as delivery's SMTP transport, to the sink."""
+    content = email_bytes(
+        message_id="raw",
+        sender="relevans <no-reply@relevans.local>",
+        recipient="ada@example.com",
+        subject="Ada, you left something in your cart",
+        body_text="Hi Ada,\n\nyou left Blue running shoes in your cart. It is still waiting for you.\n",
+        now=datetime.now(UTC),
+    )
+    queue = iter(range(mails))
+
+    async def lane() -> None:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="relevans.local")
+        await client.connect()
+        for _ in queue:
+            await client.sendmail("no-reply@relevans.local", ["ada@example.com"], content)
+        await client.quit()
+
+    cpu0 = time.process_time()
+    started = time.perf_counter()
+    await asyncio.gather(*(lane() for _ in range(SMTP_CONNECTIONS)))
+    return mails / (time.perf_counter() - started), time.process_time() - cpu0
+
+
+async def import_people(target: str, n: int) -> None:
+    """`n` people with an email address, a first name and email-marketing consent."""
+    metadata = [("authorization", f"Bearer {mint_token(SECRET, TENANT, ['admin'])}")]
+    granted = profile_pb2.ConsentInput(
+        purpose=common_pb2.PURPOSE_MARKETING,
+        channel=common_pb2.CHANNEL_EMAIL,
+        status=common_pb2.CONSENT_STATUS_GRANTED,
+        source="bench",
+    )
+
+    async def batches() -> Any:
+        for start in range(0, n, 1000):
+            rows = [
+                profile_pb2.ImportRow(
+                    row_number=i + 1,
+                    email=f"p{i}@example.com",
+                    first_name="Ada",
+                    marketing_email_consent=granted,
+                )
+                for i in range(start, min(n, start + 1000))
+            ]
+            yield profile_pb2.ImportProfilesRequest(source="bench", rows=rows)
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await profile_pb2_grpc.ProfileServiceStub(channel).ImportProfiles(
+            batches(), metadata=metadata, timeout=600
+        )
+    if reply.rows_failed:
+        raise RuntimeError(f"{reply.rows_failed} people were not imported")
+
+
+async def put_template(target: str) -> None:
+    metadata = [("authorization", f"Bearer {mint_token(SECRET, TENANT, ['admin'])}")]
+    template = delivery_pb2.Template(
+        template_id=TEMPLATE_ID,
+        channel=common_pb2.CHANNEL_EMAIL,
+        subject="{{ first_name | fallback('Hi there') }}, you left something in your cart",
+        body_text=CART_BODY,
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        await delivery_pb2_grpc.DeliveryServiceStub(channel).PutTemplate(
+            delivery_pb2.PutTemplateRequest(template=template), metadata=metadata, timeout=30
+        )
+
+
+def delivery_request(i: int, profile_id: str) -> bytes:
+    request = bus_pb2.DeliveryRequest(
+        idempotency_key=f"bench:{i}",
+        tenant_id=TENANT,
+        profile_id=profile_id,
+        trigger_id="abandoned-cart",
+        channel=common_pb2.CHANNEL_EMAIL,
+        purpose=common_pb2.PURPOSE_MARKETING,
+        template_id=TEMPLATE_ID,
+    )
+    request.variables.update({"event": {"product_name": "Blue running shoes"}})
+    request.request_time.FromDatetime(datetime.now(UTC))
+    return request.SerializeToString()
+
+
+async def publish_paced(bus: Bus, profile_ids: list[str], rate: float) -> dict[str, float]:
+    """Publish one request per person at `rate` a second; each request's publish time by key."""
+    sent: dict[str, float] = {}
+    started = time.perf_counter()
+    n = 0
+    while n < len(profile_ids):
+        due = min(len(profile_ids), int((time.perf_counter() - started) * rate) + 1)
+        now = time.time()
+        batch = [(DISPATCH_SUBJECT, delivery_request(i, profile_ids[i]), f"bench:{i}") for i in range(n, due)]
+        await bus.publish_batch(batch, timeout=30)
+        sent.update({f"bench:{i}": now for i in range(n, due)})
+        n = due
+        await asyncio.sleep(0.005)
+    return sent
+
+
+async def sent_times(db_url: str, expected: int, stall_s: float = 60.0) -> dict[str, float]:
+    """Each message's `sent` time by idempotency key, once `expected` messages are final (or nothing
+    changed for `stall_s`)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        last, changed = -1, time.monotonic()
+        while True:
+            final = await conn.fetchval(
+                "SELECT count(*) FROM messages WHERE status IN ('sent', 'failed', 'suppressed', 'bounced')"
+            )
+            if final >= expected or time.monotonic() - changed > stall_s:
+                break
+            if final != last:
+                last, changed = final, time.monotonic()
+            await asyncio.sleep(0.2)
+        rows = await conn.fetch(
+            "SELECT m.idempotency_key, h.at FROM message_status_history h "
+            "JOIN messages m USING (tenant_id, message_id) WHERE h.status = 'sent'"
+        )
+        return {r["idempotency_key"]: r["at"].timestamp() for r in rows}
+    finally:
+        await conn.close()
+
+
+async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
+    n = args.mails
+    async with embedded_stack(folder, ("profile", "delivery")) as stack:
+        port = free_port()
+        sink = await sink_process(port, folder / "mail")
+        try:
+            raw_rate, raw_cpu = await raw_smtp(port, n)
+            os.environ[env_name("smtp_port")] = str(port)
+            rss = PeakRss()
+            async with service_process(stack, "profile", SECRET) as profile:
+                await import_people(profile.target, n)
+                os.environ[env_name("profile_target")] = profile.target
+                conn = await asyncpg.connect(stack.profile_db)
+                ids = [
+                    r["profile_id"]
+                    for r in await conn.fetch("SELECT profile_id FROM profiles ORDER BY email")
+                ]
+                await conn.close()
+                async with service_process(stack, "delivery", SECRET) as delivery:
+                    rss.watch(delivery.process.pid)
+                    await put_template(delivery.target)
+                    roots = {
+                        "service": [psutil.Process(delivery.process.pid)],
+                        "profile": [psutil.Process(profile.process.pid)],
+                        "sink": [psutil.Process(sink.pid)],
+                        **{k: v for k, v in stack_processes(stack, delivery).items() if k != "service"},
+                    }
+                    watch = CpuWatch(roots)
+                    bus = Bus(stack.nats_url, "bench-dispatch")
+                    await bus.connect()
+                    cpu0 = time.process_time()
+                    published = await publish_paced(bus, ids, args.dispatch_rate)
+                    publisher_cpu = time.process_time() - cpu0
+                    await bus.close()
+                    sent = await sent_times(stack.database("delivery"), n)
+                    cpu = watch.used()
+                    await rss.stop()
+        finally:
+            assert sink.stdin is not None
+            sink.stdin.close()
+            await sink.wait()
+    cpu["publisher"] = publisher_cpu
+    latencies = sorted(sent[k] - published[k] for k in sent if k in published)
+    if not latencies:
+        print("dispatch: no mail was sent")
+        return
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+    rate = len(sent) / (max(sent.values()) - min(published.values()))
+    print()
+    print(f"raw  plain SMTP client -> sink ({SMTP_CONNECTIONS} connections): {raw_rate:8,.0f} mails/s")
+    print(f"      CPU µs per mail: client {raw_cpu / n * 1e6:.0f}")
+    print(
+        f"ours requests -> delivery -> sink, {len(sent):,} of {n:,} sent: {rate:8,.0f} mails/s "
+        f"(offered {args.dispatch_rate:,.0f}/s)"
+    )
+    print(
+        f"      fired -> sent: p50 {q[49] * 1000:.0f}  p95 {q[94] * 1000:.0f}  p99 {q[98] * 1000:.0f} ms"
+        "   (target: >= 2,000 mails/s, p99 <= 1 s)"
+    )
+    machine = cpu.pop("machine")
+    parts = ", ".join(
+        f"{'delivery' if k == 'service' else k} {v / len(sent) * 1e6:.0f}" for k, v in cpu.items()
+    )
+    print(f"      CPU µs per mail: {parts}   (the box: {machine / len(sent) * 1e6:.0f})")
+    print(f"ratio ours/raw: {rate / raw_rate:.2f}")
+    print(f"delivery peak RSS: {rss.peak_mb:.0f} MB (target <= 200 MB)")
+
+
 # ---- the parts ------------------------------------------------------------------------------------
 
 
@@ -312,6 +560,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2_000.0, help="GetBanner calls per second")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long the load runs")
     parser.add_argument("--channels", type=int, default=2, help="HTTP/2 connections of the load process")
+    parser.add_argument("--mails", type=int, default=20_000, help="delivery requests of the dispatch part")
+    parser.add_argument("--dispatch-rate", type=float, default=2_000.0, help="delivery requests per second")
+    parser.add_argument("--sink", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--mail-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["banner", "echo"], default="banner", help=argparse.SUPPRESS)
     parser.add_argument("--target", default="", help=argparse.SUPPRESS)
@@ -319,9 +571,14 @@ def main() -> None:
     if args.worker:
         print(json.dumps(uvloop.run(load(args))))
         return
+    if args.sink:
+        uvloop.run(run_sink(args.sink, Path(args.mail_dir)))
+        return
     parts = PARTS if args.part == "all" else (args.part,)
     with tempfile.TemporaryDirectory(prefix="relevans-bench-delivery-") as tmp:
         for part in parts:
+            if part == "dispatch":
+                uvloop.run(dispatch_part(args, Path(tmp) / part))
             if part == "banner":
                 uvloop.run(banner_part(args, Path(tmp) / part))
 
