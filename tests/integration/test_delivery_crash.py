@@ -131,10 +131,16 @@ async def _put_template(target: str) -> None:
         )
 
 
-async def _publish_requests(settings: Settings, profile_id: str, sends: int = SENDS) -> None:
-    """`sends` transactional requests (no consent needed), request n (key "crash-n") asking for mail
-    "mail n"; the consumer is made first with a short ack wait, so what a killed process held comes
-    back soon."""
+async def _publish_requests(
+    settings: Settings,
+    profile_id: str,
+    sends: int = SENDS,
+    channel: int = common_pb2.CHANNEL_EMAIL,
+    template_id: str = TEMPLATE_ID,
+) -> None:
+    """`sends` transactional requests (no consent needed) on `channel` with `template_id`, request n
+    (key "crash-n") asking for message "n"; the consumer is made first with a short ack wait, so what a killed
+    process held comes back soon."""
     bus = Bus(settings.nats_url, "test")
     await bus.connect()
     try:
@@ -158,9 +164,9 @@ async def _publish_requests(settings: Settings, profile_id: str, sends: int = SE
                     tenant_id=TENANT,
                     profile_id=profile_id,
                     trigger_id="crash-test",
-                    channel=common_pb2.CHANNEL_EMAIL,
+                    channel=channel,
                     purpose=common_pb2.PURPOSE_TRANSACTIONAL,
-                    template_id=TEMPLATE_ID,
+                    template_id=template_id,
                     variables=to_struct({"event": {"n": n}}),
                 ).SerializeToString(),
                 f"crash-{n}",

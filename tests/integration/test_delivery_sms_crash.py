@@ -12,24 +12,20 @@ from pathlib import Path
 
 import grpc
 import pytest_asyncio
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from relevans.common.v1 import common_pb2
-from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
-from relevans.kit.bus import Bus
+from relevans.delivery.v1 import delivery_pb2, delivery_pb2_grpc
 from relevans.kit.clock import ManualClock
-from relevans.kit.proto import to_struct
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
 from relevans.local.sms_sink import SmsSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.channels.sms import SMS_CONNECTIONS
-from services.delivery.consumers import DURABLE, FILTER_SUBJECT, STREAM
 from services.profile.app import build as build_profile
 from tests.helpers import eventually
 from tests.helpers.delivery import TENANT, token
-from tests.integration.test_delivery_crash import DeliveryProcess, _statuses
+from tests.integration.test_delivery_crash import DeliveryProcess, _publish_requests, _statuses
 
 SENDS = 2000
 KILLS = 3
@@ -67,47 +63,6 @@ async def _setup(profile_target: str, delivery_target: str) -> str:
     return str(reply.profile.profile_id)
 
 
-async def _publish_requests(settings: Settings, profile_id: str) -> None:
-    """SENDS requests, request n asking for "text n"; the consumer is made first with a short ack
-    wait, so what a killed process held comes back soon."""
-    bus = Bus(settings.nats_url, "test")
-    await bus.connect()
-    try:
-        await bus.ensure_streams()
-        await bus.js.add_consumer(
-            STREAM,
-            ConsumerConfig(
-                durable_name=DURABLE,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=2.0,
-                max_ack_pending=2000,
-                filter_subject=FILTER_SUBJECT,
-            ),
-        )
-        requests = [
-            (
-                FILTER_SUBJECT,
-                bus_pb2.DeliveryRequest(
-                    idempotency_key=f"crash-{n}",
-                    tenant_id=TENANT,
-                    profile_id=profile_id,
-                    trigger_id="crash-test",
-                    channel=common_pb2.CHANNEL_SMS,
-                    purpose=common_pb2.PURPOSE_TRANSACTIONAL,
-                    template_id=TEMPLATE_ID,
-                    variables=to_struct({"event": {"n": n}}),
-                ).SerializeToString(),
-                f"crash-{n}",
-            )
-            for n in range(SENDS)
-        ]
-        for i in range(0, SENDS, 500):
-            await bus.publish_batch(requests[i : i + 500])
-    finally:
-        await bus.close()
-
-
 def _more_texts(sms_dir: Path, more: int) -> Callable[[], Awaitable[bool]]:
     """A probe: have `more` texts arrived since now?"""
 
@@ -133,7 +88,10 @@ async def test_kill_9_during_2000_sms_sends_none_twice_and_loses_at_most_the_in_
         delivery.env[env_name("sms_provider_url")] = sink.url
         try:
             await delivery.start()
-            await _publish_requests(settings, await _setup(profile_target, delivery.target))
+            profile_id = await _setup(profile_target, delivery.target)
+            await _publish_requests(
+                settings, profile_id, channel=common_pb2.CHANNEL_SMS, template_id=TEMPLATE_ID
+            )
             for _ in range(KILLS):
                 # somewhere in the middle of this process's sending
                 await eventually(_more_texts(sink.sms_dir, rng.randint(100, 450)), timeout=60, interval=0.005)
