@@ -38,7 +38,7 @@ from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace
+from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace, withdrawals
 from services.trigger.definitions import context, trigger_def
 from services.trigger.domain import (
     Fact,
@@ -485,6 +485,7 @@ class TriggerStore:
             await timer_rows.cancel_timers(conn, cancels, now)
         if schedules:
             await timer_rows.supersede_timers(conn, schedules, now)
+        await withdrawals.withdraw(conn, plan.withdrawals, now)
         await state_rows.write_states(conn, plan.states, kinds, now)
         return await trace.record(conn, plan.notes, collapsed=self.collapsed)
 

@@ -51,7 +51,21 @@ class CancelTimers:
     match: tuple[tuple[str, Any], ...] = ()
 
 
-Intent = ScheduleTimer | CancelTimers
+@dataclass(frozen=True, slots=True)
+class WithdrawMessages:
+    """Tell delivery the moment has passed (a cancel event): if a timer of the trigger that
+    started at or before `until` (with `match`, as `CancelTimers`) has fired, its banner may be
+    waiting, and delivery withdraws the person's waiting banners of the trigger."""
+
+    tenant_id: str
+    trigger_id: str
+    profile_id: str
+    until: datetime
+    reason: str
+    match: tuple[tuple[str, Any], ...] = ()
+
+
+Intent = ScheduleTimer | CancelTimers | WithdrawMessages
 
 
 @dataclass(frozen=True, slots=True)

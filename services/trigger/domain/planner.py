@@ -31,6 +31,7 @@ from services.trigger.domain.intents import (
     PendingTimer,
     ScheduleTimer,
     StateKey,
+    WithdrawMessages,
 )
 from services.trigger.domain.kinds import KINDS
 from services.trigger.domain.kinds.contract import EVERY_EVENT, ConditionKind, Context
@@ -51,6 +52,10 @@ class Plan:
     @property
     def cancels(self) -> list[CancelTimers]:
         return [i for i in self.intents if isinstance(i, CancelTimers)]
+
+    @property
+    def withdrawals(self) -> list[WithdrawMessages]:
+        return [i for i in self.intents if isinstance(i, WithdrawMessages)]
 
 
 def routes(trigger: TriggerDef, ctx: Context) -> frozenset[str]:
