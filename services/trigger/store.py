@@ -39,7 +39,7 @@ from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
 from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace, withdrawals
-from services.trigger.definitions import context, trigger_def
+from services.trigger.definitions import TRIGGER_COLUMNS, context, trigger_def
 from services.trigger.domain import (
     Fact,
     PendingTimer,
@@ -71,6 +71,10 @@ from services.trigger.tables import (
     triggers,
 )
 
+_ACTIVE_TRIGGERS = DriverStatement(
+    f"SELECT {TRIGGER_COLUMNS} FROM triggers tr WHERE tr.tenant_id = ANY(CAST(:tenants AS text[])) "
+    "ORDER BY tr.tenant_id, tr.trigger_id"
+)
 _POLICIES = DriverStatement(
     "SELECT tenant_id, policy, updated_at FROM policies WHERE tenant_id = ANY(CAST(:tenants AS text[]))"
 )
@@ -437,17 +441,10 @@ class TriggerStore:
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]
     ) -> dict[str, list[TriggerDef]]:
-        # Through SQLAlchemy: the first statement of the batch's transaction begins it.
-        rows = (
-            await conn.execute(
-                sa.select(triggers)
-                .where(triggers.c.tenant_id.in_(tenants))
-                .order_by(triggers.c.tenant_id, triggers.c.trigger_id)
-            )
-        ).all()
+        rows = await fetch_on_driver(conn, _ACTIVE_TRIGGERS, {"tenants": list(tenants)})
         out: dict[str, list[TriggerDef]] = {}
         for r in rows:
-            out.setdefault(r.tenant_id, []).append(trigger_def(r._mapping))
+            out.setdefault(r["tenant_id"], []).append(trigger_def(r))
         return out
 
     @staticmethod

@@ -120,12 +120,21 @@ _NOTE_COLUMNS = (
     ("idempotency_key", "text"),
 )
 _NOTES = ", ".join(name for name, _ in _NOTE_COLUMNS)
-# One row per note in the order of the notes (the decision ids, which order the rows of one instant,
-# follow it); a collapsed row (`collapse_key`) adds its count to the stored one, if there is one.
+# One row per note in the order of the notes (the decision ids, taken in that order, order the rows
+# of one instant); a collapsed row (`collapse_key`) adds its count to the stored one, if there is
+# one. Only the collapsed rows go through ON CONFLICT: a speculative insertion costs PostgreSQL
+# more than a plain one (bench/README.md, "Trigger"), and most rows are not collapsed.
 _RECORD = DriverStatement(f"""
-INSERT INTO decisions ({_NOTES}, count, collapse_key)
-SELECT {_NOTES}, count, collapse_key
-FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+WITH u AS MATERIALIZED (
+    SELECT {_NOTES}, count, collapse_key,
+           nextval('decisions_decision_id_seq') AS decision_id
+    FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+), plain AS (
+    INSERT INTO decisions (decision_id, {_NOTES}, count)
+    SELECT decision_id, {_NOTES}, count FROM u WHERE collapse_key IS NULL
+)
+INSERT INTO decisions (decision_id, {_NOTES}, count, collapse_key)
+SELECT decision_id, {_NOTES}, count, collapse_key FROM u WHERE collapse_key IS NOT NULL
 ON CONFLICT (tenant_id, collapse_key) WHERE collapse_key IS NOT NULL DO UPDATE SET
     count = decisions.count + excluded.count,
     decided_at = greatest(decisions.decided_at, excluded.decided_at),

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.delivery.v1 import bus_pb2
 from relevans.kit.db import DriverStatement, fetch_on_driver, unnest
-from relevans.kit.outbox import OutboxMessage, enqueue
+from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_timestamp
+from services.trigger import outbox_rows
 from services.trigger.domain import WithdrawMessages
-from services.trigger.tables import outbox
 
 WITHDRAWAL_SUBJECT = "rv.delivery.withdrawals"
 
@@ -79,5 +79,5 @@ async def withdraw(conn: AsyncConnection, wanted: Sequence[WithdrawMessages], no
         },
     )
     covered = [wanted[r["ord"] - 1] for r in rows]
-    await enqueue(conn, outbox, [withdrawal_message(w) for w in covered], now)
+    await outbox_rows.enqueue(conn, [withdrawal_message(w) for w in covered], now)
     return len(covered)
