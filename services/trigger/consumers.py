@@ -15,7 +15,6 @@ the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_p
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
@@ -25,6 +24,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
+from relevans.conditions import ProfileView
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer, partitioned
@@ -72,8 +72,20 @@ def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
         event_type=msg.event.type,
         occurred_at=occurred,
         properties=properties,
-        profile=functools.cache(lambda: profile_view(profile, properties)),
+        profile=_once(lambda: profile_view(profile, properties)),
     )
+
+
+def _once(build: Callable[[], ProfileView]) -> Callable[[], ProfileView]:
+    """`build`'s result, built on the first call (cheaper to make per event than functools.cache)."""
+    built: list[ProfileView] = []
+
+    def get() -> ProfileView:
+        if not built:
+            built.append(build())
+        return built[0]
+
+    return get
 
 
 class EventConsumer:

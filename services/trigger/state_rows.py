@@ -55,11 +55,21 @@ class StoredStates(Mapping[StateKey, Any]):
         self._raw = raw  # key -> (kind name, state JSON)
         self._parsed: dict[StateKey, Any] = {}
 
-    def __getitem__(self, key: StateKey) -> Any:
+    def get(self, key: StateKey, default: Any = None) -> Any:
+        """(Without the KeyError `Mapping.get` would raise and catch for every key not stored.)"""
         found = self._parsed.get(key)
         if found is None:
-            kind, text = self._raw[key]
+            raw = self._raw.get(key)
+            if raw is None:
+                return default
+            kind, text = raw
             found = self._parsed[key] = kind_named(kind).state_from_json(json_value(text))
+        return found
+
+    def __getitem__(self, key: StateKey) -> Any:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
         return found
 
     def __iter__(self) -> Iterator[StateKey]:

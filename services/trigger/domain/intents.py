@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 # (tenant_id, trigger_id, profile_id): the key of a trigger's state for one person.
 StateKey = tuple[str, str, str]
@@ -68,10 +68,11 @@ class WithdrawMessages:
 Intent = ScheduleTimer | CancelTimers | WithdrawMessages
 
 
-@dataclass(frozen=True, slots=True)
-class Note:
+class Note(NamedTuple):
     """An entry for the decision trace (`DecisionOutcome` without its prefix, lower-case:
-    "fired", "not_fired", "cancelled", ...)."""
+    "fired", "not_fired", "cancelled", ...). A named tuple, not a frozen dataclass: a batch makes
+    several per event (most of them condition-false, counted and dropped), and a tuple is made in
+    a third of the time."""
 
     tenant_id: str
     trigger_id: str
