@@ -71,7 +71,9 @@ from services.trigger.tables import (
     triggers,
 )
 
-_ACTIVE_TRIGGERS = DriverStatement(
+# Through SQLAlchemy: the first statement of a batch's transaction begins it (on the driver, a
+# statement of its own would have to begin it first).
+_ACTIVE_TRIGGERS = sa.text(
     f"SELECT {TRIGGER_COLUMNS} FROM triggers tr WHERE tr.tenant_id = ANY(CAST(:tenants AS text[])) "
     "ORDER BY tr.tenant_id, tr.trigger_id"
 )
@@ -476,10 +478,10 @@ class TriggerStore:
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]
     ) -> dict[str, list[TriggerDef]]:
-        rows = await fetch_on_driver(conn, _ACTIVE_TRIGGERS, {"tenants": list(tenants)})
+        rows = await conn.execute(_ACTIVE_TRIGGERS, {"tenants": list(tenants)})
         out: dict[str, list[TriggerDef]] = {}
         for r in rows:
-            out.setdefault(r["tenant_id"], []).append(trigger_def(r))
+            out.setdefault(r.tenant_id, []).append(trigger_def(r._mapping))
         return out
 
     @staticmethod
