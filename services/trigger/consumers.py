@@ -15,6 +15,7 @@ the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_p
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
@@ -88,12 +89,33 @@ def _once(build: Callable[[], ProfileView]) -> Callable[[], ProfileView]:
     return get
 
 
+# Transactions of event batches in flight at once per process (see `EventConsumer`).
+EVENT_WRITERS = 2
+
+
 class EventConsumer:
-    def __init__(self, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None) -> None:
+    """The handler of every event partition's consumer in a process. Batches that arrive while
+    `EVENT_WRITERS` transactions are in flight wait and are then applied together, in one
+    transaction (group commit): under a steady trickle each partition's batch is a few events,
+    and a transaction per batch cost far more than its events (bench/README.md, "Trigger").
+    A partition's next batch is fetched only after its batch is acked, so one person's events
+    (one partition) stay in order; a group that fails is applied again batch by batch, so a bad
+    event fails only its own batch (which the kit's `Consumer` then retries message by message)."""
+
+    def __init__(
+        self,
+        store: TriggerStore,
+        clock: Clock,
+        wake: Callable[[], None] = lambda: None,
+        writers: int = EVENT_WRITERS,
+    ) -> None:
         self.store = store
         self.clock = clock
         # Wakes the timer worker: a fact that makes a message due now need not wait for its poll.
         self.wake = wake
+        self._writers = asyncio.Semaphore(writers)
+        # Batches waiting for a writer; each one's future says whether to apply it alone.
+        self._waiting: list[tuple[list[EventFacts], asyncio.Future[bool]]] = []
 
     def decode(self, msgs: Sequence[Msg]) -> list[EventFacts]:
         now = self.clock.now()
@@ -115,6 +137,39 @@ class EventConsumer:
         events = self.decode(msgs)
         if not events:
             return
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((events, done))
+        try:
+            async with self._writers:
+                if not done.done():  # no other writer took it along
+                    group, self._waiting = self._waiting, []
+                    await self._apply_group(group)
+        except asyncio.CancelledError:
+            # Stopped (its partition's lease lost): a batch still waiting is not applied later.
+            self._waiting = [w for w in self._waiting if w[1] is not done]
+            raise
+        if await done:
+            await self._apply(events)
+
+    async def _apply_group(self, group: list[tuple[list[EventFacts], asyncio.Future[bool]]]) -> None:
+        try:
+            await self._apply([e for events, _ in group for e in events])
+        except BaseException as exc:
+            for _, done in group:
+                if done.done():
+                    continue
+                if len(group) == 1 and isinstance(exc, Exception):
+                    done.set_exception(exc)
+                else:
+                    done.set_result(True)  # applied again alone
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for _, done in group:
+                if not done.done():
+                    done.set_result(False)
+
+    async def _apply(self, events: list[EventFacts]) -> None:
         now = self.clock.now()
         plan = await self.store.apply_facts(events, now)
         _wake_if_due(plan, now, self.wake)
