@@ -140,16 +140,28 @@ class EventConsumer:
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((events, done))
         try:
-            async with self._writers:
-                if not done.done():  # no other writer took it along
-                    group, self._waiting = self._waiting, []
-                    await self._apply_group(group)
+            while not done.done():  # until a writer (this one or another) took it along
+                async with self._writers:
+                    if not done.done():
+                        await self._apply_group(self._take_group())
         except asyncio.CancelledError:
             # Stopped (its partition's lease lost): a batch still waiting is not applied later.
             self._waiting = [w for w in self._waiting if w[1] is not done]
             raise
         if await done:
             await self._apply(events)
+
+    def _take_group(self) -> list[tuple[list[EventFacts], asyncio.Future[bool]]]:
+        """The batches waiting longest, up to `EVENT_BATCH` events (at least one batch): full
+        batches need no company, and a bigger transaction held more memory than it saved."""
+        size, taken = 0, 0
+        for events, _ in self._waiting:
+            if taken and size + len(events) > EVENT_BATCH:
+                break
+            size += len(events)
+            taken += 1
+        group, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        return group
 
     async def _apply_group(self, group: list[tuple[list[EventFacts], asyncio.Future[bool]]]) -> None:
         try:

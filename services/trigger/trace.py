@@ -34,8 +34,9 @@ CONDITION_FALSE_REFRESH = timedelta(hours=1)
 # (and written again at their next evaluation).
 COLLAPSED_CAPACITY = 100_000
 
-# (tenant, trigger, profile, reason code)
-CollapsedKey = tuple[str, ...]
+# (tenant, collapse key): one string per entry, not the event's own strings (kept alive by a tuple
+# of them, 100,000 entries weighed more).
+CollapsedKey = tuple[str, str]
 
 
 class CollapsedNotes:
@@ -159,13 +160,13 @@ async def record(
     counted. Returns what to tell `collapsed` once the transaction has committed."""
     if not notes:
         return _nothing
-    # Condition-false notes by (tenant, trigger, profile, reason code): the latest's place, how many.
+    # Condition-false notes by (tenant, collapse key): the latest's place, and how many.
     latest: dict[CollapsedKey, int] = {}
     counts: dict[CollapsedKey, int] = {}
     rows: list[int] = []  # the places of the notes written, in order
     for i, n in enumerate(notes):
         if (n.outcome, n.reason_code) in COLLAPSED:
-            k = (n.tenant_id, n.trigger_id, n.profile_id, n.reason_code)
+            k = (n.tenant_id, f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}")
             latest[k] = i
             counts[k] = counts.get(k, 0) + 1
         else:
@@ -178,7 +179,7 @@ async def record(
         if collapsed is None or collapsed.due(key, at):
             written.append((key, at))
             count = counts[key] + (0 if collapsed is None else collapsed.counted(key))
-            collapse[i] = (count, f"{key[1]}\x1f{key[2]}\x1f{key[3]}")
+            collapse[i] = (count, key[1])
             rows.append(i)
         else:
             held.append((key, counts[key]))
