@@ -3,7 +3,8 @@
 The store applies what the domain decides: `apply_facts` loads the definitions, per-person
 state and tenant policies a batch of facts (events, segment and trait changes) needs, asks
 `plan_facts` what they mean, and writes timers, cancellations, state and the decision trace in
-the caller's single transaction; `fire_due` decides due timers person by person by the policies
+the caller's single transaction — and, built with `message_for`, hands the messages the facts make
+due at once in that transaction too; `fire_due` decides due timers person by person by the policies
 (`fire_rows`) and writes their delivery requests to the outbox in the same transaction;
 `merge_people` re-points a merged-away profile's timers, state, firings and trace to the
 surviving profile and remembers the alias, so the person's later facts — under either id —
