@@ -19,7 +19,7 @@ from services.trigger.consumers import (
 from services.trigger.servicer import TriggerServicer, binding
 from services.trigger.store import TriggerStore
 from services.trigger.tables import outbox
-from services.trigger.timers import DecisionPruner, TimerWorker, delivery_message
+from services.trigger.timers import DecisionPruner, TimerWorker
 
 SERVICE = "trigger"
 
@@ -27,18 +27,16 @@ SERVICE = "trigger"
 async def build(settings: Settings, clock: Clock) -> ServiceHost:
     """The trigger service, not yet started; the caller migrates its database first."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    # Messages a fact makes due at once are handed in the fact's transaction (`TriggerStore`), so
-    # the consumers need not wake the timer worker.
-    store = TriggerStore(rt.engine, delivery_message, rt.relay.notify)
+    store = TriggerStore(rt.engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     timers = TimerWorker(store, clock, rt.relay.notify)
-    events = event_consumers(rt.bus, store, clock, settings.event_partitions)
+    events = event_consumers(rt.bus, store, clock, settings.event_partitions, timers.wake)
     await take_over(rt.bus, LEGACY_DURABLE, events)
     await ensure_durables(rt.bus, events)
     leases = event_leases(rt.engine, events)
     host.add_worker("trigger-event-partitions", leases.run)
     host.add_closer(leases.close)  # before the engine's dispose, which leaves a checked-out connection open
-    host.add_worker("trigger-profile-changes", profile_change_consumer(rt.bus, store, clock).run)
+    host.add_worker("trigger-profile-changes", profile_change_consumer(rt.bus, store, clock, timers.wake).run)
     host.add_worker("trigger-delivery-status", delivery_status_consumer(rt.bus, store, clock).run)
     rt.follow_people(host, merge_people=store.merge_people, purge_people=store.purge_people)
     host.add_worker("timers", timers.run)

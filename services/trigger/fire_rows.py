@@ -22,7 +22,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from prometheus_client import Counter
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.kit.db import DriverStatement, fetch_on_driver, json_value, unnest
@@ -36,8 +35,6 @@ from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
 from services.trigger.tables import PENDING, timers
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
-
-TIMERS_FIRED = Counter("relevans_trigger_timers_fired_total", "Timers fired into delivery requests")
 Person = tuple[str, str]
 
 

@@ -3,8 +3,7 @@
 The store applies what the domain decides: `apply_facts` loads the definitions, per-person
 state and tenant policies a batch of facts (events, segment and trait changes) needs, asks
 `plan_facts` what they mean, and writes timers, cancellations, state and the decision trace in
-the caller's single transaction — and, built with `message_for`, hands the messages the facts make
-due at once in that transaction too; `fire_due` decides due timers person by person by the policies
+the caller's single transaction; `fire_due` decides due timers person by person by the policies
 (`fire_rows`) and writes their delivery requests to the outbox in the same transaction;
 `merge_people` re-points a merged-away profile's timers, state, firings and trace to the
 surviving profile and remembers the alias, so the person's later facts — under either id —
@@ -103,20 +102,10 @@ class FireResult:
 
 
 class TriggerStore:
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        message_for: MessageFor | None = None,
-        notify: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         # The condition-false entries this process wrote lately (`trace.CollapsedNotes`).
         self.collapsed = trace.CollapsedNotes()
-        # With `message_for`, the messages a batch of facts makes due now are decided and handed in
-        # the batch's transaction, under the people's locks it holds already, instead of by a timer
-        # round later (`_fire_now`); `notify` wakes the outbox relay once they are committed.
-        self.message_for = message_for
-        self.notify = notify
 
     # ---- GDPR ---------------------------------------------------------------------------------
 
@@ -414,32 +403,7 @@ class TriggerStore:
         states = await state_rows.read_states(conn, persons, kinds)
         plan = plan_facts(by_tenant, relevant, states, contexts)
         committed.append(await self._apply(conn, plan, kinds, now))
-        due_now = sorted({(s.tenant_id, s.profile_id) for s in plan.schedules if s.due_at <= now})
-        if due_now and self.message_for is not None:
-            await self._fire_now(conn, due_now, tenant_policies, now, self.message_for, committed)
         return plan
-
-    async def _fire_now(
-        self,
-        conn: AsyncConnection,
-        persons: Sequence[tuple[str, str]],
-        tenant_policies: Mapping[str, TenantPolicy],
-        now: datetime,
-        message_for: MessageFor,
-        committed: list[Callable[[], None]],
-    ) -> None:
-        """Decide and hand the due messages of these people (locked by the caller), every due one
-        of theirs together, as a timer round would (`fire_due`): one transaction fewer per batch
-        and no round waiting for the people's locks, which the batch holds meanwhile."""
-        due = await fire_rows.due_timers(conn, persons, now, trigger_def)
-        _, handed = await fire_rows.settle(conn, persons, due, tenant_policies, now, message_for)
-        if handed:
-
-            def sent() -> None:
-                fire_rows.TIMERS_FIRED.inc(handed)
-                self.notify()
-
-            committed.append(sent)
 
     async def apply_profile_changes(self, changes: person_rows.ProfileChanges, now: datetime) -> Plan:
         """Remember people's traits and consents and decide what segment and trait changes mean,

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
+from prometheus_client import Counter
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2
@@ -23,11 +24,11 @@ from relevans.kit.enums import enum_value
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_struct, to_timestamp
 from services.trigger.domain import Firing
-from services.trigger.fire_rows import TIMERS_FIRED
 from services.trigger.store import TriggerStore
 
 log = structlog.get_logger(__name__)
 
+TIMERS_FIRED = Counter("relevans_trigger_timers_fired_total", "Timers fired into delivery requests")
 
 DELIVERY_SUBJECT = "rv.delivery.requests"
 DEFAULT_BATCH = 200
