@@ -15,7 +15,7 @@ the kit's runtime (`app.build` hands it `TriggerStore.merge_people` and `purge_p
 
 from __future__ import annotations
 
-import functools
+import asyncio
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.common.v1 import common_pb2
+from relevans.conditions import ProfileView
 from relevans.delivery.v1 import bus_pb2 as delivery_bus_pb2
 from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer, partitioned
@@ -72,16 +73,49 @@ def event_facts(msg: bus_pb2.EnrichedEvent, now: datetime) -> EventFacts | None:
         event_type=msg.event.type,
         occurred_at=occurred,
         properties=properties,
-        profile=functools.cache(lambda: profile_view(profile, properties)),
+        profile=_once(lambda: profile_view(profile, properties)),
     )
 
 
+def _once(build: Callable[[], ProfileView]) -> Callable[[], ProfileView]:
+    """`build`'s result, built on the first call (cheaper to make per event than functools.cache)."""
+    built: list[ProfileView] = []
+
+    def get() -> ProfileView:
+        if not built:
+            built.append(build())
+        return built[0]
+
+    return get
+
+
+# Transactions of event batches in flight at once per process (see `EventConsumer`).
+EVENT_WRITERS = 2
+
+
 class EventConsumer:
-    def __init__(self, store: TriggerStore, clock: Clock, wake: Callable[[], None] = lambda: None) -> None:
+    """The handler of every event partition's consumer in a process. Batches that arrive while
+    `EVENT_WRITERS` transactions are in flight wait and are then applied together, in one
+    transaction (group commit): under a steady trickle each partition's batch is a few events,
+    and a transaction per batch cost far more than its events (bench/README.md, "Trigger").
+    A partition's next batch is fetched only after its batch is acked, so one person's events
+    (one partition) stay in order; a group that fails is applied again batch by batch, so a bad
+    event fails only its own batch (which the kit's `Consumer` then retries message by message)."""
+
+    def __init__(
+        self,
+        store: TriggerStore,
+        clock: Clock,
+        wake: Callable[[], None] = lambda: None,
+        writers: int = EVENT_WRITERS,
+    ) -> None:
         self.store = store
         self.clock = clock
         # Wakes the timer worker: a fact that makes a message due now need not wait for its poll.
         self.wake = wake
+        self._writers = asyncio.Semaphore(writers)
+        # Batches waiting for a writer; each one's future says whether to apply it alone.
+        self._waiting: list[tuple[list[EventFacts], asyncio.Future[bool]]] = []
 
     def decode(self, msgs: Sequence[Msg]) -> list[EventFacts]:
         now = self.clock.now()
@@ -103,6 +137,51 @@ class EventConsumer:
         events = self.decode(msgs)
         if not events:
             return
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiting.append((events, done))
+        try:
+            while not done.done():  # until a writer (this one or another) took it along
+                async with self._writers:
+                    if not done.done():
+                        await self._apply_group(self._take_group())
+        except asyncio.CancelledError:
+            # Stopped (its partition's lease lost): a batch still waiting is not applied later.
+            self._waiting = [w for w in self._waiting if w[1] is not done]
+            raise
+        if await done:
+            await self._apply(events)
+
+    def _take_group(self) -> list[tuple[list[EventFacts], asyncio.Future[bool]]]:
+        """The batches waiting longest, up to `EVENT_BATCH` events (at least one batch): full
+        batches need no company, and a bigger transaction held more memory than it saved."""
+        size, taken = 0, 0
+        for events, _ in self._waiting:
+            if taken and size + len(events) > EVENT_BATCH:
+                break
+            size += len(events)
+            taken += 1
+        group, self._waiting = self._waiting[:taken], self._waiting[taken:]
+        return group
+
+    async def _apply_group(self, group: list[tuple[list[EventFacts], asyncio.Future[bool]]]) -> None:
+        try:
+            await self._apply([e for events, _ in group for e in events])
+        except BaseException as exc:
+            for _, done in group:
+                if done.done():
+                    continue
+                if len(group) == 1 and isinstance(exc, Exception):
+                    done.set_exception(exc)
+                else:
+                    done.set_result(True)  # applied again alone
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for _, done in group:
+                if not done.done():
+                    done.set_result(False)
+
+    async def _apply(self, events: list[EventFacts]) -> None:
         now = self.clock.now()
         plan = await self.store.apply_facts(events, now)
         _wake_if_due(plan, now, self.wake)

@@ -26,12 +26,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from relevans.kit.db import DriverStatement, fetch_on_driver, json_value, unnest
 from relevans.kit.locks import lock_key32
-from relevans.kit.outbox import OutboxMessage, enqueue
-from services.trigger import person_rows, timer_rows, trace
+from relevans.kit.outbox import OutboxMessage
+from services.trigger import outbox_rows, person_rows, timer_rows, trace
+from services.trigger.definitions import TRIGGER_COLUMNS
 from services.trigger.domain import TriggerDef
 from services.trigger.domain.firing import DueTimer, Firing, Settled, settle_person
 from services.trigger.domain.policies import Sent, TenantPolicy, history_horizon
-from services.trigger.tables import PENDING, outbox, timers
+from services.trigger.tables import PENDING, timers
 
 MessageFor = Callable[[Firing, datetime], OutboxMessage]
 Person = tuple[str, str]
@@ -66,7 +67,8 @@ async def claim_people(conn: AsyncConnection, now: datetime, limit: int, namespa
 
 _PEOPLE = unnest("u", (("tenant_id", "text"), ("profile_id", "text")))
 _DUE = DriverStatement(f"""
-SELECT t.tenant_id, t.trigger_id, t.profile_id, t.occurrence, t.variables, t.due_at, t.first_due_at
+SELECT t.tenant_id, t.trigger_id, t.profile_id, t.occurrence, CAST(t.variables AS text) AS variables,
+       t.due_at, t.first_due_at
 FROM {_PEOPLE} CROSS JOIN LATERAL (
     SELECT * FROM timers t
     WHERE t.tenant_id = u.tenant_id AND t.profile_id = u.profile_id AND t.status = 'pending'
@@ -76,7 +78,7 @@ FROM {_PEOPLE} CROSS JOIN LATERAL (
 ORDER BY t.due_at
 """)
 _TRIGGERS = DriverStatement(f"""
-SELECT tr.* FROM {unnest("u", (("tenant_id", "text"), ("trigger_id", "text")))}
+SELECT {TRIGGER_COLUMNS} FROM {unnest("u", (("tenant_id", "text"), ("trigger_id", "text")))}
 JOIN triggers tr ON tr.tenant_id = u.tenant_id AND tr.trigger_id = u.trigger_id
 """)
 
@@ -193,7 +195,7 @@ async def _write(conn: AsyncConnection, s: Settled, now: datetime, message_for: 
         await timer_rows.insert_timers(conn, s.follow_ups, now)
     await trace.record(conn, s.notes, s.note_keys)
     if new:
-        await enqueue(conn, outbox, [message_for(f, now) for f in new], now)
+        await outbox_rows.enqueue(conn, [message_for(f, now) for f in new], now)
 
 
 _KEY = (("tenant_id", "text"), ("trigger_id", "text"), ("profile_id", "text"), ("occurrence", "text"))

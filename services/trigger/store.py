@@ -38,8 +38,8 @@ from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32
 from relevans.kit.merges import Person, ProfileMerge, forget_aliases, record_alias, surviving_ids
-from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace
-from services.trigger.definitions import context, trigger_def
+from services.trigger import fire_rows, person_rows, state_rows, timer_rows, trace, withdrawals
+from services.trigger.definitions import TRIGGER_COLUMNS, context, trigger_def
 from services.trigger.domain import (
     Fact,
     PendingTimer,
@@ -71,6 +71,12 @@ from services.trigger.tables import (
     triggers,
 )
 
+# Through SQLAlchemy: the first statement of a batch's transaction begins it (on the driver, a
+# statement of its own would have to begin it first).
+_ACTIVE_TRIGGERS = sa.text(
+    f"SELECT {TRIGGER_COLUMNS} FROM triggers tr WHERE tr.tenant_id = ANY(CAST(:tenants AS text[])) "
+    "ORDER BY tr.tenant_id, tr.trigger_id"
+)
 _POLICIES = DriverStatement(
     "SELECT tenant_id, policy, updated_at FROM policies WHERE tenant_id = ANY(CAST(:tenants AS text[]))"
 )
@@ -437,14 +443,7 @@ class TriggerStore:
     async def _active_triggers(
         self, conn: AsyncConnection, tenants: Sequence[str]
     ) -> dict[str, list[TriggerDef]]:
-        # Through SQLAlchemy: the first statement of the batch's transaction begins it.
-        rows = (
-            await conn.execute(
-                sa.select(triggers)
-                .where(triggers.c.tenant_id.in_(tenants))
-                .order_by(triggers.c.tenant_id, triggers.c.trigger_id)
-            )
-        ).all()
+        rows = await conn.execute(_ACTIVE_TRIGGERS, {"tenants": list(tenants)})
         out: dict[str, list[TriggerDef]] = {}
         for r in rows:
             out.setdefault(r.tenant_id, []).append(trigger_def(r._mapping))
@@ -485,6 +484,7 @@ class TriggerStore:
             await timer_rows.cancel_timers(conn, cancels, now)
         if schedules:
             await timer_rows.supersede_timers(conn, schedules, now)
+        await withdrawals.withdraw(conn, plan.withdrawals, now)
         await state_rows.write_states(conn, plan.states, kinds, now)
         return await trace.record(conn, plan.notes, collapsed=self.collapsed)
 

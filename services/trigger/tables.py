@@ -87,6 +87,8 @@ trigger_states = sa.Table(
     sa.Column("state", JSONB, nullable=False),
     sa.Column("updated_at", TZ, nullable=False),
     sa.Index("trigger_states_profile", "tenant_id", "profile_id"),
+    # Room on each page for updates in place (migration 0008).
+    postgresql_with={"fillfactor": 70},
 )
 
 firings = sa.Table(
@@ -151,7 +153,8 @@ decisions = sa.Table(
         sa.text("decided_at DESC"),
         sa.text("decision_id DESC"),
     ),
-    sa.Index("decisions_age", "decided_at"),
+    # BRIN (migration 0008): only the retention's pruning reads it.
+    sa.Index("decisions_age", "decided_at", postgresql_using="brin"),
     sa.Index(
         "decisions_collapse",
         "tenant_id",

@@ -46,6 +46,8 @@ def delivery_request(f: Firing, now: datetime) -> bus_pb2.DeliveryRequest:
         template_id=f.template_id,
         variables=to_struct(f.variables),
         request_time=to_timestamp(now),
+        priority=f.priority,
+        expire_time=to_timestamp(f.expire_at),
     )
 
 

@@ -34,6 +34,8 @@ CONDITION_FALSE_REFRESH = timedelta(hours=1)
 # (and written again at their next evaluation).
 COLLAPSED_CAPACITY = 100_000
 
+# (tenant, collapse key): one string per entry, not the event's own strings (kept alive by a tuple
+# of them, 100,000 entries weighed more).
 CollapsedKey = tuple[str, str]
 
 
@@ -120,12 +122,21 @@ _NOTE_COLUMNS = (
     ("idempotency_key", "text"),
 )
 _NOTES = ", ".join(name for name, _ in _NOTE_COLUMNS)
-# One row per note in the order of the notes (the decision ids, which order the rows of one instant,
-# follow it); a collapsed row (`collapse_key`) adds its count to the stored one, if there is one.
+# One row per note in the order of the notes (the decision ids, taken in that order, order the rows
+# of one instant); a collapsed row (`collapse_key`) adds its count to the stored one, if there is
+# one. Only the collapsed rows go through ON CONFLICT: a speculative insertion costs PostgreSQL
+# more than a plain one (bench/README.md, "Trigger"), and most rows are not collapsed.
 _RECORD = DriverStatement(f"""
-INSERT INTO decisions ({_NOTES}, count, collapse_key)
-SELECT {_NOTES}, count, collapse_key
-FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+WITH u AS MATERIALIZED (
+    SELECT {_NOTES}, count, collapse_key,
+           nextval('decisions_decision_id_seq') AS decision_id
+    FROM {unnest("u", (*_NOTE_COLUMNS, ("count", "bigint"), ("collapse_key", "text")))} ORDER BY ord
+), plain AS (
+    INSERT INTO decisions (decision_id, {_NOTES}, count)
+    SELECT decision_id, {_NOTES}, count FROM u WHERE collapse_key IS NULL
+)
+INSERT INTO decisions (decision_id, {_NOTES}, count, collapse_key)
+SELECT decision_id, {_NOTES}, count, collapse_key FROM u WHERE collapse_key IS NOT NULL
 ON CONFLICT (tenant_id, collapse_key) WHERE collapse_key IS NOT NULL DO UPDATE SET
     count = decisions.count + excluded.count,
     decided_at = greatest(decisions.decided_at, excluded.decided_at),
@@ -149,39 +160,34 @@ async def record(
     counted. Returns what to tell `collapsed` once the transaction has committed."""
     if not notes:
         return _nothing
-    # (note, idempotency key, count, collapse key); the collapsed rows a later note took are `gone`.
-    rows: list[tuple[Note, str, int, str | None]] = []
-    gone: set[int] = set()
-    at: dict[tuple[str, str], int] = {}  # (tenant, collapse key) -> its row
+    # Condition-false notes by (tenant, collapse key): the latest's place, and how many.
+    latest: dict[CollapsedKey, int] = {}
+    counts: dict[CollapsedKey, int] = {}
+    rows: list[int] = []  # the places of the notes written, in order
     for i, n in enumerate(notes):
-        key = keys[i] if i < len(keys) else ""
         if (n.outcome, n.reason_code) in COLLAPSED:
-            collapse_key = f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}"
-            count = 1
-            seen = at.get((n.tenant_id, collapse_key))
-            if seen is not None:
-                count += rows[seen][2]
-                gone.add(seen)
-            at[(n.tenant_id, collapse_key)] = len(rows)
-            rows.append((n, key, count, collapse_key))
+            k = (n.tenant_id, f"{n.trigger_id}\x1f{n.profile_id}\x1f{n.reason_code}")
+            latest[k] = i
+            counts[k] = counts.get(k, 0) + 1
         else:
-            rows.append((n, key, 1, None))
-    kept = [r for i, r in enumerate(rows) if i not in gone] if gone else rows
+            rows.append(i)
     written: list[tuple[CollapsedKey, datetime]] = []
     held: list[tuple[CollapsedKey, int]] = []
-    if collapsed is not None:
-        due: list[tuple[Note, str, int, str | None]] = []
-        for n, key, count, row_key in kept:
-            if row_key is None:
-                due.append((n, key, count, row_key))
-            elif collapsed.due((n.tenant_id, row_key), n.at):
-                written.append(((n.tenant_id, row_key), n.at))
-                due.append((n, key, count + collapsed.counted((n.tenant_id, row_key)), row_key))
-            else:
-                held.append(((n.tenant_id, row_key), count))
-        kept = due
-    if not kept:
+    collapse: dict[int, tuple[int, str]] = {}  # place -> (count, collapse key) of a collapsed row
+    for key, i in latest.items():
+        at = notes[i].at
+        if collapsed is None or collapsed.due(key, at):
+            written.append((key, at))
+            count = counts[key] + (0 if collapsed is None else collapsed.counted(key))
+            collapse[i] = (count, key[1])
+            rows.append(i)
+        else:
+            held.append((key, counts[key]))
+    if collapse:
+        rows.sort()
+    if not rows:
         return _nothing if collapsed is None else lambda: collapsed.settle(written, held)
+    kept = [(notes[i], keys[i] if i < len(keys) else "", *collapse.get(i, (1, None))) for i in rows]
     await fetch_on_driver(
         conn,
         _RECORD,

@@ -97,3 +97,14 @@ def test_a_yearly_date_schedules_next_years_timer_when_it_is_handed() -> None:
     settled = settle_person([timer], [], TenantPolicy(), {}, {}, schedule.due_at)
     [follow] = settled.follow_ups
     assert follow.due_at == datetime(2027, 7, 15, 10, tzinfo=UTC)
+
+
+def test_a_firing_carries_the_triggers_priority_and_its_own_expiry() -> None:
+    ranked = replace(CART, policy=TriggerPolicy(priority=7, expiry=timedelta(hours=6)))
+    [(_, firing)] = settle_person([due(ranked)], [], TenantPolicy(), {}, {}, T0).handed
+    assert (firing.priority, firing.expire_at) == (7, T0 + timedelta(hours=6))
+
+
+def test_a_firing_without_an_expiry_of_its_triggers_own_has_none() -> None:
+    [(_, firing)] = settle_person([due(CART)], [], TenantPolicy(), {}, {}, T0).handed
+    assert (firing.priority, firing.expire_at) == (0, None)

@@ -16,6 +16,7 @@ from services.trigger.domain import (
     RetireTimer,
     ScheduleTimer,
     TriggerDef,
+    WithdrawMessages,
     validate_trigger,
 )
 from services.trigger.domain.kinds.absence import (
@@ -31,12 +32,12 @@ DELAY = timedelta(hours=4)
 CTX = Context(now=T0)
 
 
-def trigger(**overrides: object) -> TriggerDef:
+def trigger(channel: str = "email", **overrides: object) -> TriggerDef:
     raw = RawAbsence(
         **{"start_event_type": "add_to_cart", "cancel_event_type": "purchase", "delay": DELAY, **overrides}
     )  # type: ignore[arg-type]
     return validate_trigger(
-        RawTrigger(trigger_id="cart", condition=raw, channel="email", purpose="marketing", template_id="t")
+        RawTrigger(trigger_id="cart", condition=raw, channel=channel, purpose="marketing", template_id="t")
     )
 
 
@@ -263,3 +264,30 @@ def test_a_cancel_of_another_cart_leaves_the_pending_one() -> None:
         merged_profile_id="anon",
     )
     assert plan.retire == []
+
+
+# ---- a banner's withdrawal --------------------------------------------------------------------------
+
+BANNER = trigger(channel="web", match_properties=("cart_id",))
+
+
+def test_a_cancel_on_a_web_trigger_asks_to_withdraw_the_banners_it_covers() -> None:
+    intents, _, _ = run(
+        BANNER,
+        [ev("add_to_cart", T0, "e1", cart_id="c1"), ev("purchase", T0 + DELAY * 2, "p", cart_id="c1")],
+    )
+    assert intents[2] == WithdrawMessages(
+        "shop", "cart", "p1", T0 + DELAY * 2, "cancelled", (("cart_id", "c1"),)
+    )
+
+
+def test_a_redelivered_cancel_withdraws_nothing_again() -> None:
+    purchase = ev("purchase", T0 + DELAY * 2, "p", cart_id="c1")
+    _, _, state = run(BANNER, [ev("add_to_cart", T0, "e1", cart_id="c1"), purchase])
+    again = ABSENCE.decide(BANNER, purchase, state, CTX)
+    assert [type(i) for i in again.intents] == [CancelTimers]
+
+
+def test_a_cancel_on_an_email_trigger_withdraws_nothing() -> None:
+    intents, _, _ = run(CART, [ev("add_to_cart", T0, "e1"), ev("purchase", T0 + DELAY * 2, "p")])
+    assert not [i for i in intents if isinstance(i, WithdrawMessages)]

@@ -11,6 +11,7 @@ from services.trigger.domain.intents import (
     RetireTimer,
     ScheduleTimer,
     StateKey,
+    WithdrawMessages,
 )
 from services.trigger.domain.kinds.contract import Context, Decision, FiredTimer
 from services.trigger.domain.planner import Plan, plan_facts, plan_merge, relevant_facts, routes
@@ -50,6 +51,7 @@ __all__ = [
     "StateKey",
     "TraitChange",
     "TriggerDef",
+    "WithdrawMessages",
     "check_trigger_id",
     "fire",
     "idempotency_key",

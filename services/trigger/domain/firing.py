@@ -46,6 +46,11 @@ class Firing:
     purpose: str
     template_id: str
     variables: dict[str, Any]
+    # The trigger's priority (delivery shows the highest of a person's banners first).
+    priority: int = 0
+    # When the moment has passed (first due + the trigger's own expiry); None when the trigger sets
+    # none: the tenant's default expiry is about late sends, not how long a banner may wait.
+    expire_at: datetime | None = None
 
 
 def idempotency_key(trigger_id: str, profile_id: str, occurrence: str) -> str:
@@ -63,6 +68,8 @@ def fire(timer: DueTimer, trigger: TriggerDef) -> Firing:
         purpose=trigger.purpose,
         template_id=trigger.template_id,
         variables=dict(timer.variables),
+        priority=trigger.policy.priority,
+        expire_at=None if trigger.policy.expiry is None else timer.first_due_at + trigger.policy.expiry,
     )
 
 

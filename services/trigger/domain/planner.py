@@ -31,6 +31,7 @@ from services.trigger.domain.intents import (
     PendingTimer,
     ScheduleTimer,
     StateKey,
+    WithdrawMessages,
 )
 from services.trigger.domain.kinds import KINDS
 from services.trigger.domain.kinds.contract import EVERY_EVENT, ConditionKind, Context
@@ -51,6 +52,10 @@ class Plan:
     @property
     def cancels(self) -> list[CancelTimers]:
         return [i for i in self.intents if isinstance(i, CancelTimers)]
+
+    @property
+    def withdrawals(self) -> list[WithdrawMessages]:
+        return [i for i in self.intents if isinstance(i, WithdrawMessages)]
 
 
 def routes(trigger: TriggerDef, ctx: Context) -> frozenset[str]:
@@ -107,7 +112,7 @@ def plan_facts(
     """The intents and notes for a batch of facts, applied in order, and the resulting state.
     `contexts_by_tenant` holds a context for every tenant with triggers."""
     routers = _routers(triggers_by_tenant, contexts_by_tenant)
-    current: dict[StateKey, Any] = dict(states)
+    # The state each decision leaves, over the stored ones (read only for the keys decided).
     changed: dict[StateKey, Any] = {}
     intents: list[Intent] = []
     notes: list[Note] = []
@@ -118,11 +123,12 @@ def plan_facts(
         ctx = contexts_by_tenant[fact.tenant_id]
         for trigger, kind in router.reacting(fact):
             key = (fact.tenant_id, trigger.trigger_id, fact.profile_id)
-            decision = kind.decide(trigger, fact, current.get(key), ctx)
+            state = changed.get(key)
+            decision = kind.decide(trigger, fact, states.get(key) if state is None else state, ctx)
             intents.extend(decision.intents)
             notes.extend(decision.notes)
             if decision.state is not None:
-                current[key] = changed[key] = decision.state
+                changed[key] = decision.state
     return Plan(intents, changed, notes)
 
 

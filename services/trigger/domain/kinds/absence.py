@@ -11,7 +11,9 @@ What each event means for an absence trigger and one person:
   whose start event had the same values of those properties (a missing property counts as null).
   It is remembered per match key, so a start that arrives later but happened at or before a cancel
   for its key is not scheduled (out-of-order delivery). The memory keeps the
-  `MAX_REMEMBERED_CANCELS` latest keys;
+  `MAX_REMEMBERED_CANCELS` latest keys. On a trigger whose channel is the web (a banner that
+  waits for the person's next visit), a cancel not seen before also asks delivery to withdraw
+  the banners of reminders it covers that have fired (`WithdrawMessages`);
 - a late start (older than the late-event window) whose reminder would already be due schedules
   nothing; a late cancel still cancels.
 
@@ -37,6 +39,7 @@ from services.trigger.domain.intents import (
     PendingTimer,
     RetireTimer,
     ScheduleTimer,
+    WithdrawMessages,
 )
 from services.trigger.domain.kinds.common import (
     CANCELLED,
@@ -58,6 +61,10 @@ from services.trigger.domain.kinds.contract import NOTHING, Context, Decision
 from services.trigger.domain.triggers import Condition, RawCondition, TriggerDef
 
 MAX_MATCH_PROPERTIES = 10
+# The channel whose messages wait to be seen (a banner), so a cancel can still take them back.
+WAITING_CHANNEL = "web"
+# The reason code of a withdrawal asked for by a cancel event.
+WITHDRAWN_BY_CANCEL = "cancelled"
 MAX_REMEMBERED_CANCELS = 32
 
 # The values of the match properties of an event, in the order the definition names them.
@@ -260,7 +267,18 @@ class AbsenceKind(OneShotTimers):
             notes = (note(trigger, e, ctx, CANCELLED, "cancel_event", reason, occurrence=occurrence),)
         if state.cancelled_at_or_after(e.occurred_at, key):
             return Decision((cancel,), None, notes)
-        return Decision((cancel,), state.with_cancel(key, e.occurred_at), notes)
+        intents: tuple[CancelTimers | WithdrawMessages, ...] = (cancel,)
+        if trigger.channel == WAITING_CHANNEL:
+            withdraw = WithdrawMessages(
+                tenant_id=e.tenant_id,
+                trigger_id=trigger.trigger_id,
+                profile_id=e.profile_id,
+                until=e.occurred_at,
+                reason=WITHDRAWN_BY_CANCEL,
+                match=cancel.match,
+            )
+            intents = (cancel, withdraw)
+        return Decision(intents, state.with_cancel(key, e.occurred_at), notes)
 
     def state_to_json(self, state: Any) -> dict[str, Any]:
         assert isinstance(state, TriggerState)
