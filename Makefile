@@ -22,9 +22,9 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/relevans demo
 
-## test: lint, type-check and the whole test suite (3 workers, each starting its own PostgreSQL and NATS)
+## test: lint, type-check and the whole test suite (4 workers, each starting its own PostgreSQL and NATS)
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q -n 3
+	$(BIN)/pytest -q -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
