@@ -15,16 +15,16 @@ import base64
 import binascii
 import itertools
 import json
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import structlog
 from aiohttp import web
+
+from relevans.local.http_stand_in import HttpStandIn, write_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -65,13 +65,6 @@ def read_sms_dir(sms_dir: Path) -> list[StoredSms]:
     return out
 
 
-def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
-
-
 def _error(status: int, code: int, message: str) -> web.Response:
     """An error as Twilio words one."""
     return web.json_response({"code": code, "message": message, "status": status}, status=status)
@@ -89,47 +82,27 @@ def _basic_user(request: web.Request) -> str | None:
     return user if sep else None
 
 
-class SmsSink:
+class SmsSink(HttpStandIn):
     """HTTP server on `host:port` (0 picks a free port, see `port` after start) storing messages in
     `sms_dir`. `url` is the base URL the delivery service's `RELEVANS_SMS_PROVIDER_URL` takes."""
 
     def __init__(self, sms_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.sms_dir = Path(sms_dir)
-        self.host = host
-        self.port = port
+        super().__init__(sms_dir, host, port)
+        self.sms_dir = self.folder
         self._counter = itertools.count(1)
-        self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        self.sms_dir.mkdir(parents=True, exist_ok=True)
+    def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post(MESSAGES_PATH, self._create_message)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        return app
+
+    async def start(self) -> None:
+        await super().start()
         log.info("sms sink listening", port=self.port, sms_dir=str(self.sms_dir))
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> SmsSink:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def messages(self) -> list[StoredSms]:
         return read_sms_dir(self.sms_dir)
@@ -157,6 +130,6 @@ class SmsSink:
         }
         path = self.sms_dir / f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{next(self._counter):06d}.json"
         content = json.dumps(stored, ensure_ascii=False).encode("utf-8")
-        await asyncio.to_thread(_write_atomically, path, content)
+        await asyncio.to_thread(write_atomically, path, content)
         log.info("sms sink stored message", path=str(path), to=fields["To"])
         return web.json_response(stored, status=201)

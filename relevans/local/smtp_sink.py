@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import re
 import weakref
 from collections import Counter
@@ -30,6 +29,8 @@ from typing import Any
 import structlog
 from aiosmtpd.smtp import SMTP
 
+from relevans.local.http_stand_in import write_atomically
+
 log = structlog.get_logger(__name__)
 
 
@@ -43,13 +44,6 @@ def read_mail_dir(mail_dir: Path) -> list[EmailMessage]:
         with path.open("rb") as f:
             messages.append(parser.parse(f))
     return messages
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(content)
-    os.replace(tmp, path)
 
 
 _MESSAGE_ID = re.compile(rb"^Message-ID:\s*(\S+)", re.IGNORECASE | re.MULTILINE)
@@ -104,7 +98,7 @@ class _StoreHandler:
                 return self.script.data[attempt]
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = self.mail_dir / f"{stamp}-{next(self._counter):06d}.eml"
-        await asyncio.to_thread(_write_atomically, path, content or b"")
+        await asyncio.to_thread(write_atomically, path, content or b"")
         log.info("smtp sink stored mail", path=str(path), to=list(envelope.rcpt_tos))
         return "250 OK"
 

@@ -18,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import structlog
 from aiohttp import web
 
 from relevans.kit.resource_ids import resource_id_problem
+from relevans.local.http_stand_in import HttpStandIn, write_atomically
 from services.delivery.domain.webhooks import verification_problem
 
 log = structlog.get_logger(__name__)
@@ -61,12 +60,6 @@ def _checked(name: str) -> str:
     return name
 
 
-def _write_atomically(path: Path, content: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(content)
-    os.replace(tmp, path)
-
-
 def _parsed(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -74,7 +67,7 @@ def _parsed(body: bytes) -> Any:
         return None
 
 
-class WebhookReceiver:
+class WebhookReceiver(HttpStandIn):
     """HTTP server on `host:port` (0 picks a free port, see `port` after start) keeping what is
     posted to `/hooks/<name>` under `root`. `now` is the clock signatures are checked against."""
 
@@ -85,11 +78,9 @@ class WebhookReceiver:
         port: int = 0,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.root = Path(root)
-        self.host = host
-        self.port = port
+        super().__init__(root, host, port)
+        self.root = self.folder
         self.now = now
-        self._runner: web.AppRunner | None = None
         self._counter = itertools.count(1)
 
     def url(self, name: str) -> str:
@@ -101,32 +92,14 @@ class WebhookReceiver:
     def deliveries(self, name: str) -> list[dict[str, Any]]:
         return read_deliveries(self.root, name)
 
-    async def start(self) -> None:
-        if self._runner is not None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
+    def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/hooks/{name}", self._receive)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        self.port = site.port
+        return app
+
+    async def start(self) -> None:
+        await super().start()
         log.info("webhook receiver listening", port=self.port, root=str(self.root))
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> WebhookReceiver:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def _receive(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -153,7 +126,9 @@ class WebhookReceiver:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = self.root / name / f"{stamp}-{next(self._counter):06d}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(_write_atomically, path, json.dumps(record, ensure_ascii=False, indent=2))
+        await asyncio.to_thread(
+            write_atomically, path, json.dumps(record, ensure_ascii=False, indent=2).encode()
+        )
         log.info("webhook receiver stored a delivery", path=str(path), verified=problem is None)
         if problem is not None:
             return web.Response(status=401, text=f"{problem}\n")

@@ -67,8 +67,11 @@ async def _placed(settings: Settings) -> dict[str, str]:
 
 
 def _more_banners(settings: Settings, now: int, more: int) -> Callable[[], Awaitable[bool]]:
+    """A probe: have `more` banners been placed since `now` (or all but the last 100, when fewer
+    are left)?"""
+
     async def placed() -> bool:
-        return len(await _placed(settings)) >= now + more
+        return len(await _placed(settings)) >= min(now + more, SENDS - 100)
 
     return placed
 
