@@ -5,6 +5,7 @@ usable as `async with`, and the atomic file writes they keep what arrives in."""
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -20,7 +21,7 @@ def write_atomically(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
-class HttpStandIn:
+class HttpStandIn(ABC):
     """Subclasses say what they serve (`app`) and where they keep it (`folder`)."""
 
     def __init__(self, folder: Path, host: str, port: int) -> None:
@@ -29,8 +30,9 @@ class HttpStandIn:
         self.port = port
         self._runner: web.AppRunner | None = None
 
+    @abstractmethod
     def app(self) -> web.Application:
-        raise NotImplementedError
+        """The routes this stand-in serves."""
 
     async def start(self) -> None:
         if self._runner is not None:

@@ -130,6 +130,7 @@ class SendTestHandler:
             recipient=recipient,
             subject=TEST_SUBJECT_PREFIX + preview.rendered.subject,
             body_text=preview.rendered.body_text,
+            tenant_id=tenant,
         )
         now = self.clock.now()
         message_id = self.make_id()
@@ -163,7 +164,8 @@ class SendTestHandler:
 
     async def _send(self, row: MessageRow, channel: str, send: Send, outgoing: Outgoing) -> None:
         async with SendJournal(self.store, self.clock, _not_counted) as journal:
-            handover = _Handover(row, channel, Claim(row, send.recipient, send.subject), journal)
+            claim = Claim(row, send.recipient, send.subject, sms_segments=outgoing.sms_segments)
+            handover = _Handover(row, channel, claim, journal)
             await self.transports[channel].send_many([outgoing], handover)
 
 

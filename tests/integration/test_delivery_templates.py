@@ -19,6 +19,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.proto import to_struct
 from relevans.kit.settings import Settings
 from relevans.profile.v1 import profile_pb2
+from services.delivery.domain.tracking import UNSUBSCRIBE, LinkSigner, LinkToken, tracking_key
 from services.delivery.tables import suppressions
 from tests.helpers import eventually, field_violations, rpc_error
 from tests.helpers.cart import BODY, SUBJECT, TEMPLATE_ID
@@ -281,6 +282,12 @@ async def test_send_test_sends_a_marked_test_mail_recorded_as_a_test(harness: Ha
         delivery_pb2.GetMessageRequest(message_id=sent.message_id), metadata=token(TENANT, "read")
     )
     assert got.message == sent
+    # its one-click link is the tenant's and the message's, as a real mail's
+    [link] = [p.strip(" <>") for p in str(mail["List-Unsubscribe"]).split(",") if "/u/" in p]
+    signer = LinkSigner(tracking_key(harness.settings.token_secret))
+    assert signer.verify(link.rsplit("/", 1)[1], UNSUBSCRIBE) == LinkToken(
+        TENANT, sent.message_id, UNSUBSCRIBE
+    )
 
     # not deduplicated: the same test again is a second mail; a real message goes besides
     again = await send_test(harness, recipient="qa@example.com", profile_id=urs, variables=to_struct(CART))
