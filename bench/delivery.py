@@ -453,9 +453,39 @@ async def sent_times(db_url: str, expected: int, stall_s: float = 60.0) -> dict[
         await conn.close()
 
 
+STATEMENTS = """
+SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid
+WHERE d.datname = $1 ORDER BY total_exec_time DESC LIMIT 12
+"""
+
+
+async def reset_statements(db_url: str) -> None:
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+async def print_statements(db_url: str, database: str, mails: int) -> None:
+    """The costliest statements of `database` by PostgreSQL's own account, per mail."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch(STATEMENTS, database)
+    finally:
+        await conn.close()
+    print(f"      {database}'s statements (pg_stat_statements), µs of execution per mail:")
+    for r in rows:
+        per_mail = r["total_exec_time"] * 1000 / max(1, mails)
+        print(f"      {per_mail:7.0f}  {r['calls']:7,} calls {r['rows']:8,} rows  {r['query']}")
+
+
 async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
     n = args.mails
-    async with embedded_stack(folder, ("profile", "delivery")) as stack:
+    pg_settings = {"shared_preload_libraries": "pg_stat_statements"} if args.pg_statements else None
+    async with embedded_stack(folder, ("profile", "delivery"), pg_settings) as stack:
         port = free_port()
         sink = await sink_process(port, folder / "mail")
         try:
@@ -483,6 +513,9 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
                     watch = CpuWatch(roots)
                     bus = Bus(stack.nats_url, "bench-dispatch")
                     await bus.connect()
+                    if args.pg_statements:
+                        for service in ("delivery", "profile"):
+                            await reset_statements(stack.database(service))
                     cpu0 = time.process_time()
                     published = await publish_paced(bus, ids, args.dispatch_rate)
                     publisher_cpu = time.process_time() - cpu0
@@ -490,6 +523,9 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
                     sent = await sent_times(stack.database("delivery"), n)
                     cpu = watch.used()
                     await rss.stop()
+                    if args.pg_statements:
+                        for service in ("delivery", "profile"):
+                            await print_statements(stack.database(service), f"relevans_{service}", n)
         finally:
             assert sink.stdin is not None
             sink.stdin.close()
@@ -562,6 +598,11 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=2, help="HTTP/2 connections of the load process")
     parser.add_argument("--mails", type=int, default=20_000, help="delivery requests of the dispatch part")
     parser.add_argument("--dispatch-rate", type=float, default=2_000.0, help="delivery requests per second")
+    parser.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="dispatch: load pg_stat_statements and print the costliest statements per mail",
+    )
     parser.add_argument("--sink", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--mail-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

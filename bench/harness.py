@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +47,11 @@ class Service:
 
 
 @asynccontextmanager
-async def embedded_stack(folder: Path, services: Sequence[str] = ("profile",)) -> AsyncIterator[Stack]:
-    """The stack with the databases of `services` migrated."""
-    async with EmbeddedPostgres(folder / "pg") as pg, EmbeddedNats(folder / "nats") as ns:
+async def embedded_stack(
+    folder: Path, services: Sequence[str] = ("profile",), pg_settings: Mapping[str, str] | None = None
+) -> AsyncIterator[Stack]:
+    """The stack with the databases of `services` migrated (PostgreSQL started with `pg_settings`)."""
+    async with EmbeddedPostgres(folder / "pg", server_settings=pg_settings) as pg, EmbeddedNats(folder / "nats") as ns:
         server = pg.url.rsplit("/", 1)[0]
         settings = Settings(postgres_url=server, nats_url=ns.url)
         for service in services:

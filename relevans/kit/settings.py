@@ -102,6 +102,9 @@ class Settings:
     shutdown_grace: float = 5.0
     # Default deadline, in seconds, for calls one service makes to another.
     call_deadline: float = 2.0
+    # Deadline, in seconds, of delivery's batch profile lookups (up to 1,000 people a call): a lookup
+    # that times out is retried with the send's back-off, so under load a short one throws work away.
+    delivery_profile_deadline: float = 10.0
     log_level: str = "info"
     # json, console, or auto (console on a terminal, json otherwise).
     log_format: str = "auto"

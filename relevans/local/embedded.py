@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -181,10 +182,18 @@ class EmbeddedPostgres:
     temporary folder because socket paths are limited to ~107 characters.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        server_settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.port = port
         self.host = host
+        # Extra `-c name=value` settings (the benchmarks' `pg_stat_statements`, for one).
+        self.server_settings = dict(server_settings or {})
         self._user = _pg_system_user()
         self._socket_dir: Path | None = None
         self._running = False
@@ -249,7 +258,7 @@ class EmbeddedPostgres:
         options = (
             f"-h {self.host} -p {self.port} -k {socket_dir}"
             " -c fsync=on -c max_connections=200 -c shared_buffers=128MB"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.server_settings.items())
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         try:
             _run_as(

@@ -54,7 +54,7 @@ async def build(
     renderer = Renderer()
     profiles = UnsubscribeAwareProfiles(
         settings.profile_target,
-        deadline_s=settings.call_deadline,
+        deadline_s=settings.delivery_profile_deadline,
         secret=settings.token_secret,
         clock=clock,
         engine=rt.engine,

@@ -20,6 +20,7 @@ being applied is still the person's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -55,7 +56,6 @@ from services.delivery.domain import (
 from services.delivery.domain.decision import ERASED
 from services.delivery.suppressions import Suppression, suppress
 from services.delivery.tables import (
-    TZ,
     erased_profiles,
     history,
     merged_profiles,
@@ -165,28 +165,57 @@ WITH outcome AS (
 SELECT tenant_id, message_id FROM claimed
 """)
 
-_INSERT_PENDING = (
-    pg_insert(messages)
-    .on_conflict_do_nothing(index_elements=["tenant_id", "idempotency_key"])
-    .returning(messages.c.tenant_id, messages.c.message_id)
+# A batch's new messages (pending, once per idempotency key) and the history row of each one
+# inserted, in one statement.
+_INSERT_PENDING = sa.text("""
+WITH inserted AS (
+    INSERT INTO messages (tenant_id, message_id, idempotency_key, profile_id, trigger_id, channel, purpose,
+                          template_id, variables, locale, status, reason, recipient, subject, attempts,
+                          created_at, updated_at)
+    SELECT r.tenant_id, r.message_id, r.idempotency_key, r.profile_id, r.trigger_id, r.channel, r.purpose,
+           r.template_id, CAST(r.variables AS jsonb), r.locale, :pending, '', '', '', 0,
+           CAST(:now AS timestamptz), CAST(:now AS timestamptz)
+    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:keys AS text[]),
+                CAST(:profiles AS text[]), CAST(:triggers AS text[]), CAST(:channels AS text[]),
+                CAST(:purposes AS text[]), CAST(:templates AS text[]), CAST(:variables AS text[]),
+                CAST(:locales AS text[]))
+        AS r(tenant_id, message_id, idempotency_key, profile_id, trigger_id, channel, purpose, template_id,
+             variables, locale)
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+    RETURNING tenant_id, message_id
 )
+INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
+SELECT tenant_id, message_id, :pending, :accepted, CAST(:now AS timestamptz) FROM inserted
+""")
 
-_UPDATE_STATUS = (
-    messages.update()
-    .where(
-        messages.c.tenant_id == sa.bindparam("b_tenant"),
-        messages.c.message_id == sa.bindparam("b_message"),
-    )
-    .values(
-        status=sa.bindparam("b_status"),
-        reason=sa.bindparam("b_reason"),
-        recipient=sa.func.coalesce(sa.bindparam("b_recipient", type_=sa.Text), messages.c.recipient),
-        subject=sa.func.coalesce(sa.bindparam("b_subject", type_=sa.Text), messages.c.subject),
-        attempts=sa.func.greatest(messages.c.attempts, sa.bindparam("b_attempts", type_=sa.Integer)),
-        next_attempt_at=sa.bindparam("b_next", type_=TZ),
-        updated_at=sa.bindparam("b_now", type_=TZ),
-    )
+# Messages by (tenant, idempotency key): a join on the unnested keys, which PostgreSQL reads by the
+# unique index (a 200-pair row-value IN list was a scan of the table).
+_LOAD_ROWS = sa.text("""
+SELECT m.tenant_id, m.message_id, m.idempotency_key, m.profile_id, m.trigger_id, m.status, m.attempts,
+       m.next_attempt_at
+FROM unnest(CAST(:tenants AS text[]), CAST(:keys AS text[])) AS k(tenant_id, idempotency_key)
+JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempotency_key
+""")
+
+# Status changes, one statement for any number: the messages and their history (`sending` is
+# internal and not recorded there).
+_APPLY = sa.text("""
+WITH u AS (
+    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
+                         CAST(:reasons AS text[]), CAST(:recipients AS text[]), CAST(:subjects AS text[]),
+                         CAST(:attempts AS integer[]), CAST(:next AS timestamptz[]))
+        AS u(tenant_id, message_id, status, reason, recipient, subject, attempts, next_attempt_at)
+), updated AS (
+    UPDATE messages AS m
+    SET status = u.status, reason = u.reason, recipient = coalesce(u.recipient, m.recipient),
+        subject = coalesce(u.subject, m.subject), attempts = greatest(m.attempts, u.attempts),
+        next_attempt_at = u.next_attempt_at, updated_at = CAST(:now AS timestamptz)
+    FROM u
+    WHERE m.tenant_id = u.tenant_id AND m.message_id = u.message_id
 )
+INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
+SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM u WHERE status <> :sending
+""")
 
 
 class DeliveryStore:
@@ -380,64 +409,37 @@ class DeliveryStore:
         conn: AsyncConnection,
         requests: Sequence[tuple[DeliveryRequest, str]],
         variables: Sequence[dict[str, Any]],
+        locales: Sequence[str],
         now: datetime,
     ) -> None:
-        """Insert (request, new message id) pairs as pending, once per idempotency key."""
+        """Insert (request, new message id) pairs as pending, with the template variant picked for
+        each ("" when none), once per idempotency key."""
         if not requests:
             return
-        values = [
+        await conn.execute(
+            _INSERT_PENDING,
             {
-                "tenant_id": r.tenant_id,
-                "message_id": message_id,
-                "idempotency_key": r.idempotency_key,
-                "profile_id": r.profile_id,
-                "trigger_id": r.trigger_id,
-                "channel": r.channel,
-                "purpose": r.purpose,
-                "template_id": r.template_id,
-                "variables": v,
-                "status": PENDING,
-                "reason": "",
-                "recipient": "",
-                "subject": "",
-                "attempts": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for (r, message_id), v in zip(requests, variables, strict=True)
-        ]
-        # executemany form: compiled once and cached, where `.values(values)` compiled a
-        # statement with a VALUES row per request for every batch
-        inserted = (await conn.execute(_INSERT_PENDING, values)).all()
-        if inserted:
-            await conn.execute(
-                history.insert(),
-                [
-                    {
-                        "tenant_id": r.tenant_id,
-                        "message_id": r.message_id,
-                        "status": PENDING,
-                        "reason": ACCEPTED,
-                        "at": now,
-                    }
-                    for r in inserted
-                ],
-            )
+                "tenants": [r.tenant_id for r, _ in requests],
+                "ids": [message_id for _, message_id in requests],
+                "keys": [r.idempotency_key for r, _ in requests],
+                "profiles": [r.profile_id for r, _ in requests],
+                "triggers": [r.trigger_id for r, _ in requests],
+                "channels": [r.channel for r, _ in requests],
+                "purposes": [r.purpose for r, _ in requests],
+                "templates": [r.template_id for r, _ in requests],
+                "variables": [json.dumps(v, separators=(",", ":")) for v in variables],
+                "locales": list(locales),
+                "pending": PENDING,
+                "accepted": ACCEPTED,
+                "now": now,
+            },
+        )
 
     async def load_rows(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, MessageRow]:
         if not keys:
             return {}
         rows = await conn.execute(
-            sa.select(
-                messages.c.tenant_id,
-                messages.c.message_id,
-                messages.c.idempotency_key,
-                messages.c.profile_id,
-                messages.c.trigger_id,
-                messages.c.status,
-                messages.c.attempts,
-                messages.c.next_attempt_at,
-            ).where(sa.tuple_(messages.c.tenant_id, messages.c.idempotency_key).in_(list(keys)))
+            _LOAD_ROWS, {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]}
         )
         return {
             (r.tenant_id, r.idempotency_key): MessageRow(
@@ -513,35 +515,20 @@ class DeliveryStore:
         transaction."""
         if updates:
             await conn.execute(
-                _UPDATE_STATUS,
-                [
-                    {
-                        "b_tenant": u.tenant_id,
-                        "b_message": u.message_id,
-                        "b_status": u.status,
-                        "b_reason": u.reason,
-                        "b_recipient": u.recipient,
-                        "b_subject": u.subject,
-                        "b_attempts": u.attempts,
-                        "b_next": u.next_attempt_at,
-                        "b_now": now,
-                    }
-                    for u in updates
-                ],
-            )
-            changes = [
+                _APPLY,
                 {
-                    "tenant_id": u.tenant_id,
-                    "message_id": u.message_id,
-                    "status": u.status,
-                    "reason": u.reason,
-                    "at": now,
-                }
-                for u in updates
-                if u.status != SENDING
-            ]
-            if changes:
-                await conn.execute(history.insert(), changes)
+                    "tenants": [u.tenant_id for u in updates],
+                    "ids": [u.message_id for u in updates],
+                    "statuses": [u.status for u in updates],
+                    "reasons": [u.reason for u in updates],
+                    "recipients": [u.recipient for u in updates],
+                    "subjects": [u.subject for u in updates],
+                    "attempts": [u.attempts for u in updates],
+                    "next": [u.next_attempt_at for u in updates],
+                    "sending": SENDING,
+                    "now": now,
+                },
+            )
         await enqueue(conn, outbox, published, now)
         await suppress(conn, suppressed, now)
 

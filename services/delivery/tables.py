@@ -76,6 +76,8 @@ messages = sa.Table(
     sa.Index(
         "messages_next_attempt", "next_attempt_at", postgresql_where=sa.text("next_attempt_at IS NOT NULL")
     ),
+    # Room on each page, so a claim and an outcome update the row in place (migration 0011).
+    postgresql_with={"fillfactor": 75},
 )
 
 history = sa.Table(

@@ -329,13 +329,19 @@ class DeliveryWorker:
         now = self.clock.now()
         async with conn.begin():
             fresh = [r for r in todo if r.key in new]
+            chosen = looked_up.templates
             await self.store.insert_pending(
-                conn, [(r, self.make_id()) for r in fresh], [dict(r.variables) for r in fresh], now
+                conn,
+                [(r, self.make_id()) for r in fresh],
+                [dict(r.variables) for r in fresh],
+                [chosen[r.key].locale if r.key in chosen else "" for r in fresh],
+                now,
             )
             rows = await self.store.load_rows(conn, [r.key for r in todo])
+            # A retry's person may have changed their locale since the message was first decided.
             await record_locales(
                 conn,
-                {(k[0], rows[k].message_id): t.locale for k, t in looked_up.templates.items() if k in rows},
+                {(k[0], rows[k].message_id): t.locale for k, t in chosen.items() if k in rows and k not in new},
             )
             decisions = self._decisions(todo, looked_up)
             suppressed = await suppression_reasons(
