@@ -7,8 +7,9 @@ dispatch    `--mails` (20,000) delivery requests for as many people (imported in
             profile at send time, the mail rendered, claimed, sent and recorded. Throughput = mails
             sent / (last `sent` - first publish); latency = the message's `sent` time in its history
             minus the request's publish time (one machine, one clock).
-            Raw: the same number of mails, of the size delivery sends, from a plain aiosmtplib
-            client over as many connections as delivery uses, to the same sink: its intake rate.
+            Raw: the same number of mails, of the size delivery sends, from the SMTP client
+            delivery uses, alone (no database, no claims), over as many connections as delivery
+            uses, to the same sink: its intake rate.
 banner      `--profiles` (100,000) people each holding a banner (rows written with COPY into the
             delivery database, as web messages leave them), loaded by `relevans serve delivery` at
             start the way it always loads them; then `GetBanner` at `--rate` (2,000/s) for
@@ -41,7 +42,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiosmtplib
 import asyncpg
 import grpc
 import psutil
@@ -59,6 +59,7 @@ from relevans.local.embedded import free_port
 from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
 from services.delivery.channels.email import SMTP_CONNECTIONS
+from services.delivery.channels.smtp_client import SmtpSession
 from services.delivery.consumers import FILTER_SUBJECT as DISPATCH_SUBJECT
 from services.delivery.domain.channels.email import email_bytes
 
@@ -328,8 +329,9 @@ async def run_sink(port: int, mail_dir: Path) -> None:
 
 
 async def raw_smtp(port: int, mails: int) -> tuple[float, float]:
-    """(mails/s, client CPU s): a plain aiosmtplib client sending `mails` of delivery's size over
-    as many connections as delivery's SMTP transport, to the sink."""
+    """(mails/s, client CPU s): the SMTP client delivery uses, alone (no database, no claims),
+    sending `mails` of delivery's size over as many connections as delivery's SMTP transport,
+    to the sink."""
     content = email_bytes(
         message_id="raw",
         sender="relevans <no-reply@relevans.local>",
@@ -341,11 +343,11 @@ async def raw_smtp(port: int, mails: int) -> tuple[float, float]:
     queue = iter(range(mails))
 
     async def lane() -> None:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, local_hostname="relevans.local")
-        await client.connect()
+        session = await SmtpSession.open("127.0.0.1", port, local_hostname="relevans.local", timeout_s=30)
         for _ in queue:
-            await client.sendmail("no-reply@relevans.local", ["ada@example.com"], content)
-        await client.quit()
+            await session.envelope("no-reply@relevans.local", "ada@example.com")
+            await session.data(content)
+        await session.quit()
 
     cpu0 = time.process_time()
     started = time.perf_counter()
@@ -538,7 +540,7 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
     rate = len(sent) / (max(sent.values()) - min(published.values()))
     print()
-    print(f"raw  plain SMTP client -> sink ({SMTP_CONNECTIONS} connections): {raw_rate:8,.0f} mails/s")
+    print(f"raw  SMTP client alone -> sink ({SMTP_CONNECTIONS} connections): {raw_rate:8,.0f} mails/s")
     print(f"      CPU µs per mail: client {raw_cpu / n * 1e6:.0f}")
     print(
         f"ours requests -> delivery -> sink, {len(sent):,} of {n:,} sent: {rate:8,.0f} mails/s "

@@ -51,7 +51,8 @@ async def embedded_stack(
     folder: Path, services: Sequence[str] = ("profile",), pg_settings: Mapping[str, str] | None = None
 ) -> AsyncIterator[Stack]:
     """The stack with the databases of `services` migrated (PostgreSQL started with `pg_settings`)."""
-    async with EmbeddedPostgres(folder / "pg", server_settings=pg_settings) as pg, EmbeddedNats(folder / "nats") as ns:
+    pg_server = EmbeddedPostgres(folder / "pg", server_settings=pg_settings)
+    async with pg_server as pg, EmbeddedNats(folder / "nats") as ns:
         server = pg.url.rsplit("/", 1)[0]
         settings = Settings(postgres_url=server, nats_url=ns.url)
         for service in services:

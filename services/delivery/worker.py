@@ -339,10 +339,8 @@ class DeliveryWorker:
             )
             rows = await self.store.load_rows(conn, [r.key for r in todo])
             # A retry's person may have changed their locale since the message was first decided.
-            await record_locales(
-                conn,
-                {(k[0], rows[k].message_id): t.locale for k, t in chosen.items() if k in rows and k not in new},
-            )
+            retried = {k: t for k, t in chosen.items() if k in rows and k not in new}
+            await record_locales(conn, {(k[0], rows[k].message_id): t.locale for k, t in retried.items()})
             decisions = self._decisions(todo, looked_up)
             suppressed = await suppression_reasons(
                 conn,

