@@ -438,9 +438,7 @@ class DeliveryStore:
     async def load_rows(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, MessageRow]:
         if not keys:
             return {}
-        rows = await conn.execute(
-            _LOAD_ROWS, {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]}
-        )
+        rows = await conn.execute(_LOAD_ROWS, {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]})
         return {
             (r.tenant_id, r.idempotency_key): MessageRow(
                 tenant_id=r.tenant_id,
