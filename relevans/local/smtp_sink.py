@@ -27,6 +27,7 @@ from email.parser import BytesParser
 from email.policy import default as default_policy
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 import structlog
 
@@ -127,10 +128,9 @@ class _Session(asyncio.Protocol):
         self.in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
         self.sessions.add(self)
-        transport.write(_GREETING)
+        self.transport.write(_GREETING)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sessions.discard(self)
