@@ -445,7 +445,7 @@ async def sent_times(db_url: str, expected: int, stall_s: float = 60.0) -> dict[
                 break
             if final != last:
                 last, changed = final, time.monotonic()
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # the count reads the whole table: PostgreSQL's time it takes is ours
         rows = await conn.fetch(
             "SELECT m.idempotency_key, h.at FROM message_status_history h "
             "JOIN messages m USING (tenant_id, message_id) WHERE h.status = 'sent'"
@@ -456,7 +456,8 @@ async def sent_times(db_url: str, expected: int, stall_s: float = 60.0) -> dict[
 
 
 STATEMENTS = """
-SELECT calls, total_exec_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+SELECT calls, total_exec_time, total_plan_time, rows,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
 FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid
 WHERE d.datname = $1 ORDER BY total_exec_time DESC LIMIT 12
 """
@@ -478,15 +479,21 @@ async def print_statements(db_url: str, database: str, mails: int) -> None:
         rows = await conn.fetch(STATEMENTS, database)
     finally:
         await conn.close()
-    print(f"      {database}'s statements (pg_stat_statements), µs of execution per mail:")
+    print(f"      {database}'s statements (pg_stat_statements), µs per mail executing (planning):")
     for r in rows:
-        per_mail = r["total_exec_time"] * 1000 / max(1, mails)
-        print(f"      {per_mail:7.0f}  {r['calls']:7,} calls {r['rows']:8,} rows  {r['query']}")
+        executing = r["total_exec_time"] * 1000 / max(1, mails)
+        planning = r["total_plan_time"] * 1000 / max(1, mails)
+        counts = f"{r['calls']:7,} calls {r['rows']:8,} rows"
+        print(f"      {executing:7.0f} ({planning:4.0f})  {counts}  {r['query']}")
 
 
 async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
     n = args.mails
-    pg_settings = {"shared_preload_libraries": "pg_stat_statements"} if args.pg_statements else None
+    pg_settings = (
+        {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on"}
+        if args.pg_statements
+        else None
+    )
     async with embedded_stack(folder, ("profile", "delivery"), pg_settings) as stack:
         port = free_port()
         sink = await sink_process(port, folder / "mail")

@@ -92,6 +92,9 @@ class Settings:
     # Messages per second one delivery process hands to the SMTP server, the SMS provider and
     # webhook receivers (all endpoints together); 0 = unlimited.
     smtp_rate_limit: float = 0.0
+    # SMTP connections of one delivery process, each carrying one mail at a time: after a crash at
+    # most this many mails are of unknown outcome; more connections share each claim's commit.
+    smtp_connections: int = 16
     sms_rate_limit: float = 0.0
     webhook_rate_limit: float = 0.0
     # Seconds before the first retry of a transiently failed send (doubling each retry, half of
@@ -131,6 +134,8 @@ class Settings:
             )
         if self.sms_timeout <= 0:
             raise SettingsError(f"RELEVANS_SMS_TIMEOUT={self.sms_timeout} must be more than 0 seconds")
+        if not 1 <= self.smtp_connections <= 100:
+            raise SettingsError(f"RELEVANS_SMTP_CONNECTIONS={self.smtp_connections} must be 1-100")
         for name in ("smtp_rate_limit", "sms_rate_limit", "webhook_rate_limit"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{env_name(name)}={getattr(self, name)} must be 0 (unlimited) or more")

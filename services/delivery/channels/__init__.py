@@ -38,7 +38,11 @@ def open_transports(
     the tracked links of the messages that carry them."""
     return {
         EmailChannel.name: SmtpTransport(
-            settings.smtp_host, settings.smtp_port, sender=settings.smtp_sender, links=links
+            settings.smtp_host,
+            settings.smtp_port,
+            sender=settings.smtp_sender,
+            connections=settings.smtp_connections,
+            links=links,
         ),
         WebhookChannel.name: WebhookTransport(
             WebhookRows(engine or create_engine(settings.database_url("delivery"), pool_size=2)),

@@ -12,7 +12,7 @@ is safe (the rules are `EmailChannel.classify` in the domain):
 - `unknown`: the connection broke or timed out after the content was on the wire;
   the server may have accepted it, so the message is not sent again.
 
-A batch is spread over a few connections (`SMTP_CONNECTIONS`), each taking the next mail
+A batch is spread over a few connections (`RELEVANS_SMTP_CONNECTIONS`), each taking the next mail
 when it is free. A mail is claimed through the worker's `Handover` after the server took its
 envelope and right before DATA, so a mail the server refused, or never saw, is not claimed.
 """
@@ -34,8 +34,9 @@ from services.delivery.domain.tracking import LinkMaker
 log = structlog.get_logger(__name__)
 
 
-# SMTP connections of one worker; each carries one message at a time.
-SMTP_CONNECTIONS = 8
+# SMTP connections of one worker (the default of RELEVANS_SMTP_CONNECTIONS); each carries one
+# message at a time.
+SMTP_CONNECTIONS = 16
 
 
 class SmtpTransport:

@@ -16,6 +16,7 @@ callers that want an object.
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 from datetime import datetime
 from email import policy
@@ -126,11 +127,14 @@ class EmailChannel(Channel):
 # ---- the message --------------------------------------------------------------------------------
 
 
+# The sender is the same for every mail of a process: parsed once, not twice per mail.
+@functools.lru_cache(maxsize=64)
 def envelope_sender(sender: str) -> str:
     """The bare address of a From value: "relevans <no-reply@x.org>" -> "no-reply@x.org"."""
     return parseaddr(sender)[1] or sender
 
 
+@functools.lru_cache(maxsize=64)
 def sender_domain(sender: str) -> str:
     _, _, domain = envelope_sender(sender).rpartition("@")
     return domain or DEFAULT_DOMAIN
@@ -163,8 +167,10 @@ def _text_header(name: str, value: str) -> str:
 
 def _address_header(header: str, value: str) -> str:
     value = _one_line(header, value)
+    if value.isascii():
+        return value
     name, address = parseaddr(value)
-    if not address or value.isascii():
+    if not address:
         return value
     return formataddr((name, address), charset="utf-8")
 
