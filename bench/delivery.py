@@ -345,8 +345,8 @@ async def raw_smtp(port: int, mails: int) -> tuple[float, float]:
     async def lane() -> None:
         session = await SmtpSession.open("127.0.0.1", port, local_hostname="relevans.local", timeout_s=30)
         for _ in queue:
-            await session.envelope("no-reply@relevans.local", "ada@example.com")
-            await session.data(content)
+            await session.begin("no-reply@relevans.local", "ada@example.com")
+            await session.content(content)
         await session.quit()
 
     cpu0 = time.process_time()

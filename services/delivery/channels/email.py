@@ -14,7 +14,8 @@ is safe (the rules are `EmailChannel.classify` in the domain):
 
 A batch is spread over a few connections (`RELEVANS_SMTP_CONNECTIONS`), each taking the next mail
 when it is free. A mail is claimed through the worker's `Handover` after the server took its
-envelope and right before DATA, so a mail the server refused, or never saw, is not claimed.
+envelope and DATA command and right before its content, so a mail the server refused, or never
+saw, is not claimed.
 """
 
 from __future__ import annotations
@@ -91,17 +92,20 @@ class SmtpTransport:
     async def _send_one(
         self, session: SmtpSession | None, index: int, mail: Outgoing, handover: Handover
     ) -> SmtpSession | None:
-        """One mail on the lane's session (opened when needed): the envelope, then the claim,
-        then DATA; the outcome goes to `handover`. Returns the session to carry the next mail."""
+        """One mail on the lane's session (opened when needed): the envelope and DATA, then the
+        claim, then the content; the outcome goes to `handover`. Returns the session to carry the
+        next mail."""
         try:
             if session is None or not session.is_open:
                 session = await SmtpSession.open(
                     self.host, self.port, local_hostname=self.local_hostname, timeout_s=self.timeout_s
                 )
-            await session.envelope(self.envelope_from, mail.recipient)
+            await session.begin(self.envelope_from, mail.recipient)
             if not await handover.claim(index):
-                return await self._reset(session)
-            reply = await session.data(mail.content)
+                # The server waits for content; only closing the session cancels the mail.
+                session.close()
+                return None
+            reply = await session.content(mail.content)
             handover.report(index, SendOutcome("sent", reply))
             return session
         except UnusableAddress as exc:

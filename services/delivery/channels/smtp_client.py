@@ -1,13 +1,14 @@
 """A lean SMTP client for the email transport: one session, one mail at a time, the envelope pipelined.
 
 Only what sending through a relay takes (RFC 5321): the greeting, EHLO (HELO when the server
-refuses it), MAIL and RCPT — sent together when the server offers PIPELINING (RFC 2920) — DATA
-and the content, RSET, QUIT. aiosmtplib, which this replaces, spent ~0.4 ms of CPU per mail on
-its command machinery, a third of everything the delivery process spent per mail
-(bench/README.md, "Delivery, second pass").
+refuses it), MAIL, RCPT and DATA — sent together when the server offers PIPELINING (RFC 2920) —
+then the content once the caller has claimed the message, RSET, QUIT. aiosmtplib, which this
+replaces, spent ~0.4 ms of CPU per mail on its command machinery, a third of everything the
+delivery process spent per mail (bench/README.md, "Delivery, second pass").
 
-Every failure is a `SmtpError` saying at which stage it came ("connect", "mail", "rcpt", "data")
-and with which reply, if any; the transport classifies it (`EmailChannel.classify`).
+Every failure is a `SmtpError` saying at which stage it came ("connect", "mail", "rcpt",
+"data_command" — the reply to DATA, nothing of the content sent yet — or "data", the content on
+the wire) and with which reply, if any; the transport classifies it (`EmailChannel.classify`).
 """
 
 from __future__ import annotations
@@ -86,26 +87,27 @@ class SmtpSession:
     def is_open(self) -> bool:
         return not self.writer.is_closing()
 
-    async def envelope(self, sender: str, recipient: str) -> None:
-        """MAIL FROM and RCPT TO, in one write when the server pipelines."""
+    async def begin(self, sender: str, recipient: str) -> None:
+        """MAIL FROM, RCPT TO and DATA (in one write when the server pipelines): afterwards the
+        server waits for the content (`content`), which nothing but closing the session cancels."""
         mail = f"MAIL FROM:<{_command_address(sender)}>\r\n".encode()
         rcpt = f"RCPT TO:<{_command_address(recipient)}>\r\n".encode()
         if self.pipelining:
-            self.writer.write(mail + rcpt)
-            mail_reply = await self._reply("mail")
-            rcpt_reply = await self._reply("rcpt")
+            self.writer.write(mail + rcpt + b"DATA\r\n")
+            mail_reply, rcpt_reply = await self._reply("mail"), await self._reply("rcpt")
+            data_reply = await self._reply("data_command")
             _check("mail", mail_reply, 250)
             _check("rcpt", rcpt_reply, 250, 251)
+            _check("data_command", data_reply, 354)
         else:
-            self.writer.write(mail)
-            await self._expect("mail", 250)
-            self.writer.write(rcpt)
-            await self._expect("rcpt", 250, 251)
+            for command, stage, codes in ((mail, "mail", (250,)), (rcpt, "rcpt", (250, 251))):
+                self.writer.write(command)
+                await self._expect(stage, *codes)
+            self.writer.write(b"DATA\r\n")
+            await self._expect("data_command", 354)
 
-    async def data(self, content: bytes) -> str:
-        """DATA and the content; the server's reply to the final dot ("250 ...")."""
-        self.writer.write(b"DATA\r\n")
-        await self._expect("data", 354)
+    async def content(self, content: bytes) -> str:
+        """The content after `begin`; the server's reply to the final dot ("250 ...")."""
         self.writer.write(wire_content(content))
         code, lines = await self._expect("data", 250)
         return f"{code} {' '.join(lines)}".strip()
