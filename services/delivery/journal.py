@@ -2,7 +2,7 @@
 out, each outcome as soon as it is known, in small transactions, in the order they came.
 
 - At most one message in flight per connection: a transport's connection carries one message at a
-  time and claims it (`sending`) right before DATA; its outcome is queued before the connection's
+  time and claims it (`sending`) right before the content; its outcome is queued before the connection's
   next claim, and a write takes the queue in order, so the outcome is committed with that claim
   or earlier. After a kill -9 at most one `sending` row per connection is left: the only messages
   whose outcome cannot be known. A message claimed by no connection yet is still `pending`, and is

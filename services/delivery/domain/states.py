@@ -6,7 +6,7 @@
        |---transient------|   (after MAX_ATTEMPTS: failed "retries_exhausted")
 
 A message is claimed right before its content goes out (for email: after the
-envelope, before DATA), one at a time per connection. A row found in `sending`
+envelope and the DATA command), one at a time per connection. A row found in `sending`
 when a request is delivered again belongs to a worker that died between the claim
 and writing the outcome: the message may or may not have gone out, so it is
 marked failed ("outcome_unknown") and never sent a second time. A row still
