@@ -45,10 +45,13 @@ def _command_address(address: str) -> str:
 
 def wire_content(content: bytes) -> bytes:
     """The content as DATA carries it: CRLF line endings, dot-stuffed, ending with the final dot."""
-    content = _BARE_LF.sub(b"\r\n", content)
+    if content.count(b"\n") != content.count(b"\r\n"):  # mail as delivery writes it has none
+        content = _BARE_LF.sub(b"\r\n", content)
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
-    return _LEADING_DOT.sub(b"..", content) + b".\r\n"
+    if content.startswith(b".") or b"\n." in content:
+        content = _LEADING_DOT.sub(b"..", content)
+    return content + b".\r\n"
 
 
 class SmtpSession:
