@@ -471,7 +471,8 @@ class BannerRows:
                 conn, _LOCK_SHOWN, {"tenants": [t for t, _ in keys], "ids": [m for _, m in keys]}
             )
             first = {(r["tenant_id"], r["message_id"]): r for r in locked if r["first"]}
-            counted = [k for k in keys if k in {(r["tenant_id"], r["message_id"]) for r in locked}]
+            present = {(r["tenant_id"], r["message_id"]) for r in locked}
+            counted = [k for k in keys if k in present]
             published = [
                 _status_changed(r, OPENED, SHOWN, shows[k][1])
                 for k, r in first.items()

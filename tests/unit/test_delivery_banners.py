@@ -9,8 +9,12 @@ from typing import cast
 
 import pytest
 
+from relevans.delivery.v1 import delivery_pb2
+from relevans.kit.bus import Bus
 from relevans.kit.clock import ManualClock
 from relevans.kit.errors import InvalidArgument
+from relevans.kit.proto import to_timestamp
+from services.delivery.banner_inbox import NO_BANNER, BannerBoard
 from services.delivery.banner_rows import BannerRows, Placement
 from services.delivery.channels.base import Outgoing
 from services.delivery.channels.web import PLACEMENT_CHUNK, BannerOutgoing, WebTransport
@@ -186,6 +190,117 @@ def test_prune_drops_what_has_expired_by_now() -> None:
     put(inbox, banner("m2", expire_at=NOW + timedelta(hours=1)))
     assert inbox.prune(NOW + timedelta(minutes=1)) == 1
     assert [(t, e.message_id) for t, e in inbox] == [("shop", "m2")]
+
+
+def test_prune_in_steps_looks_at_every_person_once_per_sweep() -> None:
+    inbox = BannerInbox()
+    for i in range(7):
+        put(
+            inbox,
+            banner(
+                f"m{i}",
+                profile_id=f"p{i}",
+                anonymous_ids=(f"c{i}",),
+                expire_at=NOW + timedelta(minutes=i + 1),
+            ),
+        )
+    put(inbox, banner("x1", tenant_id="other", expire_at=NOW + timedelta(seconds=1)))
+    later = NOW + timedelta(minutes=4)
+    dropped = 0
+    steps = 0
+    while True:
+        dropped += inbox.prune(later, budget=3)
+        steps += 1
+        if not inbox.sweeping:
+            break
+        late = banner("late", profile_id="p-late", anonymous_ids=(), expire_at=NOW + timedelta(seconds=1))
+        put(inbox, late)  # not in this sweep
+    assert steps == 3  # eight people, three at a time
+    assert dropped == 5  # m0..m3 and x1
+    assert sorted(e.message_id for _, e in inbox) == ["late", "m4", "m5", "m6"]
+    assert inbox.prune(later) == 1  # the next sweep finds the one put meanwhile
+    assert inbox.person_of("shop", "c0") is None and inbox.person_of("shop", "c4") == "p4"
+
+
+def test_a_person_gone_while_a_sweep_is_under_way_is_skipped() -> None:
+    inbox = BannerInbox()
+    put(inbox, banner("m1", profile_id="p1", expire_at=NOW + timedelta(minutes=1)))
+    put(inbox, banner("m2", profile_id="p2", anonymous_ids=("cookie-2",)))
+    assert inbox.prune(NOW, budget=1) == 0 and inbox.sweeping
+    inbox.drop("shop", "m1")
+    inbox.drop("shop", "m2")
+    assert inbox.prune(NOW + timedelta(hours=2), budget=1) == 0
+    assert not inbox.sweeping and len(inbox) == 0
+
+
+# ---- the answer ----------------------------------------------------------------------------------------
+
+
+def _board() -> BannerBoard:
+    return BannerBoard(cast(BannerRows, None), cast(Bus, None), ManualClock(NOW))
+
+
+def _expected(b: PlacedBanner) -> delivery_pb2.GetBannerResponse:
+    return delivery_pb2.GetBannerResponse(
+        banner=delivery_pb2.Banner(
+            message_id=b.message_id,
+            trigger_id=b.trigger_id,
+            placement=b.placement,
+            title=b.title,
+            body_text=b.body_text,
+            link_url=b.link_url,
+            priority=b.priority,
+            expire_time=to_timestamp(b.expire_at),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("message_id", "fields"),
+    [
+        ("m1", {}),
+        ("m2", {"expire_at": NOW + timedelta(days=90, microseconds=123_457), "priority": -3}),
+        ("mé-" + "9" * 200, {"body_text": "ü" * 1000, "link_url": "https://x.example/" + "a" * 1900}),
+    ],
+)
+def test_the_answer_is_the_banner_as_getbanner_serialized_it(
+    message_id: str, fields: dict[str, object]
+) -> None:
+    board = _board()
+    b = banner(message_id, **fields)
+    board.hold(b, NOW)
+    answer = board.answer("shop", "cart-reminder", profile_id="p1")
+    assert delivery_pb2.GetBannerResponse.FromString(answer) == _expected(b)
+    assert board.answer("shop", "cart-reminder", anonymous_id="cookie-1") == answer
+
+
+def test_banners_of_one_content_share_it_and_keep_their_own_id_and_expiry() -> None:
+    board = _board()
+    one = banner("m1")
+    two = banner("m2", profile_id="p2", anonymous_ids=("cookie-2",), expire_at=NOW + timedelta(minutes=5))
+    board.hold(one, NOW)
+    board.hold(two, NOW)
+    [(_, first), (_, second)] = sorted(board.inbox, key=lambda te: te[1].message_id)
+    assert first.payload is second.payload
+    assert delivery_pb2.GetBannerResponse.FromString(
+        board.answer("shop", "cart-reminder", profile_id="p2")
+    ) == (_expected(two))
+    assert delivery_pb2.GetBannerResponse.FromString(
+        board.answer("shop", "cart-reminder", profile_id="p1")
+    ) == (_expected(one))
+
+
+def test_no_banner_is_an_empty_answer_and_counts_no_show() -> None:
+    board = _board()
+    board.hold(banner("m1"), NOW)
+    assert board.answer("shop", "cart-reminder", profile_id="nobody") == NO_BANNER
+    assert board.answer("shop", "footer", profile_id="p1") == NO_BANNER
+    assert board.answer("shop", "cart-reminder", anonymous_id="cookie-9") == NO_BANNER
+    assert delivery_pb2.GetBannerResponse.FromString(NO_BANNER) == delivery_pb2.GetBannerResponse()
+    assert board._shows == {}
+    board.answer("shop", "cart-reminder", profile_id="p1")
+    board.answer("shop", "cart-reminder", anonymous_id="cookie-1")
+    assert board._shows == {("shop", "m1"): (2, NOW)}
 
 
 # ---- the question --------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ out of the table, and so out of every inbox.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,13 @@ from relevans.kit.errors import FieldViolation, InvalidArgument
 from relevans.kit.resource_ids import resource_id_problem
 
 MAX_PERSON_ID_CHARS = 256
+# People a call of `BannerInbox.prune` looks at when given a budget: a sweep of 100,000 at once held
+# the event loop ~75 ms (bench/README.md, "Banners, second pass").
+PRUNE_STEP = 5_000
+
+# A site asks with a few placements again and again: each is checked once (bounded, as the
+# placements asked for are the caller's choice).
+_placement_problem = functools.lru_cache(maxsize=1024)(resource_id_problem)
 
 
 def check_banner_request(profile_id: str, anonymous_id: str, placement: str) -> None:
@@ -32,7 +40,7 @@ def check_banner_request(profile_id: str, anonymous_id: str, placement: str) -> 
     for name, value in (("profile_id", profile_id), ("anonymous_id", anonymous_id)):
         if len(value) > MAX_PERSON_ID_CHARS:
             v.append(FieldViolation(name, f"must be at most {MAX_PERSON_ID_CHARS} characters"))
-    problem = resource_id_problem(placement)
+    problem = _placement_problem(placement)
     if problem:
         v.append(FieldViolation("placement", problem))
     if v:
@@ -87,10 +95,10 @@ class PlacedBanner:
 
 @dataclass(frozen=True, slots=True)
 class InboxEntry:
-    """What an inbox keeps of a live banner: what choosing needs, and the answer as the caller
-    serialized it (one bytes object rather than a string per field: an inbox holds every
+    """What an inbox keeps of a live banner: what choosing needs, and the answer's content as the
+    caller serialized it (one bytes object rather than a string per field: an inbox holds every
     person's banners, and Python spends about 50 bytes on each object besides its content;
-    figures in bench/README.md)."""
+    figures in bench/README.md). The caller may give banners of the same content one object."""
 
     message_id: str
     placement: str
@@ -100,7 +108,7 @@ class InboxEntry:
     expire_at: float
     # One id as itself (most people have one cookie: a tuple would cost 56 bytes more).
     anonymous: str | tuple[str, ...]
-    # The answer without its message_id (the caller sets it from `message_id`).
+    # The answer without its message_id and expiry (the caller adds them from the fields above).
     payload: bytes
 
     @property
@@ -146,6 +154,10 @@ class BannerInbox:
         self._people: dict[str, dict[str, _Held]] = {}
         self._owner: dict[str, dict[str, str]] = {}
         self._anonymous: dict[str, dict[str, str]] = {}
+        # The people a prune in steps has yet to look at: (tenant, their profile ids), the
+        # next one's index in the last.
+        self._sweep: list[tuple[str, list[str]]] = []
+        self._swept = 0
 
     def __len__(self) -> int:
         return sum(len(owned) for owned in self._owner.values())
@@ -211,10 +223,35 @@ class BannerInbox:
             return None
         return choose(_entries(held), placement, now)
 
-    def prune(self, now: datetime) -> int:
-        """Drop the banners expired by `now`; return how many."""
+    def prune(self, now: datetime, budget: int | None = None) -> int:
+        """Drop the banners expired by `now`; return how many. With a `budget`, look at that many
+        people at most and go on from there at the next call (`sweeping` until every person
+        was looked at), so that no call holds the caller for long."""
+        if budget is None or not self._sweep:
+            self._sweep = [(tenant, list(people)) for tenant, people in self._people.items()]
+            self._swept = 0
         at = now.timestamp()
-        expired = [(t, e.message_id) for t, e in self if e.expire_at <= at]
+        left = budget
+        expired: list[tuple[str, str]] = []
+        while self._sweep and (left is None or left > 0):
+            tenant, ids = self._sweep[-1]
+            end = len(ids) if left is None else min(len(ids), self._swept + left)
+            people = self._people.get(tenant, {})
+            for profile_id in ids[self._swept : end]:
+                for e in _entries(people.get(profile_id)):
+                    if e.expire_at <= at:
+                        expired.append((tenant, e.message_id))
+            if left is not None:
+                left -= end - self._swept
+            self._swept = end
+            if end == len(ids):
+                self._sweep.pop()
+                self._swept = 0
         for tenant, message_id in expired:
             self.drop(tenant, message_id)
         return len(expired)
+
+    @property
+    def sweeping(self) -> bool:
+        """Whether a prune in steps has people left to look at."""
+        return bool(self._sweep)
