@@ -57,6 +57,9 @@ class Settings:
     event_partitions: int = 8
     # Processes `relevans serve profile` runs, sharing its gRPC port (SO_REUSEPORT, Linux).
     profile_processes: int = 1
+    # Processes `relevans serve delivery` runs, sharing its gRPC and HTTP ports; each holds every
+    # banner and sends its share of the work queue, the rate limits split between them.
+    delivery_processes: int = 1
     # gRPC servers each service process runs on its port (SO_REUSEPORT, Linux): a grpc.aio server
     # takes one new call of a method per event loop turn, several take the calls of different
     # connections side by side (README, "Scaling out").
@@ -116,8 +119,14 @@ class Settings:
     extra: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.profile_processes < 1:
-            raise SettingsError(f"RELEVANS_PROFILE_PROCESSES={self.profile_processes} must be at least 1")
+        for name in ("profile_processes", "delivery_processes"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{env_name(name)}={getattr(self, name)} must be at least 1")
+        if self.delivery_processes > 1 and self.delivery_http_listen.rsplit(":", 1)[-1] == "0":
+            raise SettingsError(
+                f"RELEVANS_DELIVERY_PROCESSES={self.delivery_processes} needs a fixed "
+                "RELEVANS_DELIVERY_HTTP_LISTEN port, not 0 (the processes share it)"
+            )
         if self.grpc_servers < 1:
             raise SettingsError(f"RELEVANS_GRPC_SERVERS={self.grpc_servers} must be at least 1")
         if self.trigger_decision_retention_days < 1:
@@ -181,7 +190,7 @@ class Settings:
         return int(getattr(self, f"{service}_metrics_port"))
 
     def processes(self, service: str) -> int:
-        """How many processes serve `service` on its port (only profile runs several)."""
+        """How many processes serve `service` on its port (profile and delivery can run several)."""
         return int(getattr(self, f"{service}_processes", 1))
 
 

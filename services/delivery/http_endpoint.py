@@ -63,8 +63,10 @@ _SECURITY_HEADERS = {
 _PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
 
 
-def bind(listen: str) -> socket.socket:
-    """A socket bound to `listen` (host:port; port 0 lets the OS choose), not yet listening."""
+def bind(listen: str, *, shared: bool = False) -> socket.socket:
+    """A socket bound to `listen` (host:port; port 0 lets the OS choose), not yet listening;
+    `shared`: other processes bind the same port (SO_REUSEPORT, Linux) and the kernel spreads the
+    connections over them."""
     host, _, port = listen.rpartition(":")
     family, kind, proto, _, address = socket.getaddrinfo(
         host.strip("[]") or None, int(port), type=socket.SOCK_STREAM
@@ -72,6 +74,8 @@ def bind(listen: str) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
     except OSError as exc:
         sock.close()
@@ -141,7 +145,7 @@ def open_tracking(
 ) -> TrackingEndpoint:
     """The endpoint of `settings`, its socket bound, with the links it serves (`.links`, for the
     transports) and the reporter of engagements to profile; `attach` it to the service's host."""
-    sock = bind(settings.delivery_http_listen)
+    sock = bind(settings.delivery_http_listen, shared=settings.processes("delivery") > 1)
     signer = LinkSigner(tracking_key(settings.token_secret))
     reporter = ProfileReporter(
         engine, profile_channel, secret=settings.token_secret, clock=clock, deadline_s=settings.call_deadline

@@ -11,6 +11,7 @@ import pytest
 
 from relevans.kit.clock import ManualClock
 from relevans.kit.settings import Settings, SettingsError
+from services.delivery.channels import rate_limits
 from services.delivery.domain import (
     BOUNCED,
     MAX_ATTEMPTS,
@@ -159,3 +160,19 @@ def test_bad_retry_and_rate_settings_name_the_variable(env: dict[str, str], name
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
     assert Settings.from_env({"RELEVANS_SMTP_RATE_LIMIT": "12.5"}).smtp_rate_limit == 12.5
+
+
+def test_the_rate_limits_are_the_services_shared_by_its_processes() -> None:
+    one = Settings(smtp_rate_limit=10, sms_rate_limit=3, webhook_rate_limit=0)
+    assert rate_limits(one) == {"email": 10, "sms": 3, "webhook": 0}
+    two = Settings(
+        smtp_rate_limit=10, sms_rate_limit=3, delivery_processes=2, delivery_http_listen="127.0.0.1:50154"
+    )
+    assert rate_limits(two) == {"email": 5, "sms": 1.5, "webhook": 0}
+
+
+def test_several_delivery_processes_need_a_fixed_http_port() -> None:
+    with pytest.raises(SettingsError, match="RELEVANS_DELIVERY_HTTP_LISTEN"):
+        Settings(delivery_processes=2, delivery_http_listen="127.0.0.1:0")
+    with pytest.raises(SettingsError, match="RELEVANS_DELIVERY_PROCESSES=0"):
+        Settings(delivery_processes=0)

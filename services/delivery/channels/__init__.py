@@ -64,9 +64,11 @@ def open_transports(
 
 
 def rate_limits(settings: Settings) -> dict[str, float]:
-    """Messages per second per channel name (0: unlimited)."""
+    """Messages per second per channel name (0: unlimited) for one process: the settings' rates are
+    the service's, shared evenly by its processes (RELEVANS_DELIVERY_PROCESSES)."""
+    share = settings.processes("delivery")
     return {
-        EmailChannel.name: settings.smtp_rate_limit,
-        SmsChannel.name: settings.sms_rate_limit,
-        WebhookChannel.name: settings.webhook_rate_limit,
+        EmailChannel.name: settings.smtp_rate_limit / share,
+        SmsChannel.name: settings.sms_rate_limit / share,
+        WebhookChannel.name: settings.webhook_rate_limit / share,
     }
