@@ -20,9 +20,9 @@ banner      `--profiles` (100,000) people each holding a banner (rows written wi
             `Check`), measured in the same run: the ratio says what answering from the inbox adds.
             `--rounds N` runs the pair N times, alternating; in the first round nearly every answer
             is a banner's first show (`opened` written and published), in later ones they are not.
-            `--processes N` starts N delivery processes, each on a port of its own and holding every
-            banner, and the load's connections (`--channels`) go to each in turn: what several
-            processes sharing one port would do, measured without that setting.
+            `--processes N` serves delivery with RELEVANS_DELIVERY_PROCESSES=N: N processes on one
+            port, each holding every banner; the kernel spreads the load's connections
+            (`--channels`, give it several per process) over them.
 memory      the delivery process's RSS holding the banners before the load and after it, and its
             peak while answering (with several processes, the largest).
 
@@ -30,7 +30,7 @@ memory      the delivery process's RSS holding the banners before the load and a
     .venv/bin/python bench/delivery.py --part dispatch --mails 4000
     .venv/bin/python bench/delivery.py --part banner
     .venv/bin/python bench/delivery.py --part banner --profiles 5000 --seconds 2
-    .venv/bin/python bench/delivery.py --part banner --rounds 2 --processes 2
+    .venv/bin/python bench/delivery.py --part banner --rounds 2 --processes 2 --channels 8
     RELEVANS_EVENT_LOOP=asyncio .venv/bin/python bench/delivery.py --part banner
 """
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import functools
 import json
 import os
@@ -58,7 +57,15 @@ import psutil
 import uvloop
 from grpc_health.v1 import health_pb2
 from h2grpc import CallError, Channel, request_headers
-from harness import CpuWatch, PeakRss, embedded_stack, largest_rss_mb, service_process, stack_processes
+from harness import (
+    CpuWatch,
+    PeakRss,
+    Service,
+    embedded_stack,
+    largest_rss_mb,
+    service_process,
+    stack_processes,
+)
 
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
@@ -598,33 +605,45 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
 # ---- the parts ------------------------------------------------------------------------------------
 
 
+async def all_serving(delivery: Service, processes: int, timeout_s: float = 300.0) -> list[int]:
+    """The pids of the service's `processes` processes, once each listens on its port (the first
+    starts the others, which load every banner before they listen)."""
+    port = int(delivery.target.rsplit(":", 1)[1])
+    root = psutil.Process(delivery.process.pid)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procs = [root, *root.children()]
+        listening = [
+            p
+            for p in procs
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in p.net_connections("tcp"))
+        ]
+        if len(listening) == processes:
+            return [p.pid for p in listening]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(listening)} of {processes} delivery processes listen")
+        await asyncio.sleep(0.2)
+
+
 async def banner_part(args: argparse.Namespace, folder: Path) -> None:
     async with embedded_stack(folder, ("delivery",)) as stack:
         copied = await write_banners(stack.database("delivery"), args.profiles)
         print(f"{args.profiles:,} banners written with COPY in {copied:.1f} s")
         rss = PeakRss()
         started = time.perf_counter()
-        async with contextlib.AsyncExitStack() as running:
-            deliveries = []
-            for _ in range(args.processes):
-                # a port of its own for each one's HTTP endpoint (and none that another run on the
-                # machine holds: the default port is one for all)
-                os.environ[env_name("delivery_http_listen")] = f"127.0.0.1:{free_port()}"
-                deliveries.append(
-                    await running.enter_async_context(service_process(stack, "delivery", SECRET))
-                )
+        # an HTTP port no other run on the machine holds (the default port is one for all)
+        os.environ[env_name("delivery_http_listen")] = f"127.0.0.1:{free_port()}"
+        os.environ[env_name("delivery_processes")] = str(args.processes)
+        async with service_process(stack, "delivery", SECRET) as delivery:
+            pids = await all_serving(delivery, args.processes)
             print(
                 f"{args.processes} delivery process(es) serving after {time.perf_counter() - started:.1f} s"
                 " (banners loaded at start)"
             )
-            pids = [d.process.pid for d in deliveries]
-            for pid in pids:
-                rss.watch(pid)
-            groups = stack_processes(stack, deliveries[0])
-            groups["service"] = [psutil.Process(pid) for pid in pids]
-            watch = CpuWatch(groups)
-            target = ",".join(d.target for d in deliveries)
-            idle_mb = max(largest_rss_mb(pid) for pid in pids)
+            rss.watch(delivery.process.pid)
+            watch = CpuWatch(stack_processes(stack, delivery))
+            target = delivery.target
+            idle_mb = largest_rss_mb(delivery.process.pid)
             await run_load(args, target, "echo", watch)  # warm both sides up
             runs = []
             for _ in range(args.rounds):  # alternating, so that both see the box alike
@@ -633,6 +652,7 @@ async def banner_part(args: argparse.Namespace, folder: Path) -> None:
             await asyncio.sleep(1.0)
             after_mb = max(largest_rss_mb(pid) for pid in pids)
             await rss.stop()
+        del os.environ[env_name("delivery_processes")]
     print()
     for i in range(0, len(runs), 2):
         (echo, echo_busy), (ours, ours_busy) = runs[i], runs[i + 1]
@@ -667,8 +687,8 @@ def main() -> None:
         "--processes",
         type=int,
         default=1,
-        help="banner part: delivery processes, each on a port of its own and holding every banner; "
-        "the load's connections go to each in turn",
+        help="banner part: RELEVANS_DELIVERY_PROCESSES, each holding every banner; "
+        "the kernel spreads the load's connections over them",
     )
     parser.add_argument(
         "--rounds", type=int, default=1, help="banner part: empty method, then GetBanner, N times"
