@@ -409,20 +409,7 @@ class DeliveryStore:
         # executemany form: compiled once and cached, where `.values(values)` compiled a
         # statement with a VALUES row per request for every batch
         inserted = (await conn.execute(_INSERT_PENDING, values)).all()
-        if inserted:
-            await conn.execute(
-                history.insert(),
-                [
-                    {
-                        "tenant_id": r.tenant_id,
-                        "message_id": r.message_id,
-                        "status": PENDING,
-                        "reason": ACCEPTED,
-                        "at": now,
-                    }
-                    for r in inserted
-                ],
-            )
+        await append_history(conn, [(r.tenant_id, r.message_id, PENDING, ACCEPTED) for r in inserted], now)
 
     async def load_rows(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, MessageRow]:
         if not keys:
@@ -529,21 +516,24 @@ class DeliveryStore:
                     for u in updates
                 ],
             )
-            changes = [
-                {
-                    "tenant_id": u.tenant_id,
-                    "message_id": u.message_id,
-                    "status": u.status,
-                    "reason": u.reason,
-                    "at": now,
-                }
-                for u in updates
-                if u.status != SENDING
-            ]
-            if changes:
-                await conn.execute(history.insert(), changes)
+            await append_history(
+                conn,
+                [(u.tenant_id, u.message_id, u.status, u.reason) for u in updates if u.status != SENDING],
+                now,
+            )
         await enqueue(conn, outbox, published, now)
         await suppress(conn, suppressed, now)
+
+
+async def append_history(
+    conn: AsyncConnection, changes: Iterable[tuple[str, str, str, str]], at: datetime
+) -> None:
+    """Append each (tenant id, message id, status, reason) to its message's status history at `at`,
+    in the caller's transaction. The statements that write a whole send or show in one round trip
+    (`_RECORD_SENDS`, banner_rows' `_COUNT_SHOWS`) insert theirs themselves."""
+    rows = [{"tenant_id": t, "message_id": m, "status": s, "reason": r, "at": at} for t, m, s, r in changes]
+    if rows:
+        await conn.execute(history.insert(), rows)
 
 
 def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecord:
