@@ -158,10 +158,10 @@ def test_tracking_keeps_email_bytes_fast() -> None:
         "now": datetime(2026, 1, 5, 9, tzinfo=UTC),
     }
     n = 500
-    started = time.perf_counter()
+    started = time.process_time()  # CPU: time spent waiting for a core on a busy machine is not theirs
     for i in range(n):
         email_bytes(**kwargs, links=LinkMaker(signer, BASE).for_message("shop", f"m-{i}"))  # type: ignore[arg-type]
-    assert (time.perf_counter() - started) / n < 0.0005
+    assert (time.process_time() - started) / n < 0.0005
 
 
 def test_the_endpoint_refuses_a_port_in_use_and_names_its_own_port_in_links() -> None:
