@@ -22,9 +22,9 @@ run: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/relevans demo
 
-## test: lint, type-check and the whole test suite (4 workers, each starting its own PostgreSQL and NATS)
+## test: lint, type-check and the whole test suite (4 workers, each starting its own PostgreSQL and NATS; longest tests first, tests/conftest.py)
 test: $(STAMP) lint typecheck
-	$(BIN)/pytest -q -n 4
+	$(BIN)/pytest -q -n 4 --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

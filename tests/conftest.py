@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import hypothesis
 import nats
 import pytest
 import pytest_asyncio
@@ -38,25 +39,93 @@ _db_counter = itertools.count(1)
 
 def pytest_configure(config: pytest.Config) -> None:
     configure_logging(level=os.environ.get("RELEVANS_TEST_LOG_LEVEL", "warning"), fmt="console")
+    # Timings never decide a test: hypothesis's deadline (200 ms an example) and its too-slow check
+    # failed properties whose examples a loaded machine merely ran slowly.
+    hypothesis.settings.register_profile(
+        "relevans", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+    )
+    hypothesis.settings.load_profile("relevans")
+
+
+# Server data lives in memory when the machine has a tmpfs here: every commit, CREATE DATABASE and
+# DROP DATABASE of the suite syncs its files, which on a disk cost a second or two per test (and
+# the data is thrown away with the session anyway).
+MEMORY_DIR = Path("/dev/shm")
+
+
+def _server_folder() -> Path:
+    """A fresh folder for server data, outside pytest's numbered temp folders: pytest keeps only the
+    newest three of those and deletes older ones when another session starts (which pulled the data
+    folder from under a running PostgreSQL when several sessions shared a machine), and every pytest
+    session takes group and other access off pytest-of-<user>, which root's PostgreSQL (run as
+    another user) must traverse."""
+    memory = MEMORY_DIR.is_dir() and os.access(MEMORY_DIR, os.W_OK | os.X_OK)
+    return Path(tempfile.mkdtemp(prefix="relevans-test-", dir=MEMORY_DIR if memory else None))
+
+
+# The tests that take tens of seconds each (`pytest --durations=40`), longest first. They run first,
+# one worker's queue each in turn, so none of them starts near the end and holds the run up alone.
+# A name that is gone only loses its place; a new long test just runs where it is collected.
+LONGEST_FIRST = (
+    "tests/e2e/test_cli_up_operator.py",
+    "tests/e2e/test_fuzz.py",
+    "tests/integration/test_delivery_web_crash.py",
+    "tests/integration/test_delivery_sms_crash.py",
+    "tests/integration/test_delivery_webhook_crash.py",
+    "tests/e2e/test_cli_up_demo.py",
+    "tests/integration/test_delivery_crash.py::test_kill_9_during_2000_sends_sends_none_twice_and_loses_at_most_the_in_flight",
+    "tests/e2e/test_abandoned_cart.py::test_trigger_service_killed_while_timer_waits_still_sends_once",
+    "tests/e2e/test_abandoned_cart.py::test_consent_withdrawn_after_firing_stops_the_send",
+    "tests/integration/test_cli_triggers.py::test_a_changed_trigger_is_left_alone_until_replace_and_delete_removes_it",
+    "tests/integration/test_segments.py::test_sql_and_python_evaluators_agree",
+    "tests/unit/test_profile_import.py::test_the_plain_phone_fast_path_agrees_with_phonenumbers",
+    "tests/integration/test_delivery_crash.py::test_kill_9_while_retries_are_being_sent_sends_none_twice",
+    "tests/integration/test_cli_triggers.py::test_the_example_file_applies_once_and_then_changes_nothing",
+    "tests/unit/test_profile_import.py::test_the_plain_email_fast_path_agrees_with_email_validator",
+    "tests/unit/test_conditions.py::test_double_negation_and_compiled_evaluation_agree",
+)
+
+
+def _longest_rank(item: pytest.Item) -> int | None:
+    for rank, name in enumerate(LONGEST_FIRST):
+        if item.nodeid == name or item.nodeid.startswith(name + "::"):
+            return rank
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Put the longest tests at the head of each worker's first share. pytest-xdist's `worksteal`
+    (make test) gives worker k the k-th contiguous share of the collection (len // workers left
+    each), so the long ones are dealt to the shares' heads; every worker computes the same order."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    long = sorted((r, i) for i, item in enumerate(items) if (r := _longest_rank(item)) is not None)
+    if not long:
+        return
+    heads_of: list[list[pytest.Item]] = [[] for _ in range(workers)]
+    for j, (_, i) in enumerate(long):  # dealt 0, 1, .., n-1, n-1, .., 0, 0, ..: shares even out
+        turn, seat = divmod(j, workers)
+        heads_of[seat if turn % 2 == 0 else workers - 1 - seat].append(items[i])
+    rest = iter([item for item in items if _longest_rank(item) is None])
+    ordered: list[pytest.Item] = []
+    for share, heads in enumerate(heads_of):
+        size = (len(items) - len(ordered)) // (workers - share)
+        ordered += heads + list(itertools.islice(rest, max(0, size - len(heads))))
+    ordered += list(rest)
+    items[:] = ordered
 
 
 @pytest.fixture(scope="session")
 def servers_dir() -> Iterator[Path]:
-    """The session's server data, outside pytest's numbered temp folders: pytest keeps only the
-    newest three of those and deletes older ones when another session starts, which pulled the
-    data folder from under a running PostgreSQL when several test sessions shared a machine."""
-    path = Path(tempfile.mkdtemp(prefix="relevans-test-"))
+    """The session's server data (PostgreSQL, NATS)."""
+    path = _server_folder()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
 def server_tmp() -> Iterator[Path]:
-    """A fresh folder for one test's own PostgreSQL data, outside pytest's temp folders: root runs
-    PostgreSQL as another user, who must traverse the folder's parents, and every pytest session
-    that starts on the machine takes group and other access off pytest's folder (pytest-of-<user>);
-    a PostgreSQL under tmp_path then could not be stopped or restarted."""
-    path = Path(tempfile.mkdtemp(prefix="relevans-test-"))
+    """A fresh folder for one test's own PostgreSQL data (a test that stops and restarts it)."""
+    path = _server_folder()
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
@@ -125,7 +194,12 @@ async def settings(
     databases = {s: f"relevans_t{os.getpid()}_{n}_{s}" for s in SERVICES}
     await _on_server(
         postgres_url,
-        [f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[s]}"' for s, name in databases.items()],
+        # FILE_COPY copies the template's few files; the default (WAL_LOG) writes every block of
+        # them to the WAL, several times slower for databases this small
+        [
+            f'CREATE DATABASE "{name}" TEMPLATE "{template_databases[s]}" STRATEGY FILE_COPY'
+            for s, name in databases.items()
+        ],
     )
     await _empty_bus(nats_url)
     base = postgres_url.split("://", 1)[1]

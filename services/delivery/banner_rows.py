@@ -31,11 +31,11 @@ from relevans.kit.outbox import OutboxMessage, enqueue
 from relevans.kit.proto import to_timestamp
 from services.delivery.domain import OPENED, WITHDRAWN
 from services.delivery.domain.banners import PlacedBanner
+from services.delivery.store import append_history
 from services.delivery.tables import (
     banner_consents,
     banner_withdrawals,
     banners,
-    history,
     merged_profiles,
     messages,
     outbox,
@@ -405,19 +405,7 @@ class BannerRows:
         ).all()
         if not rows:
             return
-        await conn.execute(
-            history.insert(),
-            [
-                {
-                    "tenant_id": tenant_id,
-                    "message_id": r.message_id,
-                    "status": status,
-                    "reason": reason,
-                    "at": now,
-                }
-                for r in rows
-            ],
-        )
+        await append_history(conn, [(tenant_id, r.message_id, status, reason) for r in rows], now)
         published = [_status_changed(r._mapping, status, reason, now) for r in rows]
         await enqueue(conn, outbox, published, now)
 

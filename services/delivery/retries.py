@@ -11,23 +11,22 @@ worker just made is no longer due when it is read under the lock.
 A due message still `sending` whose lock nobody holds was claimed for a retry by a worker that
 died mid-send; `process` records it failed "outcome_unknown", never sends it again.
 
-"Due" is measured on the injected clock: between rounds the worker sleeps on the clock until the
-next message is due, is woken at once when this process schedules a retry (`wake`), and looks
-again every `poll_interval` seconds of real time for what other processes scheduled.
+"Due" is measured on the injected clock: between rounds the worker (a `ClockDrivenWorker`) sleeps
+on the clock until the next message is due, is woken at once when this process schedules a retry
+(`wake`), and looks again every `poll_interval` seconds of real time for what other processes
+scheduled.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
 from datetime import datetime
-from typing import Any
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from relevans.kit.clock import Clock
+from relevans.kit.clock_worker import ClockDrivenWorker
 from services.delivery.domain import PENDING, SENDING, DeliveryRequest
 from services.delivery.tables import messages
 from services.delivery.worker import DeliveryWorker
@@ -36,7 +35,6 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH = 200
 DEFAULT_POLL_INTERVAL_S = 1.0
-ERROR_PAUSE_S = 1.0
 
 _m = messages
 
@@ -94,7 +92,7 @@ class RetrySchedule:
         return found
 
 
-class RetryWorker:
+class RetryWorker(ClockDrivenWorker):
     def __init__(
         self,
         schedule: RetrySchedule,
@@ -104,17 +102,13 @@ class RetryWorker:
         batch: int = DEFAULT_BATCH,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
+        # `wake` sets the worker's event: it is set when the worker schedules a retry.
+        super().__init__(clock, poll_interval=poll_interval, woken=worker.retries_scheduled)
         self.schedule = schedule
         self.worker = worker
-        self.clock = clock
         self.batch = batch
-        self.poll_interval = poll_interval
 
-    def wake(self) -> None:
-        """Look at the schedule now (the worker sets this itself when it schedules a retry)."""
-        self.worker.retries_scheduled.set()
-
-    async def retry_due(self) -> bool:
+    async def round(self) -> bool:
         """One round: hand up to `batch` due messages to the worker; return whether more may be due
         now (a full batch, all of it handled here: not held by another worker)."""
         due = await self.schedule.due(self.clock.now(), self.batch)
@@ -126,31 +120,5 @@ class RetryWorker:
             log.info("some due messages are left for later", why="; ".join(sorted(set(left))))
         return len(due) >= self.batch and not left
 
-    async def run(self, stop: asyncio.Event) -> None:
-        scheduled = self.worker.retries_scheduled
-        while not stop.is_set():
-            scheduled.clear()  # a retry scheduled from here on wakes the wait below
-            try:
-                if await self.retry_due():
-                    continue
-                next_due = await self.schedule.next_due(self.clock.now())
-            except Exception:
-                if stop.is_set():
-                    break
-                log.exception("retry round failed; trying again")
-                await _first(ERROR_PAUSE_S, stop.wait())
-                continue
-            waits: list[Coroutine[Any, Any, object]] = [stop.wait(), scheduled.wait()]
-            if next_due is not None:
-                waits.append(self.clock.sleep((next_due - self.clock.now()).total_seconds()))
-            await _first(self.poll_interval, *waits)
-
-
-async def _first(seconds: float, *waits: Coroutine[Any, Any, object]) -> None:
-    """Until one of `waits` is done or `seconds` have passed (real time)."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
+    async def next_due(self) -> datetime | None:
+        return await self.schedule.next_due(self.clock.now())

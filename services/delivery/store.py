@@ -531,6 +531,18 @@ class DeliveryStore:
         await suppress(conn, suppressed, now)
 
 
+async def append_history(
+    conn: AsyncConnection, changes: Iterable[tuple[str, str, str, str]], at: datetime
+) -> None:
+    """Append each (tenant id, message id, status, reason) to its message's status history at `at`,
+    in the caller's transaction. The statements that write a batch, a send or a show in one round
+    trip (`_INSERT_PENDING`, `_APPLY`, `_RECORD_SENDS`, banner_rows' `_COUNT_SHOWS`) insert theirs
+    themselves."""
+    rows = [{"tenant_id": t, "message_id": m, "status": s, "reason": r, "at": at} for t, m, s, r in changes]
+    if rows:
+        await conn.execute(history.insert(), rows)
+
+
 def _record(row: sa.Row[Any], changes: tuple[StatusChange, ...]) -> MessageRecord:
     return MessageRecord(
         message_id=row.message_id,

@@ -3,16 +3,16 @@
 Any number of workers (in one process or many) share the `timers` table: each
 round claims up to `batch` due rows with `FOR UPDATE SKIP LOCKED`, marks them
 fired and writes their requests to the outbox in the same transaction, then
-wakes the relay. "Due" is measured on the injected clock; waiting between empty
-rounds uses real time, because a ManualClock never moves by itself.
+wakes the relay. "Due" is measured on the injected clock; between rounds that left nothing due
+the worker (a `ClockDrivenWorker`) waits `poll_interval` seconds of real time, because a
+ManualClock never moves by itself, or until `wake` says a timer fell due.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 import structlog
 from prometheus_client import Counter
@@ -20,6 +20,7 @@ from prometheus_client import Counter
 from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2
 from relevans.kit.clock import Clock
+from relevans.kit.clock_worker import ClockDrivenWorker, first_of
 from relevans.kit.enums import enum_value
 from relevans.kit.outbox import OutboxMessage
 from relevans.kit.proto import to_struct, to_timestamp
@@ -55,7 +56,7 @@ def delivery_message(f: Firing, now: datetime) -> OutboxMessage:
     return OutboxMessage(DELIVERY_SUBJECT, delivery_request(f, now).SerializeToString())
 
 
-class TimerWorker:
+class TimerWorker(ClockDrivenWorker):
     def __init__(
         self,
         store: TriggerStore,
@@ -65,16 +66,10 @@ class TimerWorker:
         batch: int = DEFAULT_BATCH,
         poll_interval: float = DEFAULT_POLL_INTERVAL_S,
     ) -> None:
+        super().__init__(clock, poll_interval=poll_interval)
         self.store = store
-        self.clock = clock
         self.notify = notify
         self.batch = batch
-        self.poll_interval = poll_interval
-        self._woken = asyncio.Event()
-
-    def wake(self) -> None:
-        """Run a round now: a message became due (its fact was just decided)."""
-        self._woken.set()
 
     async def _round(self) -> tuple[int, int]:
         result = await self.store.fire_due(self.clock.now(), self.batch, delivery_message)
@@ -89,32 +84,9 @@ class TimerWorker:
         _, fired = await self._round()
         return fired
 
-    async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                claimed, _ = await self._round()
-            except Exception:
-                if stop.is_set():
-                    break
-                log.exception("timer round failed; retrying")
-                await self._wait(stop, max(self.poll_interval, 1.0))
-                continue
-            if claimed < self.batch:
-                await self._wait(stop, self.poll_interval)
-
-    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
-        self._woken.clear()
-        await _first(seconds, stop.wait(), self._woken.wait())
-
-
-async def _first(seconds: float, *waits: Coroutine[Any, Any, Any]) -> None:
-    """Until one of `waits` is done or `seconds` have passed (real time)."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
+    async def round(self) -> bool:
+        claimed, _ = await self._round()
+        return claimed >= self.batch
 
 
 PRUNE_EVERY_S = 3600.0
@@ -147,4 +119,4 @@ class DecisionPruner:
                 if stop.is_set():
                     break
                 log.exception("pruning the decision trace failed; retrying later")
-            await _first(PRUNE_EVERY_S, stop.wait())
+            await first_of(PRUNE_EVERY_S, stop.wait())

@@ -108,28 +108,29 @@ async def _serving(folder: Path, env: dict[str, str]) -> bool:
     return code == 0
 
 
-async def test_the_operators_path_through_up(tmp_path: Path) -> None:
+async def test_the_operators_path_through_up(server_tmp: Path) -> None:
+    """`up` runs in `server_tmp`, in memory where the machine allows: its PostgreSQL's data is there."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
         env = up_env(taken_port)
-        up = await Up.start(tmp_path, env)
+        up = await Up.start(server_tmp, env)
         try:
             state = up.state
             chosen = int(str(state["profile"]).rsplit(":", 1)[1])
             said = f"port {taken_port} (profile gRPC) is taken; profile gRPC uses {chosen} instead"
             assert said in up.output and state["moved"] == [said]
 
-            code, out, err = await relevans(tmp_path, env, "import", str(SAMPLE))
+            code, out, err = await relevans(server_tmp, env, "import", str(SAMPLE))
             assert code == 1, (out, err)  # the sample has five bad rows on purpose
             assert "20 rows read, 15 imported, 5 failed" in out
 
-            code, out, _ = await relevans(tmp_path, env, "health")
+            code, out, _ = await relevans(server_tmp, env, "health")
             assert code == 0 and out.count("SERVING") == 3 and str(state["profile"]) in out
 
             code, token, err = await relevans(
-                tmp_path, env, "token", "create", "--tenant", "dev", "--scope", "read"
+                server_tmp, env, "token", "create", "--tenant", "dev", "--scope", "read"
             )
             assert code == 0 and "'dev'" in err and "expires" in err
             await _list_triggers(str(state["trigger"]), token.strip())
@@ -137,7 +138,7 @@ async def test_the_operators_path_through_up(tmp_path: Path) -> None:
             before = up.services()
             os.kill(before["profile"], signal.SIGKILL)
             await eventually(lambda: _restarted(up, before["profile"]), timeout=60, interval=0.2)
-            await eventually(lambda: _serving(tmp_path, env), timeout=60, interval=0.5)
+            await eventually(lambda: _serving(server_tmp, env), timeout=60, interval=0.5)
             after = up.services()
             assert after["profile"] != before["profile"]
             assert (after["trigger"], after["delivery"]) == (before["trigger"], before["delivery"])
@@ -149,7 +150,7 @@ async def test_the_operators_path_through_up(tmp_path: Path) -> None:
     assert not up.state_file.exists()
     assert "stopped" in up.output
 
-    up = await Up.start(tmp_path, env)
+    up = await Up.start(server_tmp, env)
     try:
         assert up.state["trigger"] == state["trigger"] and up.state["delivery"] == state["delivery"]
         assert up.state["profile"] == f"127.0.0.1:{taken_port}"  # free again: the documented one

@@ -139,19 +139,23 @@ class Fuzzer:
         self.js = js
         self.offences = Offences()
         self.calls = 0
+        self.count_queries: dict[str, str] = {}
 
     async def counts(self, service: str) -> dict[str, int]:
         """Rows in each table of `service`'s database."""
         conn = self.conns[service]
-        names = (
-            await conn.execute(
-                sa.text(
-                    "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
-                    "AND table_type = 'BASE TABLE' AND table_name <> 'alembic_version' ORDER BY 1"
+        query = self.count_queries.get(service)
+        if query is None:  # the tables are the migrations' and stay for the whole test
+            names = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' "
+                        "AND table_type = 'BASE TABLE' AND table_name <> 'alembic_version' ORDER BY 1"
+                    )
                 )
-            )
-        ).scalars()
-        query = " UNION ALL ".join(f"SELECT '{n}', count(*) FROM \"{n}\"" for n in names)
+            ).scalars()
+            query = " UNION ALL ".join(f"SELECT '{n}', count(*) FROM \"{n}\"" for n in names)
+            self.count_queries[service] = query
         rows = (await conn.execute(sa.text(query))).all()
         await conn.commit()
         return {str(name): int(count) for name, count in rows}

@@ -46,6 +46,8 @@ async def served(settings: Settings) -> AsyncIterator[dict[str, tuple[int, str]]
             env_name("nats_url"): settings.nats_url,
             env_name("token_secret"): settings.token_secret,
             env_name("profile_target"): targets["profile"],
+            # not the fixed default port, which tests in other workers (and other stacks) use too
+            env_name("delivery_http_listen"): "127.0.0.1:0",
             env_name("log_level"): "error",
         }
     )

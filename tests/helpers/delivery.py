@@ -106,8 +106,7 @@ class Harness:
     async def close(self) -> None:
         for channel in self.channels:
             await channel.close(None)
-        for host in reversed(self.hosts):
-            await host.stop()
+        await asyncio.gather(*(host.stop() for host in self.hosts))  # together, as in System.close
         if self.sink is not None:
             await self.sink.stop()
         if self.sms_sink is not None:

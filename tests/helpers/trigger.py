@@ -3,6 +3,7 @@ timers, and the events of the profile service it consumes, published by the test
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -88,8 +89,7 @@ class Harness:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close(None)
-        for host in self.hosts:
-            await host.stop()
+        await asyncio.gather(*(host.stop() for host in self.hosts))  # together, as in System.close
         if self._nc is not None:
             await self._nc.close()
         await self.engine.dispose()

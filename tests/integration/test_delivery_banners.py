@@ -336,6 +336,17 @@ async def test_a_banner_that_expires_unseen_is_recorded_withdrawn_expired(harnes
     assert await get_banner(harness.delivery, profile_id=profile_id) is None
 
 
+async def test_a_banner_whose_moment_passed_before_it_was_placed_is_suppressed_not_failed(
+    harness: Harness,
+) -> None:
+    profile_id = await web_customer(harness)
+    await put_web_template(harness)
+    key = await web_request(harness, profile_id, expire_in=timedelta(minutes=-1))
+    message = await harness.final(key)
+    assert (message.status, message.reason) == (delivery_pb2.MESSAGE_STATUS_SUPPRESSED, "banner_expired")
+    assert await get_banner(harness.delivery, profile_id=profile_id) is None
+
+
 async def test_a_consent_withdrawal_hides_the_banner(harness: Harness) -> None:
     profile_id = await web_customer(harness)
     await put_web_template(harness)

@@ -69,6 +69,8 @@ class DeliveryProcess:
                 env_name("token_secret"): settings.token_secret,
                 env_name("delivery_database_url"): settings.delivery_database_url,
                 env_name("delivery_listen"): self.target,
+                # not the fixed default: tests in other workers (and other stacks) use it too
+                env_name("delivery_http_listen"): "127.0.0.1:0",
                 env_name("delivery_metrics_port"): "0",
                 env_name("profile_target"): profile_target,
                 env_name("smtp_port"): str(smtp_port),
@@ -83,7 +85,13 @@ class DeliveryProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relevans.cli.main", "serve", "delivery", env=self.env
         )
-        await eventually(lambda: serving(self.target), timeout=60, interval=0.1)
+        proc = self.proc
+
+        async def up() -> bool:
+            assert proc.returncode is None, f"relevans serve delivery exited with {proc.returncode}"
+            return await serving(self.target)
+
+        await eventually(up, timeout=60, interval=0.1)
 
     async def kill(self) -> None:
         assert self.proc is not None

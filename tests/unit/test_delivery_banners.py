@@ -16,7 +16,7 @@ from relevans.kit.errors import InvalidArgument
 from relevans.kit.proto import to_timestamp
 from services.delivery.banner_inbox import NO_BANNER, BannerBoard
 from services.delivery.banner_rows import BannerRows, Placement
-from services.delivery.channels.base import Outgoing
+from services.delivery.channels.base import Outgoing, Refused
 from services.delivery.channels.web import PLACEMENT_CHUNK, BannerOutgoing, WebTransport
 from services.delivery.domain import (
     DeliveryRequest,
@@ -37,7 +37,7 @@ from services.delivery.domain.banners import (
     check_banner_request,
     choose,
 )
-from services.delivery.domain.channels.web import WebChannel
+from services.delivery.domain.channels.web import BANNER_EXPIRED, WebChannel
 from services.delivery.domain.templates import Template
 
 NOW = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
@@ -488,7 +488,7 @@ async def test_banners_that_could_not_be_written_are_reported_for_a_retry() -> N
     assert WEB.final(handover.reports[0], 1).status == "pending"
 
 
-def test_a_banner_is_composed_with_its_expiry_and_a_passed_moment_is_refused() -> None:
+def test_a_banner_is_composed_with_its_expiry_and_a_passed_moment_is_refused_as_expired() -> None:
     transport = WebTransport(cast(BannerRows, _Rows()), ManualClock(NOW))
     [out] = _outgoing(transport, 1)
     assert isinstance(out, BannerOutgoing)
@@ -496,5 +496,6 @@ def test_a_banner_is_composed_with_its_expiry_and_a_passed_moment_is_refused() -
     assert out.placement.banner.anonymous_ids == ("cookie-1",)
     passed = decide(_request(expire_at=NOW), PERSON, _web_template(), Renderer())
     assert isinstance(passed, Send)
-    with pytest.raises(ValueError, match="moment has already passed"):
+    with pytest.raises(Refused) as refused:
         transport.compose("m9", passed, NOW)
+    assert refused.value.reason == BANNER_EXPIRED

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import base64
 import re
+import subprocess
+import sys
+import time
 import tomllib
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +21,9 @@ from typer.main import get_command
 
 from relevans.cli.main import app
 from relevans.kit.settings import SERVICES, Settings, env_names
+from relevans.local import __main__ as stand_ins
+from relevans.local.embedded import free_port
+from relevans.local.sms_sink import read_sms_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,10 +32,71 @@ def compose() -> dict:  # type: ignore[type-arg]
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def test_compose_has_infrastructure_migrations_services_and_smtp() -> None:
+STAND_INS = ("smtp", "sms", "webhooks")
+
+
+def test_compose_has_infrastructure_migrations_services_and_the_stand_ins() -> None:
     services = compose()["services"]
-    assert {"postgres", "nats", "migrate", "smtp", *SERVICES} <= set(services)
+    assert {"postgres", "nats", "migrate", *STAND_INS, *SERVICES} <= set(services)
     assert "-js" in services["nats"]["command"]
+
+
+def _stand_in(name: str) -> tuple[argparse.Namespace, str]:
+    """The parsed command of a relevans/local stand-in's container, and the port it publishes."""
+    service = compose()["services"][name]
+    assert service["entrypoint"] == ["python", "-m", "relevans.local"]
+    assert service["image"] == compose()["services"]["migrate"]["image"], "the one relevans image"
+    args = stand_ins.parser().parse_args(service["command"])
+    [published] = service["ports"]
+    return args, published
+
+
+def test_compose_runs_the_sms_sink_and_the_webhook_receiver_delivery_is_pointed_at() -> None:
+    settings = Settings.from_env({**_compose_env(), "RELEVANS_TOKEN_SECRET": "x"})
+    sms, sms_ports = _stand_in("sms")
+    assert (sms.stand_in, sms.host, sms_ports) == ("sms", "0.0.0.0", f"{sms.port}:{sms.port}")
+    assert settings.sms_provider_url == f"http://sms:{sms.port}"
+    hooks, hooks_ports = _stand_in("webhooks")
+    assert (hooks.stand_in, hooks.host, hooks_ports) == ("webhooks", "0.0.0.0", f"{hooks.port}:{hooks.port}")
+    # plain http on the compose network: that receiver, and only it, is exempt from the address check
+    assert settings.webhook_allow_addresses == f"webhooks:{hooks.port}"
+    assert not settings.webhook_allow_private and not settings.webhook_allow_insecure
+    needs = compose()["services"]["delivery"]["depends_on"]
+    assert {needs[name]["condition"] for name in STAND_INS} == {"service_started"}
+
+
+def test_compose_publishes_the_delivery_http_port_it_listens_on() -> None:
+    settings = Settings.from_env({**_compose_env(), "RELEVANS_TOKEN_SECRET": "x"})
+    port = settings.delivery_http_listen.rsplit(":", 1)[1]
+    assert f"{port}:{port}" in compose()["services"]["delivery"]["ports"]
+    assert settings.delivery_public_url.endswith(f":{port}")
+
+
+def test_the_stand_ins_entry_point_keeps_a_text_it_is_sent(tmp_path: Path) -> None:
+    """What the sms container runs, run here: a text posted to it lands in its folder."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relevans.local", "sms", "--port", str(port), "--dir", str(tmp_path)]
+    )
+    post = urllib.request.Request(
+        f"http://127.0.0.1:{port}/2010-04-01/Accounts/AC1/Messages.json",
+        data=urllib.parse.urlencode({"To": "+46701234567", "From": "relevans", "Body": "hello"}).encode(),
+        headers={"Authorization": "Basic " + base64.b64encode(b"AC1:token").decode()},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(post, timeout=10) as reply:
+                    assert reply.status == 201
+                break
+            except urllib.error.URLError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the sink did not start"
+                time.sleep(0.05)
+        assert [t.body for t in read_sms_dir(tmp_path)] == ["hello"]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
 
 
 def test_compose_environment_names_are_real_settings() -> None:
@@ -57,8 +129,12 @@ def test_compose_commands_parse_with_the_real_cli() -> None:
             assert path == ["migrate"] and params["wait"] > 0, "migrate must wait for PostgreSQL"
 
 
+def _compose_env() -> dict[str, str]:
+    return {k: str(v) for k, v in compose()["x-relevans-env"].items()}
+
+
 def test_compose_environment_yields_valid_settings_and_ports() -> None:
-    env = {k: str(v) for k, v in compose()["x-relevans-env"].items()}
+    env = _compose_env()
     env["RELEVANS_TOKEN_SECRET"] = "x"
     settings = Settings.from_env(env)
     for service in SERVICES:
@@ -151,7 +227,7 @@ def test_every_service_has_a_health_check_the_cli_runs() -> None:
 
 def test_restart_policies_and_start_order() -> None:
     services = compose()["services"]
-    for name in ("postgres", "nats", "smtp", *SERVICES):
+    for name in ("postgres", "nats", *STAND_INS, *SERVICES):
         assert services[name]["restart"] == "unless-stopped", name
     assert services["migrate"]["restart"] == "on-failure"
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"

@@ -19,9 +19,10 @@ import structlog
 
 from relevans.kit.clock import Clock
 from services.delivery.banner_rows import BannerRows, Placement
-from services.delivery.channels.base import Handover, Outgoing
+from services.delivery.channels.base import Handover, Outgoing, Refused
 from services.delivery.domain import Send, SendOutcome
 from services.delivery.domain.banners import PlacedBanner
+from services.delivery.domain.channels.web import BANNER_EXPIRED
 
 log = structlog.get_logger(__name__)
 
@@ -44,12 +45,13 @@ class WebTransport:
         self.notify = notify
 
     def compose(self, message_id: str, send: Send, now: datetime) -> Outgoing:
+        """The banner to place; `Refused` (suppressed, not failed) when its moment has passed."""
         content = send.banner
         if content is None:
             raise ValueError("a web message without its banner")
         expire_at = content.expire_at(now)
         if expire_at <= now:
-            raise ValueError("the banner's moment has already passed")
+            raise Refused(BANNER_EXPIRED)
         banner = PlacedBanner(
             tenant_id=content.tenant_id,
             message_id=message_id,

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 WEB = "web"
 # The banner could not be written (the database refused it for good).
 PLACEMENT_FAILED = "placement_failed"
+# The banner's moment had passed when it was composed: nothing to show, and nothing failed.
+BANNER_EXPIRED = "banner_expired"
 
 MAX_TITLE_CHARS = 200
 MAX_BODY_CHARS = 1_000
