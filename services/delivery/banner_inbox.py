@@ -33,7 +33,7 @@ from relevans.delivery.v1 import delivery_pb2
 from relevans.kit.bus import Bus, Consumer
 from relevans.kit.clock import Clock
 from relevans.kit.enums import enum_name
-from relevans.kit.proto import from_timestamp
+from relevans.kit.proto import from_timestamp, varint
 from relevans.profile.v1 import bus_pb2 as profile_bus_pb2
 from services.delivery.banner_rows import (
     BANNERS_SUBJECT,
@@ -233,26 +233,11 @@ def answer_bytes(e: InboxEntry) -> bytes:
     the entry keeps."""
     message_id = e.message_id.encode()
     seconds, micros = divmod(round(e.expire_at * 1_000_000), 1_000_000)
-    expiry = b"\x08" + _varint(seconds) + (b"\x10" + _varint(micros * 1_000) if micros else b"")
+    expiry = b"\x08" + varint(seconds) + (b"\x10" + varint(micros * 1_000) if micros else b"")
     banner = b"".join(
-        (b"\x0a", _varint(len(message_id)), message_id, b"\x42", _varint(len(expiry)), expiry, e.payload)
+        (b"\x0a", varint(len(message_id)), message_id, b"\x42", varint(len(expiry)), expiry, e.payload)
     )
-    return b"\x0a" + _varint(len(banner)) + banner
-
-
-def _varint(n: int) -> bytes:
-    """A non-negative int as a protobuf varint."""
-    if n < 0x80:
-        return _SMALL[n]
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [bytes((n,)) for n in range(0x80)]
+    return b"\x0a" + varint(len(banner)) + banner
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 
 from relevans.kit.bus import event_subject
-from relevans.kit.proto import timestamp_parts, to_value
+from relevans.kit.proto import SMALL_VARINTS, timestamp_parts, to_value, varint
 from relevans.profile.v1 import bus_pb2, profile_pb2
 from services.profile.domain import Consent, Event, ProfileState
 from services.profile.domain.ids import time_ordered_ids
@@ -40,28 +40,9 @@ def profile_merged(tenant: str, surviving_id: str, merged_id: str, at: datetime,
     return msg.SerializeToString()
 
 
-_SMALL = [bytes((n,)) for n in range(0x80)]
-
-
-def _varint(n: int) -> bytes:
-    if 0 <= n < 0x80:
-        return _SMALL[n]
-    if 0x1000_0000 <= n < 0x8_0000_0000:  # five bytes: the seconds (and most nanos) of a Timestamp
-        return bytes(
-            (n & 0x7F | 0x80, n >> 7 & 0x7F | 0x80, n >> 14 & 0x7F | 0x80, n >> 21 & 0x7F | 0x80, n >> 28)
-        )
-    n &= 0xFFFF_FFFF_FFFF_FFFF  # a negative int64 is written as its 64-bit two's complement
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _field(tag: bytes, payload: bytes) -> bytes:
     """One length-delimited protobuf field: its tag byte, the payload's length, the payload."""
-    return tag + _varint(len(payload)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 def _tag(message: Any, name: str, wire_type: int = 2) -> bytes:
@@ -90,7 +71,7 @@ _DOUBLE = struct.Struct("<d")
 def _timestamp_bytes(value: datetime) -> bytes:
     """The encoded google.protobuf.Timestamp of a datetime (as `to_timestamp` builds it)."""
     seconds, nanos = timestamp_parts(value)
-    return (_SECONDS + _varint(seconds) if seconds else b"") + (_NANOS + _varint(nanos) if nanos else b"")
+    return (_SECONDS + varint(seconds) if seconds else b"") + (_NANOS + varint(nanos) if nanos else b"")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -116,13 +97,13 @@ def snapshot_bytes(s: ProfileState) -> bytes:
             parts.append(_field(_P_TRAITS, entry))
         parts += [_field(_P_TAGS, tag.encode()) for tag in e.tags]
         for name, window, count in e.counters:
-            counter = _field(_C_NAME, name.encode()) + _C_WINDOW + _varint(window) + _C_COUNT + _varint(count)
+            counter = _field(_C_NAME, name.encode()) + _C_WINDOW + varint(window) + _C_COUNT + varint(count)
             parts.append(_field(_P_COUNTERS, counter))
         if e.score:
             parts.append(_P_SCORE + _DOUBLE.pack(e.score))
         for event_type, at in e.last_seen.items():
             ts = _timestamp_bytes(at)  # under 128 bytes: its length is one byte
-            parts.append(_field(_P_LAST_SEEN, _map_key(event_type) + _VALUE + _SMALL[len(ts)] + ts))
+            parts.append(_field(_P_LAST_SEEN, _map_key(event_type) + _VALUE + SMALL_VARINTS[len(ts)] + ts))
     return b"".join(parts)
 
 
