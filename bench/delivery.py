@@ -494,6 +494,7 @@ async def reset_statements(db_url: str) -> None:
     try:
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         await conn.execute("SELECT pg_stat_statements_reset()")
+        await conn.execute("SELECT pg_stat_reset_shared('wal')")
     finally:
         await conn.close()
 
@@ -503,9 +504,15 @@ async def print_statements(db_url: str, database: str, mails: int) -> None:
     conn = await asyncpg.connect(db_url)
     try:
         rows = await conn.fetch(STATEMENTS, database)
+        wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
     finally:
         await conn.close()
     print(f"      {database}'s statements (pg_stat_statements), µs per mail executing (planning):")
+    if database == "relevans_delivery":  # the server's WAL, once
+        print(
+            f"      the server's WAL per mail: {wal['wal_records'] / max(1, mails):.1f} records, "
+            f"{wal['wal_fpi'] / max(1, mails):.2f} full-page images, {wal['wal_bytes'] / max(1, mails):,.0f} bytes"
+        )
     for r in rows:
         executing = r["total_exec_time"] * 1000 / max(1, mails)
         planning = r["total_plan_time"] * 1000 / max(1, mails)
