@@ -509,9 +509,10 @@ async def print_statements(db_url: str, database: str, mails: int) -> None:
         await conn.close()
     print(f"      {database}'s statements (pg_stat_statements), µs per mail executing (planning):")
     if database == "relevans_delivery":  # the server's WAL, once
+        per_mail = {k: wal[k] / max(1, mails) for k in ("wal_records", "wal_fpi", "wal_bytes")}
         print(
-            f"      the server's WAL per mail: {wal['wal_records'] / max(1, mails):.1f} records, "
-            f"{wal['wal_fpi'] / max(1, mails):.2f} full-page images, {wal['wal_bytes'] / max(1, mails):,.0f} bytes"
+            f"      the server's WAL per mail: {per_mail['wal_records']:.1f} records, "
+            f"{per_mail['wal_fpi']:.2f} full-page images, {per_mail['wal_bytes']:,.0f} bytes"
         )
     for r in rows:
         executing = r["total_exec_time"] * 1000 / max(1, mails)
