@@ -28,6 +28,7 @@ memory      the delivery process's RSS holding the banners before the load and a
 
     .venv/bin/python bench/delivery.py --part dispatch
     .venv/bin/python bench/delivery.py --part dispatch --mails 4000
+    .venv/bin/python bench/delivery.py --part dispatch --processes 2 --pg-statements
     .venv/bin/python bench/delivery.py --part banner
     .venv/bin/python bench/delivery.py --part banner --profiles 5000 --seconds 2
     .venv/bin/python bench/delivery.py --part banner --rounds 2 --processes 2 --channels 8
@@ -553,7 +554,11 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
                     for r in await conn.fetch("SELECT profile_id FROM profiles ORDER BY email")
                 ]
                 await conn.close()
+                # an HTTP port no other run on the machine holds (the default port is one for all)
+                os.environ[env_name("delivery_http_listen")] = f"127.0.0.1:{free_port()}"
+                os.environ[env_name("delivery_processes")] = str(args.processes)
                 async with service_process(stack, "delivery", SECRET) as delivery:
+                    await all_serving(delivery, args.processes)
                     rss.watch(delivery.process.pid)
                     await put_template(delivery.target)
                     roots = {
@@ -695,7 +700,7 @@ def main() -> None:
         "--processes",
         type=int,
         default=1,
-        help="banner part: RELEVANS_DELIVERY_PROCESSES, each holding every banner; "
+        help="RELEVANS_DELIVERY_PROCESSES: each holds every banner and takes its share of the requests; "
         "the kernel spreads the load's connections over them",
     )
     parser.add_argument(
