@@ -506,6 +506,9 @@ async def print_statements(db_url: str, database: str, mails: int) -> None:
     try:
         rows = await conn.fetch(STATEMENTS, database)
         wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
+        updates = await conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'messages'"
+        )
     finally:
         await conn.close()
     print(f"      {database}'s statements (pg_stat_statements), µs per mail executing (planning):")
@@ -513,7 +516,8 @@ async def print_statements(db_url: str, database: str, mails: int) -> None:
         per_mail = {k: wal[k] / max(1, mails) for k in ("wal_records", "wal_fpi", "wal_bytes")}
         print(
             f"      the server's WAL per mail: {per_mail['wal_records']:.1f} records, "
-            f"{per_mail['wal_fpi']:.2f} full-page images, {per_mail['wal_bytes']:,.0f} bytes"
+            f"{per_mail['wal_fpi']:.2f} full-page images, {per_mail['wal_bytes']:,.0f} bytes; "
+            f"messages updated in place (HOT): {updates['n_tup_hot_upd']:,} of {updates['n_tup_upd']:,}"
         )
     for r in rows:
         executing = r["total_exec_time"] * 1000 / max(1, mails)
