@@ -72,11 +72,10 @@ from relevans.common.v1 import common_pb2
 from relevans.delivery.v1 import bus_pb2, delivery_pb2, delivery_pb2_grpc
 from relevans.kit.auth import mint_token
 from relevans.kit.bus import Bus
-from relevans.kit.settings import env_name
+from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
 from relevans.local.smtp_sink import SmtpSink
 from relevans.profile.v1 import profile_pb2, profile_pb2_grpc
-from services.delivery.channels.email import SMTP_CONNECTIONS
 from services.delivery.channels.smtp_client import SmtpSession
 from services.delivery.consumers import FILTER_SUBJECT as DISPATCH_SUBJECT
 from services.delivery.domain.channels.email import email_bytes
@@ -378,7 +377,7 @@ async def raw_smtp(port: int, mails: int) -> tuple[float, float]:
 
     cpu0 = time.process_time()
     started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(SMTP_CONNECTIONS)))
+    await asyncio.gather(*(lane() for _ in range(Settings.smtp_connections)))
     return mails / (time.perf_counter() - started), time.process_time() - cpu0
 
 
@@ -600,7 +599,9 @@ async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
     q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
     rate = len(sent) / (max(sent.values()) - min(published.values()))
     print()
-    print(f"raw  SMTP client alone -> sink ({SMTP_CONNECTIONS} connections): {raw_rate:8,.0f} mails/s")
+    print(
+        f"raw  SMTP client alone -> sink ({Settings.smtp_connections} connections): {raw_rate:8,.0f} mails/s"
+    )
     print(f"      CPU µs per mail: client {raw_cpu / n * 1e6:.0f}")
     print(
         f"ours requests -> delivery -> sink, {len(sent):,} of {n:,} sent: {rate:8,.0f} mails/s "

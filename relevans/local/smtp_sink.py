@@ -99,7 +99,7 @@ class _Store:
 
 
 _GREETING = b"220 relevans-smtp-sink ESMTP\r\n"
-_EHLO = b"250-relevans-smtp-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 33554432\r\n"
+_EHLO = "250-relevans-smtp-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 33554432"
 _END_OF_DATA = b"\r\n.\r\n"
 _ADDRESS = re.compile(r"^\s*<([^>]*)>", re.ASCII)
 MAX_LINE = 4096
@@ -189,7 +189,7 @@ class _Session(asyncio.Protocol):
         if verb in ("EHLO", "HELO"):
             self.greeted = True
             self._reset()
-            return _EHLO.decode().rstrip("\r\n") if verb == "EHLO" else "250 relevans-smtp-sink"
+            return _EHLO if verb == "EHLO" else "250 relevans-smtp-sink"
         if verb == "NOOP":
             return "250 OK"
         if verb == "QUIT":

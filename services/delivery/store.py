@@ -20,7 +20,6 @@ being applied is still the person's.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import DriverStatement
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_text, unnest
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32, lock_key64
@@ -167,20 +166,30 @@ SELECT tenant_id, message_id FROM claimed
 
 # A batch's new messages (pending, once per idempotency key) and the history row of each one
 # inserted, in one statement.
-_INSERT_PENDING = sa.text("""
+_PENDING_ROWS = unnest(
+    "r",
+    (
+        ("tenant_id", "text"),
+        ("message_id", "text"),
+        ("idempotency_key", "text"),
+        ("profile_id", "text"),
+        ("trigger_id", "text"),
+        ("channel", "text"),
+        ("purpose", "text"),
+        ("template_id", "text"),
+        ("variables", "jsonb"),
+        ("locale", "text"),
+    ),
+)
+_INSERT_PENDING = DriverStatement(f"""
 WITH inserted AS (
     INSERT INTO messages (tenant_id, message_id, idempotency_key, profile_id, trigger_id, channel, purpose,
                           template_id, variables, locale, status, reason, recipient, subject, attempts,
                           created_at, updated_at)
     SELECT r.tenant_id, r.message_id, r.idempotency_key, r.profile_id, r.trigger_id, r.channel, r.purpose,
-           r.template_id, CAST(r.variables AS jsonb), r.locale, :pending, '', '', '', 0,
+           r.template_id, r.variables, r.locale, :pending, '', '', '', 0,
            CAST(:now AS timestamptz), CAST(:now AS timestamptz)
-    FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:keys AS text[]),
-                CAST(:profiles AS text[]), CAST(:triggers AS text[]), CAST(:channels AS text[]),
-                CAST(:purposes AS text[]), CAST(:templates AS text[]), CAST(:variables AS text[]),
-                CAST(:locales AS text[]))
-        AS r(tenant_id, message_id, idempotency_key, profile_id, trigger_id, channel, purpose, template_id,
-             variables, locale)
+    FROM {_PENDING_ROWS}
     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
     RETURNING tenant_id, message_id
 )
@@ -190,21 +199,31 @@ SELECT tenant_id, message_id, :pending, :accepted, CAST(:now AS timestamptz) FRO
 
 # Messages by (tenant, idempotency key): a join on the unnested keys, which PostgreSQL reads by the
 # unique index (a 200-pair row-value IN list was a scan of the table).
-_LOAD_ROWS = sa.text("""
+_LOAD_ROWS = DriverStatement(f"""
 SELECT m.tenant_id, m.message_id, m.idempotency_key, m.profile_id, m.trigger_id, m.status, m.attempts,
        m.next_attempt_at
-FROM unnest(CAST(:tenants AS text[]), CAST(:keys AS text[])) AS k(tenant_id, idempotency_key)
+FROM {unnest("k", (("tenant_id", "text"), ("idempotency_key", "text")))}
 JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempotency_key
 """)
 
 # Status changes, one statement for any number: the messages and their history (`sending` is
 # internal and not recorded there).
-_APPLY = sa.text("""
+_CHANGES = unnest(
+    "u",
+    (
+        ("tenant_id", "text"),
+        ("message_id", "text"),
+        ("status", "text"),
+        ("reason", "text"),
+        ("recipient", "text"),
+        ("subject", "text"),
+        ("attempts", "integer"),
+        ("next_attempt_at", "timestamptz"),
+    ),
+)
+_APPLY = DriverStatement(f"""
 WITH u AS (
-    SELECT * FROM unnest(CAST(:tenants AS text[]), CAST(:ids AS text[]), CAST(:statuses AS text[]),
-                         CAST(:reasons AS text[]), CAST(:recipients AS text[]), CAST(:subjects AS text[]),
-                         CAST(:attempts AS integer[]), CAST(:next AS timestamptz[]))
-        AS u(tenant_id, message_id, status, reason, recipient, subject, attempts, next_attempt_at)
+    SELECT * FROM {_CHANGES}
 ), updated AS (
     UPDATE messages AS m
     SET status = u.status, reason = u.reason, recipient = coalesce(u.recipient, m.recipient),
@@ -416,19 +435,20 @@ class DeliveryStore:
         each ("" when none), once per idempotency key."""
         if not requests:
             return
-        await conn.execute(
+        await fetch_on_driver(
+            conn,
             _INSERT_PENDING,
             {
-                "tenants": [r.tenant_id for r, _ in requests],
-                "ids": [message_id for _, message_id in requests],
-                "keys": [r.idempotency_key for r, _ in requests],
-                "profiles": [r.profile_id for r, _ in requests],
-                "triggers": [r.trigger_id for r, _ in requests],
-                "channels": [r.channel for r, _ in requests],
-                "purposes": [r.purpose for r, _ in requests],
-                "templates": [r.template_id for r, _ in requests],
-                "variables": [json.dumps(v, separators=(",", ":")) for v in variables],
-                "locales": list(locales),
+                "tenant_id": [r.tenant_id for r, _ in requests],
+                "message_id": [message_id for _, message_id in requests],
+                "idempotency_key": [r.idempotency_key for r, _ in requests],
+                "profile_id": [r.profile_id for r, _ in requests],
+                "trigger_id": [r.trigger_id for r, _ in requests],
+                "channel": [r.channel for r, _ in requests],
+                "purpose": [r.purpose for r, _ in requests],
+                "template_id": [r.template_id for r, _ in requests],
+                "variables": [json_text(v) for v in variables],
+                "locale": list(locales),
                 "pending": PENDING,
                 "accepted": ACCEPTED,
                 "now": now,
@@ -438,17 +458,19 @@ class DeliveryStore:
     async def load_rows(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, MessageRow]:
         if not keys:
             return {}
-        rows = await conn.execute(_LOAD_ROWS, {"tenants": [t for t, _ in keys], "keys": [k for _, k in keys]})
+        rows = await fetch_on_driver(
+            conn, _LOAD_ROWS, {"tenant_id": [t for t, _ in keys], "idempotency_key": [k for _, k in keys]}
+        )
         return {
-            (r.tenant_id, r.idempotency_key): MessageRow(
-                tenant_id=r.tenant_id,
-                message_id=r.message_id,
-                idempotency_key=r.idempotency_key,
-                profile_id=r.profile_id,
-                trigger_id=r.trigger_id,
-                status=r.status,
-                attempts=r.attempts,
-                next_attempt_at=r.next_attempt_at,
+            (r["tenant_id"], r["idempotency_key"]): MessageRow(
+                tenant_id=r["tenant_id"],
+                message_id=r["message_id"],
+                idempotency_key=r["idempotency_key"],
+                profile_id=r["profile_id"],
+                trigger_id=r["trigger_id"],
+                status=r["status"],
+                attempts=r["attempts"],
+                next_attempt_at=r["next_attempt_at"],
             )
             for r in rows
         }
@@ -512,17 +534,18 @@ class DeliveryStore:
         outbox messages announcing them and the addresses they suppress, inside the caller's
         transaction."""
         if updates:
-            await conn.execute(
+            await fetch_on_driver(
+                conn,
                 _APPLY,
                 {
-                    "tenants": [u.tenant_id for u in updates],
-                    "ids": [u.message_id for u in updates],
-                    "statuses": [u.status for u in updates],
-                    "reasons": [u.reason for u in updates],
-                    "recipients": [u.recipient for u in updates],
-                    "subjects": [u.subject for u in updates],
+                    "tenant_id": [u.tenant_id for u in updates],
+                    "message_id": [u.message_id for u in updates],
+                    "status": [u.status for u in updates],
+                    "reason": [u.reason for u in updates],
+                    "recipient": [u.recipient for u in updates],
+                    "subject": [u.subject for u in updates],
                     "attempts": [u.attempts for u in updates],
-                    "next": [u.next_attempt_at for u in updates],
+                    "next_attempt_at": [u.next_attempt_at for u in updates],
                     "sending": SENDING,
                     "now": now,
                 },

@@ -70,6 +70,6 @@ class ScriptedProvider:
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # the client hung up: this connection's requests are over
         finally:
             writer.close()

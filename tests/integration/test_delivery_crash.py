@@ -36,7 +36,6 @@ from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings, env_name
 from relevans.local.embedded import free_port
 from relevans.local.smtp_sink import SmtpScript, SmtpSink
-from services.delivery.channels.email import SMTP_CONNECTIONS
 from services.delivery.consumers import DURABLE, FILTER_SUBJECT, STREAM
 from services.profile.app import build as build_profile
 from tests.helpers import eventually, serving, stays
@@ -47,7 +46,7 @@ KILLS = 3
 TEMPLATE_ID = "numbered"
 # A message is in flight from its claim (`sending`, right before SMTP DATA) until its outcome is
 # written: at most one per SMTP connection of the one worker a delivery process runs.
-IN_FLIGHT = SMTP_CONNECTIONS
+IN_FLIGHT = Settings.smtp_connections
 RETRIES = "relevans_delivery_outcome_write_retries_total"
 
 

@@ -26,6 +26,7 @@ from datetime import datetime
 
 import structlog
 
+from relevans.kit.settings import Settings
 from services.delivery.channels.base import Handover, Outgoing
 from services.delivery.channels.smtp_client import SmtpError, SmtpSession, UnusableAddress
 from services.delivery.domain import Send, SendFailure, SendOutcome
@@ -33,11 +34,6 @@ from services.delivery.domain.channels.email import EmailChannel, email_bytes, e
 from services.delivery.domain.tracking import LinkMaker
 
 log = structlog.get_logger(__name__)
-
-
-# SMTP connections of one worker (the default of RELEVANS_SMTP_CONNECTIONS); each carries one
-# message at a time.
-SMTP_CONNECTIONS = 16
 
 
 class SmtpTransport:
@@ -48,7 +44,7 @@ class SmtpTransport:
         *,
         sender: str,
         timeout_s: float = 10.0,
-        connections: int = SMTP_CONNECTIONS,
+        connections: int = Settings.smtp_connections,
         links: LinkMaker | None = None,
     ) -> None:
         self.host = host

@@ -14,6 +14,7 @@ the wire) and with which reply, if any; the transport classifies it (`EmailChann
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 # Lines of the content that start with a dot get another (RFC 5321 4.5.2); bare LFs become CRLF.
@@ -120,13 +121,12 @@ class SmtpSession:
         await self._expect("mail", 250)
 
     async def quit(self) -> None:
-        try:
+        """Say goodbye and close; a server that does not answer QUIT changes nothing (every mail of
+        the session has its outcome already)."""
+        with contextlib.suppress(SmtpError):
             self.writer.write(b"QUIT\r\n")
             await self._reply("quit")
-        except SmtpError:
-            pass
-        finally:
-            self.close()
+        self.close()
 
     def close(self) -> None:
         self.writer.close()
