@@ -253,6 +253,11 @@ class Consumer:
 
     In-order consumption of a partition across processes is `partitioned` with
     `relevans.kit.partitions.PartitionLeases`: one process at a time runs a partition's loop.
+
+    `batches_in_flight` > 1 hands the next batch to the handler while earlier ones are still
+    being handled (up to that many at once), for streams whose messages need no order: a handler
+    that waits on the network for part of a batch (delivery's sends) leaves its event loop free
+    for the next batch's database and lookup work meanwhile.
     """
 
     def __init__(
@@ -268,6 +273,7 @@ class Consumer:
         max_attempts: int = 20,
         ack_wait_s: float = 30.0,
         max_ack_pending: int | None = None,
+        batches_in_flight: int = 1,
     ) -> None:
         self.bus = bus
         self.service = service
@@ -279,6 +285,8 @@ class Consumer:
         self.max_attempts = max_attempts
         self.ack_wait_s = ack_wait_s
         self.max_ack_pending = max_ack_pending or batch * 10
+        self.batches_in_flight = max(1, batches_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
 
     def config(self, start_seq: int | None = None) -> ConsumerConfig:
         """The durable's configuration; from stream sequence `start_seq` if given, else from the start."""
@@ -297,23 +305,31 @@ class Consumer:
             self.filter_subject, durable=self.durable, stream=self.stream, config=self.config()
         )
         lag_every, since_lag = 50, 50
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(self.batch, timeout=0.5)
-            except (NatsTimeoutError, TimeoutError):
-                msgs = []
-            except Exception:
-                if stop.is_set():
-                    break
-                log.exception("fetch failed", consumer=self.durable)
-                await asyncio.sleep(0.5)
-                continue
-            if msgs:
-                await self._handle(msgs)
-            since_lag += 1
-            if since_lag >= lag_every or not msgs:
-                since_lag = 0
-                await self._record_lag(sub)
+        try:
+            while not stop.is_set():
+                if len(self._in_flight) >= self.batches_in_flight:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=0.5)
+                except (NatsTimeoutError, TimeoutError):
+                    msgs = []
+                except Exception:
+                    if stop.is_set():
+                        break
+                    log.exception("fetch failed", consumer=self.durable)
+                    await asyncio.sleep(0.5)
+                    continue
+                if msgs:
+                    await self._start(msgs)
+                since_lag += 1
+                if since_lag >= lag_every or not msgs:
+                    since_lag = 0
+                    await self._record_lag(sub)
+            await asyncio.gather(*self._in_flight)
+        finally:
+            for task in self._in_flight:
+                task.cancel()  # only when run() itself was cancelled: a kill, not a stop
         try:
             leftovers = await self._leftovers(sub)
             if leftovers:
@@ -343,6 +359,22 @@ class Consumer:
             metrics.CONSUMER_LAG.labels(self.service, self.durable).set(info.num_pending or 0)
         except Exception:
             log.debug("consumer info unavailable", consumer=self.durable)
+
+    async def _start(self, msgs: list[Msg]) -> None:
+        """Handle the batch: at once with one batch in flight, else beside the others."""
+        if self.batches_in_flight == 1:
+            await self._handle(msgs)
+            return
+        task = asyncio.create_task(self._handle_logged(msgs), name=f"{self.durable}-batch")
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _handle_logged(self, msgs: list[Msg]) -> None:
+        try:
+            await self._handle(msgs)
+        except Exception:
+            # The bus failed under an ack or a nak: the messages come back after ack_wait.
+            log.warning("batch not acknowledged", consumer=self.durable, size=len(msgs), exc_info=True)
 
     async def _handle(self, msgs: list[Msg]) -> None:
         counter = metrics.CONSUMER_HANDLED

@@ -84,6 +84,11 @@ def decode_batch(msgs: Sequence[Msg]) -> list[DeliveryRequest]:
     return requests
 
 
+# A batch's sends wait on the network most of the time; the next batch's locks, lookups and inserts
+# run meanwhile. The transports' connections are shared by the batches in flight (channels/).
+BATCHES_IN_FLIGHT = 2
+
+
 def request_consumer(bus: Bus, worker: DeliveryWorker, *, batch: int = 200) -> Consumer:
     async def handle(msgs: Sequence[Msg]) -> None:
         retry = await worker.process(decode_batch(msgs))
@@ -98,4 +103,5 @@ def request_consumer(bus: Bus, worker: DeliveryWorker, *, batch: int = 200) -> C
         filter_subject=FILTER_SUBJECT,
         handler=handle,
         batch=batch,
+        batches_in_flight=BATCHES_IN_FLIGHT,
     )

@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import DriverStatement, fetch_on_driver, json_text, unnest
+from relevans.kit.db import DriverStatement, create_engine, fetch_on_driver, json_text, unnest
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32, lock_key64
@@ -237,9 +237,21 @@ SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM u W
 """)
 
 
+def open_send_engine(url: str) -> AsyncEngine:
+    """Connections for the send path (`DeliveryStore.send_engine`): its every statement finds its
+    rows by key and runs for a whole batch, so each is planned for its batch, with no table scan
+    (see `create_engine`). A plan kept from when `messages` was nearly empty read the whole table
+    for every batch once it had grown (bench/README.md)."""
+    return create_engine(url, pool_size=5, lookups_only=True, plan_each_run=True)
+
+
 class DeliveryStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """`engine` for reads and occasional writes; `send_engine` (`open_send_engine`) for the send
+    path."""
+
+    def __init__(self, engine: AsyncEngine, send_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.send_engine = send_engine or engine
 
     # ---- GDPR ---------------------------------------------------------------------------------
 
@@ -400,7 +412,7 @@ class DeliveryStore:
     @asynccontextmanager
     async def worker_connection(self) -> AsyncIterator[AsyncConnection]:
         """A connection whose advisory locks are released when the block ends, however it ends."""
-        async with self.engine.connect() as conn:
+        async with self.send_engine.connect() as conn:
             try:
                 yield conn
             finally:
@@ -487,7 +499,7 @@ class DeliveryStore:
         suppress) and mark the claims' messages `sending` where they are still pending (`sending`
         is internal: not in the history), all or nothing; return the (tenant, message id) of the
         messages claimed."""
-        async with self.engine.connect() as conn:
+        async with self.send_engine.connect() as conn:
             driver: asyncpg.Connection = (await conn.get_raw_connection()).driver_connection
             try:
                 rows = await _RECORD_SENDS.fetch(

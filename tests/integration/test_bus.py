@@ -140,3 +140,44 @@ async def test_a_failed_handler_means_redelivery_after_restart(bus: Bus) -> None
     await eventually(got_it, timeout=10)
     stop.set()
     await asyncio.wait_for(task, 5)
+
+
+async def test_a_consumer_hands_over_the_next_batches_while_earlier_ones_are_handled(bus: Bus) -> None:
+    # Each batch waits until two are being handled at once: with one batch at a time this hangs.
+    active, most = 0, 0
+    two_at_once = asyncio.Event()
+    handled: list[bytes] = []
+
+    async def handler(msgs: Sequence[Msg]) -> None:
+        nonlocal active, most
+        active += 1
+        most = max(most, active)
+        if active == 2:
+            two_at_once.set()
+        await two_at_once.wait()
+        handled.extend(m.data for m in msgs)
+        active -= 1
+
+    for i in range(6):
+        await bus.publish("rv.profile.test", str(i).encode(), msg_id=f"m{i}")
+    consumer = Consumer(
+        bus,
+        service="t",
+        stream="RV_PROFILE",
+        durable="in-flight",
+        filter_subject="rv.profile.>",
+        handler=handler,
+        batch=1,
+        batches_in_flight=2,
+    )
+    stop, task = await _run(consumer)
+
+    async def all_handled() -> bool:
+        return sorted(handled) == [str(i).encode() for i in range(6)]
+
+    await eventually(all_handled)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert most == 2  # never more batches at once than asked for
+    info = await bus.js.consumer_info("RV_PROFILE", "in-flight")
+    assert info.num_ack_pending == 0 and info.num_pending == 0

@@ -16,7 +16,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.settings import Settings
-from services.delivery.store import DeliveryStore
+from services.delivery.store import Claim, DeliveryStore, MessageRow, open_send_engine
 from services.profile.store import ProfileStore
 from services.profile.store.enrichment import TenantCache, load_enrichment
 from services.profile.store.gdpr import GdprStore
@@ -198,3 +198,43 @@ async def test_merges_exports_and_erasures_find_a_persons_shadows_without_readin
             plan = await explain(driver, statement, parameters)
             # the person's few rows, not the tenant's 12,000 profiles or 6,000 merges
             assert rows_read(plan) <= 20, statement
+
+
+async def test_the_send_path_plans_each_batch_for_the_table_as_it_is_now(
+    settings: Settings, delivery_engine: AsyncEngine
+) -> None:
+    # A connection keeps a prepared statement's plan once PostgreSQL finds the generic plan no
+    # worse than the first five it made for their parameters; made while `messages` was empty, that
+    # plan read the whole table for every batch once it had grown. The send path plans every run.
+    message = """INSERT INTO messages (tenant_id, message_id, idempotency_key, profile_id, trigger_id,
+                     channel, purpose, template_id, variables, status, reason, recipient, subject,
+                     attempts, created_at, updated_at)
+                 SELECT :tenant, 'm-' || n, 'k-' || n, 'p-' || n, 'cart', 'email', 'marketing', 'tpl',
+                        '{}', 'pending', '', '', '', 0, :now, :now
+                 FROM generate_series(1, :n) AS n"""
+    async with delivery_engine.begin() as conn:
+        await conn.execute(sa.text(message), {"tenant": TENANT, "n": 20, "now": NOW})
+
+    async def plans(engine: AsyncEngine) -> tuple[int, int]:
+        """(generic, custom) plans of the send journal's statement on the engine's one connection."""
+        store = DeliveryStore(delivery_engine, engine)
+        for n in range(1, 11):
+            row = MessageRow(TENANT, f"m-{n}", f"k-{n}", f"p-{n}", "cart", "pending", 0)
+            await store.record_sends([Claim(row, f"p{n}@example.com", "s")], [], [], NOW)
+        async with engine.connect() as conn:
+            found = await (await _driver(conn)).fetchrow(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                r" WHERE statement ~ '^\s*WITH outcome AS'"
+            )
+        assert found is not None
+        return found["generic_plans"], found["custom_plans"]
+
+    general = create_engine(settings.database_url("delivery"), pool_size=1)
+    sending = open_send_engine(settings.database_url("delivery"))
+    try:
+        generic, _ = await plans(general)
+        assert generic > 0  # what the send path would get on an ordinary connection
+        assert await plans(sending) == (0, 10)
+    finally:
+        await general.dispose()
+        await sending.dispose()
