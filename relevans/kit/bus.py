@@ -157,6 +157,14 @@ class Bus:
                 with contextlib.suppress(OSError):  # and closing one may find its socket gone
                     await nc.close()
 
+    async def abort(self) -> None:
+        """Close at once, as a crashed process's connection ends: nothing in flight is finished
+        (its messages come back after their ack wait). Safe to call twice."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            with contextlib.suppress(OSError):
+                await nc.close()
+
     async def ensure_streams(self, streams: Sequence[StreamSpec] = STREAMS) -> None:
         for spec in streams:
             config = StreamConfig(

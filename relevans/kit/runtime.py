@@ -50,7 +50,7 @@ class Runtime:
         if s.outbox_relay:
             host.add_worker("outbox-relay", self.relay.run)
         host.add_closer(self.engine.dispose)
-        host.add_closer(self.bus.close)
+        host.add_closer(self.bus.close, on_kill=self.bus.abort)
         return host
 
     def follow_people(self, host: ServiceHost, *, merge_people: MergePeople, purge_people: Purge) -> None:

@@ -343,6 +343,7 @@ class ServiceHost:
         )
         self._workers: list[tuple[str, Worker]] = []
         self._closers: list[Closer] = []
+        self._killers: list[Closer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_workers = asyncio.Event()
         self._servers: list[grpc.aio.Server] = []
@@ -353,9 +354,11 @@ class ServiceHost:
         """A background loop that runs until the event passed to it is set."""
         self._workers.append((name, worker))
 
-    def add_closer(self, closer: Closer) -> None:
-        """Run on stop, after workers end, in reverse order of adding."""
+    def add_closer(self, closer: Closer, *, on_kill: Closer | None = None) -> None:
+        """Run on stop, after workers end, in reverse order of adding; `on_kill` instead of it
+        when the host is killed (a crash does not drain a connection, say)."""
         self._closers.append(closer)
+        self._killers.append(on_kill or closer)
 
     async def start(self) -> None:
         """Serve on `listen` with `servers` grpc.aio servers sharing the port (SO_REUSEPORT).
@@ -450,7 +453,7 @@ class ServiceHost:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(server.stop(None) for server in self._servers))
-        for closer in reversed(self._closers):
+        for closer in reversed(self._killers):
             try:
                 await closer()
             except Exception:

@@ -291,3 +291,23 @@ def test_token_cache_is_bounded_and_evicts_the_oldest(clock: ManualClock) -> Non
     assert guard._authenticate("Bearer rv1.forged.token") is None
     assert guard._authenticate(f"Bearer {tokens[0][:-2]}xx") is None
     assert list(guard._tokens) == tokens[2:]
+
+
+async def test_a_killed_host_runs_its_crash_closers_not_its_graceful_ones(clock: ManualClock) -> None:
+    host = make_host(SlowProfiles(), clock)
+    closed: list[str] = []
+
+    async def drain() -> None:
+        closed.append("drained")
+
+    async def abort() -> None:
+        closed.append("aborted")
+
+    async def close_db() -> None:
+        closed.append("db")
+
+    host.add_closer(close_db)
+    host.add_closer(drain, on_kill=abort)
+    await host.start()
+    await host.kill()
+    assert closed == ["aborted", "db"]  # reverse order; a closer without its own runs on a kill too
