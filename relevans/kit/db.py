@@ -25,26 +25,31 @@ SERVICES_ROOT = Path(__file__).resolve().parents[2] / "services"
 
 
 # For connections whose every statement reads and writes rows by their keys (see `create_engine`).
-_LOOKUPS_ONLY = {
-    "enable_seqscan": "off",
-    "enable_bitmapscan": "off",
-    "plan_cache_mode": "force_generic_plan",
-}
+_LOOKUPS_ONLY = {"enable_seqscan": "off", "enable_bitmapscan": "off"}
 
 
-def create_engine(url: str, *, pool_size: int = 10, lookups_only: bool = False) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 10, lookups_only: bool = False, plan_each_run: bool = False
+) -> AsyncEngine:
     """An asyncpg engine; JSON columns are (de)serialized with orjson, several times faster on the
     ingest path than the standard library.
 
     `lookups_only`: the connections plan without table and bitmap scans (unless nothing else can
-    answer), and plan a prepared statement once, for any parameters (a generic plan). For a hot
-    path whose statements find rows by key. Without the first, a plan made while a table was
-    small (a new database under load) scans the table; with the statement run for every batch of
-    a table growing by thousands of rows a second, that is the difference between a few index
-    probes and reading the table until PostgreSQL next analyzes it. Without the second,
-    PostgreSQL plans a statement afresh at every run when it estimates a plan for the parameters
-    given cheaper than the generic one, and planning took longer than running. Figures:
-    bench/README.md."""
+    answer), for a hot path whose statements find rows by key. Without it, a plan made while a
+    table was small (a new database under load) scans the table; with the statement run for every
+    batch of a table growing by thousands of rows a second, that is the difference between a few
+    index probes and reading the table until PostgreSQL next analyzes it.
+    A prepared statement is then planned once, for any parameters (a generic plan): PostgreSQL
+    otherwise plans afresh at every run when it estimates a plan for the parameters given cheaper
+    than the generic one, and for single-row statements planning took longer than running.
+    `plan_each_run` plans every run instead (a custom plan), for statements over whole batches:
+    a generic plan keeps the sizes the tables had when it was made, and one made while a table
+    was empty found a batch's rows through the smallest index whose first column matched (the
+    tenant's, read in full) rather than the primary key. Figures: bench/README.md."""
+    settings = {}
+    if lookups_only:
+        plan = "force_custom_plan" if plan_each_run else "force_generic_plan"
+        settings = {**_LOOKUPS_ONLY, "plan_cache_mode": plan}
     return create_async_engine(
         url,
         pool_size=pool_size,
@@ -52,7 +57,7 @@ def create_engine(url: str, *, pool_size: int = 10, lookups_only: bool = False) 
         pool_pre_ping=False,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
-        connect_args={"server_settings": _LOOKUPS_ONLY} if lookups_only else {},
+        connect_args={"server_settings": settings} if settings else {},
     )
 
 
