@@ -265,6 +265,80 @@ def quantiles_ms(values: Sequence[float]) -> tuple[float, float, float]:
     return q[49] * 1000, q[94] * 1000, q[98] * 1000
 
 
+# ---- PostgreSQL's own account (--pg-statements) ---------------------------------------------------
+
+
+def pg_settings(args: argparse.Namespace) -> dict[str, str] | None:
+    return PG_STATEMENTS if args.pg_statements else None
+
+
+PG_STATEMENTS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on"}
+_STATEMENTS = """
+SELECT queryid, calls, total_exec_time, total_plan_time, rows,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS query
+FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid WHERE d.datname = $1
+"""
+
+
+class Statements:
+    """pg_stat_statements of the trigger database in windows of a run (`mark` ends one): µs per
+    event of the costliest statements, and PostgreSQL's CPU per event, window by window, so a
+    statement whose cost per event grows with the tables shows."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.url = stack.trigger_db
+        self.marks: list[tuple[int, float, dict[int, Any]]] = []
+
+    async def _fetch(self) -> dict[int, Any]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            return {r["queryid"]: r for r in await conn.fetch(_STATEMENTS, "relevans_trigger")}
+        finally:
+            await conn.close()
+
+    async def reset(self, postgres_cpu: float) -> None:
+        conn = await asyncpg.connect(self.url)
+        try:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await conn.execute("SELECT pg_stat_statements_reset()")
+        finally:
+            await conn.close()
+        self.marks = [(0, postgres_cpu, {})]
+
+    async def mark(self, events: int, postgres_cpu: float) -> None:
+        """The end of a window: `events` done since the reset, PostgreSQL's CPU seconds so far (a
+        window without events is joined to the one before)."""
+        if len(self.marks) > 1 and events <= self.marks[-1][0]:
+            self.marks.pop()
+        self.marks.append((events, postgres_cpu, await self._fetch()))
+
+    def lines(self, top: int = 12) -> list[str]:
+        if len(self.marks) < 2:
+            return []
+        windows = list(zip(self.marks, self.marks[1:], strict=False))
+        counts = [b[0] - a[0] for a, b in windows]
+        head = " ".join(f"{a[0] // 1000:>4}-{b[0] // 1000}k" for a, b in windows)
+        cpu = [(b[1] - a[1]) / max(1, c) * 1e6 for (a, b), c in zip(windows, counts, strict=True)]
+        out = [
+            "      PostgreSQL CPU µs per event, by window of the run: " + ", ".join(f"{c:.0f}" for c in cpu),
+            "      relevans_trigger's statements (pg_stat_statements), µs per event executing by window "
+            f"({head}), and planning over the run:",
+        ]
+        last = self.marks[-1][2]
+        ranked = sorted(last.values(), key=lambda r: -(r["total_exec_time"] + r["total_plan_time"]))[:top]
+        for r in ranked:
+            per: list[str] = []
+            for (a, b), c in zip(windows, counts, strict=True):
+                before, after = a[2].get(r["queryid"]), b[2].get(r["queryid"])
+                ms = (after["total_exec_time"] if after else 0.0) - (
+                    before["total_exec_time"] if before else 0.0
+                )
+                per.append(f"{ms * 1000 / max(1, c):6.1f}")
+            plan = r["total_plan_time"] * 1000 / max(1, self.marks[-1][0])
+            out.append(f"      {' '.join(per)}  (plan {plan:4.1f})  {r['calls']:7,} calls  {r['query']}")
+        return out
+
+
 # ---- part 1: event -> decision latency ----------------------------------------------------------
 
 
@@ -382,6 +456,23 @@ def latency_of(sent: Sequence[tuple[str, float]], seen: dict[str, float]) -> lis
     return sorted(seen[e] - t for e, t in sent if e in seen)
 
 
+async def mark_decisions(statements: Statements, watch: CpuWatch, before: int, every: float) -> None:
+    """`statements.mark` every `every` seconds, by the probe's decisions made since the reset."""
+    conn = await asyncpg.connect(statements.url)
+    try:
+        while True:
+            await asyncio.sleep(every)
+            done = await conn.fetchval(_PROBE_FIRED, TENANT, PROBE) - before
+            await statements.mark(done, watch.used()["postgres"])
+    finally:
+        await conn.close()
+
+
+_PROBE_FIRED = "SELECT count(*) FROM decisions WHERE tenant_id = $1 AND trigger_id = $2 AND outcome = 'fired'"
+# What `ours_latency` found in pg_stat_statements (--pg-statements), printed with its part.
+statements_lines: list[str] = []
+
+
 async def ours_latency(
     args: argparse.Namespace, stack: Stack, profile: Service, rss: PeakRss, measured: int
 ) -> Latency:
@@ -396,10 +487,20 @@ async def ours_latency(
         before = warm - sum(errors.values())
         await probe_decisions(stack.trigger_db, before)
         watch.restart()
+        statements = Statements(stack)
+        marking = None
+        if args.pg_statements:
+            await statements.reset(0.0)
+            marking = asyncio.create_task(mark_decisions(statements, watch, before, args.seconds / 4))
         sent, errors, load_cpu, _ = await run_load(args, profile.target, measured, 0)
         seen = await probe_decisions(stack.trigger_db, before + len(sent))
         cpu = watch.used() | {"load": load_cpu}
         busy = watch.loop_busy()
+        if marking is not None:
+            marking.cancel()
+            await asyncio.gather(marking, return_exceptions=True)
+            await statements.mark(len(seen) - before, cpu["postgres"])
+            statements_lines.extend(statements.lines())
     found = latency_of(sent, seen)
     return Latency(
         len(found), measured, *quantiles_ms(found), min(found, default=0) * 1000, errors, cpu, busy
@@ -449,7 +550,7 @@ async def part_latency(args: argparse.Namespace, rss: PeakRss) -> list[str]:
     measured = int(args.rate * args.seconds)
     with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
         async with (
-            embedded_stack(Path(tmp), ("profile", "trigger")) as stack,
+            embedded_stack(Path(tmp), ("profile", "trigger"), pg_settings(args)) as stack,
             profile_service(stack, SECRET) as profile,
         ):
             ours = await ours_latency(args, stack, profile, rss, measured)
@@ -459,6 +560,7 @@ async def part_latency(args: argparse.Namespace, rss: PeakRss) -> list[str]:
         f"{args.customers:,} customers, 50 triggers + {PROBE}",
         ours.line("ours  Track -> profile -> bus -> decision:"),
         cpu_line(ours.cpu, measured) + f"; trigger event loop {ours.loop_busy:.0%} busy",
+        *statements_lines,
         raw.line("raw   Track -> profile -> bus -> consumer:"),
         cpu_line(raw.cpu, measured),
         f"ratio p99 ours/raw: {ours.p99 / raw.p99 if raw.p99 else float('nan'):.2f}   "
@@ -548,7 +650,7 @@ async def part_throughput(args: argparse.Namespace, rss: PeakRss) -> list[str]:
     n = args.events
     messages = enriched_events(n, args.profiles)
     with tempfile.TemporaryDirectory(prefix="relevans-bench-") as tmp:
-        async with embedded_stack(Path(tmp), ("trigger",)) as stack:
+        async with embedded_stack(Path(tmp), ("trigger",), pg_settings(args)) as stack:
             async with trigger_service(stack, SECRET) as trigger:  # creates the streams and consumers
                 rss.watch(trigger.process.pid)
                 await create_triggers(trigger.target, mixed_triggers())
@@ -604,6 +706,7 @@ async def part_throughput(args: argparse.Namespace, rss: PeakRss) -> list[str]:
                 rss.watch(trigger.process.pid)
                 launched = time.perf_counter()
                 watch = CpuWatch(stack_roots(stack, service=trigger.process))
+                statements = Statements(stack)
                 first = 0.0
                 while True:
                     names = [d for d, _ in await event_consumers(bus)]
@@ -612,6 +715,10 @@ async def part_throughput(args: argparse.Namespace, rss: PeakRss) -> list[str]:
                     if delivered and not first:
                         first = now
                         watch.restart()
+                        if args.pg_statements:
+                            await statements.reset(0.0)
+                    if first and args.pg_statements and n - left >= (len(statements.marks) * n) // 4:
+                        await statements.mark(n - left, watch.used()["postgres"])
                     if first and not left:
                         break
                     if now - launched > 1800:
@@ -630,6 +737,7 @@ async def part_throughput(args: argparse.Namespace, rss: PeakRss) -> list[str]:
         f"ours  trigger service evaluated and acked:  {ours_rate:10,.0f} events/s ({ours_s:.2f} s; "
         f"first delivery {startup:.1f} s after launch)",
         cpu_line(cpu, n) + f"; trigger event loop {busy:.0%} busy",
+        *statements.lines(),
         f"raw   kit Consumer, acks only:              {raw_rate:10,.0f} events/s ({raw_s:.2f} s)",
         cpu_line(raw_cpu, n),
         f"ratio ours/raw: {ours_rate / raw_rate:.2f}   (target: >= 10,000 events/s evaluated)",
@@ -786,6 +894,12 @@ async def main() -> int:
     ap.add_argument("--events", type=int, default=200_000, help="throughput: events (200,000)")
     ap.add_argument("--profiles", type=int, default=20_000, help="throughput: people (20,000)")
     ap.add_argument("--timers", type=int, default=100_000, help="timers: due timers (100,000)")
+    ap.add_argument(
+        "--pg-statements",
+        action="store_true",
+        help="latency, throughput: load pg_stat_statements and print the trigger database's costliest "
+        "statements per event, in four windows of the run (does a statement's cost grow with the tables?)",
+    )
     # the load-generator child
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)

@@ -102,8 +102,15 @@ class FireResult:
 
 
 class TriggerStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    """`engine` for definitions, policies, merges, erasures and the trace's reads; `hot_engine` (see
+    `create_engine`'s `lookups_only` and `plan_each_run`) for the hot path — a batch of facts and a
+    timer round — whose every statement finds its rows by key: a plan made once while a table was
+    small (a new database under load, before PostgreSQL's first analyze of it) read the whole
+    table for every batch (the timer round's firings, a hash join over a sequential scan)."""
+
+    def __init__(self, engine: AsyncEngine, hot_engine: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self.hot_engine = hot_engine or engine
         # The condition-false entries this process wrote lately (`trace.CollapsedNotes`).
         self.collapsed = trace.CollapsedNotes()
 
@@ -359,7 +366,7 @@ class TriggerStore:
     async def apply_facts(self, facts: Sequence[Fact], now: datetime) -> Plan:
         """Decide and apply what a batch of facts means, in one transaction; return the plan."""
         committed: list[Callable[[], None]] = []
-        async with self.engine.begin() as conn:
+        async with self.hot_engine.begin() as conn:
             plan = await self.apply_facts_in(conn, facts, now, committed)
         for done in committed:
             done()
@@ -409,7 +416,7 @@ class TriggerStore:
         """Remember people's traits and consents and decide what segment and trait changes mean,
         in one transaction (erased people are neither remembered nor decided)."""
         committed: list[Callable[[], None]] = []
-        async with self.engine.begin() as conn:
+        async with self.hot_engine.begin() as conn:
             remembered: list[person_rows.KnownTraits | person_rows.KnownConsent] = [
                 *changes.traits,
                 *changes.consents,
@@ -493,7 +500,7 @@ class TriggerStore:
     async def fire_due(self, now: datetime, limit: int, message_for: MessageFor) -> FireResult:
         """Decide up to about `limit` due timers person by person and write what was decided, atomically
         (`fire_rows`); delivery requests go to the outbox in the same transaction."""
-        async with self.engine.begin() as conn:
+        async with self.hot_engine.begin() as conn:
             persons = await fire_rows.claim_people(conn, now, limit, PROFILE_LOCK_NAMESPACE)
             if not persons:
                 return FireResult(0, 0)

@@ -43,10 +43,14 @@ FROM unnest(CAST(:segment_ids AS text[]), CAST(:profile_ids AS text[])) AS u(seg
 ORDER BY u.segment_id, u.profile_id
 ON CONFLICT DO NOTHING
 """)
+# (The profile ids once more as an array: an index condition in any plan. Planned once while the
+# table was empty, on Track's connections (see create_engine's lookups_only), the join alone read
+# every membership of the tenant for each batch in which someone left a segment.)
 _LEAVE = sa.text("""
 DELETE FROM segment_members m
 USING unnest(CAST(:segment_ids AS text[]), CAST(:profile_ids AS text[])) AS u(segment_id, profile_id)
 WHERE m.tenant_id = :tenant AND m.segment_id = u.segment_id AND m.profile_id = u.profile_id
+  AND m.profile_id = ANY(CAST(:profile_ids AS text[]))
 """)
 
 
