@@ -232,12 +232,19 @@ class OutboxRelay:
         name = table.name
         # A new window ends at the reading statement's own snapshot, which is what it sees. Its rows
         # are found by their transaction ids (an index), then read in id order from the first (the
-        # primary key) with no condition on xid the planner could prefer to the order.
+        # primary key) with no condition on xid the planner could prefer to the order. The first is
+        # the least of two minimums, each over one index condition: with the two as one condition
+        # (`_UNPUBLISHED`'s OR), the generic plan read the whole `outbox_xid` index with the OR as
+        # a filter — every kept row (a day's worth) at every round.
         self._open = f"""
             WITH s AS MATERIALIZED (
                 SELECT pg_current_snapshot() AS window_end,
-                       (SELECT min(o.id + 0) FROM {name} o WHERE {_UNPUBLISHED.format(published="$1::text")})
-                       AS first_id
+                       least(
+                           (SELECT min(o.id + 0) FROM {name} o
+                            WHERE o.xid >= pg_snapshot_xmax(CAST($1::text AS pg_snapshot))),
+                           (SELECT min(o.id + 0) FROM {name} o
+                            WHERE o.xid = ANY(ARRAY(SELECT pg_snapshot_xip(CAST($1::text AS pg_snapshot)))))
+                       ) AS first_id
             )
             SELECT CAST(s.window_end AS text), o.id, o.subject, o.payload
             FROM s LEFT JOIN LATERAL (
