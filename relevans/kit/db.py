@@ -215,10 +215,11 @@ def run_migrations_from_env() -> None:
 # SQLAlchemy converted and sent each row's values one by one (figures: bench/README.md, "Trigger").
 
 
-def unnest(alias: str, columns: Sequence[tuple[str, str]]) -> str:
+def unnest(alias: str, columns: Sequence[tuple[str, str]], *, prefix: str = "") -> str:
     """`unnest(CAST(:a AS t[]), ...) WITH ORDINALITY AS alias(a, ..., ord)` for (name, type) columns:
-    the parameter of each column is named as the column."""
-    arrays = ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in columns)
+    the parameter of each column is named as the column, after `prefix` (for a statement that
+    unnests two lists with a column of the same name)."""
+    arrays = ", ".join(f"CAST(:{prefix}{name} AS {kind}[])" for name, kind in columns)
     return f"unnest({arrays}) WITH ORDINALITY AS {alias}({', '.join(n for n, _ in columns)}, ord)"
 
 

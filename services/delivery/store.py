@@ -118,6 +118,35 @@ class Claim:
 _TRY_LOCK = sa.text("SELECT k, pg_try_advisory_lock(k) AS ok FROM unnest(CAST(:keys AS bigint[])) AS k")
 _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
 
+# Status changes of messages by (tenant, message id), as `_change_parameters` gives them.
+_CHANGES = unnest(
+    "u",
+    (
+        ("tenant_id", "text"),
+        ("message_id", "text"),
+        ("status", "text"),
+        ("reason", "text"),
+        ("recipient", "text"),
+        ("subject", "text"),
+        ("attempts", "integer"),
+        ("next_attempt_at", "timestamptz"),
+    ),
+)
+_CLAIMS = unnest(
+    "c",
+    (
+        ("tenant_id", "text"),
+        ("message_id", "text"),
+        ("recipient", "text"),
+        ("subject", "text"),
+        ("sms_segments", "integer"),
+    ),
+    prefix="c_",
+)
+_PUBLISHED = unnest("p", (("subject", "text"), ("payload", "bytea")), prefix="p_")
+_SUPPRESSED = unnest(
+    "s", (("tenant_id", "text"), ("channel", "text"), ("value_hash", "text"), ("reason", "text")), prefix="s_"
+)
 # What a delivery worker's sends came to, in one statement (its own transaction, one round trip:
 # the writes of every send run through it, so it is kept cheap): the outcomes with their history,
 # outbox messages and the addresses they suppress (a hard bounce), and the claims. A claim keeps
@@ -125,39 +154,31 @@ _UNLOCK_ALL = sa.text("SELECT pg_advisory_unlock_all()")
 # A claim takes only a message still pending: one another
 # worker claimed or finished is left to it. A message's claim and outcome are never in the same
 # statement (the outcome is known only once the claim is committed).
-_RECORD_SENDS = DriverStatement("""
-WITH outcome AS (
-    SELECT * FROM unnest(CAST(:o_tenants AS text[]), CAST(:o_ids AS text[]), CAST(:o_statuses AS text[]),
-                         CAST(:o_reasons AS text[]), CAST(:o_attempts AS integer[]),
-                         CAST(:o_recipients AS text[]), CAST(:o_next AS timestamptz[]))
-        AS o(tenant_id, message_id, status, reason, attempts, recipient, next_attempt_at)
+_RECORD_SENDS = DriverStatement(f"""
+WITH u AS (
+    SELECT * FROM {_CHANGES}
 ), recorded AS (
     UPDATE messages AS m
-    SET status = o.status, reason = o.reason, attempts = greatest(m.attempts, o.attempts),
-        recipient = coalesce(o.recipient, m.recipient), next_attempt_at = o.next_attempt_at,
+    SET status = u.status, reason = u.reason, attempts = greatest(m.attempts, u.attempts),
+        recipient = coalesce(u.recipient, m.recipient), next_attempt_at = u.next_attempt_at,
         updated_at = CAST(:now AS timestamptz)
-    FROM outcome AS o
-    WHERE m.tenant_id = o.tenant_id AND m.message_id = o.message_id
+    FROM u
+    WHERE m.tenant_id = u.tenant_id AND m.message_id = u.message_id
 ), changed AS (
     INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
-    SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM outcome
+    SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM u
 ), published AS (
     INSERT INTO outbox (subject, payload, created_at)
-    SELECT subject, payload, CAST(:now AS timestamptz)
-    FROM unnest(CAST(:subjects AS text[]), CAST(:payloads AS bytea[])) AS p(subject, payload)
+    SELECT subject, payload, CAST(:now AS timestamptz) FROM {_PUBLISHED}
 ), suppressed AS (
     INSERT INTO suppressions (tenant_id, channel, value_hash, reason, created_at)
-    SELECT tenant_id, channel, value_hash, reason, CAST(:now AS timestamptz)
-    FROM unnest(CAST(:s_tenants AS text[]), CAST(:s_channels AS text[]), CAST(:s_hashes AS text[]),
-                CAST(:s_reasons AS text[])) AS s(tenant_id, channel, value_hash, reason)
+    SELECT tenant_id, channel, value_hash, reason, CAST(:now AS timestamptz) FROM {_SUPPRESSED}
     ON CONFLICT DO NOTHING
 ), claimed AS (
     UPDATE messages AS m
     SET status = :sending, reason = '', recipient = c.recipient, subject = c.subject,
         sms_segments = c.sms_segments, updated_at = CAST(:now AS timestamptz)
-    FROM unnest(CAST(:c_tenants AS text[]), CAST(:c_ids AS text[]), CAST(:c_recipients AS text[]),
-                CAST(:c_subjects AS text[]), CAST(:c_sms_segments AS integer[]))
-        AS c(tenant_id, message_id, recipient, subject, sms_segments)
+    FROM {_CLAIMS}
     WHERE m.tenant_id = c.tenant_id AND m.message_id = c.message_id AND m.status = :pending
     RETURNING m.tenant_id, m.message_id
 )
@@ -208,19 +229,6 @@ JOIN messages m ON m.tenant_id = k.tenant_id AND m.idempotency_key = k.idempoten
 
 # Status changes, one statement for any number: the messages and their history (`sending` is
 # internal and not recorded there).
-_CHANGES = unnest(
-    "u",
-    (
-        ("tenant_id", "text"),
-        ("message_id", "text"),
-        ("status", "text"),
-        ("reason", "text"),
-        ("recipient", "text"),
-        ("subject", "text"),
-        ("attempts", "integer"),
-        ("next_attempt_at", "timestamptz"),
-    ),
-)
 _APPLY = DriverStatement(f"""
 WITH u AS (
     SELECT * FROM {_CHANGES}
@@ -235,6 +243,20 @@ WITH u AS (
 INSERT INTO message_status_history (tenant_id, message_id, status, reason, at)
 SELECT tenant_id, message_id, status, reason, CAST(:now AS timestamptz) FROM u WHERE status <> :sending
 """)
+
+
+def _change_parameters(updates: Sequence[StatusUpdate]) -> dict[str, list[Any]]:
+    """The parameters of `_CHANGES`."""
+    return {
+        "tenant_id": [u.tenant_id for u in updates],
+        "message_id": [u.message_id for u in updates],
+        "status": [u.status for u in updates],
+        "reason": [u.reason for u in updates],
+        "recipient": [u.recipient for u in updates],
+        "subject": [u.subject for u in updates],
+        "attempts": [u.attempts for u in updates],
+        "next_attempt_at": [u.next_attempt_at for u in updates],
+    }
 
 
 def open_send_engine(url: str) -> AsyncEngine:
@@ -505,23 +527,17 @@ class DeliveryStore:
                 rows = await _RECORD_SENDS.fetch(
                     driver,
                     {
-                        "o_tenants": [u.tenant_id for u in updates],
-                        "o_ids": [u.message_id for u in updates],
-                        "o_statuses": [u.status for u in updates],
-                        "o_reasons": [u.reason for u in updates],
-                        "o_attempts": [u.attempts for u in updates],
-                        "o_recipients": [u.recipient for u in updates],
-                        "o_next": [u.next_attempt_at for u in updates],
-                        "subjects": [m.subject for m in published],
-                        "payloads": [m.payload for m in published],
-                        "s_tenants": [x.tenant_id for x in suppressed],
-                        "s_channels": [x.channel for x in suppressed],
-                        "s_hashes": [x.value_hash for x in suppressed],
-                        "s_reasons": [x.reason for x in suppressed],
-                        "c_tenants": [c.row.tenant_id for c in claims],
-                        "c_ids": [c.row.message_id for c in claims],
-                        "c_recipients": [c.recipient for c in claims],
-                        "c_subjects": [c.subject for c in claims],
+                        **_change_parameters(updates),
+                        "p_subject": [m.subject for m in published],
+                        "p_payload": [m.payload for m in published],
+                        "s_tenant_id": [x.tenant_id for x in suppressed],
+                        "s_channel": [x.channel for x in suppressed],
+                        "s_value_hash": [x.value_hash for x in suppressed],
+                        "s_reason": [x.reason for x in suppressed],
+                        "c_tenant_id": [c.row.tenant_id for c in claims],
+                        "c_message_id": [c.row.message_id for c in claims],
+                        "c_recipient": [c.recipient for c in claims],
+                        "c_subject": [c.subject for c in claims],
                         "c_sms_segments": [c.sms_segments for c in claims],
                         "sending": SENDING,
                         "pending": PENDING,
@@ -549,18 +565,7 @@ class DeliveryStore:
             await fetch_on_driver(
                 conn,
                 _APPLY,
-                {
-                    "tenant_id": [u.tenant_id for u in updates],
-                    "message_id": [u.message_id for u in updates],
-                    "status": [u.status for u in updates],
-                    "reason": [u.reason for u in updates],
-                    "recipient": [u.recipient for u in updates],
-                    "subject": [u.subject for u in updates],
-                    "attempts": [u.attempts for u in updates],
-                    "next_attempt_at": [u.next_attempt_at for u in updates],
-                    "sending": SENDING,
-                    "now": now,
-                },
+                {**_change_parameters(updates), "sending": SENDING, "now": now},
             )
         await enqueue(conn, outbox, published, now)
         await suppress(conn, suppressed, now)

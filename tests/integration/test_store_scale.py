@@ -224,7 +224,7 @@ async def test_the_send_path_plans_each_batch_for_the_table_as_it_is_now(
         async with engine.connect() as conn:
             found = await (await _driver(conn)).fetchrow(
                 "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-                r" WHERE statement ~ '^\s*WITH outcome AS'"
+                r" WHERE statement ~ '^\s*WITH u AS' AND statement LIKE '%), claimed AS (%'"
             )
         assert found is not None
         return found["generic_plans"], found["custom_plans"]
