@@ -7,7 +7,7 @@ its own copy of the wiring.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -30,10 +30,24 @@ class Runtime:
     engine: AsyncEngine
     bus: Bus
     relay: OutboxRelay
+    # Engines of the service's hot paths (`lookup_engine`), disposed with `engine`.
+    lookup_engines: list[AsyncEngine] = field(default_factory=list)
+
+    def lookup_engine(self, *, plan_each_run: bool) -> AsyncEngine:
+        """Connections of a hot path whose every statement finds its rows by key (`create_engine`'s
+        `lookups_only`; `plan_each_run` for statements over whole batches), beside `engine`."""
+        engine = create_engine(
+            self.settings.database_url(self.service),
+            pool_size=5,
+            lookups_only=True,
+            plan_each_run=plan_each_run,
+        )
+        self.lookup_engines.append(engine)
+        return engine
 
     def host(self, bindings: list[ServiceBinding]) -> ServiceHost:
         """A ServiceHost that runs the relay (unless settings turn it off) and closes the bus and
-        database on stop."""
+        the databases on stop."""
         s = self.settings
         host = ServiceHost(
             self.service,
@@ -49,7 +63,8 @@ class Runtime:
         )
         if s.outbox_relay:
             host.add_worker("outbox-relay", self.relay.run)
-        host.add_closer(self.engine.dispose)
+        for engine in (self.engine, *self.lookup_engines):
+            host.add_closer(engine.dispose)
         host.add_closer(self.bus.close, on_kill=self.bus.abort)
         return host
 

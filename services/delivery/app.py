@@ -30,7 +30,7 @@ from services.delivery.http_endpoint import open_tracking
 from services.delivery.previews import Previews
 from services.delivery.retries import RetrySchedule, RetryWorker
 from services.delivery.servicer import DeliveryServicer, binding
-from services.delivery.store import DeliveryStore, open_send_engine
+from services.delivery.store import DeliveryStore
 from services.delivery.tables import outbox
 from services.delivery.template_rows import TemplateRows
 from services.delivery.test_sends import SendTestHandler
@@ -50,8 +50,9 @@ async def build(
     """The delivery service, not yet started; the caller migrates its database first.
     `webhook_network`: how webhooks resolve names and connect (tests inject it)."""
     rt = await open_runtime(SERVICE, settings, clock, outbox)
-    send_engine = open_send_engine(settings.database_url(SERVICE))
-    store = DeliveryStore(rt.engine, send_engine)
+    # the send path's own connections: every statement by key, planned for its batch (see
+    # create_engine; a plan kept from when `messages` was nearly empty read all of it per batch)
+    store = DeliveryStore(rt.engine, rt.lookup_engine(plan_each_run=True))
     renderer = Renderer()
     profiles = UnsubscribeAwareProfiles(
         settings.profile_target,
@@ -116,7 +117,6 @@ async def build(
 
     rt.follow_people(host, merge_people=merge_people, purge_people=purge_people)
     tracking.attach(host)
-    host.add_closer(send_engine.dispose)
     host.add_closer(profiles.close)
     for transport in transports.values():
         if isinstance(transport, Closing):

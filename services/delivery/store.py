@@ -32,7 +32,7 @@ import structlog
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from relevans.kit.db import DriverStatement, create_engine, fetch_on_driver, json_text, unnest
+from relevans.kit.db import DriverStatement, fetch_on_driver, json_text, unnest
 from relevans.kit.erasure import Erased
 from relevans.kit.errors import NotFound
 from relevans.kit.locks import lock_key32, lock_key64
@@ -259,17 +259,9 @@ def _change_parameters(updates: Sequence[StatusUpdate]) -> dict[str, list[Any]]:
     }
 
 
-def open_send_engine(url: str) -> AsyncEngine:
-    """Connections for the send path (`DeliveryStore.send_engine`): its every statement finds its
-    rows by key and runs for a whole batch, so each is planned for its batch, with no table scan
-    (see `create_engine`). A plan kept from when `messages` was nearly empty read the whole table
-    for every batch once it had grown (bench/README.md)."""
-    return create_engine(url, pool_size=5, lookups_only=True, plan_each_run=True)
-
-
 class DeliveryStore:
-    """`engine` for reads and occasional writes; `send_engine` (`open_send_engine`) for the send
-    path."""
+    """`engine` for reads and occasional writes; `send_engine` for the send path, whose every
+    statement finds its rows by key and runs for a whole batch (`Runtime.lookup_engine`)."""
 
     def __init__(self, engine: AsyncEngine, send_engine: AsyncEngine | None = None) -> None:
         self.engine = engine

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from relevans.kit.clock import Clock
-from relevans.kit.db import create_engine
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -23,8 +22,8 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     enrichment_cache = TenantCache(clock, load_enrichment)
     segment_rules = TenantCache(clock, SegmentRules().load)
-    # ingest's own connections (up to 10), planned for key lookups only (see create_engine)
-    ingest_engine = create_engine(settings.database_url(SERVICE), pool_size=5, lookups_only=True)
+    # ingest's own connections, planned for key lookups only, once per statement (see create_engine)
+    ingest_engine = rt.lookup_engine(plan_each_run=False)
     store = ProfileStore(
         rt.engine,
         ingest_engine=ingest_engine,
@@ -45,6 +44,5 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
             segments.binding(rt.engine, clock, segment_rules),
         ]
     )
-    host.add_closer(ingest_engine.dispose)
     host.add_worker(ACKS_DURABLE, erasure_ack_consumer(rt.bus, servicer.gdpr, clock).run)
     return host

@@ -6,7 +6,6 @@ from datetime import timedelta
 
 from relevans.kit.bus import ensure_durables, take_over
 from relevans.kit.clock import Clock
-from relevans.kit.db import create_engine
 from relevans.kit.runtime import open_runtime
 from relevans.kit.server import ServiceHost
 from relevans.kit.settings import Settings
@@ -30,9 +29,7 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     rt = await open_runtime(SERVICE, settings, clock, outbox)
     # the hot path's own connections (facts and timer rounds): key lookups only, each batch's
     # statements planned for the batch (see create_engine)
-    hot_engine = create_engine(
-        settings.database_url(SERVICE), pool_size=5, lookups_only=True, plan_each_run=True
-    )
+    hot_engine = rt.lookup_engine(plan_each_run=True)
     store = TriggerStore(rt.engine, hot_engine)
     host = rt.host([binding(TriggerServicer(store, clock))])
     timers = TimerWorker(store, clock, rt.relay.notify)
@@ -48,5 +45,4 @@ async def build(settings: Settings, clock: Clock) -> ServiceHost:
     host.add_worker("timers", timers.run)
     retention = timedelta(days=settings.trigger_decision_retention_days)
     host.add_worker("decision-retention", DecisionPruner(store, clock, retention).run)
-    host.add_closer(hot_engine.dispose)
     return host

@@ -16,7 +16,7 @@ from relevans.kit.clock import ManualClock
 from relevans.kit.db import create_engine
 from relevans.kit.merges import ProfileMerge
 from relevans.kit.settings import Settings
-from services.delivery.store import Claim, DeliveryStore, MessageRow, open_send_engine
+from services.delivery.store import Claim, DeliveryStore, MessageRow
 from services.profile.store import ProfileStore
 from services.profile.store.enrichment import TenantCache, load_enrichment
 from services.profile.store.gdpr import GdprStore
@@ -230,7 +230,8 @@ async def test_the_send_path_plans_each_batch_for_the_table_as_it_is_now(
         return found["generic_plans"], found["custom_plans"]
 
     general = create_engine(settings.database_url("delivery"), pool_size=1)
-    sending = open_send_engine(settings.database_url("delivery"))
+    # the send path's connections (`Runtime.lookup_engine(plan_each_run=True)` in delivery's app)
+    sending = create_engine(settings.database_url("delivery"), lookups_only=True, plan_each_run=True)
     try:
         generic, _ = await plans(general)
         assert generic > 0  # what the send path would get on an ordinary connection
