@@ -4,6 +4,7 @@ shared by the batches it sends at once, never more of them than the setting says
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -16,70 +17,66 @@ from tests.helpers import eventually
 CONTENT = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-class _Counted(SMTP):
-    """aiosmtpd counting the connections open at once, and all it was given."""
+@dataclass
+class _Counts:
+    """Connections open now, the most open at once and all opened; mails claimed and not yet
+    reported now and the most at once (every batch together); mails the server kept."""
 
-    open_now = 0
-    most_open = 0
-    opened = 0
+    open_now: int = 0
+    most_open: int = 0
+    opened: int = 0
+    in_flight: int = 0
+    most_in_flight: int = 0
+    kept: int = 0
+
+
+class _CountedSmtp(SMTP):
+    def __init__(self, counts: _Counts, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(self, hostname="sink", loop=loop)
+        self.counts = counts
 
     def connection_made(self, transport: Any) -> None:
-        cls = type(self)
-        cls.open_now += 1
-        cls.opened += 1
-        cls.most_open = max(cls.most_open, cls.open_now)
+        c = self.counts
+        c.open_now += 1
+        c.opened += 1
+        c.most_open = max(c.most_open, c.open_now)
         super().connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        type(self).open_now -= 1
+        self.counts.open_now -= 1
         super().connection_lost(exc)
 
-
-class _Kept:
-    def __init__(self) -> None:
-        self.count = 0
-
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.count += 1
+        self.counts.kept += 1
         return "250 OK"
 
 
 class _Handover:
-    """Claims every mail and notes the most claimed and not yet reported at once (all batches)."""
+    """Claims every mail of its batch and keeps the outcomes."""
 
-    in_flight = 0
-    most_in_flight = 0
-
-    def __init__(self) -> None:
+    def __init__(self, counts: _Counts) -> None:
+        self.counts = counts
         self.outcomes: dict[int, SendOutcome] = {}
 
     async def claim(self, index: int) -> bool:
-        cls = type(self)
-        cls.in_flight += 1
-        cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        c = self.counts
+        c.in_flight += 1
+        c.most_in_flight = max(c.most_in_flight, c.in_flight)
         await asyncio.sleep(0)  # another lane may run between the claim and the content
         return True
 
     def report(self, index: int, outcome: SendOutcome) -> None:
-        type(self).in_flight -= 1
+        self.counts.in_flight -= 1
         self.outcomes[index] = outcome
 
 
 async def test_batches_sent_at_once_share_the_transports_connections() -> None:
     loop = asyncio.get_running_loop()
-    kept = _Kept()
-
-    class Server(_Counted):
-        pass
-
-    server = await loop.create_server(lambda: Server(kept, hostname="sink", loop=loop), "127.0.0.1", 0)
+    counts = _Counts()
+    server = await loop.create_server(lambda: _CountedSmtp(counts, loop), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     transport = SmtpTransport("127.0.0.1", port, sender="Shop <no-reply@shop.example>", connections=3)
-
-    class Handover(_Handover):
-        pass
-
-    batches = [Handover() for _ in range(3)]
+    batches = [_Handover(counts) for _ in range(3)]
     try:
         await asyncio.gather(
             *(
@@ -89,7 +86,7 @@ async def test_batches_sent_at_once_share_the_transports_connections() -> None:
         )
 
         async def all_closed() -> bool:
-            return Server.open_now == 0
+            return counts.open_now == 0
 
         await eventually(all_closed)  # no batch is sending: the sessions were closed
     finally:
@@ -97,7 +94,7 @@ async def test_batches_sent_at_once_share_the_transports_connections() -> None:
         await server.wait_closed()
     assert [sorted(h.outcomes) for h in batches] == [list(range(10))] * 3
     assert {o.kind for h in batches for o in h.outcomes.values()} == {"sent"}
-    assert kept.count == 30
+    assert counts.kept == 30
     # three connections for the three batches together, each carried on to the next batch
-    assert Server.opened == 3 and Server.most_open == 3
-    assert Handover.most_in_flight <= 3
+    assert counts.opened == 3 and counts.most_open == 3
+    assert counts.most_in_flight <= 3
