@@ -59,13 +59,16 @@ import uvloop
 from grpc_health.v1 import health_pb2
 from h2grpc import CallError, Channel, request_headers
 from harness import (
+    PG_STATEMENTS,
     CpuWatch,
     PeakRss,
     Service,
     embedded_stack,
     largest_rss_mb,
+    reset_statements,
     service_process,
     stack_processes,
+    statement_costs,
 )
 
 from relevans.common.v1 import common_pb2
@@ -481,29 +484,11 @@ async def sent_times(db_url: str, expected: int, stall_s: float = 60.0) -> dict[
         await conn.close()
 
 
-STATEMENTS = """
-SELECT calls, total_exec_time, total_plan_time, rows,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
-FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid
-WHERE d.datname = $1 ORDER BY total_exec_time DESC LIMIT 12
-"""
-
-
-async def reset_statements(db_url: str) -> None:
-    conn = await asyncpg.connect(db_url)
-    try:
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        await conn.execute("SELECT pg_stat_statements_reset()")
-        await conn.execute("SELECT pg_stat_reset_shared('wal')")
-    finally:
-        await conn.close()
-
-
 async def print_statements(db_url: str, database: str, mails: int) -> None:
     """The costliest statements of `database` by PostgreSQL's own account, per mail."""
+    rows = (await statement_costs(db_url, database))[:12]
     conn = await asyncpg.connect(db_url)
     try:
-        rows = await conn.fetch(STATEMENTS, database)
         wal = await conn.fetchrow("SELECT wal_records, wal_fpi, wal_bytes FROM pg_stat_wal")
         updates = await conn.fetchrow(
             "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'messages'"
@@ -535,11 +520,7 @@ def mail_folder(folder: Path) -> Path:
 
 async def dispatch_part(args: argparse.Namespace, folder: Path) -> None:
     n = args.mails
-    pg_settings = (
-        {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on"}
-        if args.pg_statements
-        else None
-    )
+    pg_settings = PG_STATEMENTS if args.pg_statements else None
     async with embedded_stack(folder, ("profile", "delivery"), pg_settings) as stack:
         port = free_port()
         mail = mail_folder(folder)

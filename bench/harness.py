@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import psutil
 
 from relevans.kit.db import migrate
@@ -219,3 +220,34 @@ class PeakRss:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+# PostgreSQL settings that make it count each statement's cost (`--pg-statements`).
+PG_STATEMENTS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on"}
+_STATEMENTS = """
+SELECT queryid, calls, total_exec_time, total_plan_time, rows,
+       left(regexp_replace(query, '\\s+', ' ', 'g'), 110) AS query
+FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid WHERE d.datname = $1
+"""
+
+
+async def reset_statements(db_url: str) -> None:
+    """Count statements (and the server's WAL) from now, in a server started with `PG_STATEMENTS`."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.execute("SELECT pg_stat_statements_reset()")
+        await conn.execute("SELECT pg_stat_reset_shared('wal')")
+    finally:
+        await conn.close()
+
+
+async def statement_costs(db_url: str, database: str) -> list[asyncpg.Record]:
+    """`database`'s statements as pg_stat_statements counts them since the reset: queryid, calls,
+    total_exec_time and total_plan_time (ms), rows and the query's start, costliest first."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        rows = await conn.fetch(_STATEMENTS, database)
+    finally:
+        await conn.close()
+    return sorted(rows, key=lambda r: -(r["total_exec_time"] + r["total_plan_time"]))

@@ -54,6 +54,7 @@ import uvloop
 from google.protobuf import duration_pb2
 from h2grpc import CallError, Channel, request_headers
 from harness import (
+    PG_STATEMENTS,
     CpuWatch,
     PeakRss,
     Service,
@@ -61,6 +62,8 @@ from harness import (
     embedded_stack,
     process_roots,
     profile_service,
+    reset_statements,
+    statement_costs,
     trigger_service,
 )
 from nats.aio.msg import Msg
@@ -272,14 +275,6 @@ def pg_settings(args: argparse.Namespace) -> dict[str, str] | None:
     return PG_STATEMENTS if args.pg_statements else None
 
 
-PG_STATEMENTS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track_planning": "on"}
-_STATEMENTS = """
-SELECT queryid, calls, total_exec_time, total_plan_time, rows,
-       left(regexp_replace(query, '\\s+', ' ', 'g'), 100) AS query
-FROM pg_stat_statements JOIN pg_database d ON d.oid = dbid WHERE d.datname = $1
-"""
-
-
 class Statements:
     """pg_stat_statements of the trigger database in windows of a run (`mark` ends one): µs per
     event of the costliest statements, and PostgreSQL's CPU per event, window by window, so a
@@ -290,19 +285,10 @@ class Statements:
         self.marks: list[tuple[int, float, dict[int, Any]]] = []
 
     async def _fetch(self) -> dict[int, Any]:
-        conn = await asyncpg.connect(self.url)
-        try:
-            return {r["queryid"]: r for r in await conn.fetch(_STATEMENTS, "relevans_trigger")}
-        finally:
-            await conn.close()
+        return {r["queryid"]: r for r in await statement_costs(self.url, "relevans_trigger")}
 
     async def reset(self, postgres_cpu: float) -> None:
-        conn = await asyncpg.connect(self.url)
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.execute("SELECT pg_stat_statements_reset()")
-        finally:
-            await conn.close()
+        await reset_statements(self.url)
         self.marks = [(0, postgres_cpu, {})]
 
     async def mark(self, events: int, postgres_cpu: float) -> None:
