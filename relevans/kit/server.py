@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -303,6 +303,21 @@ Worker = Callable[[asyncio.Event], Awaitable[None]]
 Closer = Callable[[], Awaitable[None]]
 
 
+async def _cancel_until_ended(tasks: Iterable[asyncio.Task[None]], every_s: float = 1.0) -> None:
+    """Cancel the tasks, again every `every_s` until each has ended: before Python 3.12,
+    `asyncio.wait_for` drops a cancellation that arrives as what it waits for completes (nats-py's
+    fetch waits that way), and the task goes on as if never cancelled."""
+    tasks = set(tasks)
+    pending = tasks
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=every_s)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the worker's own loop logged it
+
+
 class ServiceHost:
     """Lifecycle of one service process: `async with ServiceHost(...)` or `run_until_signal()`."""
 
@@ -436,9 +451,7 @@ class ServiceHost:
         self._stop_workers.set()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=self.grace_s)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await _cancel_until_ended(pending)
         for closer in reversed(self._closers):
             try:
                 await closer()
@@ -449,9 +462,7 @@ class ServiceHost:
     async def kill(self) -> None:
         """Stop abruptly, as a crashed process would: no grace, workers cancelled mid-flight."""
         self._stopped = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await _cancel_until_ended(self._tasks)
         await asyncio.gather(*(server.stop(None) for server in self._servers))
         for closer in reversed(self._killers):
             try:

@@ -311,3 +311,25 @@ async def test_a_killed_host_runs_its_crash_closers_not_its_graceful_ones(clock:
     await host.start()
     await host.kill()
     assert closed == ["aborted", "db"]  # reverse order; a closer without its own runs on a kill too
+
+
+async def test_a_kill_ends_a_worker_whose_cancellation_was_lost(clock: ManualClock) -> None:
+    # Before Python 3.12 `asyncio.wait_for` drops a cancellation that arrives as what it waits for
+    # completes (nats-py's fetch waits that way): the worker goes on as if never cancelled.
+    host = make_host(SlowProfiles(), clock)
+    lost = 0
+
+    async def worker(stop: asyncio.Event) -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost += 1
+
+    host.add_worker("w", worker)
+    await host.start()
+    await asyncio.wait_for(host.kill(), 10)
+    assert lost == 1
