@@ -85,7 +85,7 @@ def decode_batch(msgs: Sequence[Msg]) -> list[DeliveryRequest]:
 
 
 # A batch's sends wait on the network most of the time; the next batch's locks, lookups and inserts
-# run meanwhile. The transports' connections are shared by the batches in flight (channels/).
+# run meanwhile (its sends wait for the first's: `DeliveryWorker._sending`).
 BATCHES_IN_FLIGHT = 2
 
 

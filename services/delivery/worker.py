@@ -201,6 +201,11 @@ class DeliveryWorker:
         self.limiters = {c: RateLimiter(rate, clock) for c, rate in (rate_limits or {}).items() if rate > 0}
         # Set when a retry was scheduled, so the retry worker looks at its next due time again.
         self.retries_scheduled = asyncio.Event()
+        # One batch sends at a time (first attempts and retries alike), so the transports'
+        # connections bound the messages claimed and not yet recorded: a message's outcome is
+        # committed with or before its connection's next claim only within one send journal.
+        # Batches handled at once overlap their lookups and inserts with another's sends.
+        self._sending = asyncio.Lock()
 
     async def process(self, requests: Sequence[DeliveryRequest]) -> list[str]:
         """Handle decoded requests; return why some must be retried (empty when all are done)."""
@@ -217,7 +222,8 @@ class DeliveryWorker:
             looked_up = await self._look_up(conn, [r for r in todo if request_problem(r) is None])
             sends = await self._decide(conn, todo, new, done, looked_up)
             if sends:
-                retry += await self._send(sends)
+                async with self._sending:
+                    retry += await self._send(sends)
         return retry
 
     # ---- 1. lock --------------------------------------------------------------------------------

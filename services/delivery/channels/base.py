@@ -66,8 +66,7 @@ class Transport(Protocol):
         """Send each message, claiming it through `handover` right before its content goes out
         and reporting each outcome there (none for a message whose claim was refused); never
         raises for a message's failure. Each connection carries one message at a time, so at
-        most as many are claimed and not yet reported as the transport has connections, across
-        every batch it is sending at once."""
+        most as many are claimed and not yet reported as the transport has connections."""
         ...
 
 

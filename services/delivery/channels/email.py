@@ -13,13 +13,9 @@ is safe (the rules are `EmailChannel.classify` in the domain):
   the server may have accepted it, so the message is not sent again.
 
 A batch is spread over a few connections (`RELEVANS_SMTP_CONNECTIONS`), each taking the next mail
-when it is free. The connections are the transport's, not the batch's: batches sent at the same time
-share them (a lane of the next batch takes a connection as soon as one of the previous batch has no
-mail left), so there are never more connections, nor mails in flight, than the setting says. A
-session outlives its batch while another batch is sending, and is closed when none is.
-
-A mail is claimed through the worker's `Handover` after the server took its envelope and DATA
-command and right before its content, so a mail the server refused, or never saw, is not claimed.
+when it is free. A mail is claimed through the worker's `Handover` after the server took its
+envelope and DATA command and right before its content, so a mail the server refused, or never
+saw, is not claimed.
 """
 
 from __future__ import annotations
@@ -58,9 +54,6 @@ class SmtpTransport:
         self.local_hostname = sender_domain(sender)
         self.timeout_s = timeout_s
         self.connections = max(1, connections)
-        self._lanes = asyncio.Semaphore(self.connections)
-        self._idle: list[SmtpSession] = []  # open sessions no lane holds
-        self._batches = 0  # batches in send_many
         self.rules = EmailChannel()
         # Tracked mail (unsubscribe, open and click links) when delivery's HTTP endpoint serves them.
         self.links = links
@@ -81,29 +74,16 @@ class SmtpTransport:
         """Send the mails over a few connections, each taking the next mail when it is free."""
         queue = iter(enumerate(mails))
         lanes = min(self.connections, len(mails))
-        self._batches += 1
-        try:
-            await asyncio.gather(*(self._send_lane(queue, handover) for _ in range(lanes)))
-        finally:
-            self._batches -= 1
-            if self._batches == 0:
-                idle, self._idle = self._idle, []
-                await asyncio.gather(*(session.quit() for session in idle))
+        await asyncio.gather(*(self._send_lane(queue, handover) for _ in range(lanes)))
 
     async def _send_lane(self, queue: Iterator[tuple[int, Outgoing]], handover: Handover) -> None:
-        async with self._lanes:
-            session = self._idle.pop() if self._idle else None
-            try:
-                for index, mail in queue:
-                    session = await self._send_one(session, index, mail, handover)
-            except BaseException:
-                # Stopped mid-mail (cancelled): the session may be inside a mail transaction, so it
-                # is nobody's next session.
-                if session is not None:
-                    session.close()
-                raise
+        session: SmtpSession | None = None
+        try:
+            for index, mail in queue:
+                session = await self._send_one(session, index, mail, handover)
+        finally:
             if session is not None:
-                self._idle.append(session)
+                await session.quit()
 
     async def _send_one(
         self, session: SmtpSession | None, index: int, mail: Outgoing, handover: Handover

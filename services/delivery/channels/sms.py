@@ -117,8 +117,6 @@ class SmsTransport:
         self.max_segments = max_segments
         self.timeout_s = timeout_s
         self.connections = max(1, connections)
-        # Lanes of every batch sending at once: never more messages in flight than connections.
-        self._lanes = asyncio.Semaphore(self.connections)
         self.rules = SmsChannel()
         self._session: aiohttp.ClientSession | None = None
 
@@ -157,10 +155,9 @@ class SmsTransport:
     async def _send_lane(
         self, session: aiohttp.ClientSession, queue: Iterator[tuple[int, Outgoing]], handover: Handover
     ) -> None:
-        async with self._lanes:
-            for index, message in queue:
-                if await handover.claim(index):
-                    handover.report(index, await self._post(session, message))
+        for index, message in queue:
+            if await handover.claim(index):
+                handover.report(index, await self._post(session, message))
 
     async def _post(self, session: aiohttp.ClientSession, message: Outgoing) -> SendOutcome:
         """One message's request and what came of it."""

@@ -133,8 +133,6 @@ class WebhookTransport:
         self.guard = AddressGuard(rules, self.network.resolve)
         self.clock = clock
         self.connections = max(1, connections)
-        # Lanes of every batch sending at once: never more messages in flight than connections.
-        self._lanes = asyncio.Semaphore(self.connections)
         self.rules = WebhookChannel()
 
     def compose(self, message_id: str, send: Send, now: datetime) -> Outgoing:
@@ -172,12 +170,10 @@ class WebhookTransport:
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"user-agent": USER_AGENT},
         ) as session:
-
-            async def lane() -> None:
-                async with self._lanes:
-                    await self._lane(session, resolver, queue, endpoints, handover)
-
-            await asyncio.gather(*(lane() for _ in range(min(self.connections, len(messages)))))
+            lanes = min(self.connections, len(messages))
+            await asyncio.gather(
+                *(self._lane(session, resolver, queue, endpoints, handover) for _ in range(lanes))
+            )
 
     async def _lane(
         self,
